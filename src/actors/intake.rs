@@ -1,0 +1,138 @@
+//! Intake: where a request enters the engine. It authenticates the client, checks the CSR,
+//! finds the profile in the registry's current snapshot, refuses at once what can never succeed
+//! (unknown or disabled profile, disabled CA, a profile the client may not use, a bad CSR), and
+//! hands the rest to the CA's cell with `try_send`, never a blocking send.
+//!
+//! Intake runs on the caller's task rather than in a mailbox of its own: verifying a CSR is CPU
+//! work that must scale with the callers, and it reads the registry's snapshot without locking.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use super::cell::{CaCell, Enqueue, Job};
+use super::registry::SharedSnapshot;
+use crate::config::{Config, LanesConfig};
+use crate::engine::types::Client;
+use crate::error::EngineError;
+use crate::pki::profile::ApprovedNames;
+use crate::pki::{csr, CaMaterial, CheckedCsr, Profile};
+
+/// Everything fixed at start-up: profiles, clients, CA material.
+pub struct Catalog {
+    pub profiles: HashMap<String, Arc<Profile>>,
+    pub clients_by_key: HashMap<[u8; 32], Arc<Client>>,
+    pub clients_by_name: HashMap<String, Arc<Client>>,
+    pub cas: HashMap<String, Arc<CaMaterial>>,
+}
+
+impl Catalog {
+    pub fn build(config: &Config, cas: HashMap<String, CaMaterial>) -> Catalog {
+        let profiles = config.profiles.iter().map(|p| (p.id.clone(), Arc::new(Profile::from_config(p)))).collect();
+        let mut clients_by_key = HashMap::new();
+        let mut clients_by_name = HashMap::new();
+        for c in &config.clients {
+            let client = Arc::new(Client { name: c.name.clone(), profiles: c.profiles.iter().cloned().collect() });
+            let mut key = [0u8; 32];
+            if hex::decode_to_slice(c.api_key_sha256.to_ascii_lowercase(), &mut key).is_ok() {
+                clients_by_key.insert(key, client.clone());
+            }
+            clients_by_name.insert(c.name.clone(), client);
+        }
+        let cas = cas.into_iter().map(|(id, m)| (id, Arc::new(m))).collect();
+        Catalog { profiles, clients_by_key, clients_by_name, cas }
+    }
+}
+
+/// A request that passed intake: ready to become a job.
+pub struct Admitted {
+    pub profile: Arc<Profile>,
+    pub csr: Arc<CheckedCsr>,
+    pub names: Arc<ApprovedNames>,
+}
+
+impl Admitted {
+    /// The fingerprint of what was asked for, to recognise an idempotent retry.
+    pub fn body_sha256(&self) -> String {
+        let mut h = openssl::sha::Sha256::new();
+        h.update(self.profile.id.as_bytes());
+        h.update(b"\n");
+        h.update(&self.csr.der);
+        hex::encode(h.finish())
+    }
+}
+
+#[derive(Clone)]
+pub struct Intake {
+    pub catalog: Arc<Catalog>,
+    pub snapshot: SharedSnapshot,
+    pub cells: Arc<HashMap<String, Addr<CaCell>>>,
+    pub lanes: LanesConfig,
+}
+
+impl Intake {
+    /// The client holding this bearer API key.
+    pub fn authenticate(&self, api_key: &str) -> Result<Arc<Client>, EngineError> {
+        let digest = openssl::sha::sha256(api_key.as_bytes());
+        self.catalog.clients_by_key.get(&digest).cloned().ok_or(EngineError::Unauthorized)
+    }
+
+    /// Which profile, may this client use it, is it and its CA serving.
+    pub fn profile_for(&self, client: &Client, profile_id: &str) -> Result<Arc<Profile>, EngineError> {
+        let profile =
+            self.catalog.profiles.get(profile_id).cloned().ok_or_else(|| EngineError::UnknownProfile(profile_id.into()))?;
+        if !client.profiles.contains(profile_id) {
+            return Err(EngineError::ForbiddenProfile(profile_id.into()));
+        }
+        let snapshot = self.snapshot.load();
+        if !snapshot.profile_enabled(profile_id) {
+            return Err(EngineError::ProfileDisabled(profile_id.into()));
+        }
+        if !snapshot.ca_enabled(&profile.ca) || !self.catalog.cas.contains_key(&profile.ca) {
+            return Err(EngineError::CaDisabled(profile.ca.clone()));
+        }
+        Ok(profile)
+    }
+
+    /// Everything that can be decided without the CA: profile, permission, state, CSR, policy.
+    pub fn admit(&self, client: &Client, profile_id: &str, csr_pem: &str) -> Result<Admitted, EngineError> {
+        let profile = self.profile_for(client, profile_id)?;
+        let csr = csr::check_csr_pem(csr_pem)?;
+        self.admit_checked(profile, csr)
+    }
+
+    pub fn admit_checked(&self, profile: Arc<Profile>, csr: CheckedCsr) -> Result<Admitted, EngineError> {
+        let names = profile.approve(&csr)?;
+        Ok(Admitted { profile, csr: Arc::new(csr), names: Arc::new(names) })
+    }
+
+    /// The request's absolute deadline: its lane's default, shortened (never lengthened past
+    /// the lane's maximum) by the client's own wait.
+    pub fn deadline(&self, profile: &Profile, wait: Option<Duration>) -> Instant {
+        let lane = self.lanes.get(profile.lane);
+        let budget = match wait {
+            Some(w) => w.min(lane.max_deadline),
+            None => lane.default_deadline,
+        };
+        Instant::now() + budget
+    }
+
+    /// Hand a job to its CA's cell. A full mailbox is an immediate `503`, never a wait.
+    pub fn hand_to_cell(&self, mut job: Job) -> Result<(), EngineError> {
+        let ca = job.profile.ca.clone();
+        let Some(cell) = self.cells.get(&ca) else {
+            return Err(EngineError::CaDisabled(ca));
+        };
+        match cell.try_send(Enqueue(job)) {
+            Ok(()) => Ok(()),
+            Err(SendError::Full(Enqueue(j))) => {
+                job = j;
+                drop(job.reply.take());
+                Err(EngineError::CaOverloaded { ca, reason: "mailbox full".into(), retry_after: Duration::from_secs(1) })
+            }
+            Err(SendError::Closed(_)) => Err(EngineError::ShuttingDown),
+        }
+    }
+}

@@ -1,0 +1,30 @@
+//! The engine's actors. Where a request goes:
+//!
+//! 1. [`intake`] (on the caller's task): authenticate, check the CSR, find the profile in the
+//!    registry's snapshot, refuse what can never succeed, hand the rest to the CA's cell.
+//! 2. [`cell`] (one per CA, on its own arbiter): bounded lanes, deadlines, the issuance pipeline.
+//! 3. [`signer`] (SyncArbiter threads per CA): build the TBS, lint it, sign it.
+//! 4. [`store`] (a front actor + SyncArbiter workers, one per issuance connection): the only
+//!    writer on the issuance path, group-committing batches.
+//! 5. [`registry`]: live CA/profile state and its version, pushed to intake and cells.
+//! 6. [`resumer`]: takes up pending asynchronous requests nobody owns (after a restart or crash).
+
+pub mod cell;
+pub mod intake;
+pub mod registry;
+pub mod resumer;
+pub mod signer;
+pub mod store;
+
+/// Run `f`, turning a panic into an error so a worker thread survives and its caller is answered.
+pub(crate) fn catch_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        tracing::error!(worker = what, panic = %msg, "worker panicked; answered as an error");
+        msg
+    })
+}

@@ -1,0 +1,120 @@
+//! The Resumer: nothing accepted is lost. Every `resume_interval` it marks expired asynchronous
+//! requests as such (they are never signed), then takes up pending ones whose owner's claim has
+//! lapsed — after a crash, a restart, or a transient failure — and feeds them to their cells.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+
+use super::cell::Job;
+use super::intake::Intake;
+use super::store::StoreHandle;
+use crate::db::models::{request_state, RequestRow};
+use crate::db::queries::{self, WriteOp};
+use crate::db::DbPool;
+use crate::error::{DbError, EngineError};
+use crate::metrics::Metrics;
+use crate::pki::{csr, now_ms};
+
+/// Requests taken up per round, so one instance never grabs a whole backlog at once.
+const BATCH: i64 = 64;
+
+pub struct Resumer {
+    pub intake: Intake,
+    pub control: DbPool,
+    pub store: StoreHandle,
+    pub instance: Arc<str>,
+    pub lease: Duration,
+    pub interval: Duration,
+    pub metrics: Arc<Metrics>,
+    pub busy: bool,
+}
+
+impl Resumer {
+    fn round(&mut self, ctx: &mut Context<Self>) {
+        if self.busy {
+            return;
+        }
+        self.busy = true;
+        let pool = self.control.clone();
+        let instance = self.instance.clone();
+        let lease_ms = self.lease.as_millis() as i64;
+        let work = actix_web::rt::task::spawn_blocking(move || -> Result<Vec<RequestRow>, DbError> {
+            let mut conn = pool.get()?;
+            let now = now_ms();
+            let expired = queries::expire_requests(&mut conn, now)?;
+            if expired > 0 {
+                tracing::info!(expired, "asynchronous requests expired before they could be issued");
+            }
+            let mut claimed = Vec::new();
+            for row in queries::claimable_requests(&mut conn, now, BATCH)? {
+                if queries::claim_request(&mut conn, &row.id, &instance, now, now + lease_ms, &[request_state::PENDING])? {
+                    claimed.push(row);
+                }
+            }
+            Ok(claimed)
+        });
+        ctx.spawn(work.into_actor(self).map(|result, act, _| {
+            act.busy = false;
+            match result {
+                Ok(Ok(rows)) => rows.into_iter().for_each(|row| act.resume(row)),
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not look for pending requests"),
+                Err(e) => tracing::error!(error = %e, "resumer task failed"),
+            }
+        }));
+    }
+
+    fn resume(&self, row: RequestRow) {
+        let span = tracing::info_span!("resume", request_id = %row.id, client = %row.client, profile = %row.profile);
+        let _entered = span.enter();
+        let admitted = (|| {
+            let client =
+                self.intake.catalog.clients_by_name.get(&row.client).cloned().ok_or(EngineError::Unauthorized)?;
+            let profile = self.intake.profile_for(&client, &row.profile)?;
+            let checked = csr::check_csr_der(row.csr_der.clone())?;
+            self.intake.admit_checked(profile, checked)
+        })();
+        let result = admitted.and_then(|a| {
+            let lane = self.intake.lanes.get(a.profile.lane);
+            let deadline = Instant::now()
+                + lane.max_deadline.min(Duration::from_millis((row.expires_at - now_ms()).max(0) as u64));
+            self.metrics.async_resumed.inc();
+            self.intake.hand_to_cell(Job {
+                profile: a.profile,
+                csr: a.csr,
+                names: a.names,
+                client: row.client.clone(),
+                request_id: Some(row.id.clone()),
+                is_async: true,
+                deadline,
+                enqueued_at: Instant::now(),
+                reply: None,
+                span: span.clone(),
+            })
+        });
+        if let Err(err) = result {
+            tracing::info!(error = %err, "pending request could not be resumed now");
+            let now = now_ms();
+            let (state, claimed_until) =
+                if err.is_permanent() { (request_state::FAILED, None) } else { (request_state::PENDING, Some(now + 1_000)) };
+            self.store.write_detached(WriteOp::RequestFinished {
+                id: row.id,
+                state,
+                error_type: Some(err.slug().into()),
+                error_detail: Some(err.to_string()),
+                at: now,
+                claimed_until,
+            });
+        }
+    }
+}
+
+impl Actor for Resumer {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.round(ctx);
+        ctx.run_interval(self.interval, |act, ctx| act.round(ctx));
+    }
+}

@@ -1,0 +1,173 @@
+//! The Store: the only writer of the database on the issuance path.
+//!
+//! `StoreFront` (an async actor) collects writes; whenever a worker is free it hands it
+//! everything waiting (up to `max_batch`) as one transaction — a group commit. `StoreWorker`s
+//! run on a `SyncArbiter` with exactly as many threads as the issuance pool has connections, so
+//! database concurrency on this path can never exceed the pool, whatever the load. The front
+//! never has more batches out than workers, so the SyncArbiter's unbounded queue stays bounded.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use crate::db::queries::{self, WriteOp, WriteOutcome};
+use crate::db::DbPool;
+use crate::error::{DbError, EngineError};
+use crate::metrics::Metrics;
+
+type Ack = oneshot::Sender<Result<WriteOutcome, EngineError>>;
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Write {
+    pub op: WriteOp,
+    pub ack: Option<Ack>,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<Vec<WriteOutcome>, DbError>")]
+struct Batch(Vec<WriteOp>);
+
+/// Cheap handle used by everyone who writes.
+#[derive(Clone)]
+pub struct StoreHandle {
+    front: Addr<StoreFront>,
+}
+
+impl StoreHandle {
+    /// Write and wait for the commit.
+    pub async fn write(&self, op: WriteOp) -> Result<WriteOutcome, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.front.try_send(Write { op, ack: Some(tx) }).map_err(|e| match e {
+            SendError::Full(_) => EngineError::StoreOverloaded,
+            SendError::Closed(_) => EngineError::ShuttingDown,
+        })?;
+        rx.await.unwrap_or(Err(EngineError::ShuttingDown))
+    }
+
+    /// Write without waiting (audit events of refused requests). Dropped, and logged, when the
+    /// store is saturated: a flood of bad requests must not crowd out issuance.
+    pub fn write_detached(&self, op: WriteOp) {
+        if self.front.try_send(Write { op, ack: None }).is_err() {
+            tracing::warn!("store saturated; an audit event was dropped");
+        }
+    }
+}
+
+pub struct StoreFront {
+    workers: Addr<StoreWorker>,
+    worker_count: usize,
+    busy: usize,
+    max_batch: usize,
+    max_pending: usize,
+    pending: VecDeque<(WriteOp, Option<Ack>)>,
+    metrics: Arc<Metrics>,
+}
+
+impl StoreFront {
+    /// Start the front on the current arbiter and `pool.max_size` workers on their own threads.
+    pub fn start(pool: DbPool, max_batch: usize, max_pending: usize, metrics: Arc<Metrics>) -> StoreHandle {
+        let worker_count = pool.max_size as usize;
+        let worker_metrics = metrics.clone();
+        let workers = SyncArbiter::start(worker_count, move || StoreWorker { pool: pool.clone(), metrics: worker_metrics.clone() });
+        let front = StoreFront {
+            workers,
+            worker_count,
+            busy: 0,
+            max_batch: max_batch.max(1),
+            max_pending,
+            pending: VecDeque::new(),
+            metrics,
+        }
+        .start();
+        StoreHandle { front }
+    }
+
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        while self.busy < self.worker_count && !self.pending.is_empty() {
+            let n = self.pending.len().min(self.max_batch);
+            let (ops, acks): (Vec<_>, Vec<_>) = self.pending.drain(..n).unzip();
+            self.busy += 1;
+            self.metrics.store_batch_size.observe(n as f64);
+            let started = Instant::now();
+            let fut = self.workers.send(Batch(ops));
+            ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
+                act.busy -= 1;
+                act.metrics.store_commit_seconds.observe(started.elapsed().as_secs_f64());
+                match result {
+                    Ok(Ok(outcomes)) => {
+                        for (ack, outcome) in acks.into_iter().zip(outcomes) {
+                            if let Some(ack) = ack {
+                                let _ = ack.send(Ok(outcome));
+                            }
+                        }
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, writes = n, "group commit failed");
+                        let err = EngineError::from(e);
+                        acks.into_iter().flatten().for_each(|ack| {
+                            let _ = ack.send(Err(err.clone()));
+                        });
+                    }
+                    Err(_) => acks.into_iter().flatten().for_each(|ack| {
+                        let _ = ack.send(Err(EngineError::ShuttingDown));
+                    }),
+                }
+                act.metrics.store_pending.set(act.pending.len() as i64);
+                act.flush(ctx);
+            }));
+        }
+        self.metrics.store_pending.set(self.pending.len() as i64);
+    }
+}
+
+impl Actor for StoreFront {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(4096);
+    }
+}
+
+impl Handler<Write> for StoreFront {
+    type Result = ();
+
+    fn handle(&mut self, msg: Write, ctx: &mut Self::Context) {
+        if self.pending.len() >= self.max_pending {
+            if let Some(ack) = msg.ack {
+                let _ = ack.send(Err(EngineError::StoreOverloaded));
+            }
+            return;
+        }
+        self.pending.push_back((msg.op, msg.ack));
+        self.flush(ctx);
+    }
+}
+
+pub struct StoreWorker {
+    pool: DbPool,
+    metrics: Arc<Metrics>,
+}
+
+impl Actor for StoreWorker {
+    type Context = SyncContext<Self>;
+}
+
+impl Handler<Batch> for StoreWorker {
+    type Result = Result<Vec<WriteOutcome>, DbError>;
+
+    fn handle(&mut self, batch: Batch, _ctx: &mut Self::Context) -> Self::Result {
+        let pool = &self.pool;
+        super::catch_panic("store", || {
+            let mut conn = pool.get()?;
+            queries::apply_batch(&mut conn, &batch.0)
+        })
+        .unwrap_or_else(|panic| {
+            self.metrics.worker_panics.get_or_create(&crate::metrics::ca("store")).inc();
+            Err(DbError::WorkerPanic(panic))
+        })
+    }
+}

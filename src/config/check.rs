@@ -1,0 +1,291 @@
+//! `castellum check-config`: every problem in a configuration at once, each with its key path.
+//! Also run at start-up, so an engine never starts on a configuration this would refuse.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, SystemTime};
+
+use super::{Config, Mode, PoolConfig};
+use crate::pki::ca::{allowed_in_mode, CaMaterial};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted key path, e.g. `profiles[2].ca` or `database.pools.issuance.connection_timeout`.
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// A pool's checkout wait must stay well below the shortest deadline: at most this fraction.
+const POOL_TIMEOUT_DEADLINE_FRACTION: u32 = 4;
+
+struct Problems(Vec<ConfigProblem>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigProblem { path: path.into(), message: message.into() });
+    }
+}
+
+/// Check a configuration; returns the CA material it loaded (so start-up loads keys once).
+pub fn check_config(config: &Config) -> (Vec<ConfigProblem>, HashMap<String, CaMaterial>) {
+    let mut p = Problems(Vec::new());
+    let cas = check_cas(config, &mut p);
+    check_profiles(config, &cas, &mut p);
+    check_clients(config, &mut p);
+    check_database(config, &mut p);
+    check_lanes(config, &mut p);
+    if config.cas.is_empty() {
+        p.add("cas", "no CA is configured");
+    }
+    (p.0, cas)
+}
+
+fn check_cas(config: &Config, p: &mut Problems) -> HashMap<String, CaMaterial> {
+    let mut loaded = HashMap::new();
+    let mut seen = HashSet::new();
+    for (i, ca) in config.cas.iter().enumerate() {
+        let at = format!("cas[{i}]");
+        if !valid_id(&ca.id) {
+            p.add(format!("{at}.id"), format!("{:?} is not a valid id (letters, digits, '-', '_')", ca.id));
+        }
+        if !seen.insert(ca.id.clone()) {
+            p.add(format!("{at}.id"), format!("duplicate CA id {:?}", ca.id));
+        }
+        if ca.key_passphrase.is_some() && config.mode != Mode::Dev {
+            p.add(format!("{at}.key_passphrase"), "an inline key passphrase is allowed only in dev mode; use key_passphrase_env or key_passphrase_file");
+        }
+        let sources = [ca.key_passphrase.is_some(), ca.key_passphrase_env.is_some(), ca.key_passphrase_file.is_some()];
+        if sources.iter().filter(|s| **s).count() > 1 {
+            p.add(format!("{at}.key_passphrase"), "set only one of key_passphrase, key_passphrase_env, key_passphrase_file");
+        }
+        if ca.fault.is_active() && config.mode != Mode::Dev {
+            p.add(format!("{at}.fault"), "fault injection is refused unless mode = \"dev\"");
+        }
+        if ca.signer_threads == 0 {
+            p.add(format!("{at}.signer_threads"), "must be at least 1");
+        }
+        if ca.queue.in_flight == 0 {
+            p.add(format!("{at}.queue.in_flight"), "must be at least 1");
+        }
+        if !(ca.expected_sign_rate.is_finite() && ca.expected_sign_rate > 0.0) {
+            p.add(format!("{at}.expected_sign_rate"), "must be a positive number of signatures per second");
+        } else {
+            // A queue that cannot be emptied within its lane's deadline only holds work that
+            // will time out (incident 003): refuse such a capacity.
+            for (lane, capacity) in [
+                (&config.lanes.interactive, ca.queue.interactive_capacity),
+                (&config.lanes.background, ca.queue.background_capacity),
+            ] {
+                let drain = Duration::from_secs_f64(capacity as f64 / ca.expected_sign_rate);
+                if drain > lane.default_deadline {
+                    let which = if std::ptr::eq(lane, &config.lanes.interactive) { "interactive" } else { "background" };
+                    p.add(
+                        format!("{at}.queue.{which}_capacity"),
+                        format!(
+                            "{capacity} queued requests take {:.1}s to sign at {} per second, longer than the {which} lane's {}s deadline; lower the capacity or raise expected_sign_rate",
+                            drain.as_secs_f64(),
+                            ca.expected_sign_rate,
+                            lane.default_deadline.as_secs_f64()
+                        ),
+                    );
+                }
+            }
+        }
+        let key_in_dev_dir = ca.key_file.components().any(|c| c.as_os_str() == "keys-dev");
+        if key_in_dev_dir && config.mode != Mode::Dev {
+            p.add(format!("{at}.key_file"), "keys from keys-dev/ are development keys and are refused unless mode = \"dev\"");
+        }
+        match CaMaterial::load(ca) {
+            Ok(material) => {
+                if !allowed_in_mode(&material, config.mode) {
+                    p.add(format!("{at}.cert_file"), "this CA chains to the development root, refused unless mode = \"dev\"");
+                }
+                if material.not_after <= SystemTime::now() {
+                    p.add(format!("{at}.cert_file"), "the CA certificate has expired");
+                }
+                loaded.insert(ca.id.clone(), material);
+            }
+            Err(e) => {
+                let field = match e {
+                    crate::pki::CaLoadError::KeyDecrypt | crate::pki::CaLoadError::NoPassphrase => "key_file",
+                    crate::pki::CaLoadError::PassphraseSource(_) => "key_passphrase",
+                    crate::pki::CaLoadError::Read { ref path, .. } if path.ends_with(&*ca.key_file.to_string_lossy()) => "key_file",
+                    crate::pki::CaLoadError::Read { ref path, .. } if path.ends_with(&*ca.cert_file.to_string_lossy()) => "cert_file",
+                    crate::pki::CaLoadError::Read { .. } => "chain_files",
+                    crate::pki::CaLoadError::Invalid(ref m) if m.contains("chain") => "chain_files",
+                    crate::pki::CaLoadError::Invalid(ref m) if m.contains("private key") => "key_file",
+                    crate::pki::CaLoadError::Invalid(_) => "cert_file",
+                };
+                p.add(format!("{at}.{field}"), e.to_string());
+            }
+        }
+    }
+    loaded
+}
+
+fn check_profiles(config: &Config, cas: &HashMap<String, CaMaterial>, p: &mut Problems) {
+    let mut seen = HashSet::new();
+    let ca_ids: HashSet<&str> = config.cas.iter().map(|c| c.id.as_str()).collect();
+    for (i, profile) in config.profiles.iter().enumerate() {
+        let at = format!("profiles[{i}]");
+        if !valid_id(&profile.id) {
+            p.add(format!("{at}.id"), format!("{:?} is not a valid id", profile.id));
+        }
+        if !seen.insert(profile.id.clone()) {
+            p.add(format!("{at}.id"), format!("duplicate profile id {:?}", profile.id));
+        }
+        if !ca_ids.contains(profile.ca.as_str()) {
+            p.add(format!("{at}.ca"), format!("no CA named {:?}", profile.ca));
+        }
+        if profile.validity.is_zero() {
+            p.add(format!("{at}.validity"), "must be positive");
+        }
+        if let Some(ca) = cas.get(&profile.ca) {
+            let expiry = SystemTime::now() + profile.validity;
+            if expiry > ca.not_after {
+                p.add(
+                    format!("{at}.validity"),
+                    format!("certificates issued now would outlive CA {:?}, which expires sooner", profile.ca),
+                );
+            }
+        }
+        if profile.key_usage.is_empty() {
+            p.add(format!("{at}.key_usage"), "at least one key usage is required");
+        }
+        if profile.allowed_keys.is_empty() {
+            p.add(format!("{at}.allowed_keys"), "at least one key type is required");
+        }
+        if profile.min_rsa_bits < 2048 {
+            p.add(format!("{at}.min_rsa_bits"), "RSA keys below 2048 bits are never accepted");
+        }
+        let n = &profile.names;
+        if !n.dns && !n.ip && !n.email {
+            p.add(format!("{at}.names"), "the profile allows no name type (dns, ip, email)");
+        }
+        if n.max_names == 0 {
+            p.add(format!("{at}.names.max_names"), "must be at least 1");
+        }
+        for (j, s) in n.dns_suffixes.iter().enumerate() {
+            if !crate::pki::csr::is_valid_dns_name(s.trim_start_matches('.')) {
+                p.add(format!("{at}.names.dns_suffixes[{j}]"), format!("{s:?} is not a DNS name"));
+            }
+        }
+    }
+}
+
+fn check_clients(config: &Config, p: &mut Problems) {
+    let profiles: HashSet<&str> = config.profiles.iter().map(|x| x.id.as_str()).collect();
+    let mut names = HashSet::new();
+    let mut keys = HashSet::new();
+    for (i, client) in config.clients.iter().enumerate() {
+        let at = format!("clients[{i}]");
+        if !names.insert(client.name.clone()) {
+            p.add(format!("{at}.name"), format!("duplicate client name {:?}", client.name));
+        }
+        let hash = client.api_key_sha256.to_ascii_lowercase();
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            p.add(format!("{at}.api_key_sha256"), "must be 64 hex digits (castellum hash-key prints it)");
+        } else if !keys.insert(hash) {
+            p.add(format!("{at}.api_key_sha256"), "two clients share one API key");
+        }
+        for (j, profile) in client.profiles.iter().enumerate() {
+            if !profiles.contains(profile.as_str()) {
+                p.add(format!("{at}.profiles[{j}]"), format!("no profile named {profile:?}"));
+            }
+        }
+    }
+}
+
+fn check_database(config: &Config, p: &mut Problems) {
+    let db = &config.database;
+    let is_pg = db.is_postgres();
+    let is_sqlite = !is_pg && !db.url.contains("://") || db.url.starts_with("sqlite://");
+    if !is_pg && !is_sqlite {
+        p.add("database.url", "unsupported scheme: use sqlite://PATH, a file path, or postgres://…");
+    }
+    if db.instances == 0 {
+        p.add("database.instances", "must be at least 1");
+    }
+    if is_sqlite && db.instances > 1 {
+        p.add("database.instances", "SQLite serves a single instance; use PostgreSQL for several");
+    }
+    let pools = &db.pools;
+    for (name, pool) in [("issuance", &pools.issuance), ("control", &pools.control), ("status", &pools.status)] {
+        check_pool(config, &format!("database.pools.{name}"), pool, p);
+    }
+    if is_pg {
+        let budget = db.server_max_connections.saturating_sub(db.reserved_connections);
+        let wanted = db.instances * pools.total_max();
+        if wanted > budget {
+            p.add(
+                "database.pools",
+                format!(
+                    "{} instances × {} connections (issuance {} + control {} + status {}) = {wanted}, more than server_max_connections {} − reserved_connections {} = {budget}",
+                    db.instances,
+                    pools.total_max(),
+                    pools.issuance.max_size,
+                    pools.control.max_size,
+                    pools.status.max_size,
+                    db.server_max_connections,
+                    db.reserved_connections
+                ),
+            );
+        }
+        if db.statement_timeout >= config.shortest_deadline() {
+            p.add("database.statement_timeout", "must be shorter than the shortest lane deadline");
+        }
+    }
+}
+
+fn check_pool(config: &Config, at: &str, pool: &PoolConfig, p: &mut Problems) {
+    if pool.max_size == 0 {
+        p.add(format!("{at}.max_size"), "must be at least 1");
+    }
+    if pool.min_idle.is_some_and(|m| m > pool.max_size) {
+        p.add(format!("{at}.min_idle"), "must not exceed max_size");
+    }
+    let limit = config.shortest_deadline() / POOL_TIMEOUT_DEADLINE_FRACTION;
+    if pool.connection_timeout > limit {
+        p.add(
+            format!("{at}.connection_timeout"),
+            format!(
+                "{}ms is not well below the shortest deadline ({}ms): at most a quarter of it ({}ms)",
+                pool.connection_timeout.as_millis(),
+                config.shortest_deadline().as_millis(),
+                limit.as_millis()
+            ),
+        );
+    }
+    if pool.connection_timeout.is_zero() {
+        p.add(format!("{at}.connection_timeout"), "must be positive");
+    }
+    if pool.max_lifetime.is_none() {
+        p.add(format!("{at}.max_lifetime"), "set a max lifetime so connections are recycled");
+    }
+}
+
+fn check_lanes(config: &Config, p: &mut Problems) {
+    for (name, lane) in [("interactive", &config.lanes.interactive), ("background", &config.lanes.background)] {
+        if lane.default_deadline.is_zero() {
+            p.add(format!("lanes.{name}.default_deadline"), "must be positive");
+        }
+        if lane.default_deadline > lane.max_deadline {
+            p.add(format!("lanes.{name}.default_deadline"), "must not exceed max_deadline");
+        }
+    }
+    if config.async_requests.lease.is_zero() {
+        p.add("async_requests.lease", "must be positive");
+    }
+    if config.http.max_body_bytes < 4096 {
+        p.add("http.max_body_bytes", "must be at least 4096 bytes (a CSR does not fit otherwise)");
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}

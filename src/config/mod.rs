@@ -1,0 +1,565 @@
+//! Configuration: compiled-in defaults, then a TOML file (which must exist when named), then
+//! `CASTELLUM_*` environment variables (`__` separates nesting: `CASTELLUM_HTTP__LISTEN`).
+//!
+//! Every duration is written the human way (`"6s"`, `"500ms"`, `"90d"`). The configuration
+//! declares *definitions* (CAs, profiles, clients); the live *state* of CAs and profiles
+//! (enabled / disabled / retired) lives in the database, where the registry owns it. A CA or
+//! profile's `enabled` flag here is only its state the first time the database sees it.
+
+pub mod check;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+pub use check::{check_config, ConfigProblem};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Development: the keys in `keys-dev/` and fault injection are allowed.
+    Dev,
+    #[default]
+    Production,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub mode: Mode,
+    /// Name of this instance in heartbeats and the audit log; defaults to host name + pid.
+    pub instance_id: Option<String>,
+    pub http: HttpConfig,
+    pub database: DatabaseConfig,
+    pub lanes: LanesConfig,
+    pub registry: RegistryConfig,
+    pub store: StoreConfig,
+    pub async_requests: AsyncConfig,
+    pub cas: Vec<CaConfig>,
+    pub profiles: Vec<ProfileConfig>,
+    pub clients: Vec<ClientConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mode: Mode::Production,
+            instance_id: None,
+            http: HttpConfig::default(),
+            database: DatabaseConfig::default(),
+            lanes: LanesConfig::default(),
+            registry: RegistryConfig::default(),
+            store: StoreConfig::default(),
+            async_requests: AsyncConfig::default(),
+            cas: Vec::new(),
+            profiles: Vec::new(),
+            clients: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    pub listen: String,
+    /// Largest request body accepted; larger ones are refused with `413` before parsing.
+    pub max_body_bytes: usize,
+    /// actix-web worker threads (0: one per core).
+    pub workers: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: "127.0.0.1:8080".into(), max_body_bytes: 64 * 1024, workers: 0 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// `sqlite://path`, a plain file path, or `postgres://…`.
+    pub url: String,
+    /// How many engine instances share this database (for the connection budget).
+    pub instances: u32,
+    /// The server's `max_connections` (PostgreSQL), or the limit of the role the engine uses.
+    pub server_max_connections: u32,
+    /// Connections kept free for administrators, migrations and other clients.
+    pub reserved_connections: u32,
+    /// Per-connection `statement_timeout` on PostgreSQL.
+    #[serde(with = "humantime_serde")]
+    pub statement_timeout: Duration,
+    /// `busy_timeout` on SQLite.
+    #[serde(with = "humantime_serde")]
+    pub busy_timeout: Duration,
+    /// A connection held longer than this is reported with the span holding it.
+    #[serde(with = "humantime_serde")]
+    pub slow_hold_threshold: Duration,
+    pub pools: PoolsConfig,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: "sqlite://castellum.db".into(),
+            instances: 1,
+            server_max_connections: 100,
+            reserved_connections: 10,
+            statement_timeout: Duration::from_secs(5),
+            busy_timeout: Duration::from_secs(2),
+            slow_hold_threshold: Duration::from_secs(2),
+            pools: PoolsConfig::default(),
+        }
+    }
+}
+
+impl DatabaseConfig {
+    pub fn is_postgres(&self) -> bool {
+        self.url.starts_with("postgres://") || self.url.starts_with("postgresql://")
+    }
+}
+
+/// The three bulkheads: a saturated issuance path never blocks control or status work.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolsConfig {
+    /// Used only by the Store's workers (one connection per worker).
+    pub issuance: PoolConfig,
+    /// Registry, migrations, async-request claims, admin work.
+    pub control: PoolConfig,
+    /// Reads: certificate and request lookups, readiness.
+    pub status: PoolConfig,
+}
+
+impl Default for PoolsConfig {
+    fn default() -> Self {
+        PoolsConfig {
+            issuance: PoolConfig { max_size: 2, min_idle: Some(1), ..PoolConfig::default() },
+            control: PoolConfig { max_size: 2, min_idle: Some(1), ..PoolConfig::default() },
+            status: PoolConfig { max_size: 4, min_idle: Some(1), ..PoolConfig::default() },
+        }
+    }
+}
+
+impl PoolsConfig {
+    pub fn total_max(&self) -> u32 {
+        self.issuance.max_size + self.control.max_size + self.status.max_size
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    pub max_size: u32,
+    pub min_idle: Option<u32>,
+    #[serde(with = "humantime_serde")]
+    pub connection_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_lifetime: Option<Duration>,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    pub test_on_check_out: bool,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_size: 2,
+            min_idle: Some(1),
+            connection_timeout: Duration::from_millis(500),
+            max_lifetime: Some(Duration::from_secs(30 * 60)),
+            idle_timeout: Some(Duration::from_secs(10 * 60)),
+            test_on_check_out: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Lane {
+    Interactive,
+    Background,
+}
+
+impl Lane {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Lane::Interactive => "interactive",
+            Lane::Background => "background",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LanesConfig {
+    pub interactive: LaneConfig,
+    pub background: LaneConfig,
+}
+
+impl Default for LanesConfig {
+    fn default() -> Self {
+        LanesConfig {
+            interactive: LaneConfig {
+                default_deadline: Duration::from_secs(6),
+                max_deadline: Duration::from_secs(6),
+            },
+            background: LaneConfig {
+                default_deadline: Duration::from_secs(60),
+                max_deadline: Duration::from_secs(300),
+            },
+        }
+    }
+}
+
+impl LanesConfig {
+    pub fn get(&self, lane: Lane) -> &LaneConfig {
+        match lane {
+            Lane::Interactive => &self.interactive,
+            Lane::Background => &self.background,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LaneConfig {
+    /// Deadline given to a request that asks for none.
+    #[serde(with = "humantime_serde")]
+    pub default_deadline: Duration,
+    /// No client can ask for more than this (`Prefer: wait=N` only shortens).
+    #[serde(with = "humantime_serde")]
+    pub max_deadline: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// How often the registry polls the database's registry version (the fallback when
+    /// notifications are lost) and writes this instance's heartbeat.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig { poll_interval: Duration::from_secs(1) }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Most writes folded into one transaction (group commit).
+    pub max_batch: usize,
+    /// Writes waiting for a worker; beyond this the Store refuses new work (`503`).
+    pub max_pending: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig { max_batch: 256, max_pending: 8192 }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AsyncConfig {
+    /// An accepted asynchronous request not issued within this time is marked expired.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// How long an instance owns a pending request it took; after that any instance may.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often each instance looks for pending requests nobody owns.
+    #[serde(with = "humantime_serde")]
+    pub resume_interval: Duration,
+}
+
+impl Default for AsyncConfig {
+    fn default() -> Self {
+        AsyncConfig {
+            max_age: Duration::from_secs(24 * 3600),
+            lease: Duration::from_secs(30),
+            resume_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaConfig {
+    pub id: String,
+    pub cert_file: PathBuf,
+    /// PKCS#8 private key, encrypted (PEM `ENCRYPTED PRIVATE KEY`).
+    pub key_file: PathBuf,
+    /// Certificates above this CA, nearest first, ending with the root.
+    #[serde(default)]
+    pub chain_files: Vec<PathBuf>,
+    /// The key's passphrase written inline: allowed only in dev mode.
+    #[serde(default)]
+    pub key_passphrase: Option<String>,
+    /// Name of an environment variable holding the passphrase.
+    #[serde(default)]
+    pub key_passphrase_env: Option<String>,
+    /// A file holding the passphrase (first line).
+    #[serde(default)]
+    pub key_passphrase_file: Option<PathBuf>,
+    #[serde(default = "default_signer_threads")]
+    pub signer_threads: usize,
+    #[serde(default)]
+    pub queue: CellQueueConfig,
+    /// Signatures per second this CA sustains (measure with `castellum bench`); used to check
+    /// that its queues can be served within their lanes' deadlines.
+    #[serde(default = "default_sign_rate")]
+    pub expected_sign_rate: f64,
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Fault injection for drills and tests; refused unless `mode = "dev"`.
+    #[serde(default)]
+    pub fault: FaultConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FaultConfig {
+    /// Added to every signature of this CA (a slow HSM), on this CA's signer threads only.
+    #[serde(with = "humantime_serde")]
+    pub sign_latency: Option<Duration>,
+}
+
+impl FaultConfig {
+    pub fn is_active(&self) -> bool {
+        self.sign_latency.is_some()
+    }
+}
+
+impl std::fmt::Debug for CaConfig {
+    // The passphrase must never reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaConfig")
+            .field("id", &self.id)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("key_passphrase", &self.key_passphrase.as_ref().map(|_| "<redacted>"))
+            .field("key_passphrase_env", &self.key_passphrase_env)
+            .field("key_passphrase_file", &self.key_passphrase_file)
+            .finish_non_exhaustive()
+    }
+}
+
+fn default_signer_threads() -> usize {
+    1
+}
+fn default_sign_rate() -> f64 {
+    1000.0
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CellQueueConfig {
+    pub interactive_capacity: usize,
+    pub background_capacity: usize,
+    /// Jobs of this CA between dequeue and reply at once (pipelined through store and signer).
+    pub in_flight: usize,
+}
+
+impl Default for CellQueueConfig {
+    fn default() -> Self {
+        CellQueueConfig { interactive_capacity: 512, background_capacity: 2048, in_flight: 64 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyUsageName {
+    DigitalSignature,
+    NonRepudiation,
+    KeyEncipherment,
+    DataEncipherment,
+    KeyAgreement,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExtendedKeyUsageName {
+    ServerAuth,
+    ClientAuth,
+    CodeSigning,
+    EmailProtection,
+    TimeStamping,
+    OcspSigning,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyType {
+    EcdsaP256,
+    EcdsaP384,
+    EcdsaP521,
+    Rsa,
+    Ed25519,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileConfig {
+    pub id: String,
+    pub ca: String,
+    #[serde(default = "default_lane")]
+    pub lane: Lane,
+    #[serde(with = "humantime_serde")]
+    pub validity: Duration,
+    /// notBefore is set this far in the past to absorb relying parties' clock skew.
+    #[serde(default = "default_backdate", with = "humantime_serde")]
+    pub backdate: Duration,
+    pub key_usage: Vec<KeyUsageName>,
+    #[serde(default)]
+    pub extended_key_usage: Vec<ExtendedKeyUsageName>,
+    pub allowed_keys: Vec<KeyType>,
+    #[serde(default = "default_min_rsa_bits")]
+    pub min_rsa_bits: u32,
+    #[serde(default)]
+    pub names: NamePolicy,
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+fn default_lane() -> Lane {
+    Lane::Interactive
+}
+fn default_backdate() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_min_rsa_bits() -> u32 {
+    2048
+}
+
+/// Which names a certificate of this profile may carry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamePolicy {
+    pub dns: bool,
+    /// A DNS name must equal one of these or end with `.` + one of them. Empty: any.
+    pub dns_suffixes: Vec<String>,
+    pub ip: bool,
+    pub email: bool,
+    /// At least one name is required, at most this many.
+    pub max_names: usize,
+    /// Copy the CSR's common name into the subject (it must also be one of the SANs).
+    pub subject_cn: bool,
+}
+
+impl Default for NamePolicy {
+    fn default() -> Self {
+        NamePolicy {
+            dns: true,
+            dns_suffixes: Vec::new(),
+            ip: false,
+            email: false,
+            max_names: 100,
+            subject_cn: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    pub name: String,
+    /// Hex SHA-256 of the client's bearer API key (`castellum hash-key` prints it).
+    pub api_key_sha256: String,
+    pub profiles: Vec<String>,
+}
+
+/// Errors reading the configuration (before any semantic check).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Figment(Box<figment::Error>),
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        ConfigError::Figment(Box::new(e))
+    }
+}
+
+impl ConfigError {
+    /// One line per underlying problem, each naming its key path.
+    pub fn problems(&self) -> Vec<ConfigProblem> {
+        match self {
+            ConfigError::Figment(e) => (**e)
+                .clone()
+                .into_iter()
+                .map(|err| {
+                    let path = if err.path.is_empty() { "<root>".to_string() } else { err.path.join(".") };
+                    let source = err
+                        .metadata
+                        .as_ref()
+                        .and_then(|m| m.source.as_ref().map(|s| format!(" (from {s})")))
+                        .unwrap_or_default();
+                    ConfigProblem { path, message: format!("{}{}", err.kind, source) }
+                })
+                .collect(),
+        }
+    }
+}
+
+impl Config {
+    /// Defaults, then the file (which must exist), then `CASTELLUM_*` variables.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            fig = fig.merge(Toml::file_exact(path));
+        }
+        fig = fig.merge(Env::prefixed("CASTELLUM_").split("__"));
+        let mut config: Config = fig.extract()?;
+        // Relative key and certificate paths are relative to the configuration file.
+        if let Some(dir) = file.and_then(Path::parent) {
+            config.resolve_paths(dir);
+        }
+        Ok(config)
+    }
+
+    /// Parse a configuration from TOML text (tests, embedding applications).
+    pub fn from_toml(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
+        let mut config: Config =
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)).extract()?;
+        config.resolve_paths(base_dir);
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, dir: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = dir.join(&*p);
+            }
+        };
+        for ca in &mut self.cas {
+            fix(&mut ca.cert_file);
+            fix(&mut ca.key_file);
+            ca.chain_files.iter_mut().for_each(fix);
+            if let Some(f) = ca.key_passphrase_file.as_mut() {
+                fix(f);
+            }
+        }
+    }
+
+    pub fn instance_id(&self) -> String {
+        self.instance_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        })
+    }
+
+    /// The shortest deadline any request can get (the pool timeouts must sit well below it).
+    pub fn shortest_deadline(&self) -> Duration {
+        self.lanes.interactive.default_deadline.min(self.lanes.background.default_deadline)
+    }
+}

@@ -1,0 +1,246 @@
+//! The database: SQLite (embedded, one instance) or PostgreSQL (several instances), chosen from
+//! the URL. `diesel::MultiConnection` cannot batch-insert or upsert, so a connection here is an
+//! enum of the two concrete connections and [`with_conn!`] compiles one body for each.
+//!
+//! Pools are bulkheads (issuance, control, status): each has its own budget, timeouts and
+//! metrics, so a saturated issuance path cannot starve health checks or the admin console.
+
+pub mod migrate;
+pub mod models;
+pub mod queries;
+pub mod schema;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, HandleEvent, Pool, PooledConnection};
+use diesel::{PgConnection, SqliteConnection};
+
+use crate::config::{DatabaseConfig, PoolConfig};
+use crate::error::DbError;
+use crate::metrics::{self, Metrics};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn from_url(url: &str) -> Result<Backend, DbError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else if url.starts_with("sqlite://") || !url.contains("://") {
+            Ok(Backend::Sqlite)
+        } else {
+            Err(DbError::UnsupportedUrl)
+        }
+    }
+}
+
+/// The file path of a SQLite URL.
+pub fn sqlite_path(url: &str) -> &str {
+    url.strip_prefix("sqlite://").unwrap_or(url)
+}
+
+/// libpq waits forever for an unreachable server unless told otherwise.
+fn postgres_url_with_timeout(url: &str) -> String {
+    if url.contains("connect_timeout=") {
+        url.to_string()
+    } else if url.contains('?') {
+        format!("{url}&connect_timeout=2")
+    } else {
+        format!("{url}?connect_timeout=2")
+    }
+}
+
+pub enum DbConn {
+    Sqlite(PooledConnection<ConnectionManager<SqliteConnection>>),
+    Postgres(PooledConnection<ConnectionManager<PgConnection>>),
+}
+
+/// Run the same diesel code on whichever backend `conn` is: `with_conn!(conn, |c| query.execute(c))`.
+#[macro_export]
+macro_rules! with_conn {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            $crate::db::DbConn::Sqlite(pooled) => {
+                let $c: &mut diesel::SqliteConnection = &mut *pooled;
+                $body
+            }
+            $crate::db::DbConn::Postgres(pooled) => {
+                let $c: &mut diesel::PgConnection = &mut *pooled;
+                $body
+            }
+        }
+    };
+}
+
+#[derive(Clone)]
+enum PoolInner {
+    Sqlite(Pool<ConnectionManager<SqliteConnection>>),
+    Postgres(Pool<ConnectionManager<PgConnection>>),
+}
+
+/// One bounded pool of connections.
+#[derive(Clone)]
+pub struct DbPool {
+    inner: PoolInner,
+    pub name: &'static str,
+    pub max_size: u32,
+}
+
+#[derive(Debug)]
+struct Customizer {
+    backend: Backend,
+    pool: &'static str,
+    statement_timeout: Duration,
+    busy_timeout: Duration,
+}
+
+impl<C: SimpleConnection + Send + 'static> CustomizeConnection<C, diesel::r2d2::Error> for Customizer {
+    fn on_acquire(&self, conn: &mut C) -> Result<(), diesel::r2d2::Error> {
+        let sql = match self.backend {
+            // WAL is set once by the migration step; these are per connection.
+            Backend::Sqlite => format!(
+                "PRAGMA busy_timeout = {}; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+                self.busy_timeout.as_millis()
+            ),
+            Backend::Postgres => format!(
+                "SET statement_timeout = {}; SET application_name = 'castellum:{}';",
+                self.statement_timeout.as_millis(),
+                self.pool
+            ),
+        };
+        conn.batch_execute(&sql).map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+/// Feeds r2d2's checkout/checkin events into the pool metrics and reports long holds.
+struct PoolEvents {
+    pool: &'static str,
+    metrics: Arc<Metrics>,
+    slow_hold: Duration,
+}
+
+impl std::fmt::Debug for PoolEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolEvents").field("pool", &self.pool).finish()
+    }
+}
+
+impl HandleEvent for PoolEvents {
+    fn handle_checkout(&self, event: r2d2::event::CheckoutEvent) {
+        self.metrics.pool_wait_seconds.get_or_create(&metrics::pool(self.pool)).observe(event.duration().as_secs_f64());
+    }
+    fn handle_timeout(&self, _event: r2d2::event::TimeoutEvent) {
+        self.metrics.pool_timeouts.get_or_create(&metrics::pool(self.pool)).inc();
+    }
+    fn handle_checkin(&self, event: r2d2::event::CheckinEvent) {
+        let held = event.duration();
+        self.metrics.pool_hold_seconds.get_or_create(&metrics::pool(self.pool)).observe(held.as_secs_f64());
+        if held > self.slow_hold {
+            // Check-in runs where the connection is dropped, so the current span names the holder.
+            tracing::warn!(pool = self.pool, held_ms = held.as_millis() as u64, "database connection held longer than the threshold");
+        }
+    }
+}
+
+impl DbPool {
+    pub fn build(
+        db: &DatabaseConfig,
+        cfg: &PoolConfig,
+        name: &'static str,
+        metrics: Arc<Metrics>,
+    ) -> Result<DbPool, DbError> {
+        let backend = Backend::from_url(&db.url)?;
+        let customizer = Customizer {
+            backend,
+            pool: name,
+            statement_timeout: db.statement_timeout,
+            busy_timeout: db.busy_timeout,
+        };
+        let events = PoolEvents { pool: name, metrics: metrics.clone(), slow_hold: db.slow_hold_threshold };
+        metrics.pool_max.get_or_create(&metrics::pool(name)).set(i64::from(cfg.max_size));
+        macro_rules! builder {
+            () => {
+                Pool::builder()
+                    .max_size(cfg.max_size)
+                    .min_idle(cfg.min_idle)
+                    .connection_timeout(cfg.connection_timeout)
+                    .max_lifetime(cfg.max_lifetime)
+                    .idle_timeout(cfg.idle_timeout)
+                    .test_on_check_out(cfg.test_on_check_out)
+                    .event_handler(Box::new(events))
+            };
+        }
+        let inner = match backend {
+            Backend::Sqlite => PoolInner::Sqlite(
+                builder!()
+                    .connection_customizer(Box::new(customizer))
+                    .build_unchecked(ConnectionManager::new(sqlite_path(&db.url))),
+            ),
+            Backend::Postgres => PoolInner::Postgres(
+                builder!()
+                    .connection_customizer(Box::new(customizer))
+                    .build_unchecked(ConnectionManager::new(postgres_url_with_timeout(&db.url))),
+            ),
+        };
+        Ok(DbPool { inner, name, max_size: cfg.max_size })
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.inner {
+            PoolInner::Sqlite(_) => Backend::Sqlite,
+            PoolInner::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Check out a connection, waiting at most the pool's connection timeout.
+    pub fn get(&self) -> Result<DbConn, DbError> {
+        match &self.inner {
+            PoolInner::Sqlite(p) => p.get().map(DbConn::Sqlite),
+            PoolInner::Postgres(p) => p.get().map(DbConn::Postgres),
+        }
+        .map_err(|e| DbError::Pool(e.to_string()))
+    }
+
+    pub fn state(&self) -> r2d2::State {
+        match &self.inner {
+            PoolInner::Sqlite(p) => p.state(),
+            PoolInner::Postgres(p) => p.state(),
+        }
+    }
+}
+
+/// The three bulkheads.
+#[derive(Clone)]
+pub struct Pools {
+    pub issuance: DbPool,
+    pub control: DbPool,
+    pub status: DbPool,
+}
+
+impl Pools {
+    pub fn build(db: &DatabaseConfig, metrics: Arc<Metrics>) -> Result<Pools, DbError> {
+        Ok(Pools {
+            issuance: DbPool::build(db, &db.pools.issuance, "issuance", metrics.clone())?,
+            control: DbPool::build(db, &db.pools.control, "control", metrics.clone())?,
+            status: DbPool::build(db, &db.pools.status, "status", metrics)?,
+        })
+    }
+
+    pub fn all(&self) -> [&DbPool; 3] {
+        [&self.issuance, &self.control, &self.status]
+    }
+
+    /// Refresh the pool-state gauges (called when metrics are scraped).
+    pub fn export_state(&self, metrics: &Metrics) {
+        for pool in self.all() {
+            let state = pool.state();
+            metrics.pool_connections.get_or_create(&metrics::pool(pool.name)).set(i64::from(state.connections));
+            metrics.pool_idle.get_or_create(&metrics::pool(pool.name)).set(i64::from(state.idle_connections));
+        }
+    }
+}

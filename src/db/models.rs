@@ -1,0 +1,94 @@
+//! Rows as the engine reads and writes them.
+
+use diesel::prelude::*;
+
+use super::schema::{audit_log, certificates, requests};
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(treat_none_as_default_value = false)]
+#[diesel(table_name = requests)]
+pub struct RequestRow {
+    pub id: String,
+    pub client: String,
+    pub profile: String,
+    pub ca_id: String,
+    pub mode: String,
+    pub state: String,
+    pub idempotency_key: Option<String>,
+    pub body_sha256: String,
+    pub csr_der: Vec<u8>,
+    pub serial: Option<String>,
+    pub error_type: Option<String>,
+    pub error_detail: Option<String>,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub expires_at: i64,
+    pub claimed_by: Option<String>,
+    pub claimed_until: Option<i64>,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Insertable)]
+#[diesel(treat_none_as_default_value = false)]
+#[diesel(table_name = certificates)]
+pub struct CertificateRow {
+    pub serial: String,
+    pub ca_id: String,
+    pub profile: String,
+    pub client: String,
+    pub request_id: Option<String>,
+    pub state: String,
+    pub tbs_der: Vec<u8>,
+    pub cert_der: Option<Vec<u8>>,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub created_at: i64,
+    pub issued_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+    pub revocation_reason: Option<i32>,
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(treat_none_as_default_value = false)]
+#[diesel(table_name = audit_log)]
+pub struct NewAuditEvent {
+    pub at: i64,
+    pub instance: String,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, serde::Serialize)]
+#[diesel(table_name = audit_log)]
+pub struct AuditEvent {
+    pub id: i64,
+    pub at: i64,
+    pub instance: String,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
+    pub detail: String,
+}
+
+/// Request states as stored.
+pub mod request_state {
+    pub const PENDING: &str = "pending";
+    pub const ISSUED: &str = "issued";
+    /// Failed for a reason the request itself carries: replaying it gives the same answer.
+    pub const FAILED: &str = "failed";
+    /// Failed because of the engine's state at the time (deadline, overload): may be retried.
+    pub const RETRYABLE: &str = "retryable";
+    pub const EXPIRED: &str = "expired";
+    pub const PARKED: &str = "parked";
+}
+
+/// Certificate states as stored.
+pub mod cert_state {
+    /// Recorded before signing (write-ahead); becomes `issued` or `abandoned`.
+    pub const SIGNING: &str = "signing";
+    pub const ISSUED: &str = "issued";
+    pub const ABANDONED: &str = "abandoned";
+}

@@ -1,0 +1,294 @@
+//! Every query the engine runs, written once for both backends with [`with_conn!`].
+
+use diesel::prelude::*;
+
+use super::models::{request_state, AuditEvent, CertificateRow, NewAuditEvent, RequestRow};
+use super::schema::{audit_log, cas, certificates, instances, profiles, registry, requests};
+use super::DbConn;
+use crate::error::DbError;
+use crate::with_conn;
+
+/// A write on the issuance path. The Store folds many into one transaction.
+#[derive(Debug, Clone)]
+pub enum WriteOp {
+    /// Insert a request; [`WriteOutcome::Conflict`] if (client, idempotency key) exists.
+    InsertRequest(Box<RequestRow>),
+    /// Write-ahead: the serial and TBS, recorded before the key signs.
+    WriteAhead(Box<CertificateRow>),
+    /// The signed certificate, its request's new state, and the issuance audit event, atomically.
+    CertificateIssued {
+        serial: String,
+        cert_der: Vec<u8>,
+        at: i64,
+        request_id: Option<String>,
+        audit: Box<NewAuditEvent>,
+    },
+    CertificateAbandoned { serial: String },
+    RequestFinished {
+        id: String,
+        state: &'static str,
+        error_type: Option<String>,
+        error_detail: Option<String>,
+        at: i64,
+        /// For `pending`: when another instance may take the request up again.
+        claimed_until: Option<i64>,
+    },
+    Audit(NewAuditEvent),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriteOutcome {
+    Done,
+    Conflict,
+}
+
+/// Apply a batch in one transaction (one commit, one fsync on SQLite).
+pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcome>, DbError> {
+    with_conn!(conn, |c| c.transaction(|c| {
+        let mut outcomes = vec![WriteOutcome::Done; ops.len()];
+        let mut ahead = Vec::new();
+        let mut audit = Vec::new();
+        for (i, op) in ops.iter().enumerate() {
+            match op {
+                WriteOp::InsertRequest(row) => {
+                    let n = diesel::insert_into(requests::table)
+                        .values(row.as_ref())
+                        .on_conflict_do_nothing()
+                        .execute(c)?;
+                    if n == 0 {
+                        outcomes[i] = WriteOutcome::Conflict;
+                    }
+                }
+                WriteOp::WriteAhead(row) => ahead.push(row.as_ref().clone()),
+                WriteOp::Audit(event) => audit.push(event.clone()),
+                WriteOp::CertificateIssued { audit: event, .. } => audit.push(event.as_ref().clone()),
+                _ => {}
+            }
+        }
+        if !ahead.is_empty() {
+            diesel::insert_into(certificates::table).values(&ahead).execute(c)?;
+        }
+        for op in ops {
+            match op {
+                WriteOp::CertificateIssued { serial, cert_der, at, request_id, .. } => {
+                    diesel::update(certificates::table.find(serial))
+                        .set((
+                            certificates::state.eq(super::models::cert_state::ISSUED),
+                            certificates::cert_der.eq(Some(cert_der)),
+                            certificates::issued_at.eq(Some(*at)),
+                        ))
+                        .execute(c)?;
+                    if let Some(id) = request_id {
+                        diesel::update(requests::table.find(id))
+                            .set((
+                                requests::state.eq(request_state::ISSUED),
+                                requests::serial.eq(Some(serial)),
+                                requests::updated_at.eq(*at),
+                                requests::claimed_by.eq(None::<String>),
+                                requests::claimed_until.eq(None::<i64>),
+                            ))
+                            .execute(c)?;
+                    }
+                }
+                WriteOp::CertificateAbandoned { serial } => {
+                    diesel::update(certificates::table.find(serial))
+                        .set(certificates::state.eq(super::models::cert_state::ABANDONED))
+                        .execute(c)?;
+                }
+                WriteOp::RequestFinished { id, state, error_type, error_detail, at, claimed_until } => {
+                    diesel::update(requests::table.find(id))
+                        .set((
+                            requests::state.eq(*state),
+                            requests::error_type.eq(error_type),
+                            requests::error_detail.eq(error_detail),
+                            requests::updated_at.eq(*at),
+                            requests::claimed_by.eq(None::<String>),
+                            requests::claimed_until.eq(claimed_until),
+                        ))
+                        .execute(c)?;
+                }
+                _ => {}
+            }
+        }
+        if !audit.is_empty() {
+            diesel::insert_into(audit_log::table).values(&audit).execute(c)?;
+        }
+        Ok(outcomes)
+    }))
+}
+
+pub fn load_certificate(conn: &mut DbConn, serial: &str) -> Result<Option<CertificateRow>, DbError> {
+    Ok(with_conn!(conn, |c| certificates::table
+        .find(serial)
+        .select(CertificateRow::as_select())
+        .first(c)
+        .optional())?)
+}
+
+pub fn load_request(conn: &mut DbConn, id: &str) -> Result<Option<RequestRow>, DbError> {
+    Ok(with_conn!(conn, |c| requests::table.find(id).select(RequestRow::as_select()).first(c).optional())?)
+}
+
+pub fn find_request_by_key(conn: &mut DbConn, client: &str, key: &str) -> Result<Option<RequestRow>, DbError> {
+    Ok(with_conn!(conn, |c| requests::table
+        .filter(requests::client.eq(client))
+        .filter(requests::idempotency_key.eq(key))
+        .select(RequestRow::as_select())
+        .first(c)
+        .optional())?)
+}
+
+/// Take a request nobody owns (compare-and-set on the claim, so two instances never both win).
+pub fn claim_request(
+    conn: &mut DbConn,
+    id: &str,
+    instance: &str,
+    now: i64,
+    until: i64,
+    from_states: &[&str],
+) -> Result<bool, DbError> {
+    let states: Vec<String> = from_states.iter().map(|s| s.to_string()).collect();
+    let n = with_conn!(conn, |c| diesel::update(
+        requests::table
+            .filter(requests::id.eq(id))
+            .filter(requests::state.eq_any(&states))
+            .filter(requests::claimed_until.is_null().or(requests::claimed_until.lt(now)))
+    )
+    .set((
+        requests::state.eq(request_state::PENDING),
+        requests::claimed_by.eq(Some(instance)),
+        requests::claimed_until.eq(Some(until)),
+        requests::updated_at.eq(now),
+    ))
+    .execute(c))?;
+    Ok(n == 1)
+}
+
+/// Pending asynchronous requests whose claim has lapsed (oldest first).
+pub fn claimable_requests(conn: &mut DbConn, now: i64, limit: i64) -> Result<Vec<RequestRow>, DbError> {
+    Ok(with_conn!(conn, |c| requests::table
+        .filter(requests::state.eq(request_state::PENDING))
+        .filter(requests::mode.eq("async"))
+        .filter(requests::claimed_until.is_null().or(requests::claimed_until.lt(now)))
+        .order(requests::created_at.asc())
+        .limit(limit)
+        .select(RequestRow::as_select())
+        .load(c))?)
+}
+
+/// Mark pending requests past their expiry as expired; they are never signed.
+pub fn expire_requests(conn: &mut DbConn, now: i64) -> Result<usize, DbError> {
+    Ok(with_conn!(conn, |c| diesel::update(
+        requests::table
+            .filter(requests::state.eq_any([request_state::PENDING, request_state::PARKED]))
+            .filter(requests::expires_at.lt(now))
+    )
+    .set((requests::state.eq(request_state::EXPIRED), requests::updated_at.eq(now)))
+    .execute(c))?)
+}
+
+/// On a clean shutdown: give back the claims this instance holds so others need not wait.
+pub fn release_claims(conn: &mut DbConn, instance: &str) -> Result<usize, DbError> {
+    Ok(with_conn!(conn, |c| diesel::update(
+        requests::table
+            .filter(requests::claimed_by.eq(instance))
+            .filter(requests::state.eq(request_state::PENDING))
+    )
+    .set((requests::claimed_by.eq(None::<String>), requests::claimed_until.eq(None::<i64>)))
+    .execute(c))?)
+}
+
+/// Insert CA and profile rows the database has not seen yet, in their configured initial state.
+pub fn ensure_registry_rows(
+    conn: &mut DbConn,
+    ca_rows: &[(String, &'static str)],
+    profile_rows: &[(String, String, &'static str)],
+    now: i64,
+) -> Result<(), DbError> {
+    with_conn!(conn, |c| c.transaction(|c| {
+        let mut added = 0;
+        for (id, state) in ca_rows {
+            added += diesel::insert_into(cas::table)
+                .values((cas::id.eq(id), cas::state.eq(*state), cas::updated_at.eq(now)))
+                .on_conflict(cas::id)
+                .do_nothing()
+                .execute(c)?;
+        }
+        for (id, ca, state) in profile_rows {
+            added += diesel::insert_into(profiles::table)
+                .values((
+                    profiles::id.eq(id),
+                    profiles::ca_id.eq(ca),
+                    profiles::state.eq(*state),
+                    profiles::updated_at.eq(now),
+                ))
+                .on_conflict(profiles::id)
+                .do_nothing()
+                .execute(c)?;
+        }
+        if added > 0 {
+            diesel::update(registry::table.filter(registry::id.eq(1)))
+                .set(registry::version.eq(registry::version + 1i64))
+                .execute(c)?;
+        }
+        diesel::QueryResult::Ok(())
+    }))?;
+    Ok(())
+}
+
+/// The live registry state: version, CA states, profile states.
+pub struct RegistryState {
+    pub version: i64,
+    pub cas: Vec<(String, String)>,
+    pub profiles: Vec<(String, String)>,
+}
+
+pub fn load_registry(conn: &mut DbConn) -> Result<RegistryState, DbError> {
+    Ok(with_conn!(conn, |c| c.transaction(|c| {
+        let version = registry::table.select(registry::version).first::<i64>(c)?;
+        let cas = cas::table.select((cas::id, cas::state)).load::<(String, String)>(c)?;
+        let profiles = profiles::table.select((profiles::id, profiles::state)).load::<(String, String)>(c)?;
+        diesel::QueryResult::Ok(RegistryState { version, cas, profiles })
+    }))?)
+}
+
+pub fn registry_version(conn: &mut DbConn) -> Result<i64, DbError> {
+    Ok(with_conn!(conn, |c| registry::table.select(registry::version).first::<i64>(c))?)
+}
+
+/// Record this instance's heartbeat and the registry version it serves.
+pub fn heartbeat(conn: &mut DbConn, instance: &str, started_at: i64, version: i64, now: i64) -> Result<(), DbError> {
+    with_conn!(conn, |c| diesel::insert_into(instances::table)
+        .values((
+            instances::id.eq(instance),
+            instances::started_at.eq(started_at),
+            instances::heartbeat_at.eq(now),
+            instances::registry_version.eq(version),
+        ))
+        .on_conflict(instances::id)
+        .do_update()
+        .set((instances::heartbeat_at.eq(now), instances::registry_version.eq(version)))
+        .execute(c))?;
+    Ok(())
+}
+
+pub fn ping(conn: &mut DbConn) -> Result<(), DbError> {
+    with_conn!(conn, |c| diesel::sql_query("SELECT 1").execute(c))?;
+    Ok(())
+}
+
+pub fn recent_audit(conn: &mut DbConn, limit: i64) -> Result<Vec<AuditEvent>, DbError> {
+    Ok(with_conn!(conn, |c| audit_log::table
+        .order(audit_log::id.desc())
+        .limit(limit)
+        .select(AuditEvent::as_select())
+        .load(c))?)
+}
+
+pub fn count_certificates(conn: &mut DbConn) -> Result<i64, DbError> {
+    Ok(with_conn!(conn, |c| certificates::table.count().get_result(c))?)
+}
+
+pub fn count_requests(conn: &mut DbConn) -> Result<i64, DbError> {
+    Ok(with_conn!(conn, |c| requests::table.count().get_result(c))?)
+}

@@ -1,0 +1,88 @@
+//! One diesel schema for both backends (the migrations in `schema/` keep the types aligned).
+
+diesel::table! {
+    cas (id) {
+        id -> Text,
+        state -> Text,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    profiles (id) {
+        id -> Text,
+        ca_id -> Text,
+        state -> Text,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    registry (id) {
+        id -> Integer,
+        version -> BigInt,
+    }
+}
+
+diesel::table! {
+    instances (id) {
+        id -> Text,
+        started_at -> BigInt,
+        heartbeat_at -> BigInt,
+        registry_version -> BigInt,
+    }
+}
+
+diesel::table! {
+    requests (id) {
+        id -> Text,
+        client -> Text,
+        profile -> Text,
+        ca_id -> Text,
+        mode -> Text,
+        state -> Text,
+        idempotency_key -> Nullable<Text>,
+        body_sha256 -> Text,
+        csr_der -> Binary,
+        serial -> Nullable<Text>,
+        error_type -> Nullable<Text>,
+        error_detail -> Nullable<Text>,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+        expires_at -> BigInt,
+        claimed_by -> Nullable<Text>,
+        claimed_until -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    certificates (serial) {
+        serial -> Text,
+        ca_id -> Text,
+        profile -> Text,
+        client -> Text,
+        request_id -> Nullable<Text>,
+        state -> Text,
+        tbs_der -> Binary,
+        cert_der -> Nullable<Binary>,
+        not_before -> BigInt,
+        not_after -> BigInt,
+        created_at -> BigInt,
+        issued_at -> Nullable<BigInt>,
+        revoked_at -> Nullable<BigInt>,
+        revocation_reason -> Nullable<Integer>,
+    }
+}
+
+diesel::table! {
+    audit_log (id) {
+        id -> BigInt,
+        at -> BigInt,
+        instance -> Text,
+        actor -> Text,
+        action -> Text,
+        target -> Text,
+        outcome -> Text,
+        detail -> Text,
+    }
+}

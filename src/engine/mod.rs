@@ -1,0 +1,311 @@
+//! The engine as a library: `Engine::start(config)` inside the caller's actix system, then a
+//! cloneable handle with typed async methods. The HTTP API and the CLI are thin adapters on it.
+
+mod issue;
+pub mod types;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use arc_swap::ArcSwap;
+use tokio::sync::Semaphore;
+
+use crate::actors::cell::{self, CaCell, CellStatus, Faults};
+use crate::actors::intake::{Catalog, Intake};
+use crate::actors::registry::{self, Registry};
+use crate::actors::resumer::Resumer;
+use crate::actors::store::{StoreFront, StoreHandle};
+use crate::config::{Config, ConfigProblem};
+use crate::db::{migrate, queries, DbConn, Pools};
+use crate::error::{DbError, EngineError};
+use crate::metrics::Metrics;
+use types::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration:\n{}", .0.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n"))]
+    Config(Vec<ConfigProblem>),
+    #[error("database: {0}")]
+    Database(#[from] DbError),
+    #[error("start-up task failed: {0}")]
+    Task(String),
+}
+
+/// A running engine. Cheap to clone; every clone talks to the same actors.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: Config,
+    instance: Arc<str>,
+    intake: Intake,
+    store: StoreHandle,
+    pools: Pools,
+    metrics: Arc<Metrics>,
+    /// Bounds concurrent reads to the status pool's size: excess is refused, never queued.
+    read_permits: Semaphore,
+    shutting_down: AtomicBool,
+    arbiters: std::sync::Mutex<Vec<Arbiter>>,
+    _registry: Addr<Registry>,
+    _resumer: Addr<Resumer>,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, StartError> {
+    actix_web::rt::task::spawn_blocking(f).await.map_err(|e| StartError::Task(e.to_string()))
+}
+
+impl Engine {
+    /// Check the configuration, migrate the database, load the registry, and start every actor
+    /// on the current actix system.
+    pub async fn start(config: Config) -> Result<Engine, StartError> {
+        let cfg = config.clone();
+        let (problems, materials) = blocking(move || crate::config::check_config(&cfg)).await?;
+        if !problems.is_empty() {
+            return Err(StartError::Config(problems));
+        }
+        let url = config.database.url.clone();
+        let ran = blocking(move || migrate::run(&url)).await??;
+        if ran > 0 {
+            tracing::info!(migrations = ran, "database migrated");
+        }
+        let metrics = Arc::new(Metrics::new());
+        let pools = Pools::build(&config.database, metrics.clone())?;
+        let control = pools.control.clone();
+        let cfg = config.clone();
+        let snapshot = blocking(move || registry::bootstrap(&control, &cfg)).await??;
+        let instance: Arc<str> = config.instance_id().into();
+        let shared = Arc::new(ArcSwap::from_pointee(snapshot));
+
+        let store = StoreFront::start(
+            pools.issuance.clone(),
+            config.store.max_batch,
+            config.store.max_pending,
+            metrics.clone(),
+        );
+        let catalog = Arc::new(Catalog::build(&config, materials));
+        let mut cells = HashMap::new();
+        let mut arbiters = Vec::new();
+        for ca_cfg in &config.cas {
+            let Some(material) = catalog.cas.get(&ca_cfg.id) else { continue };
+            let faults = Faults { sign_latency: ca_cfg.fault.sign_latency };
+            let (addr, arbiter) =
+                CaCell::start(ca_cfg, material.clone(), store.clone(), metrics.clone(), instance.clone(), faults);
+            cells.insert(ca_cfg.id.clone(), addr);
+            arbiters.push(arbiter);
+        }
+        let intake = Intake { catalog, snapshot: shared.clone(), cells: Arc::new(cells), lanes: config.lanes.clone() };
+        let registry = Registry::new(
+            pools.control.clone(),
+            shared,
+            config.registry.poll_interval,
+            instance.clone(),
+            metrics.clone(),
+        )
+        .start();
+        let resumer = Resumer {
+            intake: intake.clone(),
+            control: pools.control.clone(),
+            store: store.clone(),
+            instance: instance.clone(),
+            lease: config.async_requests.lease,
+            interval: config.async_requests.resume_interval,
+            metrics: metrics.clone(),
+            busy: false,
+        }
+        .start();
+        tracing::info!(instance = %instance, cas = config.cas.len(), profiles = config.profiles.len(), "engine started");
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                read_permits: Semaphore::new(pools.status.max_size as usize),
+                config,
+                instance,
+                intake,
+                store,
+                pools,
+                metrics,
+                shutting_down: AtomicBool::new(false),
+                arbiters: std::sync::Mutex::new(arbiters),
+                _registry: registry,
+                _resumer: resumer,
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.inner.instance
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The client holding this bearer API key.
+    pub fn authenticate(&self, api_key: &str) -> Result<Arc<Client>, EngineError> {
+        self.inner.intake.authenticate(api_key)
+    }
+
+    /// A configured client by name, for applications that authenticate callers themselves.
+    pub fn client(&self, name: &str) -> Option<Arc<Client>> {
+        self.inner.intake.catalog.clients_by_name.get(name).cloned()
+    }
+
+    /// Run a read on the status pool, off the event loop, refusing at once when all its
+    /// connections are busy.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut DbConn) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let _permit = self.inner.read_permits.try_acquire().map_err(|_| EngineError::DatabaseUnavailable)?;
+        let pool = self.inner.pools.status.clone();
+        actix_web::rt::task::spawn_blocking(move || {
+            let mut conn = pool.get()?;
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))?
+        .map_err(EngineError::from)
+    }
+
+    pub async fn certificate(&self, client: &Client, serial: &str) -> Result<CertificateRecord, EngineError> {
+        let serial = serial.to_ascii_lowercase();
+        if serial.len() > 64 || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(EngineError::NotFound);
+        }
+        let row = self.read(move |c| queries::load_certificate(c, &serial)).await?.ok_or(EngineError::NotFound)?;
+        // Another client's certificate is indistinguishable from none at all.
+        if row.client != client.name {
+            return Err(EngineError::NotFound);
+        }
+        let der = row.cert_der.ok_or(EngineError::NotFound)?;
+        Ok(CertificateRecord {
+            chain: self.chain_of(&row.ca_id),
+            serial: row.serial,
+            ca: row.ca_id,
+            profile: row.profile,
+            state: row.state,
+            certificate: crate::pki::cert_pem(&der),
+            not_before: row.not_before,
+            not_after: row.not_after,
+            issued_at: row.issued_at,
+        })
+    }
+
+    fn chain_of(&self, ca: &str) -> Vec<String> {
+        self.inner.intake.catalog.cas.get(ca).map(|m| m.chain_pem.clone()).unwrap_or_default()
+    }
+
+    /// Every configured CA, its live state and its chain.
+    pub fn cas(&self) -> Vec<CaInfo> {
+        let snapshot = self.inner.intake.snapshot.load();
+        let mut out: Vec<CaInfo> = self
+            .inner
+            .intake
+            .catalog
+            .cas
+            .values()
+            .map(|m| CaInfo {
+                id: m.id.clone(),
+                state: snapshot.ca_state(&m.id).to_string(),
+                key_type: format!("{:?}", m.key_type),
+                not_after: crate::pki::unix_ms(m.not_after),
+                chain: m.chain_pem.clone(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        out
+    }
+
+    pub async fn cell_status(&self) -> Vec<CellStatus> {
+        let mut out = Vec::new();
+        for addr in self.inner.intake.cells.values() {
+            if let Ok(status) = addr.send(cell::GetStatus).await {
+                out.push(status);
+            }
+        }
+        out.sort_by(|a, b| a.ca.cmp(&b.ca));
+        out
+    }
+
+    /// For `/readyz`: database reachable, registry loaded, at least one CA serving.
+    pub async fn readiness(&self) -> Readiness {
+        let mut reasons = Vec::new();
+        let database = match tokio::time::timeout(Duration::from_secs(2), self.read(|c| queries::ping(c))).await {
+            Ok(Ok(())) => "ok".to_string(),
+            Ok(Err(e)) => {
+                reasons.push(format!("database: {e}"));
+                "unavailable".into()
+            }
+            Err(_) => {
+                reasons.push("database: no answer within 2s".into());
+                "unavailable".into()
+            }
+        };
+        let snapshot = self.inner.intake.snapshot.load();
+        let serving = self.inner.intake.cells.keys().filter(|id| snapshot.ca_enabled(id)).count();
+        if snapshot.version == 0 {
+            reasons.push("registry not loaded".into());
+        }
+        if serving == 0 {
+            reasons.push("no CA is serving".into());
+        }
+        if self.inner.shutting_down.load(Ordering::Relaxed) {
+            reasons.push("shutting down".into());
+        }
+        Readiness { ready: reasons.is_empty(), database, registry_version: snapshot.version, cas_serving: serving, reasons }
+    }
+
+    /// Prometheus text exposition of this engine's metrics.
+    pub fn metrics_text(&self) -> String {
+        self.inner.pools.export_state(&self.inner.metrics);
+        self.inner.metrics.render()
+    }
+
+    /// Stop taking work, let every cell finish what it holds (bounded by the longest lane
+    /// deadline), give back claims on pending asynchronous requests, and stop the cells.
+    pub async fn shutdown(&self) {
+        if self.inner.shutting_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let limit = self.inner.config.lanes.interactive.max_deadline.max(self.inner.config.lanes.background.max_deadline);
+        let mut waits = Vec::new();
+        for addr in self.inner.intake.cells.values() {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if addr.try_send(cell::Drain(tx)).is_ok() {
+                waits.push(rx);
+            }
+        }
+        let drained = tokio::time::timeout(limit, futures_util::future::join_all(waits)).await.is_ok();
+        if !drained {
+            tracing::warn!("shutdown: some cells did not drain in time");
+        }
+        let pool = self.inner.pools.control.clone();
+        let instance = self.inner.instance.to_string();
+        let released =
+            actix_web::rt::task::spawn_blocking(move || pool.get().and_then(|mut c| queries::release_claims(&mut c, &instance)))
+                .await;
+        if let Ok(Ok(n)) = released {
+            if n > 0 {
+                tracing::info!(released = n, "gave back claims on pending asynchronous requests");
+            }
+        }
+        if let Ok(mut arbiters) = self.inner.arbiters.lock() {
+            for arbiter in arbiters.drain(..) {
+                arbiter.stop();
+            }
+        }
+        tracing::info!("engine stopped");
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.shutting_down.load(Ordering::Relaxed)
+    }
+}

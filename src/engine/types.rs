@@ -1,0 +1,111 @@
+//! The types an embedding application exchanges with the engine.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::error::EngineError;
+
+/// A client of the engine (an API key holder), as configured.
+#[derive(Debug, Clone)]
+pub struct Client {
+    pub name: String,
+    pub profiles: std::collections::HashSet<String>,
+}
+
+/// A request to issue a certificate from a CSR.
+#[derive(Debug, Clone, Default)]
+pub struct IssueRequest {
+    pub profile: String,
+    /// PEM `CERTIFICATE REQUEST`.
+    pub csr_pem: String,
+    /// The client's own wait limit (`Prefer: wait=N`); only ever shortens the lane's deadline.
+    pub wait: Option<Duration>,
+    /// Per-client idempotency key: a retry with the same key never issues twice.
+    pub idempotency_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct IssuedCertificate {
+    /// Lower-case hex of the serial number (40 digits).
+    pub serial: String,
+    pub ca: String,
+    pub profile: String,
+    /// PEM of the certificate.
+    pub certificate: String,
+    /// PEM of the issuing CA's certificate and the certificates above it, nearest first.
+    pub chain: Vec<String>,
+    /// Milliseconds since the Unix epoch.
+    pub not_before: i64,
+    pub not_after: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+}
+
+/// An asynchronous request was stored; poll it at `/v1/requests/{id}`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Accepted {
+    pub request_id: String,
+    /// The Idempotency-Key matched an earlier request: this is that request.
+    pub replayed: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestStatus {
+    pub id: String,
+    pub state: String,
+    pub profile: String,
+    pub ca: String,
+    pub created_at: i64,
+    pub updated_at: i64,
+    pub expires_at: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<IssuedCertificate>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<RecordedError>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordedError {
+    #[serde(rename = "type")]
+    pub problem_type: String,
+    pub detail: String,
+}
+
+impl From<&EngineError> for RecordedError {
+    fn from(e: &EngineError) -> Self {
+        RecordedError { problem_type: e.problem_type(), detail: e.to_string() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CertificateRecord {
+    pub serial: String,
+    pub ca: String,
+    pub profile: String,
+    pub state: String,
+    pub certificate: String,
+    pub chain: Vec<String>,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub issued_at: Option<i64>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CaInfo {
+    pub id: String,
+    pub state: String,
+    pub key_type: String,
+    pub not_after: i64,
+    pub chain: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub database: String,
+    pub registry_version: i64,
+    pub cas_serving: usize,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reasons: Vec<String>,
+}

@@ -1,0 +1,188 @@
+//! The engine's typed errors. Every error a caller can see maps to exactly one RFC 9457 problem
+//! type (a stable URN) and one HTTP status, so the HTTP layer is a table lookup, never a guess.
+
+use std::time::Duration;
+
+/// Why a request for a certificate (or anything else the engine does for a client) failed.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum EngineError {
+    #[error("malformed request: {0}")]
+    MalformedRequest(String),
+    #[error("request body too large")]
+    PayloadTooLarge,
+    #[error("malformed CSR: {0}")]
+    MalformedCsr(String),
+    #[error("the CSR's signature does not verify")]
+    BadCsrSignature,
+    #[error("weak or unsupported key: {0}")]
+    WeakKey(String),
+    #[error("weak or unsupported signature algorithm: {0}")]
+    WeakSignatureAlgorithm(String),
+    #[error("policy violation: {0}")]
+    PolicyViolation(String),
+    #[error("missing or invalid API key")]
+    Unauthorized,
+    #[error("client may not use profile {0:?}")]
+    ForbiddenProfile(String),
+    #[error("unknown profile {0:?}")]
+    UnknownProfile(String),
+    #[error("profile {0:?} is disabled")]
+    ProfileDisabled(String),
+    #[error("CA {0:?} is disabled or retired")]
+    CaDisabled(String),
+    #[error("Idempotency-Key was already used with a different request")]
+    IdempotencyKeyReuse,
+    #[error("not found")]
+    NotFound,
+    #[error("client is over its rate limit")]
+    RateLimited { retry_after: Duration },
+    #[error("CA {ca:?} cannot take more work now: {reason}")]
+    CaOverloaded { ca: String, reason: String, retry_after: Duration },
+    #[error("the request's deadline passed before it could be signed")]
+    DeadlineExceeded { retry_after: Duration },
+    #[error("CA {ca:?} signer failure: {reason}")]
+    SignerFailure { ca: String, reason: String },
+    #[error("database unavailable")]
+    DatabaseUnavailable,
+    #[error("the store has more writes waiting than it accepts; retry shortly")]
+    StoreOverloaded,
+    #[error("engine is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl EngineError {
+    /// The stable problem-type slug; the full `type` URI is [`EngineError::problem_type`].
+    pub fn slug(&self) -> &'static str {
+        use EngineError::*;
+        match self {
+            MalformedRequest(_) => "malformed-request",
+            PayloadTooLarge => "payload-too-large",
+            MalformedCsr(_) => "malformed-csr",
+            BadCsrSignature => "bad-csr-signature",
+            WeakKey(_) => "weak-key",
+            WeakSignatureAlgorithm(_) => "weak-signature-algorithm",
+            PolicyViolation(_) => "policy-violation",
+            Unauthorized => "unauthorized",
+            ForbiddenProfile(_) => "forbidden-profile",
+            UnknownProfile(_) => "unknown-profile",
+            ProfileDisabled(_) => "profile-disabled",
+            CaDisabled(_) => "ca-disabled",
+            IdempotencyKeyReuse => "idempotency-key-reuse",
+            NotFound => "not-found",
+            RateLimited { .. } => "rate-limited",
+            CaOverloaded { .. } => "ca-overloaded",
+            DeadlineExceeded { .. } => "deadline-exceeded",
+            SignerFailure { .. } => "signer-failure",
+            DatabaseUnavailable => "database-unavailable",
+            StoreOverloaded => "store-overloaded",
+            ShuttingDown => "shutting-down",
+            Internal(_) => "internal",
+        }
+    }
+
+    pub fn problem_type(&self) -> String {
+        format!("urn:castellum:problem:{}", self.slug())
+    }
+
+    pub fn http_status(&self) -> u16 {
+        use EngineError::*;
+        match self {
+            MalformedRequest(_) | MalformedCsr(_) | BadCsrSignature => 400,
+            Unauthorized => 401,
+            ForbiddenProfile(_) => 403,
+            UnknownProfile(_) | NotFound => 404,
+            ProfileDisabled(_) | CaDisabled(_) => 409,
+            PayloadTooLarge => 413,
+            WeakKey(_) | WeakSignatureAlgorithm(_) | PolicyViolation(_) | IdempotencyKeyReuse => 422,
+            RateLimited { .. } => 429,
+            Internal(_) => 500,
+            CaOverloaded { .. }
+            | DeadlineExceeded { .. }
+            | SignerFailure { .. }
+            | DatabaseUnavailable
+            | StoreOverloaded
+            | ShuttingDown => 503,
+        }
+    }
+
+    /// How long a client should wait before retrying, where the answer is "not now".
+    pub fn retry_after(&self) -> Option<Duration> {
+        use EngineError::*;
+        match self {
+            RateLimited { retry_after }
+            | CaOverloaded { retry_after, .. }
+            | DeadlineExceeded { retry_after } => Some(*retry_after),
+            StoreOverloaded => Some(Duration::from_secs(1)),
+            SignerFailure { .. } | DatabaseUnavailable | ShuttingDown => Some(Duration::from_secs(5)),
+            _ => None,
+        }
+    }
+
+    /// Whether this failure says something about the request itself (so replaying the same
+    /// request can never succeed) rather than about the engine's state at the time.
+    pub fn is_permanent(&self) -> bool {
+        self.http_status() < 500 && !matches!(self, EngineError::RateLimited { .. })
+    }
+
+    /// Rebuild an error recorded in the database (request state) from its slug and detail.
+    pub fn from_recorded(slug: &str, detail: &str) -> EngineError {
+        use EngineError::*;
+        let d = detail.to_string();
+        match slug {
+            "malformed-request" => MalformedRequest(d),
+            "malformed-csr" => MalformedCsr(d),
+            "bad-csr-signature" => BadCsrSignature,
+            "weak-key" => WeakKey(d),
+            "weak-signature-algorithm" => WeakSignatureAlgorithm(d),
+            "policy-violation" => PolicyViolation(d),
+            "forbidden-profile" => ForbiddenProfile(d),
+            "unknown-profile" => UnknownProfile(d),
+            "profile-disabled" => ProfileDisabled(d),
+            "ca-disabled" => CaDisabled(d),
+            "deadline-exceeded" => DeadlineExceeded { retry_after: Duration::from_secs(1) },
+            _ => Internal(format!("{slug}: {detail}")),
+        }
+    }
+}
+
+/// Errors of the database layer. They never carry connection strings or secrets.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database connection unavailable: {0}")]
+    Pool(String),
+    #[error("database query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    #[error("database migration failed: {0}")]
+    Migration(String),
+    #[error("store worker panicked: {0}")]
+    WorkerPanic(String),
+    #[error("unsupported database URL scheme (expected sqlite://, a file path, or postgres://)")]
+    UnsupportedUrl,
+}
+
+impl From<DbError> for EngineError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Pool(_) => EngineError::DatabaseUnavailable,
+            DbError::Query(diesel::result::Error::DatabaseError(_, ref info))
+                if is_unavailable_message(info.message()) =>
+            {
+                EngineError::DatabaseUnavailable
+            }
+            DbError::Query(diesel::result::Error::BrokenTransactionManager) => {
+                EngineError::DatabaseUnavailable
+            }
+            other => {
+                tracing::error!(error = %other, "database error");
+                EngineError::DatabaseUnavailable
+            }
+        }
+    }
+}
+
+fn is_unavailable_message(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    m.contains("connection") || m.contains("timeout") || m.contains("locked") || m.contains("busy")
+}

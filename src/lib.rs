@@ -1,0 +1,31 @@
+//! castellum: a certificate-issuance engine for certificate authorities that keeps issuing when
+//! parts of it fail. See `docs/ARCHITECTURE.md` for the actors and who owns what.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = castellum::Config::load(Some(std::path::Path::new("keys-dev/castellum.toml")))?;
+//! let engine = castellum::Engine::start(config).await?;
+//! let client = engine.client("demo").expect("configured");
+//! let csr_pem = std::fs::read_to_string("demo.csr")?;
+//! let issued = engine
+//!     .issue(&client, castellum::IssueRequest { profile: "tls-server-p256".into(), csr_pem, ..Default::default() })
+//!     .await?;
+//! println!("{}", issued.certificate);
+//! engine.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+pub mod actors;
+pub mod config;
+pub mod db;
+pub mod engine;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod pki;
+pub mod telemetry;
+
+pub use config::Config;
+pub use engine::types::{Accepted, CertificateRecord, Client, IssueRequest, IssuedCertificate, RequestStatus};
+pub use engine::{Engine, StartError};
+pub use error::EngineError;

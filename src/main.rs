@@ -1,0 +1,167 @@
+//! `castellum`: the reference monolith. The HTTP API on the engine, plus operator commands.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use castellum::config::{check_config, Config};
+use castellum::{Engine, StartError};
+
+#[derive(Parser)]
+#[command(name = "castellum", version, about = "Certificate-issuance engine for certificate authorities")]
+struct Cli {
+    /// Configuration file (TOML); it must exist. CASTELLUM_* variables override it.
+    #[arg(long, short, global = true, env = "CASTELLUM_CONFIG")]
+    config: Option<PathBuf>,
+    /// Log as JSON lines.
+    #[arg(long, global = true)]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the engine and its HTTP API.
+    Serve,
+    /// Validate a configuration, listing every problem with its key path.
+    CheckConfig,
+    /// Run pending database migrations.
+    Migrate,
+    /// Generate a fresh development PKI (root + one issuing CA per key type).
+    DevPki {
+        #[arg(long, default_value = "keys-dev")]
+        out: PathBuf,
+    },
+    /// Print the SHA-256 of an API key, for a client's `api_key_sha256`.
+    HashKey { key: String },
+}
+
+fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| {
+        eprintln!("configuration cannot be read:");
+        for p in e.problems() {
+            eprintln!("  {p}");
+        }
+        ExitCode::from(2)
+    })
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    castellum::telemetry::init(cli.log_json);
+    match cli.command {
+        Command::CheckConfig => {
+            let config = match load(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let (problems, _) = check_config(&config);
+            if problems.is_empty() {
+                println!("configuration is valid ({} CAs, {} profiles, {} clients)", config.cas.len(), config.profiles.len(), config.clients.len());
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("{} problem(s):", problems.len());
+                for p in &problems {
+                    eprintln!("  {p}");
+                }
+                ExitCode::from(1)
+            }
+        }
+        Command::Migrate => {
+            let config = match load(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match castellum::db::migrate::run(&config.database.url) {
+                Ok(n) => {
+                    println!("{n} migration(s) applied");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::DevPki { out } => {
+            match castellum::pki::devpki::generate(&out, |step| eprintln!("generating {step}…")) {
+                Ok(()) => {
+                    println!("development PKI written to {}", out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("dev-pki failed: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Command::HashKey { key } => {
+            println!("{}", hex::encode(openssl::sha::sha256(key.as_bytes())));
+            ExitCode::SUCCESS
+        }
+        Command::Serve => {
+            let config = match load(cli.config.as_deref()) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match actix_web::rt::System::new().block_on(serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+    let listen = config.http.listen.clone();
+    let dev = config.mode == castellum::config::Mode::Dev;
+    let engine = Engine::start(config).await.map_err(|e| match e {
+        StartError::Config(_) => format!("refusing to start: {e}"),
+        other => other.to_string(),
+    })?;
+    let (server, addrs) = castellum::http::server(engine.clone(), &listen)?;
+    for addr in &addrs {
+        println!("castellum listening on http://{addr}");
+    }
+    if dev {
+        if let Some(addr) = addrs.first() {
+            print_sample(addr);
+        }
+    }
+    let handle = server.handle();
+    let stopper = engine.clone();
+    actix_web::rt::spawn(async move {
+        let _ = tokio::signal_ctrl_c().await;
+        tracing::info!("stopping: draining requests");
+        handle.stop(true).await;
+        stopper.shutdown().await;
+    });
+    server.await?;
+    engine.shutdown().await;
+    Ok(())
+}
+
+fn print_sample(addr: &std::net::SocketAddr) {
+    println!(
+        r#"
+Try it (dev mode; the sample client's API key is dev-key-demo):
+
+  openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout /tmp/demo.key \
+    -subj /CN=demo.example.test -addext subjectAltName=DNS:demo.example.test -out /tmp/demo.csr
+  curl -sS http://{addr}/v1/certificates -H 'Authorization: Bearer dev-key-demo' \
+    -H 'Content-Type: application/json' \
+    --data "{{\"profile\":\"tls-server-p256\",\"csr\":\"$(awk '{{printf "%s\\n", $0}}' /tmp/demo.csr)\"}}"
+"#
+    );
+}
+
+mod tokio {
+    pub async fn signal_ctrl_c() -> std::io::Result<()> {
+        actix_web::rt::signal::ctrl_c().await
+    }
+}

@@ -1,0 +1,127 @@
+//! Prometheus metrics, one registry per engine (so several engines in one process, as in tests,
+//! never mix their figures). Rendered as Prometheus text by `GET /metrics`.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+pub type Labels = Vec<(&'static str, String)>;
+
+fn latency_histogram() -> Histogram {
+    // 0.25 ms … ~8 s
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+}
+
+fn batch_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 10))
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    /// Requests by outcome (`issued`, `accepted`, or a problem slug), profile and CA.
+    pub requests: Family<Labels, Counter>,
+    /// End-to-end time of a synchronous issuance inside the engine.
+    pub issue_seconds: Family<Labels, Histogram>,
+    pub queue_depth: Family<Labels, Gauge>,
+    pub in_flight: Family<Labels, Gauge>,
+    /// Time a job waited in its CA's queue.
+    pub queue_wait_seconds: Family<Labels, Histogram>,
+    pub sign_seconds: Family<Labels, Histogram>,
+    pub signatures: Family<Labels, Counter>,
+    pub expired_in_queue: Family<Labels, Counter>,
+    pub worker_panics: Family<Labels, Counter>,
+    pub pool_wait_seconds: Family<Labels, Histogram>,
+    pub pool_hold_seconds: Family<Labels, Histogram>,
+    pub pool_timeouts: Family<Labels, Counter>,
+    pub pool_connections: Family<Labels, Gauge>,
+    pub pool_idle: Family<Labels, Gauge>,
+    pub pool_max: Family<Labels, Gauge>,
+    pub store_batch_size: Histogram,
+    pub store_commit_seconds: Histogram,
+    pub store_pending: Gauge,
+    pub registry_version: Gauge,
+    pub async_resumed: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let m = Metrics {
+            registry: Mutex::new(Registry::with_prefix("castellum")),
+            requests: Family::default(),
+            issue_seconds: Family::new_with_constructor(latency_histogram),
+            queue_depth: Family::default(),
+            in_flight: Family::default(),
+            queue_wait_seconds: Family::new_with_constructor(latency_histogram),
+            sign_seconds: Family::new_with_constructor(latency_histogram),
+            signatures: Family::default(),
+            expired_in_queue: Family::default(),
+            worker_panics: Family::default(),
+            pool_wait_seconds: Family::new_with_constructor(latency_histogram),
+            pool_hold_seconds: Family::new_with_constructor(latency_histogram),
+            pool_timeouts: Family::default(),
+            pool_connections: Family::default(),
+            pool_idle: Family::default(),
+            pool_max: Family::default(),
+            store_batch_size: batch_histogram(),
+            store_commit_seconds: latency_histogram(),
+            store_pending: Gauge::default(),
+            registry_version: Gauge::default(),
+            async_resumed: Counter::default(),
+        };
+        {
+            let mut r = m.registry.lock().expect("metrics registry lock");
+            r.register("requests", "Requests by outcome", m.requests.clone());
+            r.register("issue_duration_seconds", "Time to issue a certificate inside the engine", m.issue_seconds.clone());
+            r.register("queue_depth", "Jobs waiting in a CA's queue, per lane", m.queue_depth.clone());
+            r.register("in_flight", "Jobs of a CA between dequeue and reply", m.in_flight.clone());
+            r.register("queue_wait_seconds", "Time jobs waited in their CA's queue", m.queue_wait_seconds.clone());
+            r.register("sign_duration_seconds", "CA signature time", m.sign_seconds.clone());
+            r.register("signatures", "Certificates signed", m.signatures.clone());
+            r.register("expired_in_queue", "Jobs dropped because their deadline passed before signing", m.expired_in_queue.clone());
+            r.register("worker_panics", "Panics caught in signer and store workers", m.worker_panics.clone());
+            r.register("db_pool_wait_seconds", "Time waiting to check out a connection", m.pool_wait_seconds.clone());
+            r.register("db_pool_hold_seconds", "Time a connection was held", m.pool_hold_seconds.clone());
+            r.register("db_pool_timeouts", "Checkouts that timed out", m.pool_timeouts.clone());
+            r.register("db_pool_connections", "Open connections per pool", m.pool_connections.clone());
+            r.register("db_pool_idle", "Idle connections per pool", m.pool_idle.clone());
+            r.register("db_pool_max", "Configured maximum connections per pool", m.pool_max.clone());
+            r.register("store_batch_size", "Writes per group commit", m.store_batch_size.clone());
+            r.register("store_commit_seconds", "Time of one group commit", m.store_commit_seconds.clone());
+            r.register("store_pending", "Writes waiting for a store worker", m.store_pending.clone());
+            r.register("registry_version", "Registry version this instance serves", m.registry_version.clone());
+            r.register("async_resumed", "Pending asynchronous requests taken up by this instance", m.async_resumed.clone());
+        }
+        m
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let r = self.registry.lock().expect("metrics registry lock");
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &r);
+        out
+    }
+}
+
+pub fn ca(ca: &str) -> Labels {
+    vec![("ca", ca.to_string())]
+}
+
+pub fn ca_lane(ca: &str, lane: crate::config::Lane) -> Labels {
+    vec![("ca", ca.to_string()), ("lane", lane.as_str().to_string())]
+}
+
+pub fn pool(name: &str) -> Labels {
+    vec![("pool", name.to_string())]
+}

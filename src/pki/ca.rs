@@ -1,0 +1,245 @@
+//! A CA's material: its certificate, the chain above it, and its private key, loaded and
+//! cross-checked (key matches certificate, chain verifies, it is a CA).
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openssl::pkey::{Id, PKey, Private};
+use openssl::stack::Stack;
+use openssl::x509::store::X509StoreBuilder;
+use openssl::x509::{X509StoreContext, X509};
+
+use crate::config::{CaConfig, KeyType, Mode};
+
+/// The organisation name every dev PKI certificate carries; a chain ending in it is a dev chain.
+pub const DEV_PKI_ORGANIZATION: &str = "castellum development PKI - NOT FOR PRODUCTION";
+
+/// Signature algorithms castellum signs with, one per CA key type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureAlgorithm {
+    EcdsaSha256,
+    EcdsaSha384,
+    EcdsaSha512,
+    RsaSha256,
+    Ed25519,
+}
+
+impl SignatureAlgorithm {
+    /// DER of the AlgorithmIdentifier (RFC 5758, RFC 4055, RFC 8410).
+    pub fn algorithm_identifier_der(self) -> &'static [u8] {
+        match self {
+            // ecdsa-with-SHA256, no parameters
+            Self::EcdsaSha256 => &[0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02],
+            Self::EcdsaSha384 => &[0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03],
+            Self::EcdsaSha512 => &[0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04],
+            // sha256WithRSAEncryption, NULL parameters
+            Self::RsaSha256 => &[
+                0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b, 0x05, 0x00,
+            ],
+            // id-Ed25519, absent parameters
+            Self::Ed25519 => &[0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70],
+        }
+    }
+
+    pub fn digest(self) -> Option<openssl::hash::MessageDigest> {
+        use openssl::hash::MessageDigest;
+        match self {
+            Self::EcdsaSha256 | Self::RsaSha256 => Some(MessageDigest::sha256()),
+            Self::EcdsaSha384 => Some(MessageDigest::sha384()),
+            Self::EcdsaSha512 => Some(MessageDigest::sha512()),
+            Self::Ed25519 => None,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaLoadError {
+    #[error("cannot read {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the private key cannot be decrypted with the configured passphrase, or is not PKCS#8")]
+    KeyDecrypt,
+    #[error("no passphrase configured (key_passphrase_env or key_passphrase_file)")]
+    NoPassphrase,
+    #[error("passphrase source unavailable: {0}")]
+    PassphraseSource(String),
+}
+
+/// One CA's certificate, chain and key, checked.
+pub struct CaMaterial {
+    pub id: String,
+    pub cert: X509,
+    pub cert_der: Vec<u8>,
+    /// Certificates above this CA, nearest first.
+    pub chain: Vec<X509>,
+    pub key: PKey<Private>,
+    pub key_type: KeyType,
+    pub signature_algorithm: SignatureAlgorithm,
+    /// DER of the CA certificate's subject: the issuer of everything it signs.
+    pub subject_der: Vec<u8>,
+    pub subject_key_id: Vec<u8>,
+    pub not_after: SystemTime,
+    /// The chain ends in the development root.
+    pub is_dev: bool,
+    /// PEM of this CA's certificate followed by the chain (what clients get as `chain`).
+    pub chain_pem: Vec<String>,
+}
+
+impl std::fmt::Debug for CaMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaMaterial").field("id", &self.id).field("key_type", &self.key_type).finish()
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, CaLoadError> {
+    std::fs::read(path).map_err(|e| CaLoadError::Read { path: path.display().to_string(), reason: e.to_string() })
+}
+
+fn load_certs(path: &Path) -> Result<Vec<X509>, CaLoadError> {
+    let pem = read(path)?;
+    X509::stack_from_pem(&pem)
+        .map_err(|_| CaLoadError::Invalid(format!("{} holds no PEM certificate", path.display())))
+        .and_then(|v| {
+            if v.is_empty() {
+                Err(CaLoadError::Invalid(format!("{} holds no PEM certificate", path.display())))
+            } else {
+                Ok(v)
+            }
+        })
+}
+
+/// The passphrase protecting a CA key, from wherever the configuration says.
+pub fn passphrase(cfg: &CaConfig) -> Result<String, CaLoadError> {
+    if let Some(var) = &cfg.key_passphrase_env {
+        return std::env::var(var).map_err(|_| CaLoadError::PassphraseSource(format!("environment variable {var} is not set")));
+    }
+    if let Some(file) = &cfg.key_passphrase_file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| CaLoadError::PassphraseSource(format!("{}: {e}", file.display())))?;
+        return Ok(text.lines().next().unwrap_or_default().to_string());
+    }
+    cfg.key_passphrase.clone().ok_or(CaLoadError::NoPassphrase)
+}
+
+pub fn key_type_of(key: &openssl::pkey::PKeyRef<impl openssl::pkey::HasPublic>) -> Option<KeyType> {
+    use openssl::nid::Nid;
+    match key.id() {
+        Id::EC => {
+            let ec = key.ec_key().ok()?;
+            match ec.group().curve_name()? {
+                Nid::X9_62_PRIME256V1 => Some(KeyType::EcdsaP256),
+                Nid::SECP384R1 => Some(KeyType::EcdsaP384),
+                Nid::SECP521R1 => Some(KeyType::EcdsaP521),
+                _ => None,
+            }
+        }
+        Id::RSA => Some(KeyType::Rsa),
+        Id::ED25519 => Some(KeyType::Ed25519),
+        _ => None,
+    }
+}
+
+fn asn1_to_system_time(t: &openssl::asn1::Asn1TimeRef) -> Result<SystemTime, CaLoadError> {
+    let epoch = openssl::asn1::Asn1Time::from_unix(0).map_err(|e| CaLoadError::Invalid(e.to_string()))?;
+    let diff = epoch.diff(t).map_err(|e| CaLoadError::Invalid(e.to_string()))?;
+    let secs = i64::from(diff.days) * 86_400 + i64::from(diff.secs);
+    Ok(UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64))
+}
+
+impl CaMaterial {
+    pub fn load(cfg: &CaConfig) -> Result<CaMaterial, CaLoadError> {
+        let cert = load_certs(&cfg.cert_file)?.remove(0);
+        let mut chain = Vec::new();
+        for f in &cfg.chain_files {
+            chain.extend(load_certs(f)?);
+        }
+        let pass = passphrase(cfg)?;
+        let key_pem = read(&cfg.key_file)?;
+        let key = PKey::private_key_from_pem_passphrase(&key_pem, pass.as_bytes())
+            .map_err(|_| CaLoadError::KeyDecrypt)?;
+        let public = cert.public_key().map_err(|e| CaLoadError::Invalid(e.to_string()))?;
+        if !public.public_eq(&key) {
+            return Err(CaLoadError::Invalid("the private key does not match the CA certificate".into()));
+        }
+        let key_type = key_type_of(&key).ok_or_else(|| CaLoadError::Invalid("unsupported CA key type".into()))?;
+        let signature_algorithm = match key_type {
+            KeyType::EcdsaP256 => SignatureAlgorithm::EcdsaSha256,
+            KeyType::EcdsaP384 => SignatureAlgorithm::EcdsaSha384,
+            KeyType::EcdsaP521 => SignatureAlgorithm::EcdsaSha512,
+            KeyType::Rsa => SignatureAlgorithm::RsaSha256,
+            KeyType::Ed25519 => SignatureAlgorithm::Ed25519,
+        };
+        verify_chain(&cert, &chain)?;
+        let is_ca = {
+            let der = cert.to_der().map_err(|e| CaLoadError::Invalid(e.to_string()))?;
+            let (_, parsed) = x509_parser::parse_x509_certificate(&der)
+                .map_err(|e| CaLoadError::Invalid(format!("CA certificate does not parse: {e}")))?;
+            parsed.is_ca()
+        };
+        if !is_ca {
+            return Err(CaLoadError::Invalid("the certificate is not a CA certificate (basicConstraints)".into()));
+        }
+        let subject_key_id = cert
+            .subject_key_id()
+            .map(|s| s.as_slice().to_vec())
+            .ok_or_else(|| CaLoadError::Invalid("the CA certificate has no subjectKeyIdentifier".into()))?;
+        let subject_der = cert.subject_name().to_der().map_err(|e| CaLoadError::Invalid(e.to_string()))?;
+        let not_after = asn1_to_system_time(cert.not_after())?;
+        let is_dev = std::iter::once(&cert).chain(chain.iter()).any(is_dev_cert);
+        let cert_der = cert.to_der().map_err(|e| CaLoadError::Invalid(e.to_string()))?;
+        let mut chain_pem = vec![super::cert_pem(&cert_der)];
+        for c in &chain {
+            chain_pem.push(super::cert_pem(&c.to_der().map_err(|e| CaLoadError::Invalid(e.to_string()))?));
+        }
+        Ok(CaMaterial {
+            id: cfg.id.clone(),
+            cert,
+            cert_der,
+            chain,
+            key,
+            key_type,
+            signature_algorithm,
+            subject_der,
+            subject_key_id,
+            not_after,
+            is_dev,
+            chain_pem,
+        })
+    }
+}
+
+fn is_dev_cert(cert: &X509) -> bool {
+    cert.subject_name()
+        .entries_by_nid(openssl::nid::Nid::ORGANIZATIONNAME)
+        .any(|e| e.data().as_slice() == DEV_PKI_ORGANIZATION.as_bytes())
+}
+
+/// The CA certificate must chain to the last certificate of `chain` (the root).
+fn verify_chain(cert: &X509, chain: &[X509]) -> Result<(), CaLoadError> {
+    let err = |e: openssl::error::ErrorStack| CaLoadError::Invalid(e.to_string());
+    let root = chain.last().unwrap_or(cert);
+    let mut store = X509StoreBuilder::new().map_err(err)?;
+    store.add_cert(root.clone()).map_err(err)?;
+    let store = store.build();
+    let mut untrusted = Stack::new().map_err(err)?;
+    for c in chain.iter().take(chain.len().saturating_sub(1)) {
+        untrusted.push(c.clone()).map_err(err)?;
+    }
+    let mut ctx = X509StoreContext::new().map_err(err)?;
+    let ok = ctx
+        .init(&store, cert, &untrusted, |c| {
+            let ok = c.verify_cert()?;
+            Ok(if ok { None } else { Some(c.error().error_string().to_string()) })
+        })
+        .map_err(err)?;
+    match ok {
+        None => Ok(()),
+        Some(reason) => Err(CaLoadError::Invalid(format!("the CA chain does not verify: {reason}"))),
+    }
+}
+
+/// Whether this CA's material may be used in `mode`.
+pub fn allowed_in_mode(material: &CaMaterial, mode: Mode) -> bool {
+    mode == Mode::Dev || !material.is_dev
+}

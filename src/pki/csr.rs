@@ -1,0 +1,222 @@
+//! Parsing and checking a PKCS#10 CSR: structure (x509-parser), signature and key (openssl).
+//! What comes out is only what the signer needs: the public key and the requested names.
+
+use std::net::IpAddr;
+
+use openssl::pkey::Id;
+use openssl::x509::X509Req;
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::prelude::{FromDer, X509CertificationRequest};
+
+use crate::config::KeyType;
+use crate::error::EngineError;
+
+/// Largest CSR accepted (DER bytes); real CSRs are well under 4 KiB.
+const MAX_CSR_DER: usize = 16 * 1024;
+const MAX_RSA_BITS: u32 = 8192;
+
+/// A name a certificate can carry in its subjectAltName.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SanName {
+    Dns(String),
+    Ip(IpAddr),
+    Email(String),
+}
+
+impl std::fmt::Display for SanName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SanName::Dns(s) | SanName::Email(s) => f.write_str(s),
+            SanName::Ip(ip) => write!(f, "{ip}"),
+        }
+    }
+}
+
+/// A CSR whose structure, signature and key have been checked (not yet against a profile).
+#[derive(Debug, Clone)]
+pub struct CheckedCsr {
+    /// DER of the SubjectPublicKeyInfo, copied as is into the certificate.
+    pub spki_der: Vec<u8>,
+    pub key_type: KeyType,
+    pub key_bits: u32,
+    pub common_name: Option<String>,
+    /// Names from the extensionRequest's subjectAltName, in order.
+    pub names: Vec<SanName>,
+    pub der: Vec<u8>,
+}
+
+/// Signature algorithms accepted on a CSR; everything else (SHA-1, MD5, unknown) is refused.
+fn check_signature_algorithm(oid: &str) -> Result<(), EngineError> {
+    const ACCEPTED: &[&str] = &[
+        "1.2.840.113549.1.1.11", // sha256WithRSAEncryption
+        "1.2.840.113549.1.1.12", // sha384WithRSAEncryption
+        "1.2.840.113549.1.1.13", // sha512WithRSAEncryption
+        "1.2.840.113549.1.1.10", // RSASSA-PSS
+        "1.2.840.10045.4.3.2",   // ecdsa-with-SHA256
+        "1.2.840.10045.4.3.3",   // ecdsa-with-SHA384
+        "1.2.840.10045.4.3.4",   // ecdsa-with-SHA512
+        "1.3.101.112",           // Ed25519
+    ];
+    const WEAK: &[(&str, &str)] = &[
+        ("1.2.840.113549.1.1.4", "md5WithRSAEncryption"),
+        ("1.2.840.113549.1.1.5", "sha1WithRSAEncryption"),
+        ("1.2.840.10045.4.1", "ecdsa-with-SHA1"),
+        ("1.2.840.10040.4.3", "dsa-with-sha1"),
+        ("1.3.14.3.2.29", "sha1WithRSASignature"),
+    ];
+    if ACCEPTED.contains(&oid) {
+        return Ok(());
+    }
+    match WEAK.iter().find(|(o, _)| *o == oid) {
+        Some((_, name)) => Err(EngineError::WeakSignatureAlgorithm(format!("{name} is not accepted"))),
+        None => Err(EngineError::WeakSignatureAlgorithm(format!("signature algorithm {oid} is not supported"))),
+    }
+}
+
+/// PEM (`CERTIFICATE REQUEST`) to DER.
+pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, EngineError> {
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.trim_start().as_bytes())
+        .map_err(|_| EngineError::MalformedCsr("not a PEM-encoded CSR".into()))?;
+    if parsed.label != "CERTIFICATE REQUEST" && parsed.label != "NEW CERTIFICATE REQUEST" {
+        return Err(EngineError::MalformedCsr(format!("PEM label is {:?}, expected CERTIFICATE REQUEST", parsed.label)));
+    }
+    Ok(parsed.contents)
+}
+
+/// Check a PEM CSR: structure, signature algorithm, key, signature, and requested names.
+pub fn check_csr_pem(pem: &str) -> Result<CheckedCsr, EngineError> {
+    check_csr_der(pem_to_der(pem)?)
+}
+
+pub fn check_csr_der(der: Vec<u8>) -> Result<CheckedCsr, EngineError> {
+    if der.len() > MAX_CSR_DER {
+        return Err(EngineError::MalformedCsr("CSR is too large".into()));
+    }
+    let (rest, csr) = X509CertificationRequest::from_der(&der)
+        .map_err(|e| EngineError::MalformedCsr(format!("DER does not parse as PKCS#10: {e}")))?;
+    if !rest.is_empty() {
+        return Err(EngineError::MalformedCsr("trailing bytes after the CSR".into()));
+    }
+    check_signature_algorithm(&csr.signature_algorithm.algorithm.to_id_string())?;
+
+    let req = X509Req::from_der(&der).map_err(|_| EngineError::MalformedCsr("openssl cannot parse the CSR".into()))?;
+    let key = req.public_key().map_err(|_| EngineError::WeakKey("the public key does not parse".into()))?;
+    let (key_type, key_bits) = classify_key(&key)?;
+    if !req.verify(&key).unwrap_or(false) {
+        return Err(EngineError::BadCsrSignature);
+    }
+
+    let info = &csr.certification_request_info;
+    let mut common_name = None;
+    for cn in info.subject.iter_common_name() {
+        let value = cn.as_str().map_err(|_| EngineError::MalformedCsr("common name is not a string".into()))?;
+        if common_name.is_some() {
+            return Err(EngineError::PolicyViolation("more than one common name".into()));
+        }
+        common_name = Some(value.to_string());
+    }
+
+    let mut names = Vec::new();
+    if let Some(exts) = csr.requested_extensions() {
+        for ext in exts {
+            match ext {
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    for gn in &san.general_names {
+                        names.push(san_name(gn)?);
+                    }
+                }
+                ParsedExtension::ParseError { error } => {
+                    return Err(EngineError::MalformedCsr(format!("a requested extension does not parse: {error}")))
+                }
+                // Other requested extensions are ignored: the profile decides what is issued.
+                _ => {}
+            }
+        }
+    }
+    Ok(CheckedCsr { spki_der: info.subject_pki.raw.to_vec(), key_type, key_bits, common_name, names, der })
+}
+
+fn classify_key(key: &openssl::pkey::PKey<openssl::pkey::Public>) -> Result<(KeyType, u32), EngineError> {
+    let key_type = super::ca::key_type_of(key).ok_or_else(|| match key.id() {
+        Id::EC => EngineError::WeakKey("elliptic curve not supported (P-256, P-384, P-521 only)".into()),
+        _ => EngineError::WeakKey("key type not supported (ECDSA, RSA, Ed25519 only)".into()),
+    })?;
+    let bits = key.bits();
+    if key_type == KeyType::Rsa {
+        if bits < 2048 {
+            return Err(EngineError::WeakKey(format!("RSA-{bits} is too small (at least 2048 bits)")));
+        }
+        if bits > MAX_RSA_BITS {
+            return Err(EngineError::WeakKey(format!("RSA-{bits} is too large (at most {MAX_RSA_BITS} bits)")));
+        }
+    }
+    Ok((key_type, bits))
+}
+
+fn san_name(gn: &GeneralName<'_>) -> Result<SanName, EngineError> {
+    match gn {
+        GeneralName::DNSName(s) => Ok(SanName::Dns(s.to_string())),
+        GeneralName::RFC822Name(s) => Ok(SanName::Email(s.to_string())),
+        GeneralName::IPAddress(bytes) => match bytes.len() {
+            4 => Ok(SanName::Ip(IpAddr::from(<[u8; 4]>::try_from(*bytes).unwrap_or_default()))),
+            16 => Ok(SanName::Ip(IpAddr::from(<[u8; 16]>::try_from(*bytes).unwrap_or_default()))),
+            n => Err(EngineError::MalformedCsr(format!("IP address of {n} bytes"))),
+        },
+        GeneralName::Invalid(_, _) => Err(EngineError::PolicyViolation("a requested name is not valid text".into())),
+        other => Err(EngineError::PolicyViolation(format!("name type not supported: {other:?}"))),
+    }
+}
+
+/// A DNS name as RFC 1034/5280 allow it in a certificate: LDH labels, no wildcard, no NUL.
+pub fn is_valid_dns_name(name: &str) -> bool {
+    if name.is_empty() || name.len() > 253 || name.ends_with('.') {
+        return false;
+    }
+    name.split('.').all(|label| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    })
+}
+
+pub fn is_valid_email(addr: &str) -> bool {
+    match addr.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && local.bytes().all(|b| b.is_ascii_graphic() && b != b'@')
+                && is_valid_dns_name(domain)
+        }
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_names() {
+        assert!(is_valid_dns_name("www.example.test"));
+        assert!(is_valid_dns_name("a-b.example"));
+        assert!(!is_valid_dns_name("foo\0.example.test"));
+        assert!(!is_valid_dns_name("*.example.test"));
+        assert!(!is_valid_dns_name("-a.example"));
+        assert!(!is_valid_dns_name(""));
+        assert!(!is_valid_dns_name("a..b"));
+    }
+
+    #[test]
+    fn weak_algorithms_are_named() {
+        let e = check_signature_algorithm("1.2.840.113549.1.1.5").unwrap_err();
+        assert!(e.to_string().contains("sha1WithRSAEncryption"));
+        assert!(check_signature_algorithm("1.2.840.10045.4.3.2").is_ok());
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        assert_eq!(check_csr_pem("hello").unwrap_err().slug(), "malformed-csr");
+        assert_eq!(check_csr_der(vec![0x30, 0x82, 0x01]).unwrap_err().slug(), "malformed-csr");
+    }
+}

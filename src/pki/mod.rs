@@ -1,0 +1,28 @@
+//! Everything cryptographic: loading CA material, checking CSRs against profiles, building the
+//! to-be-signed certificate, linting it, and signing it (Boulder's lint-then-sign).
+
+pub mod ca;
+pub mod csr;
+pub mod devpki;
+pub mod profile;
+pub mod tbs;
+
+pub use ca::{CaLoadError, CaMaterial};
+pub use csr::CheckedCsr;
+pub use profile::Profile;
+pub use tbs::PreparedCert;
+
+/// Milliseconds since the Unix epoch: the one time unit the database and the engine use.
+pub fn unix_ms(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+pub fn now_ms() -> i64 {
+    unix_ms(std::time::SystemTime::now())
+}
+
+/// PEM text for a DER certificate.
+pub fn cert_pem(der: &[u8]) -> String {
+    der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, der)
+        .unwrap_or_default()
+}
