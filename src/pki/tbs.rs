@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use const_oid::db::rfc5280 as oids;
 use const_oid::db::rfc4519::COMMON_NAME;
 use const_oid::AssociatedOid;
-use der::asn1::{BitString, Ia5String, OctetString, SetOfVec, Utf8StringRef};
+use der::asn1::{BitString, GeneralizedTime, Ia5String, OctetString, SetOfVec, UtcTime, Utf8StringRef};
 use der::{Any, Decode, Encode, Header, Length, Tag};
 use openssl::sign::Signer;
 use x509_cert::attr::AttributeTypeAndValue;
@@ -111,6 +111,14 @@ fn general_name(name: &SanName) -> Result<GeneralName, EngineError> {
     })
 }
 
+/// RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050.
+fn rfc5280_time(t: SystemTime) -> Result<Time, EngineError> {
+    match UtcTime::from_system_time(t) {
+        Ok(utc) => Ok(Time::UtcTime(utc)),
+        Err(_) => Ok(Time::GeneralTime(GeneralizedTime::from_system_time(t).map_err(internal("time"))?)),
+    }
+}
+
 /// Build the TBSCertificate for `csr` under `profile`, issued by `ca` at `now`, then lint it.
 pub fn prepare(
     ca: &CaMaterial,
@@ -159,8 +167,8 @@ pub fn prepare(
         signature,
         issuer,
         validity: Validity {
-            not_before: Time::try_from(not_before).map_err(internal("notBefore"))?,
-            not_after: Time::try_from(not_after).map_err(internal("notAfter"))?,
+            not_before: rfc5280_time(not_before)?,
+            not_after: rfc5280_time(not_after)?,
         },
         subject,
         subject_public_key_info: spki,

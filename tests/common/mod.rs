@@ -1,0 +1,273 @@
+//! The test harness: real SQLite files, a fresh PostgreSQL database per test, the engine and its
+//! HTTP API on loopback, CSRs made with openssl, certificates checked with the openssl command
+//! line and pkilint.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use castellum::config::Config;
+use castellum::db::{DbConn, DbPool};
+use castellum::Engine;
+use diesel::prelude::*;
+use openssl::hash::MessageDigest;
+use openssl::pkey::{PKey, Private};
+use openssl::stack::Stack;
+use openssl::x509::extension::SubjectAlternativeName;
+use openssl::x509::{X509NameBuilder, X509ReqBuilder};
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn dev_keys() -> PathBuf {
+    repo().join("keys-dev")
+}
+
+/// A database for one test: a SQLite file in a temporary directory, or a fresh PostgreSQL
+/// database that is dropped afterwards.
+pub struct TestDb {
+    pub url: String,
+    pub name: String,
+    pub postgres: bool,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub fn postgres_admin_url() -> String {
+    std::env::var("CASTELLUM_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
+fn postgres_admin() -> PgConnection {
+    let url = format!("{}/postgres", postgres_admin_url());
+    PgConnection::establish(&url).unwrap_or_else(|e| {
+        panic!("PostgreSQL is required for this test and is not reachable at {url}: {e}. `.ci/run` starts it.")
+    })
+}
+
+impl TestDb {
+    pub fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("castellum.db");
+        TestDb { url: format!("sqlite://{}", path.display()), name: "sqlite".into(), postgres: false, _dir: Some(dir) }
+    }
+
+    pub fn postgres() -> TestDb {
+        let name = format!("castellum_test_{}", uuid::Uuid::new_v4().simple());
+        diesel::sql_query(format!("CREATE DATABASE {name}")).execute(&mut postgres_admin()).expect("create test database");
+        TestDb { url: format!("{}/{name}", postgres_admin_url()), name, postgres: true, _dir: None }
+    }
+
+    /// Connections currently open to this database (PostgreSQL only), by application name.
+    pub fn pg_connections(&self, conn: &mut PgConnection) -> i64 {
+        #[derive(QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        diesel::sql_query(format!(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = '{}' AND application_name LIKE 'castellum:%'",
+            self.name
+        ))
+        .get_result::<Count>(conn)
+        .map(|c| c.n)
+        .unwrap_or(-1)
+    }
+
+    pub fn admin(&self) -> PgConnection {
+        postgres_admin()
+    }
+
+    /// A separate small pool on the same database, for the test's own reads.
+    pub fn pool(&self) -> DbPool {
+        let mut cfg = Config::default();
+        cfg.database.url = self.url.clone();
+        DbPool::build(&cfg.database, &cfg.database.pools.status, "test", std::sync::Arc::new(castellum::metrics::Metrics::new()))
+            .expect("test pool")
+    }
+
+    pub fn conn(&self) -> DbConn {
+        self.pool().get().expect("test connection")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if self.postgres {
+            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)).execute(&mut postgres_admin());
+        }
+    }
+}
+
+/// The shipped dev configuration's text with every file path made absolute, so a test can write
+/// a variant of it anywhere.
+pub fn dev_config_text() -> String {
+    let text = std::fs::read_to_string(dev_keys().join("castellum.toml")).expect("dev config");
+    let dir = dev_keys().display().to_string();
+    text.replace("cert_file = \"", &format!("cert_file = \"{dir}/"))
+        .replace("key_file = \"", &format!("key_file = \"{dir}/"))
+        .replace("chain_files = [\"", &format!("chain_files = [\"{dir}/"))
+}
+
+/// The dev configuration on `db`, listening on an ephemeral loopback port.
+pub fn dev_config(db: &TestDb) -> Config {
+    config_from(&dev_config_text(), db)
+}
+
+pub fn config_from(text: &str, db: &TestDb) -> Config {
+    let mut config = Config::from_toml(text, &dev_keys()).expect("config parses");
+    config.database.url = db.url.clone();
+    config.http.listen = "127.0.0.1:0".into();
+    config.http.workers = 2;
+    config.instance_id = Some(format!("test-{}", uuid::Uuid::new_v4().simple()));
+    config
+}
+
+/// An engine and its HTTP API on loopback.
+pub struct TestServer {
+    pub engine: Engine,
+    pub base: String,
+    pub http: reqwest::Client,
+    handle: actix_web::dev::ServerHandle,
+}
+
+impl TestServer {
+    pub async fn start(config: Config) -> TestServer {
+        let engine = Engine::start(config).await.expect("engine starts");
+        let (server, addrs) = castellum::http::server(engine.clone(), "127.0.0.1:0").expect("bind loopback");
+        let handle = server.handle();
+        actix_rt::spawn(server);
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client");
+        TestServer { engine, base: format!("http://{}", addrs[0]), http, handle }
+    }
+
+    pub async fn stop(self) {
+        self.handle.stop(true).await;
+        self.engine.shutdown().await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// POST /v1/certificates as the client holding `key`.
+    pub fn issue(&self, key: &str, profile: &str, csr: &str) -> reqwest::RequestBuilder {
+        self.http
+            .post(self.url("/v1/certificates"))
+            .bearer_auth(key)
+            .json(&serde_json::json!({ "profile": profile, "csr": csr }))
+    }
+}
+
+pub const DEMO_KEY: &str = "dev-key-demo";
+pub const OTHER_KEY: &str = "dev-key-other";
+
+#[derive(Clone, Copy, Debug)]
+pub enum Key {
+    P256,
+    P384,
+    Rsa(u32),
+    Ed25519,
+}
+
+pub fn key(kind: Key) -> PKey<Private> {
+    use openssl::ec::{EcGroup, EcKey};
+    use openssl::nid::Nid;
+    match kind {
+        Key::P256 => PKey::from_ec_key(EcKey::generate(&EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap()).unwrap()).unwrap(),
+        Key::P384 => PKey::from_ec_key(EcKey::generate(&EcGroup::from_curve_name(Nid::SECP384R1).unwrap()).unwrap()).unwrap(),
+        Key::Rsa(bits) => PKey::from_rsa(openssl::rsa::Rsa::generate(bits).unwrap()).unwrap(),
+        Key::Ed25519 => PKey::generate_ed25519().unwrap(),
+    }
+}
+
+/// A PEM CSR for `names` (DNS names, or `email:` / `ip:` prefixed), CN = the first name.
+pub fn csr_with(key: &PKey<Private>, names: &[&str], digest: MessageDigest) -> String {
+    let mut b = X509ReqBuilder::new().unwrap();
+    let mut subject = X509NameBuilder::new().unwrap();
+    if let Some(first) = names.first().filter(|n| !n.contains(':')) {
+        subject.append_entry_by_text("CN", first).unwrap();
+    }
+    b.set_subject_name(&subject.build()).unwrap();
+    b.set_pubkey(key).unwrap();
+    if !names.is_empty() {
+        let mut san = SubjectAlternativeName::new();
+        for n in names {
+            if let Some(e) = n.strip_prefix("email:") {
+                san.email(e);
+            } else if let Some(ip) = n.strip_prefix("ip:") {
+                san.ip(ip);
+            } else {
+                san.dns(n);
+            }
+        }
+        let mut exts = Stack::new().unwrap();
+        exts.push(san.build(&b.x509v3_context(None)).unwrap()).unwrap();
+        b.add_extensions(&exts).unwrap();
+    }
+    let digest = if key.id() == openssl::pkey::Id::ED25519 { MessageDigest::null() } else { digest };
+    b.sign(key, digest).unwrap();
+    String::from_utf8(b.build().to_pem().unwrap()).unwrap()
+}
+
+pub fn csr(kind: Key, names: &[&str]) -> String {
+    csr_with(&key(kind), names, MessageDigest::sha256())
+}
+
+/// Run a command, returning (success, stdout + stderr).
+pub fn run(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let mut text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+/// `openssl verify` of `leaf_pem` against the dev root with the issuing CA as intermediate.
+pub fn openssl_verify(dir: &Path, leaf_pem: &str, ca_id: &str) -> (bool, String) {
+    let leaf = dir.join("leaf.pem");
+    std::fs::write(&leaf, leaf_pem).unwrap();
+    run(Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(dev_keys().join("root.crt"))
+        .arg("-untrusted")
+        .arg(dev_keys().join(format!("{ca_id}.crt")))
+        .arg(&leaf))
+}
+
+pub fn openssl_text(dir: &Path, leaf_pem: &str) -> String {
+    let leaf = dir.join("text.pem");
+    std::fs::write(&leaf, leaf_pem).unwrap();
+    let (ok, text) = run(Command::new("openssl").args(["x509", "-noout", "-text", "-in"]).arg(&leaf));
+    assert!(ok, "openssl x509 -text failed: {text}");
+    text
+}
+
+/// pkilint's RFC 5280 certificate lint and issuer/subject chain lint: every ERROR or FATAL
+/// finding, as text (empty when clean).
+pub fn pkilint_findings(dir: &Path, leaf_pem: &str, ca_id: &str) -> String {
+    let leaf = dir.join("lint.pem");
+    std::fs::write(&leaf, leaf_pem).unwrap();
+    let issuer = dev_keys().join(format!("{ca_id}.crt"));
+    let mut findings = String::new();
+    for cmd in [
+        Command::new("lint_pkix_cert").args(["lint", "-s", "ERROR"]).arg(&leaf).output(),
+        Command::new("lint_pkix_signer_signee_cert_chain").args(["lint", "-s", "ERROR"]).arg(&issuer).arg(&leaf).output(),
+    ] {
+        let out = cmd.expect("pkilint is installed (`.ci/run` installs it: pip install pkilint==0.13.3)");
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        for line in text.lines().filter(|l| l.contains("(ERROR)") || l.contains("(FATAL)") || l.contains("Traceback")) {
+            findings.push_str(line);
+            findings.push('\n');
+        }
+    }
+    findings
+}
+
+pub fn counts(db: &TestDb) -> (i64, i64) {
+    let mut conn = db.conn();
+    (
+        castellum::db::queries::count_certificates(&mut conn).unwrap(),
+        castellum::db::queries::count_requests(&mut conn).unwrap(),
+    )
+}
