@@ -1,0 +1,182 @@
+//! A corpus of bad input: each is answered with the right 4xx problem type, and nothing is
+//! stored but the audit log.
+
+mod common;
+
+use common::*;
+use const_oid::AssociatedOid;
+use der::asn1::{BitString, Ia5String, OctetString, SetOfVec};
+use der::{Decode, Encode};
+use openssl::hash::MessageDigest;
+use x509_cert::attr::Attribute;
+use x509_cert::ext::pkix::name::GeneralName;
+use x509_cert::ext::pkix::SubjectAltName;
+use x509_cert::ext::Extension;
+use x509_cert::name::RdnSequence;
+use x509_cert::request::{CertReq, CertReqInfo, ExtensionReq, Version};
+use x509_cert::spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
+
+fn pem(label: &str, der: &[u8]) -> String {
+    der::pem::encode_string(label, der::pem::LineEnding::LF, der).unwrap()
+}
+
+fn csr_der(pem_text: &str) -> Vec<u8> {
+    openssl::x509::X509Req::from_pem(pem_text.as_bytes()).unwrap().to_der().unwrap()
+}
+
+/// A correctly signed CSR whose single DNS name is `name`, byte for byte (the openssl API
+/// cannot make one with a NUL in it).
+fn csr_with_raw_dns_name(name: &str) -> String {
+    let key = key(Key::P256);
+    let spki = SubjectPublicKeyInfoOwned::from_der(&key.public_key_to_der().unwrap()).unwrap();
+    let san = SubjectAltName(vec![GeneralName::DnsName(Ia5String::new(name).unwrap())]);
+    let ext = Extension {
+        extn_id: SubjectAltName::OID,
+        critical: false,
+        extn_value: OctetString::new(san.to_der().unwrap()).unwrap(),
+    };
+    let attr: Attribute = ExtensionReq(vec![ext]).try_into().unwrap();
+    let info = CertReqInfo {
+        version: Version::V1,
+        subject: RdnSequence(vec![]),
+        public_key: spki,
+        attributes: SetOfVec::try_from(vec![attr]).unwrap(),
+    };
+    let mut signer = openssl::sign::Signer::new(MessageDigest::sha256(), &key).unwrap();
+    signer.update(&info.to_der().unwrap()).unwrap();
+    let signature = signer.sign_to_vec().unwrap();
+    let req = CertReq {
+        info,
+        algorithm: AlgorithmIdentifierOwned { oid: const_oid::db::rfc5912::ECDSA_WITH_SHA_256, parameters: None },
+        signature: BitString::from_bytes(&signature).unwrap(),
+    };
+    pem("CERTIFICATE REQUEST", &req.to_der().unwrap())
+}
+
+struct Case {
+    name: &'static str,
+    key: Option<&'static str>,
+    body: serde_json::Value,
+    status: u16,
+    problem: &'static str,
+}
+
+fn corpus() -> Vec<Case> {
+    let good = csr(Key::P256, &["ok.example.test"]);
+    let der = csr_der(&good);
+    let mut bad_signature = der.clone();
+    *bad_signature.last_mut().unwrap() ^= 0x01;
+    let truncated = pem("CERTIFICATE REQUEST", &der[..der.len() / 2]);
+    let body = |profile: &str, csr: &str| serde_json::json!({ "profile": profile, "csr": csr });
+    vec![
+        Case { name: "not PEM", key: Some(DEMO_KEY), body: body("tls-server-p256", "hello, CA"), status: 400, problem: "malformed-csr" },
+        Case { name: "truncated DER", key: Some(DEMO_KEY), body: body("tls-server-p256", &truncated), status: 400, problem: "malformed-csr" },
+        Case {
+            name: "signature does not verify",
+            key: Some(DEMO_KEY),
+            body: body("tls-server-p256", &pem("CERTIFICATE REQUEST", &bad_signature)),
+            status: 400,
+            problem: "bad-csr-signature",
+        },
+        Case {
+            name: "RSA-1024",
+            key: Some(DEMO_KEY),
+            body: body("tls-server-rsa", &csr(Key::Rsa(1024), &["rsa.example.test"])),
+            status: 422,
+            problem: "weak-key",
+        },
+        Case {
+            name: "SHA-1 signature",
+            key: Some(DEMO_KEY),
+            body: body("tls-server-rsa", &csr_with(&key(Key::Rsa(2048)), &["rsa.example.test"], MessageDigest::sha1())),
+            status: 422,
+            problem: "weak-signature-algorithm",
+        },
+        Case { name: "unknown profile", key: Some(DEMO_KEY), body: body("no-such-profile", &good), status: 404, problem: "unknown-profile" },
+        Case { name: "profile not allowed", key: Some(OTHER_KEY), body: body("tls-server-p384", &good), status: 403, problem: "forbidden-profile" },
+        Case {
+            name: "SAN outside the profile's policy",
+            key: Some(DEMO_KEY),
+            body: body("tls-server-p256", &csr(Key::P256, &["www.evil.example"])),
+            status: 422,
+            problem: "policy-violation",
+        },
+        Case {
+            name: "NUL inside a DNS name",
+            key: Some(DEMO_KEY),
+            body: body("tls-server-p256", &csr_with_raw_dns_name("www.example.test\0.evil.example")),
+            status: 422,
+            problem: "policy-violation",
+        },
+        Case {
+            name: "key type the profile does not allow",
+            key: Some(DEMO_KEY),
+            body: body("tls-server-p384", &csr(Key::Ed25519, &["x.example.test"])),
+            status: 422,
+            problem: "policy-violation",
+        },
+        Case {
+            name: "oversized body",
+            key: Some(DEMO_KEY),
+            body: body("tls-server-p256", &"A".repeat(200 * 1024)),
+            status: 413,
+            problem: "payload-too-large",
+        },
+        Case { name: "JSON missing a field", key: Some(DEMO_KEY), body: serde_json::json!({ "profile": "x" }), status: 400, problem: "malformed-request" },
+        Case { name: "missing API key", key: None, body: body("tls-server-p256", &good), status: 401, problem: "unauthorized" },
+        Case { name: "wrong API key", key: Some("not-a-key"), body: body("tls-server-p256", &good), status: 401, problem: "unauthorized" },
+    ]
+}
+
+async fn bad_input_is_refused_and_stores_nothing(db: TestDb) {
+    let server = TestServer::start(dev_config(&db)).await;
+    let before = counts(&db);
+    for case in corpus() {
+        let mut req = server.http.post(server.url("/v1/certificates")).json(&case.body);
+        if let Some(key) = case.key {
+            req = req.bearer_auth(key);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let content_type = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        assert_eq!(status, case.status, "{}: {body}", case.name);
+        assert_eq!(content_type.as_deref(), Some("application/problem+json"), "{}", case.name);
+        assert_eq!(body["type"], format!("urn:castellum:problem:{}", case.problem), "{}: {body}", case.name);
+        assert_eq!(body["status"], case.status, "{}", case.name);
+        // The same bad input asked asynchronously is refused the same way, before anything is stored.
+        let mut req = server.http.post(server.url("/v1/certificates")).header("prefer", "respond-async").json(&case.body);
+        if let Some(key) = case.key {
+            req = req.bearer_auth(key);
+        }
+        assert_eq!(req.send().await.unwrap().status().as_u16(), case.status, "{} (async)", case.name);
+    }
+    assert_eq!(counts(&db), before, "no certificate and no request was stored");
+    // Refusals of authenticated clients are in the audit log.
+    let mut conn = db.conn();
+    let audit = castellum::db::queries::recent_audit(&mut conn, 100).unwrap();
+    assert!(audit.iter().any(|e| e.outcome == "bad-csr-signature" && e.actor == "demo"), "{audit:?}");
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn sqlite_bad_input_is_refused_and_stores_nothing() {
+    bad_input_is_refused_and_stores_nothing(TestDb::sqlite()).await;
+}
+
+#[actix_rt::test]
+async fn postgres_bad_input_is_refused_and_stores_nothing() {
+    bad_input_is_refused_and_stores_nothing(TestDb::postgres()).await;
+}
+
+#[actix_rt::test]
+async fn unknown_routes_and_serials_are_problems() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(dev_config(&db)).await;
+    let resp = server.http.get(server.url("/v1/certificates/zz-not-hex")).bearer_auth(DEMO_KEY).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let resp = server.http.get(server.url("/nowhere")).send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+    server.stop().await;
+}
