@@ -1,0 +1,158 @@
+//! `castellum check-config`: each misconfiguration fails, naming its key path; the shipped
+//! sample passes; every problem is reported at once.
+
+mod common;
+
+use castellum::config::{check_config, Config};
+use common::*;
+
+fn problems_of(text: &str) -> Vec<String> {
+    let config = Config::from_toml(text, &dev_keys()).expect("parses");
+    check_config(&config).0.iter().map(|p| p.to_string()).collect()
+}
+
+fn assert_flags(text: &str, path: &str, words: &str) {
+    let problems = problems_of(text);
+    assert!(
+        problems.iter().any(|p| p.starts_with(&format!("{path}: ")) && p.contains(words)),
+        "expected a problem at {path} mentioning {words:?}, got {problems:#?}"
+    );
+}
+
+fn check_config_binary(text: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_castellum"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+}
+
+#[test]
+fn the_shipped_sample_passes() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_castellum"))
+        .args(["check-config", "--config"])
+        .arg(dev_keys().join("castellum.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(problems_of(&dev_config_text()).is_empty());
+}
+
+#[test]
+fn a_missing_file_is_an_error() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_castellum"))
+        .args(["check-config", "--config", "/nonexistent/castellum.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nonexistent"));
+}
+
+#[test]
+fn a_profile_naming_no_ca() {
+    let text = dev_config_text().replacen("ca = \"ica-p384\"", "ca = \"ica-missing\"", 1);
+    assert_flags(&text, "profiles[1].ca", "no CA named \"ica-missing\"");
+}
+
+#[test]
+fn a_key_that_does_not_match_its_certificate() {
+    let text = dev_config_text().replacen("ica-p256.key", "ica-p384.key", 1);
+    assert_flags(&text, "cas[0].key_file", "does not match");
+}
+
+#[test]
+fn a_wrong_key_passphrase() {
+    let text = dev_config_text().replacen("key_passphrase = \"castellum-dev-only\"", "key_passphrase = \"wrong\"", 1);
+    assert_flags(&text, "cas[0].key_file", "cannot be decrypted");
+}
+
+#[test]
+fn a_chain_that_does_not_verify() {
+    let text = dev_config_text().replacen("root.crt\"]", "ica-p384.crt\"]", 1);
+    assert_flags(&text, "cas[0].chain_files", "does not verify");
+}
+
+#[test]
+fn dev_keys_outside_dev_mode() {
+    let text = dev_config_text().replacen("\nmode = \"dev\"", "\nmode = \"production\"", 1);
+    assert_flags(&text, "cas[0].key_file", "development keys");
+    assert_flags(&text, "cas[0].cert_file", "development root");
+    assert_flags(&text, "cas[0].key_passphrase", "only in dev mode");
+}
+
+#[test]
+fn fault_injection_outside_dev_mode() {
+    let text = dev_config_text()
+        .replacen("\nmode = \"dev\"", "\nmode = \"production\"", 1)
+        .replacen("expected_sign_rate = 4000.0", "expected_sign_rate = 4000.0\n[cas.fault]\nsign_latency = \"1s\"", 1);
+    assert_flags(&text, "cas[0].fault", "refused unless mode");
+}
+
+#[test]
+fn a_pool_budget_over_the_servers_connections() {
+    let text = dev_config_text().replacen(
+        "url = \"sqlite://castellum-dev.db\"",
+        "url = \"postgres://castellum@db.invalid/castellum\"\ninstances = 4\nserver_max_connections = 30\nreserved_connections = 5",
+        1,
+    );
+    // 4 instances × (1 + 2 + 4) = 28 > 30 − 5
+    assert_flags(&text, "database.pools", "= 28, more than server_max_connections 30 − reserved_connections 5 = 25");
+}
+
+#[test]
+fn a_pool_timeout_not_well_below_the_shortest_deadline() {
+    let text = dev_config_text().replacen("max_size = 1", "max_size = 1\nconnection_timeout = \"5s\"", 1);
+    assert_flags(&text, "database.pools.issuance.connection_timeout", "not well below the shortest deadline");
+}
+
+#[test]
+fn a_queue_that_cannot_be_served_within_its_deadline() {
+    let text = dev_config_text().replacen("interactive_capacity = 256", "interactive_capacity = 5000", 1);
+    // ica-rsa3072: 5000 requests at 400/s take 12.5 s, over the interactive lane's 6 s.
+    assert_flags(&text, "cas[2].queue.interactive_capacity", "12.5s to sign at 400 per second");
+}
+
+#[test]
+fn a_profile_outliving_its_ca() {
+    let text = dev_config_text().replacen("validity = \"30d\"", "validity = \"7300d\"", 1);
+    assert_flags(&text, "profiles[0].validity", "would outlive CA \"ica-p256\"");
+}
+
+#[test]
+fn an_unknown_key_is_named() {
+    let text = dev_config_text().replacen("[http]", "[http]\nlisten_port = 1", 1);
+    let (code, out) = check_config_binary(&text);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("http") && out.contains("listen_port"), "{out}");
+}
+
+#[test]
+fn every_problem_is_listed_at_once_and_exits_non_zero() {
+    let text = dev_config_text()
+        .replacen("ca = \"ica-p384\"", "ca = \"ica-missing\"", 1)
+        .replacen("ica-p384.key", "ica-p256.key", 1)
+        .replacen("validity = \"30d\"", "validity = \"7300d\"", 1);
+    let (code, out) = check_config_binary(&text);
+    assert_eq!(code, Some(1), "{out}");
+    for path in ["profiles[1].ca:", "cas[1].key_file:", "profiles[0].validity:"] {
+        assert!(out.contains(path), "{path} missing from:\n{out}");
+    }
+    assert!(out.contains("3 problem(s)"), "{out}");
+}
+
+#[test]
+fn start_up_refuses_what_check_config_refuses() {
+    let db = TestDb::sqlite();
+    let text = dev_config_text().replacen("ca = \"ica-p384\"", "ca = \"ica-missing\"", 1);
+    let config = config_from(&text, &db);
+    let result = actix_rt::System::new().block_on(castellum::Engine::start(config));
+    match result {
+        Err(castellum::StartError::Config(problems)) => assert!(problems.iter().any(|p| p.path == "profiles[1].ca")),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("the engine started on an invalid configuration"),
+    }
+}
