@@ -37,7 +37,11 @@ pub enum EngineError {
     #[error("client is over its rate limit")]
     RateLimited { retry_after: Duration },
     #[error("CA {ca:?} cannot take more work now: {reason}")]
-    CaOverloaded { ca: String, reason: String, retry_after: Duration },
+    CaOverloaded {
+        ca: String,
+        reason: String,
+        retry_after: Duration,
+    },
     #[error("the request's deadline passed before it could be signed")]
     DeadlineExceeded { retry_after: Duration },
     #[error("CA {ca:?} signer failure: {reason}")]
@@ -95,7 +99,9 @@ impl EngineError {
             UnknownProfile(_) | NotFound => 404,
             ProfileDisabled(_) | CaDisabled(_) => 409,
             PayloadTooLarge => 413,
-            WeakKey(_) | WeakSignatureAlgorithm(_) | PolicyViolation(_) | IdempotencyKeyReuse => 422,
+            WeakKey(_) | WeakSignatureAlgorithm(_) | PolicyViolation(_) | IdempotencyKeyReuse => {
+                422
+            }
             RateLimited { .. } => 429,
             Internal(_) => 500,
             CaOverloaded { .. }
@@ -115,7 +121,9 @@ impl EngineError {
             | CaOverloaded { retry_after, .. }
             | DeadlineExceeded { retry_after } => Some(*retry_after),
             StoreOverloaded => Some(Duration::from_secs(1)),
-            SignerFailure { .. } | DatabaseUnavailable | ShuttingDown => Some(Duration::from_secs(5)),
+            SignerFailure { .. } | DatabaseUnavailable | ShuttingDown => {
+                Some(Duration::from_secs(5))
+            }
             _ => None,
         }
     }
@@ -141,7 +149,9 @@ impl EngineError {
             "unknown-profile" => UnknownProfile(d),
             "profile-disabled" => ProfileDisabled(d),
             "ca-disabled" => CaDisabled(d),
-            "deadline-exceeded" => DeadlineExceeded { retry_after: Duration::from_secs(1) },
+            "deadline-exceeded" => DeadlineExceeded {
+                retry_after: Duration::from_secs(1),
+            },
             _ => Internal(format!("{slug}: {detail}")),
         }
     }

@@ -26,6 +26,8 @@ pub mod pki;
 pub mod telemetry;
 
 pub use config::Config;
-pub use engine::types::{Accepted, CertificateRecord, Client, IssueRequest, IssuedCertificate, RequestStatus};
+pub use engine::types::{
+    Accepted, CertificateRecord, Client, IssueRequest, IssuedCertificate, RequestStatus,
+};
 pub use engine::{Engine, StartError};
 pub use error::EngineError;

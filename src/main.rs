@@ -9,7 +9,11 @@ use castellum::config::{check_config, Config};
 use castellum::{Engine, StartError};
 
 #[derive(Parser)]
-#[command(name = "castellum", version, about = "Certificate-issuance engine for certificate authorities")]
+#[command(
+    name = "castellum",
+    version,
+    about = "Certificate-issuance engine for certificate authorities"
+)]
 struct Cli {
     /// Configuration file (TOML); it must exist. CASTELLUM_* variables override it.
     #[arg(long, short, global = true, env = "CASTELLUM_CONFIG")]
@@ -59,7 +63,12 @@ fn main() -> ExitCode {
             };
             let (problems, _) = check_config(&config);
             if problems.is_empty() {
-                println!("configuration is valid ({} CAs, {} profiles, {} clients)", config.cas.len(), config.profiles.len(), config.clients.len());
+                println!(
+                    "configuration is valid ({} CAs, {} profiles, {} clients)",
+                    config.cas.len(),
+                    config.profiles.len(),
+                    config.clients.len()
+                );
                 ExitCode::SUCCESS
             } else {
                 eprintln!("{} problem(s):", problems.len());

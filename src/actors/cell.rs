@@ -123,7 +123,13 @@ impl CaCell {
             metrics: signer_metrics.clone(),
             sign_latency: faults.sign_latency,
         });
-        let pipeline = Pipeline { ca, signer, store, metrics, instance };
+        let pipeline = Pipeline {
+            ca,
+            signer,
+            store,
+            metrics,
+            instance,
+        };
         let queue = cfg.queue.clone();
         let arbiter = Arbiter::new();
         let addr = CaCell::start_in_arbiter(&arbiter.handle(), move |_| CaCell {
@@ -162,7 +168,9 @@ impl CaCell {
 
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
         while self.in_flight < self.max_in_flight {
-            let Some(mut job) = self.next_job() else { break };
+            let Some(mut job) = self.next_job() else {
+                break;
+            };
             let now = Instant::now();
             let lane = job.profile.lane;
             self.pipeline
@@ -172,8 +180,14 @@ impl CaCell {
                 .observe(now.duration_since(job.enqueued_at).as_secs_f64());
             if now >= job.deadline {
                 // Its caller has already been answered 503: never sign it.
-                self.pipeline.metrics.expired_in_queue.get_or_create(&metrics::ca(self.ca_id())).inc();
-                let err = EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) };
+                self.pipeline
+                    .metrics
+                    .expired_in_queue
+                    .get_or_create(&metrics::ca(self.ca_id()))
+                    .inc();
+                let err = EngineError::DeadlineExceeded {
+                    retry_after: Duration::from_secs(1),
+                };
                 finish_request(&self.pipeline, &job, Err(&err));
                 job.answer(Err(err));
                 continue;
@@ -193,7 +207,11 @@ impl CaCell {
             }));
         }
         self.export_gauges();
-        if self.draining && self.in_flight == 0 && self.interactive.is_empty() && self.background.is_empty() {
+        if self.draining
+            && self.in_flight == 0
+            && self.interactive.is_empty()
+            && self.background.is_empty()
+        {
             for waiter in self.drain_waiters.drain(..) {
                 let _ = waiter.send(());
             }
@@ -202,9 +220,15 @@ impl CaCell {
 
     fn export_gauges(&self) {
         let m = &self.pipeline.metrics;
-        m.queue_depth.get_or_create(&metrics::ca_lane(self.ca_id(), Lane::Interactive)).set(self.interactive.len() as i64);
-        m.queue_depth.get_or_create(&metrics::ca_lane(self.ca_id(), Lane::Background)).set(self.background.len() as i64);
-        m.in_flight.get_or_create(&metrics::ca(self.ca_id())).set(self.in_flight as i64);
+        m.queue_depth
+            .get_or_create(&metrics::ca_lane(self.ca_id(), Lane::Interactive))
+            .set(self.interactive.len() as i64);
+        m.queue_depth
+            .get_or_create(&metrics::ca_lane(self.ca_id(), Lane::Background))
+            .set(self.background.len() as i64);
+        m.in_flight
+            .get_or_create(&metrics::ca(self.ca_id()))
+            .set(self.in_flight as i64);
     }
 }
 
@@ -281,7 +305,11 @@ fn mailbox_gone(_: MailboxError) -> EngineError {
 async fn run(p: &Pipeline, job: &Job) -> Result<IssuedCertificate, EngineError> {
     let prepared = p
         .signer
-        .send(Prepare { profile: job.profile.clone(), csr: job.csr.clone(), names: job.names.clone() })
+        .send(Prepare {
+            profile: job.profile.clone(),
+            csr: job.csr.clone(),
+            names: job.names.clone(),
+        })
         .await
         .map_err(mailbox_gone)??;
     let serial = prepared.serial_hex.clone();
@@ -305,11 +333,19 @@ async fn run(p: &Pipeline, job: &Job) -> Result<IssuedCertificate, EngineError> 
         })))
         .await?;
 
-    let signed = p.signer.send(Sign { tbs_der: prepared.tbs_der, deadline: job.deadline }).await.map_err(mailbox_gone)?;
+    let signed = p
+        .signer
+        .send(Sign {
+            tbs_der: prepared.tbs_der,
+            deadline: job.deadline,
+        })
+        .await
+        .map_err(mailbox_gone)?;
     let cert_der = match signed {
         Ok(der) => der,
         Err(e) => {
-            p.store.write_detached(WriteOp::CertificateAbandoned { serial });
+            p.store
+                .write_detached(WriteOp::CertificateAbandoned { serial });
             return Err(e);
         }
     };
@@ -345,7 +381,9 @@ async fn run(p: &Pipeline, job: &Job) -> Result<IssuedCertificate, EngineError> 
 
 /// Record a stored request's outcome (issued requests were recorded with their certificate).
 fn finish_request(p: &Pipeline, job: &Job, result: Result<(), &EngineError>) {
-    let (Some(id), Err(err)) = (&job.request_id, result) else { return };
+    let (Some(id), Err(err)) = (&job.request_id, result) else {
+        return;
+    };
     let now = now_ms();
     let (state, claimed_until) = if err.is_permanent() {
         (request_state::FAILED, None)

@@ -30,11 +30,18 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn build(config: &Config, cas: HashMap<String, CaMaterial>) -> Catalog {
-        let profiles = config.profiles.iter().map(|p| (p.id.clone(), Arc::new(Profile::from_config(p)))).collect();
+        let profiles = config
+            .profiles
+            .iter()
+            .map(|p| (p.id.clone(), Arc::new(Profile::from_config(p))))
+            .collect();
         let mut clients_by_key = HashMap::new();
         let mut clients_by_name = HashMap::new();
         for c in &config.clients {
-            let client = Arc::new(Client { name: c.name.clone(), profiles: c.profiles.iter().cloned().collect() });
+            let client = Arc::new(Client {
+                name: c.name.clone(),
+                profiles: c.profiles.iter().cloned().collect(),
+            });
             let mut key = [0u8; 32];
             if hex::decode_to_slice(c.api_key_sha256.to_ascii_lowercase(), &mut key).is_ok() {
                 clients_by_key.insert(key, client.clone());
@@ -42,7 +49,12 @@ impl Catalog {
             clients_by_name.insert(c.name.clone(), client);
         }
         let cas = cas.into_iter().map(|(id, m)| (id, Arc::new(m))).collect();
-        Catalog { profiles, clients_by_key, clients_by_name, cas }
+        Catalog {
+            profiles,
+            clients_by_key,
+            clients_by_name,
+            cas,
+        }
     }
 }
 
@@ -76,13 +88,25 @@ impl Intake {
     /// The client holding this bearer API key.
     pub fn authenticate(&self, api_key: &str) -> Result<Arc<Client>, EngineError> {
         let digest = openssl::sha::sha256(api_key.as_bytes());
-        self.catalog.clients_by_key.get(&digest).cloned().ok_or(EngineError::Unauthorized)
+        self.catalog
+            .clients_by_key
+            .get(&digest)
+            .cloned()
+            .ok_or(EngineError::Unauthorized)
     }
 
     /// Which profile, may this client use it, is it and its CA serving.
-    pub fn profile_for(&self, client: &Client, profile_id: &str) -> Result<Arc<Profile>, EngineError> {
-        let profile =
-            self.catalog.profiles.get(profile_id).cloned().ok_or_else(|| EngineError::UnknownProfile(profile_id.into()))?;
+    pub fn profile_for(
+        &self,
+        client: &Client,
+        profile_id: &str,
+    ) -> Result<Arc<Profile>, EngineError> {
+        let profile = self
+            .catalog
+            .profiles
+            .get(profile_id)
+            .cloned()
+            .ok_or_else(|| EngineError::UnknownProfile(profile_id.into()))?;
         if !client.profiles.contains(profile_id) {
             return Err(EngineError::ForbiddenProfile(profile_id.into()));
         }
@@ -97,15 +121,28 @@ impl Intake {
     }
 
     /// Everything that can be decided without the CA: profile, permission, state, CSR, policy.
-    pub fn admit(&self, client: &Client, profile_id: &str, csr_pem: &str) -> Result<Admitted, EngineError> {
+    pub fn admit(
+        &self,
+        client: &Client,
+        profile_id: &str,
+        csr_pem: &str,
+    ) -> Result<Admitted, EngineError> {
         let profile = self.profile_for(client, profile_id)?;
         let csr = csr::check_csr_pem(csr_pem)?;
         self.admit_checked(profile, csr)
     }
 
-    pub fn admit_checked(&self, profile: Arc<Profile>, csr: CheckedCsr) -> Result<Admitted, EngineError> {
+    pub fn admit_checked(
+        &self,
+        profile: Arc<Profile>,
+        csr: CheckedCsr,
+    ) -> Result<Admitted, EngineError> {
         let names = profile.approve(&csr)?;
-        Ok(Admitted { profile, csr: Arc::new(csr), names: Arc::new(names) })
+        Ok(Admitted {
+            profile,
+            csr: Arc::new(csr),
+            names: Arc::new(names),
+        })
     }
 
     /// The request's absolute deadline: its lane's default, shortened (never lengthened past
@@ -130,7 +167,11 @@ impl Intake {
             Err(SendError::Full(Enqueue(j))) => {
                 job = j;
                 drop(job.reply.take());
-                Err(EngineError::CaOverloaded { ca, reason: "mailbox full".into(), retry_after: Duration::from_secs(1) })
+                Err(EngineError::CaOverloaded {
+                    ca,
+                    reason: "mailbox full".into(),
+                    retry_after: Duration::from_secs(1),
+                })
             }
             Err(SendError::Closed(_)) => Err(EngineError::ShuttingDown),
         }

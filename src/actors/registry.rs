@@ -41,8 +41,16 @@ pub type SharedSnapshot = Arc<ArcSwap<Snapshot>>;
 /// Make sure every configured CA and profile has a state row, then read the registry.
 pub fn bootstrap(control: &DbPool, config: &Config) -> Result<Snapshot, DbError> {
     let state = |enabled: bool| if enabled { "enabled" } else { "disabled" };
-    let cas: Vec<_> = config.cas.iter().map(|c| (c.id.clone(), state(c.enabled))).collect();
-    let profiles: Vec<_> = config.profiles.iter().map(|p| (p.id.clone(), p.ca.clone(), state(p.enabled))).collect();
+    let cas: Vec<_> = config
+        .cas
+        .iter()
+        .map(|c| (c.id.clone(), state(c.enabled)))
+        .collect();
+    let profiles: Vec<_> = config
+        .profiles
+        .iter()
+        .map(|p| (p.id.clone(), p.ca.clone(), state(p.enabled)))
+        .collect();
     let mut conn = control.get()?;
     queries::ensure_registry_rows(&mut conn, &cas, &profiles, now_ms())?;
     load(&mut conn)
@@ -50,7 +58,11 @@ pub fn bootstrap(control: &DbPool, config: &Config) -> Result<Snapshot, DbError>
 
 fn load(conn: &mut crate::db::DbConn) -> Result<Snapshot, DbError> {
     let s = queries::load_registry(conn)?;
-    Ok(Snapshot { version: s.version, cas: s.cas.into_iter().collect(), profiles: s.profiles.into_iter().collect() })
+    Ok(Snapshot {
+        version: s.version,
+        cas: s.cas.into_iter().collect(),
+        profiles: s.profiles.into_iter().collect(),
+    })
 }
 
 pub struct Registry {
@@ -71,7 +83,15 @@ impl Registry {
         instance: Arc<str>,
         metrics: Arc<Metrics>,
     ) -> Registry {
-        Registry { control, shared, poll_interval, instance, started_at: now_ms(), metrics, polling: false }
+        Registry {
+            control,
+            shared,
+            poll_interval,
+            instance,
+            started_at: now_ms(),
+            metrics,
+            polling: false,
+        }
     }
 
     fn poll(&mut self, ctx: &mut Context<Self>) {
@@ -83,14 +103,15 @@ impl Registry {
         let instance = self.instance.clone();
         let started_at = self.started_at;
         let known = self.shared.load().version;
-        let work = actix_web::rt::task::spawn_blocking(move || -> Result<Option<Snapshot>, DbError> {
-            let mut conn = pool.get()?;
-            queries::heartbeat(&mut conn, &instance, started_at, known, now_ms())?;
-            if queries::registry_version(&mut conn)? == known {
-                return Ok(None);
-            }
-            load(&mut conn).map(Some)
-        });
+        let work =
+            actix_web::rt::task::spawn_blocking(move || -> Result<Option<Snapshot>, DbError> {
+                let mut conn = pool.get()?;
+                queries::heartbeat(&mut conn, &instance, started_at, known, now_ms())?;
+                if queries::registry_version(&mut conn)? == known {
+                    return Ok(None);
+                }
+                load(&mut conn).map(Some)
+            });
         ctx.spawn(work.into_actor(self).map(|result, act, _| {
             act.polling = false;
             match result {
@@ -100,7 +121,9 @@ impl Registry {
                     act.shared.store(Arc::new(snapshot));
                 }
                 Ok(Ok(None)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "registry poll failed; serving the last known state"),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "registry poll failed; serving the last known state")
+                }
                 Err(e) => tracing::error!(error = %e, "registry poll task failed"),
             }
         }));
@@ -111,7 +134,9 @@ impl Actor for Registry {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        self.metrics.registry_version.set(self.shared.load().version);
+        self.metrics
+            .registry_version
+            .set(self.shared.load().version);
         ctx.run_interval(self.poll_interval, |act, ctx| act.poll(ctx));
     }
 }

@@ -40,21 +40,32 @@ impl Resumer {
         let pool = self.control.clone();
         let instance = self.instance.clone();
         let lease_ms = self.lease.as_millis() as i64;
-        let work = actix_web::rt::task::spawn_blocking(move || -> Result<Vec<RequestRow>, DbError> {
-            let mut conn = pool.get()?;
-            let now = now_ms();
-            let expired = queries::expire_requests(&mut conn, now)?;
-            if expired > 0 {
-                tracing::info!(expired, "asynchronous requests expired before they could be issued");
-            }
-            let mut claimed = Vec::new();
-            for row in queries::claimable_requests(&mut conn, now, BATCH)? {
-                if queries::claim_request(&mut conn, &row.id, &instance, now, now + lease_ms, &[request_state::PENDING])? {
-                    claimed.push(row);
+        let work =
+            actix_web::rt::task::spawn_blocking(move || -> Result<Vec<RequestRow>, DbError> {
+                let mut conn = pool.get()?;
+                let now = now_ms();
+                let expired = queries::expire_requests(&mut conn, now)?;
+                if expired > 0 {
+                    tracing::info!(
+                        expired,
+                        "asynchronous requests expired before they could be issued"
+                    );
                 }
-            }
-            Ok(claimed)
-        });
+                let mut claimed = Vec::new();
+                for row in queries::claimable_requests(&mut conn, now, BATCH)? {
+                    if queries::claim_request(
+                        &mut conn,
+                        &row.id,
+                        &instance,
+                        now,
+                        now + lease_ms,
+                        &[request_state::PENDING],
+                    )? {
+                        claimed.push(row);
+                    }
+                }
+                Ok(claimed)
+            });
         ctx.spawn(work.into_actor(self).map(|result, act, _| {
             act.busy = false;
             match result {
@@ -69,8 +80,13 @@ impl Resumer {
         let span = tracing::info_span!("resume", request_id = %row.id, client = %row.client, profile = %row.profile);
         let _entered = span.enter();
         let admitted = (|| {
-            let client =
-                self.intake.catalog.clients_by_name.get(&row.client).cloned().ok_or(EngineError::Unauthorized)?;
+            let client = self
+                .intake
+                .catalog
+                .clients_by_name
+                .get(&row.client)
+                .cloned()
+                .ok_or(EngineError::Unauthorized)?;
             let profile = self.intake.profile_for(&client, &row.profile)?;
             let checked = csr::check_csr_der(row.csr_der.clone())?;
             self.intake.admit_checked(profile, checked)
@@ -78,7 +94,9 @@ impl Resumer {
         let result = admitted.and_then(|a| {
             let lane = self.intake.lanes.get(a.profile.lane);
             let deadline = Instant::now()
-                + lane.max_deadline.min(Duration::from_millis((row.expires_at - now_ms()).max(0) as u64));
+                + lane.max_deadline.min(Duration::from_millis(
+                    (row.expires_at - now_ms()).max(0) as u64
+                ));
             self.metrics.async_resumed.inc();
             self.intake.hand_to_cell(Job {
                 profile: a.profile,
@@ -96,8 +114,11 @@ impl Resumer {
         if let Err(err) = result {
             tracing::info!(error = %err, "pending request could not be resumed now");
             let now = now_ms();
-            let (state, claimed_until) =
-                if err.is_permanent() { (request_state::FAILED, None) } else { (request_state::PENDING, Some(now + 1_000)) };
+            let (state, claimed_until) = if err.is_permanent() {
+                (request_state::FAILED, None)
+            } else {
+                (request_state::PENDING, Some(now + 1_000))
+            };
             self.store.write_detached(WriteOp::RequestFinished {
                 id: row.id,
                 state,

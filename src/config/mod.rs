@@ -73,7 +73,11 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: "127.0.0.1:8080".into(), max_body_bytes: 64 * 1024, workers: 0 }
+        HttpConfig {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 64 * 1024,
+            workers: 0,
+        }
     }
 }
 
@@ -136,9 +140,21 @@ pub struct PoolsConfig {
 impl Default for PoolsConfig {
     fn default() -> Self {
         PoolsConfig {
-            issuance: PoolConfig { max_size: 2, min_idle: Some(1), ..PoolConfig::default() },
-            control: PoolConfig { max_size: 2, min_idle: Some(1), ..PoolConfig::default() },
-            status: PoolConfig { max_size: 4, min_idle: Some(1), ..PoolConfig::default() },
+            issuance: PoolConfig {
+                max_size: 2,
+                min_idle: Some(1),
+                ..PoolConfig::default()
+            },
+            control: PoolConfig {
+                max_size: 2,
+                min_idle: Some(1),
+                ..PoolConfig::default()
+            },
+            status: PoolConfig {
+                max_size: 4,
+                min_idle: Some(1),
+                ..PoolConfig::default()
+            },
         }
     }
 }
@@ -245,7 +261,9 @@ pub struct RegistryConfig {
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        RegistryConfig { poll_interval: Duration::from_secs(1) }
+        RegistryConfig {
+            poll_interval: Duration::from_secs(1),
+        }
     }
 }
 
@@ -260,7 +278,10 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig { max_batch: 256, max_pending: 8192 }
+        StoreConfig {
+            max_batch: 256,
+            max_pending: 8192,
+        }
     }
 }
 
@@ -343,7 +364,10 @@ impl std::fmt::Debug for CaConfig {
             .field("id", &self.id)
             .field("cert_file", &self.cert_file)
             .field("key_file", &self.key_file)
-            .field("key_passphrase", &self.key_passphrase.as_ref().map(|_| "<redacted>"))
+            .field(
+                "key_passphrase",
+                &self.key_passphrase.as_ref().map(|_| "<redacted>"),
+            )
             .field("key_passphrase_env", &self.key_passphrase_env)
             .field("key_passphrase_file", &self.key_passphrase_file)
             .finish_non_exhaustive()
@@ -371,7 +395,11 @@ pub struct CellQueueConfig {
 
 impl Default for CellQueueConfig {
     fn default() -> Self {
-        CellQueueConfig { interactive_capacity: 512, background_capacity: 2048, in_flight: 64 }
+        CellQueueConfig {
+            interactive_capacity: 512,
+            background_capacity: 2048,
+            in_flight: 64,
+        }
     }
 }
 
@@ -498,13 +526,20 @@ impl ConfigError {
                 .clone()
                 .into_iter()
                 .map(|err| {
-                    let path = if err.path.is_empty() { "<root>".to_string() } else { err.path.join(".") };
+                    let path = if err.path.is_empty() {
+                        "<root>".to_string()
+                    } else {
+                        err.path.join(".")
+                    };
                     let source = err
                         .metadata
                         .as_ref()
                         .and_then(|m| m.source.as_ref().map(|s| format!(" (from {s})")))
                         .unwrap_or_default();
-                    ConfigProblem { path, message: format!("{}{}", err.kind, source) }
+                    ConfigProblem {
+                        path,
+                        message: format!("{}{}", err.kind, source),
+                    }
                 })
                 .collect(),
         }
@@ -529,8 +564,9 @@ impl Config {
 
     /// Parse a configuration from TOML text (tests, embedding applications).
     pub fn from_toml(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config =
-            Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)).extract()?;
+        let mut config: Config = Figment::from(Serialized::defaults(Config::default()))
+            .merge(Toml::string(text))
+            .extract()?;
         config.resolve_paths(base_dir);
         Ok(config)
     }
@@ -560,6 +596,9 @@ impl Config {
 
     /// The shortest deadline any request can get (the pool timeouts must sit well below it).
     pub fn shortest_deadline(&self) -> Duration {
-        self.lanes.interactive.default_deadline.min(self.lanes.background.default_deadline)
+        self.lanes
+            .interactive
+            .default_deadline
+            .min(self.lanes.background.default_deadline)
     }
 }

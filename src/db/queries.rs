@@ -23,7 +23,9 @@ pub enum WriteOp {
         request_id: Option<String>,
         audit: Box<NewAuditEvent>,
     },
-    CertificateAbandoned { serial: String },
+    CertificateAbandoned {
+        serial: String,
+    },
     RequestFinished {
         id: String,
         state: &'static str,
@@ -61,16 +63,26 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                 }
                 WriteOp::WriteAhead(row) => ahead.push(row.as_ref().clone()),
                 WriteOp::Audit(event) => audit.push(event.clone()),
-                WriteOp::CertificateIssued { audit: event, .. } => audit.push(event.as_ref().clone()),
+                WriteOp::CertificateIssued { audit: event, .. } => {
+                    audit.push(event.as_ref().clone())
+                }
                 _ => {}
             }
         }
         if !ahead.is_empty() {
-            diesel::insert_into(certificates::table).values(&ahead).execute(c)?;
+            diesel::insert_into(certificates::table)
+                .values(&ahead)
+                .execute(c)?;
         }
         for op in ops {
             match op {
-                WriteOp::CertificateIssued { serial, cert_der, at, request_id, .. } => {
+                WriteOp::CertificateIssued {
+                    serial,
+                    cert_der,
+                    at,
+                    request_id,
+                    ..
+                } => {
                     diesel::update(certificates::table.find(serial))
                         .set((
                             certificates::state.eq(super::models::cert_state::ISSUED),
@@ -95,7 +107,14 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                         .set(certificates::state.eq(super::models::cert_state::ABANDONED))
                         .execute(c)?;
                 }
-                WriteOp::RequestFinished { id, state, error_type, error_detail, at, claimed_until } => {
+                WriteOp::RequestFinished {
+                    id,
+                    state,
+                    error_type,
+                    error_detail,
+                    at,
+                    claimed_until,
+                } => {
                     diesel::update(requests::table.find(id))
                         .set((
                             requests::state.eq(*state),
@@ -111,13 +130,18 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
             }
         }
         if !audit.is_empty() {
-            diesel::insert_into(audit_log::table).values(&audit).execute(c)?;
+            diesel::insert_into(audit_log::table)
+                .values(&audit)
+                .execute(c)?;
         }
         Ok(outcomes)
     }))
 }
 
-pub fn load_certificate(conn: &mut DbConn, serial: &str) -> Result<Option<CertificateRow>, DbError> {
+pub fn load_certificate(
+    conn: &mut DbConn,
+    serial: &str,
+) -> Result<Option<CertificateRow>, DbError> {
     Ok(with_conn!(conn, |c| certificates::table
         .find(serial)
         .select(CertificateRow::as_select())
@@ -126,10 +150,18 @@ pub fn load_certificate(conn: &mut DbConn, serial: &str) -> Result<Option<Certif
 }
 
 pub fn load_request(conn: &mut DbConn, id: &str) -> Result<Option<RequestRow>, DbError> {
-    Ok(with_conn!(conn, |c| requests::table.find(id).select(RequestRow::as_select()).first(c).optional())?)
+    Ok(with_conn!(conn, |c| requests::table
+        .find(id)
+        .select(RequestRow::as_select())
+        .first(c)
+        .optional())?)
 }
 
-pub fn find_request_by_key(conn: &mut DbConn, client: &str, key: &str) -> Result<Option<RequestRow>, DbError> {
+pub fn find_request_by_key(
+    conn: &mut DbConn,
+    client: &str,
+    key: &str,
+) -> Result<Option<RequestRow>, DbError> {
     Ok(with_conn!(conn, |c| requests::table
         .filter(requests::client.eq(client))
         .filter(requests::idempotency_key.eq(key))
@@ -152,7 +184,11 @@ pub fn claim_request(
         requests::table
             .filter(requests::id.eq(id))
             .filter(requests::state.eq_any(&states))
-            .filter(requests::claimed_until.is_null().or(requests::claimed_until.lt(now)))
+            .filter(
+                requests::claimed_until
+                    .is_null()
+                    .or(requests::claimed_until.lt(now))
+            )
     )
     .set((
         requests::state.eq(request_state::PENDING),
@@ -165,11 +201,19 @@ pub fn claim_request(
 }
 
 /// Pending asynchronous requests whose claim has lapsed (oldest first).
-pub fn claimable_requests(conn: &mut DbConn, now: i64, limit: i64) -> Result<Vec<RequestRow>, DbError> {
+pub fn claimable_requests(
+    conn: &mut DbConn,
+    now: i64,
+    limit: i64,
+) -> Result<Vec<RequestRow>, DbError> {
     Ok(with_conn!(conn, |c| requests::table
         .filter(requests::state.eq(request_state::PENDING))
         .filter(requests::mode.eq("async"))
-        .filter(requests::claimed_until.is_null().or(requests::claimed_until.lt(now)))
+        .filter(
+            requests::claimed_until
+                .is_null()
+                .or(requests::claimed_until.lt(now))
+        )
         .order(requests::created_at.asc())
         .limit(limit)
         .select(RequestRow::as_select())
@@ -183,7 +227,10 @@ pub fn expire_requests(conn: &mut DbConn, now: i64) -> Result<usize, DbError> {
             .filter(requests::state.eq_any([request_state::PENDING, request_state::PARKED]))
             .filter(requests::expires_at.lt(now))
     )
-    .set((requests::state.eq(request_state::EXPIRED), requests::updated_at.eq(now)))
+    .set((
+        requests::state.eq(request_state::EXPIRED),
+        requests::updated_at.eq(now)
+    ))
     .execute(c))?)
 }
 
@@ -194,7 +241,10 @@ pub fn release_claims(conn: &mut DbConn, instance: &str) -> Result<usize, DbErro
             .filter(requests::claimed_by.eq(instance))
             .filter(requests::state.eq(request_state::PENDING))
     )
-    .set((requests::claimed_by.eq(None::<String>), requests::claimed_until.eq(None::<i64>)))
+    .set((
+        requests::claimed_by.eq(None::<String>),
+        requests::claimed_until.eq(None::<i64>)
+    ))
     .execute(c))?)
 }
 
@@ -209,7 +259,11 @@ pub fn ensure_registry_rows(
         let mut added = 0;
         for (id, state) in ca_rows {
             added += diesel::insert_into(cas::table)
-                .values((cas::id.eq(id), cas::state.eq(*state), cas::updated_at.eq(now)))
+                .values((
+                    cas::id.eq(id),
+                    cas::state.eq(*state),
+                    cas::updated_at.eq(now),
+                ))
                 .on_conflict(cas::id)
                 .do_nothing()
                 .execute(c)?;
@@ -246,18 +300,34 @@ pub struct RegistryState {
 pub fn load_registry(conn: &mut DbConn) -> Result<RegistryState, DbError> {
     Ok(with_conn!(conn, |c| c.transaction(|c| {
         let version = registry::table.select(registry::version).first::<i64>(c)?;
-        let cas = cas::table.select((cas::id, cas::state)).load::<(String, String)>(c)?;
-        let profiles = profiles::table.select((profiles::id, profiles::state)).load::<(String, String)>(c)?;
-        diesel::QueryResult::Ok(RegistryState { version, cas, profiles })
+        let cas = cas::table
+            .select((cas::id, cas::state))
+            .load::<(String, String)>(c)?;
+        let profiles = profiles::table
+            .select((profiles::id, profiles::state))
+            .load::<(String, String)>(c)?;
+        diesel::QueryResult::Ok(RegistryState {
+            version,
+            cas,
+            profiles,
+        })
     }))?)
 }
 
 pub fn registry_version(conn: &mut DbConn) -> Result<i64, DbError> {
-    Ok(with_conn!(conn, |c| registry::table.select(registry::version).first::<i64>(c))?)
+    Ok(with_conn!(conn, |c| registry::table
+        .select(registry::version)
+        .first::<i64>(c))?)
 }
 
 /// Record this instance's heartbeat and the registry version it serves.
-pub fn heartbeat(conn: &mut DbConn, instance: &str, started_at: i64, version: i64, now: i64) -> Result<(), DbError> {
+pub fn heartbeat(
+    conn: &mut DbConn,
+    instance: &str,
+    started_at: i64,
+    version: i64,
+    now: i64,
+) -> Result<(), DbError> {
     with_conn!(conn, |c| diesel::insert_into(instances::table)
         .values((
             instances::id.eq(instance),
@@ -267,7 +337,10 @@ pub fn heartbeat(conn: &mut DbConn, instance: &str, started_at: i64, version: i6
         ))
         .on_conflict(instances::id)
         .do_update()
-        .set((instances::heartbeat_at.eq(now), instances::registry_version.eq(version)))
+        .set((
+            instances::heartbeat_at.eq(now),
+            instances::registry_version.eq(version)
+        ))
         .execute(c))?;
     Ok(())
 }
@@ -286,7 +359,9 @@ pub fn recent_audit(conn: &mut DbConn, limit: i64) -> Result<Vec<AuditEvent>, Db
 }
 
 pub fn count_certificates(conn: &mut DbConn) -> Result<i64, DbError> {
-    Ok(with_conn!(conn, |c| certificates::table.count().get_result(c))?)
+    Ok(with_conn!(conn, |c| certificates::table
+        .count()
+        .get_result(c))?)
 }
 
 pub fn count_requests(conn: &mut DbConn) -> Result<i64, DbError> {

@@ -55,8 +55,12 @@ struct Inner {
     _resumer: Addr<Resumer>,
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, StartError> {
-    actix_web::rt::task::spawn_blocking(f).await.map_err(|e| StartError::Task(e.to_string()))
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StartError> {
+    actix_web::rt::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StartError::Task(e.to_string()))
 }
 
 impl Engine {
@@ -91,14 +95,29 @@ impl Engine {
         let mut cells = HashMap::new();
         let mut arbiters = Vec::new();
         for ca_cfg in &config.cas {
-            let Some(material) = catalog.cas.get(&ca_cfg.id) else { continue };
-            let faults = Faults { sign_latency: ca_cfg.fault.sign_latency };
-            let (addr, arbiter) =
-                CaCell::start(ca_cfg, material.clone(), store.clone(), metrics.clone(), instance.clone(), faults);
+            let Some(material) = catalog.cas.get(&ca_cfg.id) else {
+                continue;
+            };
+            let faults = Faults {
+                sign_latency: ca_cfg.fault.sign_latency,
+            };
+            let (addr, arbiter) = CaCell::start(
+                ca_cfg,
+                material.clone(),
+                store.clone(),
+                metrics.clone(),
+                instance.clone(),
+                faults,
+            );
             cells.insert(ca_cfg.id.clone(), addr);
             arbiters.push(arbiter);
         }
-        let intake = Intake { catalog, snapshot: shared.clone(), cells: Arc::new(cells), lanes: config.lanes.clone() };
+        let intake = Intake {
+            catalog,
+            snapshot: shared.clone(),
+            cells: Arc::new(cells),
+            lanes: config.lanes.clone(),
+        };
         let registry = Registry::new(
             pools.control.clone(),
             shared,
@@ -164,7 +183,11 @@ impl Engine {
         &self,
         f: impl FnOnce(&mut DbConn) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, EngineError> {
-        let _permit = self.inner.read_permits.try_acquire().map_err(|_| EngineError::DatabaseUnavailable)?;
+        let _permit = self
+            .inner
+            .read_permits
+            .try_acquire()
+            .map_err(|_| EngineError::DatabaseUnavailable)?;
         let pool = self.inner.pools.status.clone();
         actix_web::rt::task::spawn_blocking(move || {
             let mut conn = pool.get()?;
@@ -175,12 +198,19 @@ impl Engine {
         .map_err(EngineError::from)
     }
 
-    pub async fn certificate(&self, client: &Client, serial: &str) -> Result<CertificateRecord, EngineError> {
+    pub async fn certificate(
+        &self,
+        client: &Client,
+        serial: &str,
+    ) -> Result<CertificateRecord, EngineError> {
         let serial = serial.to_ascii_lowercase();
         if serial.len() > 64 || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(EngineError::NotFound);
         }
-        let row = self.read(move |c| queries::load_certificate(c, &serial)).await?.ok_or(EngineError::NotFound)?;
+        let row = self
+            .read(move |c| queries::load_certificate(c, &serial))
+            .await?
+            .ok_or(EngineError::NotFound)?;
         // Another client's certificate is indistinguishable from none at all.
         if row.client != client.name {
             return Err(EngineError::NotFound);
@@ -200,7 +230,13 @@ impl Engine {
     }
 
     fn chain_of(&self, ca: &str) -> Vec<String> {
-        self.inner.intake.catalog.cas.get(ca).map(|m| m.chain_pem.clone()).unwrap_or_default()
+        self.inner
+            .intake
+            .catalog
+            .cas
+            .get(ca)
+            .map(|m| m.chain_pem.clone())
+            .unwrap_or_default()
     }
 
     /// Every configured CA, its live state and its chain.
@@ -238,19 +274,26 @@ impl Engine {
     /// For `/readyz`: database reachable, registry loaded, at least one CA serving.
     pub async fn readiness(&self) -> Readiness {
         let mut reasons = Vec::new();
-        let database = match tokio::time::timeout(Duration::from_secs(2), self.read(|c| queries::ping(c))).await {
-            Ok(Ok(())) => "ok".to_string(),
-            Ok(Err(e)) => {
-                reasons.push(format!("database: {e}"));
-                "unavailable".into()
-            }
-            Err(_) => {
-                reasons.push("database: no answer within 2s".into());
-                "unavailable".into()
-            }
-        };
+        let database =
+            match tokio::time::timeout(Duration::from_secs(2), self.read(queries::ping)).await {
+                Ok(Ok(())) => "ok".to_string(),
+                Ok(Err(e)) => {
+                    reasons.push(format!("database: {e}"));
+                    "unavailable".into()
+                }
+                Err(_) => {
+                    reasons.push("database: no answer within 2s".into());
+                    "unavailable".into()
+                }
+            };
         let snapshot = self.inner.intake.snapshot.load();
-        let serving = self.inner.intake.cells.keys().filter(|id| snapshot.ca_enabled(id)).count();
+        let serving = self
+            .inner
+            .intake
+            .cells
+            .keys()
+            .filter(|id| snapshot.ca_enabled(id))
+            .count();
         if snapshot.version == 0 {
             reasons.push("registry not loaded".into());
         }
@@ -260,7 +303,13 @@ impl Engine {
         if self.inner.shutting_down.load(Ordering::Relaxed) {
             reasons.push("shutting down".into());
         }
-        Readiness { ready: reasons.is_empty(), database, registry_version: snapshot.version, cas_serving: serving, reasons }
+        Readiness {
+            ready: reasons.is_empty(),
+            database,
+            registry_version: snapshot.version,
+            cas_serving: serving,
+            reasons,
+        }
     }
 
     /// Prometheus text exposition of this engine's metrics.
@@ -275,7 +324,13 @@ impl Engine {
         if self.inner.shutting_down.swap(true, Ordering::SeqCst) {
             return;
         }
-        let limit = self.inner.config.lanes.interactive.max_deadline.max(self.inner.config.lanes.background.max_deadline);
+        let limit = self
+            .inner
+            .config
+            .lanes
+            .interactive
+            .max_deadline
+            .max(self.inner.config.lanes.background.max_deadline);
         let mut waits = Vec::new();
         for addr in self.inner.intake.cells.values() {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -283,18 +338,25 @@ impl Engine {
                 waits.push(rx);
             }
         }
-        let drained = tokio::time::timeout(limit, futures_util::future::join_all(waits)).await.is_ok();
+        let drained = tokio::time::timeout(limit, futures_util::future::join_all(waits))
+            .await
+            .is_ok();
         if !drained {
             tracing::warn!("shutdown: some cells did not drain in time");
         }
         let pool = self.inner.pools.control.clone();
         let instance = self.inner.instance.to_string();
-        let released =
-            actix_web::rt::task::spawn_blocking(move || pool.get().and_then(|mut c| queries::release_claims(&mut c, &instance)))
-                .await;
+        let released = actix_web::rt::task::spawn_blocking(move || {
+            pool.get()
+                .and_then(|mut c| queries::release_claims(&mut c, &instance))
+        })
+        .await;
         if let Ok(Ok(n)) = released {
             if n > 0 {
-                tracing::info!(released = n, "gave back claims on pending asynchronous requests");
+                tracing::info!(
+                    released = n,
+                    "gave back claims on pending asynchronous requests"
+                );
             }
         }
         if let Ok(mut arbiters) = self.inner.arbiters.lock() {

@@ -38,7 +38,9 @@ pub fn parse_prefer(req: &HttpRequest) -> Prefer {
             };
             match (name.to_ascii_lowercase().as_str(), arg) {
                 ("respond-async", _) => prefer.respond_async = true,
-                ("wait", Some(secs)) => prefer.wait = secs.parse::<u64>().ok().map(Duration::from_secs),
+                ("wait", Some(secs)) => {
+                    prefer.wait = secs.parse::<u64>().ok().map(Duration::from_secs)
+                }
                 _ => {}
             }
         }
@@ -52,7 +54,11 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, Problem> {
         Some(v) => v
             .to_str()
             .map(|s| Some(s.trim().trim_matches('"').to_string()))
-            .map_err(|_| Problem(EngineError::MalformedRequest("Idempotency-Key is not ASCII".into()))),
+            .map_err(|_| {
+                Problem(EngineError::MalformedRequest(
+                    "Idempotency-Key is not ASCII".into(),
+                ))
+            }),
     }
 }
 
@@ -71,19 +77,29 @@ pub async fn issue(
 ) -> Result<HttpResponse, Problem> {
     let prefer = parse_prefer(&req);
     let body = body.into_inner();
-    let request =
-        IssueRequest { profile: body.profile, csr_pem: body.csr, wait: prefer.wait, idempotency_key: idempotency_key(&req)? };
+    let request = IssueRequest {
+        profile: body.profile,
+        csr_pem: body.csr,
+        wait: prefer.wait,
+        idempotency_key: idempotency_key(&req)?,
+    };
     if prefer.respond_async {
         let accepted = engine.submit(&client.0, request).await?;
         let location = format!("/v1/requests/{}", accepted.request_id);
         return Ok(HttpResponse::Accepted()
             .insert_header((header::LOCATION, location.clone()))
             .insert_header(("Preference-Applied", "respond-async"))
-            .json(AcceptedBody { request_id: accepted.request_id, status_url: location }));
+            .json(AcceptedBody {
+                request_id: accepted.request_id,
+                status_url: location,
+            }));
     }
     let issued = engine.issue(&client.0, request).await?;
     Ok(HttpResponse::Created()
-        .insert_header((header::LOCATION, format!("/v1/certificates/{}", issued.serial)))
+        .insert_header((
+            header::LOCATION,
+            format!("/v1/certificates/{}", issued.serial),
+        ))
         .json(issued))
 }
 
@@ -103,7 +119,9 @@ pub async fn certificate(
     if wants_pem {
         let mut pem = record.certificate.clone();
         pem.extend(record.chain.iter().map(String::as_str));
-        return Ok(HttpResponse::Ok().content_type("application/pem-certificate-chain").body(pem));
+        return Ok(HttpResponse::Ok()
+            .content_type("application/pem-certificate-chain")
+            .body(pem));
     }
     Ok(HttpResponse::Ok().json(record))
 }

@@ -14,7 +14,9 @@ pub use tbs::PreparedCert;
 
 /// Milliseconds since the Unix epoch: the one time unit the database and the engine use.
 pub fn unix_ms(t: std::time::SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 pub fn now_ms() -> i64 {
@@ -23,6 +25,5 @@ pub fn now_ms() -> i64 {
 
 /// PEM text for a DER certificate.
 pub fn cert_pem(der: &[u8]) -> String {
-    der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, der)
-        .unwrap_or_default()
+    der::pem::encode_string("CERTIFICATE", der::pem::LineEnding::LF, der).unwrap_or_default()
 }

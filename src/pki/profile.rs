@@ -84,7 +84,9 @@ impl Profile {
             }
         }
         if sans.is_empty() {
-            return Err(EngineError::PolicyViolation("the CSR requests no name".into()));
+            return Err(EngineError::PolicyViolation(
+                "the CSR requests no name".into(),
+            ));
         }
         if sans.len() > self.names.max_names {
             return Err(EngineError::PolicyViolation(format!(
@@ -99,7 +101,9 @@ impl Profile {
         let common_name = match common_name {
             Some(cn) if self.names.subject_cn => {
                 if cn.len() > 64 {
-                    return Err(EngineError::PolicyViolation("common name longer than 64 characters".into()));
+                    return Err(EngineError::PolicyViolation(
+                        "common name longer than 64 characters".into(),
+                    ));
                 }
                 let matches = sans.iter().any(|s| s.to_string().eq_ignore_ascii_case(&cn));
                 if !matches {
@@ -119,31 +123,51 @@ impl Profile {
         match name {
             SanName::Dns(d) => {
                 if !self.names.dns {
-                    return refuse(format!("DNS names are not allowed by profile {:?}", self.id));
+                    return refuse(format!(
+                        "DNS names are not allowed by profile {:?}",
+                        self.id
+                    ));
                 }
                 if !is_valid_dns_name(d) {
-                    return refuse(format!("{:?} is not a valid DNS name", d.escape_debug().to_string()));
+                    return refuse(format!(
+                        "{:?} is not a valid DNS name",
+                        d.escape_debug().to_string()
+                    ));
                 }
                 let suffixes = &self.names.dns_suffixes;
                 let allowed = suffixes.is_empty()
-                    || suffixes.iter().any(|s| d == s || d.ends_with(&format!(".{s}")));
+                    || suffixes
+                        .iter()
+                        .any(|s| d == s || d.ends_with(&format!(".{s}")));
                 if !allowed {
-                    return refuse(format!("{d:?} is outside the DNS names profile {:?} allows", self.id));
+                    return refuse(format!(
+                        "{d:?} is outside the DNS names profile {:?} allows",
+                        self.id
+                    ));
                 }
                 Ok(())
             }
             SanName::Ip(ip) => {
                 if !self.names.ip {
-                    return refuse(format!("IP address {ip} is not allowed by profile {:?}", self.id));
+                    return refuse(format!(
+                        "IP address {ip} is not allowed by profile {:?}",
+                        self.id
+                    ));
                 }
                 Ok(())
             }
             SanName::Email(e) => {
                 if !self.names.email {
-                    return refuse(format!("email addresses are not allowed by profile {:?}", self.id));
+                    return refuse(format!(
+                        "email addresses are not allowed by profile {:?}",
+                        self.id
+                    ));
                 }
                 if !is_valid_email(e) {
-                    return refuse(format!("{:?} is not a valid email address", e.escape_debug().to_string()));
+                    return refuse(format!(
+                        "{:?} is not a valid email address",
+                        e.escape_debug().to_string()
+                    ));
                 }
                 Ok(())
             }

@@ -1,0 +1,128 @@
+//! The engine as a library: one call starts it in-process on a temporary SQLite file with the dev
+//! keys; the typed handle issues, looks up, reports readiness and metrics, and shuts down.
+
+mod common;
+
+use castellum::{EngineError, IssueRequest};
+use common::*;
+
+#[actix_rt::test]
+async fn an_application_embeds_the_engine() {
+    let db = TestDb::sqlite();
+    let engine = castellum::Engine::start(dev_config(&db))
+        .await
+        .expect("engine starts");
+    let client = engine.client("demo").expect("sample client");
+
+    let issued = engine
+        .issue(
+            &client,
+            IssueRequest {
+                profile: "tls-server-p256".into(),
+                csr_pem: csr(Key::P256, &["embedded.example.test"]),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("issued");
+    let looked_up = engine
+        .certificate(&client, &issued.serial)
+        .await
+        .expect("stored");
+    assert_eq!(looked_up.certificate, issued.certificate);
+
+    // Write-ahead: the stored to-be-signed bytes are exactly the certificate's TBS.
+    let row = castellum::db::queries::load_certificate(&mut db.conn(), &issued.serial)
+        .unwrap()
+        .unwrap();
+    let (_, pem) = x509_parser::pem::parse_x509_pem(issued.certificate.as_bytes()).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    assert_eq!(
+        row.tbs_der,
+        cert.tbs_certificate.as_ref(),
+        "recorded TBS = signed TBS"
+    );
+    assert_eq!(row.state, "issued");
+
+    // Refusals are typed.
+    let refused = engine
+        .issue(
+            &client,
+            IssueRequest {
+                profile: "tls-server-p256".into(),
+                csr_pem: "junk".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(EngineError::MalformedCsr(_))),
+        "{refused:?}"
+    );
+
+    let readiness = engine.readiness().await;
+    assert!(readiness.ready, "{readiness:?}");
+    assert_eq!(readiness.cas_serving, 4);
+
+    let metrics = engine.metrics_text();
+    for family in [
+        "castellum_requests_total{outcome=\"issued\"} 1",
+        "castellum_requests_total{outcome=\"malformed-csr\"} 1",
+        "castellum_queue_depth{ca=\"ica-p256\",lane=\"interactive\"} 0",
+        "castellum_sign_duration_seconds_count{ca=\"ica-p256\"} 1",
+        "castellum_db_pool_max{pool=\"issuance\"} 1",
+        "castellum_db_pool_connections{pool=\"status\"}",
+        "castellum_db_pool_wait_seconds_bucket",
+        "castellum_store_batch_size_count",
+    ] {
+        assert!(
+            metrics.contains(family),
+            "{family} missing from /metrics:\n{metrics}"
+        );
+    }
+
+    engine.shutdown().await;
+    let after = engine
+        .issue(
+            &client,
+            IssueRequest {
+                profile: "tls-server-p256".into(),
+                csr_pem: csr(Key::P256, &["late.example.test"]),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert_eq!(after, Err(EngineError::ShuttingDown));
+    assert!(!engine.readiness().await.ready);
+}
+
+#[actix_rt::test]
+async fn health_and_readiness_over_http() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(dev_config(&db)).await;
+    assert_eq!(
+        server
+            .http
+            .get(server.url("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let ready = server.http.get(server.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["database"], "ok");
+    let metrics = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("castellum_registry_version"));
+    server.stop().await;
+}
