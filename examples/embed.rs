@@ -25,11 +25,7 @@ fn csr_for(host: &str) -> Result<String, openssl::error::ErrorStack> {
     req.set_subject_name(&name.build())?;
     req.set_pubkey(&key)?;
     let mut exts = Stack::new()?;
-    exts.push(
-        SubjectAlternativeName::new()
-            .dns(host)
-            .build(&req.x509v3_context(None))?,
-    )?;
+    exts.push(SubjectAlternativeName::new().dns(host).build(&req.x509v3_context(None))?)?;
     req.add_extensions(&exts)?;
     req.sign(&key, openssl::hash::MessageDigest::sha256())?;
     Ok(String::from_utf8_lossy(&req.build().to_pem()?).into_owned())
@@ -44,24 +40,11 @@ async fn enroll(engine: web::Data<Engine>, host: web::Path<String>) -> HttpRespo
         Ok(csr) => csr,
         Err(e) => return HttpResponse::BadRequest().body(e.to_string()),
     };
-    match engine
-        .issue(
-            &client,
-            IssueRequest {
-                profile: "tls-server-p256".into(),
-                csr_pem,
-                ..Default::default()
-            },
-        )
-        .await
+    match engine.issue(&client, IssueRequest { profile: "tls-server-p256".into(), csr_pem, ..Default::default() }).await
     {
-        Ok(issued) => HttpResponse::Ok()
-            .content_type("application/pem-certificate-chain")
-            .body(issued.certificate),
-        Err(e) => HttpResponse::build(
-            actix_web::http::StatusCode::from_u16(e.http_status()).unwrap_or_default(),
-        )
-        .body(e.to_string()),
+        Ok(issued) => HttpResponse::Ok().content_type("application/pem-certificate-chain").body(issued.certificate),
+        Err(e) => HttpResponse::build(actix_web::http::StatusCode::from_u16(e.http_status()).unwrap_or_default())
+            .body(e.to_string()),
     }
 }
 
@@ -71,11 +54,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.database.url = "sqlite://castellum-embed.db".into();
     let engine = Engine::start(config).await?;
     let data = web::Data::new(engine.clone());
-    println!("embedding application on http://127.0.0.1:9090 — try: curl -s -X POST localhost:9090/enroll/demo.example.test");
-    HttpServer::new(move || App::new().app_data(data.clone()).service(enroll))
-        .bind("127.0.0.1:9090")?
-        .run()
-        .await?;
+    println!(
+        "embedding application on http://127.0.0.1:9090 — try: curl -s -X POST localhost:9090/enroll/demo.example.test"
+    );
+    HttpServer::new(move || App::new().app_data(data.clone()).service(enroll)).bind("127.0.0.1:9090")?.run().await?;
     engine.shutdown().await;
     Ok(())
 }

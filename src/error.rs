@@ -30,6 +30,8 @@ pub enum EngineError {
     ProfileDisabled(String),
     #[error("CA {0:?} is disabled or retired")]
     CaDisabled(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
     #[error("Idempotency-Key was already used with a different request")]
     IdempotencyKeyReuse,
     #[error("not found")]
@@ -37,11 +39,9 @@ pub enum EngineError {
     #[error("client is over its rate limit")]
     RateLimited { retry_after: Duration },
     #[error("CA {ca:?} cannot take more work now: {reason}")]
-    CaOverloaded {
-        ca: String,
-        reason: String,
-        retry_after: Duration,
-    },
+    CaOverloaded { ca: String, reason: String, retry_after: Duration },
+    #[error("CA {ca:?} is not taking this work now: {reason}")]
+    CaUnavailable { ca: String, reason: String, retry_after: Duration },
     #[error("the request's deadline passed before it could be signed")]
     DeadlineExceeded { retry_after: Duration },
     #[error("CA {ca:?} signer failure: {reason}")]
@@ -74,9 +74,11 @@ impl EngineError {
             ProfileDisabled(_) => "profile-disabled",
             CaDisabled(_) => "ca-disabled",
             IdempotencyKeyReuse => "idempotency-key-reuse",
+            Conflict(_) => "conflict",
             NotFound => "not-found",
             RateLimited { .. } => "rate-limited",
             CaOverloaded { .. } => "ca-overloaded",
+            CaUnavailable { .. } => "ca-unavailable",
             DeadlineExceeded { .. } => "deadline-exceeded",
             SignerFailure { .. } => "signer-failure",
             DatabaseUnavailable => "database-unavailable",
@@ -97,14 +99,13 @@ impl EngineError {
             Unauthorized => 401,
             ForbiddenProfile(_) => 403,
             UnknownProfile(_) | NotFound => 404,
-            ProfileDisabled(_) | CaDisabled(_) => 409,
+            ProfileDisabled(_) | CaDisabled(_) | Conflict(_) => 409,
             PayloadTooLarge => 413,
-            WeakKey(_) | WeakSignatureAlgorithm(_) | PolicyViolation(_) | IdempotencyKeyReuse => {
-                422
-            }
+            WeakKey(_) | WeakSignatureAlgorithm(_) | PolicyViolation(_) | IdempotencyKeyReuse => 422,
             RateLimited { .. } => 429,
             Internal(_) => 500,
             CaOverloaded { .. }
+            | CaUnavailable { .. }
             | DeadlineExceeded { .. }
             | SignerFailure { .. }
             | DatabaseUnavailable
@@ -119,11 +120,10 @@ impl EngineError {
         match self {
             RateLimited { retry_after }
             | CaOverloaded { retry_after, .. }
+            | CaUnavailable { retry_after, .. }
             | DeadlineExceeded { retry_after } => Some(*retry_after),
             StoreOverloaded => Some(Duration::from_secs(1)),
-            SignerFailure { .. } | DatabaseUnavailable | ShuttingDown => {
-                Some(Duration::from_secs(5))
-            }
+            SignerFailure { .. } | DatabaseUnavailable | ShuttingDown => Some(Duration::from_secs(5)),
             _ => None,
         }
     }
@@ -149,9 +149,7 @@ impl EngineError {
             "unknown-profile" => UnknownProfile(d),
             "profile-disabled" => ProfileDisabled(d),
             "ca-disabled" => CaDisabled(d),
-            "deadline-exceeded" => DeadlineExceeded {
-                retry_after: Duration::from_secs(1),
-            },
+            "deadline-exceeded" => DeadlineExceeded { retry_after: Duration::from_secs(1) },
             _ => Internal(format!("{slug}: {detail}")),
         }
     }
@@ -181,9 +179,7 @@ impl From<DbError> for EngineError {
             {
                 EngineError::DatabaseUnavailable
             }
-            DbError::Query(diesel::result::Error::BrokenTransactionManager) => {
-                EngineError::DatabaseUnavailable
-            }
+            DbError::Query(diesel::result::Error::BrokenTransactionManager) => EngineError::DatabaseUnavailable,
             other => {
                 tracing::error!(error = %other, "database error");
                 EngineError::DatabaseUnavailable

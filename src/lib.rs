@@ -26,8 +26,6 @@ pub mod pki;
 pub mod telemetry;
 
 pub use config::Config;
-pub use engine::types::{
-    Accepted, CertificateRecord, Client, IssueRequest, IssuedCertificate, RequestStatus,
-};
+pub use engine::types::{Accepted, CertificateRecord, Client, IssueRequest, IssuedCertificate, RequestStatus};
 pub use engine::{Engine, StartError};
 pub use error::EngineError;

@@ -9,11 +9,7 @@ use castellum::config::{check_config, Config};
 use castellum::{Engine, StartError};
 
 #[derive(Parser)]
-#[command(
-    name = "castellum",
-    version,
-    about = "Certificate-issuance engine for certificate authorities"
-)]
+#[command(name = "castellum", version, about = "Certificate-issuance engine for certificate authorities")]
 struct Cli {
     /// Configuration file (TOML); it must exist. CASTELLUM_* variables override it.
     #[arg(long, short, global = true, env = "CASTELLUM_CONFIG")]

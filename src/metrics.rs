@@ -87,87 +87,27 @@ impl Metrics {
                 "Time to issue a certificate inside the engine",
                 m.issue_seconds.clone(),
             );
-            r.register(
-                "queue_depth",
-                "Jobs waiting in a CA's queue, per lane",
-                m.queue_depth.clone(),
-            );
-            r.register(
-                "in_flight",
-                "Jobs of a CA between dequeue and reply",
-                m.in_flight.clone(),
-            );
-            r.register(
-                "queue_wait_seconds",
-                "Time jobs waited in their CA's queue",
-                m.queue_wait_seconds.clone(),
-            );
-            r.register(
-                "sign_duration_seconds",
-                "CA signature time",
-                m.sign_seconds.clone(),
-            );
+            r.register("queue_depth", "Jobs waiting in a CA's queue, per lane", m.queue_depth.clone());
+            r.register("in_flight", "Jobs of a CA between dequeue and reply", m.in_flight.clone());
+            r.register("queue_wait_seconds", "Time jobs waited in their CA's queue", m.queue_wait_seconds.clone());
+            r.register("sign_duration_seconds", "CA signature time", m.sign_seconds.clone());
             r.register("signatures", "Certificates signed", m.signatures.clone());
             r.register(
                 "expired_in_queue",
                 "Jobs dropped because their deadline passed before signing",
                 m.expired_in_queue.clone(),
             );
-            r.register(
-                "worker_panics",
-                "Panics caught in signer and store workers",
-                m.worker_panics.clone(),
-            );
-            r.register(
-                "db_pool_wait_seconds",
-                "Time waiting to check out a connection",
-                m.pool_wait_seconds.clone(),
-            );
-            r.register(
-                "db_pool_hold_seconds",
-                "Time a connection was held",
-                m.pool_hold_seconds.clone(),
-            );
-            r.register(
-                "db_pool_timeouts",
-                "Checkouts that timed out",
-                m.pool_timeouts.clone(),
-            );
-            r.register(
-                "db_pool_connections",
-                "Open connections per pool",
-                m.pool_connections.clone(),
-            );
-            r.register(
-                "db_pool_idle",
-                "Idle connections per pool",
-                m.pool_idle.clone(),
-            );
-            r.register(
-                "db_pool_max",
-                "Configured maximum connections per pool",
-                m.pool_max.clone(),
-            );
-            r.register(
-                "store_batch_size",
-                "Writes per group commit",
-                m.store_batch_size.clone(),
-            );
-            r.register(
-                "store_commit_seconds",
-                "Time of one group commit",
-                m.store_commit_seconds.clone(),
-            );
-            r.register(
-                "store_pending",
-                "Writes waiting for a store worker",
-                m.store_pending.clone(),
-            );
-            r.register(
-                "registry_version",
-                "Registry version this instance serves",
-                m.registry_version.clone(),
-            );
+            r.register("worker_panics", "Panics caught in signer and store workers", m.worker_panics.clone());
+            r.register("db_pool_wait_seconds", "Time waiting to check out a connection", m.pool_wait_seconds.clone());
+            r.register("db_pool_hold_seconds", "Time a connection was held", m.pool_hold_seconds.clone());
+            r.register("db_pool_timeouts", "Checkouts that timed out", m.pool_timeouts.clone());
+            r.register("db_pool_connections", "Open connections per pool", m.pool_connections.clone());
+            r.register("db_pool_idle", "Idle connections per pool", m.pool_idle.clone());
+            r.register("db_pool_max", "Configured maximum connections per pool", m.pool_max.clone());
+            r.register("store_batch_size", "Writes per group commit", m.store_batch_size.clone());
+            r.register("store_commit_seconds", "Time of one group commit", m.store_commit_seconds.clone());
+            r.register("store_pending", "Writes waiting for a store worker", m.store_pending.clone());
+            r.register("registry_version", "Registry version this instance serves", m.registry_version.clone());
             r.register(
                 "async_resumed",
                 "Pending asynchronous requests taken up by this instance",

@@ -21,10 +21,7 @@ fn pem(label: &str, der: &[u8]) -> String {
 }
 
 fn csr_der(pem_text: &str) -> Vec<u8> {
-    openssl::x509::X509Req::from_pem(pem_text.as_bytes())
-        .unwrap()
-        .to_der()
-        .unwrap()
+    openssl::x509::X509Req::from_pem(pem_text.as_bytes()).unwrap().to_der().unwrap()
 }
 
 /// A correctly signed CSR whose single DNS name is `name`, byte for byte (the openssl API
@@ -50,10 +47,7 @@ fn csr_with_raw_dns_name(name: &str) -> String {
     let signature = signer.sign_to_vec().unwrap();
     let req = CertReq {
         info,
-        algorithm: AlgorithmIdentifierOwned {
-            oid: const_oid::db::rfc5912::ECDSA_WITH_SHA_256,
-            parameters: None,
-        },
+        algorithm: AlgorithmIdentifierOwned { oid: const_oid::db::rfc5912::ECDSA_WITH_SHA_256, parameters: None },
         signature: BitString::from_bytes(&signature).unwrap(),
     };
     pem("CERTIFICATE REQUEST", &req.to_der().unwrap())
@@ -92,34 +86,21 @@ fn corpus() -> Vec<Case> {
         Case {
             name: "signature does not verify",
             key: Some(DEMO_KEY),
-            body: body(
-                "tls-server-p256",
-                &pem("CERTIFICATE REQUEST", &bad_signature),
-            ),
+            body: body("tls-server-p256", &pem("CERTIFICATE REQUEST", &bad_signature)),
             status: 400,
             problem: "bad-csr-signature",
         },
         Case {
             name: "RSA-1024",
             key: Some(DEMO_KEY),
-            body: body(
-                "tls-server-rsa",
-                &csr(Key::Rsa(1024), &["rsa.example.test"]),
-            ),
+            body: body("tls-server-rsa", &csr(Key::Rsa(1024), &["rsa.example.test"])),
             status: 422,
             problem: "weak-key",
         },
         Case {
             name: "SHA-1 signature",
             key: Some(DEMO_KEY),
-            body: body(
-                "tls-server-rsa",
-                &csr_with(
-                    &key(Key::Rsa(2048)),
-                    &["rsa.example.test"],
-                    MessageDigest::sha1(),
-                ),
-            ),
+            body: body("tls-server-rsa", &csr_with(&key(Key::Rsa(2048)), &["rsa.example.test"], MessageDigest::sha1())),
             status: 422,
             problem: "weak-signature-algorithm",
         },
@@ -147,10 +128,7 @@ fn corpus() -> Vec<Case> {
         Case {
             name: "NUL inside a DNS name",
             key: Some(DEMO_KEY),
-            body: body(
-                "tls-server-p256",
-                &csr_with_raw_dns_name("www.example.test\0.evil.example"),
-            ),
+            body: body("tls-server-p256", &csr_with_raw_dns_name("www.example.test\0.evil.example")),
             status: 422,
             problem: "policy-violation",
         },
@@ -196,64 +174,31 @@ async fn bad_input_is_refused_and_stores_nothing(db: TestDb) {
     let server = TestServer::start(dev_config(&db)).await;
     let before = counts(&db);
     for case in corpus() {
-        let mut req = server
-            .http
-            .post(server.url("/v1/certificates"))
-            .json(&case.body);
+        let mut req = server.http.post(server.url("/v1/certificates")).json(&case.body);
         if let Some(key) = case.key {
             req = req.bearer_auth(key);
         }
         let resp = req.send().await.unwrap();
         let status = resp.status().as_u16();
-        let content_type = resp
-            .headers()
-            .get("content-type")
-            .map(|v| v.to_str().unwrap().to_string());
+        let content_type = resp.headers().get("content-type").map(|v| v.to_str().unwrap().to_string());
         let body: serde_json::Value = resp.json().await.unwrap_or_default();
         assert_eq!(status, case.status, "{}: {body}", case.name);
-        assert_eq!(
-            content_type.as_deref(),
-            Some("application/problem+json"),
-            "{}",
-            case.name
-        );
-        assert_eq!(
-            body["type"],
-            format!("urn:castellum:problem:{}", case.problem),
-            "{}: {body}",
-            case.name
-        );
+        assert_eq!(content_type.as_deref(), Some("application/problem+json"), "{}", case.name);
+        assert_eq!(body["type"], format!("urn:castellum:problem:{}", case.problem), "{}: {body}", case.name);
         assert_eq!(body["status"], case.status, "{}", case.name);
         // The same bad input asked asynchronously is refused the same way, before anything is stored.
-        let mut req = server
-            .http
-            .post(server.url("/v1/certificates"))
-            .header("prefer", "respond-async")
-            .json(&case.body);
+        let mut req =
+            server.http.post(server.url("/v1/certificates")).header("prefer", "respond-async").json(&case.body);
         if let Some(key) = case.key {
             req = req.bearer_auth(key);
         }
-        assert_eq!(
-            req.send().await.unwrap().status().as_u16(),
-            case.status,
-            "{} (async)",
-            case.name
-        );
+        assert_eq!(req.send().await.unwrap().status().as_u16(), case.status, "{} (async)", case.name);
     }
-    assert_eq!(
-        counts(&db),
-        before,
-        "no certificate and no request was stored"
-    );
+    assert_eq!(counts(&db), before, "no certificate and no request was stored");
     // Refusals of authenticated clients are in the audit log.
     let mut conn = db.conn();
     let audit = castellum::db::queries::recent_audit(&mut conn, 100).unwrap();
-    assert!(
-        audit
-            .iter()
-            .any(|e| e.outcome == "bad-csr-signature" && e.actor == "demo"),
-        "{audit:?}"
-    );
+    assert!(audit.iter().any(|e| e.outcome == "bad-csr-signature" && e.actor == "demo"), "{audit:?}");
     server.stop().await;
 }
 
@@ -271,20 +216,9 @@ async fn postgres_bad_input_is_refused_and_stores_nothing() {
 async fn unknown_routes_and_serials_are_problems() {
     let db = TestDb::sqlite();
     let server = TestServer::start(dev_config(&db)).await;
-    let resp = server
-        .http
-        .get(server.url("/v1/certificates/zz-not-hex"))
-        .bearer_auth(DEMO_KEY)
-        .send()
-        .await
-        .unwrap();
+    let resp = server.http.get(server.url("/v1/certificates/zz-not-hex")).bearer_auth(DEMO_KEY).send().await.unwrap();
     assert_eq!(resp.status(), 404);
-    let resp = server
-        .http
-        .get(server.url("/nowhere"))
-        .send()
-        .await
-        .unwrap();
+    let resp = server.http.get(server.url("/nowhere")).send().await.unwrap();
     assert_eq!(resp.status(), 404);
     assert_eq!(resp.headers()["content-type"], "application/problem+json");
     server.stop().await;

@@ -8,19 +8,13 @@ use common::*;
 
 fn problems_of(text: &str) -> Vec<String> {
     let config = Config::from_toml(text, &dev_keys()).expect("parses");
-    check_config(&config)
-        .0
-        .iter()
-        .map(|p| p.to_string())
-        .collect()
+    check_config(&config).0.iter().map(|p| p.to_string()).collect()
 }
 
 fn assert_flags(text: &str, path: &str, words: &str) {
     let problems = problems_of(text);
     assert!(
-        problems
-            .iter()
-            .any(|p| p.starts_with(&format!("{path}: ")) && p.contains(words)),
+        problems.iter().any(|p| p.starts_with(&format!("{path}: ")) && p.contains(words)),
         "expected a problem at {path} mentioning {words:?}, got {problems:#?}"
     );
 }
@@ -34,10 +28,7 @@ fn check_config_binary(text: &str) -> (Option<i32>, String) {
         .arg(&path)
         .output()
         .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr),
-    )
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
 }
 
 #[test]
@@ -47,11 +38,7 @@ fn the_shipped_sample_passes() {
         .arg(dev_keys().join("castellum.toml"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(problems_of(&dev_config_text()).is_empty());
 }
 
@@ -79,11 +66,7 @@ fn a_key_that_does_not_match_its_certificate() {
 
 #[test]
 fn a_wrong_key_passphrase() {
-    let text = dev_config_text().replacen(
-        "key_passphrase = \"castellum-dev-only\"",
-        "key_passphrase = \"wrong\"",
-        1,
-    );
+    let text = dev_config_text().replacen("key_passphrase = \"castellum-dev-only\"", "key_passphrase = \"wrong\"", 1);
     assert_flags(&text, "cas[0].key_file", "cannot be decrypted");
 }
 
@@ -103,13 +86,11 @@ fn dev_keys_outside_dev_mode() {
 
 #[test]
 fn fault_injection_outside_dev_mode() {
-    let text = dev_config_text()
-        .replacen("\nmode = \"dev\"", "\nmode = \"production\"", 1)
-        .replacen(
-            "expected_sign_rate = 4000.0",
-            "expected_sign_rate = 4000.0\n[cas.fault]\nsign_latency = \"1s\"",
-            1,
-        );
+    let text = dev_config_text().replacen("\nmode = \"dev\"", "\nmode = \"production\"", 1).replacen(
+        "expected_sign_rate = 4000.0",
+        "expected_sign_rate = 4000.0\n[cas.fault]\nsign_latency = \"1s\"",
+        1,
+    );
     assert_flags(&text, "cas[0].fault", "refused unless mode");
 }
 
@@ -121,50 +102,26 @@ fn a_pool_budget_over_the_servers_connections() {
         1,
     );
     // 4 instances × (1 + 2 + 4) = 28 > 30 − 5
-    assert_flags(
-        &text,
-        "database.pools",
-        "= 28, more than server_max_connections 30 − reserved_connections 5 = 25",
-    );
+    assert_flags(&text, "database.pools", "= 28, more than server_max_connections 30 − reserved_connections 5 = 25");
 }
 
 #[test]
 fn a_pool_timeout_not_well_below_the_shortest_deadline() {
-    let text = dev_config_text().replacen(
-        "max_size = 1",
-        "max_size = 1\nconnection_timeout = \"5s\"",
-        1,
-    );
-    assert_flags(
-        &text,
-        "database.pools.issuance.connection_timeout",
-        "not well below the shortest deadline",
-    );
+    let text = dev_config_text().replacen("max_size = 1", "max_size = 1\nconnection_timeout = \"5s\"", 1);
+    assert_flags(&text, "database.pools.issuance.connection_timeout", "not well below the shortest deadline");
 }
 
 #[test]
 fn a_queue_that_cannot_be_served_within_its_deadline() {
-    let text = dev_config_text().replacen(
-        "interactive_capacity = 256",
-        "interactive_capacity = 5000",
-        1,
-    );
+    let text = dev_config_text().replacen("interactive_capacity = 256", "interactive_capacity = 5000", 1);
     // ica-rsa3072: 5000 requests at 400/s take 12.5 s, over the interactive lane's 6 s.
-    assert_flags(
-        &text,
-        "cas[2].queue.interactive_capacity",
-        "12.5s to sign at 400 per second",
-    );
+    assert_flags(&text, "cas[2].queue.interactive_capacity", "12.5s to sign at 400 per second");
 }
 
 #[test]
 fn a_profile_outliving_its_ca() {
     let text = dev_config_text().replacen("validity = \"30d\"", "validity = \"7300d\"", 1);
-    assert_flags(
-        &text,
-        "profiles[0].validity",
-        "would outlive CA \"ica-p256\"",
-    );
+    assert_flags(&text, "profiles[0].validity", "would outlive CA \"ica-p256\"");
 }
 
 #[test]
@@ -183,11 +140,7 @@ fn every_problem_is_listed_at_once_and_exits_non_zero() {
         .replacen("validity = \"30d\"", "validity = \"7300d\"", 1);
     let (code, out) = check_config_binary(&text);
     assert_eq!(code, Some(1), "{out}");
-    for path in [
-        "profiles[1].ca:",
-        "cas[1].key_file:",
-        "profiles[0].validity:",
-    ] {
+    for path in ["profiles[1].ca:", "cas[1].key_file:", "profiles[0].validity:"] {
         assert!(out.contains(path), "{path} missing from:\n{out}");
     }
     assert!(out.contains("3 problem(s)"), "{out}");

@@ -33,9 +33,7 @@ async fn postgres_connections_never_exceed_the_pools_under_200_concurrent_reques
         })
     };
 
-    let csrs: Vec<String> = (0..200)
-        .map(|i| csr(Key::P256, &[&format!("host{i}.example.test")]))
-        .collect();
+    let csrs: Vec<String> = (0..200).map(|i| csr(Key::P256, &[&format!("host{i}.example.test")])).collect();
     let requests = csrs.iter().enumerate().map(|(i, csr)| {
         let server = &server;
         async move {
@@ -43,32 +41,18 @@ async fn postgres_connections_never_exceed_the_pools_under_200_concurrent_reques
                 // Some clients read while others issue: the status pool is exercised too.
                 let _ = server.http.get(server.url("/readyz")).send().await;
             }
-            server
-                .issue(DEMO_KEY, "tls-server-p256", csr)
-                .send()
-                .await
-                .map(|r| r.status().as_u16())
+            server.issue(DEMO_KEY, "tls-server-p256", csr).send().await.map(|r| r.status().as_u16())
         }
     });
     let statuses = futures_util::future::join_all(requests).await;
     stop.store(true, Ordering::Relaxed);
     sampler.join().unwrap();
 
-    let statuses: Vec<u16> = statuses
-        .into_iter()
-        .map(|s| s.expect("every request is answered"))
-        .collect();
+    let statuses: Vec<u16> = statuses.into_iter().map(|s| s.expect("every request is answered")).collect();
     let issued = statuses.iter().filter(|s| **s == 201).count();
-    assert!(
-        statuses.iter().all(|s| matches!(s, 201 | 429 | 503)),
-        "{statuses:?}"
-    );
+    assert!(statuses.iter().all(|s| matches!(s, 201 | 429 | 503)), "{statuses:?}");
     assert!(issued > 0);
-    assert_eq!(
-        counts(&db).0 as usize,
-        issued,
-        "every 201 is one stored certificate"
-    );
+    assert_eq!(counts(&db).0 as usize, issued, "every 201 is one stored certificate");
     let peak = peak.load(Ordering::Relaxed);
     assert!(samples.load(Ordering::Relaxed) > 10, "the sampler ran");
     assert!(peak > 0, "the sampler sees the engine's connections");

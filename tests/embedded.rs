@@ -9,9 +9,7 @@ use common::*;
 #[actix_rt::test]
 async fn an_application_embeds_the_engine() {
     let db = TestDb::sqlite();
-    let engine = castellum::Engine::start(dev_config(&db))
-        .await
-        .expect("engine starts");
+    let engine = castellum::Engine::start(dev_config(&db)).await.expect("engine starts");
     let client = engine.client("demo").expect("sample client");
 
     let issued = engine
@@ -25,40 +23,24 @@ async fn an_application_embeds_the_engine() {
         )
         .await
         .expect("issued");
-    let looked_up = engine
-        .certificate(&client, &issued.serial)
-        .await
-        .expect("stored");
+    let looked_up = engine.certificate(&client, &issued.serial).await.expect("stored");
     assert_eq!(looked_up.certificate, issued.certificate);
 
     // Write-ahead: the stored to-be-signed bytes are exactly the certificate's TBS.
-    let row = castellum::db::queries::load_certificate(&mut db.conn(), &issued.serial)
-        .unwrap()
-        .unwrap();
+    let row = castellum::db::queries::load_certificate(&mut db.conn(), &issued.serial).unwrap().unwrap();
     let (_, pem) = x509_parser::pem::parse_x509_pem(issued.certificate.as_bytes()).unwrap();
     let cert = pem.parse_x509().unwrap();
-    assert_eq!(
-        row.tbs_der,
-        cert.tbs_certificate.as_ref(),
-        "recorded TBS = signed TBS"
-    );
+    assert_eq!(row.tbs_der, cert.tbs_certificate.as_ref(), "recorded TBS = signed TBS");
     assert_eq!(row.state, "issued");
 
     // Refusals are typed.
     let refused = engine
         .issue(
             &client,
-            IssueRequest {
-                profile: "tls-server-p256".into(),
-                csr_pem: "junk".into(),
-                ..Default::default()
-            },
+            IssueRequest { profile: "tls-server-p256".into(), csr_pem: "junk".into(), ..Default::default() },
         )
         .await;
-    assert!(
-        matches!(refused, Err(EngineError::MalformedCsr(_))),
-        "{refused:?}"
-    );
+    assert!(matches!(refused, Err(EngineError::MalformedCsr(_))), "{refused:?}");
 
     let readiness = engine.readiness().await;
     assert!(readiness.ready, "{readiness:?}");
@@ -75,10 +57,7 @@ async fn an_application_embeds_the_engine() {
         "castellum_db_pool_wait_seconds_bucket",
         "castellum_store_batch_size_count",
     ] {
-        assert!(
-            metrics.contains(family),
-            "{family} missing from /metrics:\n{metrics}"
-        );
+        assert!(metrics.contains(family), "{family} missing from /metrics:\n{metrics}");
     }
 
     engine.shutdown().await;
@@ -100,29 +79,12 @@ async fn an_application_embeds_the_engine() {
 async fn health_and_readiness_over_http() {
     let db = TestDb::sqlite();
     let server = TestServer::start(dev_config(&db)).await;
-    assert_eq!(
-        server
-            .http
-            .get(server.url("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(server.http.get(server.url("/healthz")).send().await.unwrap().status(), 200);
     let ready = server.http.get(server.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     let body: serde_json::Value = ready.json().await.unwrap();
     assert_eq!(body["database"], "ok");
-    let metrics = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("castellum_registry_version"));
     server.stop().await;
 }

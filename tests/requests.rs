@@ -9,21 +9,13 @@ use common::*;
 async fn concurrent_retries_issue_once(db: TestDb) {
     let server = TestServer::start(dev_config(&db)).await;
     let csr = csr(Key::P256, &["idem.example.test"]);
-    let send = || {
-        server
-            .issue(DEMO_KEY, "tls-server-p256", &csr)
-            .header("idempotency-key", "order-42")
-            .send()
-    };
+    let send = || server.issue(DEMO_KEY, "tls-server-p256", &csr).header("idempotency-key", "order-42").send();
     let (a, b) = tokio::join!(send(), send());
     let (a, b) = (a.unwrap(), b.unwrap());
     assert_eq!((a.status().as_u16(), b.status().as_u16()), (201, 201));
     let a: serde_json::Value = a.json().await.unwrap();
     let b: serde_json::Value = b.json().await.unwrap();
-    assert_eq!(
-        a["serial"], b["serial"],
-        "both attempts answer with the one certificate"
-    );
+    assert_eq!(a["serial"], b["serial"], "both attempts answer with the one certificate");
     // A later retry replays it as well.
     let c: serde_json::Value = send().await.unwrap().json().await.unwrap();
     assert_eq!(a["serial"], c["serial"]);
@@ -31,29 +23,18 @@ async fn concurrent_retries_issue_once(db: TestDb) {
 
     // The same key with another body is refused and changes nothing.
     let other = server
-        .issue(
-            DEMO_KEY,
-            "tls-server-p256",
-            &common::csr(Key::P256, &["other.example.test"]),
-        )
+        .issue(DEMO_KEY, "tls-server-p256", &common::csr(Key::P256, &["other.example.test"]))
         .header("idempotency-key", "order-42")
         .send()
         .await
         .unwrap();
     assert_eq!(other.status(), 422);
     let problem: serde_json::Value = other.json().await.unwrap();
-    assert_eq!(
-        problem["type"],
-        "urn:castellum:problem:idempotency-key-reuse"
-    );
+    assert_eq!(problem["type"], "urn:castellum:problem:idempotency-key-reuse");
     assert_eq!(counts(&db).0, 1);
     // Keys are per client: another client's identical key is its own request.
     let mine = server
-        .issue(
-            OTHER_KEY,
-            "tls-server-p256",
-            &common::csr(Key::P256, &["o.example.test"]),
-        )
+        .issue(OTHER_KEY, "tls-server-p256", &common::csr(Key::P256, &["o.example.test"]))
         .header("idempotency-key", "order-42")
         .send()
         .await
@@ -73,19 +54,10 @@ async fn postgres_concurrent_retries_issue_once() {
 }
 
 /// Poll a request until it leaves `pending`, or give up after `limit`.
-pub async fn wait_for_request(
-    http: &reqwest::Client,
-    base: &str,
-    id: &str,
-    limit: Duration,
-) -> serde_json::Value {
+pub async fn wait_for_request(http: &reqwest::Client, base: &str, id: &str, limit: Duration) -> serde_json::Value {
     let started = Instant::now();
     loop {
-        let resp = http
-            .get(format!("{base}/v1/requests/{id}"))
-            .bearer_auth(DEMO_KEY)
-            .send()
-            .await;
+        let resp = http.get(format!("{base}/v1/requests/{id}")).bearer_auth(DEMO_KEY).send().await;
         if let Ok(resp) = resp {
             if resp.status() == 200 {
                 let body: serde_json::Value = resp.json().await.unwrap();
@@ -94,10 +66,7 @@ pub async fn wait_for_request(
                 }
             }
         }
-        assert!(
-            started.elapsed() < limit,
-            "request {id} still pending after {limit:?}"
-        );
+        assert!(started.elapsed() < limit, "request {id} still pending after {limit:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -105,11 +74,7 @@ pub async fn wait_for_request(
 async fn async_request_is_issued(db: TestDb) {
     let server = TestServer::start(dev_config(&db)).await;
     let resp = server
-        .issue(
-            DEMO_KEY,
-            "ocsp-renewal",
-            &csr(Key::P256, &["ocsp1.example.test"]),
-        )
+        .issue(DEMO_KEY, "ocsp-renewal", &csr(Key::P256, &["ocsp1.example.test"]))
         .header("prefer", "respond-async")
         .send()
         .await
@@ -121,18 +86,9 @@ async fn async_request_is_issued(db: TestDb) {
     assert_eq!(location, format!("/v1/requests/{id}"));
     let done = wait_for_request(&server.http, &server.base, id, Duration::from_secs(10)).await;
     assert_eq!(done["state"], "issued", "{done}");
-    assert!(done["certificate"]["certificate"]
-        .as_str()
-        .unwrap()
-        .contains("BEGIN CERTIFICATE"));
+    assert!(done["certificate"]["certificate"].as_str().unwrap().contains("BEGIN CERTIFICATE"));
     // Only its client sees it.
-    let other = server
-        .http
-        .get(server.url(&location))
-        .bearer_auth(OTHER_KEY)
-        .send()
-        .await
-        .unwrap();
+    let other = server.http.get(server.url(&location)).bearer_auth(OTHER_KEY).send().await.unwrap();
     assert_eq!(other.status(), 404);
     server.stop().await;
 }
@@ -159,11 +115,7 @@ async fn accepted_request_survives_a_crash(db: TestDb) {
         1,
     );
     assert!(slow.contains("sign_latency"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config_path = dir.path().join("slow.toml");
     std::fs::write(&config_path, &slow).unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_castellum"))
@@ -180,17 +132,8 @@ async fn accepted_request_survives_a_crash(db: TestDb) {
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let started = Instant::now();
-    while http
-        .get(format!("{base}/readyz"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "first engine did not become ready"
-        );
+    while http.get(format!("{base}/readyz")).send().await.map(|r| r.status() != 200).unwrap_or(true) {
+        assert!(started.elapsed() < Duration::from_secs(20), "first engine did not become ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let resp = http
@@ -202,16 +145,11 @@ async fn accepted_request_survives_a_crash(db: TestDb) {
         .await
         .unwrap();
     assert_eq!(resp.status(), 202);
-    let id = resp.json::<serde_json::Value>().await.unwrap()["request_id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let id = resp.json::<serde_json::Value>().await.unwrap()["request_id"].as_str().unwrap().to_string();
     tokio::time::sleep(Duration::from_millis(300)).await;
     child.kill().unwrap(); // SIGKILL: no drain, no claim released.
     child.wait().unwrap();
-    let row = castellum::db::queries::load_request(&mut db.conn(), &id)
-        .unwrap()
-        .expect("request stored before 202");
+    let row = castellum::db::queries::load_request(&mut db.conn(), &id).unwrap().expect("request stored before 202");
     assert_eq!(row.state, "pending", "the killed engine had not issued it");
     assert_eq!(row.claimed_by.as_deref(), Some("crashing-instance"));
 

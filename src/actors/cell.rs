@@ -14,6 +14,7 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
+use super::registry::{ca_state, RegistryChanged};
 use super::signer::{Prepare, Sign, Signer};
 use super::store::StoreHandle;
 use crate::config::{CaConfig, Lane};
@@ -100,6 +101,8 @@ pub struct CaCell {
     interactive_streak: u32,
     drain_waiters: Vec<oneshot::Sender<()>>,
     draining: bool,
+    /// This CA's state in the registry's latest snapshot.
+    ca_state: String,
 }
 
 /// Background work gets at least one dispatch in this many when both lanes wait.
@@ -115,6 +118,7 @@ impl CaCell {
         metrics: Arc<Metrics>,
         instance: Arc<str>,
         faults: Faults,
+        initial_state: String,
     ) -> (Addr<CaCell>, Arbiter) {
         let signer_ca = ca.clone();
         let signer_metrics = metrics.clone();
@@ -123,13 +127,7 @@ impl CaCell {
             metrics: signer_metrics.clone(),
             sign_latency: faults.sign_latency,
         });
-        let pipeline = Pipeline {
-            ca,
-            signer,
-            store,
-            metrics,
-            instance,
-        };
+        let pipeline = Pipeline { ca, signer, store, metrics, instance };
         let queue = cfg.queue.clone();
         let arbiter = Arbiter::new();
         let addr = CaCell::start_in_arbiter(&arbiter.handle(), move |_| CaCell {
@@ -143,6 +141,7 @@ impl CaCell {
             interactive_streak: 0,
             drain_waiters: Vec::new(),
             draining: false,
+            ca_state: initial_state,
         });
         (addr, arbiter)
     }
@@ -180,14 +179,8 @@ impl CaCell {
                 .observe(now.duration_since(job.enqueued_at).as_secs_f64());
             if now >= job.deadline {
                 // Its caller has already been answered 503: never sign it.
-                self.pipeline
-                    .metrics
-                    .expired_in_queue
-                    .get_or_create(&metrics::ca(self.ca_id()))
-                    .inc();
-                let err = EngineError::DeadlineExceeded {
-                    retry_after: Duration::from_secs(1),
-                };
+                self.pipeline.metrics.expired_in_queue.get_or_create(&metrics::ca(self.ca_id())).inc();
+                let err = EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) };
                 finish_request(&self.pipeline, &job, Err(&err));
                 job.answer(Err(err));
                 continue;
@@ -207,11 +200,7 @@ impl CaCell {
             }));
         }
         self.export_gauges();
-        if self.draining
-            && self.in_flight == 0
-            && self.interactive.is_empty()
-            && self.background.is_empty()
-        {
+        if self.draining && self.in_flight == 0 && self.interactive.is_empty() && self.background.is_empty() {
             for waiter in self.drain_waiters.drain(..) {
                 let _ = waiter.send(());
             }
@@ -226,9 +215,7 @@ impl CaCell {
         m.queue_depth
             .get_or_create(&metrics::ca_lane(self.ca_id(), Lane::Background))
             .set(self.background.len() as i64);
-        m.in_flight
-            .get_or_create(&metrics::ca(self.ca_id()))
-            .set(self.in_flight as i64);
+        m.in_flight.get_or_create(&metrics::ca(self.ca_id())).set(self.in_flight as i64);
     }
 }
 
@@ -249,6 +236,11 @@ impl Handler<Enqueue> for CaCell {
             job.answer(Err(EngineError::ShuttingDown));
             return;
         }
+        if !self.takes_work() {
+            // Intake read an older snapshot than ours.
+            self.turn_away(job);
+            return;
+        }
         let lane = job.profile.lane;
         let (queue, capacity) = match lane {
             Lane::Interactive => (&mut self.interactive, self.interactive_capacity),
@@ -265,6 +257,53 @@ impl Handler<Enqueue> for CaCell {
             return;
         }
         queue.push_back(job);
+        self.dispatch(ctx);
+    }
+}
+
+impl CaCell {
+    /// What a job the CA cannot take now becomes: parked work is held durably (async) or refused
+    /// at once (sync); a disabled or retired CA's work fails for good.
+    fn turn_away(&self, mut job: Job) {
+        let ca = self.pipeline.ca.id.clone();
+        if self.ca_state == ca_state::PARKED {
+            if job.is_async {
+                park_request(&self.pipeline, &job);
+            } else {
+                job.answer(Err(EngineError::CaUnavailable {
+                    ca,
+                    reason: "the CA was parked".into(),
+                    retry_after: Duration::from_secs(30),
+                }));
+            }
+            return;
+        }
+        let err = EngineError::CaDisabled(ca);
+        finish_request(&self.pipeline, &job, Err(&err));
+        job.answer(Err(err));
+    }
+
+    fn takes_work(&self) -> bool {
+        matches!(self.ca_state.as_str(), ca_state::ENABLED | ca_state::DRAINING)
+    }
+}
+
+impl Handler<RegistryChanged> for CaCell {
+    type Result = ();
+
+    fn handle(&mut self, RegistryChanged(snapshot): RegistryChanged, ctx: &mut Self::Context) {
+        let state = snapshot.ca_state(&self.pipeline.ca.id).to_string();
+        if state == self.ca_state {
+            return;
+        }
+        tracing::info!(ca = %self.pipeline.ca.id, from = %self.ca_state, to = %state, "CA state changed");
+        self.ca_state = state;
+        if !self.takes_work() {
+            let queued: Vec<Job> = self.interactive.drain(..).chain(self.background.drain(..)).collect();
+            for job in queued {
+                self.turn_away(job);
+            }
+        }
         self.dispatch(ctx);
     }
 }
@@ -305,11 +344,7 @@ fn mailbox_gone(_: MailboxError) -> EngineError {
 async fn run(p: &Pipeline, job: &Job) -> Result<IssuedCertificate, EngineError> {
     let prepared = p
         .signer
-        .send(Prepare {
-            profile: job.profile.clone(),
-            csr: job.csr.clone(),
-            names: job.names.clone(),
-        })
+        .send(Prepare { profile: job.profile.clone(), csr: job.csr.clone(), names: job.names.clone() })
         .await
         .map_err(mailbox_gone)??;
     let serial = prepared.serial_hex.clone();
@@ -333,19 +368,12 @@ async fn run(p: &Pipeline, job: &Job) -> Result<IssuedCertificate, EngineError> 
         })))
         .await?;
 
-    let signed = p
-        .signer
-        .send(Sign {
-            tbs_der: prepared.tbs_der,
-            deadline: job.deadline,
-        })
-        .await
-        .map_err(mailbox_gone)?;
+    let signed =
+        p.signer.send(Sign { tbs_der: prepared.tbs_der, deadline: job.deadline }).await.map_err(mailbox_gone)?;
     let cert_der = match signed {
         Ok(der) => der,
         Err(e) => {
-            p.store
-                .write_detached(WriteOp::CertificateAbandoned { serial });
+            p.store.write_detached(WriteOp::CertificateAbandoned { serial });
             return Err(e);
         }
     };
@@ -377,6 +405,19 @@ async fn run(p: &Pipeline, job: &Job) -> Result<IssuedCertificate, EngineError> 
         not_after: prepared.not_after_ms,
         request_id: job.request_id.clone(),
     })
+}
+
+/// Hold an asynchronous request durably until an operator resubmits it.
+fn park_request(p: &Pipeline, job: &Job) {
+    let Some(id) = &job.request_id else { return };
+    p.store.write_detached(WriteOp::RequestFinished {
+        id: id.clone(),
+        state: request_state::PARKED,
+        error_type: None,
+        error_detail: None,
+        at: now_ms(),
+        claimed_until: None,
+    });
 }
 
 /// Record a stored request's outcome (issued requests were recorded with their certificate).

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::cell::{CaCell, Enqueue, Job};
-use super::registry::SharedSnapshot;
+use super::registry::{ca_state, SharedSnapshot};
 use crate::config::{Config, LanesConfig};
 use crate::engine::types::Client;
 use crate::error::EngineError;
@@ -30,18 +30,11 @@ pub struct Catalog {
 
 impl Catalog {
     pub fn build(config: &Config, cas: HashMap<String, CaMaterial>) -> Catalog {
-        let profiles = config
-            .profiles
-            .iter()
-            .map(|p| (p.id.clone(), Arc::new(Profile::from_config(p))))
-            .collect();
+        let profiles = config.profiles.iter().map(|p| (p.id.clone(), Arc::new(Profile::from_config(p)))).collect();
         let mut clients_by_key = HashMap::new();
         let mut clients_by_name = HashMap::new();
         for c in &config.clients {
-            let client = Arc::new(Client {
-                name: c.name.clone(),
-                profiles: c.profiles.iter().cloned().collect(),
-            });
+            let client = Arc::new(Client { name: c.name.clone(), profiles: c.profiles.iter().cloned().collect() });
             let mut key = [0u8; 32];
             if hex::decode_to_slice(c.api_key_sha256.to_ascii_lowercase(), &mut key).is_ok() {
                 clients_by_key.insert(key, client.clone());
@@ -49,12 +42,7 @@ impl Catalog {
             clients_by_name.insert(c.name.clone(), client);
         }
         let cas = cas.into_iter().map(|(id, m)| (id, Arc::new(m))).collect();
-        Catalog {
-            profiles,
-            clients_by_key,
-            clients_by_name,
-            cas,
-        }
+        Catalog { profiles, clients_by_key, clients_by_name, cas }
     }
 }
 
@@ -63,6 +51,8 @@ pub struct Admitted {
     pub profile: Arc<Profile>,
     pub csr: Arc<CheckedCsr>,
     pub names: Arc<ApprovedNames>,
+    /// The CA is parked: store the request as parked instead of queueing it.
+    pub hold: bool,
 }
 
 impl Admitted {
@@ -88,19 +78,18 @@ impl Intake {
     /// The client holding this bearer API key.
     pub fn authenticate(&self, api_key: &str) -> Result<Arc<Client>, EngineError> {
         let digest = openssl::sha::sha256(api_key.as_bytes());
-        self.catalog
-            .clients_by_key
-            .get(&digest)
-            .cloned()
-            .ok_or(EngineError::Unauthorized)
+        self.catalog.clients_by_key.get(&digest).cloned().ok_or(EngineError::Unauthorized)
     }
 
-    /// Which profile, may this client use it, is it and its CA serving.
+    /// Which profile, may this client use it, are it and its CA taking this kind of work.
+    /// Returns the profile and whether the work must be held (the CA is parked: asynchronous
+    /// work is accepted and stored as parked).
     pub fn profile_for(
         &self,
         client: &Client,
         profile_id: &str,
-    ) -> Result<Arc<Profile>, EngineError> {
+        is_async: bool,
+    ) -> Result<(Arc<Profile>, bool), EngineError> {
         let profile = self
             .catalog
             .profiles
@@ -114,10 +103,22 @@ impl Intake {
         if !snapshot.profile_enabled(profile_id) {
             return Err(EngineError::ProfileDisabled(profile_id.into()));
         }
-        if !snapshot.ca_enabled(&profile.ca) || !self.catalog.cas.contains_key(&profile.ca) {
+        if !self.catalog.cas.contains_key(&profile.ca) {
             return Err(EngineError::CaDisabled(profile.ca.clone()));
         }
-        Ok(profile)
+        let unavailable = |reason: &str| EngineError::CaUnavailable {
+            ca: profile.ca.clone(),
+            reason: reason.into(),
+            retry_after: Duration::from_secs(30),
+        };
+        let hold = match snapshot.ca_state(&profile.ca) {
+            ca_state::ENABLED => false,
+            ca_state::PARKED if is_async => true,
+            ca_state::PARKED => return Err(unavailable("the CA is parked; asynchronous requests are accepted")),
+            ca_state::DRAINING => return Err(unavailable("the CA is draining")),
+            _ => return Err(EngineError::CaDisabled(profile.ca.clone())),
+        };
+        Ok((profile, hold))
     }
 
     /// Everything that can be decided without the CA: profile, permission, state, CSR, policy.
@@ -126,23 +127,18 @@ impl Intake {
         client: &Client,
         profile_id: &str,
         csr_pem: &str,
+        is_async: bool,
     ) -> Result<Admitted, EngineError> {
-        let profile = self.profile_for(client, profile_id)?;
+        let (profile, hold) = self.profile_for(client, profile_id, is_async)?;
         let csr = csr::check_csr_pem(csr_pem)?;
-        self.admit_checked(profile, csr)
+        let mut admitted = self.admit_checked(profile, csr)?;
+        admitted.hold = hold;
+        Ok(admitted)
     }
 
-    pub fn admit_checked(
-        &self,
-        profile: Arc<Profile>,
-        csr: CheckedCsr,
-    ) -> Result<Admitted, EngineError> {
+    pub fn admit_checked(&self, profile: Arc<Profile>, csr: CheckedCsr) -> Result<Admitted, EngineError> {
         let names = profile.approve(&csr)?;
-        Ok(Admitted {
-            profile,
-            csr: Arc::new(csr),
-            names: Arc::new(names),
-        })
+        Ok(Admitted { profile, csr: Arc::new(csr), names: Arc::new(names), hold: false })
     }
 
     /// The request's absolute deadline: its lane's default, shortened (never lengthened past

@@ -20,6 +20,17 @@ use crate::pki::{csr, now_ms};
 /// Requests taken up per round, so one instance never grabs a whole backlog at once.
 const BATCH: i64 = 64;
 
+/// Feed a CA's parked requests back to it, `per_second` at most, until none are left.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Resubmit {
+    pub ca: String,
+    pub per_second: u32,
+}
+
+/// Resubmission works in ticks of this length.
+const RESUBMIT_TICK: Duration = Duration::from_millis(100);
+
 pub struct Resumer {
     pub intake: Intake,
     pub control: DbPool,
@@ -29,6 +40,9 @@ pub struct Resumer {
     pub interval: Duration,
     pub metrics: Arc<Metrics>,
     pub busy: bool,
+    /// CAs being resubmitted, with their rate per second.
+    pub resubmitting: std::collections::HashMap<String, u32>,
+    pub resubmit_busy: bool,
 }
 
 impl Resumer {
@@ -40,32 +54,28 @@ impl Resumer {
         let pool = self.control.clone();
         let instance = self.instance.clone();
         let lease_ms = self.lease.as_millis() as i64;
-        let work =
-            actix_web::rt::task::spawn_blocking(move || -> Result<Vec<RequestRow>, DbError> {
-                let mut conn = pool.get()?;
-                let now = now_ms();
-                let expired = queries::expire_requests(&mut conn, now)?;
-                if expired > 0 {
-                    tracing::info!(
-                        expired,
-                        "asynchronous requests expired before they could be issued"
-                    );
+        let work = actix_web::rt::task::spawn_blocking(move || -> Result<Vec<RequestRow>, DbError> {
+            let mut conn = pool.get()?;
+            let now = now_ms();
+            let expired = queries::expire_requests(&mut conn, now)?;
+            if expired > 0 {
+                tracing::info!(expired, "asynchronous requests expired before they could be issued");
+            }
+            let mut claimed = Vec::new();
+            for row in queries::claimable_requests(&mut conn, now, BATCH)? {
+                if queries::claim_request(
+                    &mut conn,
+                    &row.id,
+                    &instance,
+                    now,
+                    now + lease_ms,
+                    &[request_state::PENDING],
+                )? {
+                    claimed.push(row);
                 }
-                let mut claimed = Vec::new();
-                for row in queries::claimable_requests(&mut conn, now, BATCH)? {
-                    if queries::claim_request(
-                        &mut conn,
-                        &row.id,
-                        &instance,
-                        now,
-                        now + lease_ms,
-                        &[request_state::PENDING],
-                    )? {
-                        claimed.push(row);
-                    }
-                }
-                Ok(claimed)
-            });
+            }
+            Ok(claimed)
+        });
         ctx.spawn(work.into_actor(self).map(|result, act, _| {
             act.busy = false;
             match result {
@@ -76,27 +86,62 @@ impl Resumer {
         }));
     }
 
+    fn resubmit_tick(&mut self, ctx: &mut Context<Self>) {
+        if self.resubmit_busy || self.resubmitting.is_empty() {
+            return;
+        }
+        self.resubmit_busy = true;
+        let work: Vec<(String, i64)> =
+            self.resubmitting.iter().map(|(ca, rate)| (ca.clone(), i64::from(rate.div_ceil(10).max(1)))).collect();
+        let pool = self.control.clone();
+        let instance = self.instance.clone();
+        let lease_ms = self.lease.as_millis() as i64;
+        let task =
+            actix_web::rt::task::spawn_blocking(move || -> Result<Vec<(String, bool, Vec<RequestRow>)>, DbError> {
+                let mut conn = pool.get()?;
+                let now = now_ms();
+                let mut out = Vec::new();
+                for (ca, n) in work {
+                    let rows = queries::claim_parked(&mut conn, &ca, n, &instance, now, now + lease_ms)?;
+                    let finished = (rows.len() as i64) < n;
+                    out.push((ca, finished, rows));
+                }
+                Ok(out)
+            });
+        ctx.spawn(task.into_actor(self).map(|result, act, _| {
+            act.resubmit_busy = false;
+            match result {
+                Ok(Ok(batches)) => {
+                    for (ca, finished, rows) in batches {
+                        for row in rows {
+                            act.resume(row);
+                        }
+                        if finished {
+                            tracing::info!(ca = %ca, "resubmission of parked requests finished");
+                            act.resubmitting.remove(&ca);
+                        }
+                    }
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "resubmission round failed; retrying"),
+                Err(e) => tracing::error!(error = %e, "resubmission task failed"),
+            }
+        }));
+    }
+
     fn resume(&self, row: RequestRow) {
         let span = tracing::info_span!("resume", request_id = %row.id, client = %row.client, profile = %row.profile);
         let _entered = span.enter();
         let admitted = (|| {
-            let client = self
-                .intake
-                .catalog
-                .clients_by_name
-                .get(&row.client)
-                .cloned()
-                .ok_or(EngineError::Unauthorized)?;
-            let profile = self.intake.profile_for(&client, &row.profile)?;
+            let client =
+                self.intake.catalog.clients_by_name.get(&row.client).cloned().ok_or(EngineError::Unauthorized)?;
+            let (profile, _) = self.intake.profile_for(&client, &row.profile, true)?;
             let checked = csr::check_csr_der(row.csr_der.clone())?;
             self.intake.admit_checked(profile, checked)
         })();
         let result = admitted.and_then(|a| {
             let lane = self.intake.lanes.get(a.profile.lane);
             let deadline = Instant::now()
-                + lane.max_deadline.min(Duration::from_millis(
-                    (row.expires_at - now_ms()).max(0) as u64
-                ));
+                + lane.max_deadline.min(Duration::from_millis((row.expires_at - now_ms()).max(0) as u64));
             self.metrics.async_resumed.inc();
             self.intake.hand_to_cell(Job {
                 profile: a.profile,
@@ -137,5 +182,15 @@ impl Actor for Resumer {
     fn started(&mut self, ctx: &mut Self::Context) {
         self.round(ctx);
         ctx.run_interval(self.interval, |act, ctx| act.round(ctx));
+        ctx.run_interval(RESUBMIT_TICK, |act, ctx| act.resubmit_tick(ctx));
+    }
+}
+
+impl Handler<Resubmit> for Resumer {
+    type Result = ();
+
+    fn handle(&mut self, msg: Resubmit, _: &mut Self::Context) {
+        tracing::info!(ca = %msg.ca, per_second = msg.per_second, "resubmitting parked requests");
+        self.resubmitting.insert(msg.ca, msg.per_second);
     }
 }

@@ -44,24 +44,11 @@ impl Handler<Prepare> for Signer {
     type Result = Result<PreparedCert, EngineError>;
 
     fn handle(&mut self, msg: Prepare, _: &mut Self::Context) -> Self::Result {
-        super::catch_panic("signer", || {
-            tbs::prepare(
-                &self.ca,
-                &msg.profile,
-                &msg.csr,
-                &msg.names,
-                SystemTime::now(),
-            )
-        })
-        .unwrap_or_else(|panic| {
-            self.metrics
-                .worker_panics
-                .get_or_create(&metrics::ca(&self.ca.id))
-                .inc();
-            Err(EngineError::Internal(format!(
-                "certificate preparation panicked: {panic}"
-            )))
-        })
+        super::catch_panic("signer", || tbs::prepare(&self.ca, &msg.profile, &msg.csr, &msg.names, SystemTime::now()))
+            .unwrap_or_else(|panic| {
+                self.metrics.worker_panics.get_or_create(&metrics::ca(&self.ca.id)).inc();
+                Err(EngineError::Internal(format!("certificate preparation panicked: {panic}")))
+            })
     }
 }
 
@@ -74,31 +61,16 @@ impl Handler<Sign> for Signer {
         }
         // The last check before the key is used: a caller that has given up gets nothing signed.
         if Instant::now() >= msg.deadline {
-            self.metrics
-                .expired_in_queue
-                .get_or_create(&metrics::ca(&self.ca.id))
-                .inc();
-            return Err(EngineError::DeadlineExceeded {
-                retry_after: std::time::Duration::from_secs(1),
-            });
+            self.metrics.expired_in_queue.get_or_create(&metrics::ca(&self.ca.id)).inc();
+            return Err(EngineError::DeadlineExceeded { retry_after: std::time::Duration::from_secs(1) });
         }
         let started = Instant::now();
-        let result = super::catch_panic("signer", || tbs::sign(&self.ca, &msg.tbs_der))
-            .unwrap_or_else(|panic| {
-                self.metrics
-                    .worker_panics
-                    .get_or_create(&metrics::ca(&self.ca.id))
-                    .inc();
-                Err(EngineError::SignerFailure {
-                    ca: self.ca.id.clone(),
-                    reason: format!("signer panicked: {panic}"),
-                })
-            });
+        let result = super::catch_panic("signer", || tbs::sign(&self.ca, &msg.tbs_der)).unwrap_or_else(|panic| {
+            self.metrics.worker_panics.get_or_create(&metrics::ca(&self.ca.id)).inc();
+            Err(EngineError::SignerFailure { ca: self.ca.id.clone(), reason: format!("signer panicked: {panic}") })
+        });
         let labels = metrics::ca(&self.ca.id);
-        self.metrics
-            .sign_seconds
-            .get_or_create(&labels)
-            .observe(started.elapsed().as_secs_f64());
+        self.metrics.sign_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
         if result.is_ok() {
             self.metrics.signatures.get_or_create(&labels).inc();
         }

@@ -41,12 +41,10 @@ impl StoreHandle {
     /// Write and wait for the commit.
     pub async fn write(&self, op: WriteOp) -> Result<WriteOutcome, EngineError> {
         let (tx, rx) = oneshot::channel();
-        self.front
-            .try_send(Write { op, ack: Some(tx) })
-            .map_err(|e| match e {
-                SendError::Full(_) => EngineError::StoreOverloaded,
-                SendError::Closed(_) => EngineError::ShuttingDown,
-            })?;
+        self.front.try_send(Write { op, ack: Some(tx) }).map_err(|e| match e {
+            SendError::Full(_) => EngineError::StoreOverloaded,
+            SendError::Closed(_) => EngineError::ShuttingDown,
+        })?;
         rx.await.unwrap_or(Err(EngineError::ShuttingDown))
     }
 
@@ -71,12 +69,7 @@ pub struct StoreFront {
 
 impl StoreFront {
     /// Start the front on the current arbiter and `pool.max_size` workers on their own threads.
-    pub fn start(
-        pool: DbPool,
-        max_batch: usize,
-        max_pending: usize,
-        metrics: Arc<Metrics>,
-    ) -> StoreHandle {
+    pub fn start(pool: DbPool, max_batch: usize, max_pending: usize, metrics: Arc<Metrics>) -> StoreHandle {
         let worker_count = pool.max_size as usize;
         let worker_metrics = metrics.clone();
         let workers = SyncArbiter::start(worker_count, move || StoreWorker {
@@ -106,9 +99,7 @@ impl StoreFront {
             let fut = self.workers.send(Batch(ops));
             ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
                 act.busy -= 1;
-                act.metrics
-                    .store_commit_seconds
-                    .observe(started.elapsed().as_secs_f64());
+                act.metrics.store_commit_seconds.observe(started.elapsed().as_secs_f64());
                 match result {
                     Ok(Ok(outcomes)) => {
                         for (ack, outcome) in acks.into_iter().zip(outcomes) {
@@ -178,10 +169,7 @@ impl Handler<Batch> for StoreWorker {
             queries::apply_batch(&mut conn, &batch.0)
         })
         .unwrap_or_else(|panic| {
-            self.metrics
-                .worker_panics
-                .get_or_create(&crate::metrics::ca("store"))
-                .inc();
+            self.metrics.worker_panics.get_or_create(&crate::metrics::ca("store")).inc();
             Err(DbError::WorkerPanic(panic))
         })
     }

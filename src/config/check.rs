@@ -27,10 +27,7 @@ struct Problems(Vec<ConfigProblem>);
 
 impl Problems {
     fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(ConfigProblem {
-            path: path.into(),
-            message: message.into(),
-        });
+        self.0.push(ConfigProblem { path: path.into(), message: message.into() });
     }
 }
 
@@ -54,22 +51,18 @@ fn check_cas(config: &Config, p: &mut Problems) -> HashMap<String, CaMaterial> {
     for (i, ca) in config.cas.iter().enumerate() {
         let at = format!("cas[{i}]");
         if !valid_id(&ca.id) {
-            p.add(
-                format!("{at}.id"),
-                format!("{:?} is not a valid id (letters, digits, '-', '_')", ca.id),
-            );
+            p.add(format!("{at}.id"), format!("{:?} is not a valid id (letters, digits, '-', '_')", ca.id));
         }
         if !seen.insert(ca.id.clone()) {
             p.add(format!("{at}.id"), format!("duplicate CA id {:?}", ca.id));
         }
         if ca.key_passphrase.is_some() && config.mode != Mode::Dev {
-            p.add(format!("{at}.key_passphrase"), "an inline key passphrase is allowed only in dev mode; use key_passphrase_env or key_passphrase_file");
+            p.add(
+                format!("{at}.key_passphrase"),
+                "an inline key passphrase is allowed only in dev mode; use key_passphrase_env or key_passphrase_file",
+            );
         }
-        let sources = [
-            ca.key_passphrase.is_some(),
-            ca.key_passphrase_env.is_some(),
-            ca.key_passphrase_file.is_some(),
-        ];
+        let sources = [ca.key_passphrase.is_some(), ca.key_passphrase_env.is_some(), ca.key_passphrase_file.is_some()];
         if sources.iter().filter(|s| **s).count() > 1 {
             p.add(
                 format!("{at}.key_passphrase"),
@@ -77,10 +70,7 @@ fn check_cas(config: &Config, p: &mut Problems) -> HashMap<String, CaMaterial> {
             );
         }
         if ca.fault.is_active() && config.mode != Mode::Dev {
-            p.add(
-                format!("{at}.fault"),
-                "fault injection is refused unless mode = \"dev\"",
-            );
+            p.add(format!("{at}.fault"), "fault injection is refused unless mode = \"dev\"");
         }
         if ca.signer_threads == 0 {
             p.add(format!("{at}.signer_threads"), "must be at least 1");
@@ -89,10 +79,7 @@ fn check_cas(config: &Config, p: &mut Problems) -> HashMap<String, CaMaterial> {
             p.add(format!("{at}.queue.in_flight"), "must be at least 1");
         }
         if !(ca.expected_sign_rate.is_finite() && ca.expected_sign_rate > 0.0) {
-            p.add(
-                format!("{at}.expected_sign_rate"),
-                "must be a positive number of signatures per second",
-            );
+            p.add(format!("{at}.expected_sign_rate"), "must be a positive number of signatures per second");
         } else {
             // A queue that cannot be emptied within its lane's deadline only holds work that
             // will time out (incident 003): refuse such a capacity.
@@ -102,11 +89,8 @@ fn check_cas(config: &Config, p: &mut Problems) -> HashMap<String, CaMaterial> {
             ] {
                 let drain = Duration::from_secs_f64(capacity as f64 / ca.expected_sign_rate);
                 if drain > lane.default_deadline {
-                    let which = if std::ptr::eq(lane, &config.lanes.interactive) {
-                        "interactive"
-                    } else {
-                        "background"
-                    };
+                    let which =
+                        if std::ptr::eq(lane, &config.lanes.interactive) { "interactive" } else { "background" };
                     p.add(
                         format!("{at}.queue.{which}_capacity"),
                         format!(
@@ -119,10 +103,7 @@ fn check_cas(config: &Config, p: &mut Problems) -> HashMap<String, CaMaterial> {
                 }
             }
         }
-        let key_in_dev_dir = ca
-            .key_file
-            .components()
-            .any(|c| c.as_os_str() == "keys-dev");
+        let key_in_dev_dir = ca.key_file.components().any(|c| c.as_os_str() == "keys-dev");
         if key_in_dev_dir && config.mode != Mode::Dev {
             p.add(
                 format!("{at}.key_file"),
@@ -144,9 +125,7 @@ fn check_cas(config: &Config, p: &mut Problems) -> HashMap<String, CaMaterial> {
             }
             Err(e) => {
                 let field = match e {
-                    crate::pki::CaLoadError::KeyDecrypt | crate::pki::CaLoadError::NoPassphrase => {
-                        "key_file"
-                    }
+                    crate::pki::CaLoadError::KeyDecrypt | crate::pki::CaLoadError::NoPassphrase => "key_file",
                     crate::pki::CaLoadError::PassphraseSource(_) => "key_passphrase",
                     crate::pki::CaLoadError::Read { ref path, .. }
                         if path.ends_with(&*ca.key_file.to_string_lossy()) =>
@@ -160,9 +139,7 @@ fn check_cas(config: &Config, p: &mut Problems) -> HashMap<String, CaMaterial> {
                     }
                     crate::pki::CaLoadError::Read { .. } => "chain_files",
                     crate::pki::CaLoadError::Invalid(ref m) if m.contains("chain") => "chain_files",
-                    crate::pki::CaLoadError::Invalid(ref m) if m.contains("private key") => {
-                        "key_file"
-                    }
+                    crate::pki::CaLoadError::Invalid(ref m) if m.contains("private key") => "key_file",
                     crate::pki::CaLoadError::Invalid(_) => "cert_file",
                 };
                 p.add(format!("{at}.{field}"), e.to_string());
@@ -178,16 +155,10 @@ fn check_profiles(config: &Config, cas: &HashMap<String, CaMaterial>, p: &mut Pr
     for (i, profile) in config.profiles.iter().enumerate() {
         let at = format!("profiles[{i}]");
         if !valid_id(&profile.id) {
-            p.add(
-                format!("{at}.id"),
-                format!("{:?} is not a valid id", profile.id),
-            );
+            p.add(format!("{at}.id"), format!("{:?} is not a valid id", profile.id));
         }
         if !seen.insert(profile.id.clone()) {
-            p.add(
-                format!("{at}.id"),
-                format!("duplicate profile id {:?}", profile.id),
-            );
+            p.add(format!("{at}.id"), format!("duplicate profile id {:?}", profile.id));
         }
         if !ca_ids.contains(profile.ca.as_str()) {
             p.add(format!("{at}.ca"), format!("no CA named {:?}", profile.ca));
@@ -200,47 +171,29 @@ fn check_profiles(config: &Config, cas: &HashMap<String, CaMaterial>, p: &mut Pr
             if expiry > ca.not_after {
                 p.add(
                     format!("{at}.validity"),
-                    format!(
-                        "certificates issued now would outlive CA {:?}, which expires sooner",
-                        profile.ca
-                    ),
+                    format!("certificates issued now would outlive CA {:?}, which expires sooner", profile.ca),
                 );
             }
         }
         if profile.key_usage.is_empty() {
-            p.add(
-                format!("{at}.key_usage"),
-                "at least one key usage is required",
-            );
+            p.add(format!("{at}.key_usage"), "at least one key usage is required");
         }
         if profile.allowed_keys.is_empty() {
-            p.add(
-                format!("{at}.allowed_keys"),
-                "at least one key type is required",
-            );
+            p.add(format!("{at}.allowed_keys"), "at least one key type is required");
         }
         if profile.min_rsa_bits < 2048 {
-            p.add(
-                format!("{at}.min_rsa_bits"),
-                "RSA keys below 2048 bits are never accepted",
-            );
+            p.add(format!("{at}.min_rsa_bits"), "RSA keys below 2048 bits are never accepted");
         }
         let n = &profile.names;
         if !n.dns && !n.ip && !n.email {
-            p.add(
-                format!("{at}.names"),
-                "the profile allows no name type (dns, ip, email)",
-            );
+            p.add(format!("{at}.names"), "the profile allows no name type (dns, ip, email)");
         }
         if n.max_names == 0 {
             p.add(format!("{at}.names.max_names"), "must be at least 1");
         }
         for (j, s) in n.dns_suffixes.iter().enumerate() {
             if !crate::pki::csr::is_valid_dns_name(s.trim_start_matches('.')) {
-                p.add(
-                    format!("{at}.names.dns_suffixes[{j}]"),
-                    format!("{s:?} is not a DNS name"),
-                );
+                p.add(format!("{at}.names.dns_suffixes[{j}]"), format!("{s:?} is not a DNS name"));
             }
         }
     }
@@ -253,29 +206,17 @@ fn check_clients(config: &Config, p: &mut Problems) {
     for (i, client) in config.clients.iter().enumerate() {
         let at = format!("clients[{i}]");
         if !names.insert(client.name.clone()) {
-            p.add(
-                format!("{at}.name"),
-                format!("duplicate client name {:?}", client.name),
-            );
+            p.add(format!("{at}.name"), format!("duplicate client name {:?}", client.name));
         }
         let hash = client.api_key_sha256.to_ascii_lowercase();
         if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-            p.add(
-                format!("{at}.api_key_sha256"),
-                "must be 64 hex digits (castellum hash-key prints it)",
-            );
+            p.add(format!("{at}.api_key_sha256"), "must be 64 hex digits (castellum hash-key prints it)");
         } else if !keys.insert(hash) {
-            p.add(
-                format!("{at}.api_key_sha256"),
-                "two clients share one API key",
-            );
+            p.add(format!("{at}.api_key_sha256"), "two clients share one API key");
         }
         for (j, profile) in client.profiles.iter().enumerate() {
             if !profiles.contains(profile.as_str()) {
-                p.add(
-                    format!("{at}.profiles[{j}]"),
-                    format!("no profile named {profile:?}"),
-                );
+                p.add(format!("{at}.profiles[{j}]"), format!("no profile named {profile:?}"));
             }
         }
     }
@@ -286,32 +227,20 @@ fn check_database(config: &Config, p: &mut Problems) {
     let is_pg = db.is_postgres();
     let is_sqlite = !is_pg && !db.url.contains("://") || db.url.starts_with("sqlite://");
     if !is_pg && !is_sqlite {
-        p.add(
-            "database.url",
-            "unsupported scheme: use sqlite://PATH, a file path, or postgres://…",
-        );
+        p.add("database.url", "unsupported scheme: use sqlite://PATH, a file path, or postgres://…");
     }
     if db.instances == 0 {
         p.add("database.instances", "must be at least 1");
     }
     if is_sqlite && db.instances > 1 {
-        p.add(
-            "database.instances",
-            "SQLite serves a single instance; use PostgreSQL for several",
-        );
+        p.add("database.instances", "SQLite serves a single instance; use PostgreSQL for several");
     }
     let pools = &db.pools;
-    for (name, pool) in [
-        ("issuance", &pools.issuance),
-        ("control", &pools.control),
-        ("status", &pools.status),
-    ] {
+    for (name, pool) in [("issuance", &pools.issuance), ("control", &pools.control), ("status", &pools.status)] {
         check_pool(config, &format!("database.pools.{name}"), pool, p);
     }
     if is_pg {
-        let budget = db
-            .server_max_connections
-            .saturating_sub(db.reserved_connections);
+        let budget = db.server_max_connections.saturating_sub(db.reserved_connections);
         let wanted = db.instances * pools.total_max();
         if wanted > budget {
             p.add(
@@ -328,11 +257,14 @@ fn check_database(config: &Config, p: &mut Problems) {
                 ),
             );
         }
-        if db.statement_timeout >= config.shortest_deadline() {
+        if config.registry.listen && pools.control.max_size < 2 {
             p.add(
-                "database.statement_timeout",
-                "must be shorter than the shortest lane deadline",
+                "database.pools.control.max_size",
+                "must be at least 2 on PostgreSQL: the registry's listener holds one connection",
             );
+        }
+        if db.statement_timeout >= config.shortest_deadline() {
+            p.add("database.statement_timeout", "must be shorter than the shortest lane deadline");
         }
     }
 }
@@ -360,43 +292,27 @@ fn check_pool(config: &Config, at: &str, pool: &PoolConfig, p: &mut Problems) {
         p.add(format!("{at}.connection_timeout"), "must be positive");
     }
     if pool.max_lifetime.is_none() {
-        p.add(
-            format!("{at}.max_lifetime"),
-            "set a max lifetime so connections are recycled",
-        );
+        p.add(format!("{at}.max_lifetime"), "set a max lifetime so connections are recycled");
     }
 }
 
 fn check_lanes(config: &Config, p: &mut Problems) {
-    for (name, lane) in [
-        ("interactive", &config.lanes.interactive),
-        ("background", &config.lanes.background),
-    ] {
+    for (name, lane) in [("interactive", &config.lanes.interactive), ("background", &config.lanes.background)] {
         if lane.default_deadline.is_zero() {
             p.add(format!("lanes.{name}.default_deadline"), "must be positive");
         }
         if lane.default_deadline > lane.max_deadline {
-            p.add(
-                format!("lanes.{name}.default_deadline"),
-                "must not exceed max_deadline",
-            );
+            p.add(format!("lanes.{name}.default_deadline"), "must not exceed max_deadline");
         }
     }
     if config.async_requests.lease.is_zero() {
         p.add("async_requests.lease", "must be positive");
     }
     if config.http.max_body_bytes < 4096 {
-        p.add(
-            "http.max_body_bytes",
-            "must be at least 4096 bytes (a CSR does not fit otherwise)",
-        );
+        p.add("http.max_body_bytes", "must be at least 4096 bytes (a CSR does not fit otherwise)");
     }
 }
 
 fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }

@@ -73,11 +73,7 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig {
-            listen: "127.0.0.1:8080".into(),
-            max_body_bytes: 64 * 1024,
-            workers: 0,
-        }
+        HttpConfig { listen: "127.0.0.1:8080".into(), max_body_bytes: 64 * 1024, workers: 0 }
     }
 }
 
@@ -140,21 +136,9 @@ pub struct PoolsConfig {
 impl Default for PoolsConfig {
     fn default() -> Self {
         PoolsConfig {
-            issuance: PoolConfig {
-                max_size: 2,
-                min_idle: Some(1),
-                ..PoolConfig::default()
-            },
-            control: PoolConfig {
-                max_size: 2,
-                min_idle: Some(1),
-                ..PoolConfig::default()
-            },
-            status: PoolConfig {
-                max_size: 4,
-                min_idle: Some(1),
-                ..PoolConfig::default()
-            },
+            issuance: PoolConfig { max_size: 2, min_idle: Some(1), ..PoolConfig::default() },
+            control: PoolConfig { max_size: 2, min_idle: Some(1), ..PoolConfig::default() },
+            status: PoolConfig { max_size: 4, min_idle: Some(1), ..PoolConfig::default() },
         }
     }
 }
@@ -218,10 +202,7 @@ pub struct LanesConfig {
 impl Default for LanesConfig {
     fn default() -> Self {
         LanesConfig {
-            interactive: LaneConfig {
-                default_deadline: Duration::from_secs(6),
-                max_deadline: Duration::from_secs(6),
-            },
+            interactive: LaneConfig { default_deadline: Duration::from_secs(6), max_deadline: Duration::from_secs(6) },
             background: LaneConfig {
                 default_deadline: Duration::from_secs(60),
                 max_deadline: Duration::from_secs(300),
@@ -257,13 +238,16 @@ pub struct RegistryConfig {
     /// notifications are lost) and writes this instance's heartbeat.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// LISTEN for changes on PostgreSQL (holds one control-pool connection).
+    pub listen: bool,
+    /// An instance whose heartbeat is older than this is shown as stale.
+    #[serde(with = "humantime_serde")]
+    pub stale_after: Duration,
 }
 
 impl Default for RegistryConfig {
     fn default() -> Self {
-        RegistryConfig {
-            poll_interval: Duration::from_secs(1),
-        }
+        RegistryConfig { poll_interval: Duration::from_secs(1), listen: true, stale_after: Duration::from_secs(5) }
     }
 }
 
@@ -278,10 +262,7 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        StoreConfig {
-            max_batch: 256,
-            max_pending: 8192,
-        }
+        StoreConfig { max_batch: 256, max_pending: 8192 }
     }
 }
 
@@ -338,6 +319,9 @@ pub struct CaConfig {
     pub expected_sign_rate: f64,
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// Parked requests fed back per second by `resubmit`.
+    #[serde(default = "default_resubmit_rate")]
+    pub resubmit_rate: u32,
     /// Fault injection for drills and tests; refused unless `mode = "dev"`.
     #[serde(default)]
     pub fault: FaultConfig,
@@ -364,10 +348,7 @@ impl std::fmt::Debug for CaConfig {
             .field("id", &self.id)
             .field("cert_file", &self.cert_file)
             .field("key_file", &self.key_file)
-            .field(
-                "key_passphrase",
-                &self.key_passphrase.as_ref().map(|_| "<redacted>"),
-            )
+            .field("key_passphrase", &self.key_passphrase.as_ref().map(|_| "<redacted>"))
             .field("key_passphrase_env", &self.key_passphrase_env)
             .field("key_passphrase_file", &self.key_passphrase_file)
             .finish_non_exhaustive()
@@ -379,6 +360,9 @@ fn default_signer_threads() -> usize {
 }
 fn default_sign_rate() -> f64 {
     1000.0
+}
+fn default_resubmit_rate() -> u32 {
+    100
 }
 fn default_true() -> bool {
     true
@@ -395,11 +379,7 @@ pub struct CellQueueConfig {
 
 impl Default for CellQueueConfig {
     fn default() -> Self {
-        CellQueueConfig {
-            interactive_capacity: 512,
-            background_capacity: 2048,
-            in_flight: 64,
-        }
+        CellQueueConfig { interactive_capacity: 512, background_capacity: 2048, in_flight: 64 }
     }
 }
 
@@ -485,14 +465,7 @@ pub struct NamePolicy {
 
 impl Default for NamePolicy {
     fn default() -> Self {
-        NamePolicy {
-            dns: true,
-            dns_suffixes: Vec::new(),
-            ip: false,
-            email: false,
-            max_names: 100,
-            subject_cn: true,
-        }
+        NamePolicy { dns: true, dns_suffixes: Vec::new(), ip: false, email: false, max_names: 100, subject_cn: true }
     }
 }
 
@@ -526,20 +499,13 @@ impl ConfigError {
                 .clone()
                 .into_iter()
                 .map(|err| {
-                    let path = if err.path.is_empty() {
-                        "<root>".to_string()
-                    } else {
-                        err.path.join(".")
-                    };
+                    let path = if err.path.is_empty() { "<root>".to_string() } else { err.path.join(".") };
                     let source = err
                         .metadata
                         .as_ref()
                         .and_then(|m| m.source.as_ref().map(|s| format!(" (from {s})")))
                         .unwrap_or_default();
-                    ConfigProblem {
-                        path,
-                        message: format!("{}{}", err.kind, source),
-                    }
+                    ConfigProblem { path, message: format!("{}{}", err.kind, source) }
                 })
                 .collect(),
         }
@@ -564,9 +530,8 @@ impl Config {
 
     /// Parse a configuration from TOML text (tests, embedding applications).
     pub fn from_toml(text: &str, base_dir: &Path) -> Result<Config, ConfigError> {
-        let mut config: Config = Figment::from(Serialized::defaults(Config::default()))
-            .merge(Toml::string(text))
-            .extract()?;
+        let mut config: Config =
+            Figment::from(Serialized::defaults(Config::default())).merge(Toml::string(text)).extract()?;
         config.resolve_paths(base_dir);
         Ok(config)
     }
@@ -596,9 +561,6 @@ impl Config {
 
     /// The shortest deadline any request can get (the pool timeouts must sit well below it).
     pub fn shortest_deadline(&self) -> Duration {
-        self.lanes
-            .interactive
-            .default_deadline
-            .min(self.lanes.background.default_deadline)
+        self.lanes.interactive.default_deadline.min(self.lanes.background.default_deadline)
     }
 }

@@ -19,24 +19,17 @@ pub fn run(url: &str) -> Result<usize, DbError> {
     let fail = |e: &dyn std::fmt::Display| DbError::Migration(e.to_string());
     match Backend::from_url(url)? {
         Backend::Sqlite => {
-            let mut conn =
-                diesel::SqliteConnection::establish(sqlite_path(url)).map_err(|e| fail(&e))?;
+            let mut conn = diesel::SqliteConnection::establish(sqlite_path(url)).map_err(|e| fail(&e))?;
             // WAL is a property of the database file, set once here rather than per connection.
-            conn.batch_execute("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000;")
-                .map_err(|e| fail(&e))?;
+            conn.batch_execute("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 5000;").map_err(|e| fail(&e))?;
             let ran = conn.run_pending_migrations(SQLITE).map_err(|e| fail(&e))?;
             Ok(ran.len())
         }
         Backend::Postgres => {
             let mut conn = diesel::PgConnection::establish(url).map_err(|e| fail(&e))?;
-            conn.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})"))
-                .map_err(|e| fail(&e))?;
-            let result = conn
-                .run_pending_migrations(POSTGRES)
-                .map(|v| v.len())
-                .map_err(|e| fail(&e));
-            let unlock =
-                conn.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"));
+            conn.batch_execute(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK})")).map_err(|e| fail(&e))?;
+            let result = conn.run_pending_migrations(POSTGRES).map(|v| v.len()).map_err(|e| fail(&e));
+            let unlock = conn.batch_execute(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK})"));
             let ran = result?;
             unlock.map_err(|e| fail(&e))?;
             Ok(ran)

@@ -99,9 +99,7 @@ struct Customizer {
     busy_timeout: Duration,
 }
 
-impl<C: SimpleConnection + Send + 'static> CustomizeConnection<C, diesel::r2d2::Error>
-    for Customizer
-{
+impl<C: SimpleConnection + Send + 'static> CustomizeConnection<C, diesel::r2d2::Error> for Customizer {
     fn on_acquire(&self, conn: &mut C) -> Result<(), diesel::r2d2::Error> {
         let sql = match self.backend {
             // WAL is set once by the migration step; these are per connection.
@@ -115,8 +113,7 @@ impl<C: SimpleConnection + Send + 'static> CustomizeConnection<C, diesel::r2d2::
                 self.pool
             ),
         };
-        conn.batch_execute(&sql)
-            .map_err(diesel::r2d2::Error::QueryError)
+        conn.batch_execute(&sql).map_err(diesel::r2d2::Error::QueryError)
     }
 }
 
@@ -129,31 +126,20 @@ struct PoolEvents {
 
 impl std::fmt::Debug for PoolEvents {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PoolEvents")
-            .field("pool", &self.pool)
-            .finish()
+        f.debug_struct("PoolEvents").field("pool", &self.pool).finish()
     }
 }
 
 impl HandleEvent for PoolEvents {
     fn handle_checkout(&self, event: r2d2::event::CheckoutEvent) {
-        self.metrics
-            .pool_wait_seconds
-            .get_or_create(&metrics::pool(self.pool))
-            .observe(event.duration().as_secs_f64());
+        self.metrics.pool_wait_seconds.get_or_create(&metrics::pool(self.pool)).observe(event.duration().as_secs_f64());
     }
     fn handle_timeout(&self, _event: r2d2::event::TimeoutEvent) {
-        self.metrics
-            .pool_timeouts
-            .get_or_create(&metrics::pool(self.pool))
-            .inc();
+        self.metrics.pool_timeouts.get_or_create(&metrics::pool(self.pool)).inc();
     }
     fn handle_checkin(&self, event: r2d2::event::CheckinEvent) {
         let held = event.duration();
-        self.metrics
-            .pool_hold_seconds
-            .get_or_create(&metrics::pool(self.pool))
-            .observe(held.as_secs_f64());
+        self.metrics.pool_hold_seconds.get_or_create(&metrics::pool(self.pool)).observe(held.as_secs_f64());
         if held > self.slow_hold {
             // Check-in runs where the connection is dropped, so the current span names the holder.
             tracing::warn!(
@@ -173,21 +159,10 @@ impl DbPool {
         metrics: Arc<Metrics>,
     ) -> Result<DbPool, DbError> {
         let backend = Backend::from_url(&db.url)?;
-        let customizer = Customizer {
-            backend,
-            pool: name,
-            statement_timeout: db.statement_timeout,
-            busy_timeout: db.busy_timeout,
-        };
-        let events = PoolEvents {
-            pool: name,
-            metrics: metrics.clone(),
-            slow_hold: db.slow_hold_threshold,
-        };
-        metrics
-            .pool_max
-            .get_or_create(&metrics::pool(name))
-            .set(i64::from(cfg.max_size));
+        let customizer =
+            Customizer { backend, pool: name, statement_timeout: db.statement_timeout, busy_timeout: db.busy_timeout };
+        let events = PoolEvents { pool: name, metrics: metrics.clone(), slow_hold: db.slow_hold_threshold };
+        metrics.pool_max.get_or_create(&metrics::pool(name)).set(i64::from(cfg.max_size));
         macro_rules! builder {
             () => {
                 Pool::builder()
@@ -212,11 +187,7 @@ impl DbPool {
                     .build_unchecked(ConnectionManager::new(postgres_url_with_timeout(&db.url))),
             ),
         };
-        Ok(DbPool {
-            inner,
-            name,
-            max_size: cfg.max_size,
-        })
+        Ok(DbPool { inner, name, max_size: cfg.max_size })
     }
 
     pub fn backend(&self) -> Backend {
@@ -268,14 +239,8 @@ impl Pools {
     pub fn export_state(&self, metrics: &Metrics) {
         for pool in self.all() {
             let state = pool.state();
-            metrics
-                .pool_connections
-                .get_or_create(&metrics::pool(pool.name))
-                .set(i64::from(state.connections));
-            metrics
-                .pool_idle
-                .get_or_create(&metrics::pool(pool.name))
-                .set(i64::from(state.idle_connections));
+            metrics.pool_connections.get_or_create(&metrics::pool(pool.name)).set(i64::from(state.connections));
+            metrics.pool_idle.get_or_create(&metrics::pool(pool.name)).set(i64::from(state.idle_connections));
         }
     }
 }

@@ -63,26 +63,16 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                 }
                 WriteOp::WriteAhead(row) => ahead.push(row.as_ref().clone()),
                 WriteOp::Audit(event) => audit.push(event.clone()),
-                WriteOp::CertificateIssued { audit: event, .. } => {
-                    audit.push(event.as_ref().clone())
-                }
+                WriteOp::CertificateIssued { audit: event, .. } => audit.push(event.as_ref().clone()),
                 _ => {}
             }
         }
         if !ahead.is_empty() {
-            diesel::insert_into(certificates::table)
-                .values(&ahead)
-                .execute(c)?;
+            diesel::insert_into(certificates::table).values(&ahead).execute(c)?;
         }
         for op in ops {
             match op {
-                WriteOp::CertificateIssued {
-                    serial,
-                    cert_der,
-                    at,
-                    request_id,
-                    ..
-                } => {
+                WriteOp::CertificateIssued { serial, cert_der, at, request_id, .. } => {
                     diesel::update(certificates::table.find(serial))
                         .set((
                             certificates::state.eq(super::models::cert_state::ISSUED),
@@ -107,14 +97,7 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                         .set(certificates::state.eq(super::models::cert_state::ABANDONED))
                         .execute(c)?;
                 }
-                WriteOp::RequestFinished {
-                    id,
-                    state,
-                    error_type,
-                    error_detail,
-                    at,
-                    claimed_until,
-                } => {
+                WriteOp::RequestFinished { id, state, error_type, error_detail, at, claimed_until } => {
                     diesel::update(requests::table.find(id))
                         .set((
                             requests::state.eq(*state),
@@ -130,38 +113,21 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
             }
         }
         if !audit.is_empty() {
-            diesel::insert_into(audit_log::table)
-                .values(&audit)
-                .execute(c)?;
+            diesel::insert_into(audit_log::table).values(&audit).execute(c)?;
         }
         Ok(outcomes)
     }))
 }
 
-pub fn load_certificate(
-    conn: &mut DbConn,
-    serial: &str,
-) -> Result<Option<CertificateRow>, DbError> {
-    Ok(with_conn!(conn, |c| certificates::table
-        .find(serial)
-        .select(CertificateRow::as_select())
-        .first(c)
-        .optional())?)
+pub fn load_certificate(conn: &mut DbConn, serial: &str) -> Result<Option<CertificateRow>, DbError> {
+    Ok(with_conn!(conn, |c| certificates::table.find(serial).select(CertificateRow::as_select()).first(c).optional())?)
 }
 
 pub fn load_request(conn: &mut DbConn, id: &str) -> Result<Option<RequestRow>, DbError> {
-    Ok(with_conn!(conn, |c| requests::table
-        .find(id)
-        .select(RequestRow::as_select())
-        .first(c)
-        .optional())?)
+    Ok(with_conn!(conn, |c| requests::table.find(id).select(RequestRow::as_select()).first(c).optional())?)
 }
 
-pub fn find_request_by_key(
-    conn: &mut DbConn,
-    client: &str,
-    key: &str,
-) -> Result<Option<RequestRow>, DbError> {
+pub fn find_request_by_key(conn: &mut DbConn, client: &str, key: &str) -> Result<Option<RequestRow>, DbError> {
     Ok(with_conn!(conn, |c| requests::table
         .filter(requests::client.eq(client))
         .filter(requests::idempotency_key.eq(key))
@@ -184,11 +150,7 @@ pub fn claim_request(
         requests::table
             .filter(requests::id.eq(id))
             .filter(requests::state.eq_any(&states))
-            .filter(
-                requests::claimed_until
-                    .is_null()
-                    .or(requests::claimed_until.lt(now))
-            )
+            .filter(requests::claimed_until.is_null().or(requests::claimed_until.lt(now)))
     )
     .set((
         requests::state.eq(request_state::PENDING),
@@ -201,19 +163,11 @@ pub fn claim_request(
 }
 
 /// Pending asynchronous requests whose claim has lapsed (oldest first).
-pub fn claimable_requests(
-    conn: &mut DbConn,
-    now: i64,
-    limit: i64,
-) -> Result<Vec<RequestRow>, DbError> {
+pub fn claimable_requests(conn: &mut DbConn, now: i64, limit: i64) -> Result<Vec<RequestRow>, DbError> {
     Ok(with_conn!(conn, |c| requests::table
         .filter(requests::state.eq(request_state::PENDING))
         .filter(requests::mode.eq("async"))
-        .filter(
-            requests::claimed_until
-                .is_null()
-                .or(requests::claimed_until.lt(now))
-        )
+        .filter(requests::claimed_until.is_null().or(requests::claimed_until.lt(now)))
         .order(requests::created_at.asc())
         .limit(limit)
         .select(RequestRow::as_select())
@@ -227,24 +181,16 @@ pub fn expire_requests(conn: &mut DbConn, now: i64) -> Result<usize, DbError> {
             .filter(requests::state.eq_any([request_state::PENDING, request_state::PARKED]))
             .filter(requests::expires_at.lt(now))
     )
-    .set((
-        requests::state.eq(request_state::EXPIRED),
-        requests::updated_at.eq(now)
-    ))
+    .set((requests::state.eq(request_state::EXPIRED), requests::updated_at.eq(now)))
     .execute(c))?)
 }
 
 /// On a clean shutdown: give back the claims this instance holds so others need not wait.
 pub fn release_claims(conn: &mut DbConn, instance: &str) -> Result<usize, DbError> {
     Ok(with_conn!(conn, |c| diesel::update(
-        requests::table
-            .filter(requests::claimed_by.eq(instance))
-            .filter(requests::state.eq(request_state::PENDING))
+        requests::table.filter(requests::claimed_by.eq(instance)).filter(requests::state.eq(request_state::PENDING))
     )
-    .set((
-        requests::claimed_by.eq(None::<String>),
-        requests::claimed_until.eq(None::<i64>)
-    ))
+    .set((requests::claimed_by.eq(None::<String>), requests::claimed_until.eq(None::<i64>)))
     .execute(c))?)
 }
 
@@ -259,11 +205,7 @@ pub fn ensure_registry_rows(
         let mut added = 0;
         for (id, state) in ca_rows {
             added += diesel::insert_into(cas::table)
-                .values((
-                    cas::id.eq(id),
-                    cas::state.eq(*state),
-                    cas::updated_at.eq(now),
-                ))
+                .values((cas::id.eq(id), cas::state.eq(*state), cas::updated_at.eq(now)))
                 .on_conflict(cas::id)
                 .do_nothing()
                 .execute(c)?;
@@ -300,34 +242,18 @@ pub struct RegistryState {
 pub fn load_registry(conn: &mut DbConn) -> Result<RegistryState, DbError> {
     Ok(with_conn!(conn, |c| c.transaction(|c| {
         let version = registry::table.select(registry::version).first::<i64>(c)?;
-        let cas = cas::table
-            .select((cas::id, cas::state))
-            .load::<(String, String)>(c)?;
-        let profiles = profiles::table
-            .select((profiles::id, profiles::state))
-            .load::<(String, String)>(c)?;
-        diesel::QueryResult::Ok(RegistryState {
-            version,
-            cas,
-            profiles,
-        })
+        let cas = cas::table.select((cas::id, cas::state)).load::<(String, String)>(c)?;
+        let profiles = profiles::table.select((profiles::id, profiles::state)).load::<(String, String)>(c)?;
+        diesel::QueryResult::Ok(RegistryState { version, cas, profiles })
     }))?)
 }
 
 pub fn registry_version(conn: &mut DbConn) -> Result<i64, DbError> {
-    Ok(with_conn!(conn, |c| registry::table
-        .select(registry::version)
-        .first::<i64>(c))?)
+    Ok(with_conn!(conn, |c| registry::table.select(registry::version).first::<i64>(c))?)
 }
 
 /// Record this instance's heartbeat and the registry version it serves.
-pub fn heartbeat(
-    conn: &mut DbConn,
-    instance: &str,
-    started_at: i64,
-    version: i64,
-    now: i64,
-) -> Result<(), DbError> {
+pub fn heartbeat(conn: &mut DbConn, instance: &str, started_at: i64, version: i64, now: i64) -> Result<(), DbError> {
     with_conn!(conn, |c| diesel::insert_into(instances::table)
         .values((
             instances::id.eq(instance),
@@ -337,10 +263,7 @@ pub fn heartbeat(
         ))
         .on_conflict(instances::id)
         .do_update()
-        .set((
-            instances::heartbeat_at.eq(now),
-            instances::registry_version.eq(version)
-        ))
+        .set((instances::heartbeat_at.eq(now), instances::registry_version.eq(version)))
         .execute(c))?;
     Ok(())
 }
@@ -359,11 +282,126 @@ pub fn recent_audit(conn: &mut DbConn, limit: i64) -> Result<Vec<AuditEvent>, Db
 }
 
 pub fn count_certificates(conn: &mut DbConn) -> Result<i64, DbError> {
-    Ok(with_conn!(conn, |c| certificates::table
-        .count()
-        .get_result(c))?)
+    Ok(with_conn!(conn, |c| certificates::table.count().get_result(c))?)
 }
 
 pub fn count_requests(conn: &mut DbConn) -> Result<i64, DbError> {
     Ok(with_conn!(conn, |c| requests::table.count().get_result(c))?)
+}
+
+/// What a state change is, for the audit log.
+pub struct StateChange<'a> {
+    pub actor: &'a str,
+    pub instance: &'a str,
+    pub now: i64,
+}
+
+impl StateChange<'_> {
+    fn audit(&self, action: &str, target: &str, outcome: &str) -> NewAuditEvent {
+        NewAuditEvent {
+            at: self.now,
+            instance: self.instance.to_string(),
+            actor: self.actor.to_string(),
+            action: action.to_string(),
+            target: target.to_string(),
+            outcome: outcome.to_string(),
+            detail: String::new(),
+        }
+    }
+}
+
+/// The channel every instance LISTENs on; the payload is the new registry version.
+pub const REGISTRY_CHANNEL: &str = "castellum_registry";
+
+/// Tell other instances the registry changed: NOTIFY on PostgreSQL (delivered when, and only
+/// if, the transaction commits); SQLite serves one instance, which reloads directly.
+trait NotifyRegistry {
+    fn notify_registry(&mut self, version: i64) -> QueryResult<()>;
+}
+
+impl NotifyRegistry for diesel::SqliteConnection {
+    fn notify_registry(&mut self, _version: i64) -> QueryResult<()> {
+        Ok(())
+    }
+}
+
+impl NotifyRegistry for diesel::PgConnection {
+    fn notify_registry(&mut self, version: i64) -> QueryResult<()> {
+        diesel::sql_query(format!("NOTIFY {REGISTRY_CHANNEL}, '{version}'")).execute(self).map(|_| ())
+    }
+}
+
+macro_rules! set_state_fn {
+    ($(#[$doc:meta])* $name:ident, $table:ident, $kind:literal) => {
+        $(#[$doc])*
+        pub fn $name(conn: &mut DbConn, id: &str, state: &str, change: &StateChange) -> Result<Option<i64>, DbError> {
+            let audit = change.audit(concat!($kind, ".state"), id, state);
+            Ok(with_conn!(conn, |c| c.transaction(|c| {
+                let changed = diesel::update($table::table.find(id))
+                    .set(($table::state.eq(state), $table::updated_at.eq(change.now)))
+                    .execute(c)?;
+                if changed == 0 {
+                    return Ok(None);
+                }
+                diesel::update(registry::table.filter(registry::id.eq(1)))
+                    .set(registry::version.eq(registry::version + 1i64))
+                    .execute(c)?;
+                let version = registry::table.select(registry::version).first::<i64>(c)?;
+                diesel::insert_into(audit_log::table).values(&audit).execute(c)?;
+                c.notify_registry(version)?;
+                diesel::QueryResult::Ok(Some(version))
+            }))?)
+        }
+    };
+}
+
+set_state_fn!(
+    /// Change a CA's state, bump the registry version, audit, and notify, in one transaction.
+    /// `None` if there is no such CA.
+    set_ca_state, cas, "ca"
+);
+set_state_fn!(
+    /// Change a profile's state (same guarantees as [`set_ca_state`]).
+    set_profile_state, profiles, "profile"
+);
+
+/// Take up to `limit` parked requests of a CA (oldest first) for resubmission.
+pub fn claim_parked(
+    conn: &mut DbConn,
+    ca: &str,
+    limit: i64,
+    instance: &str,
+    now: i64,
+    until: i64,
+) -> Result<Vec<RequestRow>, DbError> {
+    let candidates: Vec<RequestRow> = with_conn!(conn, |c| requests::table
+        .filter(requests::ca_id.eq(ca))
+        .filter(requests::state.eq(request_state::PARKED))
+        .order(requests::created_at.asc())
+        .limit(limit)
+        .select(RequestRow::as_select())
+        .load(c))?;
+    let mut claimed = Vec::new();
+    for row in candidates {
+        if claim_request(conn, &row.id, instance, now, until, &[request_state::PARKED])? {
+            claimed.push(row);
+        }
+    }
+    Ok(claimed)
+}
+
+pub fn count_parked(conn: &mut DbConn, ca: &str) -> Result<i64, DbError> {
+    Ok(with_conn!(conn, |c| requests::table
+        .filter(requests::ca_id.eq(ca))
+        .filter(requests::state.eq(request_state::PARKED))
+        .count()
+        .get_result(c))?)
+}
+
+/// Heartbeats of every instance sharing this database.
+pub fn instances(conn: &mut DbConn) -> Result<Vec<(String, i64, i64, i64)>, DbError> {
+    Ok(with_conn!(conn, |c| instances::table
+        .select((instances::id, instances::started_at, instances::heartbeat_at, instances::registry_version))
+        .order(instances::id.asc())
+        .load(c))?)
 }

@@ -21,16 +21,10 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 impl Engine {
     /// Issue a certificate now, within the request's deadline.
-    pub async fn issue(
-        &self,
-        client: &Client,
-        req: IssueRequest,
-    ) -> Result<IssuedCertificate, EngineError> {
+    pub async fn issue(&self, client: &Client, req: IssueRequest) -> Result<IssuedCertificate, EngineError> {
         let span = tracing::info_span!("issue", client = %client.name, profile = %req.profile, ca = tracing::field::Empty, request_id = tracing::field::Empty);
         let started = Instant::now();
-        let result =
-            tracing::Instrument::instrument(self.issue_inner(client, &req, span.clone()), span)
-                .await;
+        let result = tracing::Instrument::instrument(self.issue_inner(client, &req, span.clone()), span).await;
         self.count(result.as_ref().map(|_| "issued"), started);
         if let Err(e) = &result {
             self.audit_refusal(client, "certificate.issue", &req.profile, e);
@@ -46,10 +40,7 @@ impl Engine {
     ) -> Result<IssuedCertificate, EngineError> {
         self.refuse_if_stopping()?;
         check_idempotency_key(req.idempotency_key.as_deref())?;
-        let admitted = self
-            .inner
-            .intake
-            .admit(client, &req.profile, &req.csr_pem)?;
+        let admitted = self.inner.intake.admit(client, &req.profile, &req.csr_pem, false)?;
         span.record("ca", admitted.profile.ca.as_str());
         let deadline = self.inner.intake.deadline(&admitted.profile, req.wait);
         let Some(key) = &req.idempotency_key else {
@@ -57,28 +48,10 @@ impl Engine {
         };
         let id = uuid::Uuid::now_v7().to_string();
         span.record("request_id", id.as_str());
-        let row = self.request_row(
-            &id,
-            client,
-            &admitted,
-            "sync",
-            Some(key.clone()),
-            deadline_ms(deadline),
-        );
-        match self
-            .inner
-            .store
-            .write(WriteOp::InsertRequest(Box::new(row)))
-            .await?
-        {
-            WriteOutcome::Done => {
-                self.run_sync(client, admitted, Some(id), deadline, span)
-                    .await
-            }
-            WriteOutcome::Conflict => {
-                self.follow_earlier_attempt(client, key, admitted, deadline, span)
-                    .await
-            }
+        let row = self.request_row(&id, client, &admitted, "sync", Some(key.clone()), deadline_ms(deadline));
+        match self.inner.store.write(WriteOp::InsertRequest(Box::new(row))).await? {
+            WriteOutcome::Done => self.run_sync(client, admitted, Some(id), deadline, span).await,
+            WriteOutcome::Conflict => self.follow_earlier_attempt(client, key, admitted, deadline, span).await,
         }
     }
 
@@ -108,9 +81,7 @@ impl Engine {
         match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(EngineError::ShuttingDown),
-            Err(_) => Err(EngineError::DeadlineExceeded {
-                retry_after: Duration::from_secs(1),
-            }),
+            Err(_) => Err(EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) }),
         }
     }
 
@@ -144,11 +115,7 @@ impl Engine {
             let now = now_ms();
             let claim_lapsed = row.claimed_until.is_none_or(|t| t < now);
             if row.state == request_state::RETRYABLE || claim_lapsed {
-                let (id, instance, until) = (
-                    row.id.clone(),
-                    self.inner.instance.to_string(),
-                    deadline_ms(deadline),
-                );
+                let (id, instance, until) = (row.id.clone(), self.inner.instance.to_string(), deadline_ms(deadline));
                 let won = self
                     .read(move |conn| {
                         queries::claim_request(
@@ -162,15 +129,11 @@ impl Engine {
                     })
                     .await?;
                 if won {
-                    return self
-                        .run_sync(client, admitted, Some(row.id), deadline, span)
-                        .await;
+                    return self.run_sync(client, admitted, Some(row.id), deadline, span).await;
                 }
             }
             if Instant::now() + IDEMPOTENT_POLL >= deadline {
-                return Err(EngineError::DeadlineExceeded {
-                    retry_after: Duration::from_secs(1),
-                });
+                return Err(EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) });
             }
             tokio::time::sleep(IDEMPOTENT_POLL).await;
         }
@@ -178,16 +141,10 @@ impl Engine {
 
     /// Store the request as pending (durably) and answer at once; it is issued in the
     /// background, by this instance or — after a crash — by any other.
-    pub async fn submit(
-        &self,
-        client: &Client,
-        req: IssueRequest,
-    ) -> Result<Accepted, EngineError> {
+    pub async fn submit(&self, client: &Client, req: IssueRequest) -> Result<Accepted, EngineError> {
         let span = tracing::info_span!("submit", client = %client.name, profile = %req.profile, request_id = tracing::field::Empty);
         let started = Instant::now();
-        let result =
-            tracing::Instrument::instrument(self.submit_inner(client, &req, span.clone()), span)
-                .await;
+        let result = tracing::Instrument::instrument(self.submit_inner(client, &req, span.clone()), span).await;
         self.count(result.as_ref().map(|_| "accepted"), started);
         if let Err(e) = &result {
             self.audit_refusal(client, "certificate.submit", &req.profile, e);
@@ -203,33 +160,21 @@ impl Engine {
     ) -> Result<Accepted, EngineError> {
         self.refuse_if_stopping()?;
         check_idempotency_key(req.idempotency_key.as_deref())?;
-        let admitted = self
-            .inner
-            .intake
-            .admit(client, &req.profile, &req.csr_pem)?;
+        let admitted = self.inner.intake.admit(client, &req.profile, &req.csr_pem, true)?;
         let id = uuid::Uuid::now_v7().to_string();
         span.record("request_id", id.as_str());
         let expires_at = now_ms() + self.inner.config.async_requests.max_age.as_millis() as i64;
-        let row = self.request_row(
-            &id,
-            client,
-            &admitted,
-            "async",
-            req.idempotency_key.clone(),
-            expires_at,
-        );
-        match self
-            .inner
-            .store
-            .write(WriteOp::InsertRequest(Box::new(row)))
-            .await?
-        {
+        let mut row = self.request_row(&id, client, &admitted, "async", req.idempotency_key.clone(), expires_at);
+        if admitted.hold {
+            // The CA is parked: the request waits, durably, for an operator's resubmit.
+            row.state = request_state::PARKED.to_string();
+            row.claimed_by = None;
+            row.claimed_until = None;
+        }
+        match self.inner.store.write(WriteOp::InsertRequest(Box::new(row))).await? {
             WriteOutcome::Done => {}
             WriteOutcome::Conflict => {
-                let (c, k) = (
-                    client.name.clone(),
-                    req.idempotency_key.clone().unwrap_or_default(),
-                );
+                let (c, k) = (client.name.clone(), req.idempotency_key.clone().unwrap_or_default());
                 let row = self
                     .read(move |conn| queries::find_request_by_key(conn, &c, &k))
                     .await?
@@ -237,11 +182,11 @@ impl Engine {
                 if row.body_sha256 != admitted.body_sha256() {
                     return Err(EngineError::IdempotencyKeyReuse);
                 }
-                return Ok(Accepted {
-                    request_id: row.id,
-                    replayed: true,
-                });
+                return Ok(Accepted { request_id: row.id, replayed: true });
             }
+        }
+        if admitted.hold {
+            return Ok(Accepted { request_id: id, replayed: false });
         }
         let lane = self.inner.config.lanes.get(admitted.profile.lane);
         let job = Job {
@@ -260,26 +205,16 @@ impl Engine {
         if let Err(e) = self.inner.intake.hand_to_cell(job) {
             tracing::info!(error = %e, "accepted request left for the resumer");
         }
-        Ok(Accepted {
-            request_id: id,
-            replayed: false,
-        })
+        Ok(Accepted { request_id: id, replayed: false })
     }
 
     /// The state of a stored request; another client's request is "not found".
-    pub async fn request_status(
-        &self,
-        client: &Client,
-        id: &str,
-    ) -> Result<RequestStatus, EngineError> {
+    pub async fn request_status(&self, client: &Client, id: &str) -> Result<RequestStatus, EngineError> {
         if id.len() > 64 {
             return Err(EngineError::NotFound);
         }
         let id_owned = id.to_string();
-        let row = self
-            .read(move |c| queries::load_request(c, &id_owned))
-            .await?
-            .ok_or(EngineError::NotFound)?;
+        let row = self.read(move |c| queries::load_request(c, &id_owned)).await?.ok_or(EngineError::NotFound)?;
         if row.client != client.name {
             return Err(EngineError::NotFound);
         }
@@ -306,21 +241,10 @@ impl Engine {
         })
     }
 
-    async fn issued_certificate_of(
-        &self,
-        row: &RequestRow,
-    ) -> Result<IssuedCertificate, EngineError> {
-        let serial = row
-            .serial
-            .clone()
-            .ok_or_else(|| EngineError::Internal("issued request without serial".into()))?;
-        let cert = self
-            .read(move |c| queries::load_certificate(c, &serial))
-            .await?
-            .ok_or(EngineError::NotFound)?;
-        let der = cert
-            .cert_der
-            .ok_or_else(|| EngineError::Internal("issued certificate without DER".into()))?;
+    async fn issued_certificate_of(&self, row: &RequestRow) -> Result<IssuedCertificate, EngineError> {
+        let serial = row.serial.clone().ok_or_else(|| EngineError::Internal("issued request without serial".into()))?;
+        let cert = self.read(move |c| queries::load_certificate(c, &serial)).await?.ok_or(EngineError::NotFound)?;
+        let der = cert.cert_der.ok_or_else(|| EngineError::Internal("issued certificate without DER".into()))?;
         Ok(IssuedCertificate {
             chain: self.chain_of(&cert.ca_id),
             serial: cert.serial,
@@ -378,44 +302,33 @@ impl Engine {
             Err(e) => e.slug(),
         };
         let m = &self.inner.metrics;
-        m.requests
-            .get_or_create(&vec![("outcome", outcome.to_string())])
-            .inc();
+        m.requests.get_or_create(&vec![("outcome", outcome.to_string())]).inc();
         if outcome == "issued" {
-            m.issue_seconds
-                .get_or_create(&metrics::Labels::new())
-                .observe(started.elapsed().as_secs_f64());
+            m.issue_seconds.get_or_create(&metrics::Labels::new()).observe(started.elapsed().as_secs_f64());
         }
     }
 
     /// Refusals of authenticated clients are audited (best effort: never at issuance's expense).
     fn audit_refusal(&self, client: &Client, action: &str, profile: &str, err: &EngineError) {
-        self.inner
-            .store
-            .write_detached(WriteOp::Audit(NewAuditEvent {
-                at: now_ms(),
-                instance: self.inner.instance.to_string(),
-                actor: client.name.clone(),
-                action: action.to_string(),
-                target: profile.chars().take(64).collect(),
-                outcome: err.slug().to_string(),
-                detail: err.to_string().chars().take(512).collect(),
-            }));
+        self.inner.store.write_detached(WriteOp::Audit(NewAuditEvent {
+            at: now_ms(),
+            instance: self.inner.instance.to_string(),
+            actor: client.name.clone(),
+            action: action.to_string(),
+            target: profile.chars().take(64).collect(),
+            outcome: err.slug().to_string(),
+            detail: err.to_string().chars().take(512).collect(),
+        }));
     }
 }
 
 fn deadline_ms(deadline: Instant) -> i64 {
-    now_ms()
-        + deadline
-            .saturating_duration_since(Instant::now())
-            .as_millis() as i64
+    now_ms() + deadline.saturating_duration_since(Instant::now()).as_millis() as i64
 }
 
 fn recorded_error(row: &RequestRow) -> EngineError {
     if row.state == request_state::EXPIRED {
-        return EngineError::DeadlineExceeded {
-            retry_after: Duration::from_secs(1),
-        };
+        return EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) };
     }
     EngineError::from_recorded(
         row.error_type.as_deref().unwrap_or("internal"),
@@ -425,11 +338,7 @@ fn recorded_error(row: &RequestRow) -> EngineError {
 
 fn check_idempotency_key(key: Option<&str>) -> Result<(), EngineError> {
     match key {
-        Some(k)
-            if k.is_empty()
-                || k.len() > MAX_IDEMPOTENCY_KEY
-                || !k.bytes().all(|b| b.is_ascii_graphic()) =>
-        {
+        Some(k) if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY || !k.bytes().all(|b| b.is_ascii_graphic()) => {
             Err(EngineError::MalformedRequest(format!(
                 "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
             )))

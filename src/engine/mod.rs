@@ -1,6 +1,7 @@
 //! The engine as a library: `Engine::start(config)` inside the caller's actix system, then a
 //! cloneable handle with typed async methods. The HTTP API and the CLI are thin adapters on it.
 
+mod admin;
 mod issue;
 pub mod types;
 
@@ -19,7 +20,7 @@ use crate::actors::registry::{self, Registry};
 use crate::actors::resumer::Resumer;
 use crate::actors::store::{StoreFront, StoreHandle};
 use crate::config::{Config, ConfigProblem};
-use crate::db::{migrate, queries, DbConn, Pools};
+use crate::db::{migrate, queries, Backend, DbConn, Pools};
 use crate::error::{DbError, EngineError};
 use crate::metrics::Metrics;
 use types::*;
@@ -51,16 +52,13 @@ struct Inner {
     read_permits: Semaphore,
     shutting_down: AtomicBool,
     arbiters: std::sync::Mutex<Vec<Arbiter>>,
-    _registry: Addr<Registry>,
-    _resumer: Addr<Resumer>,
+    registry: Addr<Registry>,
+    resumer: Addr<Resumer>,
+    stop_listener: Arc<AtomicBool>,
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, StartError> {
-    actix_web::rt::task::spawn_blocking(f)
-        .await
-        .map_err(|e| StartError::Task(e.to_string()))
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, StartError> {
+    actix_web::rt::task::spawn_blocking(f).await.map_err(|e| StartError::Task(e.to_string()))
 }
 
 impl Engine {
@@ -98,9 +96,8 @@ impl Engine {
             let Some(material) = catalog.cas.get(&ca_cfg.id) else {
                 continue;
             };
-            let faults = Faults {
-                sign_latency: ca_cfg.fault.sign_latency,
-            };
+            let faults = Faults { sign_latency: ca_cfg.fault.sign_latency };
+            let initial_state = shared.load().ca_state(&ca_cfg.id).to_string();
             let (addr, arbiter) = CaCell::start(
                 ca_cfg,
                 material.clone(),
@@ -108,24 +105,26 @@ impl Engine {
                 metrics.clone(),
                 instance.clone(),
                 faults,
+                initial_state,
             );
             cells.insert(ca_cfg.id.clone(), addr);
             arbiters.push(arbiter);
         }
-        let intake = Intake {
-            catalog,
-            snapshot: shared.clone(),
-            cells: Arc::new(cells),
-            lanes: config.lanes.clone(),
-        };
+        let intake = Intake { catalog, snapshot: shared.clone(), cells: Arc::new(cells), lanes: config.lanes.clone() };
+        let subscribers = intake.cells.values().map(|cell| cell.clone().recipient()).collect();
         let registry = Registry::new(
             pools.control.clone(),
             shared,
             config.registry.poll_interval,
             instance.clone(),
             metrics.clone(),
+            subscribers,
         )
         .start();
+        let stop_listener = Arc::new(AtomicBool::new(false));
+        if config.registry.listen && pools.control.backend() == Backend::Postgres {
+            registry::listener(pools.control.clone(), registry.clone(), stop_listener.clone());
+        }
         let resumer = Resumer {
             intake: intake.clone(),
             control: pools.control.clone(),
@@ -135,6 +134,8 @@ impl Engine {
             interval: config.async_requests.resume_interval,
             metrics: metrics.clone(),
             busy: false,
+            resubmitting: HashMap::new(),
+            resubmit_busy: false,
         }
         .start();
         tracing::info!(instance = %instance, cas = config.cas.len(), profiles = config.profiles.len(), "engine started");
@@ -149,8 +150,9 @@ impl Engine {
                 metrics,
                 shutting_down: AtomicBool::new(false),
                 arbiters: std::sync::Mutex::new(arbiters),
-                _registry: registry,
-                _resumer: resumer,
+                registry,
+                resumer,
+                stop_listener,
             }),
         })
     }
@@ -183,11 +185,7 @@ impl Engine {
         &self,
         f: impl FnOnce(&mut DbConn) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, EngineError> {
-        let _permit = self
-            .inner
-            .read_permits
-            .try_acquire()
-            .map_err(|_| EngineError::DatabaseUnavailable)?;
+        let _permit = self.inner.read_permits.try_acquire().map_err(|_| EngineError::DatabaseUnavailable)?;
         let pool = self.inner.pools.status.clone();
         actix_web::rt::task::spawn_blocking(move || {
             let mut conn = pool.get()?;
@@ -198,19 +196,12 @@ impl Engine {
         .map_err(EngineError::from)
     }
 
-    pub async fn certificate(
-        &self,
-        client: &Client,
-        serial: &str,
-    ) -> Result<CertificateRecord, EngineError> {
+    pub async fn certificate(&self, client: &Client, serial: &str) -> Result<CertificateRecord, EngineError> {
         let serial = serial.to_ascii_lowercase();
         if serial.len() > 64 || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(EngineError::NotFound);
         }
-        let row = self
-            .read(move |c| queries::load_certificate(c, &serial))
-            .await?
-            .ok_or(EngineError::NotFound)?;
+        let row = self.read(move |c| queries::load_certificate(c, &serial)).await?.ok_or(EngineError::NotFound)?;
         // Another client's certificate is indistinguishable from none at all.
         if row.client != client.name {
             return Err(EngineError::NotFound);
@@ -230,13 +221,7 @@ impl Engine {
     }
 
     fn chain_of(&self, ca: &str) -> Vec<String> {
-        self.inner
-            .intake
-            .catalog
-            .cas
-            .get(ca)
-            .map(|m| m.chain_pem.clone())
-            .unwrap_or_default()
+        self.inner.intake.catalog.cas.get(ca).map(|m| m.chain_pem.clone()).unwrap_or_default()
     }
 
     /// Every configured CA, its live state and its chain.
@@ -274,26 +259,19 @@ impl Engine {
     /// For `/readyz`: database reachable, registry loaded, at least one CA serving.
     pub async fn readiness(&self) -> Readiness {
         let mut reasons = Vec::new();
-        let database =
-            match tokio::time::timeout(Duration::from_secs(2), self.read(queries::ping)).await {
-                Ok(Ok(())) => "ok".to_string(),
-                Ok(Err(e)) => {
-                    reasons.push(format!("database: {e}"));
-                    "unavailable".into()
-                }
-                Err(_) => {
-                    reasons.push("database: no answer within 2s".into());
-                    "unavailable".into()
-                }
-            };
+        let database = match tokio::time::timeout(Duration::from_secs(2), self.read(queries::ping)).await {
+            Ok(Ok(())) => "ok".to_string(),
+            Ok(Err(e)) => {
+                reasons.push(format!("database: {e}"));
+                "unavailable".into()
+            }
+            Err(_) => {
+                reasons.push("database: no answer within 2s".into());
+                "unavailable".into()
+            }
+        };
         let snapshot = self.inner.intake.snapshot.load();
-        let serving = self
-            .inner
-            .intake
-            .cells
-            .keys()
-            .filter(|id| snapshot.ca_enabled(id))
-            .count();
+        let serving = self.inner.intake.cells.keys().filter(|id| snapshot.ca_enabled(id)).count();
         if snapshot.version == 0 {
             reasons.push("registry not loaded".into());
         }
@@ -324,13 +302,8 @@ impl Engine {
         if self.inner.shutting_down.swap(true, Ordering::SeqCst) {
             return;
         }
-        let limit = self
-            .inner
-            .config
-            .lanes
-            .interactive
-            .max_deadline
-            .max(self.inner.config.lanes.background.max_deadline);
+        let limit =
+            self.inner.config.lanes.interactive.max_deadline.max(self.inner.config.lanes.background.max_deadline);
         let mut waits = Vec::new();
         for addr in self.inner.intake.cells.values() {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -338,27 +311,22 @@ impl Engine {
                 waits.push(rx);
             }
         }
-        let drained = tokio::time::timeout(limit, futures_util::future::join_all(waits))
-            .await
-            .is_ok();
+        let drained = tokio::time::timeout(limit, futures_util::future::join_all(waits)).await.is_ok();
         if !drained {
             tracing::warn!("shutdown: some cells did not drain in time");
         }
         let pool = self.inner.pools.control.clone();
         let instance = self.inner.instance.to_string();
         let released = actix_web::rt::task::spawn_blocking(move || {
-            pool.get()
-                .and_then(|mut c| queries::release_claims(&mut c, &instance))
+            pool.get().and_then(|mut c| queries::release_claims(&mut c, &instance))
         })
         .await;
         if let Ok(Ok(n)) = released {
             if n > 0 {
-                tracing::info!(
-                    released = n,
-                    "gave back claims on pending asynchronous requests"
-                );
+                tracing::info!(released = n, "gave back claims on pending asynchronous requests");
             }
         }
+        self.inner.stop_listener.store(true, Ordering::Relaxed);
         if let Ok(mut arbiters) = self.inner.arbiters.lock() {
             for arbiter in arbiters.drain(..) {
                 arbiter.stop();

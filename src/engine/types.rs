@@ -74,10 +74,7 @@ pub struct RecordedError {
 
 impl From<&EngineError> for RecordedError {
     fn from(e: &EngineError) -> Self {
-        RecordedError {
-            problem_type: e.problem_type(),
-            detail: e.to_string(),
-        }
+        RecordedError { problem_type: e.problem_type(), detail: e.to_string() }
     }
 }
 

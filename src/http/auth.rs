@@ -19,20 +19,12 @@ impl FromRequest for Authenticated {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let result = (|| {
-            let engine = req
-                .app_data::<web::Data<Engine>>()
-                .ok_or(EngineError::Internal("no engine".into()))?;
-            let value = req
-                .headers()
-                .get(actix_web::http::header::AUTHORIZATION)
-                .ok_or(EngineError::Unauthorized)?;
+            let engine = req.app_data::<web::Data<Engine>>().ok_or(EngineError::Internal("no engine".into()))?;
+            let value = req.headers().get(actix_web::http::header::AUTHORIZATION).ok_or(EngineError::Unauthorized)?;
             let token = value
                 .to_str()
                 .ok()
-                .and_then(|v| {
-                    v.strip_prefix("Bearer ")
-                        .or_else(|| v.strip_prefix("bearer "))
-                })
+                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
                 .ok_or(EngineError::Unauthorized)?;
             engine.authenticate(token.trim()).map(Authenticated)
         })();

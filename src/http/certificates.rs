@@ -38,9 +38,7 @@ pub fn parse_prefer(req: &HttpRequest) -> Prefer {
             };
             match (name.to_ascii_lowercase().as_str(), arg) {
                 ("respond-async", _) => prefer.respond_async = true,
-                ("wait", Some(secs)) => {
-                    prefer.wait = secs.parse::<u64>().ok().map(Duration::from_secs)
-                }
+                ("wait", Some(secs)) => prefer.wait = secs.parse::<u64>().ok().map(Duration::from_secs),
                 _ => {}
             }
         }
@@ -54,11 +52,7 @@ fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, Problem> {
         Some(v) => v
             .to_str()
             .map(|s| Some(s.trim().trim_matches('"').to_string()))
-            .map_err(|_| {
-                Problem(EngineError::MalformedRequest(
-                    "Idempotency-Key is not ASCII".into(),
-                ))
-            }),
+            .map_err(|_| Problem(EngineError::MalformedRequest("Idempotency-Key is not ASCII".into()))),
     }
 }
 
@@ -89,17 +83,11 @@ pub async fn issue(
         return Ok(HttpResponse::Accepted()
             .insert_header((header::LOCATION, location.clone()))
             .insert_header(("Preference-Applied", "respond-async"))
-            .json(AcceptedBody {
-                request_id: accepted.request_id,
-                status_url: location,
-            }));
+            .json(AcceptedBody { request_id: accepted.request_id, status_url: location }));
     }
     let issued = engine.issue(&client.0, request).await?;
     Ok(HttpResponse::Created()
-        .insert_header((
-            header::LOCATION,
-            format!("/v1/certificates/{}", issued.serial),
-        ))
+        .insert_header((header::LOCATION, format!("/v1/certificates/{}", issued.serial)))
         .json(issued))
 }
 
@@ -119,9 +107,7 @@ pub async fn certificate(
     if wants_pem {
         let mut pem = record.certificate.clone();
         pem.extend(record.chain.iter().map(String::as_str));
-        return Ok(HttpResponse::Ok()
-            .content_type("application/pem-certificate-chain")
-            .body(pem));
+        return Ok(HttpResponse::Ok().content_type("application/pem-certificate-chain").body(pem));
     }
     Ok(HttpResponse::Ok().json(record))
 }

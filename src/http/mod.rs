@@ -18,19 +18,18 @@ use problem::Problem;
 
 /// Register the API's routes (an embedding application can mount them in its own App).
 pub fn routes(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
-    let json = web::JsonConfig::default()
-        .limit(max_body_bytes)
-        .error_handler(|err, _req| {
-            let e = match err {
-                JsonPayloadError::Overflow { .. }
-                | JsonPayloadError::OverflowKnownLength { .. } => EngineError::PayloadTooLarge,
-                JsonPayloadError::ContentType => {
-                    EngineError::MalformedRequest("Content-Type must be application/json".into())
-                }
-                other => EngineError::MalformedRequest(other.to_string()),
-            };
-            Problem(e).into()
-        });
+    let json = web::JsonConfig::default().limit(max_body_bytes).error_handler(|err, _req| {
+        let e = match err {
+            JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => {
+                EngineError::PayloadTooLarge
+            }
+            JsonPayloadError::ContentType => {
+                EngineError::MalformedRequest("Content-Type must be application/json".into())
+            }
+            other => EngineError::MalformedRequest(other.to_string()),
+        };
+        Problem(e).into()
+    });
     let path = web::PathConfig::default()
         .error_handler(|err, _| Problem(EngineError::MalformedRequest(err.to_string())).into());
     cfg.app_data(json)
@@ -54,9 +53,7 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
             .app_data(data.clone())
             .wrap(tracing_actix_web::TracingLogger::default())
             .configure(|cfg| routes(cfg, max_body))
-            .default_service(web::to(|| async {
-                Err::<actix_web::HttpResponse, _>(Problem(EngineError::NotFound))
-            }))
+            .default_service(web::to(|| async { Err::<actix_web::HttpResponse, _>(Problem(EngineError::NotFound)) }))
     })
     .shutdown_timeout(10);
     if workers > 0 {

@@ -23,7 +23,5 @@ pub async fn readyz(engine: web::Data<Engine>) -> HttpResponse {
 
 #[get("/metrics")]
 pub async fn metrics(engine: web::Data<Engine>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(engine.metrics_text())
+    HttpResponse::Ok().content_type("text/plain; version=0.0.4").body(engine.metrics_text())
 }

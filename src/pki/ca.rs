@@ -29,20 +29,13 @@ impl SignatureAlgorithm {
     pub fn algorithm_identifier_der(self) -> &'static [u8] {
         match self {
             // ecdsa-with-SHA256, no parameters
-            Self::EcdsaSha256 => &[
-                0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02,
-            ],
-            Self::EcdsaSha384 => &[
-                0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03,
-            ],
-            Self::EcdsaSha512 => &[
-                0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04,
-            ],
+            Self::EcdsaSha256 => &[0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02],
+            Self::EcdsaSha384 => &[0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03],
+            Self::EcdsaSha512 => &[0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04],
             // sha256WithRSAEncryption, NULL parameters
-            Self::RsaSha256 => &[
-                0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b, 0x05,
-                0x00,
-            ],
+            Self::RsaSha256 => {
+                &[0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b, 0x05, 0x00]
+            }
             // id-Ed25519, absent parameters
             Self::Ed25519 => &[0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70],
         }
@@ -65,9 +58,7 @@ pub enum CaLoadError {
     Read { path: String, reason: String },
     #[error("{0}")]
     Invalid(String),
-    #[error(
-        "the private key cannot be decrypted with the configured passphrase, or is not PKCS#8"
-    )]
+    #[error("the private key cannot be decrypted with the configured passphrase, or is not PKCS#8")]
     KeyDecrypt,
     #[error("no passphrase configured (key_passphrase_env or key_passphrase_file)")]
     NoPassphrase,
@@ -97,18 +88,12 @@ pub struct CaMaterial {
 
 impl std::fmt::Debug for CaMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CaMaterial")
-            .field("id", &self.id)
-            .field("key_type", &self.key_type)
-            .finish()
+        f.debug_struct("CaMaterial").field("id", &self.id).field("key_type", &self.key_type).finish()
     }
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, CaLoadError> {
-    std::fs::read(path).map_err(|e| CaLoadError::Read {
-        path: path.display().to_string(),
-        reason: e.to_string(),
-    })
+    std::fs::read(path).map_err(|e| CaLoadError::Read { path: path.display().to_string(), reason: e.to_string() })
 }
 
 fn load_certs(path: &Path) -> Result<Vec<X509>, CaLoadError> {
@@ -117,10 +102,7 @@ fn load_certs(path: &Path) -> Result<Vec<X509>, CaLoadError> {
         .map_err(|_| CaLoadError::Invalid(format!("{} holds no PEM certificate", path.display())))
         .and_then(|v| {
             if v.is_empty() {
-                Err(CaLoadError::Invalid(format!(
-                    "{} holds no PEM certificate",
-                    path.display()
-                )))
+                Err(CaLoadError::Invalid(format!("{} holds no PEM certificate", path.display())))
             } else {
                 Ok(v)
             }
@@ -130,9 +112,8 @@ fn load_certs(path: &Path) -> Result<Vec<X509>, CaLoadError> {
 /// The passphrase protecting a CA key, from wherever the configuration says.
 pub fn passphrase(cfg: &CaConfig) -> Result<String, CaLoadError> {
     if let Some(var) = &cfg.key_passphrase_env {
-        return std::env::var(var).map_err(|_| {
-            CaLoadError::PassphraseSource(format!("environment variable {var} is not set"))
-        });
+        return std::env::var(var)
+            .map_err(|_| CaLoadError::PassphraseSource(format!("environment variable {var} is not set")));
     }
     if let Some(file) = &cfg.key_passphrase_file {
         let text = std::fs::read_to_string(file)
@@ -161,11 +142,8 @@ pub fn key_type_of(key: &openssl::pkey::PKeyRef<impl openssl::pkey::HasPublic>) 
 }
 
 fn asn1_to_system_time(t: &openssl::asn1::Asn1TimeRef) -> Result<SystemTime, CaLoadError> {
-    let epoch =
-        openssl::asn1::Asn1Time::from_unix(0).map_err(|e| CaLoadError::Invalid(e.to_string()))?;
-    let diff = epoch
-        .diff(t)
-        .map_err(|e| CaLoadError::Invalid(e.to_string()))?;
+    let epoch = openssl::asn1::Asn1Time::from_unix(0).map_err(|e| CaLoadError::Invalid(e.to_string()))?;
+    let diff = epoch.diff(t).map_err(|e| CaLoadError::Invalid(e.to_string()))?;
     let secs = i64::from(diff.days) * 86_400 + i64::from(diff.secs);
     Ok(UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64))
 }
@@ -179,18 +157,13 @@ impl CaMaterial {
         }
         let pass = passphrase(cfg)?;
         let key_pem = read(&cfg.key_file)?;
-        let key = PKey::private_key_from_pem_passphrase(&key_pem, pass.as_bytes())
-            .map_err(|_| CaLoadError::KeyDecrypt)?;
-        let public = cert
-            .public_key()
-            .map_err(|e| CaLoadError::Invalid(e.to_string()))?;
+        let key =
+            PKey::private_key_from_pem_passphrase(&key_pem, pass.as_bytes()).map_err(|_| CaLoadError::KeyDecrypt)?;
+        let public = cert.public_key().map_err(|e| CaLoadError::Invalid(e.to_string()))?;
         if !public.public_eq(&key) {
-            return Err(CaLoadError::Invalid(
-                "the private key does not match the CA certificate".into(),
-            ));
+            return Err(CaLoadError::Invalid("the private key does not match the CA certificate".into()));
         }
-        let key_type = key_type_of(&key)
-            .ok_or_else(|| CaLoadError::Invalid("unsupported CA key type".into()))?;
+        let key_type = key_type_of(&key).ok_or_else(|| CaLoadError::Invalid("unsupported CA key type".into()))?;
         let signature_algorithm = match key_type {
             KeyType::EcdsaP256 => SignatureAlgorithm::EcdsaSha256,
             KeyType::EcdsaP384 => SignatureAlgorithm::EcdsaSha384,
@@ -200,39 +173,25 @@ impl CaMaterial {
         };
         verify_chain(&cert, &chain)?;
         let is_ca = {
-            let der = cert
-                .to_der()
-                .map_err(|e| CaLoadError::Invalid(e.to_string()))?;
+            let der = cert.to_der().map_err(|e| CaLoadError::Invalid(e.to_string()))?;
             let (_, parsed) = x509_parser::parse_x509_certificate(&der)
                 .map_err(|e| CaLoadError::Invalid(format!("CA certificate does not parse: {e}")))?;
             parsed.is_ca()
         };
         if !is_ca {
-            return Err(CaLoadError::Invalid(
-                "the certificate is not a CA certificate (basicConstraints)".into(),
-            ));
+            return Err(CaLoadError::Invalid("the certificate is not a CA certificate (basicConstraints)".into()));
         }
         let subject_key_id = cert
             .subject_key_id()
             .map(|s| s.as_slice().to_vec())
-            .ok_or_else(|| {
-                CaLoadError::Invalid("the CA certificate has no subjectKeyIdentifier".into())
-            })?;
-        let subject_der = cert
-            .subject_name()
-            .to_der()
-            .map_err(|e| CaLoadError::Invalid(e.to_string()))?;
+            .ok_or_else(|| CaLoadError::Invalid("the CA certificate has no subjectKeyIdentifier".into()))?;
+        let subject_der = cert.subject_name().to_der().map_err(|e| CaLoadError::Invalid(e.to_string()))?;
         let not_after = asn1_to_system_time(cert.not_after())?;
         let is_dev = std::iter::once(&cert).chain(chain.iter()).any(is_dev_cert);
-        let cert_der = cert
-            .to_der()
-            .map_err(|e| CaLoadError::Invalid(e.to_string()))?;
+        let cert_der = cert.to_der().map_err(|e| CaLoadError::Invalid(e.to_string()))?;
         let mut chain_pem = vec![super::cert_pem(&cert_der)];
         for c in &chain {
-            chain_pem.push(super::cert_pem(
-                &c.to_der()
-                    .map_err(|e| CaLoadError::Invalid(e.to_string()))?,
-            ));
+            chain_pem.push(super::cert_pem(&c.to_der().map_err(|e| CaLoadError::Invalid(e.to_string()))?));
         }
         Ok(CaMaterial {
             id: cfg.id.clone(),
@@ -272,18 +231,12 @@ fn verify_chain(cert: &X509, chain: &[X509]) -> Result<(), CaLoadError> {
     let ok = ctx
         .init(&store, cert, &untrusted, |c| {
             let ok = c.verify_cert()?;
-            Ok(if ok {
-                None
-            } else {
-                Some(c.error().error_string().to_string())
-            })
+            Ok(if ok { None } else { Some(c.error().error_string().to_string()) })
         })
         .map_err(err)?;
     match ok {
         None => Ok(()),
-        Some(reason) => Err(CaLoadError::Invalid(format!(
-            "the CA chain does not verify: {reason}"
-        ))),
+        Some(reason) => Err(CaLoadError::Invalid(format!("the CA chain does not verify: {reason}"))),
     }
 }
 

@@ -68,12 +68,8 @@ fn check_signature_algorithm(oid: &str) -> Result<(), EngineError> {
         return Ok(());
     }
     match WEAK.iter().find(|(o, _)| *o == oid) {
-        Some((_, name)) => Err(EngineError::WeakSignatureAlgorithm(format!(
-            "{name} is not accepted"
-        ))),
-        None => Err(EngineError::WeakSignatureAlgorithm(format!(
-            "signature algorithm {oid} is not supported"
-        ))),
+        Some((_, name)) => Err(EngineError::WeakSignatureAlgorithm(format!("{name} is not accepted"))),
+        None => Err(EngineError::WeakSignatureAlgorithm(format!("signature algorithm {oid} is not supported"))),
     }
 }
 
@@ -102,17 +98,12 @@ pub fn check_csr_der(der: Vec<u8>) -> Result<CheckedCsr, EngineError> {
     let (rest, csr) = X509CertificationRequest::from_der(&der)
         .map_err(|e| EngineError::MalformedCsr(format!("DER does not parse as PKCS#10: {e}")))?;
     if !rest.is_empty() {
-        return Err(EngineError::MalformedCsr(
-            "trailing bytes after the CSR".into(),
-        ));
+        return Err(EngineError::MalformedCsr("trailing bytes after the CSR".into()));
     }
     check_signature_algorithm(&csr.signature_algorithm.algorithm.to_id_string())?;
 
-    let req = X509Req::from_der(&der)
-        .map_err(|_| EngineError::MalformedCsr("openssl cannot parse the CSR".into()))?;
-    let key = req
-        .public_key()
-        .map_err(|_| EngineError::WeakKey("the public key does not parse".into()))?;
+    let req = X509Req::from_der(&der).map_err(|_| EngineError::MalformedCsr("openssl cannot parse the CSR".into()))?;
+    let key = req.public_key().map_err(|_| EngineError::WeakKey("the public key does not parse".into()))?;
     let (key_type, key_bits) = classify_key(&key)?;
     if !req.verify(&key).unwrap_or(false) {
         return Err(EngineError::BadCsrSignature);
@@ -121,13 +112,9 @@ pub fn check_csr_der(der: Vec<u8>) -> Result<CheckedCsr, EngineError> {
     let info = &csr.certification_request_info;
     let mut common_name = None;
     for cn in info.subject.iter_common_name() {
-        let value = cn
-            .as_str()
-            .map_err(|_| EngineError::MalformedCsr("common name is not a string".into()))?;
+        let value = cn.as_str().map_err(|_| EngineError::MalformedCsr("common name is not a string".into()))?;
         if common_name.is_some() {
-            return Err(EngineError::PolicyViolation(
-                "more than one common name".into(),
-            ));
+            return Err(EngineError::PolicyViolation("more than one common name".into()));
         }
         common_name = Some(value.to_string());
     }
@@ -142,45 +129,28 @@ pub fn check_csr_der(der: Vec<u8>) -> Result<CheckedCsr, EngineError> {
                     }
                 }
                 ParsedExtension::ParseError { error } => {
-                    return Err(EngineError::MalformedCsr(format!(
-                        "a requested extension does not parse: {error}"
-                    )))
+                    return Err(EngineError::MalformedCsr(format!("a requested extension does not parse: {error}")))
                 }
                 // Other requested extensions are ignored: the profile decides what is issued.
                 _ => {}
             }
         }
     }
-    Ok(CheckedCsr {
-        spki_der: info.subject_pki.raw.to_vec(),
-        key_type,
-        key_bits,
-        common_name,
-        names,
-        der,
-    })
+    Ok(CheckedCsr { spki_der: info.subject_pki.raw.to_vec(), key_type, key_bits, common_name, names, der })
 }
 
-fn classify_key(
-    key: &openssl::pkey::PKey<openssl::pkey::Public>,
-) -> Result<(KeyType, u32), EngineError> {
+fn classify_key(key: &openssl::pkey::PKey<openssl::pkey::Public>) -> Result<(KeyType, u32), EngineError> {
     let key_type = super::ca::key_type_of(key).ok_or_else(|| match key.id() {
-        Id::EC => {
-            EngineError::WeakKey("elliptic curve not supported (P-256, P-384, P-521 only)".into())
-        }
+        Id::EC => EngineError::WeakKey("elliptic curve not supported (P-256, P-384, P-521 only)".into()),
         _ => EngineError::WeakKey("key type not supported (ECDSA, RSA, Ed25519 only)".into()),
     })?;
     let bits = key.bits();
     if key_type == KeyType::Rsa {
         if bits < 2048 {
-            return Err(EngineError::WeakKey(format!(
-                "RSA-{bits} is too small (at least 2048 bits)"
-            )));
+            return Err(EngineError::WeakKey(format!("RSA-{bits} is too small (at least 2048 bits)")));
         }
         if bits > MAX_RSA_BITS {
-            return Err(EngineError::WeakKey(format!(
-                "RSA-{bits} is too large (at most {MAX_RSA_BITS} bits)"
-            )));
+            return Err(EngineError::WeakKey(format!("RSA-{bits} is too large (at most {MAX_RSA_BITS} bits)")));
         }
     }
     Ok((key_type, bits))
@@ -191,22 +161,12 @@ fn san_name(gn: &GeneralName<'_>) -> Result<SanName, EngineError> {
         GeneralName::DNSName(s) => Ok(SanName::Dns(s.to_string())),
         GeneralName::RFC822Name(s) => Ok(SanName::Email(s.to_string())),
         GeneralName::IPAddress(bytes) => match bytes.len() {
-            4 => Ok(SanName::Ip(IpAddr::from(
-                <[u8; 4]>::try_from(*bytes).unwrap_or_default(),
-            ))),
-            16 => Ok(SanName::Ip(IpAddr::from(
-                <[u8; 16]>::try_from(*bytes).unwrap_or_default(),
-            ))),
-            n => Err(EngineError::MalformedCsr(format!(
-                "IP address of {n} bytes"
-            ))),
+            4 => Ok(SanName::Ip(IpAddr::from(<[u8; 4]>::try_from(*bytes).unwrap_or_default()))),
+            16 => Ok(SanName::Ip(IpAddr::from(<[u8; 16]>::try_from(*bytes).unwrap_or_default()))),
+            n => Err(EngineError::MalformedCsr(format!("IP address of {n} bytes"))),
         },
-        GeneralName::Invalid(_, _) => Err(EngineError::PolicyViolation(
-            "a requested name is not valid text".into(),
-        )),
-        other => Err(EngineError::PolicyViolation(format!(
-            "name type not supported: {other:?}"
-        ))),
+        GeneralName::Invalid(_, _) => Err(EngineError::PolicyViolation("a requested name is not valid text".into())),
+        other => Err(EngineError::PolicyViolation(format!("name type not supported: {other:?}"))),
     }
 }
 
@@ -220,18 +180,14 @@ pub fn is_valid_dns_name(name: &str) -> bool {
             && label.len() <= 63
             && !label.starts_with('-')
             && !label.ends_with('-')
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     })
 }
 
 pub fn is_valid_email(addr: &str) -> bool {
     match addr.split_once('@') {
         Some((local, domain)) => {
-            !local.is_empty()
-                && local.bytes().all(|b| b.is_ascii_graphic() && b != b'@')
-                && is_valid_dns_name(domain)
+            !local.is_empty() && local.bytes().all(|b| b.is_ascii_graphic() && b != b'@') && is_valid_dns_name(domain)
         }
         None => false,
     }
@@ -262,9 +218,6 @@ mod tests {
     #[test]
     fn garbage_is_malformed() {
         assert_eq!(check_csr_pem("hello").unwrap_err().slug(), "malformed-csr");
-        assert_eq!(
-            check_csr_der(vec![0x30, 0x82, 0x01]).unwrap_err().slug(),
-            "malformed-csr"
-        );
+        assert_eq!(check_csr_der(vec![0x30, 0x82, 0x01]).unwrap_err().slug(), "malformed-csr");
     }
 }

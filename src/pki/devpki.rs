@@ -12,9 +12,7 @@ use openssl::nid::Nid;
 use openssl::pkey::{PKey, Private};
 use openssl::rsa::Rsa;
 use openssl::symm::Cipher;
-use openssl::x509::extension::{
-    AuthorityKeyIdentifier, BasicConstraints, KeyUsage, SubjectKeyIdentifier,
-};
+use openssl::x509::extension::{AuthorityKeyIdentifier, BasicConstraints, KeyUsage, SubjectKeyIdentifier};
 use openssl::x509::{X509Builder, X509NameBuilder, X509};
 
 use super::ca::DEV_PKI_ORGANIZATION;
@@ -90,16 +88,8 @@ fn ca_certificate(
         bc.pathlen(n);
     }
     b.append_extension(bc.build()?)?;
-    b.append_extension(
-        KeyUsage::new()
-            .critical()
-            .key_cert_sign()
-            .crl_sign()
-            .digital_signature()
-            .build()?,
-    )?;
-    let ski = SubjectKeyIdentifier::new()
-        .build(&b.x509v3_context(issuer.map(|(c, _)| c.as_ref()), None))?;
+    b.append_extension(KeyUsage::new().critical().key_cert_sign().crl_sign().digital_signature().build()?)?;
+    let ski = SubjectKeyIdentifier::new().build(&b.x509v3_context(issuer.map(|(c, _)| c.as_ref()), None))?;
     b.append_extension(ski)?;
     if issuer.is_some() {
         let aki = AuthorityKeyIdentifier::new()
@@ -117,10 +107,7 @@ fn write(path: &Path, data: &[u8]) -> Result<()> {
 }
 
 fn write_key(path: &Path, key: &PKey<Private>) -> Result<()> {
-    let pem = key.private_key_to_pem_pkcs8_passphrase(
-        Cipher::aes_256_cbc(),
-        DEV_KEY_PASSPHRASE.as_bytes(),
-    )?;
+    let pem = key.private_key_to_pem_pkcs8_passphrase(Cipher::aes_256_cbc(), DEV_KEY_PASSPHRASE.as_bytes())?;
     write(path, &pem)?;
     #[cfg(unix)]
     {

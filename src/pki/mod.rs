@@ -14,9 +14,7 @@ pub use tbs::PreparedCert;
 
 /// Milliseconds since the Unix epoch: the one time unit the database and the engine use.
 pub fn unix_ms(t: std::time::SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 pub fn now_ms() -> i64 {

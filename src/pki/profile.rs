@@ -31,11 +31,8 @@ pub struct ApprovedNames {
 impl Profile {
     pub fn from_config(cfg: &ProfileConfig) -> Profile {
         let mut names = cfg.names.clone();
-        names.dns_suffixes = names
-            .dns_suffixes
-            .iter()
-            .map(|s| s.trim_start_matches('.').to_ascii_lowercase())
-            .collect();
+        names.dns_suffixes =
+            names.dns_suffixes.iter().map(|s| s.trim_start_matches('.').to_ascii_lowercase()).collect();
         Profile {
             id: cfg.id.clone(),
             ca: cfg.ca.clone(),
@@ -84,9 +81,7 @@ impl Profile {
             }
         }
         if sans.is_empty() {
-            return Err(EngineError::PolicyViolation(
-                "the CSR requests no name".into(),
-            ));
+            return Err(EngineError::PolicyViolation("the CSR requests no name".into()));
         }
         if sans.len() > self.names.max_names {
             return Err(EngineError::PolicyViolation(format!(
@@ -101,9 +96,7 @@ impl Profile {
         let common_name = match common_name {
             Some(cn) if self.names.subject_cn => {
                 if cn.len() > 64 {
-                    return Err(EngineError::PolicyViolation(
-                        "common name longer than 64 characters".into(),
-                    ));
+                    return Err(EngineError::PolicyViolation("common name longer than 64 characters".into()));
                 }
                 let matches = sans.iter().any(|s| s.to_string().eq_ignore_ascii_case(&cn));
                 if !matches {
@@ -123,51 +116,30 @@ impl Profile {
         match name {
             SanName::Dns(d) => {
                 if !self.names.dns {
-                    return refuse(format!(
-                        "DNS names are not allowed by profile {:?}",
-                        self.id
-                    ));
+                    return refuse(format!("DNS names are not allowed by profile {:?}", self.id));
                 }
                 if !is_valid_dns_name(d) {
-                    return refuse(format!(
-                        "{:?} is not a valid DNS name",
-                        d.escape_debug().to_string()
-                    ));
+                    return refuse(format!("{:?} is not a valid DNS name", d.escape_debug().to_string()));
                 }
                 let suffixes = &self.names.dns_suffixes;
-                let allowed = suffixes.is_empty()
-                    || suffixes
-                        .iter()
-                        .any(|s| d == s || d.ends_with(&format!(".{s}")));
+                let allowed = suffixes.is_empty() || suffixes.iter().any(|s| d == s || d.ends_with(&format!(".{s}")));
                 if !allowed {
-                    return refuse(format!(
-                        "{d:?} is outside the DNS names profile {:?} allows",
-                        self.id
-                    ));
+                    return refuse(format!("{d:?} is outside the DNS names profile {:?} allows", self.id));
                 }
                 Ok(())
             }
             SanName::Ip(ip) => {
                 if !self.names.ip {
-                    return refuse(format!(
-                        "IP address {ip} is not allowed by profile {:?}",
-                        self.id
-                    ));
+                    return refuse(format!("IP address {ip} is not allowed by profile {:?}", self.id));
                 }
                 Ok(())
             }
             SanName::Email(e) => {
                 if !self.names.email {
-                    return refuse(format!(
-                        "email addresses are not allowed by profile {:?}",
-                        self.id
-                    ));
+                    return refuse(format!("email addresses are not allowed by profile {:?}", self.id));
                 }
                 if !is_valid_email(e) {
-                    return refuse(format!(
-                        "{:?} is not a valid email address",
-                        e.escape_debug().to_string()
-                    ));
+                    return refuse(format!("{:?} is not a valid email address", e.escape_debug().to_string()));
                 }
                 Ok(())
             }

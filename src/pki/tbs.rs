@@ -9,17 +9,15 @@ use std::time::{Duration, SystemTime};
 use const_oid::db::rfc4519::COMMON_NAME;
 use const_oid::db::rfc5280 as oids;
 use const_oid::AssociatedOid;
-use der::asn1::{
-    BitString, GeneralizedTime, Ia5String, OctetString, SetOfVec, UtcTime, Utf8StringRef,
-};
+use der::asn1::{BitString, GeneralizedTime, Ia5String, OctetString, SetOfVec, UtcTime, Utf8StringRef};
 use der::{Any, Decode, Encode, Header, Length, Tag};
 use openssl::sign::Signer;
 use x509_cert::attr::AttributeTypeAndValue;
 use x509_cert::certificate::{TbsCertificate, Version};
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{
-    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages,
-    SubjectAltName, SubjectKeyIdentifier,
+    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName,
+    SubjectKeyIdentifier,
 };
 use x509_cert::ext::Extension;
 use x509_cert::name::{Name, RdnSequence, RelativeDistinguishedName};
@@ -55,16 +53,9 @@ pub fn random_serial() -> [u8; 20] {
     serial
 }
 
-fn extension<T: AssociatedOid + Encode>(
-    value: &T,
-    critical: bool,
-) -> Result<Extension, EngineError> {
+fn extension<T: AssociatedOid + Encode>(value: &T, critical: bool) -> Result<Extension, EngineError> {
     let der = value.to_der().map_err(internal("extension"))?;
-    Ok(Extension {
-        extn_id: T::OID,
-        critical,
-        extn_value: OctetString::new(der).map_err(internal("extension"))?,
-    })
+    Ok(Extension { extn_id: T::OID, critical, extn_value: OctetString::new(der).map_err(internal("extension"))? })
 }
 
 fn key_usage_flags(profile: &Profile, key_type: KeyType) -> KeyUsage {
@@ -76,15 +67,10 @@ fn key_usage_flags(profile: &Profile, key_type: KeyType) -> KeyUsage {
             KeyUsageName::DigitalSignature => (KeyUsages::DigitalSignature, true),
             KeyUsageName::NonRepudiation => (KeyUsages::NonRepudiation, true),
             KeyUsageName::KeyEncipherment => (KeyUsages::KeyEncipherment, key_type == KeyType::Rsa),
-            KeyUsageName::DataEncipherment => {
-                (KeyUsages::DataEncipherment, key_type == KeyType::Rsa)
-            }
+            KeyUsageName::DataEncipherment => (KeyUsages::DataEncipherment, key_type == KeyType::Rsa),
             KeyUsageName::KeyAgreement => (
                 KeyUsages::KeyAgreement,
-                matches!(
-                    key_type,
-                    KeyType::EcdsaP256 | KeyType::EcdsaP384 | KeyType::EcdsaP521
-                ),
+                matches!(key_type, KeyType::EcdsaP256 | KeyType::EcdsaP384 | KeyType::EcdsaP521),
             ),
         };
         if applies {
@@ -109,23 +95,16 @@ fn subject_name(common_name: Option<&str>) -> Result<Name, EngineError> {
     let Some(cn) = common_name else {
         return Ok(RdnSequence(Vec::new()));
     };
-    let value = Any::encode_from(&Utf8StringRef::new(cn).map_err(internal("subject"))?)
-        .map_err(internal("subject"))?;
-    let atv = AttributeTypeAndValue {
-        oid: COMMON_NAME,
-        value,
-    };
-    let rdn =
-        RelativeDistinguishedName(SetOfVec::try_from(vec![atv]).map_err(internal("subject"))?);
+    let value = Any::encode_from(&Utf8StringRef::new(cn).map_err(internal("subject"))?).map_err(internal("subject"))?;
+    let atv = AttributeTypeAndValue { oid: COMMON_NAME, value };
+    let rdn = RelativeDistinguishedName(SetOfVec::try_from(vec![atv]).map_err(internal("subject"))?);
     Ok(RdnSequence(vec![rdn]))
 }
 
 fn general_name(name: &SanName) -> Result<GeneralName, EngineError> {
     Ok(match name {
         SanName::Dns(d) => GeneralName::DnsName(Ia5String::new(d).map_err(internal("dNSName"))?),
-        SanName::Email(e) => {
-            GeneralName::Rfc822Name(Ia5String::new(e).map_err(internal("rfc822Name"))?)
-        }
+        SanName::Email(e) => GeneralName::Rfc822Name(Ia5String::new(e).map_err(internal("rfc822Name"))?),
         SanName::Ip(ip) => GeneralName::from(*ip),
     })
 }
@@ -134,9 +113,7 @@ fn general_name(name: &SanName) -> Result<GeneralName, EngineError> {
 fn rfc5280_time(t: SystemTime) -> Result<Time, EngineError> {
     match UtcTime::from_system_time(t) {
         Ok(utc) => Ok(Time::UtcTime(utc)),
-        Err(_) => Ok(Time::GeneralTime(
-            GeneralizedTime::from_system_time(t).map_err(internal("time"))?,
-        )),
+        Err(_) => Ok(Time::GeneralTime(GeneralizedTime::from_system_time(t).map_err(internal("time"))?)),
     }
 }
 
@@ -151,47 +128,26 @@ pub fn prepare(
     let serial = random_serial();
     let not_before = now - profile.backdate;
     let not_after = not_before + profile.validity;
-    let spki =
-        SubjectPublicKeyInfoOwned::from_der(&csr.spki_der).map_err(internal("public key"))?;
+    let spki = SubjectPublicKeyInfoOwned::from_der(&csr.spki_der).map_err(internal("public key"))?;
     let subject = subject_name(names.common_name.as_deref())?;
     let issuer = Name::from_der(&ca.subject_der).map_err(internal("issuer"))?;
-    let signature =
-        AlgorithmIdentifierOwned::from_der(ca.signature_algorithm.algorithm_identifier_der())
-            .map_err(internal("signature algorithm"))?;
+    let signature = AlgorithmIdentifierOwned::from_der(ca.signature_algorithm.algorithm_identifier_der())
+        .map_err(internal("signature algorithm"))?;
 
     let ski = openssl::sha::sha1(spki.subject_public_key.raw_bytes());
-    let sans = names
-        .sans
-        .iter()
-        .map(general_name)
-        .collect::<Result<Vec<_>, _>>()?;
+    let sans = names.sans.iter().map(general_name).collect::<Result<Vec<_>, _>>()?;
     let mut extensions = vec![
-        extension(
-            &BasicConstraints {
-                ca: false,
-                path_len_constraint: None,
-            },
-            true,
-        )?,
+        extension(&BasicConstraints { ca: false, path_len_constraint: None }, true)?,
         extension(&key_usage_flags(profile, csr.key_type), true)?,
     ];
     if !profile.extended_key_usage.is_empty() {
-        let ekus = profile
-            .extended_key_usage
-            .iter()
-            .map(|e| eku_oid(*e))
-            .collect();
+        let ekus = profile.extended_key_usage.iter().map(|e| eku_oid(*e)).collect();
         extensions.push(extension(&ExtendedKeyUsage(ekus), false)?);
     }
-    extensions.push(extension(
-        &SubjectKeyIdentifier(OctetString::new(ski.to_vec()).map_err(internal("SKI"))?),
-        false,
-    )?);
+    extensions.push(extension(&SubjectKeyIdentifier(OctetString::new(ski.to_vec()).map_err(internal("SKI"))?), false)?);
     extensions.push(extension(
         &AuthorityKeyIdentifier {
-            key_identifier: Some(
-                OctetString::new(ca.subject_key_id.clone()).map_err(internal("AKI"))?,
-            ),
+            key_identifier: Some(OctetString::new(ca.subject_key_id.clone()).map_err(internal("AKI"))?),
             authority_cert_issuer: None,
             authority_cert_serial_number: None,
         },
@@ -205,10 +161,7 @@ pub fn prepare(
         serial_number: SerialNumber::new(&serial).map_err(internal("serial"))?,
         signature,
         issuer,
-        validity: Validity {
-            not_before: rfc5280_time(not_before)?,
-            not_after: rfc5280_time(not_after)?,
-        },
+        validity: Validity { not_before: rfc5280_time(not_before)?, not_after: rfc5280_time(not_after)? },
         subject,
         subject_public_key_info: spki,
         issuer_unique_id: None,
@@ -228,11 +181,7 @@ pub fn prepare(
 /// have, whatever the profile says. A failure here is a bug or a misconfiguration, never the
 /// client's fault, and nothing is signed.
 pub fn lint(tbs: &TbsCertificate, ca: &CaMaterial, now: SystemTime) -> Result<(), EngineError> {
-    let fail = |why: &str| {
-        Err(EngineError::Internal(format!(
-            "certificate lint failed: {why}"
-        )))
-    };
+    let fail = |why: &str| Err(EngineError::Internal(format!("certificate lint failed: {why}")));
     let serial = tbs.serial_number.as_bytes();
     if serial.is_empty() || serial.len() > 20 || serial[0] & 0x80 != 0 {
         return fail("serial is not a positive integer of at most 20 octets");
@@ -283,10 +232,8 @@ pub fn lint(tbs: &TbsCertificate, ca: &CaMaterial, now: SystemTime) -> Result<()
 
 /// Sign prepared TBS bytes with the CA key and assemble the certificate's DER.
 pub fn sign(ca: &CaMaterial, tbs_der: &[u8]) -> Result<Vec<u8>, EngineError> {
-    let signer_failure = |e: openssl::error::ErrorStack| EngineError::SignerFailure {
-        ca: ca.id.clone(),
-        reason: e.to_string(),
-    };
+    let signer_failure =
+        |e: openssl::error::ErrorStack| EngineError::SignerFailure { ca: ca.id.clone(), reason: e.to_string() };
     let signature = match ca.signature_algorithm.digest() {
         Some(md) => {
             let mut signer = Signer::new(md, &ca.key).map_err(signer_failure)?;
@@ -295,34 +242,19 @@ pub fn sign(ca: &CaMaterial, tbs_der: &[u8]) -> Result<Vec<u8>, EngineError> {
         }
         None => {
             let mut signer = Signer::new_without_digest(&ca.key).map_err(signer_failure)?;
-            signer
-                .sign_oneshot_to_vec(tbs_der)
-                .map_err(signer_failure)?
+            signer.sign_oneshot_to_vec(tbs_der).map_err(signer_failure)?
         }
     };
-    assemble(
-        tbs_der,
-        ca.signature_algorithm.algorithm_identifier_der(),
-        &signature,
-    )
+    assemble(tbs_der, ca.signature_algorithm.algorithm_identifier_der(), &signature)
 }
 
 /// Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue BIT STRING }
-fn assemble(
-    tbs_der: &[u8],
-    algorithm_der: &[u8],
-    signature: &[u8],
-) -> Result<Vec<u8>, EngineError> {
-    let bits = BitString::from_bytes(signature)
-        .map_err(internal("signature"))?
-        .to_der()
-        .map_err(internal("signature"))?;
+fn assemble(tbs_der: &[u8], algorithm_der: &[u8], signature: &[u8]) -> Result<Vec<u8>, EngineError> {
+    let bits =
+        BitString::from_bytes(signature).map_err(internal("signature"))?.to_der().map_err(internal("signature"))?;
     let body_len = tbs_der.len() + algorithm_der.len() + bits.len();
-    let header = Header::new(
-        Tag::Sequence,
-        Length::try_from(body_len).map_err(internal("length"))?,
-    )
-    .map_err(internal("header"))?;
+    let header = Header::new(Tag::Sequence, Length::try_from(body_len).map_err(internal("length"))?)
+        .map_err(internal("header"))?;
     let mut out = header.to_der().map_err(internal("header"))?;
     out.reserve(body_len);
     out.extend_from_slice(tbs_der);

@@ -35,8 +35,7 @@ pub struct TestDb {
 }
 
 pub fn postgres_admin_url() -> String {
-    std::env::var("CASTELLUM_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+    std::env::var("CASTELLUM_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
 fn postgres_admin() -> PgConnection {
@@ -50,12 +49,7 @@ impl TestDb {
     pub fn sqlite() -> TestDb {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("castellum.db");
-        TestDb {
-            url: format!("sqlite://{}", path.display()),
-            name: "sqlite".into(),
-            postgres: false,
-            _dir: Some(dir),
-        }
+        TestDb { url: format!("sqlite://{}", path.display()), name: "sqlite".into(), postgres: false, _dir: Some(dir) }
     }
 
     pub fn postgres() -> TestDb {
@@ -63,12 +57,7 @@ impl TestDb {
         diesel::sql_query(format!("CREATE DATABASE {name}"))
             .execute(&mut postgres_admin())
             .expect("create test database");
-        TestDb {
-            url: format!("{}/{name}", postgres_admin_url()),
-            name,
-            postgres: true,
-            _dir: None,
-        }
+        TestDb { url: format!("{}/{name}", postgres_admin_url()), name, postgres: true, _dir: None }
     }
 
     pub fn admin(&self) -> PgConnection {
@@ -96,11 +85,8 @@ impl TestDb {
 impl Drop for TestDb {
     fn drop(&mut self) {
         if self.postgres {
-            let _ = diesel::sql_query(format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .execute(&mut postgres_admin());
+            let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+                .execute(&mut postgres_admin());
         }
     }
 }
@@ -155,20 +141,11 @@ pub struct TestServer {
 impl TestServer {
     pub async fn start(config: Config) -> TestServer {
         let engine = Engine::start(config).await.expect("engine starts");
-        let (server, addrs) =
-            castellum::http::server(engine.clone(), "127.0.0.1:0").expect("bind loopback");
+        let (server, addrs) = castellum::http::server(engine.clone(), "127.0.0.1:0").expect("bind loopback");
         let handle = server.handle();
         actix_rt::spawn(server);
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(30))
-            .build()
-            .expect("http client");
-        TestServer {
-            engine,
-            base: format!("http://{}", addrs[0]),
-            http,
-            handle,
-        }
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client");
+        TestServer { engine, base: format!("http://{}", addrs[0]), http, handle }
     }
 
     pub async fn stop(self) {
@@ -204,14 +181,13 @@ pub fn key(kind: Key) -> PKey<Private> {
     use openssl::ec::{EcGroup, EcKey};
     use openssl::nid::Nid;
     match kind {
-        Key::P256 => PKey::from_ec_key(
-            EcKey::generate(&EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap()).unwrap(),
-        )
-        .unwrap(),
-        Key::P384 => PKey::from_ec_key(
-            EcKey::generate(&EcGroup::from_curve_name(Nid::SECP384R1).unwrap()).unwrap(),
-        )
-        .unwrap(),
+        Key::P256 => {
+            PKey::from_ec_key(EcKey::generate(&EcGroup::from_curve_name(Nid::X9_62_PRIME256V1).unwrap()).unwrap())
+                .unwrap()
+        }
+        Key::P384 => {
+            PKey::from_ec_key(EcKey::generate(&EcGroup::from_curve_name(Nid::SECP384R1).unwrap()).unwrap()).unwrap()
+        }
         Key::Rsa(bits) => PKey::from_rsa(openssl::rsa::Rsa::generate(bits).unwrap()).unwrap(),
         Key::Ed25519 => PKey::generate_ed25519().unwrap(),
     }
@@ -238,15 +214,10 @@ pub fn csr_with(key: &PKey<Private>, names: &[&str], digest: MessageDigest) -> S
             }
         }
         let mut exts = Stack::new().unwrap();
-        exts.push(san.build(&b.x509v3_context(None)).unwrap())
-            .unwrap();
+        exts.push(san.build(&b.x509v3_context(None)).unwrap()).unwrap();
         b.add_extensions(&exts).unwrap();
     }
-    let digest = if key.id() == openssl::pkey::Id::ED25519 {
-        MessageDigest::null()
-    } else {
-        digest
-    };
+    let digest = if key.id() == openssl::pkey::Id::ED25519 { MessageDigest::null() } else { digest };
     b.sign(key, digest).unwrap();
     String::from_utf8(b.build().to_pem().unwrap()).unwrap()
 }
@@ -257,9 +228,7 @@ pub fn csr(kind: Key, names: &[&str]) -> String {
 
 /// Run a command, returning (success, stdout + stderr).
 pub fn run(cmd: &mut Command) -> (bool, String) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     let mut text = String::from_utf8_lossy(&out.stdout).to_string();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), text)
@@ -281,9 +250,7 @@ pub fn openssl_verify(dir: &Path, leaf_pem: &str, ca_id: &str) -> (bool, String)
 pub fn openssl_text(dir: &Path, leaf_pem: &str) -> String {
     let leaf = dir.join("text.pem");
     std::fs::write(&leaf, leaf_pem).unwrap();
-    let (ok, text) = run(Command::new("openssl")
-        .args(["x509", "-noout", "-text", "-in"])
-        .arg(&leaf));
+    let (ok, text) = run(Command::new("openssl").args(["x509", "-noout", "-text", "-in"]).arg(&leaf));
     assert!(ok, "openssl x509 -text failed: {text}");
     text
 }
@@ -296,24 +263,16 @@ pub fn pkilint_findings(dir: &Path, leaf_pem: &str, ca_id: &str) -> String {
     let issuer = dev_keys().join(format!("{ca_id}.crt"));
     let mut findings = String::new();
     for cmd in [
-        Command::new("lint_pkix_cert")
-            .args(["lint", "-s", "ERROR"])
-            .arg(&leaf)
-            .output(),
+        Command::new("lint_pkix_cert").args(["lint", "-s", "ERROR"]).arg(&leaf).output(),
         Command::new("lint_pkix_signer_signee_cert_chain")
             .args(["lint", "-s", "ERROR"])
             .arg(&issuer)
             .arg(&leaf)
             .output(),
     ] {
-        let out =
-            cmd.expect("pkilint is installed (`.ci/run` installs it: pip install pkilint==0.13.3)");
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
-        for line in text
-            .lines()
-            .filter(|l| l.contains("(ERROR)") || l.contains("(FATAL)") || l.contains("Traceback"))
-        {
+        let out = cmd.expect("pkilint is installed (`.ci/run` installs it: pip install pkilint==0.13.3)");
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        for line in text.lines().filter(|l| l.contains("(ERROR)") || l.contains("(FATAL)") || l.contains("Traceback")) {
             findings.push_str(line);
             findings.push('\n');
         }

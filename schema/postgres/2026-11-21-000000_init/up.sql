@@ -2,7 +2,7 @@
 
 CREATE TABLE cas (
     id         TEXT PRIMARY KEY NOT NULL,
-    state      TEXT NOT NULL CHECK (state IN ('enabled', 'disabled', 'retired')),
+    state      TEXT NOT NULL CHECK (state IN ('enabled', 'parked', 'draining', 'disabled', 'retired')),
     updated_at BIGINT NOT NULL
 );
 

@@ -1,0 +1,191 @@
+//! Registry propagation across instances, and the CA-state levers: disable, park, resubmit.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use castellum::{EngineError, IssueRequest};
+use common::*;
+
+fn state_of(engine: &castellum::Engine, ca: &str) -> String {
+    engine.cas().into_iter().find(|c| c.id == ca).map(|c| c.state).unwrap_or_default()
+}
+
+/// How long until `engine` serves `ca` in `state`, polling every millisecond up to `limit`.
+async fn time_until_state(engine: &castellum::Engine, ca: &str, state: &str, limit: Duration) -> Duration {
+    let started = Instant::now();
+    while state_of(engine, ca) != state {
+        assert!(started.elapsed() < limit, "{ca} not {state} after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    started.elapsed()
+}
+
+fn p256_request() -> IssueRequest {
+    IssueRequest {
+        profile: "tls-server-p256".into(),
+        csr_pem: csr(Key::P256, &["reg.example.test"]),
+        ..Default::default()
+    }
+}
+
+#[actix_rt::test]
+async fn postgres_a_disable_reaches_another_instance_within_100ms_by_notification() {
+    let db = TestDb::postgres();
+    let mut config_b = dev_config(&db);
+    config_b.registry.poll_interval = Duration::from_secs(30); // only a notification can be this fast
+    let a = castellum::Engine::start(dev_config(&db)).await.unwrap();
+    let b = castellum::Engine::start(config_b).await.unwrap();
+    let client = b.client("demo").unwrap();
+    b.issue(&client, p256_request()).await.expect("B issues while the CA is enabled");
+    // Give B's listener its first LISTEN before the change.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    a.set_ca_state("test-operator", "ica-p256", "disabled").await.unwrap();
+    let took = time_until_state(&b, "ica-p256", "disabled", Duration::from_secs(5)).await;
+    assert!(took < Duration::from_millis(100), "took {took:?}");
+    assert!(matches!(b.issue(&client, p256_request()).await, Err(EngineError::CaDisabled(_))));
+    eprintln!("disable reached the other instance in {took:?}");
+
+    a.set_ca_state("test-operator", "ica-p256", "enabled").await.unwrap();
+    time_until_state(&b, "ica-p256", "enabled", Duration::from_secs(5)).await;
+    b.issue(&client, p256_request()).await.expect("issues again once re-enabled");
+
+    // Both instances record heartbeats with the version they serve.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let instances = castellum::db::queries::instances(&mut db.conn()).unwrap();
+    assert!(instances.iter().any(|i| i.0 == a.instance_id()) && instances.iter().any(|i| i.0 == b.instance_id()));
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[actix_rt::test]
+async fn postgres_without_notifications_the_poll_bounds_propagation() {
+    let db = TestDb::postgres();
+    let poll = Duration::from_millis(400);
+    let mut config_b = dev_config(&db);
+    config_b.registry.listen = false; // notifications blocked: only the version poll remains
+    config_b.registry.poll_interval = poll;
+    let a = castellum::Engine::start(dev_config(&db)).await.unwrap();
+    let b = castellum::Engine::start(config_b).await.unwrap();
+    for _ in 0..3 {
+        a.set_profile_state("test-operator", "tls-server-p384", false).await.unwrap();
+        a.set_ca_state("test-operator", "ica-rsa3072", "disabled").await.unwrap();
+        let took = time_until_state(&b, "ica-rsa3072", "disabled", poll * 3).await;
+        assert!(took <= poll + Duration::from_millis(150), "took {took:?} with a {poll:?} poll");
+        let client = b.client("demo").unwrap();
+        let refused = b
+            .issue(
+                &client,
+                IssueRequest {
+                    profile: "tls-server-p384".into(),
+                    csr_pem: csr(Key::P384, &["x.example.test"]),
+                    ..Default::default()
+                },
+            )
+            .await;
+        assert!(matches!(refused, Err(EngineError::ProfileDisabled(_))), "{refused:?}");
+        a.set_profile_state("test-operator", "tls-server-p384", true).await.unwrap();
+        a.set_ca_state("test-operator", "ica-rsa3072", "enabled").await.unwrap();
+        time_until_state(&b, "ica-rsa3072", "enabled", poll * 3).await;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+async fn a_flood_for_a_disabled_ca_never_reaches_its_queue(db: TestDb) {
+    let server = TestServer::start(dev_config(&db)).await;
+    server.engine.set_ca_state("test-operator", "ica-p384", "disabled").await.unwrap();
+    let csr = csr(Key::P384, &["flood.example.test"]);
+    let requests = (0..300).map(|_| server.issue(DEMO_KEY, "tls-server-p384", &csr).send());
+    let statuses: Vec<u16> =
+        futures_util::future::join_all(requests).await.into_iter().map(|r| r.unwrap().status().as_u16()).collect();
+    assert!(statuses.iter().all(|s| *s == 409), "{statuses:?}");
+    let metrics = server.engine.metrics_text();
+    assert!(!metrics.contains("castellum_queue_wait_seconds_count{ca=\"ica-p384\""), "nothing was ever dequeued");
+    assert!(metrics.contains("castellum_requests_total{outcome=\"ca-disabled\"} 300"), "{metrics}");
+    let status = server.engine.cell_status().await.into_iter().find(|c| c.ca == "ica-p384").unwrap();
+    assert_eq!((status.interactive_queued, status.in_flight), (0, 0));
+    assert_eq!(counts(&db).0, 0);
+    // Other CAs are untouched.
+    let ok =
+        server.issue(DEMO_KEY, "tls-server-p256", &common::csr(Key::P256, &["ok.example.test"])).send().await.unwrap();
+    assert_eq!(ok.status(), 201);
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn sqlite_a_flood_for_a_disabled_ca_never_reaches_its_queue() {
+    a_flood_for_a_disabled_ca_never_reaches_its_queue(TestDb::sqlite()).await;
+}
+
+async fn parked_work_is_all_issued_after_resubmit(db: TestDb) {
+    let server = TestServer::start(dev_config(&db)).await;
+    server.engine.set_ca_state("test-operator", "ica-p256", "parked").await.unwrap();
+    // Sync work is refused at once; async work is accepted and held.
+    let sync = server.issue(DEMO_KEY, "tls-server-p256", &csr(Key::P256, &["s.example.test"])).send().await.unwrap();
+    assert_eq!(sync.status(), 503);
+    assert!(sync.headers().contains_key("retry-after"));
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let resp = server
+            .issue(DEMO_KEY, "ocsp-renewal", &csr(Key::P256, &[&format!("r{i}.example.test")]))
+            .header("prefer", "respond-async")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        ids.push(resp.json::<serde_json::Value>().await.unwrap()["request_id"].as_str().unwrap().to_string());
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(counts(&db).0, 0, "nothing is signed while parked");
+    let parked = castellum::db::queries::count_parked(&mut db.conn(), "ica-p256").unwrap();
+    assert_eq!(parked, 40);
+    // Resubmitting a parked CA is refused; unpark first.
+    assert!(matches!(server.engine.resubmit("test-operator", "ica-p256").await, Err(EngineError::Conflict(_))));
+    server.engine.set_ca_state("test-operator", "ica-p256", "enabled").await.unwrap();
+    assert_eq!(server.engine.resubmit("test-operator", "ica-p256").await.unwrap(), 40);
+    let mut serials = std::collections::HashSet::new();
+    for id in &ids {
+        let done = wait_for(&server, id).await;
+        assert_eq!(done["state"], "issued", "{done}");
+        serials.insert(done["certificate"]["serial"].as_str().unwrap().to_string());
+    }
+    assert_eq!(serials.len(), 40, "every parked request issued once");
+    assert_eq!(counts(&db).0, 40, "and nothing issued twice");
+    let audit = castellum::db::queries::recent_audit(&mut db.conn(), 200).unwrap();
+    assert!(audit.iter().any(|e| e.action == "ca.state" && e.outcome == "parked" && e.actor == "test-operator"));
+    assert!(audit.iter().any(|e| e.action == "ca.resubmit"));
+    server.stop().await;
+}
+
+async fn wait_for(server: &TestServer, id: &str) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let body: serde_json::Value = server
+            .http
+            .get(server.url(&format!("/v1/requests/{id}")))
+            .bearer_auth(DEMO_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if body["state"] != "pending" && body["state"] != "parked" {
+            return body;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{id} still {}", body["state"]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[actix_rt::test]
+async fn sqlite_parked_work_is_all_issued_after_resubmit() {
+    parked_work_is_all_issued_after_resubmit(TestDb::sqlite()).await;
+}
+
+#[actix_rt::test]
+async fn postgres_parked_work_is_all_issued_after_resubmit() {
+    parked_work_is_all_issued_after_resubmit(TestDb::postgres()).await;
+}
