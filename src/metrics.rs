@@ -35,6 +35,8 @@ pub struct Metrics {
     pub signatures: Family<Labels, Counter>,
     pub expired_in_queue: Family<Labels, Counter>,
     pub worker_panics: Family<Labels, Counter>,
+    pub breaker_state: Family<Labels, Gauge>,
+    pub breaker_transitions: Family<Labels, Counter>,
     pub pool_wait_seconds: Family<Labels, Histogram>,
     pub pool_hold_seconds: Family<Labels, Histogram>,
     pub pool_timeouts: Family<Labels, Counter>,
@@ -67,6 +69,8 @@ impl Metrics {
             signatures: Family::default(),
             expired_in_queue: Family::default(),
             worker_panics: Family::default(),
+            breaker_state: Family::default(),
+            breaker_transitions: Family::default(),
             pool_wait_seconds: Family::new_with_constructor(latency_histogram),
             pool_hold_seconds: Family::new_with_constructor(latency_histogram),
             pool_timeouts: Family::default(),
@@ -97,6 +101,12 @@ impl Metrics {
                 "Jobs dropped because their deadline passed before signing",
                 m.expired_in_queue.clone(),
             );
+            r.register(
+                "breaker_state",
+                "Circuit breaker per CA: 0 closed, 1 half-open, 2 open",
+                m.breaker_state.clone(),
+            );
+            r.register("breaker_transitions", "Circuit breaker transitions per CA", m.breaker_transitions.clone());
             r.register("worker_panics", "Panics caught in signer and store workers", m.worker_panics.clone());
             r.register("db_pool_wait_seconds", "Time waiting to check out a connection", m.pool_wait_seconds.clone());
             r.register("db_pool_hold_seconds", "Time a connection was held", m.pool_hold_seconds.clone());

@@ -1,12 +1,14 @@
-//! A CA cell: everything one CA needs, isolated from every other CA. Its own arbiter (thread),
-//! its own bounded lanes, its own signer threads. A slow or failing CA fills only its own queue.
+//! A CA cell: everything one CA needs, isolated from every other CA — its own arbiter (thread),
+//! bounded lanes, signer threads, circuit breaker and key watcher. A slow or failing CA fills
+//! only its own queue and opens only its own breaker.
 //!
-//! A job's life in the cell: refused at once if its lane is full; waits in its lane; is dropped
-//! at dequeue if its deadline has passed; then runs the write-ahead pipeline —
-//! prepare (signer) → record TBS (store) → sign (signer, deadline re-checked) → record
-//! certificate (store) → reply. Up to `in_flight` jobs run the pipeline at once.
+//! A job's life in the cell: turned away at once if the CA is parked, disabled, its breaker is
+//! open or its lane is full; waits in its lane (interactive first, background guaranteed a
+//! share); dropped at dequeue if its deadline has passed; then runs the [`Pipeline`], at most
+//! `in_flight` jobs at once.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,17 +16,18 @@ use actix::prelude::*;
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
+use super::breaker::{Breaker, BreakerState};
+use super::pipeline::{deadline_exceeded, Pipeline};
 use super::registry::{ca_state, RegistryChanged};
-use super::signer::{Prepare, Sign, Signer};
+use super::signer::Signer;
 use super::store::StoreHandle;
 use crate::config::{CaConfig, Lane};
-use crate::db::models::{cert_state, request_state, CertificateRow, NewAuditEvent};
-use crate::db::queries::WriteOp;
 use crate::engine::types::IssuedCertificate;
 use crate::error::EngineError;
 use crate::metrics::{self, Metrics};
+use crate::pki::key::KeyChange;
 use crate::pki::profile::ApprovedNames;
-use crate::pki::{cert_pem, now_ms, CaMaterial, CheckedCsr, Profile};
+use crate::pki::{now_ms, CaMaterial, CheckedCsr, Profile};
 
 pub type Reply = oneshot::Sender<Result<IssuedCertificate, EngineError>>;
 
@@ -44,7 +47,7 @@ pub struct Job {
 }
 
 impl Job {
-    fn answer(&mut self, result: Result<IssuedCertificate, EngineError>) {
+    pub fn answer(&mut self, result: Result<IssuedCertificate, EngineError>) {
         if let Some(reply) = self.reply.take() {
             let _ = reply.send(result);
         }
@@ -67,30 +70,56 @@ pub struct GetStatus;
 #[derive(Debug, Clone, serde::Serialize, MessageResponse)]
 pub struct CellStatus {
     pub ca: String,
+    pub state: String,
+    pub breaker: String,
+    pub key_available: bool,
     pub interactive_queued: usize,
     pub background_queued: usize,
     pub in_flight: usize,
     pub draining: bool,
 }
 
-/// Fault injection for drills and tests (dev mode only): slows this CA's signer for real.
+/// Fault injection for drills and tests (dev mode only): a slow or failing signer, for real.
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
     pub sign_latency: Option<Duration>,
+    pub failure_rate: f64,
 }
 
-/// What the pipeline needs, cloned once per job.
-#[derive(Clone)]
-struct Pipeline {
-    ca: Arc<CaMaterial>,
-    signer: Addr<Signer>,
-    store: StoreHandle,
-    metrics: Arc<Metrics>,
-    instance: Arc<str>,
+/// What a cell publishes for intake to read without asking (refuse early, predict waits).
+#[derive(Debug, Default)]
+pub struct CellGauges {
+    /// Epoch ms until which the breaker is open (0: not open).
+    pub breaker_open_until_ms: AtomicI64,
+    pub interactive_depth: AtomicUsize,
+    pub background_depth: AtomicUsize,
+    /// Smoothed time between completions while busy, in microseconds.
+    pub completion_spacing_us: AtomicU64,
+}
+
+impl CellGauges {
+    /// How long a job entering `lane` now can expect to wait before it is dispatched.
+    pub fn predicted_wait(&self, lane: Lane) -> Duration {
+        let ahead = match lane {
+            Lane::Interactive => self.interactive_depth.load(Ordering::Relaxed),
+            Lane::Background => {
+                self.interactive_depth.load(Ordering::Relaxed) + self.background_depth.load(Ordering::Relaxed)
+            }
+        };
+        Duration::from_micros(self.completion_spacing_us.load(Ordering::Relaxed).saturating_mul(ahead as u64))
+    }
+}
+
+/// How a pipeline run ended, for the breaker.
+enum Outcome {
+    Signed,
+    SignerFailed,
+    NoSignature,
 }
 
 pub struct CaCell {
     pipeline: Pipeline,
+    gauges: Arc<CellGauges>,
     interactive: VecDeque<Job>,
     background: VecDeque<Job>,
     interactive_capacity: usize,
@@ -99,39 +128,48 @@ pub struct CaCell {
     max_in_flight: usize,
     /// Interactive jobs dispatched in a row while background work waited.
     interactive_streak: u32,
+    breaker: Breaker,
+    last_completion: Option<Instant>,
     drain_waiters: Vec<oneshot::Sender<()>>,
     draining: bool,
     /// This CA's state in the registry's latest snapshot.
     ca_state: String,
+    watching_key: bool,
 }
 
 /// Background work gets at least one dispatch in this many when both lanes wait.
 const BACKGROUND_SHARE: u32 = 5;
 const MAILBOX_CAPACITY: usize = 1024;
+const KEY_CHECK_INTERVAL: Duration = Duration::from_millis(500);
+
+pub struct CellParts {
+    pub ca: Arc<CaMaterial>,
+    pub store: StoreHandle,
+    pub metrics: Arc<Metrics>,
+    pub instance: Arc<str>,
+    pub faults: Faults,
+    pub initial_state: String,
+}
 
 impl CaCell {
     /// Start the cell on its own arbiter with its signer threads.
-    pub fn start(
-        cfg: &CaConfig,
-        ca: Arc<CaMaterial>,
-        store: StoreHandle,
-        metrics: Arc<Metrics>,
-        instance: Arc<str>,
-        faults: Faults,
-        initial_state: String,
-    ) -> (Addr<CaCell>, Arbiter) {
-        let signer_ca = ca.clone();
-        let signer_metrics = metrics.clone();
+    pub fn start(cfg: &CaConfig, parts: CellParts) -> (Addr<CaCell>, Arc<CellGauges>, Arbiter) {
+        let CellParts { ca, store, metrics, instance, faults, initial_state } = parts;
+        let (signer_ca, signer_metrics) = (ca.clone(), metrics.clone());
         let signer = SyncArbiter::start(cfg.signer_threads.max(1), move || Signer {
             ca: signer_ca.clone(),
             metrics: signer_metrics.clone(),
-            sign_latency: faults.sign_latency,
+            faults: faults.clone(),
         });
+        let gauges = Arc::new(CellGauges::default());
+        let spacing = Duration::from_secs_f64(1.0 / cfg.expected_sign_rate.max(1.0));
+        gauges.completion_spacing_us.store(spacing.as_micros() as u64, Ordering::Relaxed);
         let pipeline = Pipeline { ca, signer, store, metrics, instance };
-        let queue = cfg.queue.clone();
+        let (queue, breaker_cfg, cell_gauges) = (cfg.queue.clone(), cfg.breaker.clone(), gauges.clone());
         let arbiter = Arbiter::new();
         let addr = CaCell::start_in_arbiter(&arbiter.handle(), move |_| CaCell {
             pipeline,
+            gauges: cell_gauges,
             interactive: VecDeque::new(),
             background: VecDeque::new(),
             interactive_capacity: queue.interactive_capacity,
@@ -139,11 +177,14 @@ impl CaCell {
             in_flight: 0,
             max_in_flight: queue.in_flight.max(1),
             interactive_streak: 0,
+            breaker: Breaker::new(breaker_cfg),
+            last_completion: None,
             drain_waiters: Vec::new(),
             draining: false,
             ca_state: initial_state,
+            watching_key: false,
         });
-        (addr, arbiter)
+        (addr, gauges, arbiter)
     }
 
     fn ca_id(&self) -> &str {
@@ -166,22 +207,28 @@ impl CaCell {
     }
 
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
-        while self.in_flight < self.max_in_flight {
+        while self.in_flight < self.max_in_flight && !(self.interactive.is_empty() && self.background.is_empty()) {
+            let now = Instant::now();
+            let (admitted, change) = self.breaker.admit(now);
+            self.note_breaker(change);
+            if !admitted {
+                break;
+            }
             let Some(mut job) = self.next_job() else {
+                self.breaker.release_probe();
                 break;
             };
-            let now = Instant::now();
-            let lane = job.profile.lane;
             self.pipeline
                 .metrics
                 .queue_wait_seconds
-                .get_or_create(&metrics::ca_lane(self.ca_id(), lane))
+                .get_or_create(&metrics::ca_lane(self.ca_id(), job.profile.lane))
                 .observe(now.duration_since(job.enqueued_at).as_secs_f64());
             if now >= job.deadline {
                 // Its caller has already been answered 503: never sign it.
+                self.breaker.release_probe();
                 self.pipeline.metrics.expired_in_queue.get_or_create(&metrics::ca(self.ca_id())).inc();
-                let err = EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) };
-                finish_request(&self.pipeline, &job, Err(&err));
+                let err = deadline_exceeded();
+                self.pipeline.finish_request(&job, Err(&err), None);
                 job.answer(Err(err));
                 continue;
             }
@@ -189,13 +236,20 @@ impl CaCell {
             let pipeline = self.pipeline.clone();
             let span = job.span.clone();
             let fut = async move {
-                let result = run(&pipeline, &job).await;
-                finish_request(&pipeline, &job, result.as_ref().map(|_| ()));
+                let result = pipeline.run(&job).await;
+                let outcome = match &result {
+                    Ok(_) => Outcome::Signed,
+                    Err(EngineError::SignerFailure { .. }) => Outcome::SignerFailed,
+                    Err(_) => Outcome::NoSignature,
+                };
+                pipeline.finish_request(&job, result.as_ref().map(|_| ()), None);
                 job.answer(result);
+                outcome
             }
             .instrument(span);
-            ctx.spawn(fut.into_actor(self).map(|_, act, ctx| {
+            ctx.spawn(fut.into_actor(self).map(|outcome, act, ctx| {
                 act.in_flight -= 1;
+                act.completed(outcome);
                 act.dispatch(ctx);
             }));
         }
@@ -207,15 +261,122 @@ impl CaCell {
         }
     }
 
+    fn completed(&mut self, outcome: Outcome) {
+        let now = Instant::now();
+        let change = match outcome {
+            Outcome::Signed => self.breaker.record(now, true),
+            Outcome::SignerFailed => self.breaker.record(now, false),
+            Outcome::NoSignature => {
+                self.breaker.release_probe();
+                None
+            }
+        };
+        self.note_breaker(change);
+        // Smoothed spacing between completions while busy: what intake uses to predict waits.
+        if let Some(last) = self.last_completion {
+            let sample = now.duration_since(last).as_micros() as u64;
+            let old = self.gauges.completion_spacing_us.load(Ordering::Relaxed);
+            self.gauges.completion_spacing_us.store((old * 4 + sample) / 5, Ordering::Relaxed);
+        }
+        let busy = self.in_flight > 0 || !self.interactive.is_empty() || !self.background.is_empty();
+        self.last_completion = busy.then_some(now);
+    }
+
+    fn note_breaker(&mut self, change: Option<BreakerState>) {
+        let Some(state) = change else { return };
+        let ca = self.ca_id().to_string();
+        let m = &self.pipeline.metrics;
+        m.breaker_state.get_or_create(&metrics::ca(&ca)).set(state.gauge());
+        m.breaker_transitions.get_or_create(&vec![("ca", ca.clone()), ("to", state.name().to_string())]).inc();
+        match state {
+            BreakerState::Open { .. } => {
+                let retry_after = self.breaker.retry_after(Instant::now());
+                tracing::warn!(ca = %ca, retry_after_ms = retry_after.as_millis() as u64, "circuit breaker open: this CA's signer is failing");
+                self.gauges.breaker_open_until_ms.store(now_ms() + retry_after.as_millis() as i64, Ordering::Relaxed);
+                // Nobody waits on a breaker: queued callers are answered now.
+                let queued: Vec<Job> = self.interactive.drain(..).chain(self.background.drain(..)).collect();
+                for job in queued {
+                    self.refuse_breaker_open(job);
+                }
+            }
+            BreakerState::HalfOpen => {
+                tracing::info!(ca = %ca, "circuit breaker half-open: probing the signer");
+                self.gauges.breaker_open_until_ms.store(0, Ordering::Relaxed);
+            }
+            BreakerState::Closed => {
+                tracing::info!(ca = %ca, "circuit breaker closed: the signer is healthy again");
+                self.gauges.breaker_open_until_ms.store(0, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn refuse_breaker_open(&self, mut job: Job) {
+        let retry_after = self.breaker.retry_after(Instant::now());
+        let err = EngineError::CaUnavailable {
+            ca: self.ca_id().to_string(),
+            reason: "circuit breaker open: the CA's signer is failing".into(),
+            retry_after,
+        };
+        self.pipeline.finish_request(&job, Err(&err), Some(now_ms() + retry_after.as_millis() as i64));
+        job.answer(Err(err));
+    }
+
     fn export_gauges(&self) {
         let m = &self.pipeline.metrics;
-        m.queue_depth
-            .get_or_create(&metrics::ca_lane(self.ca_id(), Lane::Interactive))
-            .set(self.interactive.len() as i64);
-        m.queue_depth
-            .get_or_create(&metrics::ca_lane(self.ca_id(), Lane::Background))
-            .set(self.background.len() as i64);
+        let (i, b) = (self.interactive.len(), self.background.len());
+        m.queue_depth.get_or_create(&metrics::ca_lane(self.ca_id(), Lane::Interactive)).set(i as i64);
+        m.queue_depth.get_or_create(&metrics::ca_lane(self.ca_id(), Lane::Background)).set(b as i64);
         m.in_flight.get_or_create(&metrics::ca(self.ca_id())).set(self.in_flight as i64);
+        self.gauges.interactive_depth.store(i, Ordering::Relaxed);
+        self.gauges.background_depth.store(b, Ordering::Relaxed);
+    }
+
+    /// What a job the CA cannot take now becomes: parked work is held durably (async) or refused
+    /// at once (sync); a disabled or retired CA's work fails for good.
+    fn turn_away(&self, mut job: Job) {
+        let ca = self.ca_id().to_string();
+        if self.ca_state == ca_state::PARKED {
+            if job.is_async {
+                self.pipeline.park_request(&job);
+            } else {
+                job.answer(Err(EngineError::CaUnavailable {
+                    ca,
+                    reason: "the CA was parked".into(),
+                    retry_after: Duration::from_secs(30),
+                }));
+            }
+            return;
+        }
+        let err = EngineError::CaDisabled(ca);
+        self.pipeline.finish_request(&job, Err(&err), None);
+        job.answer(Err(err));
+    }
+
+    fn takes_work(&self) -> bool {
+        matches!(self.ca_state.as_str(), ca_state::ENABLED | ca_state::DRAINING)
+    }
+
+    /// Look at the key file off the event loop; log what changed.
+    fn check_key(&mut self, ctx: &mut Context<Self>) {
+        if self.watching_key {
+            return;
+        }
+        self.watching_key = true;
+        let ca = self.pipeline.ca.clone();
+        let work = actix_web::rt::task::spawn_blocking(move || ca.key.refresh());
+        ctx.spawn(work.into_actor(self).map(|change, act, ctx| {
+            act.watching_key = false;
+            match change {
+                Ok(Some(KeyChange::Lost(reason))) => {
+                    tracing::error!(ca = %act.ca_id(), reason = %reason, "CA key unavailable")
+                }
+                Ok(Some(KeyChange::Restored)) => {
+                    tracing::info!(ca = %act.ca_id(), "CA key available again");
+                    act.dispatch(ctx);
+                }
+                _ => {}
+            }
+        }));
     }
 }
 
@@ -224,6 +385,16 @@ impl Actor for CaCell {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        self.pipeline.metrics.breaker_state.get_or_create(&metrics::ca(self.ca_id())).set(0);
+        if !self.pipeline.ca.key.is_available() {
+            // Started without its key: failed, not fatal. Probes will find the key when it returns.
+            let change = self.breaker.open_now(Instant::now());
+            self.note_breaker(change);
+        }
+        if self.ca_state == ca_state::RETIRED {
+            self.pipeline.ca.key.destroy();
+        }
+        ctx.run_interval(KEY_CHECK_INTERVAL, |act, ctx| act.check_key(ctx));
         self.export_gauges();
     }
 }
@@ -241,6 +412,10 @@ impl Handler<Enqueue> for CaCell {
             self.turn_away(job);
             return;
         }
+        if matches!(self.breaker.state(), BreakerState::Open { until } if Instant::now() < until) {
+            self.refuse_breaker_open(job);
+            return;
+        }
         let lane = job.profile.lane;
         let (queue, capacity) = match lane {
             Lane::Interactive => (&mut self.interactive, self.interactive_capacity),
@@ -252,7 +427,7 @@ impl Handler<Enqueue> for CaCell {
                 reason: format!("{} queue is full", lane.as_str()),
                 retry_after: Duration::from_secs(1),
             };
-            finish_request(&self.pipeline, &job, Err(&err));
+            self.pipeline.finish_request(&job, Err(&err), None);
             job.answer(Err(err));
             return;
         }
@@ -261,43 +436,19 @@ impl Handler<Enqueue> for CaCell {
     }
 }
 
-impl CaCell {
-    /// What a job the CA cannot take now becomes: parked work is held durably (async) or refused
-    /// at once (sync); a disabled or retired CA's work fails for good.
-    fn turn_away(&self, mut job: Job) {
-        let ca = self.pipeline.ca.id.clone();
-        if self.ca_state == ca_state::PARKED {
-            if job.is_async {
-                park_request(&self.pipeline, &job);
-            } else {
-                job.answer(Err(EngineError::CaUnavailable {
-                    ca,
-                    reason: "the CA was parked".into(),
-                    retry_after: Duration::from_secs(30),
-                }));
-            }
-            return;
-        }
-        let err = EngineError::CaDisabled(ca);
-        finish_request(&self.pipeline, &job, Err(&err));
-        job.answer(Err(err));
-    }
-
-    fn takes_work(&self) -> bool {
-        matches!(self.ca_state.as_str(), ca_state::ENABLED | ca_state::DRAINING)
-    }
-}
-
 impl Handler<RegistryChanged> for CaCell {
     type Result = ();
 
     fn handle(&mut self, RegistryChanged(snapshot): RegistryChanged, ctx: &mut Self::Context) {
-        let state = snapshot.ca_state(&self.pipeline.ca.id).to_string();
+        let state = snapshot.ca_state(self.ca_id()).to_string();
         if state == self.ca_state {
             return;
         }
-        tracing::info!(ca = %self.pipeline.ca.id, from = %self.ca_state, to = %state, "CA state changed");
+        tracing::info!(ca = %self.ca_id(), from = %self.ca_state, to = %state, "CA state changed");
         self.ca_state = state;
+        if self.ca_state == ca_state::RETIRED {
+            self.pipeline.ca.key.destroy();
+        }
         if !self.takes_work() {
             let queued: Vec<Job> = self.interactive.drain(..).chain(self.background.drain(..)).collect();
             for job in queued {
@@ -327,119 +478,14 @@ impl Handler<GetStatus> for CaCell {
 
     fn handle(&mut self, _: GetStatus, _: &mut Self::Context) -> CellStatus {
         CellStatus {
-            ca: self.pipeline.ca.id.clone(),
+            ca: self.ca_id().to_string(),
+            state: self.ca_state.clone(),
+            breaker: self.breaker.state().name().to_string(),
+            key_available: self.pipeline.ca.key.is_available(),
             interactive_queued: self.interactive.len(),
             background_queued: self.background.len(),
             in_flight: self.in_flight,
             draining: self.draining,
         }
     }
-}
-
-fn mailbox_gone(_: MailboxError) -> EngineError {
-    EngineError::ShuttingDown
-}
-
-/// The write-ahead pipeline for one job.
-async fn run(p: &Pipeline, job: &Job) -> Result<IssuedCertificate, EngineError> {
-    let prepared = p
-        .signer
-        .send(Prepare { profile: job.profile.clone(), csr: job.csr.clone(), names: job.names.clone() })
-        .await
-        .map_err(mailbox_gone)??;
-    let serial = prepared.serial_hex.clone();
-    tracing::debug!(serial = %serial, "recording the certificate before signing");
-    p.store
-        .write(WriteOp::WriteAhead(Box::new(CertificateRow {
-            serial: serial.clone(),
-            ca_id: p.ca.id.clone(),
-            profile: job.profile.id.clone(),
-            client: job.client.clone(),
-            request_id: job.request_id.clone(),
-            state: cert_state::SIGNING.into(),
-            tbs_der: prepared.tbs_der.clone(),
-            cert_der: None,
-            not_before: prepared.not_before_ms,
-            not_after: prepared.not_after_ms,
-            created_at: now_ms(),
-            issued_at: None,
-            revoked_at: None,
-            revocation_reason: None,
-        })))
-        .await?;
-
-    let signed =
-        p.signer.send(Sign { tbs_der: prepared.tbs_der, deadline: job.deadline }).await.map_err(mailbox_gone)?;
-    let cert_der = match signed {
-        Ok(der) => der,
-        Err(e) => {
-            p.store.write_detached(WriteOp::CertificateAbandoned { serial });
-            return Err(e);
-        }
-    };
-    let issued_at = now_ms();
-    p.store
-        .write(WriteOp::CertificateIssued {
-            serial: serial.clone(),
-            cert_der: cert_der.clone(),
-            at: issued_at,
-            request_id: job.request_id.clone(),
-            audit: Box::new(NewAuditEvent {
-                at: issued_at,
-                instance: p.instance.to_string(),
-                actor: job.client.clone(),
-                action: "certificate.issue".into(),
-                target: serial.clone(),
-                outcome: "issued".into(),
-                detail: format!("ca={} profile={}", p.ca.id, job.profile.id),
-            }),
-        })
-        .await?;
-    Ok(IssuedCertificate {
-        serial,
-        ca: p.ca.id.clone(),
-        profile: job.profile.id.clone(),
-        certificate: cert_pem(&cert_der),
-        chain: p.ca.chain_pem.clone(),
-        not_before: prepared.not_before_ms,
-        not_after: prepared.not_after_ms,
-        request_id: job.request_id.clone(),
-    })
-}
-
-/// Hold an asynchronous request durably until an operator resubmits it.
-fn park_request(p: &Pipeline, job: &Job) {
-    let Some(id) = &job.request_id else { return };
-    p.store.write_detached(WriteOp::RequestFinished {
-        id: id.clone(),
-        state: request_state::PARKED,
-        error_type: None,
-        error_detail: None,
-        at: now_ms(),
-        claimed_until: None,
-    });
-}
-
-/// Record a stored request's outcome (issued requests were recorded with their certificate).
-fn finish_request(p: &Pipeline, job: &Job, result: Result<(), &EngineError>) {
-    let (Some(id), Err(err)) = (&job.request_id, result) else {
-        return;
-    };
-    let now = now_ms();
-    let (state, claimed_until) = if err.is_permanent() {
-        (request_state::FAILED, None)
-    } else if job.is_async {
-        // Back to pending: any instance may take it up again after a short pause.
-        (request_state::PENDING, Some(now + 1_000))
-    } else {
-        (request_state::RETRYABLE, None)
-    };
-    p.store.write_detached(WriteOp::RequestFinished {
-        id: id.clone(),
-        state,
-        error_type: Some(err.slug().to_string()),
-        error_detail: Some(err.to_string()),
-        at: now,
-        claimed_until,
-    });
 }

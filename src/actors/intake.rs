@@ -7,12 +7,14 @@
 //! work that must scale with the callers, and it reads the registry's snapshot without locking.
 
 use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::cell::{CaCell, Enqueue, Job};
+use super::cell::{CaCell, CellGauges, Enqueue, Job};
 use super::registry::{ca_state, SharedSnapshot};
 use crate::config::{Config, LanesConfig};
 use crate::engine::types::Client;
@@ -66,15 +68,84 @@ impl Admitted {
     }
 }
 
+type Limiter = governor::DefaultDirectRateLimiter;
+
 #[derive(Clone)]
 pub struct Intake {
     pub catalog: Arc<Catalog>,
     pub snapshot: SharedSnapshot,
     pub cells: Arc<HashMap<String, Addr<CaCell>>>,
+    pub gauges: Arc<HashMap<String, Arc<CellGauges>>>,
     pub lanes: LanesConfig,
+    /// Per-client GCRA limiters (clients without a configured rate have none).
+    limiters: Arc<HashMap<String, Limiter>>,
 }
 
 impl Intake {
+    pub fn new(
+        config: &Config,
+        catalog: Arc<Catalog>,
+        snapshot: SharedSnapshot,
+        cells: HashMap<String, Addr<CaCell>>,
+        gauges: HashMap<String, Arc<CellGauges>>,
+    ) -> Intake {
+        let limiters = config
+            .clients
+            .iter()
+            .filter_map(|c| {
+                let rate = c.rate.as_ref()?;
+                let quota = governor::Quota::per_second(NonZeroU32::new(rate.per_second)?)
+                    .allow_burst(NonZeroU32::new(rate.burst)?);
+                Some((c.name.clone(), governor::RateLimiter::direct(quota)))
+            })
+            .collect();
+        Intake {
+            catalog,
+            snapshot,
+            cells: Arc::new(cells),
+            gauges: Arc::new(gauges),
+            lanes: config.lanes.clone(),
+            limiters: Arc::new(limiters),
+        }
+    }
+
+    /// The client's own rate: over it is `429`, whatever the CAs' state.
+    fn check_rate(&self, client: &Client) -> Result<(), EngineError> {
+        use governor::clock::{Clock, DefaultClock};
+        let Some(limiter) = self.limiters.get(&client.name) else { return Ok(()) };
+        limiter.check().map_err(|not_until| EngineError::RateLimited {
+            retry_after: not_until.wait_time_from(DefaultClock::default().now()).max(Duration::from_secs(1)),
+        })
+    }
+
+    /// Refuse now what its CA cannot serve in time: an open breaker, or a predicted queue wait
+    /// longer than the time the request has left.
+    pub fn check_capacity(&self, profile: &Profile, deadline: Instant) -> Result<(), EngineError> {
+        let Some(gauges) = self.gauges.get(&profile.ca) else { return Ok(()) };
+        let open_until = gauges.breaker_open_until_ms.load(Ordering::Relaxed);
+        let now = crate::pki::now_ms();
+        if open_until > now {
+            return Err(EngineError::CaUnavailable {
+                ca: profile.ca.clone(),
+                reason: "circuit breaker open: the CA's signer is failing".into(),
+                retry_after: Duration::from_millis((open_until - now) as u64),
+            });
+        }
+        let predicted = gauges.predicted_wait(profile.lane);
+        let left = deadline.saturating_duration_since(Instant::now());
+        if predicted > left {
+            return Err(EngineError::CaOverloaded {
+                ca: profile.ca.clone(),
+                reason: format!(
+                    "predicted queue wait {}ms exceeds the {}ms this request has left",
+                    predicted.as_millis(),
+                    left.as_millis()
+                ),
+                retry_after: predicted.max(Duration::from_secs(1)),
+            });
+        }
+        Ok(())
+    }
     /// The client holding this bearer API key.
     pub fn authenticate(&self, api_key: &str) -> Result<Arc<Client>, EngineError> {
         let digest = openssl::sha::sha256(api_key.as_bytes());
@@ -129,6 +200,7 @@ impl Intake {
         csr_pem: &str,
         is_async: bool,
     ) -> Result<Admitted, EngineError> {
+        self.check_rate(client)?;
         let (profile, hold) = self.profile_for(client, profile_id, is_async)?;
         let csr = csr::check_csr_pem(csr_pem)?;
         let mut admitted = self.admit_checked(profile, csr)?;

@@ -9,8 +9,10 @@
 //! 5. [`registry`]: live CA/profile state and its version, pushed to intake and cells.
 //! 6. [`resumer`]: takes up pending asynchronous requests nobody owns (after a restart or crash).
 
+pub mod breaker;
 pub mod cell;
 pub mod intake;
+pub mod pipeline;
 pub mod registry;
 pub mod resumer;
 pub mod signer;

@@ -15,8 +15,8 @@ use crate::pki::{tbs, CaMaterial, CheckedCsr, PreparedCert, Profile};
 pub struct Signer {
     pub ca: Arc<CaMaterial>,
     pub metrics: Arc<Metrics>,
-    /// Injected latency (dev mode only): a slow HSM, for real, on this CA's threads only.
-    pub sign_latency: Option<std::time::Duration>,
+    /// Injected faults (dev mode only): a slow or failing HSM, on this CA's threads only.
+    pub faults: super::cell::Faults,
 }
 
 impl Actor for Signer {
@@ -56,13 +56,16 @@ impl Handler<Sign> for Signer {
     type Result = Result<Vec<u8>, EngineError>;
 
     fn handle(&mut self, msg: Sign, _: &mut Self::Context) -> Self::Result {
-        if let Some(latency) = self.sign_latency {
+        if let Some(latency) = self.faults.sign_latency {
             std::thread::sleep(latency);
         }
         // The last check before the key is used: a caller that has given up gets nothing signed.
         if Instant::now() >= msg.deadline {
             self.metrics.expired_in_queue.get_or_create(&metrics::ca(&self.ca.id)).inc();
             return Err(EngineError::DeadlineExceeded { retry_after: std::time::Duration::from_secs(1) });
+        }
+        if self.faults.failure_rate > 0.0 && rand::random::<f64>() < self.faults.failure_rate {
+            return Err(EngineError::SignerFailure { ca: self.ca.id.clone(), reason: "injected signer fault".into() });
         }
         let started = Instant::now();
         let result = super::catch_panic("signer", || tbs::sign(&self.ca, &msg.tbs_der)).unwrap_or_else(|panic| {

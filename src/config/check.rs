@@ -12,6 +12,9 @@ pub struct ConfigProblem {
     /// Dotted key path, e.g. `profiles[2].ca` or `database.pools.issuance.connection_timeout`.
     pub path: String,
     pub message: String,
+    /// A CA key that cannot be loaded now. `check-config` fails on it; at start-up the engine
+    /// starts that CA in a failed state instead (its key is retried), and the others serve.
+    pub key_unavailable: bool,
 }
 
 impl std::fmt::Display for ConfigProblem {
@@ -27,7 +30,11 @@ struct Problems(Vec<ConfigProblem>);
 
 impl Problems {
     fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(ConfigProblem { path: path.into(), message: message.into() });
+        self.0.push(ConfigProblem { path: path.into(), message: message.into(), key_unavailable: false });
+    }
+
+    fn key_unavailable(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigProblem { path: path.into(), message: message.into(), key_unavailable: true });
     }
 }
 
@@ -117,6 +124,20 @@ fn check_cas(config: &Config, p: &mut Problems) -> HashMap<String, CaMaterial> {
                         format!("{at}.cert_file"),
                         "this CA chains to the development root, refused unless mode = \"dev\"",
                     );
+                }
+                if let Some(e) = &material.key_error {
+                    let field = match e {
+                        crate::pki::CaLoadError::PassphraseSource(_) | crate::pki::CaLoadError::NoPassphrase => {
+                            "key_passphrase"
+                        }
+                        _ => "key_file",
+                    };
+                    if matches!(e, crate::pki::CaLoadError::Invalid(_)) {
+                        // A key that does not match its certificate is a misconfiguration, not an outage.
+                        p.add(format!("{at}.{field}"), e.to_string());
+                    } else {
+                        p.key_unavailable(format!("{at}.{field}"), e.to_string());
+                    }
                 }
                 if material.not_after <= SystemTime::now() {
                     p.add(format!("{at}.cert_file"), "the CA certificate has expired");
@@ -213,6 +234,11 @@ fn check_clients(config: &Config, p: &mut Problems) {
             p.add(format!("{at}.api_key_sha256"), "must be 64 hex digits (castellum hash-key prints it)");
         } else if !keys.insert(hash) {
             p.add(format!("{at}.api_key_sha256"), "two clients share one API key");
+        }
+        if let Some(rate) = &client.rate {
+            if rate.per_second == 0 || rate.burst == 0 {
+                p.add(format!("{at}.rate"), "per_second and burst must be at least 1");
+            }
         }
         for (j, profile) in client.profiles.iter().enumerate() {
             if !profiles.contains(profile.as_str()) {

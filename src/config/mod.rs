@@ -319,6 +319,8 @@ pub struct CaConfig {
     pub expected_sign_rate: f64,
     #[serde(default = "default_true")]
     pub enabled: bool,
+    #[serde(default)]
+    pub breaker: BreakerConfig,
     /// Parked requests fed back per second by `resubmit`.
     #[serde(default = "default_resubmit_rate")]
     pub resubmit_rate: u32,
@@ -327,17 +329,49 @@ pub struct CaConfig {
     pub fault: FaultConfig,
 }
 
+/// A CA's circuit breaker: only that CA's signer failures count.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Outcomes older than this are forgotten.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Signatures in the window before the ratio is judged.
+    pub min_requests: u32,
+    /// Failed share of signatures in the window that opens the breaker.
+    pub failure_ratio: f64,
+    /// How long an open breaker refuses before letting probes through.
+    #[serde(with = "humantime_serde")]
+    pub open_for: Duration,
+    /// Successful probes in a row that close it again.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            window: Duration::from_secs(10),
+            min_requests: 5,
+            failure_ratio: 0.5,
+            open_for: Duration::from_secs(2),
+            half_open_probes: 2,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FaultConfig {
     /// Added to every signature of this CA (a slow HSM), on this CA's signer threads only.
     #[serde(with = "humantime_serde")]
     pub sign_latency: Option<Duration>,
+    /// Share of this CA's signatures that fail (0.0 to 1.0), as a broken HSM would.
+    pub failure_rate: f64,
 }
 
 impl FaultConfig {
     pub fn is_active(&self) -> bool {
-        self.sign_latency.is_some()
+        self.sign_latency.is_some() || self.failure_rate > 0.0
     }
 }
 
@@ -476,6 +510,16 @@ pub struct ClientConfig {
     /// Hex SHA-256 of the client's bearer API key (`castellum hash-key` prints it).
     pub api_key_sha256: String,
     pub profiles: Vec<String>,
+    /// The client's own rate (GCRA); over it, requests get `429` with `Retry-After`.
+    #[serde(default)]
+    pub rate: Option<RateConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateConfig {
+    pub per_second: u32,
+    pub burst: u32,
 }
 
 /// Errors reading the configuration (before any semantic check).
@@ -505,7 +549,7 @@ impl ConfigError {
                         .as_ref()
                         .and_then(|m| m.source.as_ref().map(|s| format!(" (from {s})")))
                         .unwrap_or_default();
-                    ConfigProblem { path, message: format!("{}{}", err.kind, source) }
+                    ConfigProblem { path, message: format!("{}{}", err.kind, source), key_unavailable: false }
                 })
                 .collect(),
         }

@@ -43,6 +43,7 @@ impl Engine {
         let admitted = self.inner.intake.admit(client, &req.profile, &req.csr_pem, false)?;
         span.record("ca", admitted.profile.ca.as_str());
         let deadline = self.inner.intake.deadline(&admitted.profile, req.wait);
+        self.inner.intake.check_capacity(&admitted.profile, deadline)?;
         let Some(key) = &req.idempotency_key else {
             return self.run_sync(client, admitted, None, deadline, span).await;
         };

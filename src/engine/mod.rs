@@ -14,7 +14,7 @@ use actix::prelude::*;
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
-use crate::actors::cell::{self, CaCell, CellStatus, Faults};
+use crate::actors::cell::{self, CaCell, CellParts, CellStatus, Faults};
 use crate::actors::intake::{Catalog, Intake};
 use crate::actors::registry::{self, Registry};
 use crate::actors::resumer::Resumer;
@@ -67,8 +67,12 @@ impl Engine {
     pub async fn start(config: Config) -> Result<Engine, StartError> {
         let cfg = config.clone();
         let (problems, materials) = blocking(move || crate::config::check_config(&cfg)).await?;
-        if !problems.is_empty() {
-            return Err(StartError::Config(problems));
+        let (unavailable, fatal): (Vec<_>, Vec<_>) = problems.into_iter().partition(|p| p.key_unavailable);
+        if !fatal.is_empty() {
+            return Err(StartError::Config(fatal));
+        }
+        for p in &unavailable {
+            tracing::error!(problem = %p, "a CA key is unavailable: that CA starts failed and its key is retried");
         }
         let url = config.database.url.clone();
         let ran = blocking(move || migrate::run(&url)).await??;
@@ -91,26 +95,26 @@ impl Engine {
         );
         let catalog = Arc::new(Catalog::build(&config, materials));
         let mut cells = HashMap::new();
+        let mut gauges = HashMap::new();
         let mut arbiters = Vec::new();
         for ca_cfg in &config.cas {
             let Some(material) = catalog.cas.get(&ca_cfg.id) else {
                 continue;
             };
-            let faults = Faults { sign_latency: ca_cfg.fault.sign_latency };
-            let initial_state = shared.load().ca_state(&ca_cfg.id).to_string();
-            let (addr, arbiter) = CaCell::start(
-                ca_cfg,
-                material.clone(),
-                store.clone(),
-                metrics.clone(),
-                instance.clone(),
-                faults,
-                initial_state,
-            );
+            let parts = CellParts {
+                ca: material.clone(),
+                store: store.clone(),
+                metrics: metrics.clone(),
+                instance: instance.clone(),
+                faults: Faults { sign_latency: ca_cfg.fault.sign_latency, failure_rate: ca_cfg.fault.failure_rate },
+                initial_state: shared.load().ca_state(&ca_cfg.id).to_string(),
+            };
+            let (addr, cell_gauges, arbiter) = CaCell::start(ca_cfg, parts);
             cells.insert(ca_cfg.id.clone(), addr);
+            gauges.insert(ca_cfg.id.clone(), cell_gauges);
             arbiters.push(arbiter);
         }
-        let intake = Intake { catalog, snapshot: shared.clone(), cells: Arc::new(cells), lanes: config.lanes.clone() };
+        let intake = Intake::new(&config, catalog, shared.clone(), cells, gauges);
         let subscribers = intake.cells.values().map(|cell| cell.clone().recipient()).collect();
         let registry = Registry::new(
             pools.control.clone(),

@@ -4,11 +4,12 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use openssl::pkey::{Id, PKey, Private};
+use openssl::pkey::Id;
 use openssl::stack::Stack;
 use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::{X509StoreContext, X509};
 
+use super::key::KeyHandle;
 use crate::config::{CaConfig, KeyType, Mode};
 
 /// The organisation name every dev PKI certificate carries; a chain ending in it is a dev chain.
@@ -73,7 +74,10 @@ pub struct CaMaterial {
     pub cert_der: Vec<u8>,
     /// Certificates above this CA, nearest first.
     pub chain: Vec<X509>,
-    pub key: PKey<Private>,
+    /// The private key, behind a handle that can lose it (see [`super::key`]).
+    pub key: KeyHandle,
+    /// Why the key could not be loaded at start-up, if it could not.
+    pub key_error: Option<CaLoadError>,
     pub key_type: KeyType,
     pub signature_algorithm: SignatureAlgorithm,
     /// DER of the CA certificate's subject: the issuer of everything it signs.
@@ -155,15 +159,9 @@ impl CaMaterial {
         for f in &cfg.chain_files {
             chain.extend(load_certs(f)?);
         }
-        let pass = passphrase(cfg)?;
-        let key_pem = read(&cfg.key_file)?;
-        let key =
-            PKey::private_key_from_pem_passphrase(&key_pem, pass.as_bytes()).map_err(|_| CaLoadError::KeyDecrypt)?;
         let public = cert.public_key().map_err(|e| CaLoadError::Invalid(e.to_string()))?;
-        if !public.public_eq(&key) {
-            return Err(CaLoadError::Invalid("the private key does not match the CA certificate".into()));
-        }
-        let key_type = key_type_of(&key).ok_or_else(|| CaLoadError::Invalid("unsupported CA key type".into()))?;
+        let key_type = key_type_of(&public).ok_or_else(|| CaLoadError::Invalid("unsupported CA key type".into()))?;
+        let (key, key_error) = KeyHandle::load(cfg, public);
         let signature_algorithm = match key_type {
             KeyType::EcdsaP256 => SignatureAlgorithm::EcdsaSha256,
             KeyType::EcdsaP384 => SignatureAlgorithm::EcdsaSha384,
@@ -199,6 +197,7 @@ impl CaMaterial {
             cert_der,
             chain,
             key,
+            key_error,
             key_type,
             signature_algorithm,
             subject_der,

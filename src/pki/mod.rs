@@ -4,6 +4,7 @@
 pub mod ca;
 pub mod csr;
 pub mod devpki;
+pub mod key;
 pub mod profile;
 pub mod tbs;
 

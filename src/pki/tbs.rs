@@ -232,19 +232,21 @@ pub fn lint(tbs: &TbsCertificate, ca: &CaMaterial, now: SystemTime) -> Result<()
 
 /// Sign prepared TBS bytes with the CA key and assemble the certificate's DER.
 pub fn sign(ca: &CaMaterial, tbs_der: &[u8]) -> Result<Vec<u8>, EngineError> {
-    let signer_failure =
-        |e: openssl::error::ErrorStack| EngineError::SignerFailure { ca: ca.id.clone(), reason: e.to_string() };
-    let signature = match ca.signature_algorithm.digest() {
-        Some(md) => {
-            let mut signer = Signer::new(md, &ca.key).map_err(signer_failure)?;
-            signer.update(tbs_der).map_err(signer_failure)?;
-            signer.sign_to_vec().map_err(signer_failure)?
-        }
-        None => {
-            let mut signer = Signer::new_without_digest(&ca.key).map_err(signer_failure)?;
-            signer.sign_oneshot_to_vec(tbs_der).map_err(signer_failure)?
-        }
-    };
+    let signer_failure = |reason: String| EngineError::SignerFailure { ca: ca.id.clone(), reason };
+    let signature = ca
+        .key
+        .with_key(|key| -> Result<Vec<u8>, openssl::error::ErrorStack> {
+            match ca.signature_algorithm.digest() {
+                Some(md) => {
+                    let mut signer = Signer::new(md, key)?;
+                    signer.update(tbs_der)?;
+                    signer.sign_to_vec()
+                }
+                None => Signer::new_without_digest(key)?.sign_oneshot_to_vec(tbs_der),
+            }
+        })
+        .map_err(signer_failure)?
+        .map_err(|e| signer_failure(e.to_string()))?;
     assemble(tbs_der, ca.signature_algorithm.algorithm_identifier_der(), &signature)
 }
 

@@ -1,0 +1,189 @@
+//! A CA's circuit breaker: closed → open when too many of this CA's signatures fail within a
+//! window → half-open after `open_for`, letting a few probes through → closed when they succeed
+//! (or open again when one fails). Only signer failures are recorded here; the cell never
+//! reports refusals, policy errors, deadlines or database trouble, for any CA.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::config::BreakerConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    Closed,
+    Open { until: Instant },
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn name(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open { .. } => "open",
+            BreakerState::HalfOpen => "half-open",
+        }
+    }
+
+    /// 0 closed, 1 half-open, 2 open (the `castellum_breaker_state` gauge).
+    pub fn gauge(self) -> i64 {
+        match self {
+            BreakerState::Closed => 0,
+            BreakerState::HalfOpen => 1,
+            BreakerState::Open { .. } => 2,
+        }
+    }
+}
+
+pub struct Breaker {
+    cfg: BreakerConfig,
+    state: BreakerState,
+    outcomes: VecDeque<(Instant, bool)>,
+    probes_in_flight: u32,
+    probe_successes: u32,
+}
+
+impl Breaker {
+    pub fn new(cfg: BreakerConfig) -> Breaker {
+        Breaker { cfg, state: BreakerState::Closed, outcomes: VecDeque::new(), probes_in_flight: 0, probe_successes: 0 }
+    }
+
+    /// Start open (a CA whose key could not be loaded at start-up).
+    pub fn open_now(&mut self, now: Instant) -> Option<BreakerState> {
+        self.transition(BreakerState::Open { until: now + self.cfg.open_for })
+    }
+
+    pub fn state(&self) -> BreakerState {
+        self.state
+    }
+
+    /// May a job be dispatched now? Moves open → half-open when the open time is over; in
+    /// half-open, lets at most `half_open_probes` jobs through at once. Returns the transition.
+    pub fn admit(&mut self, now: Instant) -> (bool, Option<BreakerState>) {
+        let mut changed = None;
+        if let BreakerState::Open { until } = self.state {
+            if now < until {
+                return (false, None);
+            }
+            changed = self.transition(BreakerState::HalfOpen);
+        }
+        match self.state {
+            BreakerState::Closed => (true, changed),
+            BreakerState::HalfOpen if self.probes_in_flight < self.cfg.half_open_probes.max(1) => {
+                self.probes_in_flight += 1;
+                (true, changed)
+            }
+            _ => (false, changed),
+        }
+    }
+
+    /// A job admitted in half-open ended without a signing outcome (deadline, store error).
+    pub fn release_probe(&mut self) {
+        if self.state == BreakerState::HalfOpen {
+            self.probes_in_flight = self.probes_in_flight.saturating_sub(1);
+        }
+    }
+
+    /// Record a signature's outcome; returns the new state if it changed.
+    pub fn record(&mut self, now: Instant, success: bool) -> Option<BreakerState> {
+        match self.state {
+            BreakerState::HalfOpen => {
+                self.probes_in_flight = self.probes_in_flight.saturating_sub(1);
+                if !success {
+                    return self.transition(BreakerState::Open { until: now + self.cfg.open_for });
+                }
+                self.probe_successes += 1;
+                if self.probe_successes >= self.cfg.half_open_probes.max(1) {
+                    return self.transition(BreakerState::Closed);
+                }
+                None
+            }
+            BreakerState::Open { .. } => None,
+            BreakerState::Closed => {
+                self.outcomes.push_back((now, success));
+                while self.outcomes.front().is_some_and(|(t, _)| now.duration_since(*t) > self.cfg.window) {
+                    self.outcomes.pop_front();
+                }
+                let total = self.outcomes.len() as u32;
+                let failures = self.outcomes.iter().filter(|(_, ok)| !ok).count() as f64;
+                if total >= self.cfg.min_requests.max(1) && failures / f64::from(total) >= self.cfg.failure_ratio {
+                    return self.transition(BreakerState::Open { until: now + self.cfg.open_for });
+                }
+                None
+            }
+        }
+    }
+
+    /// Time left before an open breaker lets probes through.
+    pub fn retry_after(&self, now: Instant) -> Duration {
+        match self.state {
+            BreakerState::Open { until } => until.saturating_duration_since(now).max(Duration::from_secs(1)),
+            _ => Duration::from_secs(1),
+        }
+    }
+
+    fn transition(&mut self, to: BreakerState) -> Option<BreakerState> {
+        if std::mem::discriminant(&self.state) == std::mem::discriminant(&to) {
+            self.state = to;
+            return None;
+        }
+        self.state = to;
+        self.outcomes.clear();
+        self.probes_in_flight = 0;
+        self.probe_successes = 0;
+        Some(to)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> BreakerConfig {
+        BreakerConfig {
+            window: Duration::from_secs(10),
+            min_requests: 4,
+            failure_ratio: 0.5,
+            open_for: Duration::from_secs(2),
+            half_open_probes: 2,
+        }
+    }
+
+    #[test]
+    fn opens_on_the_failure_ratio_and_closes_after_probes() {
+        let mut b = Breaker::new(cfg());
+        let t = Instant::now();
+        assert_eq!(b.record(t, true), None);
+        assert_eq!(b.record(t, false), None);
+        assert_eq!(b.record(t, true), None);
+        assert!(matches!(b.record(t, false), Some(BreakerState::Open { .. })), "2 of 4 failed");
+        assert_eq!(b.admit(t + Duration::from_secs(1)), (false, None));
+        let later = t + Duration::from_secs(3);
+        assert_eq!(b.admit(later), (true, Some(BreakerState::HalfOpen)));
+        assert_eq!(b.admit(later), (true, None));
+        assert_eq!(b.admit(later), (false, None), "only two probes at once");
+        assert_eq!(b.record(later, true), None);
+        assert_eq!(b.record(later, true), Some(BreakerState::Closed));
+    }
+
+    #[test]
+    fn a_failed_probe_opens_again() {
+        let mut b = Breaker::new(cfg());
+        let t = Instant::now();
+        b.open_now(t);
+        let later = t + Duration::from_secs(3);
+        assert!(b.admit(later).0);
+        assert!(matches!(b.record(later, false), Some(BreakerState::Open { .. })));
+    }
+
+    #[test]
+    fn too_few_outcomes_or_old_ones_never_open_it() {
+        let mut b = Breaker::new(cfg());
+        let t = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(b.record(t, false), None, "below min_requests");
+        }
+        let much_later = t + Duration::from_secs(60);
+        assert_eq!(b.record(much_later, true), None, "old failures left the window");
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+}

@@ -1,0 +1,142 @@
+//! The write-ahead issuance pipeline for one job, run by its CA's cell:
+//! prepare (signer) → record the serial and TBS (store) → sign (signer; deadline re-checked)
+//! → record the certificate, its request and the audit event (store) → reply.
+//! No certificate can exist that the database does not know.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+
+use super::cell::Job;
+use super::signer::{Prepare, Sign, Signer};
+use super::store::StoreHandle;
+use crate::db::models::{cert_state, request_state, CertificateRow, NewAuditEvent};
+use crate::db::queries::WriteOp;
+use crate::engine::types::IssuedCertificate;
+use crate::error::EngineError;
+use crate::metrics::Metrics;
+use crate::pki::{cert_pem, now_ms, CaMaterial};
+
+/// What the pipeline needs, cloned once per job.
+#[derive(Clone)]
+pub struct Pipeline {
+    pub ca: Arc<CaMaterial>,
+    pub signer: Addr<Signer>,
+    pub store: StoreHandle,
+    pub metrics: Arc<Metrics>,
+    pub instance: Arc<str>,
+}
+
+fn mailbox_gone(_: MailboxError) -> EngineError {
+    EngineError::ShuttingDown
+}
+
+impl Pipeline {
+    pub async fn run(&self, job: &Job) -> Result<IssuedCertificate, EngineError> {
+        let p = self;
+        let prepared = p
+            .signer
+            .send(Prepare { profile: job.profile.clone(), csr: job.csr.clone(), names: job.names.clone() })
+            .await
+            .map_err(mailbox_gone)??;
+        let serial = prepared.serial_hex.clone();
+        tracing::debug!(serial = %serial, "recording the certificate before signing");
+        p.store
+            .write(WriteOp::WriteAhead(Box::new(CertificateRow {
+                serial: serial.clone(),
+                ca_id: p.ca.id.clone(),
+                profile: job.profile.id.clone(),
+                client: job.client.clone(),
+                request_id: job.request_id.clone(),
+                state: cert_state::SIGNING.into(),
+                tbs_der: prepared.tbs_der.clone(),
+                cert_der: None,
+                not_before: prepared.not_before_ms,
+                not_after: prepared.not_after_ms,
+                created_at: now_ms(),
+                issued_at: None,
+                revoked_at: None,
+                revocation_reason: None,
+            })))
+            .await?;
+
+        let signed =
+            p.signer.send(Sign { tbs_der: prepared.tbs_der, deadline: job.deadline }).await.map_err(mailbox_gone)?;
+        let cert_der = match signed {
+            Ok(der) => der,
+            Err(e) => {
+                p.store.write_detached(WriteOp::CertificateAbandoned { serial });
+                return Err(e);
+            }
+        };
+        let issued_at = now_ms();
+        p.store
+            .write(WriteOp::CertificateIssued {
+                serial: serial.clone(),
+                cert_der: cert_der.clone(),
+                at: issued_at,
+                request_id: job.request_id.clone(),
+                audit: Box::new(NewAuditEvent {
+                    at: issued_at,
+                    instance: p.instance.to_string(),
+                    actor: job.client.clone(),
+                    action: "certificate.issue".into(),
+                    target: serial.clone(),
+                    outcome: "issued".into(),
+                    detail: format!("ca={} profile={}", p.ca.id, job.profile.id),
+                }),
+            })
+            .await?;
+        Ok(IssuedCertificate {
+            serial,
+            ca: p.ca.id.clone(),
+            profile: job.profile.id.clone(),
+            certificate: cert_pem(&cert_der),
+            chain: p.ca.chain_pem.clone(),
+            not_before: prepared.not_before_ms,
+            not_after: prepared.not_after_ms,
+            request_id: job.request_id.clone(),
+        })
+    }
+
+    /// Record a stored request's outcome (issued requests were recorded with their certificate).
+    /// `retry_at`: when a request that failed for a passing reason may be taken up again.
+    pub fn finish_request(&self, job: &Job, result: Result<(), &EngineError>, retry_at: Option<i64>) {
+        let (Some(id), Err(err)) = (&job.request_id, result) else { return };
+        let now = now_ms();
+        let (state, claimed_until) = if err.is_permanent() {
+            (request_state::FAILED, None)
+        } else if job.is_async {
+            // Back to pending: any instance may take it up again after a pause.
+            (request_state::PENDING, Some(retry_at.unwrap_or(now + 1_000)))
+        } else {
+            (request_state::RETRYABLE, None)
+        };
+        self.store.write_detached(WriteOp::RequestFinished {
+            id: id.clone(),
+            state,
+            error_type: Some(err.slug().to_string()),
+            error_detail: Some(err.to_string()),
+            at: now,
+            claimed_until,
+        });
+    }
+
+    /// Hold an asynchronous request durably until an operator resubmits it.
+    pub fn park_request(&self, job: &Job) {
+        let Some(id) = &job.request_id else { return };
+        self.store.write_detached(WriteOp::RequestFinished {
+            id: id.clone(),
+            state: request_state::PARKED,
+            error_type: None,
+            error_detail: None,
+            at: now_ms(),
+            claimed_until: None,
+        });
+    }
+}
+
+pub fn deadline_exceeded() -> EngineError {
+    EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) }
+}
