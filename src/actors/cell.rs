@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use super::breaker::{Breaker, BreakerState};
-use super::pipeline::{deadline_exceeded, Pipeline};
+use super::pipeline::{deadline_exceeded, Pipeline, FINISH_MARGIN};
 use super::registry::{ca_state, RegistryChanged};
 use super::signer::Signer;
 use super::store::StoreHandle;
@@ -223,8 +223,8 @@ impl CaCell {
                 .queue_wait_seconds
                 .get_or_create(&metrics::ca_lane(self.ca_id(), job.profile.lane))
                 .observe(now.duration_since(job.enqueued_at).as_secs_f64());
-            if now >= job.deadline {
-                // Its caller has already been answered 503: never sign it.
+            if now + FINISH_MARGIN >= job.deadline {
+                // Its caller is (about to be) answered 503: never sign it.
                 self.breaker.release_probe();
                 self.pipeline.metrics.expired_in_queue.get_or_create(&metrics::ca(self.ca_id())).inc();
                 let err = deadline_exceeded();

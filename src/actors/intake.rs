@@ -118,9 +118,8 @@ impl Intake {
         })
     }
 
-    /// Refuse now what its CA cannot serve in time: an open breaker, or a predicted queue wait
-    /// longer than the time the request has left.
-    pub fn check_capacity(&self, profile: &Profile, deadline: Instant) -> Result<(), EngineError> {
+    /// A CA whose breaker is open is refused before any work is spent on the request.
+    fn check_breaker(&self, profile: &Profile) -> Result<(), EngineError> {
         let Some(gauges) = self.gauges.get(&profile.ca) else { return Ok(()) };
         let open_until = gauges.breaker_open_until_ms.load(Ordering::Relaxed);
         let now = crate::pki::now_ms();
@@ -131,6 +130,13 @@ impl Intake {
                 retry_after: Duration::from_millis((open_until - now) as u64),
             });
         }
+        Ok(())
+    }
+
+    /// Refuse now what its CA cannot serve in time: a predicted queue wait longer than the
+    /// time the request has left.
+    pub fn check_capacity(&self, profile: &Profile, deadline: Instant) -> Result<(), EngineError> {
+        let Some(gauges) = self.gauges.get(&profile.ca) else { return Ok(()) };
         let predicted = gauges.predicted_wait(profile.lane);
         let left = deadline.saturating_duration_since(Instant::now());
         if predicted > left {
@@ -202,6 +208,9 @@ impl Intake {
     ) -> Result<Admitted, EngineError> {
         self.check_rate(client)?;
         let (profile, hold) = self.profile_for(client, profile_id, is_async)?;
+        if !hold {
+            self.check_breaker(&profile)?;
+        }
         let csr = csr::check_csr_pem(csr_pem)?;
         let mut admitted = self.admit_checked(profile, csr)?;
         admitted.hold = hold;

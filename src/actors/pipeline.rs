@@ -137,6 +137,10 @@ impl Pipeline {
     }
 }
 
+/// Time kept, before a deadline, to record a signed certificate and answer: a job that does not
+/// have it left is not signed, so nobody is answered 503 for a certificate that was issued.
+pub const FINISH_MARGIN: Duration = Duration::from_millis(50);
+
 pub fn deadline_exceeded() -> EngineError {
     EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) }
 }

@@ -60,7 +60,7 @@ impl Handler<Sign> for Signer {
             std::thread::sleep(latency);
         }
         // The last check before the key is used: a caller that has given up gets nothing signed.
-        if Instant::now() >= msg.deadline {
+        if Instant::now() + super::pipeline::FINISH_MARGIN >= msg.deadline {
             self.metrics.expired_in_queue.get_or_create(&metrics::ca(&self.ca.id)).inc();
             return Err(EngineError::DeadlineExceeded { retry_after: std::time::Duration::from_secs(1) });
         }

@@ -285,6 +285,10 @@ pub fn count_certificates(conn: &mut DbConn) -> Result<i64, DbError> {
     Ok(with_conn!(conn, |c| certificates::table.count().get_result(c))?)
 }
 
+pub fn count_certificates_in_state(conn: &mut DbConn, state: &str) -> Result<i64, DbError> {
+    Ok(with_conn!(conn, |c| certificates::table.filter(certificates::state.eq(state)).count().get_result(c))?)
+}
+
 pub fn count_requests(conn: &mut DbConn) -> Result<i64, DbError> {
     Ok(with_conn!(conn, |c| requests::table.count().get_result(c))?)
 }
