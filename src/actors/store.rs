@@ -65,7 +65,13 @@ pub struct StoreFront {
     max_pending: usize,
     pending: VecDeque<(WriteOp, Option<Ack>)>,
     metrics: Arc<Metrics>,
+    /// After a commit failed for want of the database, writes are refused at once until then
+    /// (one batch at a time probes whether it is back).
+    database_down_until: Option<Instant>,
 }
+
+/// How long writes are refused at once after the database was found unavailable.
+const DATABASE_DOWN_BACKOFF: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl StoreFront {
     /// Start the front on the current arbiter and `pool.max_size` workers on their own threads.
@@ -84,6 +90,7 @@ impl StoreFront {
             max_pending,
             pending: VecDeque::new(),
             metrics,
+            database_down_until: None,
         }
         .start();
         StoreHandle { front }
@@ -102,6 +109,7 @@ impl StoreFront {
                 act.metrics.store_commit_seconds.observe(started.elapsed().as_secs_f64());
                 match result {
                     Ok(Ok(outcomes)) => {
+                        act.database_down_until = None;
                         for (ack, outcome) in acks.into_iter().zip(outcomes) {
                             if let Some(ack) = ack {
                                 let _ = ack.send(Ok(outcome));
@@ -111,6 +119,9 @@ impl StoreFront {
                     Ok(Err(e)) => {
                         tracing::warn!(error = %e, writes = n, "group commit failed");
                         let err = EngineError::from(e);
+                        if err == EngineError::DatabaseUnavailable {
+                            act.database_down_until = Some(Instant::now() + DATABASE_DOWN_BACKOFF);
+                        }
                         acks.into_iter().flatten().for_each(|ack| {
                             let _ = ack.send(Err(err.clone()));
                         });
@@ -142,6 +153,15 @@ impl Handler<Write> for StoreFront {
         if self.pending.len() >= self.max_pending {
             if let Some(ack) = msg.ack {
                 let _ = ack.send(Err(EngineError::StoreOverloaded));
+            }
+            return;
+        }
+        // The database was just found unavailable: fail fast rather than queue behind a probe.
+        if self.database_down_until.is_some_and(|t| Instant::now() < t)
+            || (self.database_down_until.is_some() && self.busy > 0)
+        {
+            if let Some(ack) = msg.ack {
+                let _ = ack.send(Err(EngineError::DatabaseUnavailable));
             }
             return;
         }

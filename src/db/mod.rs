@@ -44,15 +44,17 @@ pub fn sqlite_path(url: &str) -> &str {
     url.strip_prefix("sqlite://").unwrap_or(url)
 }
 
-/// libpq waits forever for an unreachable server unless told otherwise.
+/// libpq waits forever for an unreachable server, and for an answer over a dead connection,
+/// unless told otherwise: bound both (the operator's URL may set its own values).
 fn postgres_url_with_timeout(url: &str) -> String {
-    if url.contains("connect_timeout=") {
-        url.to_string()
-    } else if url.contains('?') {
-        format!("{url}&connect_timeout=2")
-    } else {
-        format!("{url}?connect_timeout=2")
+    let mut url = url.to_string();
+    for (param, value) in [("connect_timeout", "2"), ("tcp_user_timeout", "5000"), ("keepalives_idle", "5")] {
+        if !url.contains(&format!("{param}=")) {
+            url.push(if url.contains('?') { '&' } else { '?' });
+            url.push_str(&format!("{param}={value}"));
+        }
     }
+    url
 }
 
 pub enum DbConn {

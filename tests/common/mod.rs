@@ -287,3 +287,116 @@ pub fn counts(db: &TestDb) -> (i64, i64) {
         castellum::db::queries::count_requests(&mut conn).unwrap(),
     )
 }
+
+/// A PostgreSQL database owned by a fresh role whose `CONNECTION LIMIT` is `limit`: the server
+/// itself refuses connection number `limit + 1`. Both are dropped afterwards.
+pub struct LimitedDb {
+    pub db: TestDb,
+    pub role: String,
+}
+
+impl LimitedDb {
+    pub fn new(limit: u32) -> LimitedDb {
+        let role = format!("castellum_role_{}", uuid::Uuid::new_v4().simple());
+        let name = format!("castellum_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = postgres_admin();
+        diesel::sql_query(format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT {limit}")).execute(&mut admin).unwrap();
+        diesel::sql_query(format!("CREATE DATABASE {name} OWNER {role}")).execute(&mut admin).unwrap();
+        let base = postgres_admin_url().replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+        let db = TestDb { url: format!("{base}/{name}"), name, postgres: true, _dir: None };
+        LimitedDb { db, role }
+    }
+}
+
+impl Drop for LimitedDb {
+    fn drop(&mut self) {
+        let mut admin = postgres_admin();
+        let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.db.name)).execute(&mut admin);
+        self.db.postgres = false;
+        let _ = diesel::sql_query(format!("DROP ROLE IF EXISTS {}", self.role)).execute(&mut admin);
+    }
+}
+
+/// Connections open for `role`, as PostgreSQL counts them.
+pub fn pg_role_connections(conn: &mut PgConnection, role: &str) -> i64 {
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        n: i64,
+    }
+    diesel::sql_query(format!("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = '{role}'"))
+        .get_result::<Count>(conn)
+        .map(|c| c.n)
+        .unwrap_or(-1)
+}
+
+/// A TCP proxy to PostgreSQL that a test can cut (every connection dropped, new ones refused)
+/// and restore: a database outage without stopping the server other tests share.
+pub struct DbProxy {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    generation: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl DbProxy {
+    pub fn start(target: &str) -> DbProxy {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let generation = Arc::new(AtomicU64::new(0));
+        let (cut2, gen2, target) = (cut.clone(), generation.clone(), target.to_string());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            rt.block_on(async move {
+                loop {
+                    if cut2.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+                    let my_gen = gen2.load(Ordering::SeqCst);
+                    loop {
+                        let accept = tokio::time::timeout(Duration::from_millis(20), listener.accept()).await;
+                        if cut2.load(Ordering::SeqCst) {
+                            break; // the listener is dropped: new connections are refused
+                        }
+                        let Ok(Ok((mut inbound, _))) = accept else { continue };
+                        let (target, gen3) = (target.clone(), gen2.clone());
+                        tokio::spawn(async move {
+                            let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                            let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
+                            tokio::pin!(copy);
+                            loop {
+                                tokio::select! {
+                                    _ = &mut copy => return,
+                                    _ = tokio::time::sleep(Duration::from_millis(20)) => {
+                                        if gen3.load(Ordering::SeqCst) != my_gen {
+                                            return; // cut: both sockets are closed
+                                        }
+                                    }
+                                }
+                            }
+                        });
+                    }
+                }
+            });
+        });
+        DbProxy { port, cut, generation, _thread: thread }
+    }
+
+    pub fn cut(&self) {
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The URL of `db` through this proxy.
+    pub fn url_for(&self, db: &TestDb) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{}", self.port, db.name)
+    }
+}
