@@ -34,6 +34,7 @@ pub struct Metrics {
     pub sign_seconds: Family<Labels, Histogram>,
     pub signatures: Family<Labels, Counter>,
     pub expired_in_queue: Family<Labels, Counter>,
+    pub coalesced: Family<Labels, Counter>,
     pub worker_panics: Family<Labels, Counter>,
     pub breaker_state: Family<Labels, Gauge>,
     pub breaker_transitions: Family<Labels, Counter>,
@@ -68,6 +69,7 @@ impl Metrics {
             sign_seconds: Family::new_with_constructor(latency_histogram),
             signatures: Family::default(),
             expired_in_queue: Family::default(),
+            coalesced: Family::default(),
             worker_panics: Family::default(),
             breaker_state: Family::default(),
             breaker_transitions: Family::default(),
@@ -107,6 +109,11 @@ impl Metrics {
                 m.breaker_state.clone(),
             );
             r.register("breaker_transitions", "Circuit breaker transitions per CA", m.breaker_transitions.clone());
+            r.register(
+                "coalesced",
+                "Background requests attached to an identical one queued or in flight",
+                m.coalesced.clone(),
+            );
             r.register("worker_panics", "Panics caught in signer and store workers", m.worker_panics.clone());
             r.register("db_pool_wait_seconds", "Time waiting to check out a connection", m.pool_wait_seconds.clone());
             r.register("db_pool_hold_seconds", "Time a connection was held", m.pool_hold_seconds.clone());

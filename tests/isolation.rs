@@ -222,3 +222,52 @@ async fn over_its_rate_a_client_gets_429_and_an_overloaded_ca_503() {
     assert!(results.iter().all(|r| r.0 == 201 || *r == (503, true)), "{results:?}");
     Arc::try_unwrap(server).ok().expect("no other owner").stop().await;
 }
+
+#[actix_rt::test]
+async fn a_renewal_storm_coalesces_into_one_signature() {
+    let db = TestDb::sqlite();
+    let text = dev_config_text().replacen(
+        "signer_threads = 2\nexpected_sign_rate = 4000.0",
+        "signer_threads = 1\nexpected_sign_rate = 4000.0\n[cas.queue]\nin_flight = 1\n[cas.fault]\nsign_latency = \"300ms\"",
+        1,
+    );
+    let server = TestServer::start(config_from(&text, &db)).await;
+    let renewal = csr(Key::P256, &["ocsp.example.test"]);
+    let other = csr(Key::P256, &["ocsp2.example.test"]);
+    let submit = |csr: &str| server.issue(DEMO_KEY, "ocsp-renewal", csr).header("prefer", "respond-async").send();
+    let mut ids = Vec::new();
+    for body in std::iter::once(&renewal).chain(std::iter::repeat_n(&renewal, 20)).chain(std::iter::once(&other)) {
+        let resp = submit(body).await.unwrap();
+        assert_eq!(resp.status(), 202);
+        ids.push(resp.json::<serde_json::Value>().await.unwrap()["request_id"].as_str().unwrap().to_string());
+    }
+    let mut serials = Vec::new();
+    for id in &ids {
+        let started = Instant::now();
+        loop {
+            let body: serde_json::Value = server
+                .http
+                .get(server.url(&format!("/v1/requests/{id}")))
+                .bearer_auth(DEMO_KEY)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            if body["state"] == "issued" {
+                serials.push(body["certificate"]["serial"].as_str().unwrap().to_string());
+                break;
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "{body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let distinct: std::collections::HashSet<_> = serials.iter().collect();
+    assert_eq!(distinct.len(), 2, "21 identical renewals share one certificate, the other key has its own");
+    assert!(serials[..21].iter().all(|s| *s == serials[0]));
+    let metrics = server.engine.metrics_text();
+    assert_eq!(metrics_count(&metrics, "castellum_signatures_total{ca=\"ica-p256\"} "), 2);
+    assert_eq!(metrics_count(&metrics, "castellum_coalesced_total{ca=\"ica-p256\"} "), 20);
+    server.stop().await;
+}

@@ -7,7 +7,7 @@
 //! share); dropped at dequeue if its deadline has passed; then runs the [`Pipeline`], at most
 //! `in_flight` jobs at once.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -44,6 +44,23 @@ pub struct Job {
     pub enqueued_at: Instant,
     pub reply: Option<Reply>,
     pub span: tracing::Span,
+}
+
+/// A request that attached to an identical one instead of adding work (background lane).
+struct Follower {
+    reply: Option<Reply>,
+    request_id: Option<String>,
+    is_async: bool,
+}
+
+/// Same client, same profile, same public key: the same certificate would be issued.
+fn coalescing_key(job: &Job) -> [u8; 32] {
+    let mut h = openssl::sha::Sha256::new();
+    for part in [job.client.as_bytes(), job.profile.id.as_bytes(), &job.csr.spki_der] {
+        h.update(&(part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.finish()
 }
 
 impl Job {
@@ -135,6 +152,8 @@ pub struct CaCell {
     /// This CA's state in the registry's latest snapshot.
     ca_state: String,
     watching_key: bool,
+    /// Background jobs queued or in flight, by coalescing key, with the requests attached to them.
+    coalesced: HashMap<[u8; 32], Vec<Follower>>,
 }
 
 /// Background work gets at least one dispatch in this many when both lanes wait.
@@ -183,6 +202,7 @@ impl CaCell {
             draining: false,
             ca_state: initial_state,
             watching_key: false,
+            coalesced: HashMap::new(),
         });
         (addr, gauges, arbiter)
     }
@@ -214,7 +234,7 @@ impl CaCell {
             if !admitted {
                 break;
             }
-            let Some(mut job) = self.next_job() else {
+            let Some(job) = self.next_job() else {
                 self.breaker.release_probe();
                 break;
             };
@@ -227,9 +247,7 @@ impl CaCell {
                 // Its caller is (about to be) answered 503: never sign it.
                 self.breaker.release_probe();
                 self.pipeline.metrics.expired_in_queue.get_or_create(&metrics::ca(self.ca_id())).inc();
-                let err = deadline_exceeded();
-                self.pipeline.finish_request(&job, Err(&err), None);
-                job.answer(Err(err));
+                self.settle(job, Err(deadline_exceeded()), None);
                 continue;
             }
             self.in_flight += 1;
@@ -237,19 +255,17 @@ impl CaCell {
             let span = job.span.clone();
             let fut = async move {
                 let result = pipeline.run(&job).await;
-                let outcome = match &result {
+                (job, result)
+            }
+            .instrument(span);
+            ctx.spawn(fut.into_actor(self).map(|(job, result), act, ctx| {
+                act.in_flight -= 1;
+                act.completed(match &result {
                     Ok(_) => Outcome::Signed,
                     Err(EngineError::SignerFailure { .. }) => Outcome::SignerFailed,
                     Err(_) => Outcome::NoSignature,
-                };
-                pipeline.finish_request(&job, result.as_ref().map(|_| ()), None);
-                job.answer(result);
-                outcome
-            }
-            .instrument(span);
-            ctx.spawn(fut.into_actor(self).map(|outcome, act, ctx| {
-                act.in_flight -= 1;
-                act.completed(outcome);
+                });
+                act.settle(job, result, None);
                 act.dispatch(ctx);
             }));
         }
@@ -310,15 +326,45 @@ impl CaCell {
         }
     }
 
-    fn refuse_breaker_open(&self, mut job: Job) {
+    fn refuse_breaker_open(&mut self, job: Job) {
         let retry_after = self.breaker.retry_after(Instant::now());
         let err = EngineError::CaUnavailable {
             ca: self.ca_id().to_string(),
             reason: "circuit breaker open: the CA's signer is failing".into(),
             retry_after,
         };
-        self.pipeline.finish_request(&job, Err(&err), Some(now_ms() + retry_after.as_millis() as i64));
-        job.answer(Err(err));
+        self.settle(job, Err(err), Some(now_ms() + retry_after.as_millis() as i64));
+    }
+
+    /// The one way a job ends: its stored request is updated, its caller answered, and so is
+    /// every request that attached to it.
+    fn settle(&mut self, mut job: Job, result: Result<IssuedCertificate, EngineError>, retry_at: Option<i64>) {
+        let followers = if job.profile.lane == Lane::Background {
+            self.coalesced.remove(&coalescing_key(&job)).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        if let Err(err) = &result {
+            self.pipeline.request_failed(job.request_id.as_deref(), job.is_async, err, retry_at);
+        }
+        for mut follower in followers {
+            let answer = match &result {
+                Ok(issued) => {
+                    if let Some(id) = &follower.request_id {
+                        self.pipeline.request_issued(id, &issued.serial);
+                    }
+                    Ok(IssuedCertificate { request_id: follower.request_id.clone(), ..issued.clone() })
+                }
+                Err(err) => {
+                    self.pipeline.request_failed(follower.request_id.as_deref(), follower.is_async, err, retry_at);
+                    Err(err.clone())
+                }
+            };
+            if let Some(reply) = follower.reply.take() {
+                let _ = reply.send(answer);
+            }
+        }
+        job.answer(result);
     }
 
     fn export_gauges(&self) {
@@ -333,23 +379,31 @@ impl CaCell {
 
     /// What a job the CA cannot take now becomes: parked work is held durably (async) or refused
     /// at once (sync); a disabled or retired CA's work fails for good.
-    fn turn_away(&self, mut job: Job) {
+    fn turn_away(&mut self, mut job: Job) {
         let ca = self.ca_id().to_string();
-        if self.ca_state == ca_state::PARKED {
-            if job.is_async {
-                self.pipeline.park_request(&job);
-            } else {
-                job.answer(Err(EngineError::CaUnavailable {
-                    ca,
-                    reason: "the CA was parked".into(),
-                    retry_after: Duration::from_secs(30),
-                }));
-            }
+        if self.ca_state != ca_state::PARKED {
+            self.settle(job, Err(EngineError::CaDisabled(ca)), None);
             return;
         }
-        let err = EngineError::CaDisabled(ca);
-        self.pipeline.finish_request(&job, Err(&err), None);
-        job.answer(Err(err));
+        let parked = || EngineError::CaUnavailable {
+            ca: ca.clone(),
+            reason: "the CA was parked".into(),
+            retry_after: Duration::from_secs(30),
+        };
+        let followers = if job.profile.lane == Lane::Background {
+            self.coalesced.remove(&coalescing_key(&job)).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        for (request_id, is_async, reply) in std::iter::once((job.request_id.clone(), job.is_async, job.reply.take()))
+            .chain(followers.into_iter().map(|f| (f.request_id, f.is_async, f.reply)))
+        {
+            if is_async {
+                self.pipeline.park_request(request_id.as_deref());
+            } else if let Some(reply) = reply {
+                let _ = reply.send(Err(parked()));
+            }
+        }
     }
 
     fn takes_work(&self) -> bool {
@@ -403,6 +457,18 @@ impl Handler<Enqueue> for CaCell {
     type Result = ();
 
     fn handle(&mut self, Enqueue(mut job): Enqueue, ctx: &mut Self::Context) {
+        if job.profile.lane == Lane::Background {
+            if let Some(followers) = self.coalesced.get_mut(&coalescing_key(&job)) {
+                // A renewal storm of retries cannot multiply the work: attach to the one queued.
+                followers.push(Follower {
+                    reply: job.reply.take(),
+                    request_id: job.request_id.take(),
+                    is_async: job.is_async,
+                });
+                self.pipeline.metrics.coalesced.get_or_create(&metrics::ca(self.ca_id())).inc();
+                return;
+            }
+        }
         if self.draining {
             job.answer(Err(EngineError::ShuttingDown));
             return;
@@ -427,9 +493,11 @@ impl Handler<Enqueue> for CaCell {
                 reason: format!("{} queue is full", lane.as_str()),
                 retry_after: Duration::from_secs(1),
             };
-            self.pipeline.finish_request(&job, Err(&err), None);
-            job.answer(Err(err));
+            self.settle(job, Err(err), None);
             return;
+        }
+        if lane == Lane::Background {
+            self.coalesced.insert(coalescing_key(&job), Vec::new());
         }
         queue.push_back(job);
         self.dispatch(ctx);

@@ -100,21 +100,21 @@ impl Pipeline {
         })
     }
 
-    /// Record a stored request's outcome (issued requests were recorded with their certificate).
+    /// Record a stored request's failure (issued requests were recorded with their certificate).
     /// `retry_at`: when a request that failed for a passing reason may be taken up again.
-    pub fn finish_request(&self, job: &Job, result: Result<(), &EngineError>, retry_at: Option<i64>) {
-        let (Some(id), Err(err)) = (&job.request_id, result) else { return };
+    pub fn request_failed(&self, request_id: Option<&str>, is_async: bool, err: &EngineError, retry_at: Option<i64>) {
+        let Some(id) = request_id else { return };
         let now = now_ms();
         let (state, claimed_until) = if err.is_permanent() {
             (request_state::FAILED, None)
-        } else if job.is_async {
+        } else if is_async {
             // Back to pending: any instance may take it up again after a pause.
             (request_state::PENDING, Some(retry_at.unwrap_or(now + 1_000)))
         } else {
             (request_state::RETRYABLE, None)
         };
         self.store.write_detached(WriteOp::RequestFinished {
-            id: id.clone(),
+            id: id.to_string(),
             state,
             error_type: Some(err.slug().to_string()),
             error_detail: Some(err.to_string()),
@@ -123,11 +123,20 @@ impl Pipeline {
         });
     }
 
+    /// A coalesced request shares its leader's certificate.
+    pub fn request_issued(&self, request_id: &str, serial: &str) {
+        self.store.write_detached(WriteOp::RequestIssued {
+            id: request_id.to_string(),
+            serial: serial.to_string(),
+            at: now_ms(),
+        });
+    }
+
     /// Hold an asynchronous request durably until an operator resubmits it.
-    pub fn park_request(&self, job: &Job) {
-        let Some(id) = &job.request_id else { return };
+    pub fn park_request(&self, request_id: Option<&str>) {
+        let Some(id) = request_id else { return };
         self.store.write_detached(WriteOp::RequestFinished {
-            id: id.clone(),
+            id: id.to_string(),
             state: request_state::PARKED,
             error_type: None,
             error_detail: None,

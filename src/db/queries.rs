@@ -26,6 +26,12 @@ pub enum WriteOp {
     CertificateAbandoned {
         serial: String,
     },
+    /// A coalesced request answered with another request's certificate.
+    RequestIssued {
+        id: String,
+        serial: String,
+        at: i64,
+    },
     RequestFinished {
         id: String,
         state: &'static str,
@@ -91,6 +97,17 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                             ))
                             .execute(c)?;
                     }
+                }
+                WriteOp::RequestIssued { id, serial, at } => {
+                    diesel::update(requests::table.find(id))
+                        .set((
+                            requests::state.eq(request_state::ISSUED),
+                            requests::serial.eq(Some(serial)),
+                            requests::updated_at.eq(*at),
+                            requests::claimed_by.eq(None::<String>),
+                            requests::claimed_until.eq(None::<i64>),
+                        ))
+                        .execute(c)?;
                 }
                 WriteOp::CertificateAbandoned { serial } => {
                     diesel::update(certificates::table.find(serial))
