@@ -44,6 +44,8 @@ pub struct Metrics {
     pub pool_connections: Family<Labels, Gauge>,
     pub pool_idle: Family<Labels, Gauge>,
     pub pool_max: Family<Labels, Gauge>,
+    pub pool_longest_hold: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub pool_long_holds: Family<Labels, Counter>,
     pub store_batch_size: Histogram,
     pub store_commit_seconds: Histogram,
     pub store_pending: Gauge,
@@ -79,6 +81,8 @@ impl Metrics {
             pool_connections: Family::default(),
             pool_idle: Family::default(),
             pool_max: Family::default(),
+            pool_longest_hold: Family::default(),
+            pool_long_holds: Family::default(),
             store_batch_size: batch_histogram(),
             store_commit_seconds: latency_histogram(),
             store_pending: Gauge::default(),
@@ -121,6 +125,16 @@ impl Metrics {
             r.register("db_pool_connections", "Open connections per pool", m.pool_connections.clone());
             r.register("db_pool_idle", "Idle connections per pool", m.pool_idle.clone());
             r.register("db_pool_max", "Configured maximum connections per pool", m.pool_max.clone());
+            r.register(
+                "db_pool_longest_hold_seconds",
+                "Longest current connection hold per pool",
+                m.pool_longest_hold.clone(),
+            );
+            r.register(
+                "db_pool_long_holds",
+                "Holds that passed the slow-hold threshold, reported while held",
+                m.pool_long_holds.clone(),
+            );
             r.register("store_batch_size", "Writes per group commit", m.store_batch_size.clone());
             r.register("store_commit_seconds", "Time of one group commit", m.store_commit_seconds.clone());
             r.register("store_pending", "Writes waiting for a store worker", m.store_pending.clone());

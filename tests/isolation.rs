@@ -271,3 +271,35 @@ async fn a_renewal_storm_coalesces_into_one_signature() {
     assert_eq!(metrics_count(&metrics, "castellum_coalesced_total{ca=\"ica-p256\"} "), 20);
     server.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_ca_whose_key_is_missing_at_start_up_starts_failed_and_recovers() {
+    let db = TestDb::sqlite();
+    let keys = tempfile::tempdir().unwrap();
+    let key_path = keys.path().join("ica-rsa3072.key");
+    let text = dev_config_text()
+        .replace(&dev_keys().join("ica-rsa3072.key").display().to_string(), &key_path.display().to_string());
+    // check-config refuses it …
+    let config = config_from(&text, &db);
+    let (problems, _) = castellum::config::check_config(&config);
+    assert!(problems.iter().any(|p| p.path == "cas[2].key_file" && p.key_unavailable), "{problems:?}");
+    // … but the engine starts, with that CA failed and the others serving.
+    let server = TestServer::start(config).await;
+    let ready: serde_json::Value = server.http.get(server.url("/readyz")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["cas_serving"], 3, "{ready}");
+    let rsa_csr = csr(Key::Rsa(2048), &["rsa.example.test"]);
+    let refused = server.issue(DEMO_KEY, "tls-server-rsa", &rsa_csr).send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    let ok = server.issue(DEMO_KEY, "tls-server-p256", &csr(Key::P256, &["ok.example.test"])).send().await.unwrap();
+    assert_eq!(ok.status(), 201);
+    // The key file appears: the CA serves without a restart.
+    std::fs::copy(dev_keys().join("ica-rsa3072.key"), &key_path).unwrap();
+    let started = Instant::now();
+    while server.issue(DEMO_KEY, "tls-server-rsa", &rsa_csr).send().await.unwrap().status() != 201 {
+        assert!(started.elapsed() < Duration::from_secs(10), "the CA did not recover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ready: serde_json::Value = server.http.get(server.url("/readyz")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(ready["cas_serving"], 4);
+    server.stop().await;
+}

@@ -134,6 +134,7 @@ impl Registry {
         let started_at = self.started_at;
         let known = self.shared.load().version;
         let work = actix_web::rt::task::spawn_blocking(move || -> Result<Option<Snapshot>, DbError> {
+            let _span = tracing::info_span!("registry_poll").entered();
             let mut conn = pool.get()?;
             if heartbeat {
                 queries::heartbeat(&mut conn, &instance, started_at, known, now_ms())?;
@@ -214,15 +215,16 @@ pub fn listener(pool: DbPool, registry: Addr<Registry>, stop: Arc<AtomicBool>) -
         .name("castellum-listen".into())
         .spawn(move || {
             while !stop.load(Ordering::Relaxed) {
-                let mut conn = match pool.get() {
-                    Ok(DbConn::Postgres(conn)) => conn,
-                    Ok(DbConn::Sqlite(_)) => return,
+                let mut held = match pool.get() {
+                    Ok(held) => held,
                     Err(e) => {
                         tracing::warn!(error = %e, "registry listener cannot connect; retrying");
                         std::thread::sleep(Duration::from_secs(1));
                         continue;
                     }
                 };
+                held.exempt_from_leak_reports();
+                let DbConn::Postgres(conn) = &mut *held else { return };
                 if let Err(e) = diesel::sql_query(format!("LISTEN {}", queries::REGISTRY_CHANNEL)).execute(&mut *conn) {
                     tracing::warn!(error = %e, "LISTEN failed; retrying");
                     std::thread::sleep(Duration::from_secs(1));

@@ -55,6 +55,7 @@ impl Resumer {
         let instance = self.instance.clone();
         let lease_ms = self.lease.as_millis() as i64;
         let work = actix_web::rt::task::spawn_blocking(move || -> Result<Vec<RequestRow>, DbError> {
+            let _span = tracing::info_span!("resumer").entered();
             let mut conn = pool.get()?;
             let now = now_ms();
             let expired = queries::expire_requests(&mut conn, now)?;

@@ -184,6 +184,7 @@ impl Handler<Batch> for StoreWorker {
 
     fn handle(&mut self, batch: Batch, _ctx: &mut Self::Context) -> Self::Result {
         let pool = &self.pool;
+        let _span = tracing::info_span!("store_batch", writes = batch.0.len()).entered();
         super::catch_panic("store", || {
             let mut conn = pool.get()?;
             queries::apply_batch(&mut conn, &batch.0)

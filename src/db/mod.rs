@@ -5,6 +5,7 @@
 //! Pools are bulkheads (issuance, control, status): each has its own budget, timeouts and
 //! metrics, so a saturated issuance path cannot starve health checks or the admin console.
 
+pub mod holds;
 pub mod migrate;
 pub mod models;
 pub mod queries;
@@ -91,6 +92,7 @@ pub struct DbPool {
     inner: PoolInner,
     pub name: &'static str,
     pub max_size: u32,
+    pub holds: Arc<holds::Holds>,
 }
 
 #[derive(Debug)]
@@ -189,7 +191,7 @@ impl DbPool {
                     .build_unchecked(ConnectionManager::new(postgres_url_with_timeout(&db.url))),
             ),
         };
-        Ok(DbPool { inner, name, max_size: cfg.max_size })
+        Ok(DbPool { inner, name, max_size: cfg.max_size, holds: Arc::default() })
     }
 
     pub fn backend(&self) -> Backend {
@@ -200,12 +202,14 @@ impl DbPool {
     }
 
     /// Check out a connection, waiting at most the pool's connection timeout.
-    pub fn get(&self) -> Result<DbConn, DbError> {
-        match &self.inner {
+    /// The hold is registered with the current span, so a long one names its holder.
+    pub fn get(&self) -> Result<holds::Held, DbError> {
+        let conn = match &self.inner {
             PoolInner::Sqlite(p) => p.get().map(DbConn::Sqlite),
             PoolInner::Postgres(p) => p.get().map(DbConn::Postgres),
         }
-        .map_err(|e| DbError::Pool(e.to_string()))
+        .map_err(|e| DbError::Pool(e.to_string()))?;
+        Ok(holds::Held::new(conn, &self.holds))
     }
 
     pub fn state(&self) -> r2d2::State {
@@ -235,6 +239,24 @@ impl Pools {
 
     pub fn all(&self) -> [&DbPool; 3] {
         [&self.issuance, &self.control, &self.status]
+    }
+
+    /// Export the longest current hold per pool and report holds past `threshold` while they
+    /// are still held.
+    pub fn scan_holds(&self, metrics: &Metrics, threshold: Duration) {
+        for pool in self.all() {
+            let (longest, long) = pool.holds.scan(threshold);
+            metrics.pool_longest_hold.get_or_create(&metrics::pool(pool.name)).set(longest.as_secs_f64());
+            for hold in long {
+                metrics.pool_long_holds.get_or_create(&metrics::pool(pool.name)).inc();
+                tracing::warn!(
+                    pool = pool.name,
+                    holder = %hold.holder,
+                    held_ms = hold.held.as_millis() as u64,
+                    "a database connection is held longer than the threshold (possible leak)"
+                );
+            }
+        }
     }
 
     /// Refresh the pool-state gauges (called when metrics are scraped).

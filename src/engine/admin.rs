@@ -18,7 +18,9 @@ impl Engine {
         f: impl FnOnce(&mut DbConn) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, EngineError> {
         let pool = self.inner.pools.control.clone();
+        let span = tracing::Span::current();
         actix_web::rt::task::spawn_blocking(move || {
+            let _span = span.entered();
             let mut conn = pool.get()?;
             f(&mut conn)
         })

@@ -35,6 +35,9 @@ pub enum StartError {
     Task(String),
 }
 
+/// How often current database holds are scanned for leaks.
+const HOLD_SCAN_INTERVAL: Duration = Duration::from_millis(500);
+
 /// A running engine. Cheap to clone; every clone talks to the same actors.
 #[derive(Clone)]
 pub struct Engine {
@@ -142,6 +145,15 @@ impl Engine {
             resubmit_busy: false,
         }
         .start();
+        let (watched, watch_metrics, threshold) = (pools.clone(), metrics.clone(), config.database.slow_hold_threshold);
+        let watch_stop = stop_listener.clone();
+        actix_web::rt::spawn(async move {
+            let mut tick = tokio::time::interval(HOLD_SCAN_INTERVAL);
+            while !watch_stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                watched.scan_holds(&watch_metrics, threshold);
+            }
+        });
         tracing::info!(instance = %instance, cas = config.cas.len(), profiles = config.profiles.len(), "engine started");
         Ok(Engine {
             inner: Arc::new(Inner {
@@ -169,6 +181,11 @@ impl Engine {
         &self.inner.instance
     }
 
+    /// The database pools (for components of the embedding application that share them).
+    pub fn pools(&self) -> &Pools {
+        &self.inner.pools
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.inner.metrics
     }
@@ -191,7 +208,9 @@ impl Engine {
     ) -> Result<T, EngineError> {
         let _permit = self.inner.read_permits.try_acquire().map_err(|_| EngineError::DatabaseUnavailable)?;
         let pool = self.inner.pools.status.clone();
+        let span = tracing::Span::current();
         actix_web::rt::task::spawn_blocking(move || {
+            let _span = span.entered();
             let mut conn = pool.get()?;
             f(&mut conn)
         })
@@ -275,7 +294,20 @@ impl Engine {
             }
         };
         let snapshot = self.inner.intake.snapshot.load();
-        let serving = self.inner.intake.cells.keys().filter(|id| snapshot.ca_enabled(id)).count();
+        let mut serving = 0;
+        for (id, material) in &self.inner.intake.catalog.cas {
+            if !snapshot.ca_enabled(id) {
+                continue;
+            }
+            match material.key.unavailable_reason() {
+                None => serving += 1,
+                Some(why) => reasons.push(format!("CA {id}: {why}")),
+            }
+        }
+        // One failed CA does not make the instance unready while others serve.
+        if serving > 0 {
+            reasons.retain(|r| !r.starts_with("CA "));
+        }
         if snapshot.version == 0 {
             reasons.push("registry not loaded".into());
         }

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use castellum::config::Config;
-use castellum::db::{DbConn, DbPool};
+use castellum::db::DbPool;
 use castellum::Engine;
 use diesel::prelude::*;
 use openssl::hash::MessageDigest;
@@ -77,7 +77,7 @@ impl TestDb {
         .expect("test pool")
     }
 
-    pub fn conn(&self) -> DbConn {
+    pub fn conn(&self) -> castellum::db::holds::Held {
         self.pool().get().expect("test connection")
     }
 }

@@ -1,0 +1,103 @@
+//! Who holds which connection, for how long, right now. Every checkout is registered with the
+//! span that took it; a scan (every half second) exports the longest current hold per pool and
+//! reports — once, while it is still held — any hold past the threshold, naming its holder.
+//! That is how a leak shows itself before the pool is exhausted (incident 001).
+
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::DbConn;
+
+struct Hold {
+    since: Instant,
+    holder: String,
+    reported: bool,
+}
+
+#[derive(Default)]
+pub struct Holds {
+    next_id: AtomicU64,
+    current: Mutex<HashMap<u64, Hold>>,
+}
+
+/// A hold past the threshold, seen for the first time.
+#[derive(Debug, Clone)]
+pub struct LongHold {
+    pub holder: String,
+    pub held: Duration,
+}
+
+impl Holds {
+    fn register(self: &Arc<Self>) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::Span::current();
+        let thread = std::thread::current();
+        let holder = format!(
+            "{} (thread {})",
+            span.metadata().map(|m| m.name()).unwrap_or("no span"),
+            thread.name().unwrap_or("unnamed")
+        );
+        self.lock().insert(id, Hold { since: Instant::now(), holder, reported: false });
+        id
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Hold>> {
+        self.current.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The longest current hold, and the holds newly past `threshold`.
+    pub fn scan(&self, threshold: Duration) -> (Duration, Vec<LongHold>) {
+        let now = Instant::now();
+        let mut longest = Duration::ZERO;
+        let mut long = Vec::new();
+        for hold in self.lock().values_mut() {
+            let held = now.duration_since(hold.since);
+            longest = longest.max(held);
+            if held > threshold && !hold.reported {
+                hold.reported = true;
+                long.push(LongHold { holder: hold.holder.clone(), held });
+            }
+        }
+        (longest, long)
+    }
+}
+
+/// A checked-out connection; the hold ends when it is dropped (returned to the pool).
+pub struct Held {
+    conn: DbConn,
+    id: u64,
+    holds: Arc<Holds>,
+}
+
+impl Held {
+    pub(super) fn new(conn: DbConn, holds: &Arc<Holds>) -> Held {
+        Held { conn, id: holds.register(), holds: holds.clone() }
+    }
+
+    /// A connection held for good on purpose (the registry's listener): never reported.
+    pub fn exempt_from_leak_reports(&self) {
+        self.holds.lock().remove(&self.id);
+    }
+}
+
+impl Deref for Held {
+    type Target = DbConn;
+    fn deref(&self) -> &DbConn {
+        &self.conn
+    }
+}
+
+impl DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut DbConn {
+        &mut self.conn
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.holds.lock().remove(&self.id);
+    }
+}
