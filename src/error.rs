@@ -22,6 +22,8 @@ pub enum EngineError {
     PolicyViolation(String),
     #[error("missing or invalid API key")]
     Unauthorized,
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     #[error("client may not use profile {0:?}")]
     ForbiddenProfile(String),
     #[error("unknown profile {0:?}")]
@@ -70,6 +72,7 @@ impl EngineError {
             PolicyViolation(_) => "policy-violation",
             Unauthorized => "unauthorized",
             ForbiddenProfile(_) => "forbidden-profile",
+            Forbidden(_) => "forbidden",
             UnknownProfile(_) => "unknown-profile",
             ProfileDisabled(_) => "profile-disabled",
             CaDisabled(_) => "ca-disabled",
@@ -97,7 +100,7 @@ impl EngineError {
         match self {
             MalformedRequest(_) | MalformedCsr(_) | BadCsrSignature => 400,
             Unauthorized => 401,
-            ForbiddenProfile(_) => 403,
+            ForbiddenProfile(_) | Forbidden(_) => 403,
             UnknownProfile(_) | NotFound => 404,
             ProfileDisabled(_) | CaDisabled(_) | Conflict(_) => 409,
             PayloadTooLarge => 413,

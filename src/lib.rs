@@ -16,6 +16,7 @@
 //! ```
 
 pub mod actors;
+pub mod admin;
 pub mod config;
 pub mod db;
 pub mod engine;

@@ -133,6 +133,18 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     for addr in &addrs {
         println!("castellum listening on http://{addr}");
     }
+    let admin_listen = engine.config().admin.listen.clone();
+    let admin = if admin_listen.is_empty() {
+        None
+    } else {
+        let (admin, admin_addrs) = castellum::admin::server(engine.clone(), &admin_listen)?;
+        for addr in &admin_addrs {
+            println!("admin console on http://{addr}/admin");
+        }
+        let handle = admin.handle();
+        actix_web::rt::spawn(admin);
+        Some(handle)
+    };
     if dev {
         if let Some(addr) = addrs.first() {
             print_sample(addr);
@@ -144,6 +156,9 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         let _ = tokio::signal_ctrl_c().await;
         tracing::info!("stopping: draining requests");
         handle.stop(true).await;
+        if let Some(admin) = admin {
+            admin.stop(true).await;
+        }
         stopper.shutdown().await;
     });
     server.await?;

@@ -113,6 +113,11 @@ impl Breaker {
         }
     }
 
+    /// Close now, whatever the state (an operator's reset).
+    pub fn reset(&mut self) -> Option<BreakerState> {
+        self.transition(BreakerState::Closed)
+    }
+
     /// Time left before an open breaker lets probes through.
     pub fn retry_after(&self, now: Instant) -> Duration {
         match self.state {

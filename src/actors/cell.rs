@@ -84,6 +84,11 @@ pub struct Drain(pub oneshot::Sender<()>);
 #[rtype(result = "CellStatus")]
 pub struct GetStatus;
 
+/// The operator says the signer is fixed: close the breaker now.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ResetBreaker;
+
 #[derive(Debug, Clone, serde::Serialize, MessageResponse)]
 pub struct CellStatus {
     pub ca: String,
@@ -537,6 +542,16 @@ impl Handler<Drain> for CaCell {
         self.interactive.retain(|j| !j.is_async);
         self.background.retain(|j| !j.is_async);
         self.drain_waiters.push(done);
+        self.dispatch(ctx);
+    }
+}
+
+impl Handler<ResetBreaker> for CaCell {
+    type Result = ();
+
+    fn handle(&mut self, _: ResetBreaker, ctx: &mut Self::Context) {
+        let change = self.breaker.reset();
+        self.note_breaker(change);
         self.dispatch(ctx);
     }
 }

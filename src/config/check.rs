@@ -44,6 +44,7 @@ pub fn check_config(config: &Config) -> (Vec<ConfigProblem>, HashMap<String, CaM
     let cas = check_cas(config, &mut p);
     check_profiles(config, &cas, &mut p);
     check_clients(config, &mut p);
+    check_admin(config, &mut p);
     check_database(config, &mut p);
     check_lanes(config, &mut p);
     if config.cas.is_empty() {
@@ -217,6 +218,25 @@ fn check_profiles(config: &Config, cas: &HashMap<String, CaMaterial>, p: &mut Pr
                 p.add(format!("{at}.names.dns_suffixes[{j}]"), format!("{s:?} is not a DNS name"));
             }
         }
+    }
+}
+
+fn check_admin(config: &Config, p: &mut Problems) {
+    let mut names = HashSet::new();
+    for (i, token) in config.admin.tokens.iter().enumerate() {
+        let hash = token.token_sha256.to_ascii_lowercase();
+        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            p.add(format!("admin.tokens[{i}].token_sha256"), "must be 64 hex digits (castellum hash-key prints it)");
+        }
+        if !names.insert(token.name.clone()) {
+            p.add(format!("admin.tokens[{i}].name"), format!("duplicate admin name {:?}", token.name));
+        }
+    }
+    if !config.admin.listen.is_empty() && config.admin.tokens.is_empty() {
+        p.add("admin.tokens", "the admin listener is on but no admin token is configured");
+    }
+    if !config.admin.listen.is_empty() && config.admin.listen == config.http.listen {
+        p.add("admin.listen", "must differ from http.listen: the admin console has a listener of its own");
     }
 }
 

@@ -33,6 +33,7 @@ pub struct Config {
     /// Name of this instance in heartbeats and the audit log; defaults to host name + pid.
     pub instance_id: Option<String>,
     pub http: HttpConfig,
+    pub admin: AdminConfig,
     pub database: DatabaseConfig,
     pub lanes: LanesConfig,
     pub registry: RegistryConfig,
@@ -49,6 +50,7 @@ impl Default for Config {
             mode: Mode::Production,
             instance_id: None,
             http: HttpConfig::default(),
+            admin: AdminConfig::default(),
             database: DatabaseConfig::default(),
             lanes: LanesConfig::default(),
             registry: RegistryConfig::default(),
@@ -75,6 +77,30 @@ impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig { listen: "127.0.0.1:8080".into(), max_body_bytes: 64 * 1024, workers: 0 }
     }
+}
+
+/// The admin console and API: a listener of its own (loopback by default) and its own tokens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Empty: no admin listener.
+    pub listen: String,
+    pub tokens: Vec<AdminToken>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig { listen: "127.0.0.1:8081".into(), tokens: Vec::new() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminToken {
+    /// The admin's name, as it appears in the audit log.
+    pub name: String,
+    /// Hex SHA-256 of the bearer token (`castellum hash-key` prints it).
+    pub token_sha256: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -48,6 +48,12 @@ impl Holds {
         self.current.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The longest current hold.
+    pub fn longest(&self) -> Duration {
+        let now = Instant::now();
+        self.lock().values().map(|h| now.duration_since(h.since)).max().unwrap_or_default()
+    }
+
     /// The longest current hold, and the holds newly past `threshold`.
     pub fn scan(&self, threshold: Duration) -> (Duration, Vec<LongHold>) {
         let now = Instant::now();

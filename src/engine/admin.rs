@@ -3,9 +3,13 @@
 //! bumps the registry version, is audited with the operator's name, and notifies every instance;
 //! this instance applies it before the call returns.
 
+use serde::Serialize;
+
 use super::Engine;
+use crate::actors::cell::{CellStatus, ResetBreaker};
 use crate::actors::registry::{self, ca_state, Apply};
 use crate::actors::resumer::Resubmit;
+use crate::db::models::AuditEvent;
 use crate::db::queries::{self, StateChange};
 use crate::db::DbConn;
 use crate::error::{DbError, EngineError};
@@ -101,6 +105,60 @@ impl Engine {
         Ok(parked)
     }
 
+    /// Close a CA's breaker now (after the operator fixed its signer).
+    pub async fn reset_breaker(&self, actor: &str, ca: &str) -> Result<(), EngineError> {
+        let cell = self.inner.intake.cells.get(ca).ok_or(EngineError::NotFound)?;
+        cell.send(ResetBreaker).await.map_err(|_| EngineError::ShuttingDown)?;
+        self.audit(actor, "ca.breaker_reset", ca, "");
+        Ok(())
+    }
+
+    /// Everything the admin console shows about this instance and the cluster.
+    pub async fn admin_status(&self) -> Result<AdminStatus, EngineError> {
+        let snapshot = self.inner.intake.snapshot.load_full();
+        let stale_after = self.inner.config.registry.stale_after.as_millis() as i64;
+        let (instances, audit) =
+            self.control(|conn| Ok((queries::instances(conn)?, queries::recent_audit(conn, 50)?))).await?;
+        let now = now_ms();
+        let pools = self
+            .inner
+            .pools
+            .all()
+            .into_iter()
+            .map(|p| {
+                let state = p.state();
+                PoolStatus {
+                    name: p.name,
+                    max: p.max_size,
+                    open: state.connections,
+                    idle: state.idle_connections,
+                    in_use: state.connections - state.idle_connections,
+                    longest_hold_ms: p.holds.longest().as_millis() as u64,
+                }
+            })
+            .collect();
+        let mut profiles: Vec<_> = snapshot.profiles.iter().map(|(id, s)| (id.clone(), s.clone())).collect();
+        profiles.sort();
+        Ok(AdminStatus {
+            instance: self.instance_id().to_string(),
+            registry_version: snapshot.version,
+            cells: self.cell_status().await,
+            pools,
+            profiles,
+            instances: instances
+                .into_iter()
+                .map(|(id, started_at, heartbeat_at, registry_version)| InstanceStatus {
+                    stale: now - heartbeat_at > stale_after || registry_version < snapshot.version,
+                    id,
+                    started_at,
+                    heartbeat_at,
+                    registry_version,
+                })
+                .collect(),
+            audit,
+        })
+    }
+
     fn audit(&self, actor: &str, action: &str, target: &str, detail: &str) {
         self.inner.store.write_detached(queries::WriteOp::Audit(crate::db::models::NewAuditEvent {
             at: now_ms(),
@@ -112,4 +170,35 @@ impl Engine {
             detail: detail.to_string(),
         }));
     }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AdminStatus {
+    pub instance: String,
+    pub registry_version: i64,
+    pub cells: Vec<CellStatus>,
+    pub pools: Vec<PoolStatus>,
+    pub profiles: Vec<(String, String)>,
+    pub instances: Vec<InstanceStatus>,
+    pub audit: Vec<AuditEvent>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolStatus {
+    pub name: &'static str,
+    pub max: u32,
+    pub open: u32,
+    pub idle: u32,
+    pub in_use: u32,
+    pub longest_hold_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceStatus {
+    pub id: String,
+    pub started_at: i64,
+    pub heartbeat_at: i64,
+    pub registry_version: i64,
+    /// Its heartbeat is old, or it serves an older registry version than this instance.
+    pub stale: bool,
 }

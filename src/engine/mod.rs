@@ -1,7 +1,7 @@
 //! The engine as a library: `Engine::start(config)` inside the caller's actix system, then a
 //! cloneable handle with typed async methods. The HTTP API and the CLI are thin adapters on it.
 
-mod admin;
+pub mod admin;
 mod issue;
 pub mod types;
 

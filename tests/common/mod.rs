@@ -134,8 +134,11 @@ pub fn config_from(text: &str, db: &TestDb) -> Config {
 pub struct TestServer {
     pub engine: Engine,
     pub base: String,
+    /// The admin API's own listener.
+    pub admin_base: String,
     pub http: reqwest::Client,
     handle: actix_web::dev::ServerHandle,
+    admin_handle: actix_web::dev::ServerHandle,
 }
 
 impl TestServer {
@@ -144,11 +147,22 @@ impl TestServer {
         let (server, addrs) = castellum::http::server(engine.clone(), "127.0.0.1:0").expect("bind loopback");
         let handle = server.handle();
         actix_rt::spawn(server);
+        let (admin, admin_addrs) = castellum::admin::server(engine.clone(), "127.0.0.1:0").expect("bind admin");
+        let admin_handle = admin.handle();
+        actix_rt::spawn(admin);
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client");
-        TestServer { engine, base: format!("http://{}", addrs[0]), http, handle }
+        TestServer {
+            engine,
+            base: format!("http://{}", addrs[0]),
+            admin_base: format!("http://{}", admin_addrs[0]),
+            http,
+            handle,
+            admin_handle,
+        }
     }
 
     pub async fn stop(self) {
+        self.admin_handle.stop(true).await;
         self.handle.stop(true).await;
         self.engine.shutdown().await;
     }
@@ -167,6 +181,7 @@ impl TestServer {
 }
 
 pub const DEMO_KEY: &str = "dev-key-demo";
+pub const ADMIN_TOKEN: &str = "dev-admin-token";
 pub const OTHER_KEY: &str = "dev-key-other";
 
 #[derive(Clone, Copy, Debug)]

@@ -1,0 +1,188 @@
+//! The admin API: a listener of its own (loopback by default), its own bearer tokens (stored
+//! hashed), and protection against cross-site requests on every state change. Every lever is
+//! one method of the engine's handle and is audited with the admin's name.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use actix_web::dev::Server;
+use actix_web::http::header;
+use actix_web::{get, post, web, App, HttpRequest, HttpResponse, HttpServer};
+use serde::Deserialize;
+
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::http::problem::Problem;
+
+/// Admin token hashes → admin names.
+#[derive(Clone)]
+struct AdminTokens(Arc<HashMap<[u8; 32], String>>);
+
+/// The authenticated admin's name, put in the request by [`guard`].
+#[derive(Clone)]
+struct AdminName(String);
+
+/// Runs before any extractor: authenticate the admin and, for state changes, refuse what a
+/// browser could send from another site.
+async fn guard(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<
+    actix_web::dev::ServiceResponse<actix_web::body::EitherBody<impl actix_web::body::MessageBody>>,
+    actix_web::Error,
+> {
+    use actix_web::HttpMessage;
+    let changes_state = req.method() != actix_web::http::Method::GET;
+    match check(req.request(), changes_state) {
+        Ok(name) => {
+            req.extensions_mut().insert(AdminName(name));
+            Ok(next.call(req).await?.map_into_left_body())
+        }
+        Err(problem) => {
+            let response = actix_web::ResponseError::error_response(&problem);
+            Ok(req.into_response(response).map_into_right_body())
+        }
+    }
+}
+
+fn who(req: &HttpRequest) -> String {
+    use actix_web::HttpMessage;
+    req.extensions().get::<AdminName>().map(|a| a.0.clone()).unwrap_or_default()
+}
+
+/// Authenticate an admin; for state changes also refuse anything a browser could send from
+/// another site: a form post (only `application/json` is accepted, which needs a CORS
+/// preflight cross-site), or an `Origin` / `Sec-Fetch-Site` that is not this console's.
+fn check(req: &HttpRequest, changes_state: bool) -> Result<String, Problem> {
+    if changes_state {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json"));
+        let host = req.connection_info().host().to_string();
+        let origin_ok = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok()).is_none_or(|origin| {
+            origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://")) == Some(host.as_str())
+        });
+        let site_ok = req
+            .headers()
+            .get("sec-fetch-site")
+            .and_then(|v| v.to_str().ok())
+            .is_none_or(|v| v == "same-origin" || v == "none");
+        if !(json && origin_ok && site_ok) {
+            return Err(Problem(EngineError::Forbidden("cross-site or non-JSON state change refused".into())));
+        }
+    }
+    let tokens = req.app_data::<AdminTokens>().ok_or(Problem(EngineError::Internal("no admin tokens".into())))?;
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or(Problem(EngineError::Unauthorized))?;
+    tokens.0.get(&openssl::sha::sha256(token.trim().as_bytes())).cloned().ok_or(Problem(EngineError::Unauthorized))
+}
+
+#[get("/admin/v1/status")]
+async fn status(engine: web::Data<Engine>) -> Result<HttpResponse, Problem> {
+    Ok(HttpResponse::Ok().json(engine.admin_status().await?))
+}
+
+#[derive(Deserialize)]
+struct CaStateBody {
+    state: String,
+}
+
+#[post("/admin/v1/cas/{ca}/state")]
+async fn ca_state(
+    req: HttpRequest,
+    engine: web::Data<Engine>,
+    ca: web::Path<String>,
+    body: web::Json<CaStateBody>,
+) -> Result<HttpResponse, Problem> {
+    let who = who(&req);
+    let version = engine.set_ca_state(&who, &ca, &body.state).await?;
+    Ok(HttpResponse::Ok()
+        .json(serde_json::json!({ "ca": ca.as_str(), "state": body.state, "registry_version": version })))
+}
+
+#[post("/admin/v1/cas/{ca}/resubmit")]
+async fn resubmit(req: HttpRequest, engine: web::Data<Engine>, ca: web::Path<String>) -> Result<HttpResponse, Problem> {
+    let who = who(&req);
+    let parked = engine.resubmit(&who, &ca).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "ca": ca.as_str(), "resubmitting": parked })))
+}
+
+#[post("/admin/v1/cas/{ca}/breaker/reset")]
+async fn reset_breaker(
+    req: HttpRequest,
+    engine: web::Data<Engine>,
+    ca: web::Path<String>,
+) -> Result<HttpResponse, Problem> {
+    let who = who(&req);
+    engine.reset_breaker(&who, &ca).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "ca": ca.as_str(), "breaker": "closed" })))
+}
+
+#[derive(Deserialize)]
+struct ProfileStateBody {
+    enabled: bool,
+}
+
+#[post("/admin/v1/profiles/{profile}/state")]
+async fn profile_state(
+    req: HttpRequest,
+    engine: web::Data<Engine>,
+    profile: web::Path<String>,
+    body: web::Json<ProfileStateBody>,
+) -> Result<HttpResponse, Problem> {
+    let who = who(&req);
+    let version = engine.set_profile_state(&who, &profile, body.enabled).await?;
+    Ok(HttpResponse::Ok()
+        .json(serde_json::json!({ "profile": profile.as_str(), "enabled": body.enabled, "registry_version": version })))
+}
+
+/// Register the admin routes.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    let json = web::JsonConfig::default()
+        .limit(16 * 1024)
+        .error_handler(|err, _| Problem(EngineError::MalformedRequest(err.to_string())).into());
+    cfg.app_data(json)
+        .service(status)
+        .service(ca_state)
+        .service(resubmit)
+        .service(reset_breaker)
+        .service(profile_state);
+}
+
+/// Bind the admin listener.
+pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<SocketAddr>)> {
+    let tokens: HashMap<[u8; 32], String> = engine
+        .config()
+        .admin
+        .tokens
+        .iter()
+        .filter_map(|t| {
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(t.token_sha256.to_ascii_lowercase(), &mut hash).ok()?;
+            Some((hash, t.name.clone()))
+        })
+        .collect();
+    let tokens = AdminTokens(Arc::new(tokens));
+    let data = web::Data::new(engine);
+    let http = HttpServer::new(move || {
+        App::new()
+            .app_data(data.clone())
+            .app_data(tokens.clone())
+            .configure(routes)
+            .wrap(actix_web::middleware::from_fn(guard))
+            .wrap(tracing_actix_web::TracingLogger::default())
+            .default_service(web::to(|| async { Err::<HttpResponse, _>(Problem(EngineError::NotFound)) }))
+    })
+    .workers(1)
+    .shutdown_timeout(5)
+    .bind(listen)?;
+    let addrs = http.addrs();
+    Ok((http.run(), addrs))
+}
