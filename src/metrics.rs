@@ -36,6 +36,7 @@ pub struct Metrics {
     pub expired_in_queue: Family<Labels, Counter>,
     pub coalesced: Family<Labels, Counter>,
     pub worker_panics: Family<Labels, Counter>,
+    pub cell_restarts: Family<Labels, Counter>,
     pub breaker_state: Family<Labels, Gauge>,
     pub breaker_transitions: Family<Labels, Counter>,
     pub pool_wait_seconds: Family<Labels, Histogram>,
@@ -73,6 +74,7 @@ impl Metrics {
             expired_in_queue: Family::default(),
             coalesced: Family::default(),
             worker_panics: Family::default(),
+            cell_restarts: Family::default(),
             breaker_state: Family::default(),
             breaker_transitions: Family::default(),
             pool_wait_seconds: Family::new_with_constructor(latency_histogram),
@@ -118,6 +120,7 @@ impl Metrics {
                 "Background requests attached to an identical one queued or in flight",
                 m.coalesced.clone(),
             );
+            r.register("cell_restarts", "CA cells replaced by their supervisor after dying", m.cell_restarts.clone());
             r.register("worker_panics", "Panics caught in signer and store workers", m.worker_panics.clone());
             r.register("db_pool_wait_seconds", "Time waiting to check out a connection", m.pool_wait_seconds.clone());
             r.register("db_pool_hold_seconds", "Time a connection was held", m.pool_hold_seconds.clone());

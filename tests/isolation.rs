@@ -303,3 +303,37 @@ async fn a_ca_whose_key_is_missing_at_start_up_starts_failed_and_recovers() {
     assert_eq!(ready["cas_serving"], 4);
     server.stop().await;
 }
+
+#[actix_rt::test]
+async fn a_crashed_cell_is_replaced_and_the_other_cas_never_notice() {
+    let db = TestDb::sqlite();
+    let server = Arc::new(TestServer::start(dev_config(&db)).await);
+    let until = Instant::now() + Duration::from_secs(3);
+    let other = {
+        let server = server.clone();
+        let csr = csr(Key::P384, &["steady.example.test"]);
+        actix_rt::spawn(async move {
+            let mut statuses = Vec::new();
+            while Instant::now() < until {
+                statuses.push(server.issue(DEMO_KEY, "tls-server-p384", &csr).send().await.unwrap().status().as_u16());
+            }
+            statuses
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    server.engine.crash_cell("ica-p256").unwrap();
+    let p256 = csr(Key::P256, &["again.example.test"]);
+    let crashed_at = Instant::now();
+    while server.issue(DEMO_KEY, "tls-server-p256", &p256).send().await.unwrap().status() != 201 {
+        assert!(crashed_at.elapsed() < Duration::from_secs(3), "the cell was not replaced");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("ica-p256 issuing again {:?} after its cell crashed", crashed_at.elapsed());
+    let statuses = other.await.unwrap();
+    assert!(statuses.len() > 50 && statuses.iter().all(|s| *s == 201), "other CA: {statuses:?}");
+    assert_eq!(metrics_count(&server.engine.metrics_text(), "castellum_cell_restarts_total{ca=\"ica-p256\"} "), 1);
+    // The replacement follows registry changes like the original.
+    server.engine.set_ca_state("test", "ica-p256", "disabled").await.unwrap();
+    assert_eq!(server.issue(DEMO_KEY, "tls-server-p256", &p256).send().await.unwrap().status(), 409);
+    Arc::try_unwrap(server).ok().expect("no other owner").stop().await;
+}

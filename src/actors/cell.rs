@@ -84,6 +84,12 @@ pub struct Drain(pub oneshot::Sender<()>);
 #[rtype(result = "CellStatus")]
 pub struct GetStatus;
 
+/// Fault injection (dev mode only): the cell's handler panics, killing the actor, so that its
+/// supervisor's replacement can be seen working.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Crash;
+
 /// The operator says the signer is fixed: close the breaker now.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -173,23 +179,24 @@ pub struct CellParts {
     pub instance: Arc<str>,
     pub faults: Faults,
     pub initial_state: String,
+    /// Shared with intake; kept across restarts of the cell.
+    pub gauges: Arc<CellGauges>,
 }
 
 impl CaCell {
     /// Start the cell on its own arbiter with its signer threads.
-    pub fn start(cfg: &CaConfig, parts: CellParts) -> (Addr<CaCell>, Arc<CellGauges>, Arbiter) {
-        let CellParts { ca, store, metrics, instance, faults, initial_state } = parts;
+    pub fn start(cfg: &CaConfig, parts: CellParts) -> (Addr<CaCell>, Arbiter) {
+        let CellParts { ca, store, metrics, instance, faults, initial_state, gauges } = parts;
         let (signer_ca, signer_metrics) = (ca.clone(), metrics.clone());
         let signer = SyncArbiter::start(cfg.signer_threads.max(1), move || Signer {
             ca: signer_ca.clone(),
             metrics: signer_metrics.clone(),
             faults: faults.clone(),
         });
-        let gauges = Arc::new(CellGauges::default());
         let spacing = Duration::from_secs_f64(1.0 / cfg.expected_sign_rate.max(1.0));
         gauges.completion_spacing_us.store(spacing.as_micros() as u64, Ordering::Relaxed);
         let pipeline = Pipeline { ca, signer, store, metrics, instance };
-        let (queue, breaker_cfg, cell_gauges) = (cfg.queue.clone(), cfg.breaker.clone(), gauges.clone());
+        let (queue, breaker_cfg, cell_gauges) = (cfg.queue.clone(), cfg.breaker.clone(), gauges);
         let arbiter = Arbiter::new();
         let addr = CaCell::start_in_arbiter(&arbiter.handle(), move |_| CaCell {
             pipeline,
@@ -209,7 +216,7 @@ impl CaCell {
             watching_key: false,
             coalesced: HashMap::new(),
         });
-        (addr, gauges, arbiter)
+        (addr, arbiter)
     }
 
     fn ca_id(&self) -> &str {
@@ -543,6 +550,15 @@ impl Handler<Drain> for CaCell {
         self.background.retain(|j| !j.is_async);
         self.drain_waiters.push(done);
         self.dispatch(ctx);
+    }
+}
+
+impl Handler<Crash> for CaCell {
+    type Result = ();
+
+    #[allow(clippy::panic)]
+    fn handle(&mut self, _: Crash, _: &mut Self::Context) {
+        panic!("injected fault: CA cell {} crashed", self.ca_id());
     }
 }
 

@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::cell::{CaCell, CellGauges, Enqueue, Job};
+use super::cell::{Enqueue, Job};
 use super::registry::{ca_state, SharedSnapshot};
+use super::supervisor::CellSlot;
 use crate::config::{Config, LanesConfig};
 use crate::engine::types::Client;
 use crate::error::EngineError;
@@ -74,8 +75,7 @@ type Limiter = governor::DefaultDirectRateLimiter;
 pub struct Intake {
     pub catalog: Arc<Catalog>,
     pub snapshot: SharedSnapshot,
-    pub cells: Arc<HashMap<String, Addr<CaCell>>>,
-    pub gauges: Arc<HashMap<String, Arc<CellGauges>>>,
+    pub cells: Arc<HashMap<String, CellSlot>>,
     pub lanes: LanesConfig,
     /// Per-client GCRA limiters (clients without a configured rate have none).
     limiters: Arc<HashMap<String, Limiter>>,
@@ -86,8 +86,7 @@ impl Intake {
         config: &Config,
         catalog: Arc<Catalog>,
         snapshot: SharedSnapshot,
-        cells: HashMap<String, Addr<CaCell>>,
-        gauges: HashMap<String, Arc<CellGauges>>,
+        cells: Arc<HashMap<String, CellSlot>>,
     ) -> Intake {
         let limiters = config
             .clients
@@ -99,14 +98,7 @@ impl Intake {
                 Some((c.name.clone(), governor::RateLimiter::direct(quota)))
             })
             .collect();
-        Intake {
-            catalog,
-            snapshot,
-            cells: Arc::new(cells),
-            gauges: Arc::new(gauges),
-            lanes: config.lanes.clone(),
-            limiters: Arc::new(limiters),
-        }
+        Intake { catalog, snapshot, cells, lanes: config.lanes.clone(), limiters: Arc::new(limiters) }
     }
 
     /// The client's own rate: over it is `429`, whatever the CAs' state.
@@ -120,7 +112,7 @@ impl Intake {
 
     /// A CA whose breaker is open is refused before any work is spent on the request.
     fn check_breaker(&self, profile: &Profile) -> Result<(), EngineError> {
-        let Some(gauges) = self.gauges.get(&profile.ca) else { return Ok(()) };
+        let Some(gauges) = self.cells.get(&profile.ca).map(|slot| &slot.gauges) else { return Ok(()) };
         let open_until = gauges.breaker_open_until_ms.load(Ordering::Relaxed);
         let now = crate::pki::now_ms();
         if open_until > now {
@@ -136,7 +128,7 @@ impl Intake {
     /// Refuse now what its CA cannot serve in time: a predicted queue wait longer than the
     /// time the request has left.
     pub fn check_capacity(&self, profile: &Profile, deadline: Instant) -> Result<(), EngineError> {
-        let Some(gauges) = self.gauges.get(&profile.ca) else { return Ok(()) };
+        let Some(gauges) = self.cells.get(&profile.ca).map(|slot| &slot.gauges) else { return Ok(()) };
         let predicted = gauges.predicted_wait(profile.lane);
         let left = deadline.saturating_duration_since(Instant::now());
         if predicted > left {
@@ -236,10 +228,10 @@ impl Intake {
     /// Hand a job to its CA's cell. A full mailbox is an immediate `503`, never a wait.
     pub fn hand_to_cell(&self, mut job: Job) -> Result<(), EngineError> {
         let ca = job.profile.ca.clone();
-        let Some(cell) = self.cells.get(&ca) else {
+        let Some(slot) = self.cells.get(&ca) else {
             return Err(EngineError::CaDisabled(ca));
         };
-        match cell.try_send(Enqueue(job)) {
+        match slot.addr.load().try_send(Enqueue(job)) {
             Ok(()) => Ok(()),
             Err(SendError::Full(Enqueue(j))) => {
                 job = j;
@@ -250,7 +242,11 @@ impl Intake {
                     retry_after: Duration::from_secs(1),
                 })
             }
-            Err(SendError::Closed(_)) => Err(EngineError::ShuttingDown),
+            Err(SendError::Closed(_)) => Err(EngineError::CaUnavailable {
+                ca,
+                reason: "the CA's cell is being restarted".into(),
+                retry_after: Duration::from_secs(1),
+            }),
         }
     }
 }

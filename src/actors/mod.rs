@@ -17,6 +17,7 @@ pub mod registry;
 pub mod resumer;
 pub mod signer;
 pub mod store;
+pub mod supervisor;
 
 /// Run `f`, turning a panic into an error so a worker thread survives and its caller is answered.
 pub(crate) fn catch_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
@@ -29,4 +30,14 @@ pub(crate) fn catch_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, Str
         tracing::error!(worker = what, panic = %msg, "worker panicked; answered as an error");
         msg
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_panic_becomes_an_error_and_the_thread_lives_on() {
+        let result = super::catch_panic("test", || -> u32 { panic!("boom") });
+        assert_eq!(result, Err("boom".to_string()));
+        assert_eq!(super::catch_panic("test", || 7), Ok(7));
+    }
 }

@@ -67,6 +67,14 @@ pub struct RegistryChanged(pub Arc<Snapshot>);
 #[rtype(result = "()")]
 pub struct Reload;
 
+/// Add a subscriber, or replace the one under the same key (a restarted cell).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Subscribe {
+    pub key: String,
+    pub recipient: Recipient<RegistryChanged>,
+}
+
 /// Publish a snapshot read right after a change made by this instance, so the change applies
 /// here before the call that made it returns.
 #[derive(Message)]
@@ -95,7 +103,7 @@ pub struct Registry {
     instance: Arc<str>,
     started_at: i64,
     metrics: Arc<Metrics>,
-    subscribers: Vec<Recipient<RegistryChanged>>,
+    subscribers: HashMap<String, Recipient<RegistryChanged>>,
     polling: bool,
     /// A reload was asked for while a poll was running: poll again when it ends.
     reload_pending: bool,
@@ -108,7 +116,7 @@ impl Registry {
         poll_interval: Duration,
         instance: Arc<str>,
         metrics: Arc<Metrics>,
-        subscribers: Vec<Recipient<RegistryChanged>>,
+        subscribers: HashMap<String, Recipient<RegistryChanged>>,
     ) -> Registry {
         Registry {
             control,
@@ -166,7 +174,7 @@ impl Registry {
         self.metrics.registry_version.set(snapshot.version);
         let snapshot = Arc::new(snapshot);
         self.shared.store(snapshot.clone());
-        for subscriber in &self.subscribers {
+        for subscriber in self.subscribers.values() {
             if subscriber.try_send(RegistryChanged(snapshot.clone())).is_err() {
                 tracing::warn!("a registry subscriber's mailbox is full; it will catch up on the next change");
             }
@@ -190,6 +198,15 @@ impl Handler<Reload> for Registry {
 
     fn handle(&mut self, _: Reload, ctx: &mut Self::Context) {
         self.poll(ctx, false);
+    }
+}
+
+impl Handler<Subscribe> for Registry {
+    type Result = ();
+
+    fn handle(&mut self, msg: Subscribe, _: &mut Self::Context) {
+        // The replacement starts from the current snapshot already; later changes reach it.
+        self.subscribers.insert(msg.key, msg.recipient);
     }
 }
 

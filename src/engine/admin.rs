@@ -6,7 +6,7 @@
 use serde::Serialize;
 
 use super::Engine;
-use crate::actors::cell::{CellStatus, ResetBreaker};
+use crate::actors::cell::{CellStatus, Crash, ResetBreaker};
 use crate::actors::registry::{self, ca_state, Apply};
 use crate::actors::resumer::Resubmit;
 use crate::db::models::AuditEvent;
@@ -107,10 +107,20 @@ impl Engine {
 
     /// Close a CA's breaker now (after the operator fixed its signer).
     pub async fn reset_breaker(&self, actor: &str, ca: &str) -> Result<(), EngineError> {
-        let cell = self.inner.intake.cells.get(ca).ok_or(EngineError::NotFound)?;
+        let cell = (**self.inner.intake.cells.get(ca).ok_or(EngineError::NotFound)?.addr.load()).clone();
         cell.send(ResetBreaker).await.map_err(|_| EngineError::ShuttingDown)?;
         self.audit(actor, "ca.breaker_reset", ca, "");
         Ok(())
+    }
+
+    /// Fault injection for drills and tests, refused outside dev mode: kill a CA's cell so its
+    /// supervisor replaces it.
+    pub fn crash_cell(&self, ca: &str) -> Result<(), EngineError> {
+        if self.inner.config.mode != crate::config::Mode::Dev {
+            return Err(EngineError::Forbidden("fault injection is refused unless mode = \"dev\"".into()));
+        }
+        let slot = self.inner.intake.cells.get(ca).ok_or(EngineError::NotFound)?;
+        slot.addr.load().try_send(Crash).map_err(|_| EngineError::ShuttingDown)
     }
 
     /// Everything the admin console shows about this instance and the cluster.

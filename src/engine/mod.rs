@@ -14,11 +14,12 @@ use actix::prelude::*;
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
-use crate::actors::cell::{self, CaCell, CellParts, CellStatus, Faults};
+use crate::actors::cell::{self, CellGauges, CellStatus};
 use crate::actors::intake::{Catalog, Intake};
 use crate::actors::registry::{self, Registry};
 use crate::actors::resumer::Resumer;
 use crate::actors::store::{StoreFront, StoreHandle};
+use crate::actors::supervisor::{CellFactory, CellSlot, CellSupervisor};
 use crate::config::{Config, ConfigProblem};
 use crate::db::{migrate, queries, Backend, DbConn, Pools};
 use crate::error::{DbError, EngineError};
@@ -54,7 +55,8 @@ struct Inner {
     /// Bounds concurrent reads to the status pool's size: excess is refused, never queued.
     read_permits: Semaphore,
     shutting_down: AtomicBool,
-    arbiters: std::sync::Mutex<Vec<Arbiter>>,
+    arbiters: Arc<std::sync::Mutex<Vec<Arbiter>>>,
+    _supervisor: Addr<CellSupervisor>,
     registry: Addr<Registry>,
     resumer: Addr<Resumer>,
     stop_listener: Arc<AtomicBool>,
@@ -97,28 +99,26 @@ impl Engine {
             metrics.clone(),
         );
         let catalog = Arc::new(Catalog::build(&config, materials));
+        let factory = CellFactory {
+            config: Arc::new(config.clone()),
+            catalog: catalog.clone(),
+            store: store.clone(),
+            metrics: metrics.clone(),
+            instance: instance.clone(),
+            snapshot: shared.clone(),
+        };
         let mut cells = HashMap::new();
-        let mut gauges = HashMap::new();
-        let mut arbiters = Vec::new();
+        let mut subscribers = HashMap::new();
+        let arbiters = Arc::new(std::sync::Mutex::new(Vec::new()));
         for ca_cfg in &config.cas {
-            let Some(material) = catalog.cas.get(&ca_cfg.id) else {
-                continue;
-            };
-            let parts = CellParts {
-                ca: material.clone(),
-                store: store.clone(),
-                metrics: metrics.clone(),
-                instance: instance.clone(),
-                faults: Faults { sign_latency: ca_cfg.fault.sign_latency, failure_rate: ca_cfg.fault.failure_rate },
-                initial_state: shared.load().ca_state(&ca_cfg.id).to_string(),
-            };
-            let (addr, cell_gauges, arbiter) = CaCell::start(ca_cfg, parts);
-            cells.insert(ca_cfg.id.clone(), addr);
-            gauges.insert(ca_cfg.id.clone(), cell_gauges);
-            arbiters.push(arbiter);
+            let gauges = Arc::new(CellGauges::default());
+            let Some((addr, arbiter)) = factory.start(&ca_cfg.id, gauges.clone()) else { continue };
+            subscribers.insert(ca_cfg.id.clone(), addr.clone().recipient());
+            cells.insert(ca_cfg.id.clone(), CellSlot { addr: ArcSwap::from_pointee(addr), gauges });
+            arbiters.lock().map_err(|_| StartError::Task("arbiter list poisoned".into()))?.push(arbiter);
         }
-        let intake = Intake::new(&config, catalog, shared.clone(), cells, gauges);
-        let subscribers = intake.cells.values().map(|cell| cell.clone().recipient()).collect();
+        let cells = Arc::new(cells);
+        let intake = Intake::new(&config, catalog, shared.clone(), cells.clone());
         let registry = Registry::new(
             pools.control.clone(),
             shared,
@@ -128,6 +128,7 @@ impl Engine {
             subscribers,
         )
         .start();
+        let supervisor = CellSupervisor::new(factory, cells, registry.clone(), arbiters.clone()).start();
         let stop_listener = Arc::new(AtomicBool::new(false));
         if config.registry.listen && pools.control.backend() == Backend::Postgres {
             registry::listener(pools.control.clone(), registry.clone(), stop_listener.clone());
@@ -165,7 +166,8 @@ impl Engine {
                 pools,
                 metrics,
                 shutting_down: AtomicBool::new(false),
-                arbiters: std::sync::Mutex::new(arbiters),
+                arbiters,
+                _supervisor: supervisor,
                 registry,
                 resumer,
                 stop_listener,
@@ -270,7 +272,8 @@ impl Engine {
 
     pub async fn cell_status(&self) -> Vec<CellStatus> {
         let mut out = Vec::new();
-        for addr in self.inner.intake.cells.values() {
+        for slot in self.inner.intake.cells.values() {
+            let addr = (**slot.addr.load()).clone();
             if let Ok(status) = addr.send(cell::GetStatus).await {
                 out.push(status);
             }
@@ -341,9 +344,9 @@ impl Engine {
         let limit =
             self.inner.config.lanes.interactive.max_deadline.max(self.inner.config.lanes.background.max_deadline);
         let mut waits = Vec::new();
-        for addr in self.inner.intake.cells.values() {
+        for slot in self.inner.intake.cells.values() {
             let (tx, rx) = tokio::sync::oneshot::channel();
-            if addr.try_send(cell::Drain(tx)).is_ok() {
+            if slot.addr.load().try_send(cell::Drain(tx)).is_ok() {
                 waits.push(rx);
             }
         }
