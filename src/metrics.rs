@@ -44,6 +44,7 @@ pub struct Metrics {
     pub pool_timeouts: Family<Labels, Counter>,
     pub pool_connections: Family<Labels, Gauge>,
     pub pool_idle: Family<Labels, Gauge>,
+    pub pool_in_use: Family<Labels, Gauge>,
     pub pool_max: Family<Labels, Gauge>,
     pub pool_longest_hold: Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub pool_long_holds: Family<Labels, Counter>,
@@ -82,6 +83,7 @@ impl Metrics {
             pool_timeouts: Family::default(),
             pool_connections: Family::default(),
             pool_idle: Family::default(),
+            pool_in_use: Family::default(),
             pool_max: Family::default(),
             pool_longest_hold: Family::default(),
             pool_long_holds: Family::default(),
@@ -127,6 +129,7 @@ impl Metrics {
             r.register("db_pool_timeouts", "Checkouts that timed out", m.pool_timeouts.clone());
             r.register("db_pool_connections", "Open connections per pool", m.pool_connections.clone());
             r.register("db_pool_idle", "Idle connections per pool", m.pool_idle.clone());
+            r.register("db_pool_in_use", "Connections checked out per pool", m.pool_in_use.clone());
             r.register("db_pool_max", "Configured maximum connections per pool", m.pool_max.clone());
             r.register(
                 "db_pool_longest_hold_seconds",

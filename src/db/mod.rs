@@ -265,6 +265,10 @@ impl Pools {
             let state = pool.state();
             metrics.pool_connections.get_or_create(&metrics::pool(pool.name)).set(i64::from(state.connections));
             metrics.pool_idle.get_or_create(&metrics::pool(pool.name)).set(i64::from(state.idle_connections));
+            metrics
+                .pool_in_use
+                .get_or_create(&metrics::pool(pool.name))
+                .set(i64::from(state.connections - state.idle_connections));
         }
     }
 }
