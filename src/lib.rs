@@ -19,6 +19,7 @@ pub mod actors;
 pub mod admin;
 pub mod config;
 pub mod db;
+pub mod drill;
 pub mod engine;
 pub mod error;
 pub mod http;

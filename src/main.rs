@@ -26,12 +26,46 @@ enum Command {
     /// Run the engine and its HTTP API.
     Serve,
     /// Validate a configuration, listing every problem with its key path.
-    CheckConfig,
+    CheckConfig {
+        /// Also check the pools can sustain this many requests per second.
+        #[arg(long)]
+        expected_rate: Option<f64>,
+        /// With --expected-rate: how long one request holds a connection.
+        #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
+        hold: std::time::Duration,
+    },
     /// Run pending database migrations.
     Migrate,
     /// Generate a fresh development PKI (root + one issuing CA per key type).
     DevPki {
         #[arg(long, default_value = "keys-dev")]
+        out: PathBuf,
+    },
+    /// Replay an incident against an engine and report whether it held its promises.
+    Drill {
+        /// issuance-queues-2020, connection-surge-2024, pool-leak-2023, pool-too-small-2024 (or --list).
+        name: Option<String>,
+        #[arg(long)]
+        list: bool,
+        /// Seconds instead of minutes.
+        #[arg(long)]
+        short: bool,
+        /// Run on a fresh database on this PostgreSQL server instead of SQLite.
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
+        /// Drive an engine already running instead of starting one.
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long)]
+        admin_url: Option<String>,
+        #[arg(long, default_value = "dev-admin-token", env = "CASTELLUM_ADMIN_TOKEN")]
+        admin_token: String,
+        #[arg(long, default_value = "dev-key-demo", env = "CASTELLUM_API_KEY")]
+        api_key: String,
+        #[arg(long, default_value = "keys-dev")]
+        keys_dev: PathBuf,
+        /// Where report folders are written.
+        #[arg(long, default_value = "drill-reports")]
         out: PathBuf,
     },
     /// Print the SHA-256 of an API key, for a client's `api_key_sha256`.
@@ -52,12 +86,15 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     castellum::telemetry::init(cli.log_json);
     match cli.command {
-        Command::CheckConfig => {
+        Command::CheckConfig { expected_rate, hold } => {
             let config = match load(cli.config.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            let (problems, _) = check_config(&config);
+            let (mut problems, _) = check_config(&config);
+            if let Some(rate) = expected_rate {
+                problems.extend(castellum::config::check_capacity(&config, rate, hold));
+            }
             if problems.is_empty() {
                 println!(
                     "configuration is valid ({} CAs, {} profiles, {} clients)",
@@ -99,6 +136,35 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("dev-pki failed: {e}");
                     ExitCode::from(1)
+                }
+            }
+        }
+        Command::Drill { name, list, short, postgres, url, admin_url, admin_token, api_key, keys_dev, out } => {
+            let Some(name) = name.filter(|_| !list) else {
+                for (name, what) in castellum::drill::DRILLS {
+                    println!("{name:24} {what}");
+                }
+                return ExitCode::SUCCESS;
+            };
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let opts = castellum::drill::DrillOptions {
+                name,
+                short,
+                postgres,
+                url,
+                admin_url,
+                admin_token,
+                api_key,
+                keys_dev,
+                out,
+                command,
+            };
+            match castellum::drill::run(opts) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("drill failed to run: {e}");
+                    ExitCode::from(2)
                 }
             }
         }

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub pool_wait_seconds: Family<Labels, Histogram>,
     pub pool_hold_seconds: Family<Labels, Histogram>,
     pub pool_timeouts: Family<Labels, Counter>,
+    /// Reads refused at once because the status pool and its short wait line were full.
+    pub pool_refused: Family<Labels, Counter>,
     pub pool_connections: Family<Labels, Gauge>,
     pub pool_idle: Family<Labels, Gauge>,
     pub pool_in_use: Family<Labels, Gauge>,
@@ -81,6 +83,7 @@ impl Metrics {
             pool_wait_seconds: Family::new_with_constructor(latency_histogram),
             pool_hold_seconds: Family::new_with_constructor(latency_histogram),
             pool_timeouts: Family::default(),
+            pool_refused: Family::default(),
             pool_connections: Family::default(),
             pool_idle: Family::default(),
             pool_in_use: Family::default(),
@@ -127,6 +130,11 @@ impl Metrics {
             r.register("db_pool_wait_seconds", "Time waiting to check out a connection", m.pool_wait_seconds.clone());
             r.register("db_pool_hold_seconds", "Time a connection was held", m.pool_hold_seconds.clone());
             r.register("db_pool_timeouts", "Checkouts that timed out", m.pool_timeouts.clone());
+            r.register(
+                "db_pool_refused",
+                "Reads refused at once: the pool and its wait line were full",
+                m.pool_refused.clone(),
+            );
             r.register("db_pool_connections", "Open connections per pool", m.pool_connections.clone());
             r.register("db_pool_idle", "Idle connections per pool", m.pool_idle.clone());
             r.register("db_pool_in_use", "Connections checked out per pool", m.pool_in_use.clone());

@@ -143,6 +143,26 @@ async fn profile_state(
         .json(serde_json::json!({ "profile": profile.as_str(), "enabled": body.enabled, "registry_version": version })))
 }
 
+#[derive(Deserialize)]
+struct LeakBody {
+    pool: String,
+    connections: u32,
+    every_ms: u64,
+    hold_ms: u64,
+}
+
+/// Dev-mode fault injection for the pool-leak drill.
+#[post("/admin/v1/faults/leak")]
+async fn leak(engine: web::Data<Engine>, body: web::Json<LeakBody>) -> Result<HttpResponse, Problem> {
+    engine.inject_leak(
+        &body.pool,
+        body.connections,
+        std::time::Duration::from_millis(body.every_ms),
+        std::time::Duration::from_millis(body.hold_ms),
+    )?;
+    Ok(HttpResponse::Accepted().json(serde_json::json!({ "leaking": body.pool })))
+}
+
 /// Register the admin routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     let json = web::JsonConfig::default()
@@ -153,7 +173,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(ca_state)
         .service(resubmit)
         .service(reset_breaker)
-        .service(profile_state);
+        .service(profile_state)
+        .service(leak);
 }
 
 /// Bind the admin listener.

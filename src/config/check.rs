@@ -362,3 +362,24 @@ fn check_lanes(config: &Config, p: &mut Problems) {
 fn valid_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
+
+/// Can the pools sustain `rate` requests per second if each request holds a connection of the
+/// issuance pool and one of the status pool for about `hold`? Little's law with 2× headroom:
+/// a pool needs `rate × hold × 2` connections. (`castellum check-config --expected-rate`.)
+pub fn check_capacity(config: &Config, rate: f64, hold: Duration) -> Vec<ConfigProblem> {
+    let needed = (rate * hold.as_secs_f64() * 2.0).ceil() as u32;
+    let mut p = Problems(Vec::new());
+    for (name, pool) in [("issuance", &config.database.pools.issuance), ("status", &config.database.pools.status)] {
+        if pool.max_size < needed {
+            p.add(
+                format!("database.pools.{name}.max_size"),
+                format!(
+                    "{} connections are too few for {rate} requests per second holding a connection {} ms each: {needed} needed (rate × hold × 2 headroom)",
+                    pool.max_size,
+                    hold.as_millis()
+                ),
+            );
+        }
+    }
+    p.0
+}

@@ -306,6 +306,15 @@ pub fn count_certificates_in_state(conn: &mut DbConn, state: &str) -> Result<i64
     Ok(with_conn!(conn, |c| certificates::table.filter(certificates::state.eq(state)).count().get_result(c))?)
 }
 
+/// Distinct certificates delivered to asynchronous requests (coalesced ones share one).
+pub fn count_async_issued_serials(conn: &mut DbConn) -> Result<i64, DbError> {
+    Ok(with_conn!(conn, |c| requests::table
+        .filter(requests::mode.eq("async"))
+        .filter(requests::state.eq(request_state::ISSUED))
+        .select(diesel::dsl::count(requests::serial).aggregate_distinct())
+        .get_result(c))?)
+}
+
 pub fn count_requests(conn: &mut DbConn) -> Result<i64, DbError> {
     Ok(with_conn!(conn, |c| requests::table.count().get_result(c))?)
 }

@@ -3,6 +3,8 @@
 //! bumps the registry version, is audited with the operator's name, and notifies every instance;
 //! this instance applies it before the call returns.
 
+use std::time::Duration;
+
 use serde::Serialize;
 
 use super::Engine;
@@ -123,12 +125,62 @@ impl Engine {
         slot.addr.load().try_send(Crash).map_err(|_| EngineError::ShuttingDown)
     }
 
+    /// Fault injection for drills, refused outside dev mode: a component that takes
+    /// `connections` connections from `pool`, one every `every`, and keeps each for `hold`.
+    pub fn inject_leak(
+        &self,
+        pool: &str,
+        connections: u32,
+        every: Duration,
+        hold: Duration,
+    ) -> Result<(), EngineError> {
+        if self.inner.config.mode != crate::config::Mode::Dev {
+            return Err(EngineError::Forbidden("fault injection is refused unless mode = \"dev\"".into()));
+        }
+        let pool = self
+            .inner
+            .pools
+            .all()
+            .into_iter()
+            .find(|p| p.name == pool)
+            .cloned()
+            .ok_or_else(|| EngineError::MalformedRequest(format!("no pool {pool:?}")))?;
+        std::thread::Builder::new()
+            .name("leaky-component".into())
+            .spawn(move || {
+                let _span = tracing::info_span!("leaky_component").entered();
+                let mut held = Vec::new();
+                for _ in 0..connections {
+                    if let Ok(conn) = pool.get() {
+                        held.push((std::time::Instant::now(), conn));
+                    }
+                    std::thread::sleep(every);
+                    held.retain(|(since, _)| since.elapsed() < hold);
+                }
+                while let Some((since, conn)) = held.pop() {
+                    std::thread::sleep(hold.saturating_sub(since.elapsed()));
+                    drop(conn);
+                }
+            })
+            .map_err(|e| EngineError::Internal(e.to_string()))?;
+        Ok(())
+    }
+
     /// Everything the admin console shows about this instance and the cluster.
     pub async fn admin_status(&self) -> Result<AdminStatus, EngineError> {
         let snapshot = self.inner.intake.snapshot.load_full();
         let stale_after = self.inner.config.registry.stale_after.as_millis() as i64;
+        // The console must keep answering when the control pool is exhausted (that is when it is
+        // needed most): what needs the database is left out, and said so.
+        let mut warnings = Vec::new();
         let (instances, audit) =
-            self.control(|conn| Ok((queries::instances(conn)?, queries::recent_audit(conn, 50)?))).await?;
+            match self.control(|conn| Ok((queries::instances(conn)?, queries::recent_audit(conn, 50)?))).await {
+                Ok(found) => found,
+                Err(e) => {
+                    warnings.push(format!("cluster view and audit log unavailable: {e} (control pool)"));
+                    (Vec::new(), Vec::new())
+                }
+            };
         let now = now_ms();
         let pools = self
             .inner
@@ -166,6 +218,7 @@ impl Engine {
                 })
                 .collect(),
             audit,
+            warnings,
         })
     }
 
@@ -191,6 +244,8 @@ pub struct AdminStatus {
     pub profiles: Vec<(String, String)>,
     pub instances: Vec<InstanceStatus>,
     pub audit: Vec<AuditEvent>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -52,8 +52,11 @@ struct Inner {
     store: StoreHandle,
     pools: Pools,
     metrics: Arc<Metrics>,
-    /// Bounds concurrent reads to the status pool's size: excess is refused, never queued.
+    /// Bounds concurrent reads: as many as the status pool has connections may hold one and as
+    /// many again may wait (at most the pool's checkout timeout); beyond that, refused at once.
     read_permits: Semaphore,
+    /// Pool counters at the previous readiness check, to report what happened since.
+    readiness_seen: std::sync::Mutex<HashMap<&'static str, (u64, u64)>>,
     shutting_down: AtomicBool,
     arbiters: Arc<std::sync::Mutex<Vec<Arbiter>>>,
     _supervisor: Addr<CellSupervisor>,
@@ -158,7 +161,8 @@ impl Engine {
         tracing::info!(instance = %instance, cas = config.cas.len(), profiles = config.profiles.len(), "engine started");
         Ok(Engine {
             inner: Arc::new(Inner {
-                read_permits: Semaphore::new(pools.status.max_size as usize),
+                read_permits: Semaphore::new(2 * pools.status.max_size as usize),
+                readiness_seen: std::sync::Mutex::new(HashMap::new()),
                 config,
                 instance,
                 intake,
@@ -208,7 +212,10 @@ impl Engine {
         &self,
         f: impl FnOnce(&mut DbConn) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, EngineError> {
-        let _permit = self.inner.read_permits.try_acquire().map_err(|_| EngineError::DatabaseUnavailable)?;
+        let _permit = self.inner.read_permits.try_acquire().map_err(|_| {
+            self.inner.metrics.pool_refused.get_or_create(&crate::metrics::pool("status")).inc();
+            EngineError::DatabaseUnavailable
+        })?;
         let pool = self.inner.pools.status.clone();
         let span = tracing::Span::current();
         actix_web::rt::task::spawn_blocking(move || {
@@ -320,13 +327,46 @@ impl Engine {
         if self.inner.shutting_down.load(Ordering::Relaxed) {
             reasons.push("shutting down".into());
         }
+        let (pools, warnings) = self.pool_readiness();
         Readiness {
             ready: reasons.is_empty(),
             database,
             registry_version: snapshot.version,
             cas_serving: serving,
             reasons,
+            warnings,
+            pools,
         }
+    }
+
+    /// Each pool's use, and what went wrong in it since the previous check, in words.
+    fn pool_readiness(&self) -> (Vec<PoolReadiness>, Vec<String>) {
+        let m = &self.inner.metrics;
+        let mut seen = self.inner.readiness_seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pools = Vec::new();
+        let mut warnings = Vec::new();
+        for pool in self.inner.pools.all() {
+            let labels = crate::metrics::pool(pool.name);
+            let (timeouts, refused) =
+                (m.pool_timeouts.get_or_create(&labels).get(), m.pool_refused.get_or_create(&labels).get());
+            let (last_timeouts, last_refused) = seen.insert(pool.name, (timeouts, refused)).unwrap_or((0, 0));
+            let state = pool.state();
+            let p = PoolReadiness {
+                name: pool.name,
+                in_use: state.connections - state.idle_connections,
+                max: pool.max_size,
+                checkout_timeouts: timeouts - last_timeouts,
+                refused: refused - last_refused,
+            };
+            if p.checkout_timeouts > 0 || p.refused > 0 {
+                warnings.push(format!(
+                    "pool {} is saturated: {} of {} connections in use; since the last check {} checkouts timed out and {} requests were refused; raise database.pools.{}.max_size or lower the load",
+                    p.name, p.in_use, p.max, p.checkout_timeouts, p.refused, p.name
+                ));
+            }
+            pools.push(p);
+        }
+        (pools, warnings)
     }
 
     /// Prometheus text exposition of this engine's metrics.

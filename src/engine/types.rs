@@ -108,4 +108,18 @@ pub struct Readiness {
     pub cas_serving: usize,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub reasons: Vec<String>,
+    /// Trouble that does not make the instance unready but explains errors (a saturated pool).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+    pub pools: Vec<PoolReadiness>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PoolReadiness {
+    pub name: &'static str,
+    pub in_use: u32,
+    pub max: u32,
+    /// Since the previous readiness check.
+    pub checkout_timeouts: u64,
+    pub refused: u64,
 }

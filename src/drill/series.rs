@@ -1,0 +1,115 @@
+//! What a drill records: every sample, and the engine's gauges every half second, in buckets.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use super::load::{percentile, Kind, Sample};
+
+pub const BUCKET: Duration = Duration::from_millis(500);
+
+/// The engine's state at one moment, from `/metrics` (and `pg_stat_activity`).
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    pub at: Duration,
+    pub queue_depth: i64,
+    pub db_connections: i64,
+    /// Signatures so far, per CA.
+    pub signatures: HashMap<String, i64>,
+    pub queue_depth_by_ca: HashMap<String, i64>,
+}
+
+impl Gauges {
+    /// Read the figures a drill needs from Prometheus text.
+    pub fn parse(at: Duration, metrics: &str, server_connections: Option<i64>) -> Gauges {
+        let mut g = Gauges { at, ..Gauges::default() };
+        let mut pool_in_use = 0;
+        for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+            let Some((name_labels, value)) = line.rsplit_once(' ') else { continue };
+            let value: f64 = value.parse().unwrap_or(0.0);
+            let label = |key: &str| {
+                name_labels.split(&format!("{key}=\"")).nth(1).and_then(|rest| rest.split('"').next()).map(String::from)
+            };
+            if name_labels.starts_with("castellum_queue_depth{") {
+                g.queue_depth += value as i64;
+                if let Some(ca) = label("ca") {
+                    *g.queue_depth_by_ca.entry(ca).or_default() += value as i64;
+                }
+            } else if name_labels.starts_with("castellum_signatures_total{") {
+                if let Some(ca) = label("ca") {
+                    g.signatures.insert(ca, value as i64);
+                }
+            } else if name_labels.starts_with("castellum_db_pool_in_use{") {
+                pool_in_use += value as i64;
+            }
+        }
+        g.db_connections = server_connections.unwrap_or(pool_in_use);
+        g
+    }
+}
+
+#[derive(Default)]
+pub struct Recording {
+    pub samples: Vec<Sample>,
+    pub gauges: Vec<Gauges>,
+}
+
+/// One bucket of the time series, all streams together.
+#[derive(Debug, Clone, Default)]
+pub struct Point {
+    pub at: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub ok_per_s: f64,
+    pub limited_per_s: f64,
+    pub unavailable_per_s: f64,
+    pub other_per_s: f64,
+    pub queue_depth: i64,
+    pub db_connections: i64,
+}
+
+impl Recording {
+    pub fn samples_of(&self, stream: usize, from: Duration, until: Duration) -> impl Iterator<Item = &Sample> {
+        self.samples.iter().filter(move |s| s.stream == stream && s.at >= from && s.at < until)
+    }
+
+    pub fn points(&self, length: Duration) -> Vec<Point> {
+        // Whole buckets only: a last, partial one would read as a collapse.
+        let n = ((length.as_secs_f64() / BUCKET.as_secs_f64()).floor() as usize).max(1);
+        let mut buckets: Vec<Vec<&Sample>> = vec![Vec::new(); n];
+        for s in &self.samples {
+            let i = ((s.at.as_secs_f64() / BUCKET.as_secs_f64()) as usize).min(n - 1);
+            buckets[i].push(s);
+        }
+        let per_s = 1.0 / BUCKET.as_secs_f64();
+        buckets
+            .iter()
+            .enumerate()
+            .map(|(i, samples)| {
+                let at = i as f64 * BUCKET.as_secs_f64();
+                let mut ok: Vec<Duration> =
+                    samples.iter().filter(|s| s.kind == Kind::Success).map(|s| s.latency).collect();
+                let count = |k: Kind| samples.iter().filter(|s| s.kind == k).count() as f64 * per_s;
+                let gauge = self.gauges.iter().rev().find(|g| g.at.as_secs_f64() <= at + BUCKET.as_secs_f64());
+                Point {
+                    at,
+                    p50_ms: percentile(&mut ok, 0.50).as_secs_f64() * 1e3,
+                    p99_ms: percentile(&mut ok, 0.99).as_secs_f64() * 1e3,
+                    ok_per_s: count(Kind::Success),
+                    limited_per_s: count(Kind::Limited429),
+                    unavailable_per_s: count(Kind::Unavailable503),
+                    other_per_s: count(Kind::Other) + count(Kind::NoAnswer) + count(Kind::Refused409),
+                    queue_depth: gauge.map(|g| g.queue_depth).unwrap_or(0),
+                    db_connections: gauge.map(|g| g.db_connections).unwrap_or(0),
+                }
+            })
+            .collect()
+    }
+
+    /// Signatures a CA made between two moments (from the gauges).
+    pub fn signatures_between(&self, ca: &str, from: Duration, until: Duration) -> i64 {
+        let at = |t: Duration| {
+            self.gauges.iter().rev().find(|g| g.at <= t).and_then(|g| g.signatures.get(ca).copied()).unwrap_or(0)
+        };
+        at(until) - at(from)
+    }
+}

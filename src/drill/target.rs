@@ -1,0 +1,286 @@
+//! The engine a drill runs against: by default a `castellum serve` child process that the drill
+//! starts with its own configuration (so it can break the CA keys' files for real), on SQLite
+//! or on a fresh PostgreSQL database; or an engine already running (`--url`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use diesel::{Connection, PgConnection, RunQueryDsl};
+
+use super::DrillError;
+
+/// A database made for one drill and removed after it.
+pub enum DrillDb {
+    Sqlite(PathBuf),
+    Postgres { admin_url: String, name: String, role: Option<String> },
+}
+
+impl DrillDb {
+    pub fn url(&self) -> String {
+        match self {
+            DrillDb::Sqlite(path) => format!("sqlite://{}", path.display()),
+            DrillDb::Postgres { admin_url, name, role } => {
+                let base = match role {
+                    Some(role) => admin_url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1),
+                    None => admin_url.clone(),
+                };
+                format!("{base}/{name}")
+            }
+        }
+    }
+
+    /// A fresh PostgreSQL database; with `connection_limit`, owned by a new role limited to it.
+    pub fn postgres(admin_url: &str, connection_limit: Option<u32>) -> Result<DrillDb, DrillError> {
+        let mut admin = PgConnection::establish(&format!("{admin_url}/postgres"))
+            .map_err(|e| DrillError::Setup(format!("PostgreSQL at {admin_url}: {e}")))?;
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let name = format!("castellum_drill_{suffix}");
+        let role = connection_limit.map(|_| format!("castellum_drill_role_{suffix}"));
+        let sql = |c: &mut PgConnection, q: String| {
+            diesel::sql_query(q).execute(c).map_err(|e| DrillError::Setup(e.to_string()))
+        };
+        if let (Some(role), Some(limit)) = (&role, connection_limit) {
+            sql(&mut admin, format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT {limit}"))?;
+            sql(&mut admin, format!("CREATE DATABASE {name} OWNER {role}"))?;
+        } else {
+            sql(&mut admin, format!("CREATE DATABASE {name}"))?;
+        }
+        Ok(DrillDb::Postgres { admin_url: admin_url.to_string(), name, role })
+    }
+
+    /// A view for counting the engine's connections (PostgreSQL only).
+    pub fn probe(&self) -> Option<PgProbe> {
+        match self {
+            DrillDb::Postgres { admin_url, name, .. } => {
+                Some(PgProbe { admin_url: admin_url.clone(), name: name.clone() })
+            }
+            DrillDb::Sqlite(_) => None,
+        }
+    }
+}
+
+/// Counts the connections castellum holds to one database, as PostgreSQL itself sees them.
+#[derive(Clone)]
+pub struct PgProbe {
+    admin_url: String,
+    name: String,
+}
+
+impl PgProbe {
+    pub fn connections(&self, admin: &mut Option<PgConnection>) -> Option<i64> {
+        #[derive(diesel::QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        if admin.is_none() {
+            *admin = PgConnection::establish(&format!("{}/postgres", self.admin_url)).ok();
+        }
+        let conn = admin.as_mut()?;
+        diesel::sql_query(format!(
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = '{}' AND application_name LIKE 'castellum:%'",
+            self.name
+        ))
+        .get_result::<Count>(conn)
+        .map(|c| c.n)
+        .ok()
+    }
+}
+
+impl Drop for DrillDb {
+    fn drop(&mut self) {
+        if let DrillDb::Postgres { admin_url, name, role } = self {
+            if let Ok(mut admin) = PgConnection::establish(&format!("{admin_url}/postgres")) {
+                let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin);
+                if let Some(role) = role {
+                    let _ = diesel::sql_query(format!("DROP ROLE IF EXISTS {role}")).execute(&mut admin);
+                }
+            }
+        }
+    }
+}
+
+/// A running engine and how to reach it.
+pub struct Target {
+    pub base: String,
+    pub admin: String,
+    pub admin_token: String,
+    pub api_key: String,
+    /// Where this drill's copy of the CA keys lives (only for engines the drill started).
+    pub key_dir: Option<PathBuf>,
+    pub log: Option<PathBuf>,
+    pub db: Option<DrillDb>,
+    child: Option<Child>,
+    pub http: reqwest::Client,
+}
+
+fn free_port() -> Result<u16, DrillError> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<(), DrillError> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+impl Target {
+    /// Start `castellum serve` with the dev configuration from `keys_dev`, changed by `edit`.
+    pub async fn start(
+        keys_dev: &Path,
+        workdir: &Path,
+        db: DrillDb,
+        edit: impl FnOnce(&mut toml::Table),
+    ) -> Result<Target, DrillError> {
+        let key_dir = workdir.join("keys");
+        copy_dir(keys_dev, &key_dir)?;
+        let text = std::fs::read_to_string(key_dir.join("castellum.toml"))?;
+        let mut config: toml::Table = text.parse().map_err(|e| DrillError::Setup(format!("dev config: {e}")))?;
+        let (port, admin_port) = (free_port()?, free_port()?);
+        set(&mut config, &["http", "listen"], format!("127.0.0.1:{port}").into());
+        set(&mut config, &["admin", "listen"], format!("127.0.0.1:{admin_port}").into());
+        set(&mut config, &["database", "url"], db.url().into());
+        set(&mut config, &["instance_id"], "drill".into());
+        edit(&mut config);
+        let config_path = key_dir.join("castellum.toml");
+        std::fs::write(&config_path, toml::to_string_pretty(&config).map_err(|e| DrillError::Setup(e.to_string()))?)?;
+        let log = workdir.join("engine.log");
+        let log_file = std::fs::File::create(&log)?;
+        let child = Command::new(std::env::current_exe()?)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .env_remove("CASTELLUM_CONFIG")
+            .stdout(Stdio::from(log_file.try_clone()?))
+            .stderr(Stdio::from(log_file))
+            .spawn()?;
+        let target = Target {
+            base: format!("http://127.0.0.1:{port}"),
+            admin: format!("http://127.0.0.1:{admin_port}"),
+            admin_token: "dev-admin-token".into(),
+            api_key: "dev-key-demo".into(),
+            key_dir: Some(key_dir),
+            log: Some(log),
+            db: Some(db),
+            child: Some(child),
+            http: client()?,
+        };
+        target.wait_ready(Duration::from_secs(60)).await?;
+        Ok(target)
+    }
+
+    /// An engine already running (its dev-mode keys and tokens unless told otherwise).
+    pub async fn existing(url: &str, admin: &str, admin_token: &str, api_key: &str) -> Result<Target, DrillError> {
+        let target = Target {
+            base: url.trim_end_matches('/').to_string(),
+            admin: admin.trim_end_matches('/').to_string(),
+            admin_token: admin_token.into(),
+            api_key: api_key.into(),
+            key_dir: None,
+            log: None,
+            db: None,
+            child: None,
+            http: client()?,
+        };
+        target.wait_ready(Duration::from_secs(10)).await?;
+        Ok(target)
+    }
+
+    async fn wait_ready(&self, limit: Duration) -> Result<(), DrillError> {
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.base)).send().await {
+                if r.status().is_success() {
+                    return Ok(());
+                }
+            }
+            if started.elapsed() > limit {
+                return Err(DrillError::Setup(format!("the engine at {} did not become ready", self.base)));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn admin_post(&self, path: &str, body: serde_json::Value) -> Result<u16, DrillError> {
+        let resp =
+            self.http.post(format!("{}{path}", self.admin)).bearer_auth(&self.admin_token).json(&body).send().await?;
+        Ok(resp.status().as_u16())
+    }
+
+    pub async fn metrics(&self) -> Result<String, DrillError> {
+        Ok(self.http.get(format!("{}/metrics", self.base)).send().await?.text().await?)
+    }
+
+    /// Remove a CA's key file (the drill's own copy): the engine loses the key for real.
+    pub fn destroy_key(&self, ca: &str) -> Result<(), DrillError> {
+        let dir =
+            self.key_dir.as_ref().ok_or(DrillError::Setup("key faults need an engine the drill started".into()))?;
+        std::fs::remove_file(dir.join(format!("{ca}.key")))?;
+        Ok(())
+    }
+
+    pub fn engine_log(&self) -> String {
+        self.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default()
+    }
+
+    /// Stop the engine the drill started (SIGTERM, then SIGKILL after 15 s).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: sending a signal to our own child process.
+            unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(15) {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn client() -> Result<reqwest::Client, DrillError> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .pool_max_idle_per_host(512)
+        .build()
+        .map_err(|e| DrillError::Setup(e.to_string()))
+}
+
+/// Set `path` in a TOML table, creating tables on the way.
+pub fn set(table: &mut toml::Table, path: &[&str], value: toml::Value) {
+    let (last, parents) = path.split_last().expect("non-empty path");
+    let mut current = table;
+    for key in parents {
+        current = current
+            .entry(key.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .expect("a table on the path");
+    }
+    current.insert(last.to_string(), value);
+}
+
+/// The `[[cas]]` entry for `ca`.
+pub fn ca_entry<'a>(config: &'a mut toml::Table, ca: &str) -> &'a mut toml::Table {
+    config["cas"]
+        .as_array_mut()
+        .expect("cas array")
+        .iter_mut()
+        .filter_map(|v| v.as_table_mut())
+        .find(|t| t.get("id").and_then(|v| v.as_str()) == Some(ca))
+        .expect("CA in the dev configuration")
+}
