@@ -40,11 +40,19 @@ pub struct Breaker {
     outcomes: VecDeque<(Instant, bool)>,
     probes_in_flight: u32,
     probe_successes: u32,
+    failures_in_a_row: u32,
 }
 
 impl Breaker {
     pub fn new(cfg: BreakerConfig) -> Breaker {
-        Breaker { cfg, state: BreakerState::Closed, outcomes: VecDeque::new(), probes_in_flight: 0, probe_successes: 0 }
+        Breaker {
+            cfg,
+            state: BreakerState::Closed,
+            outcomes: VecDeque::new(),
+            probes_in_flight: 0,
+            probe_successes: 0,
+            failures_in_a_row: 0,
+        }
     }
 
     /// Start open (a CA whose key could not be loaded at start-up).
@@ -99,6 +107,10 @@ impl Breaker {
             }
             BreakerState::Open { .. } => None,
             BreakerState::Closed => {
+                self.failures_in_a_row = if success { 0 } else { self.failures_in_a_row + 1 };
+                if self.failures_in_a_row >= self.cfg.consecutive_failures.max(1) {
+                    return self.transition(BreakerState::Open { until: now + self.cfg.open_for });
+                }
                 self.outcomes.push_back((now, success));
                 while self.outcomes.front().is_some_and(|(t, _)| now.duration_since(*t) > self.cfg.window) {
                     self.outcomes.pop_front();
@@ -133,6 +145,7 @@ impl Breaker {
         }
         self.state = to;
         self.outcomes.clear();
+        self.failures_in_a_row = 0;
         self.probes_in_flight = 0;
         self.probe_successes = 0;
         Some(to)
@@ -148,9 +161,22 @@ mod tests {
             window: Duration::from_secs(10),
             min_requests: 4,
             failure_ratio: 0.5,
+            consecutive_failures: 3,
             open_for: Duration::from_secs(2),
             half_open_probes: 2,
         }
+    }
+
+    #[test]
+    fn failures_in_a_row_open_it_despite_a_healthy_history() {
+        let mut b = Breaker::new(cfg());
+        let t = Instant::now();
+        for _ in 0..100 {
+            b.record(t, true);
+        }
+        assert_eq!(b.record(t, false), None);
+        assert_eq!(b.record(t, false), None);
+        assert!(matches!(b.record(t, false), Some(BreakerState::Open { .. })), "three in a row");
     }
 
     #[test]
@@ -184,7 +210,7 @@ mod tests {
     fn too_few_outcomes_or_old_ones_never_open_it() {
         let mut b = Breaker::new(cfg());
         let t = Instant::now();
-        for _ in 0..3 {
+        for _ in 0..2 {
             assert_eq!(b.record(t, false), None, "below min_requests");
         }
         let much_later = t + Duration::from_secs(60);

@@ -366,6 +366,9 @@ pub struct BreakerConfig {
     pub min_requests: u32,
     /// Failed share of signatures in the window that opens the breaker.
     pub failure_ratio: f64,
+    /// This many failures in a row open it at once, whatever the window holds (a CA whose key
+    /// is gone fails every signature: it must not take a window of history to notice).
+    pub consecutive_failures: u32,
     /// How long an open breaker refuses before letting probes through.
     #[serde(with = "humantime_serde")]
     pub open_for: Duration,
@@ -379,6 +382,7 @@ impl Default for BreakerConfig {
             window: Duration::from_secs(10),
             min_requests: 5,
             failure_ratio: 0.5,
+            consecutive_failures: 5,
             open_for: Duration::from_secs(2),
             half_open_probes: 2,
         }

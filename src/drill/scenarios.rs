@@ -293,6 +293,11 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
     let final_metrics = session.target.metrics().await.unwrap_or_default();
     let final_signatures: i64 = super::series::Gauges::parse(end, &final_metrics, None).signatures.values().sum();
     let db_counts = count_db(&session.target).await;
+    let opened = |ca: &str| {
+        final_metrics
+            .lines()
+            .any(|l| l.starts_with(&format!("castellum_breaker_transitions_total{{ca=\"{ca}\",to=\"open\"}}")))
+    };
 
     let mut promises = vec![
         Promise::new(
@@ -303,6 +308,17 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
                 ok_all * 100.0,
                 p99_base.as_secs_f64() * 1e3,
                 p99_fault.as_secs_f64() * 1e3
+            ),
+        ),
+        Promise::new(
+            "only the failing CAs' breakers open",
+            opened("ica-p384") && opened("ica-rsa3072") && !opened("ica-p256") && !opened("ica-ed25519"),
+            format!(
+                "opened: ica-p384 {}, ica-rsa3072 {}, ica-p256 {}, ica-ed25519 {}",
+                opened("ica-p384"),
+                opened("ica-rsa3072"),
+                opened("ica-p256"),
+                opened("ica-ed25519")
             ),
         ),
         Promise::new(
@@ -396,6 +412,9 @@ async fn connection_surge(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dr
     let target = target(opts, dir, db, |c| {
         set(c, &["database", "server_max_connections"], i64::from(budget).into());
         set(c, &["database", "reserved_connections"], 0.into());
+        // A queue sized for normal load, so the surge really is excess and must be shed.
+        set(ca_entry(c, "ica-p256"), &["queue", "interactive_capacity"], 24.into());
+        set(ca_entry(c, "ica-p256"), &["queue", "in_flight"], 8.into());
     })
     .await?;
     let identity = csr(KeyType::EcdsaP256, "surge.example.test")?;
@@ -432,7 +451,7 @@ async fn connection_surge(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dr
         ),
         Promise::new(
             "excess load gets fast 503/429, not timeouts",
-            unanswered == 0 && p99_refusal < s(1.0),
+            !refusals.is_empty() && unanswered == 0 && p99_refusal < s(1.0),
             format!(
                 "{} refused with 503/429, p99 {:.0} ms; {unanswered} unanswered or other",
                 refusals.len(),
