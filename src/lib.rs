@@ -17,6 +17,7 @@
 
 pub mod actors;
 pub mod admin;
+pub mod bench;
 pub mod config;
 pub mod db;
 pub mod drill;

@@ -68,6 +68,21 @@ enum Command {
         #[arg(long, default_value = "drill-reports")]
         out: PathBuf,
     },
+    /// Benchmark end-to-end issuance against the machine's crypto ceiling (use a release build).
+    Bench {
+        /// Run on a fresh database on this PostgreSQL server instead of SQLite.
+        #[arg(long, value_name = "URL")]
+        postgres: Option<String>,
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        concurrency: Vec<usize>,
+        /// Measured time per concurrency level.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        #[arg(long, default_value = "keys-dev")]
+        keys_dev: PathBuf,
+        #[arg(long, default_value = "drill-reports")]
+        out: PathBuf,
+    },
     /// Print the SHA-256 of an API key, for a client's `api_key_sha256`.
     HashKey { key: String },
 }
@@ -164,6 +179,19 @@ fn main() -> ExitCode {
                 Ok(false) => ExitCode::from(1),
                 Err(e) => {
                     eprintln!("drill failed to run: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Bench { postgres, concurrency, duration, keys_dev, out } => {
+            let opts = castellum::bench::BenchOptions { postgres, concurrency, duration, keys_dev, out };
+            match castellum::bench::run(opts) {
+                Ok(report) => {
+                    println!("{}", report.markdown());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("bench failed: {e}");
                     ExitCode::from(2)
                 }
             }

@@ -38,6 +38,8 @@ pub struct Breaker {
     cfg: BreakerConfig,
     state: BreakerState,
     outcomes: VecDeque<(Instant, bool)>,
+    /// Failures among `outcomes`, kept as they enter and leave (never recounted).
+    failures_in_window: u32,
     probes_in_flight: u32,
     probe_successes: u32,
     failures_in_a_row: u32,
@@ -49,6 +51,7 @@ impl Breaker {
             cfg,
             state: BreakerState::Closed,
             outcomes: VecDeque::new(),
+            failures_in_window: 0,
             probes_in_flight: 0,
             probe_successes: 0,
             failures_in_a_row: 0,
@@ -112,11 +115,14 @@ impl Breaker {
                     return self.transition(BreakerState::Open { until: now + self.cfg.open_for });
                 }
                 self.outcomes.push_back((now, success));
+                self.failures_in_window += u32::from(!success);
                 while self.outcomes.front().is_some_and(|(t, _)| now.duration_since(*t) > self.cfg.window) {
-                    self.outcomes.pop_front();
+                    if let Some((_, ok)) = self.outcomes.pop_front() {
+                        self.failures_in_window -= u32::from(!ok);
+                    }
                 }
                 let total = self.outcomes.len() as u32;
-                let failures = self.outcomes.iter().filter(|(_, ok)| !ok).count() as f64;
+                let failures = f64::from(self.failures_in_window);
                 if total >= self.cfg.min_requests.max(1) && failures / f64::from(total) >= self.cfg.failure_ratio {
                     return self.transition(BreakerState::Open { until: now + self.cfg.open_for });
                 }
@@ -145,6 +151,7 @@ impl Breaker {
         }
         self.state = to;
         self.outcomes.clear();
+        self.failures_in_window = 0;
         self.failures_in_a_row = 0;
         self.probes_in_flight = 0;
         self.probe_successes = 0;

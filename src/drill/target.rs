@@ -224,6 +224,11 @@ impl Target {
         Ok(())
     }
 
+    /// The engine's process id, when the drill started it.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     pub fn engine_log(&self) -> String {
         self.log.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_default()
     }

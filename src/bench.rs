@@ -1,0 +1,262 @@
+//! `castellum bench`: end-to-end issuance over HTTP on loopback against an engine in its own
+//! process (durable storage on), at several concurrencies, beside the machine's crypto ceiling —
+//! one P-256 CSR verification plus one CA signature, with the same openssl calls, on every core.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::config::{Config, KeyType};
+use crate::drill::load::percentile;
+use crate::drill::target::{ca_entry, set, DrillDb, Target};
+use crate::drill::DrillError;
+use crate::pki::{csr, tbs, CaMaterial, Profile};
+
+pub struct BenchOptions {
+    pub postgres: Option<String>,
+    pub concurrency: Vec<usize>,
+    /// Measured time per concurrency level (after a one-second warm-up).
+    pub duration: Duration,
+    pub keys_dev: PathBuf,
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Level {
+    pub concurrency: usize,
+    pub issued: u64,
+    pub errors: u64,
+    pub per_second: f64,
+    pub p50: Duration,
+    pub p90: Duration,
+    pub p99: Duration,
+    pub cpu_per_issuance: Duration,
+    /// CPU the load generator itself spent per issuance (it shares the machine's cores).
+    pub client_cpu_per_issuance: Duration,
+}
+
+/// (utime + stime, peak RSS bytes) of a process, from /proc.
+fn process_usage(pid: u32) -> Option<(Duration, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu = (fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?) / ticks;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let hwm_kb: u64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some((Duration::from_secs_f64(cpu), hwm_kb * 1024))
+}
+
+fn p256_csrs(n: usize) -> Result<Vec<Arc<String>>, DrillError> {
+    (0..n)
+        .map(|i| {
+            let key = crate::pki::devpki::generate_key(KeyType::EcdsaP256).map_err(|e| DrillError::Setup(e.to_string()))?;
+            let build = || -> Result<String, openssl::error::ErrorStack> {
+                let mut req = openssl::x509::X509ReqBuilder::new()?;
+                let mut name = openssl::x509::X509NameBuilder::new()?;
+                name.append_entry_by_text("CN", &format!("bench{i}.example.test"))?;
+                req.set_subject_name(&name.build())?;
+                req.set_pubkey(&key)?;
+                let mut exts = openssl::stack::Stack::new()?;
+                exts.push(
+                    openssl::x509::extension::SubjectAlternativeName::new()
+                        .dns(&format!("bench{i}.example.test"))
+                        .build(&req.x509v3_context(None))?,
+                )?;
+                req.add_extensions(&exts)?;
+                req.sign(&key, openssl::hash::MessageDigest::sha256())?;
+                Ok(String::from_utf8_lossy(&req.build().to_pem()?).into_owned())
+            };
+            build().map(Arc::new).map_err(|e| DrillError::Setup(e.to_string()))
+        })
+        .collect()
+}
+
+/// Issuances per second the machine's cores can do if all they did was the crypto.
+pub fn crypto_ceiling(keys_dev: &Path, length: Duration) -> Result<(f64, Duration), DrillError> {
+    let config = Config::load(Some(&keys_dev.join("castellum.toml"))).map_err(|e| DrillError::Setup(e.to_string()))?;
+    let ca_cfg = config.cas.iter().find(|c| c.id == "ica-p256").ok_or(DrillError::Setup("no ica-p256".into()))?;
+    let ca = Arc::new(CaMaterial::load(ca_cfg).map_err(|e| DrillError::Setup(e.to_string()))?);
+    let profile = Profile::from_config(config.profiles.iter().find(|p| p.ca == "ica-p256").ok_or(DrillError::Setup("no profile".into()))?);
+    let pem = p256_csrs(1)?.remove(0);
+    let checked = csr::check_csr_pem(&pem).map_err(|e| DrillError::Setup(e.to_string()))?;
+    let names = profile.approve(&checked).map_err(|e| DrillError::Setup(e.to_string()))?;
+    let tbs_der = tbs::prepare(&ca, &profile, &checked, &names, SystemTime::now()).map_err(|e| DrillError::Setup(e.to_string()))?.tbs_der;
+    let der = csr::pem_to_der(&pem).map_err(|e| DrillError::Setup(e.to_string()))?;
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let done = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..cores)
+        .map(|_| {
+            let (ca, der, tbs_der, done, stop) = (ca.clone(), der.clone(), tbs_der.clone(), done.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    // Exactly the engine's two crypto operations: verify the CSR, sign the TBS.
+                    let req = openssl::x509::X509Req::from_der(&der).expect("CSR");
+                    let key = req.public_key().expect("key");
+                    assert!(req.verify(&key).expect("verify"));
+                    tbs::sign(&ca, &tbs_der).expect("sign");
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(length);
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let per_second = done.load(Ordering::Relaxed) as f64 / length.as_secs_f64();
+    // CPU per issuance: every core was busy for `length`.
+    let cpu = Duration::from_secs_f64(cores as f64 / per_second.max(1.0));
+    Ok((per_second, cpu))
+}
+
+pub struct BenchReport {
+    pub backend: String,
+    pub levels: Vec<Level>,
+    pub peak_rss: u64,
+    pub ceiling_per_second: f64,
+    pub ceiling_cpu: Duration,
+}
+
+pub fn run(opts: BenchOptions) -> Result<BenchReport, DrillError> {
+    eprintln!("measuring the crypto ceiling (P-256 CSR verification + P-256 signature, all cores)…");
+    let (ceiling_per_second, ceiling_cpu) = crypto_ceiling(&opts.keys_dev, Duration::from_secs(3))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let dir = opts.out.join(format!("bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let db = match &opts.postgres {
+            Some(url) => DrillDb::postgres(url, None)?,
+            None => DrillDb::Sqlite(dir.join("bench.db")),
+        };
+        let backend = if opts.postgres.is_some() { "PostgreSQL" } else { "SQLite" }.to_string();
+        let postgres = opts.postgres.is_some();
+        let target = Target::start(&opts.keys_dev, &dir.join("engine"), db, |c| {
+            let ca = ca_entry(c, "ica-p256");
+            set(ca, &["signer_threads"], 2.into());
+            set(ca, &["expected_sign_rate"], 20000.0.into());
+            set(ca, &["queue", "in_flight"], 256.into());
+            set(ca, &["queue", "interactive_capacity"], 4096.into());
+            if postgres {
+                set(c, &["database", "pools", "issuance", "max_size"], 2.into());
+            }
+        })
+        .await?;
+        let pid = target.pid().ok_or(DrillError::Setup("no engine process".into()))?;
+        let csrs = p256_csrs(64)?;
+        let mut levels = Vec::new();
+        for &concurrency in &opts.concurrency {
+            levels.push(level(&target, pid, &csrs, concurrency, opts.duration).await);
+            let l = levels.last().expect("just pushed");
+            eprintln!(
+                "  {backend} c={concurrency}: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {:.0} µs CPU per issuance",
+                l.per_second,
+                l.p50.as_secs_f64() * 1e3,
+                l.p99.as_secs_f64() * 1e3,
+                l.cpu_per_issuance.as_secs_f64() * 1e6
+            );
+        }
+        let peak_rss = process_usage(pid).map(|u| u.1).unwrap_or(0);
+        Ok(BenchReport { backend, levels, peak_rss, ceiling_per_second, ceiling_cpu })
+    })
+}
+
+async fn level(target: &Target, pid: u32, csrs: &[Arc<String>], concurrency: usize, length: Duration) -> Level {
+    let run = |length: Duration| {
+        let until = Instant::now() + length;
+        let workers: Vec<_> = (0..concurrency)
+            .map(|w| {
+                let (http, base, key) = (target.http.clone(), target.base.clone(), target.api_key.clone());
+                let csrs: Vec<Arc<String>> = csrs.to_vec();
+                tokio::spawn(async move {
+                    let (mut latencies, mut errors, mut i) = (Vec::new(), 0u64, w);
+                    while Instant::now() < until {
+                        let csr = &csrs[i % csrs.len()];
+                        i += concurrency;
+                        let sent = Instant::now();
+                        let resp = http
+                            .post(format!("{base}/v1/certificates"))
+                            .bearer_auth(&key)
+                            .json(&serde_json::json!({"profile": "tls-server-p256", "csr": csr.as_str()}))
+                            .send()
+                            .await;
+                        match resp {
+                            Ok(r) if r.status().as_u16() == 201 => {
+                                let _ = r.bytes().await;
+                                latencies.push(sent.elapsed());
+                            }
+                            _ => errors += 1,
+                        }
+                    }
+                    (latencies, errors)
+                })
+            })
+            .collect();
+        async move {
+            let mut all = Vec::new();
+            let mut errors = 0;
+            for w in workers {
+                if let Ok((l, e)) = w.await {
+                    all.extend(l);
+                    errors += e;
+                }
+            }
+            (all, errors)
+        }
+    };
+    let _ = run(Duration::from_secs(1)).await; // warm-up
+    let before = process_usage(pid).map(|u| u.0).unwrap_or_default();
+    let client_before = process_usage(std::process::id()).map(|u| u.0).unwrap_or_default();
+    let started = Instant::now();
+    let (mut latencies, errors) = run(length).await;
+    let elapsed = started.elapsed();
+    let cpu = process_usage(pid).map(|u| u.0).unwrap_or_default().saturating_sub(before);
+    let client_cpu = process_usage(std::process::id()).map(|u| u.0).unwrap_or_default().saturating_sub(client_before);
+    let issued = latencies.len() as u64;
+    Level {
+        concurrency,
+        issued,
+        errors,
+        per_second: issued as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&mut latencies, 0.50),
+        p90: percentile(&mut latencies, 0.90),
+        p99: percentile(&mut latencies, 0.99),
+        cpu_per_issuance: cpu / issued.max(1) as u32,
+        client_cpu_per_issuance: client_cpu / issued.max(1) as u32,
+    }
+}
+
+impl BenchReport {
+    /// The Markdown table docs/PERFORMANCE.md records.
+    pub fn markdown(&self) -> String {
+        let mut out = format!(
+            "| backend | concurrency | issued/s | share of crypto ceiling | p50 | p90 | p99 | engine CPU per issuance | × raw crypto CPU | load generator CPU per issuance | errors |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+        );
+        for l in &self.levels {
+            out.push_str(&format!(
+                "| {} | {} | {:.0} | {:.0}% | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} µs | {:.1}× | {:.0} µs | {} |\n",
+                self.backend,
+                l.concurrency,
+                l.per_second,
+                100.0 * l.per_second / self.ceiling_per_second,
+                l.p50.as_secs_f64() * 1e3,
+                l.p90.as_secs_f64() * 1e3,
+                l.p99.as_secs_f64() * 1e3,
+                l.cpu_per_issuance.as_secs_f64() * 1e6,
+                l.cpu_per_issuance.as_secs_f64() / self.ceiling_cpu.as_secs_f64(),
+                l.client_cpu_per_issuance.as_secs_f64() * 1e6,
+                l.errors
+            ));
+        }
+        out.push_str(&format!(
+            "\nCrypto ceiling: {:.0} issuances/s on all cores ({:.0} µs of CPU each). Engine peak RSS: {:.1} MB.\n",
+            self.ceiling_per_second,
+            self.ceiling_cpu.as_secs_f64() * 1e6,
+            self.peak_rss as f64 / 1e6
+        ));
+        out
+    }
+}
