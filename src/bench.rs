@@ -51,7 +51,8 @@ fn process_usage(pid: u32) -> Option<(Duration, u64)> {
 fn p256_csrs(n: usize) -> Result<Vec<Arc<String>>, DrillError> {
     (0..n)
         .map(|i| {
-            let key = crate::pki::devpki::generate_key(KeyType::EcdsaP256).map_err(|e| DrillError::Setup(e.to_string()))?;
+            let key =
+                crate::pki::devpki::generate_key(KeyType::EcdsaP256).map_err(|e| DrillError::Setup(e.to_string()))?;
             let build = || -> Result<String, openssl::error::ErrorStack> {
                 let mut req = openssl::x509::X509ReqBuilder::new()?;
                 let mut name = openssl::x509::X509NameBuilder::new()?;
@@ -78,11 +79,15 @@ pub fn crypto_ceiling(keys_dev: &Path, length: Duration) -> Result<(f64, Duratio
     let config = Config::load(Some(&keys_dev.join("castellum.toml"))).map_err(|e| DrillError::Setup(e.to_string()))?;
     let ca_cfg = config.cas.iter().find(|c| c.id == "ica-p256").ok_or(DrillError::Setup("no ica-p256".into()))?;
     let ca = Arc::new(CaMaterial::load(ca_cfg).map_err(|e| DrillError::Setup(e.to_string()))?);
-    let profile = Profile::from_config(config.profiles.iter().find(|p| p.ca == "ica-p256").ok_or(DrillError::Setup("no profile".into()))?);
+    let profile = Profile::from_config(
+        config.profiles.iter().find(|p| p.ca == "ica-p256").ok_or(DrillError::Setup("no profile".into()))?,
+    );
     let pem = p256_csrs(1)?.remove(0);
     let checked = csr::check_csr_pem(&pem).map_err(|e| DrillError::Setup(e.to_string()))?;
     let names = profile.approve(&checked).map_err(|e| DrillError::Setup(e.to_string()))?;
-    let tbs_der = tbs::prepare(&ca, &profile, &checked, &names, SystemTime::now()).map_err(|e| DrillError::Setup(e.to_string()))?.tbs_der;
+    let tbs_der = tbs::prepare(&ca, &profile, &checked, &names, SystemTime::now())
+        .map_err(|e| DrillError::Setup(e.to_string()))?
+        .tbs_der;
     let der = csr::pem_to_der(&pem).map_err(|e| DrillError::Setup(e.to_string()))?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let done = Arc::new(AtomicU64::new(0));
@@ -91,11 +96,17 @@ pub fn crypto_ceiling(keys_dev: &Path, length: Duration) -> Result<(f64, Duratio
         .map(|_| {
             let (ca, der, tbs_der, done, stop) = (ca.clone(), der.clone(), tbs_der.clone(), done.clone(), stop.clone());
             std::thread::spawn(move || {
+                use x509_parser::prelude::FromDer;
+                let (_, req) =
+                    x509_parser::certification_request::X509CertificationRequest::from_der(&der).expect("CSR");
+                let key = csr::public_key(&req.certification_request_info.subject_pki).expect("key");
+                let (info, signature) = (req.certification_request_info.raw, req.signature_value.data.as_ref());
                 while !stop.load(Ordering::Relaxed) {
-                    // Exactly the engine's two crypto operations: verify the CSR, sign the TBS.
-                    let req = openssl::x509::X509Req::from_der(&der).expect("CSR");
-                    let key = req.public_key().expect("key");
-                    assert!(req.verify(&key).expect("verify"));
+                    // The crypto alone: the CSR's signature verified, the certificate signed.
+                    let mut verifier =
+                        openssl::sign::Verifier::new(openssl::hash::MessageDigest::sha256(), &key).expect("verifier");
+                    verifier.update(info).expect("update");
+                    assert!(verifier.verify(signature).expect("verify"));
                     tbs::sign(&ca, &tbs_der).expect("sign");
                     done.fetch_add(1, Ordering::Relaxed);
                 }

@@ -3,7 +3,9 @@
 
 use std::net::IpAddr;
 
-use openssl::pkey::Id;
+use openssl::hash::MessageDigest;
+use openssl::pkey::{Id, PKey, Public};
+use openssl::sign::Verifier;
 use openssl::x509::X509Req;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509CertificationRequest};
@@ -100,16 +102,16 @@ pub fn check_csr_der(der: Vec<u8>) -> Result<CheckedCsr, EngineError> {
     if !rest.is_empty() {
         return Err(EngineError::MalformedCsr("trailing bytes after the CSR".into()));
     }
-    check_signature_algorithm(&csr.signature_algorithm.algorithm.to_id_string())?;
+    let algorithm = csr.signature_algorithm.algorithm.to_id_string();
+    check_signature_algorithm(&algorithm)?;
 
-    let req = X509Req::from_der(&der).map_err(|_| EngineError::MalformedCsr("openssl cannot parse the CSR".into()))?;
-    let key = req.public_key().map_err(|_| EngineError::WeakKey("the public key does not parse".into()))?;
+    let info = &csr.certification_request_info;
+    let key = public_key(&info.subject_pki)?;
     let (key_type, key_bits) = classify_key(&key)?;
-    if !req.verify(&key).unwrap_or(false) {
+    if !signature_verifies(&der, &algorithm, info.raw, csr.signature_value.as_ref(), &key) {
         return Err(EngineError::BadCsrSignature);
     }
 
-    let info = &csr.certification_request_info;
     let mut common_name = None;
     for cn in info.subject.iter_common_name() {
         let value = cn.as_str().map_err(|_| EngineError::MalformedCsr("common name is not a string".into()))?;
@@ -137,6 +139,85 @@ pub fn check_csr_der(der: Vec<u8>) -> Result<CheckedCsr, EngineError> {
         }
     }
     Ok(CheckedCsr { spki_der: info.subject_pki.raw.to_vec(), key_type, key_bits, common_name, names, der })
+}
+
+/// The CSR's public key, built from its parts. `PKey::public_key_from_der` goes through
+/// OpenSSL 3's decoder search, which cost more than the ECDSA verification it prepares for.
+pub fn public_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<PKey<Public>, EngineError> {
+    use openssl::bn::{BigNum, BigNumContext};
+    use openssl::ec::{EcGroup, EcKey, EcPoint};
+    use openssl::nid::Nid;
+    use std::sync::OnceLock;
+    use x509_parser::public_key::PublicKey;
+
+    static CURVES: OnceLock<Vec<(&'static str, Nid, EcGroup)>> = OnceLock::new();
+    let bad = |what: &str| EngineError::WeakKey(format!("the public key does not parse: {what}"));
+    let data = spki.subject_public_key.data.as_ref();
+    match spki.algorithm.algorithm.to_id_string().as_str() {
+        "1.2.840.10045.2.1" => {
+            let curve = spki
+                .algorithm
+                .parameters
+                .as_ref()
+                .and_then(|p| p.as_oid().ok())
+                .map(|oid| oid.to_id_string())
+                .ok_or_else(|| bad("EC key without a named curve"))?;
+            let curves = CURVES.get_or_init(|| {
+                [
+                    ("1.2.840.10045.3.1.7", Nid::X9_62_PRIME256V1),
+                    ("1.3.132.0.34", Nid::SECP384R1),
+                    ("1.3.132.0.35", Nid::SECP521R1),
+                ]
+                .into_iter()
+                .filter_map(|(oid, nid)| EcGroup::from_curve_name(nid).ok().map(|g| (oid, nid, g)))
+                .collect()
+            });
+            let (_, _, group) = curves.iter().find(|(oid, _, _)| *oid == curve).ok_or_else(|| {
+                EngineError::WeakKey("elliptic curve not supported (P-256, P-384, P-521 only)".into())
+            })?;
+            let mut ctx = BigNumContext::new().map_err(|_| bad("EC context"))?;
+            // oct2point refuses a point that is not on the curve.
+            let point = EcPoint::from_bytes(group, data, &mut ctx).map_err(|_| bad("EC point"))?;
+            let ec = EcKey::from_public_key(group, &point).map_err(|_| bad("EC key"))?;
+            PKey::from_ec_key(ec).map_err(|_| bad("EC key"))
+        }
+        "1.2.840.113549.1.1.1" => match spki.parsed() {
+            Ok(PublicKey::RSA(rsa)) => {
+                let n = BigNum::from_slice(rsa.modulus).map_err(|_| bad("RSA modulus"))?;
+                let e = BigNum::from_slice(rsa.exponent).map_err(|_| bad("RSA exponent"))?;
+                let rsa = openssl::rsa::Rsa::from_public_components(n, e).map_err(|_| bad("RSA key"))?;
+                PKey::from_rsa(rsa).map_err(|_| bad("RSA key"))
+            }
+            _ => Err(bad("RSA key")),
+        },
+        "1.3.101.112" => PKey::public_key_from_raw_bytes(data, Id::ED25519).map_err(|_| bad("Ed25519 key")),
+        // Anything else is refused by `classify_key`; the decoder says what it is.
+        _ => PKey::public_key_from_der(spki.raw).map_err(|_| bad("unknown key type")),
+    }
+}
+
+/// Verify the CSR's signature over the exact CertificationRequestInfo bytes x509-parser found,
+/// with the key already decoded: openssl's own `X509_REQ_verify` parses the request again and
+/// re-encodes it first, which cost three times the ECDSA verification itself. RSA-PSS, whose
+/// parameters live in the algorithm identifier, takes openssl's path.
+fn signature_verifies(der: &[u8], algorithm: &str, info: &[u8], signature: &[u8], key: &PKey<Public>) -> bool {
+    let digest = match algorithm {
+        "1.2.840.113549.1.1.11" | "1.2.840.10045.4.3.2" => Some(MessageDigest::sha256()),
+        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => Some(MessageDigest::sha384()),
+        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => Some(MessageDigest::sha512()),
+        "1.3.101.112" => None,
+        _ => {
+            return X509Req::from_der(der).ok().and_then(|req| req.verify(key).ok()).unwrap_or(false);
+        }
+    };
+    let verified = match digest {
+        Some(md) => Verifier::new(md, key).and_then(|mut v| {
+            v.update(info)?;
+            v.verify(signature)
+        }),
+        None => Verifier::new_without_digest(key).and_then(|mut v| v.verify_oneshot(signature, info)),
+    };
+    verified.unwrap_or(false)
 }
 
 fn classify_key(key: &openssl::pkey::PKey<openssl::pkey::Public>) -> Result<(KeyType, u32), EngineError> {
