@@ -243,7 +243,7 @@ async fn level(target: &Target, pid: u32, csrs: &[Arc<String>], concurrency: usi
 impl BenchReport {
     /// The Markdown table docs/PERFORMANCE.md records.
     pub fn markdown(&self) -> String {
-        let mut out = format!(
+        let mut out = String::from(
             "| backend | concurrency | issued/s | share of crypto ceiling | p50 | p90 | p99 | engine CPU per issuance | × raw crypto CPU | load generator CPU per issuance | errors |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
         );
         for l in &self.levels {

@@ -35,6 +35,14 @@ fn mailbox_gone(_: MailboxError) -> EngineError {
 impl Pipeline {
     pub async fn run(&self, job: &Job) -> Result<IssuedCertificate, EngineError> {
         let p = self;
+        // A key known to be gone fails here, before any database write: a broken CA must not
+        // load the store that every other CA shares (its breaker still counts the failure).
+        if let Some(reason) = p.ca.key.unavailable_reason() {
+            return Err(EngineError::SignerFailure {
+                ca: p.ca.id.clone(),
+                reason: format!("key unavailable: {reason}"),
+            });
+        }
         let prepared = p
             .signer
             .send(Prepare { profile: job.profile.clone(), csr: job.csr.clone(), names: job.names.clone() })
