@@ -174,18 +174,20 @@ pub enum DbError {
 }
 
 impl From<DbError> for EngineError {
+    /// The database being unreachable is `503` (retry later); a query the database refuses is a
+    /// bug or a schema mismatch, `500`, and is logged.
     fn from(e: DbError) -> Self {
+        use diesel::result::{DatabaseErrorKind, Error};
         match e {
             DbError::Pool(_) => EngineError::DatabaseUnavailable,
-            DbError::Query(diesel::result::Error::DatabaseError(_, ref info))
-                if is_unavailable_message(info.message()) =>
-            {
+            DbError::Query(Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _))
+            | DbError::Query(Error::BrokenTransactionManager) => EngineError::DatabaseUnavailable,
+            DbError::Query(Error::DatabaseError(_, ref info)) if is_unavailable_message(info.message()) => {
                 EngineError::DatabaseUnavailable
             }
-            DbError::Query(diesel::result::Error::BrokenTransactionManager) => EngineError::DatabaseUnavailable,
             other => {
-                tracing::error!(error = %other, "database error");
-                EngineError::DatabaseUnavailable
+                tracing::error!(error = %other, "database refused a query");
+                EngineError::Internal(format!("database: {other}"))
             }
         }
     }

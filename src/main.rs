@@ -22,6 +22,27 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum AdminAction {
+    /// The actor tree, pools, cluster and recent audit events.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a CA's state: enabled, parked, draining, disabled, retired.
+    CaState { ca: String, state: String },
+    /// Feed a CA's parked requests back at its resubmit rate.
+    Resubmit { ca: String },
+    /// Close a CA's circuit breaker.
+    ResetBreaker { ca: String },
+    /// Enable or disable a profile.
+    Profile {
+        profile: String,
+        #[arg(value_parser = ["enable", "disable"])]
+        action: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the engine and its HTTP API.
     Serve,
@@ -82,6 +103,15 @@ enum Command {
         keys_dev: PathBuf,
         #[arg(long, default_value = "drill-reports")]
         out: PathBuf,
+    },
+    /// The admin API from the command line (status, and the console's levers).
+    Admin {
+        #[arg(long, default_value = "http://127.0.0.1:8081", env = "CASTELLUM_ADMIN_URL")]
+        admin_url: String,
+        #[arg(long, env = "CASTELLUM_ADMIN_TOKEN", hide_env_values = true)]
+        token: String,
+        #[command(subcommand)]
+        action: AdminAction,
     },
     /// Print the SHA-256 of an API key, for a client's `api_key_sha256`.
     HashKey { key: String },
@@ -193,6 +223,54 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("bench failed: {e}");
                     ExitCode::from(2)
+                }
+            }
+        }
+        Command::Admin { admin_url, token, action } => {
+            use castellum::admin::cli;
+            let result = match &action {
+                AdminAction::Status { json } => {
+                    cli::call(&admin_url, &token, "GET", "/admin/v1/status", None).map(|v| {
+                        if *json {
+                            serde_json::to_string_pretty(&v).unwrap_or_default()
+                        } else {
+                            cli::render_status(&v)
+                        }
+                    })
+                }
+                AdminAction::CaState { ca, state } => cli::call(
+                    &admin_url,
+                    &token,
+                    "POST",
+                    &format!("/admin/v1/cas/{ca}/state"),
+                    Some(serde_json::json!({ "state": state })),
+                )
+                .map(|v| format!("{ca} is {state} (registry version {})", v["registry_version"])),
+                AdminAction::Resubmit { ca } => {
+                    cli::call(&admin_url, &token, "POST", &format!("/admin/v1/cas/{ca}/resubmit"), None)
+                        .map(|v| format!("resubmitting {} parked requests of {ca}", v["resubmitting"]))
+                }
+                AdminAction::ResetBreaker { ca } => {
+                    cli::call(&admin_url, &token, "POST", &format!("/admin/v1/cas/{ca}/breaker/reset"), None)
+                        .map(|_| format!("breaker of {ca} closed"))
+                }
+                AdminAction::Profile { profile, action } => cli::call(
+                    &admin_url,
+                    &token,
+                    "POST",
+                    &format!("/admin/v1/profiles/{profile}/state"),
+                    Some(serde_json::json!({ "enabled": action == "enable" })),
+                )
+                .map(|v| format!("profile {profile} {}d (registry version {})", action, v["registry_version"])),
+            };
+            match result {
+                Ok(text) => {
+                    println!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(1)
                 }
             }
         }

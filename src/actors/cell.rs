@@ -103,8 +103,19 @@ pub struct CellStatus {
     pub key_available: bool,
     pub interactive_queued: usize,
     pub background_queued: usize,
+    /// Age of the oldest job waiting in each lane (ms).
+    pub interactive_oldest_ms: u64,
+    pub background_oldest_ms: u64,
     pub in_flight: usize,
     pub draining: bool,
+    /// The breaker's latest transitions: (epoch ms, new state).
+    pub breaker_transitions: Vec<(i64, String)>,
+    pub signatures: u64,
+    /// Mean signing time since start (µs).
+    pub mean_sign_us: u64,
+    /// Filled in by the engine: parked requests of this CA, restarts of its cell.
+    pub parked: Option<i64>,
+    pub restarts: u64,
 }
 
 /// Fault injection for drills and tests (dev mode only): a slow or failing signer, for real.
@@ -123,6 +134,9 @@ pub struct CellGauges {
     pub background_depth: AtomicUsize,
     /// Smoothed time between completions while busy, in microseconds.
     pub completion_spacing_us: AtomicU64,
+    /// Signatures made and the time they took (written by the signer threads).
+    pub signatures: AtomicU64,
+    pub sign_time_us: AtomicU64,
 }
 
 impl CellGauges {
@@ -163,6 +177,7 @@ pub struct CaCell {
     /// This CA's state in the registry's latest snapshot.
     ca_state: String,
     watching_key: bool,
+    recent_transitions: VecDeque<(i64, String)>,
     /// Background jobs queued or in flight, by coalescing key, with the requests attached to them.
     coalesced: HashMap<[u8; 32], Vec<Follower>>,
 }
@@ -188,10 +203,12 @@ impl CaCell {
     pub fn start(cfg: &CaConfig, parts: CellParts) -> (Addr<CaCell>, Arbiter) {
         let CellParts { ca, store, metrics, instance, faults, initial_state, gauges } = parts;
         let (signer_ca, signer_metrics) = (ca.clone(), metrics.clone());
+        let signer_gauges = gauges.clone();
         let signer = SyncArbiter::start(cfg.signer_threads.max(1), move || Signer {
             ca: signer_ca.clone(),
             metrics: signer_metrics.clone(),
             faults: faults.clone(),
+            gauges: signer_gauges.clone(),
         });
         let spacing = Duration::from_secs_f64(1.0 / cfg.expected_sign_rate.max(1.0));
         gauges.completion_spacing_us.store(spacing.as_micros() as u64, Ordering::Relaxed);
@@ -214,6 +231,7 @@ impl CaCell {
             draining: false,
             ca_state: initial_state,
             watching_key: false,
+            recent_transitions: VecDeque::new(),
             coalesced: HashMap::new(),
         });
         (addr, arbiter)
@@ -313,6 +331,10 @@ impl CaCell {
     fn note_breaker(&mut self, change: Option<BreakerState>) {
         let Some(state) = change else { return };
         let ca = self.ca_id().to_string();
+        self.recent_transitions.push_back((now_ms(), state.name().to_string()));
+        if self.recent_transitions.len() > 10 {
+            self.recent_transitions.pop_front();
+        }
         let m = &self.pipeline.metrics;
         m.breaker_state.get_or_create(&metrics::ca(&ca)).set(state.gauge());
         m.breaker_transitions.get_or_create(&vec![("ca", ca.clone()), ("to", state.name().to_string())]).inc();
@@ -576,6 +598,10 @@ impl Handler<GetStatus> for CaCell {
     type Result = CellStatus;
 
     fn handle(&mut self, _: GetStatus, _: &mut Self::Context) -> CellStatus {
+        let now = Instant::now();
+        let oldest =
+            |q: &VecDeque<Job>| q.front().map(|j| now.duration_since(j.enqueued_at).as_millis() as u64).unwrap_or(0);
+        let signatures = self.gauges.signatures.load(Ordering::Relaxed);
         CellStatus {
             ca: self.ca_id().to_string(),
             state: self.ca_state.clone(),
@@ -583,8 +609,15 @@ impl Handler<GetStatus> for CaCell {
             key_available: self.pipeline.ca.key.is_available(),
             interactive_queued: self.interactive.len(),
             background_queued: self.background.len(),
+            interactive_oldest_ms: oldest(&self.interactive),
+            background_oldest_ms: oldest(&self.background),
             in_flight: self.in_flight,
             draining: self.draining,
+            breaker_transitions: self.recent_transitions.iter().cloned().collect(),
+            signatures,
+            mean_sign_us: self.gauges.sign_time_us.load(Ordering::Relaxed) / signatures.max(1),
+            parked: None,
+            restarts: 0,
         }
     }
 }

@@ -101,6 +101,8 @@ pub struct Registry {
     shared: SharedSnapshot,
     poll_interval: Duration,
     instance: Arc<str>,
+    /// Where this instance listens (API, admin), for the cluster view.
+    address: Arc<str>,
     started_at: i64,
     metrics: Arc<Metrics>,
     subscribers: HashMap<String, Recipient<RegistryChanged>>,
@@ -115,6 +117,7 @@ impl Registry {
         shared: SharedSnapshot,
         poll_interval: Duration,
         instance: Arc<str>,
+        address: Arc<str>,
         metrics: Arc<Metrics>,
         subscribers: HashMap<String, Recipient<RegistryChanged>>,
     ) -> Registry {
@@ -123,6 +126,7 @@ impl Registry {
             shared,
             poll_interval,
             instance,
+            address,
             started_at: now_ms(),
             metrics,
             subscribers,
@@ -138,14 +142,14 @@ impl Registry {
         }
         self.polling = true;
         let pool = self.control.clone();
-        let instance = self.instance.clone();
+        let (instance, address) = (self.instance.clone(), self.address.clone());
         let started_at = self.started_at;
         let known = self.shared.load().version;
         let work = actix_web::rt::task::spawn_blocking(move || -> Result<Option<Snapshot>, DbError> {
             let _span = tracing::info_span!("registry_poll").entered();
             let mut conn = pool.get()?;
             if heartbeat {
-                queries::heartbeat(&mut conn, &instance, started_at, known, now_ms())?;
+                queries::heartbeat(&mut conn, &instance, &address, started_at, known, now_ms())?;
             }
             if queries::registry_version(&mut conn)? == known {
                 return Ok(None);

@@ -17,6 +17,8 @@ pub struct Signer {
     pub metrics: Arc<Metrics>,
     /// Injected faults (dev mode only): a slow or failing HSM, on this CA's threads only.
     pub faults: super::cell::Faults,
+    /// Where the admin console reads this CA's signing count and time.
+    pub gauges: Arc<super::cell::CellGauges>,
 }
 
 impl Actor for Signer {
@@ -73,9 +75,12 @@ impl Handler<Sign> for Signer {
             Err(EngineError::SignerFailure { ca: self.ca.id.clone(), reason: format!("signer panicked: {panic}") })
         });
         let labels = metrics::ca(&self.ca.id);
-        self.metrics.sign_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+        let took = started.elapsed();
+        self.metrics.sign_seconds.get_or_create(&labels).observe(took.as_secs_f64());
         if result.is_ok() {
             self.metrics.signatures.get_or_create(&labels).inc();
+            self.gauges.signatures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.gauges.sign_time_us.fetch_add(took.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
         }
         result
     }

@@ -31,6 +31,18 @@ pub struct Write {
 #[rtype(result = "Result<Vec<WriteOutcome>, DbError>")]
 struct Batch(Vec<WriteOp>);
 
+#[derive(Message)]
+#[rtype(result = "StoreStatus")]
+struct GetStatus;
+
+#[derive(Debug, Clone, serde::Serialize, MessageResponse)]
+pub struct StoreStatus {
+    pub workers: usize,
+    pub batches_in_flight: usize,
+    pub pending_writes: usize,
+    pub database_down: bool,
+}
+
 /// Cheap handle used by everyone who writes.
 #[derive(Clone)]
 pub struct StoreHandle {
@@ -46,6 +58,10 @@ impl StoreHandle {
             SendError::Closed(_) => EngineError::ShuttingDown,
         })?;
         rx.await.unwrap_or(Err(EngineError::ShuttingDown))
+    }
+
+    pub async fn status(&self) -> Option<StoreStatus> {
+        self.front.send(GetStatus).await.ok()
     }
 
     /// Write without waiting (audit events of refused requests). Dropped, and logged, when the
@@ -167,6 +183,19 @@ impl Handler<Write> for StoreFront {
         }
         self.pending.push_back((msg.op, msg.ack));
         self.flush(ctx);
+    }
+}
+
+impl Handler<GetStatus> for StoreFront {
+    type Result = StoreStatus;
+
+    fn handle(&mut self, _: GetStatus, _: &mut Self::Context) -> StoreStatus {
+        StoreStatus {
+            workers: self.worker_count,
+            batches_in_flight: self.busy,
+            pending_writes: self.pending.len(),
+            database_down: self.database_down_until.is_some(),
+        }
     }
 }
 

@@ -2,6 +2,8 @@
 //! hashed), and protection against cross-site requests on every state change. Every lever is
 //! one method of the engine's handle and is audited with the admin's name.
 
+pub mod cli;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,6 +35,11 @@ async fn guard(
     actix_web::Error,
 > {
     use actix_web::HttpMessage;
+    // The page and its script carry no data: they are served to anyone who can reach the
+    // listener, and ask for the token themselves.
+    if req.method() == actix_web::http::Method::GET && CONSOLE_FILES.contains(&req.path()) {
+        return Ok(next.call(req).await?.map_into_left_body());
+    }
     let changes_state = req.method() != actix_web::http::Method::GET;
     match check(req.request(), changes_state) {
         Ok(name) => {
@@ -82,6 +89,28 @@ fn check(req: &HttpRequest, changes_state: bool) -> Result<String, Problem> {
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or(Problem(EngineError::Unauthorized))?;
     tokens.0.get(&openssl::sha::sha256(token.trim().as_bytes())).cloned().ok_or(Problem(EngineError::Unauthorized))
+}
+
+const CONSOLE_FILES: &[&str] = &["/admin", "/admin/", "/admin/console.js"];
+const CONSOLE_CSP: &str =
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'; form-action 'none'";
+
+/// The console page (plain HTML and JS, embedded: nothing to build).
+#[get("/admin")]
+async fn console_page() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header(("Content-Security-Policy", CONSOLE_CSP))
+        .insert_header(("X-Frame-Options", "DENY"))
+        .body(include_str!("console.html"))
+}
+
+#[get("/admin/console.js")]
+async fn console_script() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/javascript; charset=utf-8")
+        .insert_header(("Content-Security-Policy", CONSOLE_CSP))
+        .body(include_str!("console.js"))
 }
 
 #[get("/admin/v1/status")]
@@ -174,7 +203,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resubmit)
         .service(reset_breaker)
         .service(profile_state)
-        .service(leak);
+        .service(leak)
+        .service(console_page)
+        .service(console_script);
 }
 
 /// Bind the admin listener.

@@ -93,6 +93,7 @@ pub struct DbPool {
     pub name: &'static str,
     pub max_size: u32,
     pub holds: Arc<holds::Holds>,
+    pub waits: Arc<RecentWaits>,
 }
 
 #[derive(Debug)]
@@ -121,11 +122,34 @@ impl<C: SimpleConnection + Send + 'static> CustomizeConnection<C, diesel::r2d2::
     }
 }
 
+/// The last checkout waits of a pool, for a p99 the console can show.
+#[derive(Default)]
+pub struct RecentWaits(std::sync::Mutex<std::collections::VecDeque<Duration>>);
+
+impl RecentWaits {
+    const KEEP: usize = 512;
+
+    fn push(&self, wait: Duration) {
+        let mut waits = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if waits.len() == Self::KEEP {
+            waits.pop_front();
+        }
+        waits.push_back(wait);
+    }
+
+    pub fn p99(&self) -> Duration {
+        let mut waits: Vec<Duration> = self.0.lock().unwrap_or_else(|e| e.into_inner()).iter().copied().collect();
+        waits.sort_unstable();
+        waits.get((waits.len() * 99).div_ceil(100).saturating_sub(1)).copied().unwrap_or_default()
+    }
+}
+
 /// Feeds r2d2's checkout/checkin events into the pool metrics and reports long holds.
 struct PoolEvents {
     pool: &'static str,
     metrics: Arc<Metrics>,
     slow_hold: Duration,
+    waits: Arc<RecentWaits>,
 }
 
 impl std::fmt::Debug for PoolEvents {
@@ -136,6 +160,7 @@ impl std::fmt::Debug for PoolEvents {
 
 impl HandleEvent for PoolEvents {
     fn handle_checkout(&self, event: r2d2::event::CheckoutEvent) {
+        self.waits.push(event.duration());
         self.metrics.pool_wait_seconds.get_or_create(&metrics::pool(self.pool)).observe(event.duration().as_secs_f64());
     }
     fn handle_timeout(&self, _event: r2d2::event::TimeoutEvent) {
@@ -165,7 +190,13 @@ impl DbPool {
         let backend = Backend::from_url(&db.url)?;
         let customizer =
             Customizer { backend, pool: name, statement_timeout: db.statement_timeout, busy_timeout: db.busy_timeout };
-        let events = PoolEvents { pool: name, metrics: metrics.clone(), slow_hold: db.slow_hold_threshold };
+        let waits = Arc::new(RecentWaits::default());
+        let events = PoolEvents {
+            pool: name,
+            metrics: metrics.clone(),
+            slow_hold: db.slow_hold_threshold,
+            waits: waits.clone(),
+        };
         metrics.pool_max.get_or_create(&metrics::pool(name)).set(i64::from(cfg.max_size));
         macro_rules! builder {
             () => {
@@ -191,7 +222,7 @@ impl DbPool {
                     .build_unchecked(ConnectionManager::new(postgres_url_with_timeout(&db.url))),
             ),
         };
-        Ok(DbPool { inner, name, max_size: cfg.max_size, holds: Arc::default() })
+        Ok(DbPool { inner, name, max_size: cfg.max_size, holds: Arc::default(), waits })
     }
 
     pub fn backend(&self) -> Backend {

@@ -270,17 +270,25 @@ pub fn registry_version(conn: &mut DbConn) -> Result<i64, DbError> {
 }
 
 /// Record this instance's heartbeat and the registry version it serves.
-pub fn heartbeat(conn: &mut DbConn, instance: &str, started_at: i64, version: i64, now: i64) -> Result<(), DbError> {
+pub fn heartbeat(
+    conn: &mut DbConn,
+    instance: &str,
+    address: &str,
+    started_at: i64,
+    version: i64,
+    now: i64,
+) -> Result<(), DbError> {
     with_conn!(conn, |c| diesel::insert_into(instances::table)
         .values((
             instances::id.eq(instance),
             instances::started_at.eq(started_at),
             instances::heartbeat_at.eq(now),
             instances::registry_version.eq(version),
+            instances::address.eq(address),
         ))
         .on_conflict(instances::id)
         .do_update()
-        .set((instances::heartbeat_at.eq(now), instances::registry_version.eq(version)))
+        .set((instances::heartbeat_at.eq(now), instances::registry_version.eq(version), instances::address.eq(address)))
         .execute(c))?;
     Ok(())
 }
@@ -428,10 +436,19 @@ pub fn count_parked(conn: &mut DbConn, ca: &str) -> Result<i64, DbError> {
         .get_result(c))?)
 }
 
+/// One instance's heartbeat row: id, started at, last heartbeat, registry version, address.
+pub type InstanceRow = (String, i64, i64, i64, String);
+
 /// Heartbeats of every instance sharing this database.
-pub fn instances(conn: &mut DbConn) -> Result<Vec<(String, i64, i64, i64)>, DbError> {
+pub fn instances(conn: &mut DbConn) -> Result<Vec<InstanceRow>, DbError> {
     Ok(with_conn!(conn, |c| instances::table
-        .select((instances::id, instances::started_at, instances::heartbeat_at, instances::registry_version))
+        .select((
+            instances::id,
+            instances::started_at,
+            instances::heartbeat_at,
+            instances::registry_version,
+            instances::address,
+        ))
         .order(instances::id.asc())
         .load(c))?)
 }

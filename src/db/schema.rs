@@ -30,6 +30,7 @@ diesel::table! {
         started_at -> BigInt,
         heartbeat_at -> BigInt,
         registry_version -> BigInt,
+        address -> Text,
     }
 }
 

@@ -197,14 +197,16 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
                 .await?;
         }
         session.mark("fault ends: ica-p384 and ica-rsa3072 disabled");
+        let disabled_at = session.start.elapsed();
         session.at(resubmitted).await;
         session.target.admin_post("/admin/v1/cas/ica-ed25519/state", serde_json::json!({"state": "enabled"})).await?;
         session.target.admin_post("/admin/v1/cas/ica-ed25519/resubmit", serde_json::json!({})).await?;
         session.mark("operator unparks ica-ed25519 and resubmits");
-        Ok::<(), DrillError>(())
+        Ok::<Duration, DrillError>(disabled_at)
     };
     let (_, faults) = tokio::join!(load, faults);
-    faults?;
+    // Judged from when both disables had been applied, not from when they were scheduled.
+    let disabled_at = faults?;
 
     // Parked work: every 202 the parked CA accepted must end issued.
     let parked_ids: Vec<String> = session
@@ -248,22 +250,22 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
         let after_disable: Vec<Kind> = rec
             .samples
             .iter()
-            .filter(|x| (x.stream == 2 || x.stream == 3) && x.at > disabled + s(0.1))
+            .filter(|x| (x.stream == 2 || x.stream == 3) && x.at > disabled_at)
             .map(|x| x.kind)
             .collect();
         let refused = after_disable.iter().filter(|kind| **kind == Kind::Refused409).count();
         let max_depth_disabled = rec
             .gauges
             .iter()
-            .filter(|g| g.at > disabled + s(0.5))
+            .filter(|g| g.at > disabled_at + s(0.5))
             .map(|g| {
                 g.queue_depth_by_ca.get("ica-p384").copied().unwrap_or(0)
                     + g.queue_depth_by_ca.get("ica-rsa3072").copied().unwrap_or(0)
             })
             .max()
             .unwrap_or(0);
-        let signed_after_disable = rec.signatures_between("ica-p384", disabled + s(0.5), end)
-            + rec.signatures_between("ica-rsa3072", disabled + s(0.5), end);
+        let signed_after_disable = rec.signatures_between("ica-p384", disabled_at + s(0.5), end)
+            + rec.signatures_between("ica-rsa3072", disabled_at + s(0.5), end);
         let sync_created = rec.samples.iter().filter(|s| s.status == 201).count() as i64;
         let late_201 = rec.samples.iter().filter(|x| x.status == 201 && x.stream == 0 && x.latency > s(6.0)).count();
         let bg_rate = |n: usize, share: f64, len: Duration| n as f64 * share / len.as_secs_f64();

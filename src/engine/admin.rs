@@ -173,14 +173,24 @@ impl Engine {
         // The console must keep answering when the control pool is exhausted (that is when it is
         // needed most): what needs the database is left out, and said so.
         let mut warnings = Vec::new();
-        let (instances, audit) =
-            match self.control(|conn| Ok((queries::instances(conn)?, queries::recent_audit(conn, 50)?))).await {
-                Ok(found) => found,
-                Err(e) => {
-                    warnings.push(format!("cluster view and audit log unavailable: {e} (control pool)"));
-                    (Vec::new(), Vec::new())
-                }
-            };
+        let ca_ids: Vec<String> = self.inner.intake.catalog.cas.keys().cloned().collect();
+        let read = move |conn: &mut crate::db::DbConn| {
+            let parked: Result<Vec<(String, i64)>, crate::error::DbError> =
+                ca_ids.iter().map(|ca| Ok((ca.clone(), queries::count_parked(conn, ca)?))).collect();
+            Ok((queries::instances(conn)?, queries::recent_audit(conn, 50)?, parked?))
+        };
+        let (instances, audit, parked) = match self.control(read).await {
+            Ok(found) => found,
+            Err(e) => {
+                warnings.push(format!("cluster view, parked counts and audit log unavailable: {e} (control pool)"));
+                (Vec::new(), Vec::new(), Vec::new())
+            }
+        };
+        let mut cells = self.cell_status().await;
+        for cell in &mut cells {
+            cell.parked = parked.iter().find(|(ca, _)| *ca == cell.ca).map(|(_, n)| *n);
+            cell.restarts = self.inner.metrics.cell_restarts.get_or_create(&crate::metrics::ca(&cell.ca)).get();
+        }
         let now = now_ms();
         let pools = self
             .inner
@@ -196,6 +206,8 @@ impl Engine {
                     idle: state.idle_connections,
                     in_use: state.connections - state.idle_connections,
                     longest_hold_ms: p.holds.longest().as_millis() as u64,
+                    wait_p99_ms: p.waits.p99().as_secs_f64() * 1e3,
+                    timeouts: self.inner.metrics.pool_timeouts.get_or_create(&crate::metrics::pool(p.name)).get(),
                 }
             })
             .collect();
@@ -204,13 +216,17 @@ impl Engine {
         Ok(AdminStatus {
             instance: self.instance_id().to_string(),
             registry_version: snapshot.version,
-            cells: self.cell_status().await,
+            started_at: self.inner.started_at,
+            cells,
+            store: self.inner.store.status().await,
             pools,
             profiles,
             instances: instances
                 .into_iter()
-                .map(|(id, started_at, heartbeat_at, registry_version)| InstanceStatus {
+                .map(|(id, started_at, heartbeat_at, registry_version, address)| InstanceStatus {
                     stale: now - heartbeat_at > stale_after || registry_version < snapshot.version,
+                    uptime_s: (now - started_at).max(0) / 1000,
+                    address,
                     id,
                     started_at,
                     heartbeat_at,
@@ -239,7 +255,9 @@ impl Engine {
 pub struct AdminStatus {
     pub instance: String,
     pub registry_version: i64,
+    pub started_at: i64,
     pub cells: Vec<CellStatus>,
+    pub store: Option<crate::actors::store::StoreStatus>,
     pub pools: Vec<PoolStatus>,
     pub profiles: Vec<(String, String)>,
     pub instances: Vec<InstanceStatus>,
@@ -256,12 +274,16 @@ pub struct PoolStatus {
     pub idle: u32,
     pub in_use: u32,
     pub longest_hold_ms: u64,
+    pub wait_p99_ms: f64,
+    pub timeouts: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct InstanceStatus {
     pub id: String,
+    pub address: String,
     pub started_at: i64,
+    pub uptime_s: i64,
     pub heartbeat_at: i64,
     pub registry_version: i64,
     /// Its heartbeat is old, or it serves an older registry version than this instance.

@@ -57,6 +57,7 @@ struct Inner {
     read_permits: Semaphore,
     /// Pool counters at the previous readiness check, to report what happened since.
     readiness_seen: std::sync::Mutex<HashMap<&'static str, (u64, u64)>>,
+    started_at: i64,
     shutting_down: AtomicBool,
     arbiters: Arc<std::sync::Mutex<Vec<Arbiter>>>,
     _supervisor: Addr<CellSupervisor>,
@@ -127,6 +128,7 @@ impl Engine {
             shared,
             config.registry.poll_interval,
             instance.clone(),
+            format!("api {} · admin {}", config.http.listen, config.admin.listen).into(),
             metrics.clone(),
             subscribers,
         )
@@ -163,6 +165,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 read_permits: Semaphore::new(2 * pools.status.max_size as usize),
                 readiness_seen: std::sync::Mutex::new(HashMap::new()),
+                started_at: crate::pki::now_ms(),
                 config,
                 instance,
                 intake,

@@ -1,0 +1,1 @@
+ALTER TABLE instances ADD COLUMN address TEXT NOT NULL DEFAULT '';

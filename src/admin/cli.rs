@@ -1,0 +1,169 @@
+//! `castellum admin …`: the admin API from the command line — the tree as a readable table, or
+//! `--json` for scripts — and the same levers as the console.
+
+use std::fmt::Write as _;
+
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("cannot reach the admin API at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error("the admin API refused: {status} {detail}")]
+    Refused { status: u16, detail: String },
+}
+
+/// One call to the admin API; the JSON answer.
+pub fn call(base: &str, token: &str, method: &str, path: &str, body: Option<Value>) -> Result<Value, CliError> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Unreachable { url: url.clone(), reason: e.to_string() })?;
+    runtime.block_on(async {
+        let http = reqwest::Client::new();
+        let request = match method {
+            "GET" => http.get(&url),
+            _ => http.post(&url).json(&body.unwrap_or(Value::Object(Default::default()))),
+        };
+        let response = request
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| CliError::Unreachable { url: url.clone(), reason: e.to_string() })?;
+        let status = response.status().as_u16();
+        let json: Value = response.json().await.unwrap_or(Value::Null);
+        if status >= 400 {
+            return Err(CliError::Refused { status, detail: json["detail"].as_str().unwrap_or("").to_string() });
+        }
+        Ok(json)
+    })
+}
+
+fn table(out: &mut String, headers: &[&str], rows: Vec<Vec<String>>) {
+    let widths: Vec<usize> = (0..headers.len())
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).chain(std::iter::once(headers[i].len())).max().unwrap_or(0))
+        .collect();
+    let line = |cells: Vec<String>| {
+        cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string()
+    };
+    let _ = writeln!(out, "  {}", line(headers.iter().map(|h| h.to_string()).collect()));
+    for row in rows {
+        let _ = writeln!(out, "  {}", line(row));
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// The status as the operator reads it.
+pub fn render_status(status: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "instance {} · registry version {}", s(&status["instance"]), s(&status["registry_version"]));
+    for w in status["warnings"].as_array().into_iter().flatten() {
+        let _ = writeln!(out, "WARNING: {}", s(w));
+    }
+    let _ = writeln!(out, "\nCluster");
+    let instances = status["instances"].as_array().cloned().unwrap_or_default();
+    table(
+        &mut out,
+        &["INSTANCE", "ADDRESS", "UPTIME", "REGISTRY", "STALE"],
+        instances
+            .iter()
+            .map(|i| {
+                vec![
+                    s(&i["id"]),
+                    s(&i["address"]),
+                    format!("{}s", s(&i["uptime_s"])),
+                    s(&i["registry_version"]),
+                    s(&i["stale"]),
+                ]
+            })
+            .collect(),
+    );
+    let _ = writeln!(out, "\nCA cells (Registry → Intake → cells)");
+    let cells = status["cells"].as_array().cloned().unwrap_or_default();
+    table(
+        &mut out,
+        &[
+            "CA",
+            "STATE",
+            "BREAKER",
+            "KEY",
+            "INTERACTIVE",
+            "BACKGROUND",
+            "PARKED",
+            "IN FLIGHT",
+            "SIGNED",
+            "MEAN SIGN",
+            "RESTARTS",
+        ],
+        cells
+            .iter()
+            .map(|c| {
+                vec![
+                    s(&c["ca"]),
+                    s(&c["state"]),
+                    s(&c["breaker"]),
+                    if c["key_available"] == Value::Bool(true) { "loaded".into() } else { "UNAVAILABLE".into() },
+                    format!("{} ({} ms)", s(&c["interactive_queued"]), s(&c["interactive_oldest_ms"])),
+                    format!("{} ({} ms)", s(&c["background_queued"]), s(&c["background_oldest_ms"])),
+                    s(&c["parked"]),
+                    s(&c["in_flight"]),
+                    s(&c["signatures"]),
+                    format!("{} µs", s(&c["mean_sign_us"])),
+                    s(&c["restarts"]),
+                ]
+            })
+            .collect(),
+    );
+    let store = &status["store"];
+    let _ = writeln!(
+        out,
+        "\nStore: {} workers, {} batches in flight, {} writes waiting{}",
+        s(&store["workers"]),
+        s(&store["batches_in_flight"]),
+        s(&store["pending_writes"]),
+        if store["database_down"] == Value::Bool(true) { ", DATABASE DOWN" } else { "" }
+    );
+    let _ = writeln!(out, "\nDatabase pools");
+    let pools = status["pools"].as_array().cloned().unwrap_or_default();
+    table(
+        &mut out,
+        &["POOL", "IN USE", "IDLE", "MAX", "WAIT P99", "TIMEOUTS", "LONGEST HOLD"],
+        pools
+            .iter()
+            .map(|p| {
+                vec![
+                    s(&p["name"]),
+                    s(&p["in_use"]),
+                    s(&p["idle"]),
+                    s(&p["max"]),
+                    format!("{:.2} ms", p["wait_p99_ms"].as_f64().unwrap_or(0.0)),
+                    s(&p["timeouts"]),
+                    format!("{} ms", s(&p["longest_hold_ms"])),
+                ]
+            })
+            .collect(),
+    );
+    let _ = writeln!(out, "\nProfiles");
+    let profiles = status["profiles"].as_array().cloned().unwrap_or_default();
+    table(&mut out, &["PROFILE", "STATE"], profiles.iter().map(|p| vec![s(&p[0]), s(&p[1])]).collect());
+    let _ = writeln!(out, "\nRecent audit events");
+    let audit = status["audit"].as_array().cloned().unwrap_or_default();
+    table(
+        &mut out,
+        &["WHO", "ACTION", "TARGET", "OUTCOME"],
+        audit
+            .iter()
+            .take(10)
+            .map(|a| vec![s(&a["actor"]), s(&a["action"]), s(&a["target"]), s(&a["outcome"])])
+            .collect(),
+    );
+    out
+}

@@ -1,0 +1,141 @@
+// castellum admin console: polls /admin/v1/status every second and renders it; every lever asks
+// for confirmation, then calls the admin API. Data is only ever inserted as text.
+"use strict";
+
+const state = { token: sessionStorage.getItem("castellum-admin-token") || "", previous: null };
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("data-")) node.setAttribute(k, v);
+    else node[k] = v;
+  }
+  for (const child of children) node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  return node;
+}
+
+const badge = (text) => el("span", { class: `badge ${text}` }, text);
+const ago = (ms) => (ms < 1000 ? `${ms} ms` : `${(ms / 1000).toFixed(1)} s`);
+const when = (ms) => new Date(ms).toLocaleTimeString();
+
+function kv(container, pairs) {
+  container.replaceChildren(...pairs.flatMap(([k, v]) => [el("span", {}, k), el("span", {}, v)]));
+}
+
+async function api(method, path, body) {
+  const response = await fetch(path, {
+    method,
+    headers: { Authorization: `Bearer ${state.token}`, "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (response.status === 401) {
+    document.getElementById("login").style.display = "flex";
+    throw new Error("sign in with an admin token");
+  }
+  const json = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(json.detail || `${response.status}`);
+  return json;
+}
+
+async function lever(what, method, path, body) {
+  if (!window.confirm(`${what}?`)) return;
+  const shown = document.getElementById("lever-error");
+  try {
+    await api(method, path, body);
+    shown.textContent = "";
+    await refresh();
+  } catch (e) {
+    shown.textContent = `${what} failed: ${e.message}`;
+  }
+}
+
+function caButtons(cell) {
+  const path = `/admin/v1/cas/${encodeURIComponent(cell.ca)}`;
+  const button = (label, action, fn) => el("button", { "data-action": action, "data-ca": cell.ca, onclick: fn }, label);
+  const setState = (label, action, to) => button(label, action, () => lever(`${label} ${cell.ca}`, "POST", `${path}/state`, { state: to }));
+  const out = [];
+  if (cell.state === "enabled") out.push(setState("Park", "park", "parked"), setState("Drain", "drain", "draining"), setState("Disable", "disable", "disabled"));
+  else if (cell.state !== "retired") out.push(setState(cell.state === "parked" ? "Unpark" : "Enable", "enable", "enabled"));
+  if (cell.parked > 0 && cell.state === "enabled") out.push(button("Resubmit parked", "resubmit", () => lever(`Resubmit the parked requests of ${cell.ca}`, "POST", `${path}/resubmit`, {})));
+  if (cell.breaker !== "closed") out.push(button("Reset breaker", "reset-breaker", () => lever(`Reset the breaker of ${cell.ca}`, "POST", `${path}/breaker/reset`, {})));
+  return out;
+}
+
+function render(status) {
+  const now = Date.now();
+  document.getElementById("meta").textContent =
+    `instance ${status.instance} · registry v${status.registry_version} · updated ${new Date().toLocaleTimeString()}`;
+  document.getElementById("error").textContent = (status.warnings || []).join(" · ");
+
+  document.getElementById("instances").replaceChildren(...status.instances.map((i) =>
+    el("tr", {}, el("td", {}, i.id), el("td", {}, i.address), el("td", {}, `${i.uptime_s} s`),
+      el("td", {}, i.registry_version), el("td", {}, `${ago(now - i.heartbeat_at)} ago`),
+      el("td", {}, badge(i.stale ? "stale" : "ok")))));
+
+  kv(document.getElementById("tree"), [
+    ["Registry", `version ${status.registry_version}, ${status.profiles.length} profiles`],
+    ["Intake", `${status.cells.length} CA cells`],
+  ]);
+
+  const before = state.previous ? Object.fromEntries(state.previous.cells.map((c) => [c.ca, c])) : {};
+  const seconds = state.previous ? Math.max((now - state.previous.at) / 1000, 0.001) : 1;
+  document.getElementById("cells").replaceChildren(...status.cells.map((c) => {
+    const rate = before[c.ca] ? ((c.signatures - before[c.ca].signatures) / seconds).toFixed(1) : "…";
+    const details = el("div", { class: "kv" });
+    kv(details, [
+      ["interactive queue", `${c.interactive_queued} (oldest ${ago(c.interactive_oldest_ms)})`],
+      ["background queue", `${c.background_queued} (oldest ${ago(c.background_oldest_ms)})`],
+      ["parked", c.parked === null ? "unknown" : c.parked],
+      ["in flight", c.in_flight],
+      ["signer", `${c.key_available ? "key loaded" : "KEY UNAVAILABLE"} · ${rate}/s · mean ${c.mean_sign_us} µs`],
+      ["breaker transitions", c.breaker_transitions.map(([at, to]) => `${when(at)} ${to}`).join(", ") || "none"],
+      ["restarts", c.restarts],
+    ]);
+    return el("div", { class: "cell", "data-ca": c.ca },
+      el("h3", {}, c.ca, el("span", { class: `badge ${c.state}`, "data-field": "state" }, c.state), badge(c.breaker)),
+      details, el("div", {}, ...caButtons(c)));
+  }));
+
+  const s = status.store;
+  kv(document.getElementById("store"), s ? [["Store", `${s.workers} workers · ${s.batches_in_flight} batches in flight · ${s.pending_writes} writes waiting${s.database_down ? " · DATABASE DOWN" : ""}`]] : [["Store", "no answer"]]);
+  document.getElementById("pools").replaceChildren(...status.pools.map((p) =>
+    el("tr", {}, el("td", {}, p.name), el("td", {}, p.in_use), el("td", {}, p.idle), el("td", {}, p.max),
+      el("td", {}, `${p.wait_p99_ms.toFixed(2)} ms`), el("td", {}, p.timeouts), el("td", {}, ago(p.longest_hold_ms)))));
+
+  document.getElementById("profiles").replaceChildren(...status.profiles.map(([id, st]) => {
+    const enable = st !== "enabled";
+    const path = `/admin/v1/profiles/${encodeURIComponent(id)}/state`;
+    return el("tr", {}, el("td", {}, id), el("td", {}, badge(st)), el("td", {},
+      el("button", { "data-action": enable ? "enable-profile" : "disable-profile", "data-profile": id,
+        onclick: () => lever(`${enable ? "Enable" : "Disable"} profile ${id}`, "POST", path, { enabled: enable }) },
+      enable ? "Enable" : "Disable")));
+  }));
+
+  document.getElementById("audit").replaceChildren(...status.audit.slice(0, 20).map((a) =>
+    el("tr", {}, el("td", {}, when(a.at)), el("td", {}, a.instance), el("td", {}, a.actor), el("td", {}, a.action),
+      el("td", {}, a.target), el("td", {}, a.outcome), el("td", { class: "small" }, a.detail))));
+
+  state.previous = { at: now, cells: status.cells };
+}
+
+async function refresh() {
+  if (!state.token) {
+    document.getElementById("login").style.display = "flex";
+    return;
+  }
+  try {
+    render(await api("GET", "/admin/v1/status"));
+    document.getElementById("login").style.display = "none";
+  } catch (e) {
+    document.getElementById("error").textContent = e.message;
+  }
+}
+
+document.getElementById("sign-in").addEventListener("click", () => {
+  state.token = document.getElementById("token").value.trim();
+  sessionStorage.setItem("castellum-admin-token", state.token);
+  refresh();
+});
+refresh();
+setInterval(refresh, 1000);
