@@ -55,6 +55,10 @@ async fn postgres_a_disable_reaches_another_instance_within_100ms_by_notificatio
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let instances = castellum::db::queries::instances(&mut db.conn()).unwrap();
     assert!(instances.iter().any(|i| i.0 == a.instance_id()) && instances.iter().any(|i| i.0 == b.instance_id()));
+    // A's console shows B's actor tree, as B published it.
+    let status = a.admin_status().await.unwrap();
+    let b_row = status.instances.iter().find(|i| i.id == b.instance_id()).expect("B in A's cluster view");
+    assert_eq!(b_row.tree["cells"].as_array().map(Vec::len), Some(4), "{:?}", b_row.tree);
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -86,7 +86,29 @@ pub fn render_status(status: &Value) -> String {
             })
             .collect(),
     );
-    let _ = writeln!(out, "\nCA cells (Registry → Intake → cells)");
+    for peer in instances.iter().filter(|i| i["id"] != status["instance"]) {
+        let _ = writeln!(out, "\n  {} (as it last published):", s(&peer["id"]));
+        let cells = peer["tree"]["cells"].as_array().cloned().unwrap_or_default();
+        table(
+            &mut out,
+            &["CA", "STATE", "BREAKER", "INTERACTIVE", "BACKGROUND", "IN FLIGHT", "SIGNED"],
+            cells
+                .iter()
+                .map(|c| {
+                    vec![
+                        s(&c["ca"]),
+                        s(&c["state"]),
+                        s(&c["breaker"]),
+                        s(&c["interactive_queued"]),
+                        s(&c["background_queued"]),
+                        s(&c["in_flight"]),
+                        s(&c["signatures"]),
+                    ]
+                })
+                .collect(),
+        );
+    }
+    let _ = writeln!(out, "\nCA cells of this instance (Registry → Intake → cells)");
     let cells = status["cells"].as_array().cloned().unwrap_or_default();
     table(
         &mut out,

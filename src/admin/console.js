@@ -73,6 +73,19 @@ function render(status) {
       el("td", {}, i.registry_version), el("td", {}, `${ago(now - i.heartbeat_at)} ago`),
       el("td", {}, badge(i.stale ? "stale" : "ok")))));
 
+  // Every other instance's tree, as it published it with its last heartbeat.
+  document.getElementById("peers").replaceChildren(...status.instances.filter((i) => i.id !== status.instance).map((i) => {
+    const cells = (i.tree && i.tree.cells) || [];
+    const pools = (i.tree && i.tree.pools) || [];
+    return el("details", { "data-instance": i.id },
+      el("summary", {}, `${i.id}: ${cells.length} CA cells`, i.stale ? " (stale)" : ""),
+      el("table", {}, el("tbody", {}, ...cells.map((c) => el("tr", {},
+        el("td", {}, c.ca), el("td", {}, badge(c.state)), el("td", {}, badge(c.breaker)),
+        el("td", {}, `queues ${c.interactive_queued}/${c.background_queued}`), el("td", {}, `in flight ${c.in_flight}`),
+        el("td", {}, c.key_available ? "key loaded" : "KEY UNAVAILABLE"), el("td", {}, `${c.signatures} signed`))))),
+      el("div", { class: "small" }, pools.map((p) => `${p.name} ${p.in_use}/${p.max} in use, wait p99 ${p.wait_p99_ms.toFixed(2)} ms, longest hold ${p.longest_hold_ms} ms`).join(" · ")));
+  }));
+
   kv(document.getElementById("tree"), [
     ["Registry", `version ${status.registry_version}, ${status.profiles.length} profiles`],
     ["Intake", `${status.cells.length} CA cells`],

@@ -182,8 +182,9 @@ struct LeakBody {
 
 /// Dev-mode fault injection for the pool-leak drill.
 #[post("/admin/v1/faults/leak")]
-async fn leak(engine: web::Data<Engine>, body: web::Json<LeakBody>) -> Result<HttpResponse, Problem> {
+async fn leak(req: HttpRequest, engine: web::Data<Engine>, body: web::Json<LeakBody>) -> Result<HttpResponse, Problem> {
     engine.inject_leak(
+        &who(&req),
         &body.pool,
         body.connections,
         std::time::Duration::from_millis(body.every_ms),

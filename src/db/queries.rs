@@ -293,6 +293,12 @@ pub fn heartbeat(
     Ok(())
 }
 
+/// Publish this instance's actor tree for every console of the cluster.
+pub fn publish_tree(conn: &mut DbConn, instance: &str, tree: &str) -> Result<(), DbError> {
+    with_conn!(conn, |c| diesel::update(instances::table.find(instance)).set(instances::tree.eq(tree)).execute(c))?;
+    Ok(())
+}
+
 pub fn ping(conn: &mut DbConn) -> Result<(), DbError> {
     with_conn!(conn, |c| diesel::sql_query("SELECT 1").execute(c))?;
     Ok(())
@@ -436,8 +442,9 @@ pub fn count_parked(conn: &mut DbConn, ca: &str) -> Result<i64, DbError> {
         .get_result(c))?)
 }
 
-/// One instance's heartbeat row: id, started at, last heartbeat, registry version, address.
-pub type InstanceRow = (String, i64, i64, i64, String);
+/// One instance's heartbeat row: id, started at, last heartbeat, registry version, address,
+/// and the actor tree it last published (JSON).
+pub type InstanceRow = (String, i64, i64, i64, String, String);
 
 /// Heartbeats of every instance sharing this database.
 pub fn instances(conn: &mut DbConn) -> Result<Vec<InstanceRow>, DbError> {
@@ -448,6 +455,7 @@ pub fn instances(conn: &mut DbConn) -> Result<Vec<InstanceRow>, DbError> {
             instances::heartbeat_at,
             instances::registry_version,
             instances::address,
+            instances::tree,
         ))
         .order(instances::id.asc())
         .load(c))?)

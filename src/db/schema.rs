@@ -31,6 +31,7 @@ diesel::table! {
         heartbeat_at -> BigInt,
         registry_version -> BigInt,
         address -> Text,
+        tree -> Text,
     }
 }
 

@@ -129,6 +129,7 @@ impl Engine {
     /// `connections` connections from `pool`, one every `every`, and keeps each for `hold`.
     pub fn inject_leak(
         &self,
+        actor: &str,
         pool: &str,
         connections: u32,
         every: Duration,
@@ -137,6 +138,7 @@ impl Engine {
         if self.inner.config.mode != crate::config::Mode::Dev {
             return Err(EngineError::Forbidden("fault injection is refused unless mode = \"dev\"".into()));
         }
+        self.audit(actor, "fault.leak", pool, &format!("{connections} connections, held {} ms", hold.as_millis()));
         let pool = self
             .inner
             .pools
@@ -192,25 +194,7 @@ impl Engine {
             cell.restarts = self.inner.metrics.cell_restarts.get_or_create(&crate::metrics::ca(&cell.ca)).get();
         }
         let now = now_ms();
-        let pools = self
-            .inner
-            .pools
-            .all()
-            .into_iter()
-            .map(|p| {
-                let state = p.state();
-                PoolStatus {
-                    name: p.name,
-                    max: p.max_size,
-                    open: state.connections,
-                    idle: state.idle_connections,
-                    in_use: state.connections - state.idle_connections,
-                    longest_hold_ms: p.holds.longest().as_millis() as u64,
-                    wait_p99_ms: p.waits.p99().as_secs_f64() * 1e3,
-                    timeouts: self.inner.metrics.pool_timeouts.get_or_create(&crate::metrics::pool(p.name)).get(),
-                }
-            })
-            .collect();
+        let pools = self.pool_statuses();
         let mut profiles: Vec<_> = snapshot.profiles.iter().map(|(id, s)| (id.clone(), s.clone())).collect();
         profiles.sort();
         Ok(AdminStatus {
@@ -223,10 +207,11 @@ impl Engine {
             profiles,
             instances: instances
                 .into_iter()
-                .map(|(id, started_at, heartbeat_at, registry_version, address)| InstanceStatus {
+                .map(|(id, started_at, heartbeat_at, registry_version, address, tree)| InstanceStatus {
                     stale: now - heartbeat_at > stale_after || registry_version < snapshot.version,
                     uptime_s: (now - started_at).max(0) / 1000,
                     address,
+                    tree: serde_json::from_str(&tree).unwrap_or(serde_json::Value::Null),
                     id,
                     started_at,
                     heartbeat_at,
@@ -236,6 +221,40 @@ impl Engine {
             audit,
             warnings,
         })
+    }
+
+    /// Write this instance's actor tree into its heartbeat row (every registry poll interval).
+    pub async fn publish_tree(&self) -> Result<(), EngineError> {
+        let pools: Vec<PoolStatus> = self.pool_statuses();
+        let tree = serde_json::json!({
+            "cells": self.cell_status().await,
+            "store": self.inner.store.status().await,
+            "pools": pools,
+        })
+        .to_string();
+        let instance = self.instance_id().to_string();
+        self.control(move |conn| queries::publish_tree(conn, &instance, &tree)).await
+    }
+
+    fn pool_statuses(&self) -> Vec<PoolStatus> {
+        self.inner
+            .pools
+            .all()
+            .into_iter()
+            .map(|p| {
+                let state = p.state();
+                PoolStatus {
+                    name: p.name.into(),
+                    max: p.max_size,
+                    open: state.connections,
+                    idle: state.idle_connections,
+                    in_use: state.connections - state.idle_connections,
+                    longest_hold_ms: p.holds.longest().as_millis() as u64,
+                    wait_p99_ms: p.waits.p99().as_secs_f64() * 1e3,
+                    timeouts: self.inner.metrics.pool_timeouts.get_or_create(&crate::metrics::pool(p.name)).get(),
+                }
+            })
+            .collect()
     }
 
     fn audit(&self, actor: &str, action: &str, target: &str, detail: &str) {
@@ -266,9 +285,9 @@ pub struct AdminStatus {
     pub warnings: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct PoolStatus {
-    pub name: &'static str,
+    pub name: std::borrow::Cow<'static, str>,
     pub max: u32,
     pub open: u32,
     pub idle: u32,
@@ -288,4 +307,6 @@ pub struct InstanceStatus {
     pub registry_version: i64,
     /// Its heartbeat is old, or it serves an older registry version than this instance.
     pub stale: bool,
+    /// The actor tree it last published: cells, store, pools.
+    pub tree: serde_json::Value,
 }

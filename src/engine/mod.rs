@@ -161,7 +161,7 @@ impl Engine {
             }
         });
         tracing::info!(instance = %instance, cas = config.cas.len(), profiles = config.profiles.len(), "engine started");
-        Ok(Engine {
+        let engine = Engine {
             inner: Arc::new(Inner {
                 read_permits: Semaphore::new(2 * pools.status.max_size as usize),
                 readiness_seen: std::sync::Mutex::new(HashMap::new()),
@@ -179,7 +179,20 @@ impl Engine {
                 resumer,
                 stop_listener,
             }),
-        })
+        };
+        // Every instance publishes its actor tree with its heartbeat, so any console can show it.
+        let publisher = engine.clone();
+        let every = engine.inner.config.registry.poll_interval;
+        actix_web::rt::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            while !publisher.is_shutting_down() {
+                tick.tick().await;
+                if let Err(e) = publisher.publish_tree().await {
+                    tracing::debug!(error = %e, "could not publish the actor tree");
+                }
+            }
+        });
+        Ok(engine)
     }
 
     pub fn config(&self) -> &Config {

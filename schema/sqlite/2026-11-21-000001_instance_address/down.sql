@@ -1,1 +1,2 @@
+ALTER TABLE instances DROP COLUMN tree;
 ALTER TABLE instances DROP COLUMN address;
