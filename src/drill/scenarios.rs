@@ -232,6 +232,8 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
         bg_fault_n,
         after_disable,
         refused,
+        others,
+        unanswered_after_disable,
         max_depth_disabled,
         signed_after_disable,
         sync_created,
@@ -247,13 +249,21 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
         };
         let (rate_base, rate_fault) = (rate(warm, fault), rate(fault, disabled));
         let (bg_base, bg_fault) = (stream_stats(&rec, 1, warm, fault), stream_stats(&rec, 1, fault, disabled));
-        let after_disable: Vec<Kind> = rec
+        let after_disable: Vec<(Kind, u16)> = rec
             .samples
             .iter()
-            .filter(|x| (x.stream == 2 || x.stream == 3) && x.at > disabled_at)
-            .map(|x| x.kind)
+            .filter(|x| (x.stream == 2 || x.stream == 3) && x.at > disabled_at && x.kind != Kind::NoAnswer)
+            .map(|x| (x.kind, x.status))
             .collect();
-        let refused = after_disable.iter().filter(|kind| **kind == Kind::Refused409).count();
+        let refused = after_disable.iter().filter(|(kind, _)| *kind == Kind::Refused409).count();
+        let unanswered_after_disable = rec
+            .samples
+            .iter()
+            .filter(|x| (x.stream == 2 || x.stream == 3) && x.at > disabled_at && x.kind == Kind::NoAnswer)
+            .count();
+        let mut others: Vec<u16> =
+            after_disable.iter().filter(|(kind, _)| *kind != Kind::Refused409).map(|(_, status)| *status).collect();
+        others.sort_unstable();
         let max_depth_disabled = rec
             .gauges
             .iter()
@@ -285,6 +295,8 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
             bg_fault.0,
             after_disable.len(),
             refused,
+            others,
+            unanswered_after_disable,
             max_depth_disabled,
             signed_after_disable,
             sync_created,
@@ -337,7 +349,7 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
             "requests for disabled CAs are refused at intake, never queued or signed",
             after_disable > 0 && refused == after_disable && max_depth_disabled == 0 && signed_after_disable == 0,
             format!(
-                "after the disable: {refused} of {after_disable} requests answered 409; their queue depth peaked at {max_depth_disabled}; {signed_after_disable} signatures"
+                "after the disable: {refused} of {after_disable} answered requests were 409 (others: {others:?}; unanswered by the connection: {unanswered_after_disable}); their queue depth peaked at {max_depth_disabled}; {signed_after_disable} signatures"
             ),
         ),
         Promise::new(

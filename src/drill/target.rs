@@ -261,6 +261,9 @@ fn client() -> Result<reqwest::Client, DrillError> {
     reqwest::Client::builder()
         .timeout(Duration::from_secs(15))
         .pool_max_idle_per_host(512)
+        // Well inside the server's 5 s keep-alive: reusing a connection the server is closing at
+        // that moment loses the request (a client artifact, not an engine answer).
+        .pool_idle_timeout(Duration::from_secs(1))
         .build()
         .map_err(|e| DrillError::Setup(e.to_string()))
 }
