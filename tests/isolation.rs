@@ -243,25 +243,9 @@ async fn a_renewal_storm_coalesces_into_one_signature() {
     }
     let mut serials = Vec::new();
     for id in &ids {
-        let started = Instant::now();
-        loop {
-            let body: serde_json::Value = server
-                .http
-                .get(server.url(&format!("/v1/requests/{id}")))
-                .bearer_auth(DEMO_KEY)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if body["state"] == "issued" {
-                serials.push(body["certificate"]["serial"].as_str().unwrap().to_string());
-                break;
-            }
-            assert!(started.elapsed() < Duration::from_secs(10), "{body}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let body = wait_for_request(&server.http, &server.base, id, Duration::from_secs(10)).await;
+        assert_eq!(body["state"], "issued", "{body}");
+        serials.push(body["certificate"]["serial"].as_str().unwrap().to_string());
     }
     let distinct: std::collections::HashSet<_> = serials.iter().collect();
     assert_eq!(distinct.len(), 2, "21 identical renewals share one certificate, the other key has its own");

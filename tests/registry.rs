@@ -151,7 +151,7 @@ async fn parked_work_is_all_issued_after_resubmit(db: TestDb) {
     assert_eq!(server.engine.resubmit("test-operator", "ica-p256").await.unwrap(), 40);
     let mut serials = std::collections::HashSet::new();
     for id in &ids {
-        let done = wait_for(&server, id).await;
+        let done = wait_for_request(&server.http, &server.base, id, Duration::from_secs(20)).await;
         assert_eq!(done["state"], "issued", "{done}");
         serials.insert(done["certificate"]["serial"].as_str().unwrap().to_string());
     }
@@ -161,27 +161,6 @@ async fn parked_work_is_all_issued_after_resubmit(db: TestDb) {
     assert!(audit.iter().any(|e| e.action == "ca.state" && e.outcome == "parked" && e.actor == "test-operator"));
     assert!(audit.iter().any(|e| e.action == "ca.resubmit"));
     server.stop().await;
-}
-
-async fn wait_for(server: &TestServer, id: &str) -> serde_json::Value {
-    let started = Instant::now();
-    loop {
-        let body: serde_json::Value = server
-            .http
-            .get(server.url(&format!("/v1/requests/{id}")))
-            .bearer_auth(DEMO_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if body["state"] != "pending" && body["state"] != "parked" {
-            return body;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "{id} still {}", body["state"]);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[actix_rt::test]

@@ -53,24 +53,6 @@ async fn postgres_concurrent_retries_issue_once() {
     concurrent_retries_issue_once(TestDb::postgres()).await;
 }
 
-/// Poll a request until it leaves `pending`, or give up after `limit`.
-pub async fn wait_for_request(http: &reqwest::Client, base: &str, id: &str, limit: Duration) -> serde_json::Value {
-    let started = Instant::now();
-    loop {
-        let resp = http.get(format!("{base}/v1/requests/{id}")).bearer_auth(DEMO_KEY).send().await;
-        if let Ok(resp) = resp {
-            if resp.status() == 200 {
-                let body: serde_json::Value = resp.json().await.unwrap();
-                if body["state"] != "pending" {
-                    return body;
-                }
-            }
-        }
-        assert!(started.elapsed() < limit, "request {id} still pending after {limit:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 async fn async_request_is_issued(db: TestDb) {
     let server = TestServer::start(dev_config(&db)).await;
     let resp = server

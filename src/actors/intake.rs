@@ -110,6 +110,21 @@ impl Intake {
         })
     }
 
+    /// CAs that can sign right now: enabled, key loaded, breaker not open.
+    pub fn serving_cas(&self) -> std::collections::HashSet<String> {
+        let snapshot = self.snapshot.load();
+        let now = crate::pki::now_ms();
+        self.cells
+            .iter()
+            .filter(|(id, slot)| {
+                snapshot.ca_enabled(id)
+                    && slot.gauges.breaker_open_until_ms.load(Ordering::Relaxed) <= now
+                    && self.catalog.cas.get(*id).is_some_and(|m| m.key.is_available())
+            })
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
     /// A CA whose breaker is open is refused before any work is spent on the request.
     fn check_breaker(&self, profile: &Profile) -> Result<(), EngineError> {
         let Some(gauges) = self.cells.get(&profile.ca).map(|slot| &slot.gauges) else { return Ok(()) };

@@ -54,6 +54,9 @@ impl Resumer {
         let pool = self.control.clone();
         let instance = self.instance.clone();
         let lease_ms = self.lease.as_millis() as i64;
+        // Only CAs that can sign now: taking up a broken CA's requests would only fail them
+        // again, and load the database every other CA shares.
+        let serving = self.intake.serving_cas();
         let work = actix_web::rt::task::spawn_blocking(move || -> Result<Vec<RequestRow>, DbError> {
             let _span = tracing::info_span!("resumer").entered();
             let mut conn = pool.get()?;
@@ -62,20 +65,11 @@ impl Resumer {
             if expired > 0 {
                 tracing::info!(expired, "asynchronous requests expired before they could be issued");
             }
-            let mut claimed = Vec::new();
-            for row in queries::claimable_requests(&mut conn, now, BATCH)? {
-                if queries::claim_request(
-                    &mut conn,
-                    &row.id,
-                    &instance,
-                    now,
-                    now + lease_ms,
-                    &[request_state::PENDING],
-                )? {
-                    claimed.push(row);
-                }
-            }
-            Ok(claimed)
+            let candidates: Vec<RequestRow> = queries::claimable_requests(&mut conn, now, BATCH)?
+                .into_iter()
+                .filter(|row| serving.contains(&row.ca_id))
+                .collect();
+            queries::claim_requests(&mut conn, candidates, &instance, now, now + lease_ms)
         });
         ctx.spawn(work.into_actor(self).map(|result, act, _| {
             act.busy = false;

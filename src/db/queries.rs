@@ -179,6 +179,40 @@ pub fn claim_request(
     Ok(n == 1)
 }
 
+/// Claim several pending requests in one transaction (one commit); returns those won.
+pub fn claim_requests(
+    conn: &mut DbConn,
+    rows: Vec<RequestRow>,
+    instance: &str,
+    now: i64,
+    until: i64,
+) -> Result<Vec<RequestRow>, DbError> {
+    if rows.is_empty() {
+        return Ok(rows);
+    }
+    Ok(with_conn!(conn, |c| c.transaction(|c| {
+        let mut won = Vec::new();
+        for row in rows {
+            let n = diesel::update(
+                requests::table
+                    .filter(requests::id.eq(&row.id))
+                    .filter(requests::state.eq(request_state::PENDING))
+                    .filter(requests::claimed_until.is_null().or(requests::claimed_until.lt(now))),
+            )
+            .set((
+                requests::claimed_by.eq(Some(instance)),
+                requests::claimed_until.eq(Some(until)),
+                requests::updated_at.eq(now),
+            ))
+            .execute(c)?;
+            if n == 1 {
+                won.push(row);
+            }
+        }
+        diesel::QueryResult::Ok(won)
+    }))?)
+}
+
 /// Pending asynchronous requests whose claim has lapsed (oldest first).
 pub fn claimable_requests(conn: &mut DbConn, now: i64, limit: i64) -> Result<Vec<RequestRow>, DbError> {
     Ok(with_conn!(conn, |c| requests::table

@@ -23,16 +23,7 @@ impl Engine {
         &self,
         f: impl FnOnce(&mut DbConn) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, EngineError> {
-        let pool = self.inner.pools.control.clone();
-        let span = tracing::Span::current();
-        actix_web::rt::task::spawn_blocking(move || {
-            let _span = span.entered();
-            let mut conn = pool.get()?;
-            f(&mut conn)
-        })
-        .await
-        .map_err(|e| EngineError::Internal(e.to_string()))?
-        .map_err(EngineError::from)
+        super::on_pool(self.inner.pools.control.clone(), f).await
     }
 
     /// Change a CA's state (`enabled`, `parked`, `draining`, `disabled`, `retired`); returns the

@@ -36,6 +36,23 @@ pub enum StartError {
     Task(String),
 }
 
+/// Run blocking database work with a connection of `pool`, off the event loop, in the caller's
+/// span (so a long hold names its holder).
+async fn on_pool<T: Send + 'static>(
+    pool: crate::db::DbPool,
+    f: impl FnOnce(&mut DbConn) -> Result<T, DbError> + Send + 'static,
+) -> Result<T, EngineError> {
+    let span = tracing::Span::current();
+    actix_web::rt::task::spawn_blocking(move || {
+        let _span = span.entered();
+        let mut conn = pool.get()?;
+        f(&mut conn)
+    })
+    .await
+    .map_err(|e| EngineError::Internal(e.to_string()))?
+    .map_err(EngineError::from)
+}
+
 /// How often current database holds are scanned for leaks.
 const HOLD_SCAN_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -232,16 +249,7 @@ impl Engine {
             self.inner.metrics.pool_refused.get_or_create(&crate::metrics::pool("status")).inc();
             EngineError::DatabaseUnavailable
         })?;
-        let pool = self.inner.pools.status.clone();
-        let span = tracing::Span::current();
-        actix_web::rt::task::spawn_blocking(move || {
-            let _span = span.entered();
-            let mut conn = pool.get()?;
-            f(&mut conn)
-        })
-        .await
-        .map_err(|e| EngineError::Internal(e.to_string()))?
-        .map_err(EngineError::from)
+        on_pool(self.inner.pools.status.clone(), f).await
     }
 
     pub async fn certificate(&self, client: &Client, serial: &str) -> Result<CertificateRecord, EngineError> {

@@ -415,3 +415,21 @@ impl DbProxy {
         format!("postgres://postgres@127.0.0.1:{}/{}", self.port, db.name)
     }
 }
+
+/// Poll a stored request until it is no longer waiting (pending or parked), or fail after `limit`.
+pub async fn wait_for_request(http: &reqwest::Client, base: &str, id: &str, limit: Duration) -> serde_json::Value {
+    let started = std::time::Instant::now();
+    loop {
+        let resp = http.get(format!("{base}/v1/requests/{id}")).bearer_auth(DEMO_KEY).send().await;
+        if let Ok(resp) = resp {
+            if resp.status() == 200 {
+                let body: serde_json::Value = resp.json().await.unwrap();
+                if body["state"] != "pending" && body["state"] != "parked" {
+                    return body;
+                }
+            }
+        }
+        assert!(started.elapsed() < limit, "request {id} still waiting after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
