@@ -113,7 +113,13 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
     let k = if opts.short { 1.0 } else { 3.0 };
     let (fault, disabled, resubmitted, end) = (s(4.0 * k), s(8.0 * k), s(10.0 * k), s(12.0 * k));
     let db = database(opts, dir, None)?;
+    let postgres = opts.postgres.is_some();
     let target = target(opts, dir, db, |c| {
+        if postgres {
+            // Two store workers, as a PostgreSQL deployment runs: one slow commit (a checkpoint
+            // of the shared server) must not hold every write behind it.
+            set(c, &["database", "pools", "issuance", "max_size"], 2.into());
+        }
         add_renewal_profile(c, "renewal-p384", "ica-p384", "ecdsa-p384");
         add_renewal_profile(c, "renewal-rsa3072", "ica-rsa3072", "rsa");
         add_renewal_profile(c, "renewal-ed25519", "ica-ed25519", "ed25519");
