@@ -152,3 +152,46 @@ async fn sqlite_accepted_request_survives_a_crash() {
 async fn postgres_accepted_request_survives_a_crash() {
     accepted_request_survives_a_crash(TestDb::postgres()).await;
 }
+
+/// A write-ahead record a crash left in `signing`, older than any deadline, is marked abandoned
+/// (it can never be signed); a recent one is left alone.
+#[actix_rt::test]
+async fn write_ahead_records_orphaned_by_a_crash_are_abandoned() {
+    let db = TestDb::sqlite();
+    let mut config = dev_config(&db);
+    config.async_requests.resume_interval = Duration::from_millis(100);
+    let engine = castellum::Engine::start(config).await.unwrap();
+    let row = |serial: &str, created_at: i64| {
+        castellum::db::queries::WriteOp::WriteAhead(Box::new(castellum::db::models::CertificateRow {
+            serial: serial.into(),
+            ca_id: "ica-p256".into(),
+            profile: "tls-server-p256".into(),
+            client: "demo".into(),
+            request_id: None,
+            state: "signing".into(),
+            tbs_der: vec![0x30, 0x00],
+            cert_der: None,
+            not_before: 0,
+            not_after: 0,
+            created_at,
+            issued_at: None,
+            revoked_at: None,
+            revocation_reason: None,
+        }))
+    };
+    let now = castellum::pki::now_ms();
+    let ops = [row("0a", now - 3_600_000), row("0b", now)];
+    castellum::db::queries::apply_batch(&mut db.conn(), &ops).unwrap();
+    let started = Instant::now();
+    loop {
+        let old = castellum::db::queries::load_certificate(&mut db.conn(), "0a").unwrap().unwrap();
+        if old.state == "abandoned" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "the orphan was not swept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let recent = castellum::db::queries::load_certificate(&mut db.conn(), "0b").unwrap().unwrap();
+    assert_eq!(recent.state, "signing", "a recent write-ahead record may still be signed");
+    engine.shutdown().await;
+}

@@ -39,6 +39,9 @@ pub struct Resumer {
     pub lease: Duration,
     pub interval: Duration,
     pub metrics: Arc<Metrics>,
+    /// No job lives longer than this (the longest lane deadline): older write-ahead records
+    /// still `signing` were orphaned by a crash.
+    pub longest_deadline: Duration,
     pub busy: bool,
     /// CAs being resubmitted, with their rate per second.
     pub resubmitting: std::collections::HashMap<String, u32>,
@@ -57,6 +60,7 @@ impl Resumer {
         // Only CAs that can sign now: taking up a broken CA's requests would only fail them
         // again, and load the database every other CA shares.
         let serving = self.intake.serving_cas();
+        let orphaned_before = self.longest_deadline.as_millis() as i64 + 5_000;
         let work = actix_web::rt::task::spawn_blocking(move || -> Result<Vec<RequestRow>, DbError> {
             let _span = tracing::info_span!("resumer").entered();
             let mut conn = pool.get()?;
@@ -64,6 +68,10 @@ impl Resumer {
             let expired = queries::expire_requests(&mut conn, now)?;
             if expired > 0 {
                 tracing::info!(expired, "asynchronous requests expired before they could be issued");
+            }
+            let abandoned = queries::abandon_stale_signing(&mut conn, now - orphaned_before)?;
+            if abandoned > 0 {
+                tracing::warn!(abandoned, "write-ahead records orphaned by a crash marked abandoned (never signed)");
             }
             let candidates: Vec<RequestRow> = queries::claimable_requests(&mut conn, now, BATCH)?
                 .into_iter()

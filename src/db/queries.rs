@@ -236,6 +236,18 @@ pub fn expire_requests(conn: &mut DbConn, now: i64) -> Result<usize, DbError> {
     .execute(c))?)
 }
 
+/// Write-ahead records a crash left in `signing` that can no longer be signed (older than the
+/// longest deadline: the signer refuses anything past its deadline) are marked abandoned.
+pub fn abandon_stale_signing(conn: &mut DbConn, created_before: i64) -> Result<usize, DbError> {
+    Ok(with_conn!(conn, |c| diesel::update(
+        certificates::table
+            .filter(certificates::state.eq(super::models::cert_state::SIGNING))
+            .filter(certificates::created_at.lt(created_before))
+    )
+    .set(certificates::state.eq(super::models::cert_state::ABANDONED))
+    .execute(c))?)
+}
+
 /// On a clean shutdown: give back the claims this instance holds so others need not wait.
 pub fn release_claims(conn: &mut DbConn, instance: &str) -> Result<usize, DbError> {
     Ok(with_conn!(conn, |c| diesel::update(

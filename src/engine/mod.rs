@@ -163,6 +163,7 @@ impl Engine {
             lease: config.async_requests.lease,
             interval: config.async_requests.resume_interval,
             metrics: metrics.clone(),
+            longest_deadline: config.lanes.interactive.max_deadline.max(config.lanes.background.max_deadline),
             busy: false,
             resubmitting: HashMap::new(),
             resubmit_busy: false,
