@@ -76,6 +76,8 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
         if !ahead.is_empty() {
             diesel::insert_into(certificates::table).values(&ahead).execute(c)?;
         }
+        // A request answered with a certificate, its own or (coalesced) another request's.
+        let mut issued_requests: Vec<(&String, &String, i64)> = Vec::new();
         for op in ops {
             match op {
                 WriteOp::CertificateIssued { serial, cert_der, at, request_id, .. } => {
@@ -87,28 +89,10 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                         ))
                         .execute(c)?;
                     if let Some(id) = request_id {
-                        diesel::update(requests::table.find(id))
-                            .set((
-                                requests::state.eq(request_state::ISSUED),
-                                requests::serial.eq(Some(serial)),
-                                requests::updated_at.eq(*at),
-                                requests::claimed_by.eq(None::<String>),
-                                requests::claimed_until.eq(None::<i64>),
-                            ))
-                            .execute(c)?;
+                        issued_requests.push((id, serial, *at));
                     }
                 }
-                WriteOp::RequestIssued { id, serial, at } => {
-                    diesel::update(requests::table.find(id))
-                        .set((
-                            requests::state.eq(request_state::ISSUED),
-                            requests::serial.eq(Some(serial)),
-                            requests::updated_at.eq(*at),
-                            requests::claimed_by.eq(None::<String>),
-                            requests::claimed_until.eq(None::<i64>),
-                        ))
-                        .execute(c)?;
-                }
+                WriteOp::RequestIssued { id, serial, at } => issued_requests.push((id, serial, *at)),
                 WriteOp::CertificateAbandoned { serial } => {
                     diesel::update(certificates::table.find(serial))
                         .set(certificates::state.eq(super::models::cert_state::ABANDONED))
@@ -128,6 +112,17 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                 }
                 _ => {}
             }
+        }
+        for (id, serial, at) in issued_requests {
+            diesel::update(requests::table.find(id))
+                .set((
+                    requests::state.eq(request_state::ISSUED),
+                    requests::serial.eq(Some(serial)),
+                    requests::updated_at.eq(at),
+                    requests::claimed_by.eq(None::<String>),
+                    requests::claimed_until.eq(None::<i64>),
+                ))
+                .execute(c)?;
         }
         if !audit.is_empty() {
             diesel::insert_into(audit_log::table).values(&audit).execute(c)?;
