@@ -21,7 +21,11 @@ pub fn call(base: &str, token: &str, method: &str, path: &str, body: Option<Valu
         .build()
         .map_err(|e| CliError::Unreachable { url: url.clone(), reason: e.to_string() })?;
     runtime.block_on(async {
-        let http = reqwest::Client::new();
+        // An admin listener that accepts but never answers must not hang the operator's shell.
+        let http = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .map_err(|e| CliError::Unreachable { url: url.clone(), reason: e.to_string() })?;
         let request = match method {
             "GET" => http.get(&url),
             _ => http.post(&url).json(&body.unwrap_or(Value::Object(Default::default()))),
