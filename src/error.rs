@@ -38,6 +38,12 @@ pub enum EngineError {
     IdempotencyKeyReuse,
     #[error("not found")]
     NotFound,
+    #[error("gone: {0}")]
+    Gone(String),
+    #[error("bad digest: {0}")]
+    BadDigest(String),
+    #[error("the identity signer has more signatures waiting than it accepts; retry shortly")]
+    IdentitySignerBusy,
     #[error("client is over its rate limit")]
     RateLimited { retry_after: Duration },
     #[error("CA {ca:?} cannot take more work now: {reason}")]
@@ -79,6 +85,9 @@ impl EngineError {
             IdempotencyKeyReuse => "idempotency-key-reuse",
             Conflict(_) => "conflict",
             NotFound => "not-found",
+            Gone(_) => "gone",
+            BadDigest(_) => "bad-digest",
+            IdentitySignerBusy => "identity-signer-busy",
             RateLimited { .. } => "rate-limited",
             CaOverloaded { .. } => "ca-overloaded",
             CaUnavailable { .. } => "ca-unavailable",
@@ -103,8 +112,9 @@ impl EngineError {
             ForbiddenProfile(_) | Forbidden(_) => 403,
             UnknownProfile(_) | NotFound => 404,
             ProfileDisabled(_) | CaDisabled(_) | Conflict(_) => 409,
+            Gone(_) => 410,
             PayloadTooLarge => 413,
-            WeakKey(_) | WeakSignatureAlgorithm(_) | PolicyViolation(_) | IdempotencyKeyReuse => 422,
+            WeakKey(_) | WeakSignatureAlgorithm(_) | PolicyViolation(_) | IdempotencyKeyReuse | BadDigest(_) => 422,
             RateLimited { .. } => 429,
             Internal(_) => 500,
             CaOverloaded { .. }
@@ -113,6 +123,7 @@ impl EngineError {
             | SignerFailure { .. }
             | DatabaseUnavailable
             | StoreOverloaded
+            | IdentitySignerBusy
             | ShuttingDown => 503,
         }
     }
@@ -125,7 +136,7 @@ impl EngineError {
             | CaOverloaded { retry_after, .. }
             | CaUnavailable { retry_after, .. }
             | DeadlineExceeded { retry_after } => Some(*retry_after),
-            StoreOverloaded => Some(Duration::from_secs(1)),
+            StoreOverloaded | IdentitySignerBusy => Some(Duration::from_secs(1)),
             SignerFailure { .. } | DatabaseUnavailable | ShuttingDown => Some(Duration::from_secs(5)),
             _ => None,
         }

@@ -55,6 +55,16 @@ pub struct Metrics {
     pub store_pending: Gauge,
     pub registry_version: Gauge,
     pub async_resumed: Counter,
+    /// Identity keys handed out, by kind and source (`pool`: pre-generated, `on-demand`).
+    pub identity_keys: Family<Labels, Counter>,
+    /// Pre-generated identity keys in stock, by kind.
+    pub identity_key_pool: Family<Labels, Gauge>,
+    /// Identities destroyed, by reason (`used`, `expired`).
+    pub identities_destroyed: Family<Labels, Counter>,
+    pub identity_sweeps: Counter,
+    /// Identity operations by operation (`create`, `sign`) and outcome.
+    pub identity_operations: Family<Labels, Counter>,
+    pub identity_sign_seconds: Histogram,
 }
 
 impl Default for Metrics {
@@ -95,6 +105,12 @@ impl Metrics {
             store_pending: Gauge::default(),
             registry_version: Gauge::default(),
             async_resumed: Counter::default(),
+            identity_keys: Family::default(),
+            identity_key_pool: Family::default(),
+            identities_destroyed: Family::default(),
+            identity_sweeps: Counter::default(),
+            identity_operations: Family::default(),
+            identity_sign_seconds: latency_histogram(),
         };
         {
             let mut r = m.registry.lock().expect("metrics registry lock");
@@ -157,6 +173,20 @@ impl Metrics {
                 "async_resumed",
                 "Pending asynchronous requests taken up by this instance",
                 m.async_resumed.clone(),
+            );
+            r.register("identity_keys", "Identity keys handed out, by kind and source", m.identity_keys.clone());
+            r.register("identity_key_pool", "Pre-generated identity keys in stock", m.identity_key_pool.clone());
+            r.register("identities_destroyed", "Identities destroyed, by reason", m.identities_destroyed.clone());
+            r.register("identity_sweeps", "Runs of the expired-identity sweep", m.identity_sweeps.clone());
+            r.register(
+                "identity_operations",
+                "Identity creations and signatures by outcome",
+                m.identity_operations.clone(),
+            );
+            r.register(
+                "identity_sign_duration_seconds",
+                "Time to open an identity key and sign a digest",
+                m.identity_sign_seconds.clone(),
             );
         }
         m

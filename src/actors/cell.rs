@@ -44,6 +44,8 @@ pub struct Job {
     pub enqueued_at: Instant,
     pub reply: Option<Reply>,
     pub span: tracing::Span,
+    /// A disposable identity created with this certificate (interactive lane only).
+    pub identity: Option<Arc<crate::pki::identity::IdentityDraft>>,
 }
 
 /// A request that attached to an identical one instead of adding work (background lane).

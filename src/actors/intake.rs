@@ -20,6 +20,7 @@ use super::supervisor::CellSlot;
 use crate::config::{Config, LanesConfig};
 use crate::engine::types::Client;
 use crate::error::EngineError;
+use crate::pki::identity::IdentityDraft;
 use crate::pki::profile::ApprovedNames;
 use crate::pki::{csr, CaMaterial, CheckedCsr, Profile};
 
@@ -56,15 +57,23 @@ pub struct Admitted {
     pub names: Arc<ApprovedNames>,
     /// The CA is parked: store the request as parked instead of queueing it.
     pub hold: bool,
+    /// A disposable identity: the engine's sealed key, stored with the certificate.
+    pub identity: Option<Arc<IdentityDraft>>,
 }
 
 impl Admitted {
-    /// The fingerprint of what was asked for, to recognise an idempotent retry.
+    /// The fingerprint of what was asked for, to recognise an idempotent retry: the profile and
+    /// CSR, or for an identity the profile and subject (its key is new on every attempt).
     pub fn body_sha256(&self) -> String {
         let mut h = openssl::sha::Sha256::new();
-        h.update(self.profile.id.as_bytes());
-        h.update(b"\n");
-        h.update(&self.csr.der);
+        match &self.identity {
+            Some(draft) => h.update(&draft.fingerprint),
+            None => {
+                h.update(self.profile.id.as_bytes());
+                h.update(b"\n");
+                h.update(&self.csr.der);
+            }
+        }
         hex::encode(h.finish())
     }
 }
@@ -102,7 +111,7 @@ impl Intake {
     }
 
     /// The client's own rate: over it is `429`, whatever the CAs' state.
-    fn check_rate(&self, client: &Client) -> Result<(), EngineError> {
+    pub fn check_rate(&self, client: &Client) -> Result<(), EngineError> {
         use governor::clock::{Clock, DefaultClock};
         let Some(limiter) = self.limiters.get(&client.name) else { return Ok(()) };
         limiter.check().map_err(|not_until| EngineError::RateLimited {
@@ -126,7 +135,7 @@ impl Intake {
     }
 
     /// A CA whose breaker is open is refused before any work is spent on the request.
-    fn check_breaker(&self, profile: &Profile) -> Result<(), EngineError> {
+    pub fn check_breaker(&self, profile: &Profile) -> Result<(), EngineError> {
         let Some(gauges) = self.cells.get(&profile.ca).map(|slot| &slot.gauges) else { return Ok(()) };
         let open_until = gauges.breaker_open_until_ms.load(Ordering::Relaxed);
         let now = crate::pki::now_ms();
@@ -226,7 +235,7 @@ impl Intake {
 
     pub fn admit_checked(&self, profile: Arc<Profile>, csr: CheckedCsr) -> Result<Admitted, EngineError> {
         let names = profile.approve(&csr)?;
-        Ok(Admitted { profile, csr: Arc::new(csr), names: Arc::new(names), hold: false })
+        Ok(Admitted { profile, csr: Arc::new(csr), names: Arc::new(names), hold: false, identity: None })
     }
 
     /// The request's absolute deadline: its lane's default, shortened (never lengthened past

@@ -8,16 +8,23 @@
 //!    writer on the issuance path, group-committing batches.
 //! 5. [`registry`]: live CA/profile state and its version, pushed to intake and cells.
 //! 6. [`resumer`]: takes up pending asynchronous requests nobody owns (after a restart or crash).
+//!
+//! Disposable identities add three: [`keypool`] (keys generated ahead, on threads of their own),
+//! [`vault`] (opens a sealed identity key and signs a digest, on threads of its own) and
+//! [`sweeper`] (destroys expired identities).
 
 pub mod breaker;
 pub mod cell;
 pub mod intake;
+pub mod keypool;
 pub mod pipeline;
 pub mod registry;
 pub mod resumer;
 pub mod signer;
 pub mod store;
 pub mod supervisor;
+pub mod sweeper;
+pub mod vault;
 
 /// Run `f`, turning a panic into an error so a worker thread survives and its caller is answered.
 pub(crate) fn catch_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {

@@ -11,11 +11,12 @@ use actix::prelude::*;
 use super::cell::Job;
 use super::signer::{Prepare, Sign, Signer};
 use super::store::StoreHandle;
-use crate::db::models::{cert_state, request_state, CertificateRow, NewAuditEvent};
+use crate::db::models::{cert_state, identity_state, request_state, CertificateRow, IdentityRow, NewAuditEvent};
 use crate::db::queries::WriteOp;
 use crate::engine::types::IssuedCertificate;
 use crate::error::EngineError;
 use crate::metrics::Metrics;
+use crate::pki::identity::IdentityDraft;
 use crate::pki::{cert_pem, now_ms, CaMaterial};
 
 /// What the pipeline needs, cloned once per job.
@@ -79,21 +80,38 @@ impl Pipeline {
             }
         };
         let issued_at = now_ms();
+        let identity = job.identity.as_ref().map(|draft| Box::new(identity_row(job, draft, &serial, prepared.not_after_ms)));
+        let audit = match &identity {
+            Some(row) => NewAuditEvent {
+                at: issued_at,
+                instance: p.instance.to_string(),
+                actor: job.client.clone(),
+                action: "identity.create".into(),
+                target: row.id.clone(),
+                outcome: "issued".into(),
+                detail: format!(
+                    "ca={} profile={} serial={serial} key={} max_uses={}",
+                    p.ca.id, job.profile.id, row.key_type, row.max_uses
+                ),
+            },
+            None => NewAuditEvent {
+                at: issued_at,
+                instance: p.instance.to_string(),
+                actor: job.client.clone(),
+                action: "certificate.issue".into(),
+                target: serial.clone(),
+                outcome: "issued".into(),
+                detail: format!("ca={} profile={}", p.ca.id, job.profile.id),
+            },
+        };
         p.store
             .write(WriteOp::CertificateIssued {
                 serial: serial.clone(),
                 cert_der: cert_der.clone(),
                 at: issued_at,
                 request_id: job.request_id.clone(),
-                audit: Box::new(NewAuditEvent {
-                    at: issued_at,
-                    instance: p.instance.to_string(),
-                    actor: job.client.clone(),
-                    action: "certificate.issue".into(),
-                    target: serial.clone(),
-                    outcome: "issued".into(),
-                    detail: format!("ca={} profile={}", p.ca.id, job.profile.id),
-                }),
+                audit: Box::new(audit),
+                identity,
             })
             .await?;
         Ok(IssuedCertificate {
@@ -151,6 +169,28 @@ impl Pipeline {
             at: now_ms(),
             claimed_until: None,
         });
+    }
+}
+
+/// The stored form of an identity created with the certificate `serial`.
+fn identity_row(job: &Job, draft: &IdentityDraft, serial: &str, not_after_ms: i64) -> IdentityRow {
+    IdentityRow {
+        id: draft.key.id.clone(),
+        client: job.client.clone(),
+        profile: job.profile.id.clone(),
+        ca_id: job.profile.ca.clone(),
+        serial: serial.to_string(),
+        key_type: draft.key.key_type.as_str().to_string(),
+        state: identity_state::ACTIVE.to_string(),
+        sealed_key: Some(draft.key.sealed.clone()),
+        kek_id: draft.key.kek_id.clone(),
+        uses: 0,
+        max_uses: i64::from(draft.max_uses),
+        created_at: draft.created_at,
+        // The key never outlives its certificate.
+        expires_at: draft.expires_at.min(not_after_ms),
+        destroyed_at: None,
+        destroy_reason: None,
     }
 }
 

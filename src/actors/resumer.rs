@@ -157,6 +157,7 @@ impl Resumer {
                 enqueued_at: Instant::now(),
                 reply: None,
                 span: span.clone(),
+                identity: None,
             })
         });
         if let Err(err) = result {

@@ -15,11 +15,14 @@ pub struct ConfigProblem {
     /// A CA key that cannot be loaded now. `check-config` fails on it; at start-up the engine
     /// starts that CA in a failed state instead (its key is retried), and the others serve.
     pub key_unavailable: bool,
+    /// Allowed, but risky: reported by `check-config`, never refused.
+    pub warning: bool,
 }
 
 impl std::fmt::Display for ConfigProblem {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
+        let severity = if self.warning { "warning: " } else { "" };
+        write!(f, "{severity}{}: {}", self.path, self.message)
     }
 }
 
@@ -30,11 +33,15 @@ struct Problems(Vec<ConfigProblem>);
 
 impl Problems {
     fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(ConfigProblem { path: path.into(), message: message.into(), key_unavailable: false });
+        self.0.push(ConfigProblem { path: path.into(), message: message.into(), key_unavailable: false, warning: false });
     }
 
     fn key_unavailable(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(ConfigProblem { path: path.into(), message: message.into(), key_unavailable: true });
+        self.0.push(ConfigProblem { path: path.into(), message: message.into(), key_unavailable: true, warning: false });
+    }
+
+    fn warn(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigProblem { path: path.into(), message: message.into(), key_unavailable: false, warning: true });
     }
 }
 

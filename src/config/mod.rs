@@ -39,6 +39,7 @@ pub struct Config {
     pub registry: RegistryConfig,
     pub store: StoreConfig,
     pub async_requests: AsyncConfig,
+    pub identities: IdentitiesConfig,
     pub cas: Vec<CaConfig>,
     pub profiles: Vec<ProfileConfig>,
     pub clients: Vec<ClientConfig>,
@@ -56,6 +57,7 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             store: StoreConfig::default(),
             async_requests: AsyncConfig::default(),
+            identities: IdentitiesConfig::default(),
             cas: Vec::new(),
             profiles: Vec::new(),
             clients: Vec::new(),
@@ -316,6 +318,49 @@ impl Default for AsyncConfig {
     }
 }
 
+/// Disposable identities: keys the engine generates, keeps sealed, and signs with on behalf of
+/// the client that created them (profiles with an `[profiles.identity]` section).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IdentitiesConfig {
+    /// File holding the key-encryption key: 32 random bytes as 64 hex digits (`#` lines are
+    /// comments). Every identity key at rest is sealed under it with AES-256-GCM.
+    pub kek_file: Option<PathBuf>,
+    /// Name of an environment variable holding the key-encryption key (64 hex digits).
+    pub kek_env: Option<String>,
+    /// Keys generated ahead, per key type an identity profile uses (ECDSA and Ed25519).
+    pub pool_size: usize,
+    /// Keys generated ahead per RSA key size (each takes tens to hundreds of milliseconds).
+    pub rsa_pool_size: usize,
+    /// Threads that open sealed identity keys and sign digests (never a CA's signer threads).
+    pub signer_threads: usize,
+    /// How often expired identities are looked for and destroyed.
+    #[serde(with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for IdentitiesConfig {
+    fn default() -> Self {
+        IdentitiesConfig {
+            kek_file: None,
+            kek_env: None,
+            pool_size: 16,
+            rsa_pool_size: 2,
+            signer_threads: 1,
+            sweep_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+impl std::fmt::Debug for IdentitiesConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentitiesConfig")
+            .field("kek_file", &self.kek_file)
+            .field("kek_env", &self.kek_env)
+            .finish_non_exhaustive()
+    }
+}
+
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaConfig {
@@ -466,6 +511,8 @@ pub enum ExtendedKeyUsageName {
     EmailProtection,
     TimeStamping,
     OcspSigning,
+    /// id-kp-documentSigning (RFC 9336).
+    DocumentSigning,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -476,6 +523,19 @@ pub enum KeyType {
     EcdsaP521,
     Rsa,
     Ed25519,
+}
+
+impl KeyType {
+    /// The name configuration and the API use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyType::EcdsaP256 => "ecdsa-p256",
+            KeyType::EcdsaP384 => "ecdsa-p384",
+            KeyType::EcdsaP521 => "ecdsa-p521",
+            KeyType::Rsa => "rsa",
+            KeyType::Ed25519 => "ed25519",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -493,6 +553,8 @@ pub struct ProfileConfig {
     pub key_usage: Vec<KeyUsageName>,
     #[serde(default)]
     pub extended_key_usage: Vec<ExtendedKeyUsageName>,
+    /// Key types a CSR may carry (not used by identity profiles, whose key the engine makes).
+    #[serde(default)]
     pub allowed_keys: Vec<KeyType>,
     #[serde(default = "default_min_rsa_bits")]
     pub min_rsa_bits: u32,
@@ -500,6 +562,57 @@ pub struct ProfileConfig {
     pub names: NamePolicy,
     #[serde(default = "default_true")]
     pub enabled: bool,
+    /// This profile issues disposable identities (`POST /v1/identities`), not CSRs.
+    #[serde(default)]
+    pub identity: Option<IdentityPolicy>,
+}
+
+/// A disposable identity: the key the engine generates, how long it lives, how often it signs,
+/// and what its subject may say.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityPolicy {
+    #[serde(default = "default_identity_key")]
+    pub key_type: KeyType,
+    /// RSA modulus size, when `key_type = "rsa"`.
+    #[serde(default = "default_identity_rsa_bits")]
+    pub rsa_bits: u32,
+    /// RSA signature scheme, when `key_type = "rsa"`.
+    #[serde(default)]
+    pub rsa_signature: RsaSignatureScheme,
+    /// The identity (and its key) is destroyed this long after creation, or with its
+    /// certificate, whichever comes first.
+    #[serde(with = "humantime_serde")]
+    pub lifetime: Duration,
+    /// Signatures the identity makes before its key is destroyed (1: truly disposable).
+    #[serde(default = "default_max_uses")]
+    pub max_uses: u32,
+    /// Organisation names a subject may carry (empty: none).
+    #[serde(default)]
+    pub organizations: Vec<String>,
+    /// Domains a subject's email address may be in (empty: any, if the profile allows email).
+    #[serde(default)]
+    pub email_domains: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RsaSignatureScheme {
+    /// RSASSA-PKCS1-v1_5.
+    #[default]
+    Pkcs1,
+    /// RSASSA-PSS, MGF1 with the digest's hash, salt as long as the digest.
+    Pss,
+}
+
+fn default_identity_key() -> KeyType {
+    KeyType::EcdsaP256
+}
+fn default_identity_rsa_bits() -> u32 {
+    3072
+}
+fn default_max_uses() -> u32 {
+    1
 }
 
 fn default_lane() -> Lane {
@@ -579,7 +692,12 @@ impl ConfigError {
                         .as_ref()
                         .and_then(|m| m.source.as_ref().map(|s| format!(" (from {s})")))
                         .unwrap_or_default();
-                    ConfigProblem { path, message: format!("{}{}", err.kind, source), key_unavailable: false }
+                    ConfigProblem {
+                        path,
+                        message: format!("{}{}", err.kind, source),
+                        key_unavailable: false,
+                        warning: false,
+                    }
                 })
                 .collect(),
         }
@@ -616,6 +734,9 @@ impl Config {
                 *p = dir.join(&*p);
             }
         };
+        if let Some(f) = self.identities.kek_file.as_mut() {
+            fix(f);
+        }
         for ca in &mut self.cas {
             fix(&mut ca.cert_file);
             fix(&mut ca.key_file);

@@ -6,6 +6,7 @@
 //! metrics, so a saturated issuance path cannot starve health checks or the admin console.
 
 pub mod holds;
+pub mod identities;
 pub mod migrate;
 pub mod models;
 pub mod queries;
@@ -108,8 +109,9 @@ impl<C: SimpleConnection + Send + 'static> CustomizeConnection<C, diesel::r2d2::
     fn on_acquire(&self, conn: &mut C) -> Result<(), diesel::r2d2::Error> {
         let sql = match self.backend {
             // WAL is set once by the migration step; these are per connection.
+            // secure_delete: a destroyed identity's sealed key is overwritten, not left in free space.
             Backend::Sqlite => format!(
-                "PRAGMA busy_timeout = {}; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
+                "PRAGMA busy_timeout = {}; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON;",
                 self.busy_timeout.as_millis()
             ),
             Backend::Postgres => format!(

@@ -2,7 +2,7 @@
 
 use diesel::prelude::*;
 
-use super::schema::{audit_log, certificates, requests};
+use super::schema::{audit_log, certificates, identities, requests};
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
 #[diesel(treat_none_as_default_value = false)]
@@ -45,6 +45,42 @@ pub struct CertificateRow {
     pub issued_at: Option<i64>,
     pub revoked_at: Option<i64>,
     pub revocation_reason: Option<i32>,
+}
+
+/// A disposable identity. `sealed_key` is the private key sealed under the KEK (never plaintext);
+/// it is `None` once the identity is destroyed.
+#[derive(Clone, Queryable, Selectable, Insertable)]
+#[diesel(treat_none_as_default_value = false)]
+#[diesel(table_name = identities)]
+pub struct IdentityRow {
+    pub id: String,
+    pub client: String,
+    pub profile: String,
+    pub ca_id: String,
+    pub serial: String,
+    pub key_type: String,
+    pub state: String,
+    pub sealed_key: Option<Vec<u8>>,
+    pub kek_id: String,
+    pub uses: i64,
+    pub max_uses: i64,
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub destroyed_at: Option<i64>,
+    pub destroy_reason: Option<String>,
+}
+
+impl std::fmt::Debug for IdentityRow {
+    // Even sealed, key bytes have no business in a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdentityRow")
+            .field("id", &self.id)
+            .field("client", &self.client)
+            .field("state", &self.state)
+            .field("uses", &self.uses)
+            .field("max_uses", &self.max_uses)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Insertable)]
@@ -91,4 +127,11 @@ pub mod cert_state {
     pub const SIGNING: &str = "signing";
     pub const ISSUED: &str = "issued";
     pub const ABANDONED: &str = "abandoned";
+}
+
+/// Identity states as stored.
+pub mod identity_state {
+    pub const ACTIVE: &str = "active";
+    /// The sealed key is gone (last use, expiry): nothing can sign with it again.
+    pub const DESTROYED: &str = "destroyed";
 }

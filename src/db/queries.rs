@@ -2,8 +2,9 @@
 
 use diesel::prelude::*;
 
-use super::models::{request_state, AuditEvent, CertificateRow, NewAuditEvent, RequestRow};
-use super::schema::{audit_log, cas, certificates, instances, profiles, registry, requests};
+use super::identities::{IdentityOps, IdentityUse};
+use super::models::{request_state, AuditEvent, CertificateRow, IdentityRow, NewAuditEvent, RequestRow};
+use super::schema::{audit_log, cas, certificates, identities, instances, profiles, registry, requests};
 use super::DbConn;
 use crate::error::DbError;
 use crate::with_conn;
@@ -22,6 +23,8 @@ pub enum WriteOp {
         at: i64,
         request_id: Option<String>,
         audit: Box<NewAuditEvent>,
+        /// A disposable identity comes into existence with its certificate, never without it.
+        identity: Option<Box<IdentityRow>>,
     },
     CertificateAbandoned {
         serial: String,
@@ -42,12 +45,26 @@ pub enum WriteOp {
         claimed_until: Option<i64>,
     },
     Audit(NewAuditEvent),
+    /// Count one signature of a disposable identity (destroying it after its last use) and
+    /// hand back its sealed key; audited in the same transaction.
+    UseIdentity {
+        id: String,
+        client: String,
+        at: i64,
+        instance: String,
+        digest_algorithm: &'static str,
+    },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum WriteOutcome {
     Done,
     Conflict,
+    IdentityUsed(Box<IdentityUse>),
+    /// No such identity for this client (another client's identity is indistinguishable).
+    IdentityNotFound,
+    /// The identity exists but will never sign again: why.
+    IdentityGone(String),
 }
 
 /// Apply a batch in one transaction (one commit, one fsync on SQLite).
@@ -56,6 +73,7 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
         let mut outcomes = vec![WriteOutcome::Done; ops.len()];
         let mut ahead = Vec::new();
         let mut audit = Vec::new();
+        let mut new_identities = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             match op {
                 WriteOp::InsertRequest(row) => {
@@ -69,16 +87,24 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                 }
                 WriteOp::WriteAhead(row) => ahead.push(row.as_ref().clone()),
                 WriteOp::Audit(event) => audit.push(event.clone()),
-                WriteOp::CertificateIssued { audit: event, .. } => audit.push(event.as_ref().clone()),
+                WriteOp::CertificateIssued { audit: event, identity, .. } => {
+                    audit.push(event.as_ref().clone());
+                    if let Some(row) = identity {
+                        new_identities.push(row.as_ref().clone());
+                    }
+                }
                 _ => {}
             }
         }
         if !ahead.is_empty() {
             diesel::insert_into(certificates::table).values(&ahead).execute(c)?;
         }
+        if !new_identities.is_empty() {
+            diesel::insert_into(identities::table).values(&new_identities).execute(c)?;
+        }
         // A request answered with a certificate, its own or (coalesced) another request's.
         let mut issued_requests: Vec<(&String, &String, i64)> = Vec::new();
-        for op in ops {
+        for (i, op) in ops.iter().enumerate() {
             match op {
                 WriteOp::CertificateIssued { serial, cert_der, at, request_id, .. } => {
                     diesel::update(certificates::table.find(serial))
@@ -93,6 +119,9 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                     }
                 }
                 WriteOp::RequestIssued { id, serial, at } => issued_requests.push((id, serial, *at)),
+                WriteOp::UseIdentity { id, client, at, instance, digest_algorithm } => {
+                    outcomes[i] = c.use_identity(id, client, *at, instance, digest_algorithm, &mut audit)?;
+                }
                 WriteOp::CertificateAbandoned { serial } => {
                     diesel::update(certificates::table.find(serial))
                         .set(certificates::state.eq(super::models::cert_state::ABANDONED))

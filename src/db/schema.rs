@@ -88,3 +88,23 @@ diesel::table! {
         detail -> Text,
     }
 }
+
+diesel::table! {
+    identities (id) {
+        id -> Text,
+        client -> Text,
+        profile -> Text,
+        ca_id -> Text,
+        serial -> Text,
+        key_type -> Text,
+        state -> Text,
+        sealed_key -> Nullable<Binary>,
+        kek_id -> Text,
+        uses -> BigInt,
+        max_uses -> BigInt,
+        created_at -> BigInt,
+        expires_at -> BigInt,
+        destroyed_at -> Nullable<BigInt>,
+        destroy_reason -> Nullable<Text>,
+    }
+}

@@ -44,15 +44,34 @@ impl Engine {
         span.record("ca", admitted.profile.ca.as_str());
         let deadline = self.inner.intake.deadline(&admitted.profile, req.wait);
         self.inner.intake.check_capacity(&admitted.profile, deadline)?;
-        let Some(key) = &req.idempotency_key else {
-            return self.run_sync(client, admitted, None, deadline, span).await;
+        let (issued, _) = self.issue_admitted(client, admitted, deadline, req.idempotency_key.as_deref(), span).await?;
+        Ok(issued)
+    }
+
+    /// Issue an admitted request synchronously, honouring its Idempotency-Key: the first attempt
+    /// runs, a retry gets (or waits for) the first attempt's certificate.
+    pub(super) async fn issue_admitted(
+        &self,
+        client: &Client,
+        admitted: Admitted,
+        deadline: Instant,
+        idempotency_key: Option<&str>,
+        span: tracing::Span,
+    ) -> Result<(IssuedCertificate, Provenance), EngineError> {
+        let Some(key) = idempotency_key else {
+            let issued = self.run_sync(client, admitted, None, deadline, span).await?;
+            return Ok((issued, Provenance::Fresh));
         };
         let id = uuid::Uuid::now_v7().to_string();
         span.record("request_id", id.as_str());
-        let row = self.request_row(&id, client, &admitted, "sync", Some(key.clone()), deadline_ms(deadline));
+        let row = self.request_row(&id, client, &admitted, "sync", Some(key.to_string()), deadline_ms(deadline));
         match self.inner.store.write(WriteOp::InsertRequest(Box::new(row))).await? {
-            WriteOutcome::Done => self.run_sync(client, admitted, Some(id), deadline, span).await,
+            WriteOutcome::Done => {
+                let issued = self.run_sync(client, admitted, Some(id), deadline, span).await?;
+                Ok((issued, Provenance::Fresh))
+            }
             WriteOutcome::Conflict => self.follow_earlier_attempt(client, key, admitted, deadline, span).await,
+            other => Err(unexpected(other)),
         }
     }
 
@@ -76,6 +95,7 @@ impl Engine {
             enqueued_at: Instant::now(),
             reply: Some(tx),
             span,
+            identity: admitted.identity,
         })?;
         // The caller is answered at its deadline whatever happens inside; the cell drops the
         // job unsigned if it is still queued by then.
@@ -95,7 +115,7 @@ impl Engine {
         admitted: Admitted,
         deadline: Instant,
         span: tracing::Span,
-    ) -> Result<IssuedCertificate, EngineError> {
+    ) -> Result<(IssuedCertificate, Provenance), EngineError> {
         let body = admitted.body_sha256();
         let (client_name, key_owned) = (client.name.clone(), key.to_string());
         loop {
@@ -109,7 +129,7 @@ impl Engine {
             }
             span.record("request_id", row.id.as_str());
             match row.state.as_str() {
-                request_state::ISSUED => return self.issued_certificate_of(&row).await,
+                request_state::ISSUED => return Ok((self.issued_certificate_of(&row).await?, Provenance::Replayed)),
                 request_state::FAILED | request_state::EXPIRED => return Err(recorded_error(&row)),
                 _ => {}
             }
@@ -130,7 +150,8 @@ impl Engine {
                     })
                     .await?;
                 if won {
-                    return self.run_sync(client, admitted, Some(row.id), deadline, span).await;
+                    let issued = self.run_sync(client, admitted, Some(row.id), deadline, span).await?;
+                    return Ok((issued, Provenance::Fresh));
                 }
             }
             if Instant::now() + IDEMPOTENT_POLL >= deadline {
@@ -174,6 +195,9 @@ impl Engine {
         }
         match self.inner.store.write(WriteOp::InsertRequest(Box::new(row))).await? {
             WriteOutcome::Done => {}
+            other @ (WriteOutcome::IdentityUsed(_) | WriteOutcome::IdentityNotFound | WriteOutcome::IdentityGone(_)) => {
+                return Err(unexpected(other))
+            }
             WriteOutcome::Conflict => {
                 let (c, k) = (client.name.clone(), req.idempotency_key.clone().unwrap_or_default());
                 let row = self
@@ -201,6 +225,7 @@ impl Engine {
             enqueued_at: Instant::now(),
             reply: None,
             span,
+            identity: None,
         };
         // Stored is accepted: if the cell cannot take it now, the resumer will once the claim lapses.
         if let Err(e) = self.inner.intake.hand_to_cell(job) {
@@ -323,6 +348,18 @@ impl Engine {
     }
 }
 
+/// Where a synchronous answer came from: this call's own work, or an earlier attempt with the
+/// same Idempotency-Key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Provenance {
+    Fresh,
+    Replayed,
+}
+
+fn unexpected(outcome: WriteOutcome) -> EngineError {
+    EngineError::Internal(format!("the store answered an insert with {outcome:?}"))
+}
+
 fn deadline_ms(deadline: Instant) -> i64 {
     now_ms() + deadline.saturating_duration_since(Instant::now()).as_millis() as i64
 }
@@ -337,7 +374,7 @@ fn recorded_error(row: &RequestRow) -> EngineError {
     )
 }
 
-fn check_idempotency_key(key: Option<&str>) -> Result<(), EngineError> {
+pub(super) fn check_idempotency_key(key: Option<&str>) -> Result<(), EngineError> {
     match key {
         Some(k) if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY || !k.bytes().all(|b| b.is_ascii_graphic()) => {
             Err(EngineError::MalformedRequest(format!(

@@ -4,6 +4,8 @@
 pub mod ca;
 pub mod csr;
 pub mod devpki;
+pub mod identity;
+pub mod kek;
 pub mod key;
 pub mod profile;
 pub mod tbs;

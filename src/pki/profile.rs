@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use super::csr::{is_valid_dns_name, is_valid_email, CheckedCsr, SanName};
-use crate::config::{ExtendedKeyUsageName, KeyType, KeyUsageName, Lane, NamePolicy, ProfileConfig};
+use crate::config::{ExtendedKeyUsageName, IdentityPolicy, KeyType, KeyUsageName, Lane, NamePolicy, ProfileConfig};
 use crate::error::EngineError;
 
 #[derive(Debug, Clone)]
@@ -19,12 +19,16 @@ pub struct Profile {
     pub allowed_keys: HashSet<KeyType>,
     pub min_rsa_bits: u32,
     pub names: NamePolicy,
+    /// Set for profiles that issue disposable identities (the engine makes the key).
+    pub identity: Option<IdentityPolicy>,
 }
 
 /// What the profile approved of a CSR: the names and the subject to issue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApprovedNames {
     pub common_name: Option<String>,
+    /// Identities only: the subject's organisation.
+    pub organization: Option<String>,
     pub sans: Vec<SanName>,
 }
 
@@ -44,11 +48,18 @@ impl Profile {
             allowed_keys: cfg.allowed_keys.iter().copied().collect(),
             min_rsa_bits: cfg.min_rsa_bits.max(2048),
             names,
+            identity: cfg.identity.clone(),
         }
     }
 
     /// Apply the key and name policy to a checked CSR.
     pub fn approve(&self, csr: &CheckedCsr) -> Result<ApprovedNames, EngineError> {
+        if self.identity.is_some() {
+            return Err(EngineError::PolicyViolation(format!(
+                "profile {:?} issues disposable identities (POST /v1/identities), not certificates for CSRs",
+                self.id
+            )));
+        }
         if !self.allowed_keys.contains(&csr.key_type) {
             return Err(EngineError::PolicyViolation(format!(
                 "key type {:?} is not allowed by profile {:?}",
@@ -108,7 +119,7 @@ impl Profile {
             }
             _ => None,
         };
-        Ok(ApprovedNames { common_name, sans })
+        Ok(ApprovedNames { common_name, organization: None, sans })
     }
 
     fn check_name(&self, name: &SanName) -> Result<(), EngineError> {

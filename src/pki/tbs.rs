@@ -6,7 +6,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use const_oid::db::rfc4519::COMMON_NAME;
+use const_oid::db::rfc4519::{COMMON_NAME, ORGANIZATION_NAME};
 use const_oid::db::rfc5280 as oids;
 use const_oid::AssociatedOid;
 use der::asn1::{BitString, GeneralizedTime, Ia5String, OctetString, SetOfVec, UtcTime, Utf8StringRef};
@@ -88,17 +88,24 @@ fn eku_oid(eku: ExtendedKeyUsageName) -> const_oid::ObjectIdentifier {
         ExtendedKeyUsageName::EmailProtection => oids::ID_KP_EMAIL_PROTECTION,
         ExtendedKeyUsageName::TimeStamping => oids::ID_KP_TIME_STAMPING,
         ExtendedKeyUsageName::OcspSigning => oids::ID_KP_OCSP_SIGNING,
+        ExtendedKeyUsageName::DocumentSigning => ID_KP_DOCUMENT_SIGNING,
     }
 }
 
-fn subject_name(common_name: Option<&str>) -> Result<Name, EngineError> {
-    let Some(cn) = common_name else {
-        return Ok(RdnSequence(Vec::new()));
-    };
-    let value = Any::encode_from(&Utf8StringRef::new(cn).map_err(internal("subject"))?).map_err(internal("subject"))?;
-    let atv = AttributeTypeAndValue { oid: COMMON_NAME, value };
-    let rdn = RelativeDistinguishedName(SetOfVec::try_from(vec![atv]).map_err(internal("subject"))?);
-    Ok(RdnSequence(vec![rdn]))
+/// id-kp-documentSigning (RFC 9336).
+const ID_KP_DOCUMENT_SIGNING: const_oid::ObjectIdentifier = const_oid::ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.36");
+
+/// The subject: organisation (identities only), then common name, each a UTF8String.
+fn subject_name(names: &ApprovedNames) -> Result<Name, EngineError> {
+    let mut rdns = Vec::new();
+    for (oid, value) in [(ORGANIZATION_NAME, &names.organization), (COMMON_NAME, &names.common_name)] {
+        let Some(value) = value else { continue };
+        let value =
+            Any::encode_from(&Utf8StringRef::new(value).map_err(internal("subject"))?).map_err(internal("subject"))?;
+        let atv = AttributeTypeAndValue { oid, value };
+        rdns.push(RelativeDistinguishedName(SetOfVec::try_from(vec![atv]).map_err(internal("subject"))?));
+    }
+    Ok(RdnSequence(rdns))
 }
 
 fn general_name(name: &SanName) -> Result<GeneralName, EngineError> {
@@ -129,7 +136,7 @@ pub fn prepare(
     let not_before = now - profile.backdate;
     let not_after = not_before + profile.validity;
     let spki = SubjectPublicKeyInfoOwned::from_der(&csr.spki_der).map_err(internal("public key"))?;
-    let subject = subject_name(names.common_name.as_deref())?;
+    let subject = subject_name(names)?;
     let issuer = Name::from_der(&ca.subject_der).map_err(internal("issuer"))?;
     let signature = AlgorithmIdentifierOwned::from_der(ca.signature_algorithm.algorithm_identifier_der())
         .map_err(internal("signature algorithm"))?;
@@ -153,8 +160,11 @@ pub fn prepare(
         },
         false,
     )?);
-    // RFC 5280 4.2.1.6: with an empty subject the subjectAltName must be critical.
-    extensions.push(extension(&SubjectAltName(sans), subject.0.is_empty())?);
+    // RFC 5280 4.2.1.6: with an empty subject the subjectAltName must be critical. An identity
+    // named by its subject alone (no email) has none.
+    if !sans.is_empty() {
+        extensions.push(extension(&SubjectAltName(sans), subject.0.is_empty())?);
+    }
 
     let tbs = TbsCertificate {
         version: Version::V3,
@@ -212,7 +222,7 @@ pub fn lint(tbs: &TbsCertificate, ca: &CaMaterial, now: SystemTime) -> Result<()
     }
     let san = exts.iter().find(|e| e.extn_id == SubjectAltName::OID);
     match san {
-        None => return fail("no subjectAltName"),
+        None if tbs.subject.0.is_empty() => return fail("neither a subject nor a subjectAltName"),
         Some(e) if tbs.subject.0.is_empty() && !e.critical => {
             return fail("empty subject with a non-critical subjectAltName")
         }

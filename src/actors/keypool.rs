@@ -1,0 +1,153 @@
+//! The identity key pool: keys generated ahead of need, one small stock per key type that an
+//! identity profile uses, each refilled by a thread of its own. A burst of identity creations
+//! takes from the stock; when it is empty, keys are generated on the blocking pool under the
+//! request's deadline. Key generation never runs on a CA's signer threads or on an event loop.
+//!
+//! Stocked keys are already sealed under the KEK (for the identity id they will carry), so no
+//! plaintext private key waits in memory.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use crate::config::KeyType;
+use crate::error::EngineError;
+use crate::metrics::Metrics;
+use crate::pki::identity::{generate_sealed, SealedKey};
+use crate::pki::kek::Kek;
+
+/// A kind of key: its type and, for RSA, its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeySpec {
+    pub key_type: KeyType,
+    pub rsa_bits: u32,
+}
+
+impl KeySpec {
+    pub fn label(&self) -> String {
+        match self.key_type {
+            KeyType::Rsa => format!("rsa-{}", self.rsa_bits),
+            other => other.as_str().to_string(),
+        }
+    }
+}
+
+struct Stock {
+    target: usize,
+    keys: Mutex<VecDeque<SealedKey>>,
+    /// Wakes the refill thread when a key is taken.
+    taken: Condvar,
+}
+
+struct Shared {
+    kek: Arc<Kek>,
+    stocks: HashMap<KeySpec, Stock>,
+    stopped: AtomicBool,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Clone)]
+pub struct KeyPool {
+    shared: Arc<Shared>,
+}
+
+/// How long a refill thread sleeps before looking whether its pool is still wanted.
+const IDLE_CHECK: Duration = Duration::from_millis(500);
+
+impl KeyPool {
+    /// Start one refill thread per kind of key, each keeping `target` keys in stock.
+    pub fn start(kek: Arc<Kek>, wanted: Vec<(KeySpec, usize)>, metrics: Arc<Metrics>) -> KeyPool {
+        let stocks = wanted
+            .iter()
+            .map(|(spec, target)| (*spec, Stock { target: *target, keys: Mutex::new(VecDeque::new()), taken: Condvar::new() }))
+            .collect();
+        let shared = Arc::new(Shared { kek, stocks, stopped: AtomicBool::new(false), metrics });
+        for (spec, target) in wanted {
+            if target == 0 {
+                continue;
+            }
+            let weak = Arc::downgrade(&shared);
+            let spawned = std::thread::Builder::new()
+                .name(format!("castellum-keygen-{}", spec.label()))
+                .spawn(move || refill(weak, spec));
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, key = %spec.label(), "cannot start a key refill thread; keys are generated on demand");
+            }
+        }
+        KeyPool { shared }
+    }
+
+    /// A key for a new identity: from stock, or generated now if the stock is empty (within the
+    /// request's deadline).
+    pub async fn take(&self, spec: KeySpec, deadline: Instant) -> Result<SealedKey, EngineError> {
+        if let Some(stock) = self.shared.stocks.get(&spec) {
+            let key = {
+                let mut keys = stock.keys.lock().unwrap_or_else(|e| e.into_inner());
+                let key = keys.pop_front();
+                self.shared.metrics.identity_key_pool.get_or_create(&vec![("key", spec.label())]).set(keys.len() as i64);
+                key
+            };
+            stock.taken.notify_one();
+            if let Some(key) = key {
+                self.count(spec, "pool");
+                return Ok(key);
+            }
+        }
+        self.count(spec, "on-demand");
+        let kek = self.shared.kek.clone();
+        let work = actix_web::rt::task::spawn_blocking(move || generate_sealed(spec.key_type, spec.rsa_bits, &kek));
+        match tokio::time::timeout_at(deadline.into(), work).await {
+            Ok(Ok(key)) => key,
+            Ok(Err(e)) => Err(EngineError::Internal(format!("key generation task: {e}"))),
+            Err(_) => Err(EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) }),
+        }
+    }
+
+    /// Keys in stock now.
+    pub fn available(&self, spec: KeySpec) -> usize {
+        self.shared.stocks.get(&spec).map(|s| s.keys.lock().unwrap_or_else(|e| e.into_inner()).len()).unwrap_or(0)
+    }
+
+    /// Stop the refill threads (they exit within [`IDLE_CHECK`]).
+    pub fn stop(&self) {
+        self.shared.stopped.store(true, Ordering::Relaxed);
+        for stock in self.shared.stocks.values() {
+            stock.taken.notify_all();
+        }
+    }
+
+    fn count(&self, spec: KeySpec, source: &'static str) {
+        let labels = vec![("key", spec.label()), ("source", source.to_string())];
+        self.shared.metrics.identity_keys.get_or_create(&labels).inc();
+    }
+}
+
+/// Keep one stock full until the pool is stopped or dropped.
+fn refill(weak: Weak<Shared>, spec: KeySpec) {
+    loop {
+        let Some(shared) = weak.upgrade() else { return };
+        if shared.stopped.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(stock) = shared.stocks.get(&spec) else { return };
+        let missing = stock.target.saturating_sub(stock.keys.lock().unwrap_or_else(|e| e.into_inner()).len());
+        let gauge = shared.metrics.identity_key_pool.get_or_create(&vec![("key", spec.label())]);
+        if missing == 0 {
+            let keys = stock.keys.lock().unwrap_or_else(|e| e.into_inner());
+            drop(stock.taken.wait_timeout(keys, IDLE_CHECK));
+            continue;
+        }
+        match generate_sealed(spec.key_type, spec.rsa_bits, &shared.kek) {
+            Ok(key) => {
+                let mut keys = stock.keys.lock().unwrap_or_else(|e| e.into_inner());
+                keys.push_back(key);
+                gauge.set(keys.len() as i64);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, key = %spec.label(), "identity key generation failed");
+                std::thread::sleep(IDLE_CHECK);
+            }
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! Disposable identities, the cryptographic part: the subject a client asks for, checked against
+//! the profile; the key the engine generates for it; and the signature it makes over a digest.
+
+use openssl::md::{Md, MdRef};
+use openssl::pkey::{Id, PKey, Private};
+use openssl::pkey_ctx::PkeyCtx;
+use openssl::rsa::Padding;
+use openssl::sign::RsaPssSaltlen;
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use super::csr::{is_valid_email, SanName};
+use super::profile::{ApprovedNames, Profile};
+use crate::config::{IdentityPolicy, KeyType, RsaSignatureScheme};
+use crate::error::EngineError;
+
+/// What a client asks an identity's certificate to say about it.
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySubject {
+    pub common_name: String,
+    #[serde(default)]
+    pub email: Option<String>,
+    #[serde(default)]
+    pub organization: Option<String>,
+}
+
+impl IdentitySubject {
+    /// A stable fingerprint of what was asked, to recognise an idempotent retry.
+    pub fn fingerprint(&self, profile: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        for part in [profile, &self.common_name, self.email.as_deref().unwrap_or(""), self.organization.as_deref().unwrap_or("")]
+        {
+            out.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            out.extend_from_slice(part.as_bytes());
+        }
+        out
+    }
+}
+
+fn policy_of(profile: &Profile) -> Result<&IdentityPolicy, EngineError> {
+    profile.identity.as_ref().ok_or_else(|| {
+        EngineError::PolicyViolation(format!(
+            "profile {:?} issues certificates for CSRs, not disposable identities",
+            profile.id
+        ))
+    })
+}
+
+/// Check a subject against the profile's identity policy; what it approves is what is issued.
+pub fn approve_subject(profile: &Profile, subject: &IdentitySubject) -> Result<ApprovedNames, EngineError> {
+    let policy = policy_of(profile)?;
+    let refuse = |why: String| Err(EngineError::PolicyViolation(why));
+    let cn = subject.common_name.trim();
+    if cn.is_empty() || cn.chars().count() > 64 {
+        return refuse("subject.common_name must be 1 to 64 characters".into());
+    }
+    if cn.chars().any(char::is_control) {
+        return refuse("subject.common_name contains control characters".into());
+    }
+    let organization = match subject.organization.as_deref().map(str::trim) {
+        None => None,
+        Some(o) if policy.organizations.iter().any(|allowed| allowed == o) => Some(o.to_string()),
+        Some(o) => return refuse(format!("organization {o:?} is not allowed by profile {:?}", profile.id)),
+    };
+    let mut sans = Vec::new();
+    if let Some(email) = subject.email.as_deref().map(str::trim) {
+        if !profile.names.email {
+            return refuse(format!("email addresses are not allowed by profile {:?}", profile.id));
+        }
+        if !is_valid_email(email) {
+            return refuse(format!("{:?} is not a valid email address", email.escape_debug().to_string()));
+        }
+        let domain = email.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).unwrap_or_default();
+        let allowed = policy.email_domains.is_empty()
+            || policy.email_domains.iter().any(|d| domain == d.to_ascii_lowercase().trim_start_matches('.'));
+        if !allowed {
+            return refuse(format!("email domain {domain:?} is not allowed by profile {:?}", profile.id));
+        }
+        sans.push(SanName::Email(email.to_string()));
+    }
+    Ok(ApprovedNames { common_name: Some(cn.to_string()), organization, sans })
+}
+
+/// The hash a client computed over its document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DigestAlgorithm {
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+impl DigestAlgorithm {
+    /// `sha256`, `SHA-256`, … ; anything else is refused.
+    pub fn parse(name: &str) -> Result<DigestAlgorithm, EngineError> {
+        match name.to_ascii_lowercase().replace('-', "").as_str() {
+            "sha256" => Ok(DigestAlgorithm::Sha256),
+            "sha384" => Ok(DigestAlgorithm::Sha384),
+            "sha512" => Ok(DigestAlgorithm::Sha512),
+            _ => Err(EngineError::BadDigest(format!(
+                "digest_algorithm {:?} is not supported (sha256, sha384, sha512)",
+                name.chars().take(32).collect::<String>()
+            ))),
+        }
+    }
+
+    pub fn len(self) -> usize {
+        match self {
+            DigestAlgorithm::Sha256 => 32,
+            DigestAlgorithm::Sha384 => 48,
+            DigestAlgorithm::Sha512 => 64,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DigestAlgorithm::Sha256 => "sha256",
+            DigestAlgorithm::Sha384 => "sha384",
+            DigestAlgorithm::Sha512 => "sha512",
+        }
+    }
+
+    fn md(self) -> &'static MdRef {
+        match self {
+            DigestAlgorithm::Sha256 => Md::sha256(),
+            DigestAlgorithm::Sha384 => Md::sha384(),
+            DigestAlgorithm::Sha512 => Md::sha512(),
+        }
+    }
+
+    /// The digest's length is the algorithm's.
+    pub fn check(self, digest: &[u8]) -> Result<(), EngineError> {
+        if digest.len() != self.len() {
+            return Err(EngineError::BadDigest(format!(
+                "a {} digest is {} bytes, this one is {}",
+                self.name(),
+                self.len(),
+                digest.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The signature scheme an identity signs with, named as the API reports it.
+pub fn signature_algorithm(key_type: KeyType, rsa: RsaSignatureScheme, digest: DigestAlgorithm) -> String {
+    match key_type {
+        KeyType::Ed25519 => "ed25519".into(),
+        KeyType::Rsa if rsa == RsaSignatureScheme::Pss => format!("rsa-pss-{}", digest.name()),
+        KeyType::Rsa => format!("rsa-pkcs1-{}", digest.name()),
+        _ => format!("ecdsa-{}", digest.name()),
+    }
+}
+
+/// A freshly generated key: its public half for the certificate, its private half as PKCS#8
+/// DER (wiped when dropped), ready to be sealed.
+pub struct GeneratedKey {
+    pub spki_der: Vec<u8>,
+    pub pkcs8_der: Zeroizing<Vec<u8>>,
+    pub bits: u32,
+}
+
+/// Generate a key of `key_type` (`rsa_bits` for RSA). CPU work: never on an event loop, never
+/// on a CA's signer threads.
+pub fn generate_key(key_type: KeyType, rsa_bits: u32) -> Result<GeneratedKey, openssl::error::ErrorStack> {
+    use openssl::ec::{EcGroup, EcKey};
+    use openssl::nid::Nid;
+    let ec = |curve: Nid| -> Result<PKey<Private>, openssl::error::ErrorStack> {
+        let group = EcGroup::from_curve_name(curve)?;
+        PKey::from_ec_key(EcKey::generate(&group)?)
+    };
+    let key = match key_type {
+        KeyType::EcdsaP256 => ec(Nid::X9_62_PRIME256V1)?,
+        KeyType::EcdsaP384 => ec(Nid::SECP384R1)?,
+        KeyType::EcdsaP521 => ec(Nid::SECP521R1)?,
+        KeyType::Ed25519 => PKey::generate_ed25519()?,
+        KeyType::Rsa => PKey::from_rsa(openssl::rsa::Rsa::generate(rsa_bits)?)?,
+    };
+    Ok(GeneratedKey {
+        spki_der: key.public_key_to_der()?,
+        pkcs8_der: Zeroizing::new(key.private_key_to_pkcs8()?),
+        bits: key.bits(),
+    })
+}
+
+/// A key generated ahead of need and sealed under the KEK for the identity id it will carry
+/// (the id is the seal's additional data, so it is chosen with the key).
+pub struct SealedKey {
+    pub id: String,
+    pub key_type: KeyType,
+    pub bits: u32,
+    pub spki_der: Vec<u8>,
+    pub sealed: Vec<u8>,
+    pub kek_id: String,
+}
+
+/// Generate a key and seal it for a new identity id.
+pub fn generate_sealed(
+    key_type: KeyType,
+    rsa_bits: u32,
+    kek: &super::kek::Kek,
+) -> Result<SealedKey, EngineError> {
+    let key = generate_key(key_type, rsa_bits)
+        .map_err(|e| EngineError::Internal(format!("identity key generation: {e}")))?;
+    let id = uuid::Uuid::now_v7().to_string();
+    let sealed = kek.seal(&id, &key.pkcs8_der).map_err(|e| EngineError::Internal(e.to_string()))?;
+    Ok(SealedKey { id, key_type, bits: key.bits, spki_der: key.spki_der, sealed, kek_id: kek.id().to_string() })
+}
+
+/// An identity on its way to existence: it travels with its job through the CA's cell and is
+/// stored with its certificate, in the same transaction.
+pub struct IdentityDraft {
+    pub key: SealedKey,
+    /// What the client asked for ([`IdentitySubject::fingerprint`]), for idempotent retries.
+    pub fingerprint: Vec<u8>,
+    pub max_uses: u32,
+    pub created_at: i64,
+    /// Creation plus the profile's lifetime (the certificate's notAfter may come sooner).
+    pub expires_at: i64,
+}
+
+/// Sign `digest` with an identity's key (PKCS#8 DER, opened just for this). ECDSA and RSA sign
+/// the digest as computed by the client; Ed25519 (PureEdDSA, RFC 8032) signs the digest bytes as
+/// its message. The key is freed (and cleansed by OpenSSL) on return.
+pub fn sign_digest(
+    pkcs8_der: &[u8],
+    rsa: RsaSignatureScheme,
+    algorithm: DigestAlgorithm,
+    digest: &[u8],
+) -> Result<Vec<u8>, EngineError> {
+    let fail = |e: openssl::error::ErrorStack| EngineError::Internal(format!("identity signature: {e}"));
+    algorithm.check(digest)?;
+    let key = PKey::private_key_from_pkcs8(pkcs8_der).map_err(fail)?;
+    if key.id() == Id::ED25519 {
+        let mut signer = openssl::sign::Signer::new_without_digest(&key).map_err(fail)?;
+        return signer.sign_oneshot_to_vec(digest).map_err(fail);
+    }
+    let mut ctx = PkeyCtx::new(&key).map_err(fail)?;
+    ctx.sign_init().map_err(fail)?;
+    if key.id() == Id::RSA {
+        match rsa {
+            RsaSignatureScheme::Pkcs1 => ctx.set_rsa_padding(Padding::PKCS1).map_err(fail)?,
+            RsaSignatureScheme::Pss => {
+                ctx.set_rsa_padding(Padding::PKCS1_PSS).map_err(fail)?;
+                ctx.set_rsa_pss_saltlen(RsaPssSaltlen::DIGEST_LENGTH).map_err(fail)?;
+            }
+        }
+    }
+    ctx.set_signature_md(algorithm.md()).map_err(fail)?;
+    let mut signature = Vec::new();
+    ctx.sign_to_vec(digest, &mut signature).map_err(fail)?;
+    Ok(signature)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_type_signs_a_digest_that_verifies() {
+        let digest = openssl::sha::sha256(b"a document");
+        for (kind, scheme) in [
+            (KeyType::EcdsaP256, RsaSignatureScheme::Pkcs1),
+            (KeyType::EcdsaP384, RsaSignatureScheme::Pkcs1),
+            (KeyType::Ed25519, RsaSignatureScheme::Pkcs1),
+            (KeyType::Rsa, RsaSignatureScheme::Pkcs1),
+            (KeyType::Rsa, RsaSignatureScheme::Pss),
+        ] {
+            let key = generate_key(kind, 2048).unwrap();
+            let sig = sign_digest(&key.pkcs8_der, scheme, DigestAlgorithm::Sha256, &digest).unwrap();
+            let public = PKey::public_key_from_der(&key.spki_der).unwrap();
+            let ok = if kind == KeyType::Ed25519 {
+                openssl::sign::Verifier::new_without_digest(&public).unwrap().verify_oneshot(&sig, &digest).unwrap()
+            } else {
+                let mut v = openssl::sign::Verifier::new(openssl::hash::MessageDigest::sha256(), &public).unwrap();
+                if scheme == RsaSignatureScheme::Pss {
+                    v.set_rsa_padding(Padding::PKCS1_PSS).unwrap();
+                    v.set_rsa_pss_saltlen(RsaPssSaltlen::DIGEST_LENGTH).unwrap();
+                }
+                v.update(b"a document").unwrap();
+                v.verify(&sig).unwrap()
+            };
+            assert!(ok, "{kind:?} {scheme:?}");
+        }
+    }
+
+    #[test]
+    fn digest_length_and_algorithm_are_checked() {
+        assert!(DigestAlgorithm::parse("SHA-256").is_ok());
+        assert!(matches!(DigestAlgorithm::parse("md5"), Err(EngineError::BadDigest(_))));
+        assert!(matches!(DigestAlgorithm::Sha384.check(&[0u8; 32]), Err(EngineError::BadDigest(_))));
+    }
+}
