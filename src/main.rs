@@ -140,12 +140,17 @@ fn main() -> ExitCode {
             if let Some(rate) = expected_rate {
                 problems.extend(castellum::config::check_capacity(&config, rate, hold));
             }
+            let (warnings, problems): (Vec<_>, Vec<_>) = problems.into_iter().partition(|p| p.warning);
+            for w in &warnings {
+                eprintln!("  {w}");
+            }
             if problems.is_empty() {
                 println!(
-                    "configuration is valid ({} CAs, {} profiles, {} clients)",
+                    "configuration is valid ({} CAs, {} profiles, {} clients{})",
                     config.cas.len(),
                     config.profiles.len(),
-                    config.clients.len()
+                    config.clients.len(),
+                    if warnings.is_empty() { String::new() } else { format!("; {} warning(s)", warnings.len()) }
                 );
                 ExitCode::SUCCESS
             } else {

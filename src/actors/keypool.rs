@@ -60,7 +60,9 @@ impl KeyPool {
     pub fn start(kek: Arc<Kek>, wanted: Vec<(KeySpec, usize)>, metrics: Arc<Metrics>) -> KeyPool {
         let stocks = wanted
             .iter()
-            .map(|(spec, target)| (*spec, Stock { target: *target, keys: Mutex::new(VecDeque::new()), taken: Condvar::new() }))
+            .map(|(spec, target)| {
+                (*spec, Stock { target: *target, keys: Mutex::new(VecDeque::new()), taken: Condvar::new() })
+            })
             .collect();
         let shared = Arc::new(Shared { kek, stocks, stopped: AtomicBool::new(false), metrics });
         for (spec, target) in wanted {
@@ -85,7 +87,11 @@ impl KeyPool {
             let key = {
                 let mut keys = stock.keys.lock().unwrap_or_else(|e| e.into_inner());
                 let key = keys.pop_front();
-                self.shared.metrics.identity_key_pool.get_or_create(&vec![("key", spec.label())]).set(keys.len() as i64);
+                self.shared
+                    .metrics
+                    .identity_key_pool
+                    .get_or_create(&vec![("key", spec.label())])
+                    .set(keys.len() as i64);
                 key
             };
             stock.taken.notify_one();

@@ -80,7 +80,8 @@ impl Pipeline {
             }
         };
         let issued_at = now_ms();
-        let identity = job.identity.as_ref().map(|draft| Box::new(identity_row(job, draft, &serial, prepared.not_after_ms)));
+        let identity =
+            job.identity.as_ref().map(|draft| Box::new(identity_row(job, draft, &serial, prepared.not_after_ms)));
         let audit = match &identity {
             Some(row) => NewAuditEvent {
                 at: issued_at,

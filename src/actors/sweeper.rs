@@ -47,7 +47,10 @@ impl IdentitySweeper {
             match result {
                 Ok(Ok(0)) => {}
                 Ok(Ok(n)) => {
-                    act.metrics.identities_destroyed.get_or_create(&vec![("reason", "expired".to_string())]).inc_by(n as u64);
+                    act.metrics
+                        .identities_destroyed
+                        .get_or_create(&vec![("reason", "expired".to_string())])
+                        .inc_by(n as u64);
                     tracing::info!(destroyed = n, "expired identities destroyed");
                 }
                 Ok(Err(e)) => tracing::warn!(error = %e, "identity sweep failed; retried next interval"),

@@ -33,15 +33,30 @@ struct Problems(Vec<ConfigProblem>);
 
 impl Problems {
     fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(ConfigProblem { path: path.into(), message: message.into(), key_unavailable: false, warning: false });
+        self.0.push(ConfigProblem {
+            path: path.into(),
+            message: message.into(),
+            key_unavailable: false,
+            warning: false,
+        });
     }
 
     fn key_unavailable(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(ConfigProblem { path: path.into(), message: message.into(), key_unavailable: true, warning: false });
+        self.0.push(ConfigProblem {
+            path: path.into(),
+            message: message.into(),
+            key_unavailable: true,
+            warning: false,
+        });
     }
 
     fn warn(&mut self, path: impl Into<String>, message: impl Into<String>) {
-        self.0.push(ConfigProblem { path: path.into(), message: message.into(), key_unavailable: false, warning: true });
+        self.0.push(ConfigProblem {
+            path: path.into(),
+            message: message.into(),
+            key_unavailable: false,
+            warning: true,
+        });
     }
 }
 
@@ -50,6 +65,7 @@ pub fn check_config(config: &Config) -> (Vec<ConfigProblem>, HashMap<String, CaM
     let mut p = Problems(Vec::new());
     let cas = check_cas(config, &mut p);
     check_profiles(config, &cas, &mut p);
+    check_identities(config, &mut p);
     check_clients(config, &mut p);
     check_admin(config, &mut p);
     check_database(config, &mut p);
@@ -207,14 +223,14 @@ fn check_profiles(config: &Config, cas: &HashMap<String, CaMaterial>, p: &mut Pr
         if profile.key_usage.is_empty() {
             p.add(format!("{at}.key_usage"), "at least one key usage is required");
         }
-        if profile.allowed_keys.is_empty() {
+        if profile.allowed_keys.is_empty() && profile.identity.is_none() {
             p.add(format!("{at}.allowed_keys"), "at least one key type is required");
         }
         if profile.min_rsa_bits < 2048 {
             p.add(format!("{at}.min_rsa_bits"), "RSA keys below 2048 bits are never accepted");
         }
         let n = &profile.names;
-        if !n.dns && !n.ip && !n.email {
+        if !n.dns && !n.ip && !n.email && profile.identity.is_none() {
             p.add(format!("{at}.names"), "the profile allows no name type (dns, ip, email)");
         }
         if n.max_names == 0 {
@@ -225,6 +241,79 @@ fn check_profiles(config: &Config, cas: &HashMap<String, CaMaterial>, p: &mut Pr
                 p.add(format!("{at}.names.dns_suffixes[{j}]"), format!("{s:?} is not a DNS name"));
             }
         }
+    }
+}
+
+/// Identity profiles, and the key-encryption key every identity key is sealed under.
+fn check_identities(config: &Config, p: &mut Problems) {
+    use super::{KeyType, Lane, RsaSignatureScheme};
+    let mut any = false;
+    for (i, profile) in config.profiles.iter().enumerate() {
+        let Some(policy) = &profile.identity else { continue };
+        any = true;
+        let at = format!("profiles[{i}].identity");
+        if profile.lane != Lane::Interactive {
+            p.add(format!("profiles[{i}].lane"), "identity profiles are served on the interactive lane");
+        }
+        if policy.lifetime.is_zero() {
+            p.add(format!("{at}.lifetime"), "must be positive");
+        }
+        if policy.lifetime > profile.validity {
+            p.add(
+                format!("{at}.lifetime"),
+                "must not exceed the profile's validity: the key would outlive its certificate",
+            );
+        }
+        if policy.max_uses == 0 {
+            p.add(format!("{at}.max_uses"), "must be at least 1");
+        }
+        if policy.key_type == KeyType::Rsa {
+            if !(2048..=8192).contains(&policy.rsa_bits) {
+                p.add(format!("{at}.rsa_bits"), "must be between 2048 and 8192");
+            }
+            p.warn(
+                format!("{at}.key_type"),
+                format!(
+                    "RSA-{} key generation takes from tens of milliseconds to seconds: once the {} pre-generated keys (identities.rsa_pool_size) are used, a burst can miss the interactive lane's {}s deadline; prefer ecdsa-p256",
+                    policy.rsa_bits,
+                    config.identities.rsa_pool_size,
+                    config.lanes.interactive.default_deadline.as_secs_f64()
+                ),
+            );
+        } else if policy.rsa_signature != RsaSignatureScheme::Pkcs1 {
+            p.add(format!("{at}.rsa_signature"), "applies to RSA keys only");
+        }
+        if !policy.email_domains.is_empty() && !profile.names.email {
+            p.add(format!("{at}.email_domains"), "set, but the profile does not allow email addresses (names.email)");
+        }
+        for (j, d) in policy.email_domains.iter().enumerate() {
+            if !crate::pki::csr::is_valid_dns_name(d.trim_start_matches('.')) {
+                p.add(format!("{at}.email_domains[{j}]"), format!("{d:?} is not a domain name"));
+            }
+        }
+        for (j, o) in policy.organizations.iter().enumerate() {
+            if o.trim().is_empty() || o.chars().count() > 64 || o.trim() != o {
+                p.add(format!("{at}.organizations[{j}]"), "must be 1 to 64 characters, without surrounding spaces");
+            }
+        }
+    }
+    let cfg = &config.identities;
+    let configured = cfg.kek_file.is_some() || cfg.kek_env.is_some();
+    if any || configured {
+        if let Err(e) = crate::pki::kek::Kek::load(cfg, config.mode) {
+            let path = match (&cfg.kek_file, &cfg.kek_env) {
+                (Some(_), None) => "identities.kek_file",
+                (None, Some(_)) => "identities.kek_env",
+                _ => "identities",
+            };
+            p.add(path, e.to_string());
+        }
+    }
+    if cfg.signer_threads == 0 {
+        p.add("identities.signer_threads", "must be at least 1");
+    }
+    if cfg.sweep_interval.is_zero() {
+        p.add("identities.sweep_interval", "must be positive");
     }
 }
 

@@ -526,6 +526,12 @@ pub enum KeyType {
 }
 
 impl KeyType {
+    pub fn parse(name: &str) -> Option<KeyType> {
+        [KeyType::EcdsaP256, KeyType::EcdsaP384, KeyType::EcdsaP521, KeyType::Rsa, KeyType::Ed25519]
+            .into_iter()
+            .find(|k| k.as_str() == name)
+    }
+
     /// The name configuration and the API use.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -25,7 +25,15 @@ pub mod destroy_reason {
     pub const EXPIRED: &str = "expired";
 }
 
-fn audit_event(at: i64, instance: &str, actor: &str, action: &str, id: &str, outcome: &str, detail: String) -> NewAuditEvent {
+fn audit_event(
+    at: i64,
+    instance: &str,
+    actor: &str,
+    action: &str,
+    id: &str,
+    outcome: &str,
+    detail: String,
+) -> NewAuditEvent {
     NewAuditEvent {
         at,
         instance: instance.to_string(),
@@ -90,7 +98,15 @@ macro_rules! identity_ops {
                     let destroyed = row.uses >= row.max_uses;
                     if destroyed {
                         self.destroy_identities(&[id.to_string()], at, destroy_reason::USED)?;
-                        audit.push(audit_event(at, instance, client, "identity.destroy", id, destroy_reason::USED, String::new()));
+                        audit.push(audit_event(
+                            at,
+                            instance,
+                            client,
+                            "identity.destroy",
+                            id,
+                            destroy_reason::USED,
+                            String::new(),
+                        ));
                     }
                     return Ok(WriteOutcome::IdentityUsed(Box::new(IdentityUse { row, destroyed })));
                 }
@@ -106,7 +122,15 @@ macro_rules! identity_ops {
                 let reason = if state == identity_state::ACTIVE && expires_at <= at {
                     // Found expired before the sweep: destroyed now.
                     self.destroy_identities(&[id.to_string()], at, destroy_reason::EXPIRED)?;
-                    audit.push(audit_event(at, instance, client, "identity.destroy", id, destroy_reason::EXPIRED, String::new()));
+                    audit.push(audit_event(
+                        at,
+                        instance,
+                        client,
+                        "identity.destroy",
+                        id,
+                        destroy_reason::EXPIRED,
+                        String::new(),
+                    ));
                     destroy_reason::EXPIRED.to_string()
                 } else {
                     reason.unwrap_or_else(|| destroy_reason::USED.to_string())
@@ -120,7 +144,9 @@ macro_rules! identity_ops {
 
             fn destroy_identities(&mut self, ids: &[String], at: i64, reason: &str) -> QueryResult<usize> {
                 diesel::update(
-                    identities::table.filter(identities::id.eq_any(ids)).filter(identities::state.eq(identity_state::ACTIVE)),
+                    identities::table
+                        .filter(identities::id.eq_any(ids))
+                        .filter(identities::state.eq(identity_state::ACTIVE)),
                 )
                 .set((
                     identities::state.eq(identity_state::DESTROYED),
@@ -168,7 +194,15 @@ pub fn destroy_expired(conn: &mut DbConn, now: i64, instance: &str, limit: i64) 
         let events: Vec<NewAuditEvent> = expired
             .iter()
             .map(|(id, client)| {
-                audit_event(now, instance, "castellum", "identity.destroy", id, destroy_reason::EXPIRED, format!("client={client}"))
+                audit_event(
+                    now,
+                    instance,
+                    "castellum",
+                    "identity.destroy",
+                    id,
+                    destroy_reason::EXPIRED,
+                    format!("client={client}"),
+                )
             })
             .collect();
         diesel::insert_into(audit_log::table).values(&events).execute(c)?;

@@ -195,7 +195,8 @@ impl Engine {
         }
         match self.inner.store.write(WriteOp::InsertRequest(Box::new(row))).await? {
             WriteOutcome::Done => {}
-            other @ (WriteOutcome::IdentityUsed(_) | WriteOutcome::IdentityNotFound | WriteOutcome::IdentityGone(_)) => {
+            other
+            @ (WriteOutcome::IdentityUsed(_) | WriteOutcome::IdentityNotFound | WriteOutcome::IdentityGone(_)) => {
                 return Err(unexpected(other))
             }
             WriteOutcome::Conflict => {
@@ -314,7 +315,7 @@ impl Engine {
         }
     }
 
-    fn refuse_if_stopping(&self) -> Result<(), EngineError> {
+    pub(super) fn refuse_if_stopping(&self) -> Result<(), EngineError> {
         if self.is_shutting_down() {
             Err(EngineError::ShuttingDown)
         } else {
@@ -334,14 +335,15 @@ impl Engine {
         }
     }
 
-    /// Refusals of authenticated clients are audited (best effort: never at issuance's expense).
-    fn audit_refusal(&self, client: &Client, action: &str, profile: &str, err: &EngineError) {
+    /// Refusals of authenticated clients are audited (best effort: never at issuance's expense;
+    /// never a digest or key material, only what was refused and why).
+    pub(super) fn audit_refusal(&self, client: &Client, action: &str, target: &str, err: &EngineError) {
         self.inner.store.write_detached(WriteOp::Audit(NewAuditEvent {
             at: now_ms(),
             instance: self.inner.instance.to_string(),
             actor: client.name.clone(),
             action: action.to_string(),
-            target: profile.chars().take(64).collect(),
+            target: target.chars().take(64).collect(),
             outcome: err.slug().to_string(),
             detail: err.to_string().chars().take(512).collect(),
         }));

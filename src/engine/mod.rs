@@ -2,6 +2,7 @@
 //! cloneable handle with typed async methods. The HTTP API and the CLI are thin adapters on it.
 
 pub mod admin;
+mod identity;
 mod issue;
 pub mod types;
 
@@ -81,6 +82,8 @@ struct Inner {
     registry: Addr<Registry>,
     resumer: Addr<Resumer>,
     stop_listener: Arc<AtomicBool>,
+    /// Key pool, vault and sweeper, when a key-encryption key is configured.
+    identities: Option<identity::IdentityServices>,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, StartError> {
@@ -93,6 +96,10 @@ impl Engine {
     pub async fn start(config: Config) -> Result<Engine, StartError> {
         let cfg = config.clone();
         let (problems, materials) = blocking(move || crate::config::check_config(&cfg)).await?;
+        let (warnings, problems): (Vec<_>, Vec<_>) = problems.into_iter().partition(|p| p.warning);
+        for w in &warnings {
+            tracing::warn!(problem = %w, "configuration warning");
+        }
         let (unavailable, fatal): (Vec<_>, Vec<_>) = problems.into_iter().partition(|p| p.key_unavailable);
         if !fatal.is_empty() {
             return Err(StartError::Config(fatal));
@@ -169,6 +176,26 @@ impl Engine {
             resubmit_busy: false,
         }
         .start();
+        let identities = match (&config.identities.kek_file, &config.identities.kek_env) {
+            (None, None) => None,
+            _ => {
+                let kek = crate::pki::kek::Kek::load(&config.identities, config.mode).map_err(|e| {
+                    StartError::Config(vec![ConfigProblem {
+                        path: "identities".into(),
+                        message: e.to_string(),
+                        key_unavailable: false,
+                        warning: false,
+                    }])
+                })?;
+                Some(identity::IdentityServices::start(
+                    &config,
+                    kek,
+                    pools.control.clone(),
+                    instance.clone(),
+                    metrics.clone(),
+                ))
+            }
+        };
         let (watched, watch_metrics, threshold) = (pools.clone(), metrics.clone(), config.database.slow_hold_threshold);
         let watch_stop = stop_listener.clone();
         actix_web::rt::spawn(async move {
@@ -196,6 +223,7 @@ impl Engine {
                 registry,
                 resumer,
                 stop_listener,
+                identities,
             }),
         };
         // Every instance publishes its actor tree with its heartbeat, so any console can show it.
@@ -431,6 +459,9 @@ impl Engine {
             }
         }
         self.inner.stop_listener.store(true, Ordering::Relaxed);
+        if let Some(identities) = &self.inner.identities {
+            identities.stop();
+        }
         if let Ok(mut arbiters) = self.inner.arbiters.lock() {
             for arbiter in arbiters.drain(..) {
                 arbiter.stop();

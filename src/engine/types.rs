@@ -123,3 +123,61 @@ pub struct PoolReadiness {
     pub checkout_timeouts: u64,
     pub refused: u64,
 }
+
+/// A request for a disposable identity: the engine generates the key and issues its certificate.
+#[derive(Debug, Clone)]
+pub struct CreateIdentity {
+    pub profile: String,
+    pub subject: crate::pki::identity::IdentitySubject,
+    /// As for [`IssueRequest::wait`].
+    pub wait: Option<Duration>,
+    pub idempotency_key: Option<String>,
+}
+
+/// A disposable identity as its client sees it. The private key never leaves the engine.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Identity {
+    pub id: String,
+    pub profile: String,
+    pub ca: String,
+    /// `active`, or `destroyed` once its key is gone (last use, expiry).
+    pub state: String,
+    pub key_type: String,
+    pub serial: String,
+    /// PEM of the identity's certificate.
+    pub certificate: String,
+    /// PEM of the issuing CA's certificate and the certificates above it, nearest first.
+    pub chain: Vec<String>,
+    /// Milliseconds since the Unix epoch.
+    pub created_at: i64,
+    pub expires_at: i64,
+    pub max_uses: i64,
+    pub remaining_uses: i64,
+}
+
+/// A digest to sign with an identity's key.
+#[derive(Debug, Clone)]
+pub struct SignDigestRequest {
+    /// The digest's bytes (the HTTP API takes them in base64).
+    pub digest: Vec<u8>,
+    /// `sha256`, `sha384` or `sha512`: the hash that produced `digest`.
+    pub digest_algorithm: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct IdentitySignature {
+    pub identity: String,
+    /// The signature (DER ECDSA-Sig-Value for ECDSA; raw for RSA and Ed25519), base64.
+    #[serde(serialize_with = "base64_bytes")]
+    pub signature: Vec<u8>,
+    /// `ecdsa-sha256`, `rsa-pkcs1-sha256`, `rsa-pss-sha256`, `ed25519`, …
+    pub signature_algorithm: String,
+    pub remaining_uses: i64,
+    /// `destroyed` when this was the identity's last signature.
+    pub state: String,
+}
+
+fn base64_bytes<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    use base64::Engine as _;
+    s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(bytes))
+}

@@ -46,7 +46,7 @@ pub fn parse_prefer(req: &HttpRequest) -> Prefer {
     prefer
 }
 
-fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, Problem> {
+pub fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, Problem> {
     match req.headers().get("idempotency-key") {
         None => Ok(None),
         Some(v) => v

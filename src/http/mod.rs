@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod certificates;
+pub mod identities;
 pub mod ops;
 pub mod problem;
 
@@ -38,6 +39,9 @@ pub fn routes(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
         .service(certificates::certificate)
         .service(certificates::request_status)
         .service(certificates::cas)
+        .service(identities::create)
+        .service(identities::show)
+        .service(identities::sign)
         .service(ops::healthz)
         .service(ops::readyz)
         .service(ops::metrics);

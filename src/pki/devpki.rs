@@ -117,10 +117,17 @@ fn write_key(path: &Path, key: &PKey<Private>) -> Result<()> {
     Ok(())
 }
 
-/// Write a fresh dev PKI into `dir`: `root.crt`, `root.key`, and for each issuing CA
-/// `<id>.crt`, `<id>.key` and `<id>.chain.pem` (its certificate then the root).
+/// Write a fresh dev PKI into `dir`: `root.crt`, `root.key`, for each issuing CA `<id>.crt`,
+/// `<id>.key` and `<id>.chain.pem` (its certificate then the root), and the development
+/// identity key-encryption key `identity-kek.hex`.
 pub fn generate(dir: &Path, mut progress: impl FnMut(&str)) -> Result<()> {
     std::fs::create_dir_all(dir)?;
+    progress("identity key-encryption key (the public dev KEK)");
+    let kek = format!(
+        "# castellum DEVELOPMENT identity key-encryption key: public on purpose, refused unless mode = \"dev\".\n{}\n",
+        hex::encode(super::kek::dev_kek())
+    );
+    write(&dir.join("identity-kek.hex"), kek.as_bytes())?;
     progress("root CA (ECDSA P-384)");
     let root_key = generate_key(KeyType::EcdsaP384)?;
     let root = ca_certificate("castellum DEV Root CA", &root_key, None, 20 * 365, None)?;

@@ -29,8 +29,12 @@ impl IdentitySubject {
     /// A stable fingerprint of what was asked, to recognise an idempotent retry.
     pub fn fingerprint(&self, profile: &str) -> Vec<u8> {
         let mut out = Vec::new();
-        for part in [profile, &self.common_name, self.email.as_deref().unwrap_or(""), self.organization.as_deref().unwrap_or("")]
-        {
+        for part in [
+            profile,
+            &self.common_name,
+            self.email.as_deref().unwrap_or(""),
+            self.organization.as_deref().unwrap_or(""),
+        ] {
             out.extend_from_slice(&(part.len() as u64).to_be_bytes());
             out.extend_from_slice(part.as_bytes());
         }
@@ -195,13 +199,9 @@ pub struct SealedKey {
 }
 
 /// Generate a key and seal it for a new identity id.
-pub fn generate_sealed(
-    key_type: KeyType,
-    rsa_bits: u32,
-    kek: &super::kek::Kek,
-) -> Result<SealedKey, EngineError> {
-    let key = generate_key(key_type, rsa_bits)
-        .map_err(|e| EngineError::Internal(format!("identity key generation: {e}")))?;
+pub fn generate_sealed(key_type: KeyType, rsa_bits: u32, kek: &super::kek::Kek) -> Result<SealedKey, EngineError> {
+    let key =
+        generate_key(key_type, rsa_bits).map_err(|e| EngineError::Internal(format!("identity key generation: {e}")))?;
     let id = uuid::Uuid::now_v7().to_string();
     let sealed = kek.seal(&id, &key.pkcs8_der).map_err(|e| EngineError::Internal(e.to_string()))?;
     Ok(SealedKey { id, key_type, bits: key.bits, spki_der: key.spki_der, sealed, kek_id: kek.id().to_string() })

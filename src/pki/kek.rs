@@ -76,11 +76,7 @@ fn weakness(key: &[u8; KEY_LEN]) -> Option<&'static str> {
 
 fn parse(text: &str) -> Result<Zeroizing<[u8; KEY_LEN]>, KekError> {
     let digits: Zeroizing<String> = Zeroizing::new(
-        text.lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            .collect::<Vec<_>>()
-            .concat(),
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).collect::<Vec<_>>().concat(),
     );
     let mut key = Zeroizing::new([0u8; KEY_LEN]);
     hex::decode_to_slice(digits.as_bytes(), key.as_mut()).map_err(|_| KekError::Malformed)?;
@@ -141,8 +137,9 @@ impl Kek {
         let mut nonce = [0u8; NONCE_LEN];
         openssl::rand::rand_bytes(&mut nonce).map_err(|_| SealError)?;
         let mut tag = [0u8; TAG_LEN];
-        let ciphertext = encrypt_aead(Cipher::aes_256_gcm(), self.key.as_ref(), Some(&nonce), aad.as_bytes(), plaintext, &mut tag)
-            .map_err(|_| SealError)?;
+        let ciphertext =
+            encrypt_aead(Cipher::aes_256_gcm(), self.key.as_ref(), Some(&nonce), aad.as_bytes(), plaintext, &mut tag)
+                .map_err(|_| SealError)?;
         let mut sealed = Vec::with_capacity(NONCE_LEN + ciphertext.len() + TAG_LEN);
         sealed.extend_from_slice(&nonce);
         sealed.extend_from_slice(&ciphertext);

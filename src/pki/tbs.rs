@@ -93,7 +93,8 @@ fn eku_oid(eku: ExtendedKeyUsageName) -> const_oid::ObjectIdentifier {
 }
 
 /// id-kp-documentSigning (RFC 9336).
-const ID_KP_DOCUMENT_SIGNING: const_oid::ObjectIdentifier = const_oid::ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.36");
+const ID_KP_DOCUMENT_SIGNING: const_oid::ObjectIdentifier =
+    const_oid::ObjectIdentifier::new_unwrap("1.3.6.1.5.5.7.3.36");
 
 /// The subject: organisation (identities only), then common name, each a UTF8String.
 fn subject_name(names: &ApprovedNames) -> Result<Name, EngineError> {

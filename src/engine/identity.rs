@@ -1,0 +1,313 @@
+//! Disposable identities through the engine: created like a certificate (intake, the CA's cell,
+//! the interactive lane, its deadline and idempotency rules) with a key the engine generates and
+//! keeps sealed; used to sign digests by the client that created it, a bounded number of times.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tokio::sync::Semaphore;
+
+use super::issue::{check_idempotency_key, Provenance};
+use super::types::*;
+use super::Engine;
+use crate::actors::intake::Admitted;
+use crate::actors::keypool::{KeyPool, KeySpec};
+use crate::actors::sweeper::IdentitySweeper;
+use crate::actors::vault::{IdentityVault, SignDigest};
+use crate::config::{Config, KeyType, RsaSignatureScheme};
+use crate::db::identities::{self, IdentityUse};
+use crate::db::models::{identity_state, IdentityRow};
+use crate::db::queries::{self, WriteOp, WriteOutcome};
+use crate::db::DbPool;
+use crate::error::EngineError;
+use crate::metrics::Metrics;
+use crate::pki::identity::{self as pki_identity, DigestAlgorithm, IdentityDraft};
+use crate::pki::kek::Kek;
+use crate::pki::{now_ms, CheckedCsr};
+
+/// Signatures waiting for (or in) the vault; beyond this, refused at once.
+const MAX_PENDING_SIGNATURES: usize = 256;
+
+/// What the engine runs for identities (present when a KEK is configured).
+pub(super) struct IdentityServices {
+    keys: KeyPool,
+    vault: Addr<IdentityVault>,
+    vault_permits: Semaphore,
+}
+
+impl IdentityServices {
+    /// Start the key pool (for the kinds of key identity profiles use), the vault and the sweeper.
+    pub(super) fn start(
+        config: &Config,
+        kek: Kek,
+        control: DbPool,
+        instance: Arc<str>,
+        metrics: Arc<Metrics>,
+    ) -> IdentityServices {
+        let kek = Arc::new(kek);
+        let cfg = &config.identities;
+        let mut wanted: Vec<(KeySpec, usize)> = Vec::new();
+        for policy in config.profiles.iter().filter_map(|p| p.identity.as_ref()) {
+            let spec = key_spec(policy.key_type, policy.rsa_bits);
+            let target = if spec.key_type == KeyType::Rsa { cfg.rsa_pool_size } else { cfg.pool_size };
+            if !wanted.iter().any(|(s, _)| *s == spec) {
+                wanted.push((spec, target));
+            }
+        }
+        let keys = KeyPool::start(kek.clone(), wanted, metrics.clone());
+        let (vault_kek, vault_metrics) = (kek, metrics.clone());
+        let vault = SyncArbiter::start(cfg.signer_threads.max(1), move || IdentityVault {
+            kek: vault_kek.clone(),
+            metrics: vault_metrics.clone(),
+        });
+        IdentitySweeper { control, instance, interval: cfg.sweep_interval, metrics, busy: false }.start();
+        IdentityServices { keys, vault, vault_permits: Semaphore::new(MAX_PENDING_SIGNATURES) }
+    }
+
+    pub(super) fn stop(&self) {
+        self.keys.stop();
+    }
+}
+
+fn key_spec(key_type: KeyType, rsa_bits: u32) -> KeySpec {
+    KeySpec { key_type, rsa_bits: if key_type == KeyType::Rsa { rsa_bits } else { 0 } }
+}
+
+/// Identity ids are UUIDs; anything else names no identity.
+fn plausible_id(id: &str) -> bool {
+    id.len() == 36 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+}
+
+impl Engine {
+    fn identity_services(&self) -> Result<&IdentityServices, EngineError> {
+        self.inner
+            .identities
+            .as_ref()
+            .ok_or_else(|| EngineError::PolicyViolation("disposable identities are not configured".into()))
+    }
+
+    /// Create a disposable identity: a key generated here, sealed, and certified by the
+    /// profile's CA through its cell, within the interactive lane's deadline.
+    pub async fn create_identity(&self, client: &Client, req: CreateIdentity) -> Result<Identity, EngineError> {
+        let span = tracing::info_span!("create_identity", client = %client.name, profile = %req.profile, ca = tracing::field::Empty, identity = tracing::field::Empty, request_id = tracing::field::Empty);
+        let result =
+            tracing::Instrument::instrument(self.create_identity_inner(client, &req, span.clone()), span).await;
+        self.count_identity("create", result.as_ref().map(|_| "created"));
+        if let Err(e) = &result {
+            self.audit_refusal(client, "identity.create", &req.profile, e);
+        }
+        result
+    }
+
+    async fn create_identity_inner(
+        &self,
+        client: &Client,
+        req: &CreateIdentity,
+        span: tracing::Span,
+    ) -> Result<Identity, EngineError> {
+        self.refuse_if_stopping()?;
+        check_idempotency_key(req.idempotency_key.as_deref())?;
+        let intake = &self.inner.intake;
+        intake.check_rate(client)?;
+        let (profile, _) = intake.profile_for(client, &req.profile, false)?;
+        span.record("ca", profile.ca.as_str());
+        let names = pki_identity::approve_subject(&profile, &req.subject)?;
+        let policy =
+            profile.identity.clone().ok_or_else(|| EngineError::Internal("identity policy vanished".into()))?;
+        intake.check_breaker(&profile)?;
+        let deadline = intake.deadline(&profile, req.wait);
+        intake.check_capacity(&profile, deadline)?;
+
+        let key = self.identity_services()?.keys.take(key_spec(policy.key_type, policy.rsa_bits), deadline).await?;
+        span.record("identity", key.id.as_str());
+        let created_at = now_ms();
+        let csr = CheckedCsr {
+            spki_der: key.spki_der.clone(),
+            key_type: policy.key_type,
+            key_bits: key.bits,
+            common_name: names.common_name.clone(),
+            names: names.sans.clone(),
+            der: key.spki_der.clone(),
+        };
+        let draft = Arc::new(IdentityDraft {
+            fingerprint: req.subject.fingerprint(&profile.id),
+            max_uses: policy.max_uses,
+            created_at,
+            expires_at: created_at + policy.lifetime.as_millis() as i64,
+            key,
+        });
+        let admitted = Admitted {
+            profile: profile.clone(),
+            csr: Arc::new(csr),
+            names: Arc::new(names),
+            hold: false,
+            identity: Some(draft.clone()),
+        };
+        let (issued, provenance) =
+            self.issue_admitted(client, admitted, deadline, req.idempotency_key.as_deref(), span).await?;
+        match provenance {
+            Provenance::Fresh => Ok(Identity {
+                id: draft.key.id.clone(),
+                profile: profile.id.clone(),
+                ca: issued.ca,
+                state: identity_state::ACTIVE.into(),
+                key_type: policy.key_type.as_str().into(),
+                serial: issued.serial,
+                certificate: issued.certificate,
+                chain: issued.chain,
+                created_at,
+                // As stored: the key never outlives its certificate.
+                expires_at: draft.expires_at.min(issued.not_after),
+                max_uses: i64::from(policy.max_uses),
+                remaining_uses: i64::from(policy.max_uses),
+            }),
+            // An earlier attempt with this Idempotency-Key created it: answer with that identity.
+            Provenance::Replayed => {
+                let serial = issued.serial.clone();
+                let row = self
+                    .read(move |c| identities::load_identity_by_serial(c, &serial))
+                    .await?
+                    .ok_or_else(|| EngineError::Internal("issued identity request without identity".into()))?;
+                Ok(self.identity_view(row, issued.certificate))
+            }
+        }
+    }
+
+    /// An identity of this client; another client's is "not found".
+    pub async fn identity(&self, client: &Client, id: &str) -> Result<Identity, EngineError> {
+        if !plausible_id(id) {
+            return Err(EngineError::NotFound);
+        }
+        let (id, owner) = (id.to_string(), client.name.clone());
+        let found = self
+            .read(move |c| {
+                let Some(row) = identities::load_identity(c, &id)?.filter(|r| r.client == owner) else {
+                    return Ok(None);
+                };
+                let cert = queries::load_certificate(c, &row.serial)?.and_then(|cert| cert.cert_der);
+                Ok(cert.map(|der| (row, der)))
+            })
+            .await?;
+        let (row, der) = found.ok_or(EngineError::NotFound)?;
+        Ok(self.identity_view(row, crate::pki::cert_pem(&der)))
+    }
+
+    fn identity_view(&self, row: IdentityRow, certificate: String) -> Identity {
+        Identity {
+            chain: self.chain_of(&row.ca_id),
+            remaining_uses: if row.state == identity_state::ACTIVE { (row.max_uses - row.uses).max(0) } else { 0 },
+            id: row.id,
+            profile: row.profile,
+            ca: row.ca_id,
+            state: row.state,
+            key_type: row.key_type,
+            serial: row.serial,
+            certificate,
+            created_at: row.created_at,
+            expires_at: row.expires_at,
+            max_uses: row.max_uses,
+        }
+    }
+
+    /// Sign a digest with an identity's key, counting one of its uses. Bad input is refused
+    /// before anything is counted; after the last use the key is destroyed.
+    pub async fn sign_with_identity(
+        &self,
+        client: &Client,
+        id: &str,
+        req: SignDigestRequest,
+    ) -> Result<IdentitySignature, EngineError> {
+        let span = tracing::info_span!("identity_signature", client = %client.name, identity = %id.chars().take(36).collect::<String>());
+        let result = tracing::Instrument::instrument(self.sign_inner(client, id, req), span).await;
+        self.count_identity("sign", result.as_ref().map(|_| "signed"));
+        if let Err(e) = &result {
+            // Gone is audited with the attempt, in the store's transaction.
+            if !matches!(e, EngineError::Gone(_)) {
+                self.audit_refusal(client, "identity.sign", id, e);
+            }
+        }
+        result
+    }
+
+    async fn sign_inner(
+        &self,
+        client: &Client,
+        id: &str,
+        req: SignDigestRequest,
+    ) -> Result<IdentitySignature, EngineError> {
+        self.refuse_if_stopping()?;
+        self.inner.intake.check_rate(client)?;
+        let algorithm = DigestAlgorithm::parse(&req.digest_algorithm)?;
+        algorithm.check(&req.digest)?;
+        if !plausible_id(id) {
+            return Err(EngineError::NotFound);
+        }
+        let services = self.identity_services()?;
+        // Refused here, before a use is counted, when the vault is saturated.
+        let _permit = services.vault_permits.try_acquire().map_err(|_| EngineError::IdentitySignerBusy)?;
+        let deadline = Instant::now() + self.inner.config.lanes.interactive.default_deadline;
+        let outcome = self
+            .inner
+            .store
+            .write(WriteOp::UseIdentity {
+                id: id.to_string(),
+                client: client.name.clone(),
+                at: now_ms(),
+                instance: self.inner.instance.to_string(),
+                digest_algorithm: algorithm.name(),
+            })
+            .await?;
+        let IdentityUse { row, destroyed } = match outcome {
+            WriteOutcome::IdentityUsed(used) => *used,
+            WriteOutcome::IdentityNotFound => return Err(EngineError::NotFound),
+            WriteOutcome::IdentityGone(why) => return Err(EngineError::Gone(why)),
+            other => return Err(EngineError::Internal(format!("the store answered a use with {other:?}"))),
+        };
+        if destroyed {
+            self.inner.metrics.identities_destroyed.get_or_create(&vec![("reason", "used".to_string())]).inc();
+        }
+        let key_type = KeyType::parse(&row.key_type)
+            .ok_or_else(|| EngineError::Internal(format!("unknown stored key type {:?}", row.key_type)))?;
+        let rsa = self
+            .inner
+            .intake
+            .catalog
+            .profiles
+            .get(&row.profile)
+            .and_then(|p| p.identity.as_ref())
+            .map(|policy| policy.rsa_signature)
+            .unwrap_or(RsaSignatureScheme::Pkcs1);
+        let sealed =
+            row.sealed_key.clone().ok_or_else(|| EngineError::Internal("active identity without key".into()))?;
+        let sign = services.vault.send(SignDigest {
+            id: row.id.clone(),
+            sealed,
+            rsa,
+            algorithm,
+            digest: req.digest,
+            deadline,
+        });
+        let signature = match tokio::time::timeout_at(deadline.into(), sign).await {
+            Ok(Ok(result)) => result?,
+            Ok(Err(_)) => return Err(EngineError::ShuttingDown),
+            Err(_) => return Err(EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) }),
+        };
+        Ok(IdentitySignature {
+            identity: row.id,
+            signature,
+            signature_algorithm: pki_identity::signature_algorithm(key_type, rsa, algorithm),
+            remaining_uses: if destroyed { 0 } else { row.max_uses - row.uses },
+            state: if destroyed { identity_state::DESTROYED } else { identity_state::ACTIVE }.into(),
+        })
+    }
+
+    fn count_identity(&self, operation: &'static str, outcome: Result<&str, &EngineError>) {
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => e.slug(),
+        };
+        let labels = vec![("operation", operation.to_string()), ("outcome", outcome.to_string())];
+        self.inner.metrics.identity_operations.get_or_create(&labels).inc();
+    }
+}
