@@ -138,7 +138,6 @@ fn refill(weak: Weak<Shared>, spec: KeySpec) {
         }
         let Some(stock) = shared.stocks.get(&spec) else { return };
         let missing = stock.target.saturating_sub(stock.keys.lock().unwrap_or_else(|e| e.into_inner()).len());
-        let gauge = shared.metrics.identity_key_pool.get_or_create(&vec![("key", spec.label())]);
         if missing == 0 {
             let keys = stock.keys.lock().unwrap_or_else(|e| e.into_inner());
             drop(stock.taken.wait_timeout(keys, IDLE_CHECK));
@@ -148,7 +147,8 @@ fn refill(weak: Weak<Shared>, spec: KeySpec) {
             Ok(key) => {
                 let mut keys = stock.keys.lock().unwrap_or_else(|e| e.into_inner());
                 keys.push_back(key);
-                gauge.set(keys.len() as i64);
+                // One statement: the family's guard must not outlive it (it blocks other labels).
+                shared.metrics.identity_key_pool.get_or_create(&vec![("key", spec.label())]).set(keys.len() as i64);
             }
             Err(e) => {
                 tracing::error!(error = %e, key = %spec.label(), "identity key generation failed");
