@@ -160,3 +160,77 @@ fn start_up_refuses_what_check_config_refuses() {
         Ok(_) => panic!("the engine started on an invalid configuration"),
     }
 }
+
+/// The dev configuration's KEK line, as `dev_config_text` writes it.
+fn dev_kek_line() -> String {
+    format!("kek_file = \"{}\"", dev_keys().join("identity-kek.hex").display())
+}
+
+fn with_kek_file(contents: &str, mode: u32) -> (tempfile::TempDir, String) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kek.hex");
+    std::fs::write(&path, contents).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+    let text = dev_config_text().replacen(&dev_kek_line(), &format!("kek_file = \"{}\"", path.display()), 1);
+    (dir, text)
+}
+
+#[test]
+fn identity_profiles_need_a_key_encryption_key() {
+    let text = dev_config_text().replacen(&dev_kek_line(), "", 1);
+    assert_flags(&text, "identities", "no key-encryption key configured");
+    let text = dev_config_text().replacen(&dev_kek_line(), "kek_env = \"CASTELLUM_TEST_UNSET_KEK\"", 1);
+    assert_flags(&text, "identities.kek_env", "CASTELLUM_TEST_UNSET_KEK is not set");
+    let text = dev_config_text().replacen(&dev_kek_line(), "kek_file = \"missing-kek.hex\"", 1);
+    assert_flags(&text, "identities.kek_file", "cannot read");
+}
+
+#[test]
+fn a_weak_or_malformed_key_encryption_key_is_refused() {
+    let (_d, text) = with_kek_file(&"00".repeat(32), 0o600);
+    assert_flags(&text, "identities.kek_file", "too few distinct bytes");
+    let (_d, text) = with_kek_file(&hex::encode("The quick brown fox jumps over!!"), 0o600);
+    assert_flags(&text, "identities.kek_file", "printable text");
+    let (_d, text) = with_kek_file("not hex at all", 0o600);
+    assert_flags(&text, "identities.kek_file", "64 hex digits");
+    let (_d, text) = with_kek_file(&"ab".repeat(31), 0o600);
+    assert_flags(&text, "identities.kek_file", "64 hex digits");
+    // A good one passes.
+    let random = openssl::sha::sha256(b"a test KEK that is not the dev one");
+    let (_d, text) = with_kek_file(&hex::encode(random), 0o600);
+    assert!(!problems_of(&text).iter().any(|p| p.starts_with("identities")), "{:?}", problems_of(&text));
+}
+
+#[test]
+fn the_dev_key_encryption_key_and_an_exposed_one_are_refused_outside_dev_mode() {
+    let production = |text: String| text.replacen("\nmode = \"dev\"", "\nmode = \"production\"", 1);
+    assert_flags(&production(dev_config_text()), "identities.kek_file", "development key-encryption key");
+    let random = openssl::sha::sha256(b"a production KEK");
+    let (_d, text) = with_kek_file(&hex::encode(random), 0o644);
+    assert_flags(&production(text), "identities.kek_file", "readable by other users");
+    let (_d, text) = with_kek_file(&hex::encode(random), 0o600);
+    assert!(!problems_of(&production(text.clone())).iter().any(|p| p.starts_with("identities")));
+}
+
+#[test]
+fn identity_profile_rules() {
+    let text = dev_config_text().replacen("lifetime = \"30m\"\nmax_uses = 5", "lifetime = \"2h\"\nmax_uses = 0", 1);
+    assert_flags(&text, "profiles[6].identity.lifetime", "must not exceed the profile's validity");
+    assert_flags(&text, "profiles[6].identity.max_uses", "at least 1");
+    let text = dev_config_text().replacen(
+        "id = \"signing-identity\"\nca = \"ica-p256\"",
+        "id = \"signing-identity\"\nca = \"ica-p256\"\nlane = \"background\"",
+        1,
+    );
+    assert_flags(&text, "profiles[5].lane", "interactive lane");
+}
+
+#[test]
+fn an_rsa_identity_profile_is_a_warning_not_a_refusal() {
+    let text = dev_config_text().replacen("key_type = \"ecdsa-p384\"", "key_type = \"rsa\"", 1);
+    let (code, out) = check_config_binary(&text);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("warning: profiles[6].identity.key_type: RSA-3072 key generation"), "{out}");
+    assert!(out.contains("1 warning(s)"), "{out}");
+}

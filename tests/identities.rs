@@ -262,7 +262,7 @@ async fn an_expired_identity_is_gone_and_swept() {
     let db = TestDb::sqlite();
     let text = dev_config_text()
         .replacen("lifetime = \"10m\"\nmax_uses = 1", "lifetime = \"1s\"\nmax_uses = 1", 1)
-        .replacen("kek_file = \"identity-kek.hex\"", "kek_file = \"identity-kek.hex\"\nsweep_interval = \"200ms\"", 1);
+        .replacen("[identities]\n", "[identities]\nsweep_interval = \"200ms\"\n", 1);
     let server = TestServer::start(config_from(&text, &db)).await;
     let used_late = create_ok(&server, DEMO_KEY, "signing-identity", "Erin Example").await;
     let left_alone = create_ok(&server, DEMO_KEY, "signing-identity", "Frank Example").await;

@@ -101,15 +101,9 @@ impl Kek {
         let text = match (&cfg.kek_file, &cfg.kek_env) {
             (Some(_), Some(_)) => return Err(KekError::TwoSources),
             (None, None) => return Err(KekError::Missing),
-            (Some(path), None) => {
-                let text = Zeroizing::new(
-                    std::fs::read_to_string(path).map_err(|_| KekError::Unreadable(path.display().to_string()))?,
-                );
-                if mode != Mode::Dev && exposed(path) {
-                    return Err(KekError::Exposed(path.display().to_string()));
-                }
-                text
-            }
+            (Some(path), None) => Zeroizing::new(
+                std::fs::read_to_string(path).map_err(|_| KekError::Unreadable(path.display().to_string()))?,
+            ),
             (None, Some(var)) => Zeroizing::new(std::env::var(var).map_err(|_| KekError::EnvUnset(var.clone()))?),
         };
         let key = parse(&text)?;
@@ -119,6 +113,9 @@ impl Kek {
             }
         } else if let Some(why) = weakness(&key) {
             return Err(KekError::Weak(why));
+        }
+        if let Some(path) = cfg.kek_file.as_deref().filter(|p| mode != Mode::Dev && exposed(p)) {
+            return Err(KekError::Exposed(path.display().to_string()));
         }
         Ok(Kek::from_bytes(*key))
     }

@@ -114,6 +114,7 @@ pub fn dev_config_text() -> String {
     text.replace("cert_file = \"", &format!("cert_file = \"{dir}/"))
         .replace("key_file = \"", &format!("key_file = \"{dir}/"))
         .replace("chain_files = [\"", &format!("chain_files = [\"{dir}/"))
+        .replace("kek_file = \"", &format!("kek_file = \"{dir}/"))
 }
 
 /// The dev configuration on `db`, listening on an ephemeral loopback port.
