@@ -108,7 +108,7 @@ impl DigestAlgorithm {
         }
     }
 
-    pub fn len(self) -> usize {
+    pub fn digest_len(self) -> usize {
         match self {
             DigestAlgorithm::Sha256 => 32,
             DigestAlgorithm::Sha384 => 48,
@@ -134,11 +134,11 @@ impl DigestAlgorithm {
 
     /// The digest's length is the algorithm's.
     pub fn check(self, digest: &[u8]) -> Result<(), EngineError> {
-        if digest.len() != self.len() {
+        if digest.len() != self.digest_len() {
             return Err(EngineError::BadDigest(format!(
                 "a {} digest is {} bytes, this one is {}",
                 self.name(),
-                self.len(),
+                self.digest_len(),
                 digest.len()
             )));
         }
