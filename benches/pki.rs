@@ -1,5 +1,6 @@
 //! In-process costs of the issuance path's CPU work (`cargo bench --bench pki`): CSR parse and
-//! check, and certificate build + lint + sign, with the dev P-256 CA.
+//! check, and certificate build + lint + sign, with the dev P-256 CA; and the identity path's:
+//! key generation + sealing per key type, and opening a sealed key + signing a digest.
 
 use std::time::SystemTime;
 
@@ -32,5 +33,39 @@ fn bench(c: &mut Criterion) {
     c.bench_function("certificate sign (P-256 CA)", |b| b.iter(|| tbs::sign(&ca, &prepared.tbs_der).expect("signed")));
 }
 
-criterion_group!(benches, bench);
+fn identities(c: &mut Criterion) {
+    use castellum::config::{KeyType, RsaSignatureScheme};
+    use castellum::pki::identity::signature_scheme;
+    use castellum::pki::identity::{generate_sealed, sign_digest, DigestAlgorithm};
+    use castellum::pki::kek::{dev_kek, Kek};
+    let kek = Kek::from_bytes(&dev_kek());
+    for (name, kind, bits) in
+        [("ecdsa-p256", KeyType::EcdsaP256, 0), ("ecdsa-p384", KeyType::EcdsaP384, 0), ("ed25519", KeyType::Ed25519, 0)]
+    {
+        c.bench_function(&format!("identity key generate + seal ({name})"), |b| {
+            b.iter(|| generate_sealed(kind, bits, &kek).expect("generated"))
+        });
+    }
+    let mut rsa = c.benchmark_group("identity RSA key generate + seal");
+    rsa.sample_size(10);
+    for bits in [2048, 3072] {
+        rsa.bench_function(format!("rsa-{bits}"), |b| {
+            b.iter(|| generate_sealed(KeyType::Rsa, bits, &kek).expect("generated"))
+        });
+    }
+    rsa.finish();
+    let digest = openssl::sha::sha256(b"a document");
+    for (name, kind) in [("ecdsa-p256", KeyType::EcdsaP256), ("ed25519", KeyType::Ed25519)] {
+        let key = generate_sealed(kind, 0, &kek).expect("generated");
+        let name_scheme = signature_scheme(kind, RsaSignatureScheme::Pkcs1);
+        c.bench_function(&format!("identity open + sign digest ({name})"), |b| {
+            b.iter(|| {
+                let pkcs8 = kek.open(&key.id, &key.sealed).expect("opens");
+                sign_digest(&pkcs8, name_scheme, DigestAlgorithm::Sha256, &digest).expect("signed")
+            })
+        });
+    }
+}
+
+criterion_group!(benches, bench, identities);
 criterion_main!(benches);

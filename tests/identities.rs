@@ -355,6 +355,8 @@ async fn identity_requests_follow_the_profile_and_idempotency_rules() {
     };
     let cases = [
         (json!({ "common_name": "" }), "signing-identity", 422),
+        (json!({ "common_name": "Ivan\u{202E}fdp.exe" }), "signing-identity", 422),
+        (json!({ "common_name": "Ivan\u{200B}" }), "signing-identity", 422),
         (json!({ "common_name": "Ivan", "organization": "Evil Corp" }), "signing-identity", 422),
         (json!({ "common_name": "Ivan", "email": "ivan@elsewhere.test" }), "signing-identity", 422),
         (json!({ "common_name": "Ivan", "email": "ivan@example.test" }), "signing-identity-p384", 422),
@@ -366,6 +368,14 @@ async fn identity_requests_follow_the_profile_and_idempotency_rules() {
         let (got, body) = refused(subject.clone(), profile).await;
         assert_eq!(got, status, "{subject} on {profile}: {body}");
     }
+    // An email domain covers the names below it.
+    let below = create(
+        &server,
+        DEMO_KEY,
+        "signing-identity",
+        json!({ "common_name": "Ivan", "email": "ivan@mail.example.test" }),
+    );
+    assert_eq!(below.send().await.unwrap().status(), 201);
     // A CSR cannot be issued under an identity profile: the engine makes those keys.
     let resp = server.issue(DEMO_KEY, "signing-identity", &csr(Key::P256, &["a.example.test"])).send().await.unwrap();
     assert_eq!(resp.status(), 422);
@@ -373,7 +383,7 @@ async fn identity_requests_follow_the_profile_and_idempotency_rules() {
     let resp =
         create(&server, OTHER_KEY, "signing-identity-p384", json!({ "common_name": "Judy" })).send().await.unwrap();
     assert_eq!(resp.status(), 403);
-    assert_eq!(castellum::db::queries::count_certificates(&mut db.conn()).unwrap(), 0, "nothing was issued");
+    assert_eq!(castellum::db::queries::count_certificates(&mut db.conn()).unwrap(), 1, "only the one allowed");
 
     let with_key = |cn: &'static str| {
         create(&server, DEMO_KEY, "signing-identity", json!({ "common_name": cn })).header("idempotency-key", "id-1")
@@ -387,7 +397,7 @@ async fn identity_requests_follow_the_profile_and_idempotency_rules() {
     let other = with_key("Someone Else").send().await.unwrap();
     assert_eq!(other.status(), 422);
     assert_eq!(other.json::<Value>().await.unwrap()["type"], "urn:castellum:problem:idempotency-key-reuse");
-    assert_eq!(castellum::db::queries::count_certificates(&mut db.conn()).unwrap(), 1, "one identity, one certificate");
+    assert_eq!(castellum::db::queries::count_certificates(&mut db.conn()).unwrap(), 2, "one identity, one certificate");
     server.stop().await;
 }
 
@@ -438,7 +448,7 @@ async fn identity_keys_appear_neither_in_the_database_nor_in_the_logs() {
     };
     let single = new_identity("signing-identity").await;
     let multi = new_identity("signing-identity-p384").await;
-    let kek = castellum::pki::kek::Kek::from_bytes(castellum::pki::kek::dev_kek());
+    let kek = castellum::pki::kek::Kek::from_bytes(&castellum::pki::kek::dev_kek());
     let mut secrets: Vec<(String, Vec<u8>)> = Vec::new();
     let mut sealed = Vec::new();
     for identity in [&single, &multi] {
@@ -560,4 +570,70 @@ async fn an_identity_burst_on_one_ca_never_slows_the_others() {
     assert!(p99_busy <= p99_quiet * 2, "p99 {p99_busy:?} during the burst vs {p99_quiet:?} without");
     assert!(metrics.contains("castellum_identity_keys_total{key=\"ecdsa-p256\",source=\"pool\"}"), "{metrics}");
     Arc::try_unwrap(server).ok().unwrap().stop().await;
+}
+
+/// Two engine instances on one PostgreSQL database, 20 signature requests at once for an identity
+/// that may sign 5 times: exactly 5 signatures come out.
+#[actix_rt::test]
+async fn concurrent_signatures_on_two_instances_never_exceed_max_uses() {
+    let db = TestDb::postgres();
+    let mut config = dev_config(&db);
+    config.database.instances = 2;
+    // Room for all ten of an instance's concurrent requests in its status reads.
+    config.database.pools.status.max_size = 6;
+    let first = Arc::new(TestServer::start(config.clone()).await);
+    config.instance_id = Some("second".into());
+    let second = Arc::new(TestServer::start(config).await);
+    let identity = create_ok(&first, DEMO_KEY, "signing-identity-p384", "Peggy Example").await;
+    assert_eq!(identity["max_uses"], 5);
+    let id = identity["id"].as_str().unwrap().to_string();
+    let digest = Arc::new(b64(&openssl::sha::sha384(b"contended")));
+    let attempts: Vec<_> = (0..20)
+        .map(|i| {
+            let server = if i % 2 == 0 { first.clone() } else { second.clone() };
+            let (id, digest) = (id.clone(), digest.clone());
+            actix_rt::spawn(async move {
+                sign(&server, DEMO_KEY, &id, &digest, "sha384").send().await.unwrap().status().as_u16()
+            })
+        })
+        .collect();
+    let mut statuses: Vec<u16> =
+        futures_util::future::join_all(attempts).await.into_iter().map(|r| r.unwrap()).collect();
+    statuses.sort();
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 5, "{statuses:?}");
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 410), "{statuses:?}");
+    let row = castellum::db::identities::load_identity(&mut db.conn(), &id).unwrap().unwrap();
+    assert_eq!((row.uses, row.state.as_str()), (5, "destroyed"));
+    for server in [first, second] {
+        Arc::try_unwrap(server).ok().unwrap().stop().await;
+    }
+}
+
+/// The engine restarted with another key-encryption key cannot open the identity: the
+/// signature fails, and costs the identity nothing; back on its own KEK it signs.
+#[actix_rt::test]
+async fn a_signature_that_fails_inside_the_engine_costs_no_use() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(dev_config(&db)).await;
+    let identity = create_ok(&server, DEMO_KEY, "signing-identity", "Rupert Example").await;
+    let id = identity["id"].as_str().unwrap().to_string();
+    server.stop().await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let other_kek = dir.path().join("kek.hex");
+    std::fs::write(&other_kek, hex::encode(openssl::sha::sha256(b"another deployment's KEK"))).unwrap();
+    let mut config = dev_config(&db);
+    config.identities.kek_file = Some(other_kek);
+    let server = TestServer::start(config).await;
+    let digest = openssl::sha::sha256(b"document");
+    let (status, body) = sign_status(&server, DEMO_KEY, &id, &digest, "sha256").await;
+    assert_eq!(status, 500, "{body}");
+    let row = castellum::db::identities::load_identity(&mut db.conn(), &id).unwrap().unwrap();
+    assert_eq!((row.uses, row.state.as_str()), (0, "active"), "the failure cost no use");
+    server.stop().await;
+
+    let server = TestServer::start(dev_config(&db)).await;
+    let (status, body) = sign_status(&server, DEMO_KEY, &id, &digest, "sha256").await;
+    assert_eq!(status, 200, "{body}");
+    server.stop().await;
 }

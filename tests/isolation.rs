@@ -180,11 +180,10 @@ fn metrics_count(metrics: &str, prefix: &str) -> usize {
 #[actix_rt::test]
 async fn over_its_rate_a_client_gets_429_and_an_overloaded_ca_503() {
     let db = TestDb::sqlite();
-    let text = dev_config_text().replacen(
-        "profiles = [\"tls-server-p256\"]",
-        "profiles = [\"tls-server-p256\"]\nrate = { per_second = 1, burst = 2 }",
-        1,
-    );
+    let other_profiles = "profiles = [\"tls-server-p256\", \"signing-identity\"]";
+    let text = dev_config_text();
+    assert!(text.contains(other_profiles), "the dev configuration's client `other` changed");
+    let text = text.replacen(other_profiles, &format!("{other_profiles}\nrate = {{ per_second = 1, burst = 2 }}"), 1);
     let server = TestServer::start(config_from(&text, &db)).await;
     let csr = csr(Key::P256, &["rate.example.test"]);
     let mut statuses = Vec::new();

@@ -65,6 +65,12 @@ fn coalescing_key(job: &Job) -> [u8; 32] {
     h.finish()
 }
 
+/// Background work coalesces; an identity's job carries its own key, so it never is the same
+/// work as another's.
+fn coalesces(job: &Job) -> bool {
+    job.profile.lane == Lane::Background && job.identity.is_none()
+}
+
 impl Job {
     pub fn answer(&mut self, result: Result<IssuedCertificate, EngineError>) {
         if let Some(reply) = self.reply.take() {
@@ -375,11 +381,8 @@ impl CaCell {
     /// The one way a job ends: its stored request is updated, its caller answered, and so is
     /// every request that attached to it.
     fn settle(&mut self, mut job: Job, result: Result<IssuedCertificate, EngineError>, retry_at: Option<i64>) {
-        let followers = if job.profile.lane == Lane::Background {
-            self.coalesced.remove(&coalescing_key(&job)).unwrap_or_default()
-        } else {
-            Vec::new()
-        };
+        let followers =
+            if coalesces(&job) { self.coalesced.remove(&coalescing_key(&job)).unwrap_or_default() } else { Vec::new() };
         if let Err(err) = &result {
             self.pipeline.request_failed(job.request_id.as_deref(), job.is_async, err, retry_at);
         }
@@ -426,11 +429,8 @@ impl CaCell {
             reason: "the CA was parked".into(),
             retry_after: Duration::from_secs(30),
         };
-        let followers = if job.profile.lane == Lane::Background {
-            self.coalesced.remove(&coalescing_key(&job)).unwrap_or_default()
-        } else {
-            Vec::new()
-        };
+        let followers =
+            if coalesces(&job) { self.coalesced.remove(&coalescing_key(&job)).unwrap_or_default() } else { Vec::new() };
         for (request_id, is_async, reply) in std::iter::once((job.request_id.clone(), job.is_async, job.reply.take()))
             .chain(followers.into_iter().map(|f| (f.request_id, f.is_async, f.reply)))
         {
@@ -493,7 +493,7 @@ impl Handler<Enqueue> for CaCell {
     type Result = ();
 
     fn handle(&mut self, Enqueue(mut job): Enqueue, ctx: &mut Self::Context) {
-        if job.profile.lane == Lane::Background {
+        if coalesces(&job) {
             if let Some(followers) = self.coalesced.get_mut(&coalescing_key(&job)) {
                 // A renewal storm of retries cannot multiply the work: attach to the one queued.
                 followers.push(Follower {
@@ -532,7 +532,7 @@ impl Handler<Enqueue> for CaCell {
             self.settle(job, Err(err), None);
             return;
         }
-        if lane == Lane::Background {
+        if coalesces(&job) {
             self.coalesced.insert(coalescing_key(&job), Vec::new());
         }
         queue.push_back(job);

@@ -45,6 +45,8 @@ struct Shared {
     stocks: HashMap<KeySpec, Stock>,
     stopped: AtomicBool,
     metrics: Arc<Metrics>,
+    /// Bounds on-demand generation (an empty stock under a burst) to one key per core at a time.
+    on_demand: tokio::sync::Semaphore,
 }
 
 #[derive(Clone)]
@@ -64,7 +66,14 @@ impl KeyPool {
                 (*spec, Stock { target: *target, keys: Mutex::new(VecDeque::new()), taken: Condvar::new() })
             })
             .collect();
-        let shared = Arc::new(Shared { kek, stocks, stopped: AtomicBool::new(false), metrics });
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let shared = Arc::new(Shared {
+            kek,
+            stocks,
+            stopped: AtomicBool::new(false),
+            metrics,
+            on_demand: tokio::sync::Semaphore::new(cores),
+        });
         for (spec, target) in wanted {
             if target == 0 {
                 continue;
@@ -81,33 +90,65 @@ impl KeyPool {
     }
 
     /// A key for a new identity: from stock, or generated now if the stock is empty (within the
-    /// request's deadline).
+    /// request's deadline, at most one generation per core at a time).
     pub async fn take(&self, spec: KeySpec, deadline: Instant) -> Result<SealedKey, EngineError> {
-        if let Some(stock) = self.shared.stocks.get(&spec) {
-            let key = {
-                let mut keys = stock.keys.lock().unwrap_or_else(|e| e.into_inner());
-                let key = keys.pop_front();
-                self.shared
-                    .metrics
-                    .identity_key_pool
-                    .get_or_create(&vec![("key", spec.label())])
-                    .set(keys.len() as i64);
-                key
-            };
-            stock.taken.notify_one();
-            if let Some(key) = key {
-                self.count(spec, "pool");
-                return Ok(key);
-            }
+        if let Some(key) = self.pop(spec) {
+            self.count(spec, "pool");
+            return Ok(key);
+        }
+        let too_late = || EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) };
+        let _permit = tokio::time::timeout_at(deadline.into(), self.shared.on_demand.acquire())
+            .await
+            .map_err(|_| too_late())?
+            .map_err(|_| EngineError::ShuttingDown)?;
+        // The stock may have been refilled while this waited.
+        if let Some(key) = self.pop(spec) {
+            self.count(spec, "pool");
+            return Ok(key);
         }
         self.count(spec, "on-demand");
-        let kek = self.shared.kek.clone();
-        let work = actix_web::rt::task::spawn_blocking(move || generate_sealed(spec.key_type, spec.rsa_bits, &kek));
-        match tokio::time::timeout_at(deadline.into(), work).await {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let pool = self.clone();
+        actix_web::rt::task::spawn_blocking(move || {
+            let key = generate_sealed(spec.key_type, spec.rsa_bits, &pool.shared.kek);
+            // Finished after its caller gave up: the key is not wasted.
+            if let Err(Ok(key)) = tx.send(key) {
+                pool.give_back(spec, key);
+            }
+        });
+        match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(key)) => key,
-            Ok(Err(e)) => Err(EngineError::Internal(format!("key generation task: {e}"))),
-            Err(_) => Err(EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) }),
+            Ok(Err(_)) => Err(EngineError::Internal("key generation task ended without a key".into())),
+            Err(_) => Err(too_late()),
         }
+    }
+
+    /// Return a key that was taken but never used (an idempotent replay, a caller that gave up).
+    pub fn give_back(&self, spec: KeySpec, key: SealedKey) {
+        if let Some(stock) = self.shared.stocks.get(&spec) {
+            let mut keys = stock.keys.lock().unwrap_or_else(|e| e.into_inner());
+            if keys.len() < stock.target {
+                keys.push_back(key);
+            }
+            self.gauge(spec, keys.len());
+        }
+    }
+
+    fn pop(&self, spec: KeySpec) -> Option<SealedKey> {
+        let stock = self.shared.stocks.get(&spec)?;
+        let key = {
+            let mut keys = stock.keys.lock().unwrap_or_else(|e| e.into_inner());
+            let key = keys.pop_front();
+            self.gauge(spec, keys.len());
+            key
+        };
+        stock.taken.notify_one();
+        key
+    }
+
+    fn gauge(&self, spec: KeySpec, stocked: usize) {
+        // One statement: the family's guard must not outlive it (it blocks other labels).
+        self.shared.metrics.identity_key_pool.get_or_create(&vec![("key", spec.label())]).set(stocked as i64);
     }
 
     /// Keys in stock now.
@@ -137,19 +178,16 @@ fn refill(weak: Weak<Shared>, spec: KeySpec) {
             return;
         }
         let Some(stock) = shared.stocks.get(&spec) else { return };
-        let missing = stock.target.saturating_sub(stock.keys.lock().unwrap_or_else(|e| e.into_inner()).len());
-        if missing == 0 {
+        {
+            // Look and wait under one guard, so a take between the two is never missed.
             let keys = stock.keys.lock().unwrap_or_else(|e| e.into_inner());
-            drop(stock.taken.wait_timeout(keys, IDLE_CHECK));
-            continue;
+            if keys.len() >= stock.target {
+                drop(stock.taken.wait_timeout(keys, IDLE_CHECK));
+                continue;
+            }
         }
         match generate_sealed(spec.key_type, spec.rsa_bits, &shared.kek) {
-            Ok(key) => {
-                let mut keys = stock.keys.lock().unwrap_or_else(|e| e.into_inner());
-                keys.push_back(key);
-                // One statement: the family's guard must not outlive it (it blocks other labels).
-                shared.metrics.identity_key_pool.get_or_create(&vec![("key", spec.label())]).set(keys.len() as i64);
-            }
+            Ok(key) => KeyPool { shared: shared.clone() }.give_back(spec, key),
             Err(e) => {
                 tracing::error!(error = %e, key = %spec.label(), "identity key generation failed");
                 std::thread::sleep(IDLE_CHECK);

@@ -182,6 +182,7 @@ fn identity_row(job: &Job, draft: &IdentityDraft, serial: &str, not_after_ms: i6
         ca_id: job.profile.ca.clone(),
         serial: serial.to_string(),
         key_type: draft.key.key_type.as_str().to_string(),
+        signature_scheme: draft.signature_scheme.to_string(),
         state: identity_state::ACTIVE.to_string(),
         sealed_key: Some(draft.key.sealed.clone()),
         kek_id: draft.key.kek_id.clone(),

@@ -30,6 +30,19 @@ impl Actor for IdentitySweeper {
     }
 }
 
+/// The engine is shutting down.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopSweeping;
+
+impl Handler<StopSweeping> for IdentitySweeper {
+    type Result = ();
+
+    fn handle(&mut self, _: StopSweeping, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}
+
 impl IdentitySweeper {
     fn sweep(&mut self, ctx: &mut Context<Self>) {
         if self.busy {

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use crate::config::RsaSignatureScheme;
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::pki::identity::{sign_digest, DigestAlgorithm};
@@ -29,7 +28,10 @@ impl Actor for IdentityVault {
 pub struct SignDigest {
     pub id: String,
     pub sealed: Vec<u8>,
-    pub rsa: RsaSignatureScheme,
+    /// The id of the KEK that sealed it, as stored.
+    pub kek_id: String,
+    /// As stored with the identity: `ecdsa`, `ed25519`, `rsa-pkcs1`, `rsa-pss`.
+    pub scheme: String,
     pub algorithm: DigestAlgorithm,
     pub digest: Vec<u8>,
     pub deadline: Instant,
@@ -43,9 +45,17 @@ impl Handler<SignDigest> for IdentityVault {
             return Err(EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) });
         }
         let started = Instant::now();
+        if msg.kek_id != self.kek.id() {
+            return Err(EngineError::Internal(format!(
+                "identity {} was sealed under key-encryption key {}, not the configured {}",
+                msg.id,
+                msg.kek_id,
+                self.kek.id()
+            )));
+        }
         let result = super::catch_panic("identity-vault", || {
             let key = self.kek.open(&msg.id, &msg.sealed).map_err(|e| EngineError::Internal(e.to_string()))?;
-            sign_digest(&key, msg.rsa, msg.algorithm, &msg.digest)
+            sign_digest(&key, &msg.scheme, msg.algorithm, &msg.digest)
         })
         .unwrap_or_else(|panic| {
             self.metrics.worker_panics.get_or_create(&crate::metrics::ca("identity-vault")).inc();

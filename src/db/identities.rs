@@ -59,11 +59,18 @@ pub(super) trait IdentityOps {
         audit: &mut Vec<NewAuditEvent>,
     ) -> QueryResult<WriteOutcome>;
 
-    fn destroy_identities(&mut self, ids: &[String], at: i64, reason: &str) -> QueryResult<usize>;
+    /// Destroy one active identity; 1 if this call destroyed it, 0 if it was not active.
+    fn destroy_identity(&mut self, id: &str, at: i64, reason: &str) -> QueryResult<usize>;
+
+    /// The sweep, in one write transaction: destroy up to `limit` expired identities, in id
+    /// order, auditing each one this call destroyed.
+    fn destroy_expired(&mut self, now: i64, instance: &str, limit: i64) -> QueryResult<usize>;
 }
 
 macro_rules! identity_ops {
-    ($conn:ty) => {
+    // `$write_transaction`: SQLite's must take the write lock up front (a read transaction
+    // upgraded to a write fails at once when another connection wrote in between).
+    ($conn:ty, $write_transaction:ident) => {
         impl IdentityOps for $conn {
             fn use_identity(
                 &mut self,
@@ -97,7 +104,7 @@ macro_rules! identity_ops {
                     ));
                     let destroyed = row.uses >= row.max_uses;
                     if destroyed {
-                        self.destroy_identities(&[id.to_string()], at, destroy_reason::USED)?;
+                        self.destroy_identity(id, at, destroy_reason::USED)?;
                         audit.push(audit_event(
                             at,
                             instance,
@@ -119,9 +126,11 @@ macro_rules! identity_ops {
                 if owner != client {
                     return Ok(WriteOutcome::IdentityNotFound);
                 }
-                let reason = if state == identity_state::ACTIVE && expires_at <= at {
-                    // Found expired before the sweep: destroyed now.
-                    self.destroy_identities(&[id.to_string()], at, destroy_reason::EXPIRED)?;
+                // Found expired before the sweep: destroyed now (and audited by whoever did).
+                let expired_now = state == identity_state::ACTIVE
+                    && expires_at <= at
+                    && self.destroy_identity(id, at, destroy_reason::EXPIRED)? == 1;
+                if expired_now {
                     audit.push(audit_event(
                         at,
                         instance,
@@ -131,37 +140,67 @@ macro_rules! identity_ops {
                         destroy_reason::EXPIRED,
                         String::new(),
                     ));
-                    destroy_reason::EXPIRED.to_string()
-                } else {
-                    reason.unwrap_or_else(|| destroy_reason::USED.to_string())
+                }
+                let reason = match (expired_now, reason) {
+                    (true, _) | (false, None) if expires_at <= at => destroy_reason::EXPIRED.to_string(),
+                    (_, Some(reason)) => reason,
+                    _ => destroy_reason::USED.to_string(),
                 };
                 audit.push(audit_event(at, instance, client, "identity.sign", id, "gone", reason.clone()));
-                Ok(WriteOutcome::IdentityGone(match reason.as_str() {
+                let why = match reason.as_str() {
                     destroy_reason::EXPIRED => "the identity has expired and its key is destroyed".into(),
                     _ => "the identity has made all its signatures and its key is destroyed".into(),
-                }))
+                };
+                Ok(WriteOutcome::IdentityGone { why, expired_now })
             }
 
-            fn destroy_identities(&mut self, ids: &[String], at: i64, reason: &str) -> QueryResult<usize> {
-                diesel::update(
-                    identities::table
-                        .filter(identities::id.eq_any(ids))
-                        .filter(identities::state.eq(identity_state::ACTIVE)),
-                )
-                .set((
-                    identities::state.eq(identity_state::DESTROYED),
-                    identities::sealed_key.eq(None::<Vec<u8>>),
-                    identities::destroyed_at.eq(Some(at)),
-                    identities::destroy_reason.eq(Some(reason)),
-                ))
-                .execute(self)
+            fn destroy_identity(&mut self, id: &str, at: i64, reason: &str) -> QueryResult<usize> {
+                diesel::update(identities::table.find(id).filter(identities::state.eq(identity_state::ACTIVE)))
+                    .set((
+                        identities::state.eq(identity_state::DESTROYED),
+                        identities::sealed_key.eq(None::<Vec<u8>>),
+                        identities::destroyed_at.eq(Some(at)),
+                        identities::destroy_reason.eq(Some(reason)),
+                    ))
+                    .execute(self)
+            }
+
+            fn destroy_expired(&mut self, now: i64, instance: &str, limit: i64) -> QueryResult<usize> {
+                self.$write_transaction(|c| {
+                    let expired: Vec<(String, String)> = identities::table
+                        .filter(identities::state.eq(identity_state::ACTIVE))
+                        .filter(identities::expires_at.le(now))
+                        .order(identities::id.asc())
+                        .limit(limit)
+                        .select((identities::id, identities::client))
+                        .load(c)?;
+                    let mut events = Vec::new();
+                    for (id, client) in &expired {
+                        // Another instance's sweep, or a last use, may have got there first.
+                        if c.destroy_identity(id, now, destroy_reason::EXPIRED)? == 1 {
+                            events.push(audit_event(
+                                now,
+                                instance,
+                                "castellum",
+                                "identity.destroy",
+                                id,
+                                destroy_reason::EXPIRED,
+                                format!("client={client}"),
+                            ));
+                        }
+                    }
+                    if !events.is_empty() {
+                        diesel::insert_into(audit_log::table).values(&events).execute(c)?;
+                    }
+                    Ok(events.len())
+                })
             }
         }
     };
 }
 
-identity_ops!(diesel::SqliteConnection);
-identity_ops!(diesel::PgConnection);
+identity_ops!(diesel::SqliteConnection, immediate_transaction);
+identity_ops!(diesel::PgConnection, transaction);
 
 pub fn load_identity(conn: &mut DbConn, id: &str) -> Result<Option<IdentityRow>, DbError> {
     Ok(with_conn!(conn, |c| identities::table.find(id).select(IdentityRow::as_select()).first(c).optional())?)
@@ -176,36 +215,7 @@ pub fn load_identity_by_serial(conn: &mut DbConn, serial: &str) -> Result<Option
 }
 
 /// The sweep: destroy up to `limit` identities past their expiry, each audited, in one
-/// transaction. Returns how many were destroyed.
+/// transaction. Returns how many this call destroyed.
 pub fn destroy_expired(conn: &mut DbConn, now: i64, instance: &str, limit: i64) -> Result<usize, DbError> {
-    Ok(with_conn!(conn, |c| c.transaction(|c| {
-        let expired: Vec<(String, String)> = identities::table
-            .filter(identities::state.eq(identity_state::ACTIVE))
-            .filter(identities::expires_at.le(now))
-            .order(identities::expires_at.asc())
-            .limit(limit)
-            .select((identities::id, identities::client))
-            .load(c)?;
-        if expired.is_empty() {
-            return Ok(0);
-        }
-        let ids: Vec<String> = expired.iter().map(|(id, _)| id.clone()).collect();
-        let n = c.destroy_identities(&ids, now, destroy_reason::EXPIRED)?;
-        let events: Vec<NewAuditEvent> = expired
-            .iter()
-            .map(|(id, client)| {
-                audit_event(
-                    now,
-                    instance,
-                    "castellum",
-                    "identity.destroy",
-                    id,
-                    destroy_reason::EXPIRED,
-                    format!("client={client}"),
-                )
-            })
-            .collect();
-        diesel::insert_into(audit_log::table).values(&events).execute(c)?;
-        diesel::QueryResult::Ok(n)
-    }))?)
+    Ok(with_conn!(conn, |c| c.destroy_expired(now, instance, limit))?)
 }

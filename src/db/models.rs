@@ -59,6 +59,7 @@ pub struct IdentityRow {
     pub ca_id: String,
     pub serial: String,
     pub key_type: String,
+    pub signature_scheme: String,
     pub state: String,
     pub sealed_key: Option<Vec<u8>>,
     pub kek_id: String,

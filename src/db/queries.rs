@@ -63,8 +63,12 @@ pub enum WriteOutcome {
     IdentityUsed(Box<IdentityUse>),
     /// No such identity for this client (another client's identity is indistinguishable).
     IdentityNotFound,
-    /// The identity exists but will never sign again: why.
-    IdentityGone(String),
+    /// The identity exists but will never sign again: why, and whether this found it expired
+    /// and destroyed it.
+    IdentityGone {
+        why: String,
+        expired_now: bool,
+    },
 }
 
 /// Apply a batch in one transaction (one commit, one fsync on SQLite).
@@ -104,6 +108,7 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
         }
         // A request answered with a certificate, its own or (coalesced) another request's.
         let mut issued_requests: Vec<(&String, &String, i64)> = Vec::new();
+        let mut identity_uses = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             match op {
                 WriteOp::CertificateIssued { serial, cert_der, at, request_id, .. } => {
@@ -119,9 +124,7 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                     }
                 }
                 WriteOp::RequestIssued { id, serial, at } => issued_requests.push((id, serial, *at)),
-                WriteOp::UseIdentity { id, client, at, instance, digest_algorithm } => {
-                    outcomes[i] = c.use_identity(id, client, *at, instance, digest_algorithm, &mut audit)?;
-                }
+                WriteOp::UseIdentity { .. } => identity_uses.push(i),
                 WriteOp::CertificateAbandoned { serial } => {
                     diesel::update(certificates::table.find(serial))
                         .set(certificates::state.eq(super::models::cert_state::ABANDONED))
@@ -140,6 +143,17 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                         .execute(c)?;
                 }
                 _ => {}
+            }
+        }
+        // In identity order: two instances' batches lock the same rows in the same order, so
+        // they can wait for each other but never deadlock.
+        identity_uses.sort_by_key(|i| match &ops[*i] {
+            WriteOp::UseIdentity { id, .. } => id.as_str(),
+            _ => "",
+        });
+        for i in identity_uses {
+            if let WriteOp::UseIdentity { id, client, at, instance, digest_algorithm } = &ops[i] {
+                outcomes[i] = c.use_identity(id, client, *at, instance, digest_algorithm, &mut audit)?;
             }
         }
         for (id, serial, at) in issued_requests {

@@ -97,6 +97,7 @@ diesel::table! {
         ca_id -> Text,
         serial -> Text,
         key_type -> Text,
+        signature_scheme -> Text,
         state -> Text,
         sealed_key -> Nullable<Binary>,
         kek_id -> Text,

@@ -13,9 +13,11 @@ use super::types::*;
 use super::Engine;
 use crate::actors::intake::Admitted;
 use crate::actors::keypool::{KeyPool, KeySpec};
-use crate::actors::sweeper::IdentitySweeper;
+use crate::actors::sweeper::{IdentitySweeper, StopSweeping};
 use crate::actors::vault::{IdentityVault, SignDigest};
-use crate::config::{Config, KeyType, RsaSignatureScheme};
+use base64::Engine as _;
+
+use crate::config::{Config, KeyType};
 use crate::db::identities::{self, IdentityUse};
 use crate::db::models::{identity_state, IdentityRow};
 use crate::db::queries::{self, WriteOp, WriteOutcome};
@@ -34,6 +36,7 @@ pub(super) struct IdentityServices {
     keys: KeyPool,
     vault: Addr<IdentityVault>,
     vault_permits: Semaphore,
+    sweeper: Addr<IdentitySweeper>,
 }
 
 impl IdentityServices {
@@ -61,12 +64,13 @@ impl IdentityServices {
             kek: vault_kek.clone(),
             metrics: vault_metrics.clone(),
         });
-        IdentitySweeper { control, instance, interval: cfg.sweep_interval, metrics, busy: false }.start();
-        IdentityServices { keys, vault, vault_permits: Semaphore::new(MAX_PENDING_SIGNATURES) }
+        let sweeper = IdentitySweeper { control, instance, interval: cfg.sweep_interval, metrics, busy: false }.start();
+        IdentityServices { keys, vault, vault_permits: Semaphore::new(MAX_PENDING_SIGNATURES), sweeper }
     }
 
     pub(super) fn stop(&self) {
         self.keys.stop();
+        self.sweeper.do_send(StopSweeping);
     }
 }
 
@@ -119,7 +123,9 @@ impl Engine {
         let deadline = intake.deadline(&profile, req.wait);
         intake.check_capacity(&profile, deadline)?;
 
-        let key = self.identity_services()?.keys.take(key_spec(policy.key_type, policy.rsa_bits), deadline).await?;
+        let services = self.identity_services()?;
+        let spec = key_spec(policy.key_type, policy.rsa_bits);
+        let key = services.keys.take(spec, deadline).await?;
         span.record("identity", key.id.as_str());
         let created_at = now_ms();
         let csr = CheckedCsr {
@@ -131,6 +137,7 @@ impl Engine {
             der: key.spki_der.clone(),
         };
         let draft = Arc::new(IdentityDraft {
+            signature_scheme: pki_identity::signature_scheme(policy.key_type, policy.rsa_signature),
             fingerprint: req.subject.fingerprint(&profile.id),
             max_uses: policy.max_uses,
             created_at,
@@ -164,6 +171,10 @@ impl Engine {
             }),
             // An earlier attempt with this Idempotency-Key created it: answer with that identity.
             Provenance::Replayed => {
+                // This attempt's key was never used: back to the stock.
+                if let Ok(unused) = Arc::try_unwrap(draft) {
+                    services.keys.give_back(spec, unused.key);
+                }
                 let serial = issued.serial.clone();
                 let row = self
                     .read(move |c| identities::load_identity_by_serial(c, &serial))
@@ -211,7 +222,10 @@ impl Engine {
     }
 
     /// Sign a digest with an identity's key, counting one of its uses. Bad input is refused
-    /// before anything is counted; after the last use the key is destroyed.
+    /// before anything is counted. The signature is made first and released only once its use
+    /// is counted (in the Store's transaction, which also destroys the key after the last use):
+    /// a failure on the way costs no use, and concurrent requests, on any instance, can never
+    /// get more than `max_uses` signatures out.
     pub async fn sign_with_identity(
         &self,
         client: &Client,
@@ -239,19 +253,33 @@ impl Engine {
         self.refuse_if_stopping()?;
         self.inner.intake.check_rate(client)?;
         let algorithm = DigestAlgorithm::parse(&req.digest_algorithm)?;
-        algorithm.check(&req.digest)?;
-        if !plausible_id(id) {
+        let digest = base64::engine::general_purpose::STANDARD
+            .decode(req.digest.trim())
+            .map_err(|_| EngineError::BadDigest("digest is not valid base64".into()))?;
+        algorithm.check(&digest)?;
+        let Some(services) = self.inner.identities.as_ref().filter(|_| plausible_id(id)) else {
             return Err(EngineError::NotFound);
-        }
-        let services = self.identity_services()?;
-        // Refused here, before a use is counted, when the vault is saturated.
-        let _permit = services.vault_permits.try_acquire().map_err(|_| EngineError::IdentitySignerBusy)?;
+        };
         let deadline = Instant::now() + self.inner.config.lanes.interactive.default_deadline;
+        let (owner, wanted) = (client.name.clone(), id.to_string());
+        let row = self
+            .read(move |c| identities::load_identity(c, &wanted))
+            .await?
+            .filter(|row| row.client == owner)
+            .ok_or(EngineError::NotFound)?;
+        // Sign only what can still be counted; an expired one goes straight to the Store, which
+        // destroys it and answers Gone.
+        let signature = match (&row.sealed_key, row.uses < row.max_uses && row.expires_at > now_ms()) {
+            (Some(sealed), true) => {
+                Some(self.vault_sign(services, &row, sealed.clone(), algorithm, digest, deadline).await?)
+            }
+            _ => None,
+        };
         let outcome = self
             .inner
             .store
             .write(WriteOp::UseIdentity {
-                id: id.to_string(),
+                id: row.id.clone(),
                 client: client.name.clone(),
                 at: now_ms(),
                 instance: self.inner.instance.to_string(),
@@ -261,45 +289,58 @@ impl Engine {
         let IdentityUse { row, destroyed } = match outcome {
             WriteOutcome::IdentityUsed(used) => *used,
             WriteOutcome::IdentityNotFound => return Err(EngineError::NotFound),
-            WriteOutcome::IdentityGone(why) => return Err(EngineError::Gone(why)),
+            WriteOutcome::IdentityGone { why, expired_now } => {
+                if expired_now {
+                    self.inner
+                        .metrics
+                        .identities_destroyed
+                        .get_or_create(&vec![("reason", "expired".to_string())])
+                        .inc();
+                }
+                return Err(EngineError::Gone(why));
+            }
             other => return Err(EngineError::Internal(format!("the store answered a use with {other:?}"))),
         };
+        let signature =
+            signature.ok_or_else(|| EngineError::Internal("a use was counted without a signature".into()))?;
         if destroyed {
             self.inner.metrics.identities_destroyed.get_or_create(&vec![("reason", "used".to_string())]).inc();
         }
-        let key_type = KeyType::parse(&row.key_type)
-            .ok_or_else(|| EngineError::Internal(format!("unknown stored key type {:?}", row.key_type)))?;
-        let rsa = self
-            .inner
-            .intake
-            .catalog
-            .profiles
-            .get(&row.profile)
-            .and_then(|p| p.identity.as_ref())
-            .map(|policy| policy.rsa_signature)
-            .unwrap_or(RsaSignatureScheme::Pkcs1);
-        let sealed =
-            row.sealed_key.clone().ok_or_else(|| EngineError::Internal("active identity without key".into()))?;
-        let sign = services.vault.send(SignDigest {
-            id: row.id.clone(),
-            sealed,
-            rsa,
-            algorithm,
-            digest: req.digest,
-            deadline,
-        });
-        let signature = match tokio::time::timeout_at(deadline.into(), sign).await {
-            Ok(Ok(result)) => result?,
-            Ok(Err(_)) => return Err(EngineError::ShuttingDown),
-            Err(_) => return Err(EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) }),
-        };
         Ok(IdentitySignature {
             identity: row.id,
             signature,
-            signature_algorithm: pki_identity::signature_algorithm(key_type, rsa, algorithm),
+            signature_algorithm: pki_identity::signature_algorithm(&row.signature_scheme, algorithm),
             remaining_uses: if destroyed { 0 } else { row.max_uses - row.uses },
             state: if destroyed { identity_state::DESTROYED } else { identity_state::ACTIVE }.into(),
         })
+    }
+
+    /// Open the sealed key and sign in the vault, within the deadline; at most
+    /// [`MAX_PENDING_SIGNATURES`] wait for it.
+    async fn vault_sign(
+        &self,
+        services: &IdentityServices,
+        row: &IdentityRow,
+        sealed: Vec<u8>,
+        algorithm: DigestAlgorithm,
+        digest: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Vec<u8>, EngineError> {
+        let _permit = services.vault_permits.try_acquire().map_err(|_| EngineError::IdentitySignerBusy)?;
+        let sign = services.vault.send(SignDigest {
+            id: row.id.clone(),
+            sealed,
+            kek_id: row.kek_id.clone(),
+            scheme: row.signature_scheme.clone(),
+            algorithm,
+            digest,
+            deadline,
+        });
+        match tokio::time::timeout_at(deadline.into(), sign).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(EngineError::ShuttingDown),
+            Err(_) => Err(EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) }),
+        }
     }
 
     fn count_identity(&self, operation: &'static str, outcome: Result<&str, &EngineError>) {

@@ -195,10 +195,9 @@ impl Engine {
         }
         match self.inner.store.write(WriteOp::InsertRequest(Box::new(row))).await? {
             WriteOutcome::Done => {}
-            other
-            @ (WriteOutcome::IdentityUsed(_) | WriteOutcome::IdentityNotFound | WriteOutcome::IdentityGone(_)) => {
-                return Err(unexpected(other))
-            }
+            other @ (WriteOutcome::IdentityUsed(_)
+            | WriteOutcome::IdentityNotFound
+            | WriteOutcome::IdentityGone { .. }) => return Err(unexpected(other)),
             WriteOutcome::Conflict => {
                 let (c, k) = (client.name.clone(), req.idempotency_key.clone().unwrap_or_default());
                 let row = self

@@ -156,12 +156,19 @@ pub struct Identity {
 }
 
 /// A digest to sign with an identity's key.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SignDigestRequest {
-    /// The digest's bytes (the HTTP API takes them in base64).
-    pub digest: Vec<u8>,
+    /// The digest, base64 (standard alphabet), as the HTTP API takes it.
+    pub digest: String,
     /// `sha256`, `sha384` or `sha512`: the hash that produced `digest`.
     pub digest_algorithm: String,
+}
+
+impl std::fmt::Debug for SignDigestRequest {
+    // A digest stands for a document: it has no business in a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SignDigestRequest").field("digest_algorithm", &self.digest_algorithm).finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]

@@ -2,7 +2,6 @@
 
 use actix_web::http::header;
 use actix_web::{get, post, web, HttpRequest, HttpResponse};
-use base64::Engine as _;
 use serde::Deserialize;
 
 use super::auth::Authenticated;
@@ -10,7 +9,6 @@ use super::certificates::{idempotency_key, parse_prefer};
 use super::problem::Problem;
 use crate::engine::types::{CreateIdentity, SignDigestRequest};
 use crate::engine::Engine;
-use crate::error::EngineError;
 use crate::pki::identity::IdentitySubject;
 
 #[derive(Deserialize)]
@@ -66,11 +64,7 @@ pub async fn sign(
     body: web::Json<SignBody>,
 ) -> Result<HttpResponse, Problem> {
     let body = body.into_inner();
-    let digest = base64::engine::general_purpose::STANDARD
-        .decode(body.digest.trim())
-        .map_err(|_| EngineError::BadDigest("digest is not valid base64".into()))?;
-    let signature = engine
-        .sign_with_identity(&client.0, &id, SignDigestRequest { digest, digest_algorithm: body.digest_algorithm })
-        .await?;
+    let request = SignDigestRequest { digest: body.digest, digest_algorithm: body.digest_algorithm };
+    let signature = engine.sign_with_identity(&client.0, &id, request).await?;
     Ok(HttpResponse::Ok().json(signature))
 }

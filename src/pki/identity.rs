@@ -59,8 +59,8 @@ pub fn approve_subject(profile: &Profile, subject: &IdentitySubject) -> Result<A
     if cn.is_empty() || cn.chars().count() > 64 {
         return refuse("subject.common_name must be 1 to 64 characters".into());
     }
-    if cn.chars().any(char::is_control) {
-        return refuse("subject.common_name contains control characters".into());
+    if cn.chars().any(|c| c.is_control() || is_invisible_or_bidi(c)) {
+        return refuse("subject.common_name contains control, invisible or bidirectional-override characters".into());
     }
     let organization = match subject.organization.as_deref().map(str::trim) {
         None => None,
@@ -76,14 +76,24 @@ pub fn approve_subject(profile: &Profile, subject: &IdentitySubject) -> Result<A
             return refuse(format!("{:?} is not a valid email address", email.escape_debug().to_string()));
         }
         let domain = email.rsplit_once('@').map(|(_, d)| d.to_ascii_lowercase()).unwrap_or_default();
-        let allowed = policy.email_domains.is_empty()
-            || policy.email_domains.iter().any(|d| domain == d.to_ascii_lowercase().trim_start_matches('.'));
+        // As for DNS suffixes: the domain itself or any name below it.
+        let allowed = policy.email_domains.iter().any(|d| {
+            let d = d.trim_start_matches('.').to_ascii_lowercase();
+            domain == d || domain.ends_with(&format!(".{d}"))
+        });
+        let allowed = allowed || policy.email_domains.is_empty();
         if !allowed {
             return refuse(format!("email domain {domain:?} is not allowed by profile {:?}", profile.id));
         }
         sans.push(SanName::Email(email.to_string()));
     }
     Ok(ApprovedNames { common_name: Some(cn.to_string()), organization, sans })
+}
+
+/// Characters that change how a name reads without being seen: bidirectional controls and
+/// zero-width characters (Unicode format characters a certificate subject has no use for).
+fn is_invisible_or_bidi(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
 }
 
 /// The hash a client computed over its document.
@@ -146,13 +156,22 @@ impl DigestAlgorithm {
     }
 }
 
-/// The signature scheme an identity signs with, named as the API reports it.
-pub fn signature_algorithm(key_type: KeyType, rsa: RsaSignatureScheme, digest: DigestAlgorithm) -> String {
+/// How an identity signs, fixed when it is created and stored with it (a later change to the
+/// profile does not change the scheme of identities that exist).
+pub fn signature_scheme(key_type: KeyType, rsa: RsaSignatureScheme) -> &'static str {
     match key_type {
-        KeyType::Ed25519 => "ed25519".into(),
-        KeyType::Rsa if rsa == RsaSignatureScheme::Pss => format!("rsa-pss-{}", digest.name()),
-        KeyType::Rsa => format!("rsa-pkcs1-{}", digest.name()),
-        _ => format!("ecdsa-{}", digest.name()),
+        KeyType::Ed25519 => "ed25519",
+        KeyType::Rsa if rsa == RsaSignatureScheme::Pss => "rsa-pss",
+        KeyType::Rsa => "rsa-pkcs1",
+        _ => "ecdsa",
+    }
+}
+
+/// The signature algorithm as the API reports it: `ecdsa-sha256`, `rsa-pss-sha512`, `ed25519`, …
+pub fn signature_algorithm(scheme: &str, digest: DigestAlgorithm) -> String {
+    match scheme {
+        "ed25519" => scheme.to_string(),
+        _ => format!("{scheme}-{}", digest.name()),
     }
 }
 
@@ -211,6 +230,8 @@ pub fn generate_sealed(key_type: KeyType, rsa_bits: u32, kek: &super::kek::Kek) 
 /// stored with its certificate, in the same transaction.
 pub struct IdentityDraft {
     pub key: SealedKey,
+    /// [`signature_scheme`], stored with the identity.
+    pub signature_scheme: &'static str,
     /// What the client asked for ([`IdentitySubject::fingerprint`]), for idempotent retries.
     pub fingerprint: Vec<u8>,
     pub max_uses: u32,
@@ -224,7 +245,7 @@ pub struct IdentityDraft {
 /// its message. The key is freed (and cleansed by OpenSSL) on return.
 pub fn sign_digest(
     pkcs8_der: &[u8],
-    rsa: RsaSignatureScheme,
+    scheme: &str,
     algorithm: DigestAlgorithm,
     digest: &[u8],
 ) -> Result<Vec<u8>, EngineError> {
@@ -238,12 +259,11 @@ pub fn sign_digest(
     let mut ctx = PkeyCtx::new(&key).map_err(fail)?;
     ctx.sign_init().map_err(fail)?;
     if key.id() == Id::RSA {
-        match rsa {
-            RsaSignatureScheme::Pkcs1 => ctx.set_rsa_padding(Padding::PKCS1).map_err(fail)?,
-            RsaSignatureScheme::Pss => {
-                ctx.set_rsa_padding(Padding::PKCS1_PSS).map_err(fail)?;
-                ctx.set_rsa_pss_saltlen(RsaPssSaltlen::DIGEST_LENGTH).map_err(fail)?;
-            }
+        if scheme == "rsa-pss" {
+            ctx.set_rsa_padding(Padding::PKCS1_PSS).map_err(fail)?;
+            ctx.set_rsa_pss_saltlen(RsaPssSaltlen::DIGEST_LENGTH).map_err(fail)?;
+        } else {
+            ctx.set_rsa_padding(Padding::PKCS1).map_err(fail)?;
         }
     }
     ctx.set_signature_md(algorithm.md()).map_err(fail)?;
@@ -267,7 +287,8 @@ mod tests {
             (KeyType::Rsa, RsaSignatureScheme::Pss),
         ] {
             let key = generate_key(kind, 2048).unwrap();
-            let sig = sign_digest(&key.pkcs8_der, scheme, DigestAlgorithm::Sha256, &digest).unwrap();
+            let sig =
+                sign_digest(&key.pkcs8_der, signature_scheme(kind, scheme), DigestAlgorithm::Sha256, &digest).unwrap();
             let public = PKey::public_key_from_der(&key.spki_der).unwrap();
             let ok = if kind == KeyType::Ed25519 {
                 openssl::sign::Verifier::new_without_digest(&public).unwrap().verify_oneshot(&sig, &digest).unwrap()
@@ -289,5 +310,12 @@ mod tests {
         assert!(DigestAlgorithm::parse("SHA-256").is_ok());
         assert!(matches!(DigestAlgorithm::parse("md5"), Err(EngineError::BadDigest(_))));
         assert!(matches!(DigestAlgorithm::Sha384.check(&[0u8; 32]), Err(EngineError::BadDigest(_))));
+    }
+
+    #[test]
+    fn invisible_and_bidi_characters_are_refused_in_names() {
+        assert!(is_invisible_or_bidi('\u{202E}'));
+        assert!(is_invisible_or_bidi('\u{200B}'));
+        assert!(!is_invisible_or_bidi('é'));
     }
 }

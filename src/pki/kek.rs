@@ -45,7 +45,8 @@ pub enum KekError {
 pub struct SealError;
 
 pub struct Kek {
-    key: Zeroizing<[u8; KEY_LEN]>,
+    /// On the heap, so moving a `Kek` never leaves a copy of the key behind.
+    key: Box<Zeroizing<[u8; KEY_LEN]>>,
     /// First 8 bytes of SHA-256 of the key, hex: stored with every sealed key (for rotation).
     id: String,
 }
@@ -117,12 +118,14 @@ impl Kek {
         if let Some(path) = cfg.kek_file.as_deref().filter(|p| mode != Mode::Dev && exposed(p)) {
             return Err(KekError::Exposed(path.display().to_string()));
         }
-        Ok(Kek::from_bytes(*key))
+        Ok(Kek::from_bytes(&key))
     }
 
-    pub fn from_bytes(bytes: [u8; KEY_LEN]) -> Kek {
-        let id = hex::encode(&openssl::sha::sha256(&bytes)[..8]);
-        Kek { key: Zeroizing::new(bytes), id }
+    pub fn from_bytes(bytes: &[u8; KEY_LEN]) -> Kek {
+        let mut key = Box::new(Zeroizing::new([0u8; KEY_LEN]));
+        key.copy_from_slice(bytes);
+        let id = hex::encode(&openssl::sha::sha256(bytes)[..8]);
+        Kek { key, id }
     }
 
     pub fn id(&self) -> &str {
@@ -135,7 +138,7 @@ impl Kek {
         openssl::rand::rand_bytes(&mut nonce).map_err(|_| SealError)?;
         let mut tag = [0u8; TAG_LEN];
         let ciphertext =
-            encrypt_aead(Cipher::aes_256_gcm(), self.key.as_ref(), Some(&nonce), aad.as_bytes(), plaintext, &mut tag)
+            encrypt_aead(Cipher::aes_256_gcm(), self.key.as_slice(), Some(&nonce), aad.as_bytes(), plaintext, &mut tag)
                 .map_err(|_| SealError)?;
         let mut sealed = Vec::with_capacity(NONCE_LEN + ciphertext.len() + TAG_LEN);
         sealed.extend_from_slice(&nonce);
@@ -151,7 +154,7 @@ impl Kek {
         }
         let (nonce, rest) = sealed.split_at(NONCE_LEN);
         let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
-        decrypt_aead(Cipher::aes_256_gcm(), self.key.as_ref(), Some(nonce), aad.as_bytes(), ciphertext, tag)
+        decrypt_aead(Cipher::aes_256_gcm(), self.key.as_slice(), Some(nonce), aad.as_bytes(), ciphertext, tag)
             .map(Zeroizing::new)
             .map_err(|_| SealError)
     }
@@ -163,12 +166,12 @@ mod tests {
 
     #[test]
     fn sealed_keys_open_only_for_their_identity() {
-        let kek = Kek::from_bytes(dev_kek());
+        let kek = Kek::from_bytes(&dev_kek());
         let sealed = kek.seal("identity-a", b"secret key bytes").unwrap();
         assert!(!sealed.windows(6).any(|w| w == b"secret"));
         assert_eq!(kek.open("identity-a", &sealed).unwrap().as_slice(), b"secret key bytes");
         assert_eq!(kek.open("identity-b", &sealed), Err(SealError));
-        let other = Kek::from_bytes(openssl::sha::sha256(b"another key"));
+        let other = Kek::from_bytes(&openssl::sha::sha256(b"another key"));
         assert_eq!(other.open("identity-a", &sealed), Err(SealError));
         let mut damaged = sealed.clone();
         damaged[20] ^= 1;

@@ -8,6 +8,8 @@ CREATE TABLE identities (
     ca_id          TEXT NOT NULL,
     serial         TEXT NOT NULL UNIQUE,
     key_type       TEXT NOT NULL,
+    -- ecdsa, ed25519, rsa-pkcs1 or rsa-pss: fixed at creation.
+    signature_scheme TEXT NOT NULL,
     state          TEXT NOT NULL CHECK (state IN ('active', 'destroyed')),
     sealed_key     BYTEA,
     kek_id         TEXT NOT NULL,
