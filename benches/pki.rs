@@ -55,13 +55,13 @@ fn identities(c: &mut Criterion) {
     }
     rsa.finish();
     let digest = openssl::sha::sha256(b"a document");
-    for (name, kind) in [("ecdsa-p256", KeyType::EcdsaP256), ("ed25519", KeyType::Ed25519)] {
+    for (name, kind) in [("ecdsa-p256", KeyType::EcdsaP256), ("ecdsa-p384", KeyType::EcdsaP384), ("ed25519", KeyType::Ed25519)] {
         let key = generate_sealed(kind, 0, &kek).expect("generated");
         let name_scheme = signature_scheme(kind, RsaSignatureScheme::Pkcs1);
         c.bench_function(&format!("identity open + sign digest ({name})"), |b| {
             b.iter(|| {
-                let pkcs8 = kek.open(&key.id, &key.sealed).expect("opens");
-                sign_digest(&pkcs8, name_scheme, DigestAlgorithm::Sha256, &digest).expect("signed")
+                let private = kek.open(&key.id, &key.sealed).expect("opens");
+                sign_digest(kind, &private, name_scheme, DigestAlgorithm::Sha256, &digest).expect("signed")
             })
         });
     }

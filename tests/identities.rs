@@ -456,12 +456,14 @@ async fn identity_keys_appear_neither_in_the_database_nor_in_the_logs() {
         let row = castellum::db::identities::load_identity(&mut db.conn(), id).unwrap().unwrap();
         let blob = row.sealed_key.expect("sealed at rest");
         assert!(kek.open("another-identity", &blob).is_err(), "sealed for its own identity only");
-        let pkcs8 = kek.open(id, &blob).expect("sealed under the configured KEK");
-        let key = openssl::pkey::PKey::private_key_from_pkcs8(&pkcs8).unwrap();
+        let private = kek.open(id, &blob).expect("sealed under the configured KEK");
+        let key_type = castellum::config::KeyType::parse(identity["key_type"].as_str().unwrap()).unwrap();
+        let key = castellum::pki::identity::private_key(key_type, &private).unwrap();
         let cert = openssl::x509::X509::from_pem(identity["certificate"].as_str().unwrap().as_bytes()).unwrap();
         assert!(cert.public_key().unwrap().public_eq(&key), "the sealed key is the certified one");
         let scalar = key.ec_key().unwrap().private_key().to_vec();
-        for (name, bytes) in [("PKCS#8", pkcs8.to_vec()), ("private scalar", scalar)] {
+        let pkcs8 = key.private_key_to_pkcs8().unwrap();
+        for (name, bytes) in [("sealed plaintext", private.to_vec()), ("PKCS#8", pkcs8), ("private scalar", scalar)] {
             secrets.push((format!("{id} {name}"), bytes.clone()));
             secrets.push((format!("{id} {name} hex"), hex::encode(&bytes).into_bytes()));
             secrets.push((format!("{id} {name} base64"), b64(&bytes).into_bytes()));

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use crate::config::KeyType;
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::pki::identity::{sign_digest, DigestAlgorithm};
@@ -30,6 +31,7 @@ pub struct SignDigest {
     pub sealed: Vec<u8>,
     /// The id of the KEK that sealed it, as stored.
     pub kek_id: String,
+    pub key_type: KeyType,
     /// As stored with the identity: `ecdsa`, `ed25519`, `rsa-pkcs1`, `rsa-pss`.
     pub scheme: String,
     pub algorithm: DigestAlgorithm,
@@ -55,7 +57,7 @@ impl Handler<SignDigest> for IdentityVault {
         }
         let result = super::catch_panic("identity-vault", || {
             let key = self.kek.open(&msg.id, &msg.sealed).map_err(|e| EngineError::Internal(e.to_string()))?;
-            sign_digest(&key, &msg.scheme, msg.algorithm, &msg.digest)
+            sign_digest(msg.key_type, &key, &msg.scheme, msg.algorithm, &msg.digest)
         })
         .unwrap_or_else(|panic| {
             self.metrics.worker_panics.get_or_create(&crate::metrics::ca("identity-vault")).inc();

@@ -326,9 +326,12 @@ impl Engine {
         digest: Vec<u8>,
         deadline: Instant,
     ) -> Result<Vec<u8>, EngineError> {
+        let key_type = KeyType::parse(&row.key_type)
+            .ok_or_else(|| EngineError::Internal(format!("unknown stored key type {:?}", row.key_type)))?;
         let _permit = services.vault_permits.try_acquire().map_err(|_| EngineError::IdentitySignerBusy)?;
         let sign = services.vault.send(SignDigest {
             id: row.id.clone(),
+            key_type,
             sealed,
             kek_id: row.kek_id.clone(),
             scheme: row.signature_scheme.clone(),
