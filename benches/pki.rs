@@ -55,7 +55,9 @@ fn identities(c: &mut Criterion) {
     }
     rsa.finish();
     let digest = openssl::sha::sha256(b"a document");
-    for (name, kind) in [("ecdsa-p256", KeyType::EcdsaP256), ("ecdsa-p384", KeyType::EcdsaP384), ("ed25519", KeyType::Ed25519)] {
+    for (name, kind) in
+        [("ecdsa-p256", KeyType::EcdsaP256), ("ecdsa-p384", KeyType::EcdsaP384), ("ed25519", KeyType::Ed25519)]
+    {
         let key = generate_sealed(kind, 0, &kek).expect("generated");
         let name_scheme = signature_scheme(kind, RsaSignatureScheme::Pkcs1);
         c.bench_function(&format!("identity open + sign digest ({name})"), |b| {

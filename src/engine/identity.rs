@@ -128,6 +128,9 @@ impl Engine {
         let key = services.keys.take(spec, deadline).await?;
         span.record("identity", key.id.as_str());
         let created_at = now_ms();
+        // The identity's request as the cell and signer see a CSR's: its public key and approved
+        // names. (With an Idempotency-Key, the stored request's `csr_der` holds this SPKI; its
+        // fingerprint is the profile and subject, since every attempt has a new key.)
         let csr = CheckedCsr {
             spki_der: key.spki_der.clone(),
             key_type: policy.key_type,

@@ -306,8 +306,8 @@ mod tests {
             (KeyType::Rsa, RsaSignatureScheme::Pss),
         ] {
             let key = generate_key(kind, 2048).unwrap();
-            let sig =
-                sign_digest(kind, &key.private, signature_scheme(kind, scheme), DigestAlgorithm::Sha256, &digest).unwrap();
+            let sig = sign_digest(kind, &key.private, signature_scheme(kind, scheme), DigestAlgorithm::Sha256, &digest)
+                .unwrap();
             let public = PKey::public_key_from_der(&key.spki_der).unwrap();
             let ok = if kind == KeyType::Ed25519 {
                 openssl::sign::Verifier::new_without_digest(&public).unwrap().verify_oneshot(&sig, &digest).unwrap()
