@@ -257,36 +257,59 @@ async fn a_single_use_identity_signs_once_then_is_gone() {
     server.stop().await;
 }
 
+fn destroyed_expired_metric(server: &TestServer) -> u64 {
+    server
+        .engine
+        .metrics_text()
+        .lines()
+        .find_map(|l| l.strip_prefix("castellum_identities_destroyed_total{reason=\"expired\"} "))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
 #[actix_rt::test]
 async fn an_expired_identity_is_gone_and_swept() {
     let db = TestDb::sqlite();
+    // The sweep runs every 2 s: the first expired identity is used before it comes.
     let text = dev_config_text()
         .replacen("lifetime = \"10m\"\nmax_uses = 1", "lifetime = \"1s\"\nmax_uses = 1", 1)
-        .replacen("[identities]\n", "[identities]\nsweep_interval = \"200ms\"\n", 1);
+        .replacen("[identities]\n", "[identities]\nsweep_interval = \"2s\"\n", 1);
     let server = TestServer::start(config_from(&text, &db)).await;
     let used_late = create_ok(&server, DEMO_KEY, "signing-identity", "Erin Example").await;
     let left_alone = create_ok(&server, DEMO_KEY, "signing-identity", "Frank Example").await;
     let expires_in = used_late["expires_at"].as_i64().unwrap() - used_late["created_at"].as_i64().unwrap();
     assert!(expires_in <= 1000, "lifetime 1s: {expires_in} ms");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
 
-    let (status, body) = sign_status(&server, DEMO_KEY, used_late["id"].as_str().unwrap(), &[7u8; 32], "sha256").await;
+    // Used after its expiry, before any sweep: destroyed by the attempt itself.
+    let id = used_late["id"].as_str().unwrap().to_string();
+    let (status, body) = sign_status(&server, DEMO_KEY, &id, &[7u8; 32], "sha256").await;
     assert_eq!(status, 410, "{body}");
     assert!(body["detail"].as_str().unwrap().contains("expired"), "{body}");
+    let row = castellum::db::identities::load_identity(&mut db.conn(), &id).unwrap().unwrap();
+    assert_eq!((row.state.as_str(), row.destroy_reason.as_deref()), ("destroyed", Some("expired")));
+    let audit = castellum::db::queries::recent_audit(&mut db.conn(), 1000).unwrap();
+    assert!(
+        audit.iter().any(|e| e.target == id && e.action == "identity.destroy" && e.actor == "demo"),
+        "destroyed by the attempt, audited as the client's: {audit:?}"
+    );
+    assert_eq!(destroyed_expired_metric(&server), 1);
 
     // The one nobody touched is destroyed by the sweep.
     let id = left_alone["id"].as_str().unwrap().to_string();
-    let row = castellum::db::identities::load_identity(&mut db.conn(), &id).unwrap().unwrap();
+    let started = Instant::now();
+    let row = loop {
+        let row = castellum::db::identities::load_identity(&mut db.conn(), &id).unwrap().unwrap();
+        if row.state == "destroyed" || started.elapsed() > Duration::from_secs(5) {
+            break row;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     assert_eq!((row.state.as_str(), row.destroy_reason.as_deref()), ("destroyed", Some("expired")));
     assert!(row.sealed_key.is_none());
     assert!(audit_of(&db, &id).iter().any(|(a, o, _)| a == "identity.destroy" && o == "expired"));
-    let metrics = server.engine.metrics_text();
-    let destroyed = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("castellum_identities_destroyed_total{reason=\"expired\"} "))
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    assert!(destroyed.is_some_and(|n| n >= 1), "sweep visible in metrics: {destroyed:?}");
-    assert!(metrics.contains("castellum_identity_sweeps_total"));
+    assert_eq!(destroyed_expired_metric(&server), 2, "the sweep is visible in metrics");
+    assert!(server.engine.metrics_text().contains("castellum_identity_sweeps_total"));
     server.stop().await;
 }
 
@@ -574,38 +597,47 @@ async fn an_identity_burst_on_one_ca_never_slows_the_others() {
     Arc::try_unwrap(server).ok().unwrap().stop().await;
 }
 
-/// Two engine instances on one PostgreSQL database, 20 signature requests at once for an identity
-/// that may sign 5 times: exactly 5 signatures come out.
+/// Two engine instances on one PostgreSQL database, 40 signature requests at once for two
+/// identities that may sign 5 times each, in crossing orders: exactly 5 signatures each come
+/// out, and no group commit deadlocks (every answer is 200 or 410).
 #[actix_rt::test]
 async fn concurrent_signatures_on_two_instances_never_exceed_max_uses() {
     let db = TestDb::postgres();
     let mut config = dev_config(&db);
     config.database.instances = 2;
-    // Room for all ten of an instance's concurrent requests in its status reads.
-    config.database.pools.status.max_size = 6;
+    // Status reads are bounded at twice the pool's size: room for an instance's 20 requests.
+    config.database.pools.status.max_size = 10;
     let first = Arc::new(TestServer::start(config.clone()).await);
     config.instance_id = Some("second".into());
     let second = Arc::new(TestServer::start(config).await);
-    let identity = create_ok(&first, DEMO_KEY, "signing-identity-p384", "Peggy Example").await;
-    assert_eq!(identity["max_uses"], 5);
-    let id = identity["id"].as_str().unwrap().to_string();
+    let mut ids = Vec::new();
+    for name in ["Peggy Example", "Quentin Example"] {
+        let identity = create_ok(&first, DEMO_KEY, "signing-identity-p384", name).await;
+        assert_eq!(identity["max_uses"], 5);
+        ids.push(identity["id"].as_str().unwrap().to_string());
+    }
     let digest = Arc::new(b64(&openssl::sha::sha384(b"contended")));
-    let attempts: Vec<_> = (0..20)
+    let attempts: Vec<_> = (0..40)
         .map(|i| {
             let server = if i % 2 == 0 { first.clone() } else { second.clone() };
-            let (id, digest) = (id.clone(), digest.clone());
+            // Instance one asks for A then B, instance two for B then A.
+            let id = ids[(i / 2 + i % 2) % 2].clone();
+            let digest = digest.clone();
             actix_rt::spawn(async move {
-                sign(&server, DEMO_KEY, &id, &digest, "sha384").send().await.unwrap().status().as_u16()
+                let status = sign(&server, DEMO_KEY, &id, &digest, "sha384").send().await.unwrap().status().as_u16();
+                (id, status)
             })
         })
         .collect();
-    let mut statuses: Vec<u16> =
+    let answers: Vec<(String, u16)> =
         futures_util::future::join_all(attempts).await.into_iter().map(|r| r.unwrap()).collect();
-    statuses.sort();
-    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 5, "{statuses:?}");
-    assert!(statuses.iter().all(|s| *s == 200 || *s == 410), "{statuses:?}");
-    let row = castellum::db::identities::load_identity(&mut db.conn(), &id).unwrap().unwrap();
-    assert_eq!((row.uses, row.state.as_str()), (5, "destroyed"));
+    assert!(answers.iter().all(|(_, s)| *s == 200 || *s == 410), "{answers:?}");
+    for id in &ids {
+        let signed = answers.iter().filter(|(i, s)| i == id && *s == 200).count();
+        assert_eq!(signed, 5, "{id}: {answers:?}");
+        let row = castellum::db::identities::load_identity(&mut db.conn(), id).unwrap().unwrap();
+        assert_eq!((row.uses, row.state.as_str()), (5, "destroyed"));
+    }
     for server in [first, second] {
         Arc::try_unwrap(server).ok().unwrap().stop().await;
     }
@@ -634,7 +666,22 @@ async fn a_signature_that_fails_inside_the_engine_costs_no_use() {
     assert_eq!((row.uses, row.state.as_str()), (0, "active"), "the failure cost no use");
     server.stop().await;
 
+    // Same KEK, but the row says another one sealed it: the vault refuses before opening.
     let server = TestServer::start(dev_config(&db)).await;
+    let set_kek_id = |kek_id: &str| {
+        use castellum::db::schema::identities::dsl;
+        use diesel::prelude::*;
+        let mut held = db.conn();
+        let castellum::db::DbConn::Sqlite(conn) = &mut *held else { panic!("SQLite") };
+        diesel::update(dsl::identities.find(&id)).set(dsl::kek_id.eq(kek_id)).execute(&mut **conn).unwrap();
+    };
+    let original = castellum::db::identities::load_identity(&mut db.conn(), &id).unwrap().unwrap().kek_id;
+    set_kek_id("0000000000000000");
+    let (status, body) = sign_status(&server, DEMO_KEY, &id, &digest, "sha256").await;
+    assert_eq!(status, 500, "{body}");
+    let row = castellum::db::identities::load_identity(&mut db.conn(), &id).unwrap().unwrap();
+    assert_eq!(row.uses, 0, "the refusal cost no use");
+    set_kek_id(&original);
     let (status, body) = sign_status(&server, DEMO_KEY, &id, &digest, "sha256").await;
     assert_eq!(status, 200, "{body}");
     server.stop().await;

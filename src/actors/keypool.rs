@@ -45,8 +45,9 @@ struct Shared {
     stocks: HashMap<KeySpec, Stock>,
     stopped: AtomicBool,
     metrics: Arc<Metrics>,
-    /// Bounds on-demand generation (an empty stock under a burst) to one key per core at a time.
-    on_demand: tokio::sync::Semaphore,
+    /// Bounds on-demand generation (an empty stock under a burst) to one key per core at a time;
+    /// a permit lives as long as its generation, not as long as its caller waits.
+    on_demand: Arc<tokio::sync::Semaphore>,
 }
 
 #[derive(Clone)]
@@ -56,6 +57,8 @@ pub struct KeyPool {
 
 /// How long a refill thread sleeps before looking whether its pool is still wanted.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
+/// How often a caller waiting for a generation slot looks whether the stock was refilled.
+const STOCK_RECHECK: Duration = Duration::from_millis(5);
 
 impl KeyPool {
     /// Start one refill thread per kind of key, each keeping `target` keys in stock.
@@ -72,7 +75,7 @@ impl KeyPool {
             stocks,
             stopped: AtomicBool::new(false),
             metrics,
-            on_demand: tokio::sync::Semaphore::new(cores),
+            on_demand: Arc::new(tokio::sync::Semaphore::new(cores)),
         });
         for (spec, target) in wanted {
             if target == 0 {
@@ -97,11 +100,23 @@ impl KeyPool {
             return Ok(key);
         }
         let too_late = || EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) };
-        let _permit = tokio::time::timeout_at(deadline.into(), self.shared.on_demand.acquire())
-            .await
-            .map_err(|_| too_late())?
-            .map_err(|_| EngineError::ShuttingDown)?;
-        // The stock may have been refilled while this waited.
+        // Wait for a generation slot, taking a stocked key instead if one appears meanwhile.
+        let permit = loop {
+            if Instant::now() >= deadline {
+                return Err(too_late());
+            }
+            tokio::select! {
+                permit = self.shared.on_demand.clone().acquire_owned() => {
+                    break permit.map_err(|_| EngineError::ShuttingDown)?;
+                }
+                _ = tokio::time::sleep(STOCK_RECHECK) => {
+                    if let Some(key) = self.pop(spec) {
+                        self.count(spec, "pool");
+                        return Ok(key);
+                    }
+                }
+            }
+        };
         if let Some(key) = self.pop(spec) {
             self.count(spec, "pool");
             return Ok(key);
@@ -111,6 +126,7 @@ impl KeyPool {
         let pool = self.clone();
         actix_web::rt::task::spawn_blocking(move || {
             let key = generate_sealed(spec.key_type, spec.rsa_bits, &pool.shared.kek);
+            drop(permit);
             // Finished after its caller gave up: the key is not wasted.
             if let Err(Ok(key)) = tx.send(key) {
                 pool.give_back(spec, key);
@@ -159,6 +175,7 @@ impl KeyPool {
     /// Stop the refill threads (they exit within [`IDLE_CHECK`]).
     pub fn stop(&self) {
         self.shared.stopped.store(true, Ordering::Relaxed);
+        self.shared.on_demand.close();
         for stock in self.shared.stocks.values() {
             stock.taken.notify_all();
         }

@@ -127,25 +127,29 @@ macro_rules! identity_ops {
                     return Ok(WriteOutcome::IdentityNotFound);
                 }
                 // Found expired before the sweep: destroyed now (and audited by whoever did).
-                let expired_now = state == identity_state::ACTIVE
-                    && expires_at <= at
-                    && self.destroy_identity(id, at, destroy_reason::EXPIRED)? == 1;
-                if expired_now {
-                    audit.push(audit_event(
-                        at,
-                        instance,
-                        client,
-                        "identity.destroy",
-                        id,
-                        destroy_reason::EXPIRED,
-                        String::new(),
-                    ));
+                let mut reason = reason;
+                let mut expired_now = false;
+                if state == identity_state::ACTIVE && expires_at <= at {
+                    expired_now = self.destroy_identity(id, at, destroy_reason::EXPIRED)? == 1;
+                    if expired_now {
+                        audit.push(audit_event(
+                            at,
+                            instance,
+                            client,
+                            "identity.destroy",
+                            id,
+                            destroy_reason::EXPIRED,
+                            String::new(),
+                        ));
+                        reason = Some(destroy_reason::EXPIRED.to_string());
+                    } else {
+                        // Destroyed meanwhile by another instance: say what it recorded.
+                        reason = identities::table.find(id).select(identities::destroy_reason).first(self)?;
+                    }
                 }
-                let reason = match (expired_now, reason) {
-                    (true, _) | (false, None) if expires_at <= at => destroy_reason::EXPIRED.to_string(),
-                    (_, Some(reason)) => reason,
-                    _ => destroy_reason::USED.to_string(),
-                };
+                let reason = reason.unwrap_or_else(|| {
+                    if expires_at <= at { destroy_reason::EXPIRED } else { destroy_reason::USED }.to_string()
+                });
                 audit.push(audit_event(at, instance, client, "identity.sign", id, "gone", reason.clone()));
                 let why = match reason.as_str() {
                     destroy_reason::EXPIRED => "the identity has expired and its key is destroyed".into(),

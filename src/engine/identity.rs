@@ -123,9 +123,8 @@ impl Engine {
         let deadline = intake.deadline(&profile, req.wait);
         intake.check_capacity(&profile, deadline)?;
 
-        let services = self.identity_services()?;
         let spec = key_spec(policy.key_type, policy.rsa_bits);
-        let key = services.keys.take(spec, deadline).await?;
+        let key = self.identity_services()?.keys.take(spec, deadline).await?;
         span.record("identity", key.id.as_str());
         let created_at = now_ms();
         // The identity's request as the cell and signer see a CSR's: its public key and approved
@@ -173,11 +172,9 @@ impl Engine {
                 remaining_uses: i64::from(policy.max_uses),
             }),
             // An earlier attempt with this Idempotency-Key created it: answer with that identity.
+            // (This attempt's key is dropped, not stocked again: its id is already in this
+            // request's log lines and must never name another client's identity.)
             Provenance::Replayed => {
-                // This attempt's key was never used: back to the stock.
-                if let Ok(unused) = Arc::try_unwrap(draft) {
-                    services.keys.give_back(spec, unused.key);
-                }
                 let serial = issued.serial.clone();
                 let row = self
                     .read(move |c| identities::load_identity_by_serial(c, &serial))
@@ -270,9 +267,10 @@ impl Engine {
             .await?
             .filter(|row| row.client == owner)
             .ok_or(EngineError::NotFound)?;
-        // Sign only what can still be counted; an expired one goes straight to the Store, which
-        // destroys it and answers Gone.
-        let signature = match (&row.sealed_key, row.uses < row.max_uses && row.expires_at > now_ms()) {
+        // Sign only what can still be counted (judged at the same `at` the Store counts with); an
+        // expired one goes straight to the Store, which destroys it and answers Gone.
+        let at = now_ms();
+        let signature = match (&row.sealed_key, row.uses < row.max_uses && row.expires_at > at) {
             (Some(sealed), true) => {
                 Some(self.vault_sign(services, &row, sealed.clone(), algorithm, digest, deadline).await?)
             }
@@ -284,7 +282,7 @@ impl Engine {
             .write(WriteOp::UseIdentity {
                 id: row.id.clone(),
                 client: client.name.clone(),
-                at: now_ms(),
+                at,
                 instance: self.inner.instance.to_string(),
                 digest_algorithm: algorithm.name(),
             })

@@ -93,7 +93,26 @@ pub fn approve_subject(profile: &Profile, subject: &IdentitySubject) -> Result<A
 /// Characters that change how a name reads without being seen: bidirectional controls and
 /// zero-width characters (Unicode format characters a certificate subject has no use for).
 fn is_invisible_or_bidi(c: char) -> bool {
-    matches!(c, '\u{061C}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2069}' | '\u{FEFF}')
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{E0000}'..='\u{E007F}'
+    ) || is_private_use(c)
+}
+
+fn is_private_use(c: char) -> bool {
+    matches!(c, '\u{E000}'..='\u{F8FF}' | '\u{F0000}'..='\u{FFFFD}' | '\u{100000}'..='\u{10FFFD}')
 }
 
 /// The hash a client computed over its document.
@@ -271,19 +290,25 @@ pub fn sign_digest(
     let fail = |e: openssl::error::ErrorStack| EngineError::Internal(format!("identity signature: {e}"));
     algorithm.check(digest)?;
     let key = private_key(key_type, private).map_err(fail)?;
-    if key.id() == Id::ED25519 {
-        let mut signer = openssl::sign::Signer::new_without_digest(&key).map_err(fail)?;
-        return signer.sign_oneshot_to_vec(digest).map_err(fail);
+    let mismatch =
+        || EngineError::Internal(format!("signature scheme {scheme:?} does not fit a {} key", key_type.as_str()));
+    match (key.id(), scheme) {
+        (Id::ED25519, "ed25519") => {
+            let mut signer = openssl::sign::Signer::new_without_digest(&key).map_err(fail)?;
+            return signer.sign_oneshot_to_vec(digest).map_err(fail);
+        }
+        (Id::EC, "ecdsa") | (Id::RSA, "rsa-pkcs1") | (Id::RSA, "rsa-pss") => {}
+        _ => return Err(mismatch()),
     }
     let mut ctx = PkeyCtx::new(&key).map_err(fail)?;
     ctx.sign_init().map_err(fail)?;
-    if key.id() == Id::RSA {
-        if scheme == "rsa-pss" {
+    match scheme {
+        "rsa-pss" => {
             ctx.set_rsa_padding(Padding::PKCS1_PSS).map_err(fail)?;
             ctx.set_rsa_pss_saltlen(RsaPssSaltlen::DIGEST_LENGTH).map_err(fail)?;
-        } else {
-            ctx.set_rsa_padding(Padding::PKCS1).map_err(fail)?;
         }
+        "rsa-pkcs1" => ctx.set_rsa_padding(Padding::PKCS1).map_err(fail)?,
+        _ => {}
     }
     ctx.set_signature_md(algorithm.md()).map_err(fail)?;
     let mut signature = Vec::new();
@@ -335,6 +360,8 @@ mod tests {
     fn invisible_and_bidi_characters_are_refused_in_names() {
         assert!(is_invisible_or_bidi('\u{202E}'));
         assert!(is_invisible_or_bidi('\u{200B}'));
+        assert!(is_invisible_or_bidi('\u{E0041}'));
+        assert!(is_invisible_or_bidi('\u{2028}'));
         assert!(!is_invisible_or_bidi('é'));
     }
 }
