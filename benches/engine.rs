@@ -2,21 +2,14 @@
 //! the actors (intake → cell → signer → store → reply) on SQLite, one message round trip to the
 //! cells, and one Store batch (group commit) of 64 write-ahead records.
 
+mod common;
+
 use std::path::Path;
 
 use castellum::db::models::CertificateRow;
 use castellum::db::queries::{self, WriteOp};
 use castellum::{Config, Engine, IssueRequest};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-
-fn p256_csr() -> String {
-    let out = std::process::Command::new("openssl")
-        .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", "/dev/null"])
-        .args(["-subj", "/CN=bench.example.test", "-addext", "subjectAltName=DNS:bench.example.test"])
-        .output()
-        .expect("openssl");
-    String::from_utf8(out.stdout).expect("PEM")
-}
 
 fn write_ahead_rows(n: usize) -> Vec<WriteOp> {
     (0..n)
@@ -49,7 +42,7 @@ fn bench(c: &mut Criterion) {
     let system = actix_rt::System::new();
     let engine = system.block_on(Engine::start(config)).expect("engine");
     let client = engine.client("demo").expect("demo client");
-    let request = IssueRequest { profile: "tls-server-p256".into(), csr_pem: p256_csr(), ..Default::default() };
+    let request = IssueRequest { profile: "tls-server-p256".into(), csr_pem: common::p256_csr(), ..Default::default() };
 
     c.bench_function("issue in-process: intake → cell → signer → store (SQLite, durable)", |b| {
         b.iter(|| system.block_on(engine.issue(&client, request.clone())).expect("issued"))
