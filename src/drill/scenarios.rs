@@ -104,6 +104,37 @@ fn finish(session: Session, promises: Vec<Promise>) -> Outcome {
 
 /// Incident 003: two CAs lose their keys while their renewals keep coming (with retries), then
 /// are disabled; an operator parks a renewal queue and resubmits it later.
+/// What the incident-003 drill reads from its recording, before judging its promises.
+struct QueuesFigures {
+    /// Healthy CA (stream 0): requests, success share and p99, at baseline and under the fault.
+    n_base: usize,
+    ok_base: f64,
+    p99_base: Duration,
+    n_fault: usize,
+    ok_fault: f64,
+    p99_fault: Duration,
+    n_all: usize,
+    ok_all: f64,
+    /// The healthy CA's signatures per second, at baseline and under the fault.
+    rate_base: f64,
+    rate_fault: f64,
+    /// Background renewals (stream 1) completed per second, and how many ran under the fault.
+    bg_base_rate: f64,
+    bg_fault_rate: f64,
+    bg_fault_n: usize,
+    /// Answers to requests for the disabled CAs after the disable: how many, how many were 409,
+    /// the statuses of the rest, and how many got no answer.
+    after_disable: usize,
+    refused: usize,
+    others: Vec<u16>,
+    unanswered_after_disable: usize,
+    max_depth_disabled: i64,
+    signed_after_disable: i64,
+    sync_created: i64,
+    /// Synchronous 201s answered after the 6 s deadline.
+    late_201: usize,
+}
+
 async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, DrillError> {
     if opts.url.is_some() {
         return Err(DrillError::Unsupported(
@@ -228,7 +259,7 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
         .collect();
     let issued_parked = wait_issued(&session.target, &parked_ids, s(30.0)).await;
 
-    let (
+    let QueuesFigures {
         n_base,
         ok_base,
         p99_base,
@@ -250,7 +281,7 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
         signed_after_disable,
         sync_created,
         late_201,
-    ) = {
+    } = {
         let rec = session.recording();
         let warm = s(0.5 * k);
         let (n_base, ok_base, p99_base) = stream_stats(&rec, 0, warm, fault);
@@ -291,7 +322,7 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
         let sync_created = rec.samples.iter().filter(|s| s.status == 201).count() as i64;
         let late_201 = rec.samples.iter().filter(|x| x.status == 201 && x.stream == 0 && x.latency > s(6.0)).count();
         let bg_rate = |n: usize, share: f64, len: Duration| n as f64 * share / len.as_secs_f64();
-        (
+        QueuesFigures {
             n_base,
             ok_base,
             p99_base,
@@ -302,10 +333,10 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
             ok_all,
             rate_base,
             rate_fault,
-            bg_rate(bg_base.0, bg_base.1, fault - warm),
-            bg_rate(bg_fault.0, bg_fault.1, disabled - fault),
-            bg_fault.0,
-            after_disable.len(),
+            bg_base_rate: bg_rate(bg_base.0, bg_base.1, fault - warm),
+            bg_fault_rate: bg_rate(bg_fault.0, bg_fault.1, disabled - fault),
+            bg_fault_n: bg_fault.0,
+            after_disable: after_disable.len(),
             refused,
             others,
             unanswered_after_disable,
@@ -313,7 +344,7 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
             signed_after_disable,
             sync_created,
             late_201,
-        )
+        }
     };
     // Counted after everything settled (resubmitted work signs after the load ends).
     let final_metrics = session.target.metrics().await.unwrap_or_default();
