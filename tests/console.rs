@@ -36,6 +36,8 @@ async fn a_browser_parks_a_ca_from_the_console() {
     let seen: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(seen["cells"], 4, "the page shows every CA cell");
     assert_eq!((seen["before"].as_str(), seen["after"].as_str()), (Some("enabled"), Some("parked")));
+    let store = seen["store"].as_str().unwrap_or_default();
+    assert!(store.contains("Identity keys in stock") && store.contains("ecdsa-p256"), "{store}");
     // The click really parked it, and the audit log names the admin.
     let status = server.engine.admin_status().await.unwrap();
     assert_eq!(status.cells.iter().find(|c| c.ca == "ica-p384").unwrap().state, "parked");
@@ -64,7 +66,16 @@ async fn castellum_admin_status_prints_the_tree_and_json_parses() {
     let base = server.admin_base.clone();
     let (ok, text, err) = admin(&base, ADMIN_TOKEN, &["status"]).await;
     assert!(ok, "{text}{err}");
-    for needle in ["Cluster", "CA cells", "ica-p256", "ica-rsa3072", "Database pools", "issuance", "Store:"] {
+    for needle in [
+        "Cluster",
+        "CA cells",
+        "ica-p256",
+        "ica-rsa3072",
+        "Database pools",
+        "issuance",
+        "Store:",
+        "Identities: keys in stock",
+    ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }
     let (ok, text, err) = admin(&base, ADMIN_TOKEN, &["ca-state", "ica-rsa3072", "draining"]).await;

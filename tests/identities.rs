@@ -424,6 +424,15 @@ async fn identity_requests_follow_the_profile_and_idempotency_rules() {
     server.stop().await;
 }
 
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -437,7 +446,7 @@ async fn identity_keys_appear_neither_in_the_database_nor_in_the_logs() {
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("castellum.log");
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_castellum"))
+    let child = Command::new(env!("CARGO_BIN_EXE_castellum"))
         .args(["serve", "--config"])
         .arg(dev_keys().join("castellum.toml"))
         .env("CASTELLUM_DATABASE__URL", &db.url)
@@ -448,6 +457,8 @@ async fn identity_keys_appear_neither_in_the_database_nor_in_the_logs() {
         .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
         .spawn()
         .expect("castellum starts");
+    // Killed however this test ends, so a failure never leaves an engine running.
+    let mut child = KillOnDrop(child);
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     let started = Instant::now();
@@ -503,8 +514,8 @@ async fn identity_keys_appear_neither_in_the_database_nor_in_the_logs() {
             .unwrap();
         assert_eq!(resp.status(), 200);
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
     // Fold the WAL into the database file, as a later checkpoint would.
     let db_path = db.url.trim_start_matches("sqlite://").to_string();
     {
@@ -580,8 +591,8 @@ async fn phase(server: &Arc<TestServer>, burst: bool, length: Duration) -> (Vec<
 async fn an_identity_burst_on_one_ca_never_slows_the_others() {
     let db = TestDb::sqlite();
     let server = Arc::new(TestServer::start(dev_config(&db)).await);
-    let (mut quiet, quiet_statuses, _) = phase(&server, false, Duration::from_secs(3)).await;
-    let (mut busy, busy_statuses, burst) = phase(&server, true, Duration::from_secs(3)).await;
+    let (mut quiet, quiet_statuses, _) = phase(&server, false, Duration::from_secs(4)).await;
+    let (mut busy, busy_statuses, burst) = phase(&server, true, Duration::from_secs(4)).await;
     assert!(quiet_statuses.iter().chain(&busy_statuses).all(|s| *s == 201), "the other CA keeps 100% success");
     let created = burst.iter().filter(|s| **s == 201).count();
     assert!(created > 200, "the burst ran: {created} identities created, statuses {:?}", &burst[..burst.len().min(20)]);
@@ -684,5 +695,29 @@ async fn a_signature_that_fails_inside_the_engine_costs_no_use() {
     set_kek_id(&original);
     let (status, body) = sign_status(&server, DEMO_KEY, &id, &digest, "sha256").await;
     assert_eq!(status, 200, "{body}");
+    server.stop().await;
+}
+
+/// The admin status shows the identity actors: each kind of key's stock, and the vault's queue.
+#[actix_rt::test]
+async fn the_admin_status_shows_the_key_stock_and_the_vault() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(dev_config(&db)).await;
+    let status: Value = server
+        .http
+        .get(format!("{}/admin/v1/status", server.admin_base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let stock = status["identities"]["key_stock"].as_array().expect("key stock in the status");
+    let kinds: Vec<(&str, u64)> =
+        stock.iter().map(|k| (k["key"].as_str().unwrap(), k["target"].as_u64().unwrap())).collect();
+    assert_eq!(kinds, [("ecdsa-p256", 16), ("ecdsa-p384", 16), ("ed25519", 16)], "{status}");
+    assert!(stock.iter().all(|k| k["stocked"].as_u64().unwrap() <= 16));
+    assert_eq!(status["identities"]["vault_waiting"], 0);
     server.stop().await;
 }

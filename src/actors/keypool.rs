@@ -167,9 +167,18 @@ impl KeyPool {
         self.shared.metrics.identity_key_pool.get_or_create(&vec![("key", spec.label())]).set(stocked as i64);
     }
 
-    /// Keys in stock now.
-    pub fn available(&self, spec: KeySpec) -> usize {
-        self.shared.stocks.get(&spec).map(|s| s.keys.lock().unwrap_or_else(|e| e.into_inner()).len()).unwrap_or(0)
+    /// Each kind of key: (label, keys in stock now, stock kept), for the admin console.
+    pub fn stock_levels(&self) -> Vec<(String, usize, usize)> {
+        let mut levels: Vec<_> = self
+            .shared
+            .stocks
+            .iter()
+            .map(|(spec, stock)| {
+                (spec.label(), stock.keys.lock().unwrap_or_else(|e| e.into_inner()).len(), stock.target)
+            })
+            .collect();
+        levels.sort();
+        levels
     }
 
     /// Stop the refill threads (they exit within [`IDLE_CHECK`]).

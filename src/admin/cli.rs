@@ -157,6 +157,18 @@ pub fn render_status(status: &Value) -> String {
         s(&store["pending_writes"]),
         if store["database_down"] == Value::Bool(true) { ", DATABASE DOWN" } else { "" }
     );
+    if let Some(identities) = status.get("identities") {
+        let stock: Vec<String> = identities["key_stock"]
+            .as_array()
+            .map(|a| a.iter().map(|k| format!("{} {}/{}", s(&k["key"]), s(&k["stocked"]), s(&k["target"]))).collect())
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "Identities: keys in stock {}; vault: {} signatures waiting",
+            if stock.is_empty() { "none".to_string() } else { stock.join(", ") },
+            s(&identities["vault_waiting"])
+        );
+    }
     let _ = writeln!(out, "\nDatabase pools");
     let pools = status["pools"].as_array().cloned().unwrap_or_default();
     table(

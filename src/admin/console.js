@@ -111,7 +111,13 @@ function render(status) {
   }));
 
   const s = status.store;
-  kv(document.getElementById("store"), s ? [["Store", `${s.workers} workers · ${s.batches_in_flight} batches in flight · ${s.pending_writes} writes waiting${s.database_down ? " · DATABASE DOWN" : ""}`]] : [["Store", "no answer"]]);
+  const rows = s ? [["Store", `${s.workers} workers · ${s.batches_in_flight} batches in flight · ${s.pending_writes} writes waiting${s.database_down ? " · DATABASE DOWN" : ""}`]] : [["Store", "no answer"]];
+  const ids = status.identities;
+  if (ids) {
+    const stock = ids.key_stock.map((k) => `${k.key} ${k.stocked}/${k.target}`).join(" · ") || "none";
+    rows.push(["Identity keys in stock", stock], ["Identity vault", `${ids.vault_waiting} signatures waiting`]);
+  }
+  kv(document.getElementById("store"), rows);
   document.getElementById("pools").replaceChildren(...status.pools.map((p) =>
     el("tr", {}, el("td", {}, p.name), el("td", {}, p.in_use), el("td", {}, p.idle), el("td", {}, p.max),
       el("td", {}, `${p.wait_p99_ms.toFixed(2)} ms`), el("td", {}, p.timeouts), el("td", {}, ago(p.longest_hold_ms)))));

@@ -194,6 +194,7 @@ impl Engine {
             started_at: self.inner.started_at,
             cells,
             store: self.inner.store.status().await,
+            identities: self.inner.identities.as_ref().map(|i| i.status()),
             pools,
             profiles,
             instances: instances
@@ -268,6 +269,9 @@ pub struct AdminStatus {
     pub started_at: i64,
     pub cells: Vec<CellStatus>,
     pub store: Option<crate::actors::store::StoreStatus>,
+    /// The identity key pool and vault, when identities are configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identities: Option<super::identity::IdentitiesStatus>,
     pub pools: Vec<PoolStatus>,
     pub profiles: Vec<(String, String)>,
     pub instances: Vec<InstanceStatus>,

@@ -68,10 +68,37 @@ impl IdentityServices {
         IdentityServices { keys, vault, vault_permits: Semaphore::new(MAX_PENDING_SIGNATURES), sweeper }
     }
 
+    /// For the admin console: the key stock per kind of key and the vault's queue.
+    pub(super) fn status(&self) -> IdentitiesStatus {
+        IdentitiesStatus {
+            key_stock: self
+                .keys
+                .stock_levels()
+                .into_iter()
+                .map(|(key, stocked, target)| KeyStock { key, stocked, target })
+                .collect(),
+            vault_waiting: MAX_PENDING_SIGNATURES - self.vault_permits.available_permits(),
+        }
+    }
+
     pub(super) fn stop(&self) {
         self.keys.stop();
         self.sweeper.do_send(StopSweeping);
     }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct IdentitiesStatus {
+    pub key_stock: Vec<KeyStock>,
+    /// Signatures waiting for or in the vault.
+    pub vault_waiting: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeyStock {
+    pub key: String,
+    pub stocked: usize,
+    pub target: usize,
 }
 
 fn key_spec(key_type: KeyType, rsa_bits: u32) -> KeySpec {

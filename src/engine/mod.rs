@@ -2,7 +2,7 @@
 //! cloneable handle with typed async methods. The HTTP API and the CLI are thin adapters on it.
 
 pub mod admin;
-mod identity;
+pub mod identity;
 mod issue;
 pub mod types;
 

@@ -26,7 +26,8 @@ try {
     ca, { timeout: 10000 });
   await page.waitForTimeout(1200); // one more refresh, so the screenshot shows a settled page
   await page.screenshot({ path: screenshot, fullPage: true });
-  console.log(JSON.stringify({ cells, before, after: "parked", errors }));
+  const store = await page.textContent("#store");
+  console.log(JSON.stringify({ cells, before, after: "parked", store, errors }));
   if (errors.length) process.exitCode = 1;
 } finally {
   await browser.close();
