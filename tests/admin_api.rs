@@ -11,19 +11,6 @@ fn post(server: &TestServer, path: &str, body: serde_json::Value) -> reqwest::Re
     server.http.post(format!("{}{path}", server.admin_base)).bearer_auth(ADMIN_TOKEN).json(&body)
 }
 
-async fn status(server: &TestServer) -> serde_json::Value {
-    server
-        .http
-        .get(format!("{}/admin/v1/status", server.admin_base))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 fn cell<'a>(status: &'a serde_json::Value, ca: &str) -> &'a serde_json::Value {
     status["cells"].as_array().unwrap().iter().find(|c| c["ca"] == ca).unwrap()
 }
@@ -65,7 +52,7 @@ async fn the_admin_api_refuses_strangers_and_cross_site_requests() {
         .await
         .unwrap();
     assert_eq!(cross_site.status(), 403);
-    assert_eq!(cell(&status(&server).await, "ica-p256")["state"], "enabled", "nothing changed");
+    assert_eq!(cell(&admin_status(&server).await, "ica-p256")["state"], "enabled", "nothing changed");
     // The client API does not serve admin routes.
     let on_client_port = server.http.get(server.url("/admin/v1/status")).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
     assert_eq!(on_client_port.status(), 404);
@@ -85,7 +72,7 @@ async fn every_lever_changes_state_and_is_audited() {
         let resp =
             post(&server, "/admin/v1/cas/ica-p256/state", serde_json::json!({ "state": state })).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{state}");
-        assert_eq!(cell(&status(&server).await, "ica-p256")["state"], state);
+        assert_eq!(cell(&admin_status(&server).await, "ica-p256")["state"], state);
         let issued = server.issue(DEMO_KEY, "tls-server-p256", &p256).send().await.unwrap().status().as_u16();
         let expected = match state {
             "enabled" => 201,
@@ -117,12 +104,12 @@ async fn every_lever_changes_state_and_is_audited() {
     assert_eq!(resubmit.status(), 200);
     let reset = post(&server, "/admin/v1/cas/ica-p256/breaker/reset", serde_json::json!({})).send().await.unwrap();
     assert_eq!(reset.status(), 200);
-    assert_eq!(cell(&status(&server).await, "ica-p256")["breaker"], "closed");
+    assert_eq!(cell(&admin_status(&server).await, "ica-p256")["breaker"], "closed");
 
     // The audit log names the admin for every lever.
     let started = Instant::now();
     loop {
-        let audit = status(&server).await["audit"].as_array().unwrap().clone();
+        let audit = admin_status(&server).await["audit"].as_array().unwrap().clone();
         let by_admin =
             |action: &str| audit.iter().filter(|e| e["action"] == action && e["actor"] == "dev-admin").count();
         if by_admin("ca.state") == 5
@@ -135,7 +122,7 @@ async fn every_lever_changes_state_and_is_audited() {
         assert!(started.elapsed() < Duration::from_secs(5), "{audit:#?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let status = status(&server).await;
+    let status = admin_status(&server).await;
     assert_eq!(status["instances"].as_array().unwrap().len(), 1);
     assert_eq!(status["pools"].as_array().unwrap().len(), 3);
     server.stop().await;

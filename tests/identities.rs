@@ -424,15 +424,6 @@ async fn identity_requests_follow_the_profile_and_idempotency_rules() {
     server.stop().await;
 }
 
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
 }
@@ -445,27 +436,11 @@ async fn identity_keys_appear_neither_in_the_database_nor_in_the_logs() {
     let db = TestDb::sqlite();
     let dir = tempfile::tempdir().unwrap();
     let log_path = dir.path().join("castellum.log");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let child = Command::new(env!("CARGO_BIN_EXE_castellum"))
-        .args(["serve", "--config"])
-        .arg(dev_keys().join("castellum.toml"))
-        .env("CASTELLUM_DATABASE__URL", &db.url)
-        .env("CASTELLUM_HTTP__LISTEN", format!("127.0.0.1:{port}"))
-        .env("CASTELLUM_ADMIN__LISTEN", "")
-        .env("RUST_LOG", "debug")
-        .stdout(std::fs::File::create(&log_path).unwrap())
-        .stderr(std::fs::File::create(dir.path().join("stderr.log")).unwrap())
-        .spawn()
-        .expect("castellum starts");
-    // Killed however this test ends, so a failure never leaves an engine running.
-    let mut child = KillOnDrop(child);
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    let started = Instant::now();
-    while http.get(format!("{base}/readyz")).send().await.map(|r| r.status() != 200).unwrap_or(true) {
-        assert!(started.elapsed() < Duration::from_secs(20), "engine did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let env = [("CASTELLUM_DATABASE__URL", db.url.as_str()), ("RUST_LOG", "debug")];
+    let stdout = std::fs::File::create(&log_path).unwrap().into();
+    let stderr = std::fs::File::create(dir.path().join("stderr.log")).unwrap().into();
+    let mut engine = EngineProcess::start(&dev_keys().join("castellum.toml"), &env, stdout, stderr).await;
+    let (http, base) = (reqwest::Client::new(), engine.base.clone());
     let new_identity = |profile: &'static str| {
         let (http, base) = (http.clone(), base.clone());
         async move {
@@ -514,8 +489,7 @@ async fn identity_keys_appear_neither_in_the_database_nor_in_the_logs() {
             .unwrap();
         assert_eq!(resp.status(), 200);
     }
-    child.0.kill().unwrap();
-    child.0.wait().unwrap();
+    engine.kill();
     // Fold the WAL into the database file, as a later checkpoint would.
     let db_path = db.url.trim_start_matches("sqlite://").to_string();
     {
@@ -703,16 +677,7 @@ async fn a_signature_that_fails_inside_the_engine_costs_no_use() {
 async fn the_admin_status_shows_the_key_stock_and_the_vault() {
     let db = TestDb::sqlite();
     let server = TestServer::start(dev_config(&db)).await;
-    let status: Value = server
-        .http
-        .get(format!("{}/admin/v1/status", server.admin_base))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = admin_status(&server).await;
     let stock = status["identities"]["key_stock"].as_array().expect("key stock in the status");
     let kinds: Vec<(&str, u64)> =
         stock.iter().map(|k| (k["key"].as_str().unwrap(), k["target"].as_u64().unwrap())).collect();

@@ -97,27 +97,16 @@ async fn accepted_request_survives_a_crash(db: TestDb) {
         1,
     );
     assert!(slow.contains("sign_latency"));
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let config_path = dir.path().join("slow.toml");
     std::fs::write(&config_path, &slow).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_castellum"))
-        .args(["serve", "--config"])
-        .arg(&config_path)
-        .env("CASTELLUM_DATABASE__URL", &db.url)
-        .env("CASTELLUM_HTTP__LISTEN", format!("127.0.0.1:{port}"))
-        .env("CASTELLUM_INSTANCE_ID", "crashing-instance")
-        .env("CASTELLUM_ASYNC_REQUESTS__LEASE", "2s")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("castellum binary starts");
-    let base = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
-    let started = Instant::now();
-    while http.get(format!("{base}/readyz")).send().await.map(|r| r.status() != 200).unwrap_or(true) {
-        assert!(started.elapsed() < Duration::from_secs(20), "first engine did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let env = [
+        ("CASTELLUM_DATABASE__URL", db.url.as_str()),
+        ("CASTELLUM_INSTANCE_ID", "crashing-instance"),
+        ("CASTELLUM_ASYNC_REQUESTS__LEASE", "2s"),
+    ];
+    let mut engine =
+        EngineProcess::start(&config_path, &env, std::process::Stdio::null(), std::process::Stdio::null()).await;
+    let (http, base) = (reqwest::Client::new(), engine.base.clone());
     let resp = http
         .post(format!("{base}/v1/certificates"))
         .bearer_auth(DEMO_KEY)
@@ -129,8 +118,7 @@ async fn accepted_request_survives_a_crash(db: TestDb) {
     assert_eq!(resp.status(), 202);
     let id = resp.json::<serde_json::Value>().await.unwrap()["request_id"].as_str().unwrap().to_string();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    child.kill().unwrap(); // SIGKILL: no drain, no claim released.
-    child.wait().unwrap();
+    engine.kill();
     let row = castellum::db::queries::load_request(&mut db.conn(), &id).unwrap().expect("request stored before 202");
     assert_eq!(row.state, "pending", "the killed engine had not issued it");
     assert_eq!(row.claimed_by.as_deref(), Some("crashing-instance"));

@@ -95,30 +95,28 @@ impl KeyPool {
     /// A key for a new identity: from stock, or generated now if the stock is empty (within the
     /// request's deadline, at most one generation per core at a time).
     pub async fn take(&self, spec: KeySpec, deadline: Instant) -> Result<SealedKey, EngineError> {
-        if let Some(key) = self.pop(spec) {
-            self.count(spec, "pool");
+        if let Some(key) = self.take_stocked(spec) {
             return Ok(key);
         }
         let too_late = || EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) };
-        // Wait for a generation slot, taking a stocked key instead if one appears meanwhile.
+        // Wait for a generation slot (keeping this caller's place in line), taking a stocked key
+        // instead if one appears meanwhile.
+        let acquire = self.shared.on_demand.clone().acquire_owned();
+        tokio::pin!(acquire);
         let permit = loop {
             if Instant::now() >= deadline {
                 return Err(too_late());
             }
             tokio::select! {
-                permit = self.shared.on_demand.clone().acquire_owned() => {
-                    break permit.map_err(|_| EngineError::ShuttingDown)?;
-                }
+                permit = &mut acquire => break permit.map_err(|_| EngineError::ShuttingDown)?,
                 _ = tokio::time::sleep(STOCK_RECHECK) => {
-                    if let Some(key) = self.pop(spec) {
-                        self.count(spec, "pool");
+                    if let Some(key) = self.take_stocked(spec) {
                         return Ok(key);
                     }
                 }
             }
         };
-        if let Some(key) = self.pop(spec) {
-            self.count(spec, "pool");
+        if let Some(key) = self.take_stocked(spec) {
             return Ok(key);
         }
         self.count(spec, "on-demand");
@@ -148,6 +146,13 @@ impl KeyPool {
             }
             self.gauge(spec, keys.len());
         }
+    }
+
+    /// A key from stock, counted as such.
+    fn take_stocked(&self, spec: KeySpec) -> Option<SealedKey> {
+        let key = self.pop(spec)?;
+        self.count(spec, "pool");
+        Some(key)
     }
 
     fn pop(&self, spec: KeySpec) -> Option<SealedKey> {

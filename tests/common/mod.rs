@@ -434,3 +434,68 @@ pub async fn wait_for_request(http: &reqwest::Client, base: &str, id: &str, limi
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// `castellum serve` as a child process on a free loopback port (no admin listener), for tests
+/// that need the real binary: its logs, or a SIGKILL. Killed when dropped, so a failing test
+/// never leaves an engine running.
+pub struct EngineProcess {
+    child: std::process::Child,
+    pub base: String,
+}
+
+impl EngineProcess {
+    /// Start it with `config`, the extra `CASTELLUM_*` (or other) variables in `env`, and wait
+    /// (at most 20 s) until `/readyz` answers 200.
+    pub async fn start(
+        config: &Path,
+        env: &[(&str, &str)],
+        stdout: std::process::Stdio,
+        stderr: std::process::Stdio,
+    ) -> EngineProcess {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(env!("CARGO_BIN_EXE_castellum"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("CASTELLUM_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+            .env("CASTELLUM_ADMIN__LISTEN", "")
+            .envs(env.iter().copied())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("the castellum binary starts");
+        let engine = EngineProcess { child, base: format!("http://127.0.0.1:{port}") };
+        let http = reqwest::Client::new();
+        let started = std::time::Instant::now();
+        while http.get(format!("{}/readyz", engine.base)).send().await.map(|r| r.status() != 200).unwrap_or(true) {
+            assert!(started.elapsed() < Duration::from_secs(20), "the engine did not become ready");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        engine
+    }
+
+    /// SIGKILL: no drain, no claim released, no checkpoint.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for EngineProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `GET /admin/v1/status` with the dev admin token.
+pub async fn admin_status(server: &TestServer) -> serde_json::Value {
+    server
+        .http
+        .get(format!("{}/admin/v1/status", server.admin_base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
