@@ -88,6 +88,11 @@ enum Command {
         /// Where report folders are written.
         #[arg(long, default_value = "drill-reports")]
         out: PathBuf,
+        /// Start the engine with this deliberate defect (dev mode; repeatable) to see the drill
+        /// fail: global-back-off, ignore-ca-state, connection-per-request, silent-leaks,
+        /// quiet-readiness.
+        #[arg(long, value_name = "DEFECT")]
+        sabotage: Vec<String>,
     },
     /// Benchmark end-to-end issuance against the machine's crypto ceiling (use a release build).
     Bench {
@@ -189,7 +194,19 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Drill { name, list, short, postgres, url, admin_url, admin_token, api_key, keys_dev, out } => {
+        Command::Drill {
+            name,
+            list,
+            short,
+            postgres,
+            url,
+            admin_url,
+            admin_token,
+            api_key,
+            keys_dev,
+            out,
+            sabotage,
+        } => {
             let Some(name) = name.filter(|_| !list) else {
                 for (name, what) in castellum::drill::DRILLS {
                     println!("{name:24} {what}");
@@ -208,6 +225,7 @@ fn main() -> ExitCode {
                 keys_dev,
                 out,
                 command,
+                sabotage,
             };
             match castellum::drill::run(opts) {
                 Ok(true) => ExitCode::SUCCESS,

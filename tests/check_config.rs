@@ -95,6 +95,19 @@ fn fault_injection_outside_dev_mode() {
 }
 
 #[test]
+fn sabotage_outside_dev_mode() {
+    let text =
+        dev_config_text().replacen("\nmode = \"dev\"", "\nmode = \"production\"\nsabotage = [\"silent-leaks\"]", 1);
+    assert_flags(&text, "sabotage", "refused unless mode");
+    // In dev mode the same line is accepted (the drills' tests use it), and an unknown defect is
+    // a configuration error, not ignored.
+    let dev = dev_config_text().replacen("\nmode = \"dev\"", "\nmode = \"dev\"\nsabotage = [\"silent-leaks\"]", 1);
+    assert!(problems_of(&dev).iter().all(|p| !p.starts_with("sabotage")), "{:?}", problems_of(&dev));
+    let unknown = dev_config_text().replacen("\nmode = \"dev\"", "\nmode = \"dev\"\nsabotage = [\"no-such\"]", 1);
+    assert!(castellum::config::Config::from_toml(&unknown, &dev_keys()).is_err());
+}
+
+#[test]
 fn a_pool_budget_over_the_servers_connections() {
     let text = dev_config_text().replacen(
         "url = \"sqlite://castellum-dev.db\"",

@@ -17,7 +17,7 @@ use actix::prelude::*;
 use super::cell::{Enqueue, Job};
 use super::registry::{ca_state, SharedSnapshot};
 use super::supervisor::CellSlot;
-use crate::config::{Config, LanesConfig};
+use crate::config::{Config, LanesConfig, Sabotage};
 use crate::engine::types::Client;
 use crate::error::EngineError;
 use crate::pki::identity::IdentityDraft;
@@ -88,6 +88,9 @@ pub struct Intake {
     pub lanes: LanesConfig,
     /// Per-client GCRA limiters (clients without a configured rate have none).
     limiters: Arc<HashMap<String, Limiter>>,
+    /// Dev-only deliberate defects (see [`Sabotage`]).
+    global_back_off: bool,
+    ignore_ca_state: bool,
 }
 
 impl Intake {
@@ -107,7 +110,15 @@ impl Intake {
                 Some((c.name.clone(), governor::RateLimiter::direct(quota)))
             })
             .collect();
-        Intake { catalog, snapshot, cells, lanes: config.lanes.clone(), limiters: Arc::new(limiters) }
+        Intake {
+            catalog,
+            snapshot,
+            cells,
+            lanes: config.lanes.clone(),
+            limiters: Arc::new(limiters),
+            global_back_off: config.sabotaged(Sabotage::GlobalBackOff),
+            ignore_ca_state: config.sabotaged(Sabotage::IgnoreCaState),
+        }
     }
 
     /// The client's own rate: over it is `429`, whatever the CAs' state.
@@ -137,7 +148,11 @@ impl Intake {
     /// A CA whose breaker is open is refused before any work is spent on the request.
     pub fn check_breaker(&self, profile: &Profile) -> Result<(), EngineError> {
         let Some(gauges) = self.cells.get(&profile.ca).map(|slot| &slot.gauges) else { return Ok(()) };
-        let open_until = gauges.breaker_open_until_ms.load(Ordering::Relaxed);
+        let mut open_until = gauges.breaker_open_until_ms.load(Ordering::Relaxed);
+        if self.global_back_off {
+            let slots = self.cells.values();
+            open_until = slots.map(|s| s.gauges.breaker_open_until_ms.load(Ordering::Relaxed)).max().unwrap_or(0);
+        }
         let now = crate::pki::now_ms();
         if open_until > now {
             return Err(EngineError::CaUnavailable {
@@ -205,6 +220,7 @@ impl Intake {
             retry_after: Duration::from_secs(30),
         };
         let hold = match snapshot.ca_state(&profile.ca) {
+            _ if self.ignore_ca_state => false,
             ca_state::ENABLED => false,
             ca_state::PARKED if is_async => true,
             ca_state::PARKED => return Err(unavailable("the CA is parked; asynchronous requests are accepted")),

@@ -77,6 +77,9 @@ pub fn check_config(config: &Config) -> (Vec<ConfigProblem>, HashMap<String, CaM
 }
 
 fn check_cas(config: &Config, p: &mut Problems) -> HashMap<String, CaMaterial> {
+    if !config.sabotage.is_empty() && config.mode != Mode::Dev {
+        p.add("sabotage", "deliberate defects are refused unless mode = \"dev\"");
+    }
     let mut loaded = HashMap::new();
     let mut seen = HashSet::new();
     for (i, ca) in config.cas.iter().enumerate() {

@@ -43,6 +43,27 @@ pub struct Config {
     pub cas: Vec<CaConfig>,
     pub profiles: Vec<ProfileConfig>,
     pub clients: Vec<ClientConfig>,
+    /// Deliberate defects that show the drills and tests can fail; refused unless `mode = "dev"`.
+    pub sabotage: Vec<Sabotage>,
+}
+
+/// A defect built into the engine on purpose, so that a drill or test can be run against an
+/// engine that breaks its promise and be seen to say so. Each one undoes one property the
+/// incidents taught (dev mode only: `check-config` and start-up refuse them otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sabotage {
+    /// Intake refuses every CA while any CA's breaker is open: the global back-off of incident 003.
+    GlobalBackOff,
+    /// Intake ignores the CAs' states: work for a disabled or parked CA is queued (incident 003).
+    IgnoreCaState,
+    /// Every synchronous issuance opens a database connection of its own, outside the pools, and
+    /// holds it until answered: connections grow with load (incident 000).
+    ConnectionPerRequest,
+    /// Connections held past the threshold are never reported while held (incident 001).
+    SilentLeaks,
+    /// `/readyz` never names a saturated pool (incident 002).
+    QuietReadiness,
 }
 
 impl Default for Config {
@@ -61,6 +82,7 @@ impl Default for Config {
             cas: Vec::new(),
             profiles: Vec::new(),
             clients: Vec::new(),
+            sabotage: Vec::new(),
         }
     }
 }
@@ -711,6 +733,11 @@ impl ConfigError {
 }
 
 impl Config {
+    /// Is this deliberate defect built in? (Only ever true in dev mode.)
+    pub fn sabotaged(&self, what: Sabotage) -> bool {
+        self.sabotage.contains(&what)
+    }
+
     /// Defaults, then the file (which must exist), then `CASTELLUM_*` variables.
     pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));

@@ -59,6 +59,26 @@ fn postgres_url_with_timeout(url: &str) -> String {
     url
 }
 
+/// A connection of its own, outside every pool: only [`crate::config::Sabotage::ConnectionPerRequest`]
+/// opens one (incident 000's defect, for drills to catch). Nothing else in castellum may.
+pub enum StrayConnection {
+    Sqlite(SqliteConnection),
+    Postgres(PgConnection),
+}
+
+impl StrayConnection {
+    pub fn open(url: &str) -> Result<StrayConnection, DbError> {
+        use diesel::Connection;
+        let conn = match Backend::from_url(url)? {
+            Backend::Sqlite => SqliteConnection::establish(sqlite_path(url)).map(StrayConnection::Sqlite),
+            Backend::Postgres => {
+                PgConnection::establish(&postgres_url_with_timeout(url)).map(StrayConnection::Postgres)
+            }
+        };
+        conn.map_err(|e| DbError::Pool(e.to_string()))
+    }
+}
+
 pub enum DbConn {
     Sqlite(PooledConnection<ConnectionManager<SqliteConnection>>),
     Postgres(PooledConnection<ConnectionManager<PgConnection>>),

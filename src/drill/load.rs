@@ -42,6 +42,22 @@ pub struct Sample {
     /// For `202`: the request id, to follow it later.
     pub request_id: Option<String>,
     pub retry_after: bool,
+    /// For an error answer: its problem `type` and `detail` (what the client was told).
+    pub problem: Option<Problem>,
+}
+
+/// The problem details of an error answer, as the client read them.
+#[derive(Debug, Clone, Default)]
+pub struct Problem {
+    pub kind: String,
+    pub detail: String,
+}
+
+impl Sample {
+    /// Refused because the CA's circuit breaker is open (as the client was told).
+    pub fn breaker_open(&self) -> bool {
+        self.problem.as_ref().is_some_and(|p| p.kind.ends_with(":ca-unavailable") && p.detail.contains("breaker"))
+    }
 }
 
 /// A kind of traffic: who sends what, how many at once, when.
@@ -149,19 +165,25 @@ async fn one(http: &reqwest::Client, base: &str, key: &str, stream: &Stream, ind
             r
         }
     };
-    let (kind, status, request_id, retry_after) = match request.send().await {
+    let (kind, status, request_id, retry_after, problem) = match request.send().await {
         Ok(resp) => {
             let status = resp.status().as_u16();
             let retry_after = resp.headers().contains_key("retry-after");
-            let id = if status == 202 {
-                resp.json::<serde_json::Value>().await.ok().and_then(|v| v["request_id"].as_str().map(String::from))
+            let (mut id, mut problem) = (None, None);
+            if status == 202 {
+                let body = resp.json::<serde_json::Value>().await.ok();
+                id = body.and_then(|v| v["request_id"].as_str().map(String::from));
+            } else if status >= 400 {
+                problem = resp.json::<serde_json::Value>().await.ok().map(|v| Problem {
+                    kind: v["type"].as_str().unwrap_or_default().to_string(),
+                    detail: v["detail"].as_str().unwrap_or_default().to_string(),
+                });
             } else {
                 let _ = resp.bytes().await;
-                None
-            };
-            (Kind::of(status), status, id, retry_after)
+            }
+            (Kind::of(status), status, id, retry_after, problem)
         }
-        Err(_) => (Kind::NoAnswer, 0, None, false),
+        Err(_) => (Kind::NoAnswer, 0, None, false, None),
     };
     Sample {
         at: sent.duration_since(start),
@@ -171,6 +193,7 @@ async fn one(http: &reqwest::Client, base: &str, key: &str, stream: &Stream, ind
         latency: sent.elapsed(),
         request_id,
         retry_after,
+        problem,
     }
 }
 

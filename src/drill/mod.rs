@@ -4,6 +4,7 @@
 //! admin API, a connection-limited PostgreSQL role, a leaking component), and writes a report
 //! folder. The process exits non-zero when a promise fails.
 
+pub mod evidence;
 pub mod load;
 pub mod report;
 mod scenarios;
@@ -45,6 +46,10 @@ pub enum DrillError {
     Http(#[from] reqwest::Error),
     #[error("writing the report: {0}")]
     Report(String),
+    #[error("reading the database: {0}")]
+    Evidence(String),
+    #[error("the operator's lever {path} answered {status}")]
+    Lever { path: String, status: u16 },
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +69,9 @@ pub struct DrillOptions {
     pub out: PathBuf,
     /// The command line, for the report.
     pub command: String,
+    /// Deliberate defects built into the engine the drill starts (`--sabotage`), to show that
+    /// the drill's judges can fail.
+    pub sabotage: Vec<String>,
 }
 
 /// One promise the engine made, whether it held, and the figures that say so.

@@ -10,6 +10,7 @@ use openssl::stack::Stack;
 use openssl::x509::extension::SubjectAlternativeName;
 use openssl::x509::{X509NameBuilder, X509ReqBuilder};
 
+use super::evidence::Evidence;
 use super::load::{Kind, Stream};
 use super::target::{ca_entry, set, DrillDb, Target};
 use super::{stream_stats, DrillError, DrillOptions, Outcome, Promise, Session};
@@ -52,11 +53,25 @@ async fn target(
     edit: impl FnOnce(&mut toml::Table),
 ) -> Result<Target, DrillError> {
     match &opts.url {
+        Some(_) if !opts.sabotage.is_empty() => {
+            Err(DrillError::Unsupported("--sabotage needs an engine the drill starts, not --url".into()))
+        }
         Some(url) => {
             let admin = opts.admin_url.clone().unwrap_or_else(|| url.replace(":8080", ":8081"));
             Target::existing(url, &admin, &opts.admin_token, &opts.api_key).await
         }
-        None => Target::start(&opts.keys_dev, &dir.join("engine"), db, edit).await,
+        None => {
+            for defect in &opts.sabotage {
+                serde_json::from_value::<crate::config::Sabotage>(defect.as_str().into())
+                    .map_err(|_| DrillError::Unsupported(format!("unknown --sabotage {defect:?}")))?;
+            }
+            let sabotage: Vec<toml::Value> = opts.sabotage.iter().map(|d| d.as_str().into()).collect();
+            Target::start(&opts.keys_dev, &dir.join("engine"), db, |c| {
+                edit(c);
+                set(c, &["sabotage"], toml::Value::Array(sabotage));
+            })
+            .await
+        }
     }
 }
 
@@ -104,37 +119,6 @@ fn finish(session: Session, promises: Vec<Promise>) -> Outcome {
 
 /// Incident 003: two CAs lose their keys while their renewals keep coming (with retries), then
 /// are disabled; an operator parks a renewal queue and resubmits it later.
-/// What the incident-003 drill reads from its recording, before judging its promises.
-struct QueuesFigures {
-    /// Healthy CA (stream 0): requests, success share and p99, at baseline and under the fault.
-    n_base: usize,
-    ok_base: f64,
-    p99_base: Duration,
-    n_fault: usize,
-    ok_fault: f64,
-    p99_fault: Duration,
-    n_all: usize,
-    ok_all: f64,
-    /// The healthy CA's signatures per second, at baseline and under the fault.
-    rate_base: f64,
-    rate_fault: f64,
-    /// Background renewals (stream 1) completed per second, and how many ran under the fault.
-    bg_base_rate: f64,
-    bg_fault_rate: f64,
-    bg_fault_n: usize,
-    /// Answers to requests for the disabled CAs after the disable: how many, how many were 409,
-    /// the statuses of the rest, and how many got no answer.
-    after_disable: usize,
-    refused: usize,
-    others: Vec<u16>,
-    unanswered_after_disable: usize,
-    max_depth_disabled: i64,
-    signed_after_disable: i64,
-    sync_created: i64,
-    /// Synchronous 201s answered after the 6 s deadline.
-    late_201: usize,
-}
-
 async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, DrillError> {
     if opts.url.is_some() {
         return Err(DrillError::Unsupported(
@@ -233,189 +217,222 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
         session.target.admin_post("/admin/v1/cas/ica-ed25519/state", serde_json::json!({"state": "parked"})).await?;
         session.mark("operator parks ica-ed25519");
         session.at(disabled).await;
-        for ca in ["ica-p384", "ica-rsa3072"] {
+        for ca in FAILING {
             session
                 .target
                 .admin_post(&format!("/admin/v1/cas/{ca}/state"), serde_json::json!({"state": "disabled"}))
                 .await?;
         }
         session.mark("fault ends: ica-p384 and ica-rsa3072 disabled");
-        let disabled_at = session.start.elapsed();
+        let disabled_at = (session.start.elapsed(), crate::pki::now_ms());
         session.at(resubmitted).await;
+        // What the database holds for the parked CA just before it is unparked.
+        let parked_rows = Evidence::read(session.target.db.as_ref(), |e| e.parked("ica-ed25519")).await?;
+        let unparked_ms = crate::pki::now_ms();
         session.target.admin_post("/admin/v1/cas/ica-ed25519/state", serde_json::json!({"state": "enabled"})).await?;
         session.target.admin_post("/admin/v1/cas/ica-ed25519/resubmit", serde_json::json!({})).await?;
         session.mark("operator unparks ica-ed25519 and resubmits");
-        Ok::<Duration, DrillError>(disabled_at)
+        Ok::<_, DrillError>((disabled_at, parked_rows, unparked_ms))
     };
     let (_, faults) = tokio::join!(load, faults);
     // Judged from when both disables had been applied, not from when they were scheduled.
-    let disabled_at = faults?;
+    let ((disabled_at, disabled_ms), parked_rows, unparked_ms) = faults?;
 
-    // Parked work: every 202 the parked CA accepted must end issued.
+    // Parked work: every request the parked CA accepted must end issued, and none before the
+    // operator unparked it.
     let parked_ids: Vec<String> = session
         .recording()
         .samples_of(4, fault + s(0.5 * k), resubmitted)
         .filter_map(|s| s.request_id.clone())
         .collect();
-    let issued_parked = wait_issued(&session.target, &parked_ids, s(30.0)).await;
+    wait_issued(&session.target, &parked_ids, s(30.0)).await;
 
-    let QueuesFigures {
-        n_base,
-        ok_base,
-        p99_base,
-        n_fault,
-        ok_fault,
-        p99_fault,
-        n_all,
-        ok_all,
-        rate_base,
-        rate_fault,
-        bg_base_rate,
-        bg_fault_rate,
-        bg_fault_n,
-        after_disable,
-        refused,
-        others,
-        unanswered_after_disable,
-        max_depth_disabled,
-        signed_after_disable,
-        sync_created,
-        late_201,
-    } = {
-        let rec = session.recording();
-        let warm = s(0.5 * k);
-        let (n_base, ok_base, p99_base) = stream_stats(&rec, 0, warm, fault);
-        let (n_fault, ok_fault, p99_fault) = stream_stats(&rec, 0, fault, disabled);
-        let (n_all, ok_all, _) = stream_stats(&rec, 0, s(0.0), end);
-        let rate = |from: Duration, until: Duration| {
-            rec.signatures_between("ica-p256", from, until) as f64 / (until - from).as_secs_f64()
-        };
-        let (rate_base, rate_fault) = (rate(warm, fault), rate(fault, disabled));
-        let (bg_base, bg_fault) = (stream_stats(&rec, 1, warm, fault), stream_stats(&rec, 1, fault, disabled));
-        let after_disable: Vec<(Kind, u16)> = rec
-            .samples
-            .iter()
-            .filter(|x| (x.stream == 2 || x.stream == 3) && x.at > disabled_at && x.kind != Kind::NoAnswer)
-            .map(|x| (x.kind, x.status))
-            .collect();
-        let refused = after_disable.iter().filter(|(kind, _)| *kind == Kind::Refused409).count();
-        let unanswered_after_disable = rec
-            .samples
-            .iter()
-            .filter(|x| (x.stream == 2 || x.stream == 3) && x.at > disabled_at && x.kind == Kind::NoAnswer)
-            .count();
-        let mut others: Vec<u16> =
-            after_disable.iter().filter(|(kind, _)| *kind != Kind::Refused409).map(|(_, status)| *status).collect();
-        others.sort_unstable();
-        let max_depth_disabled = rec
-            .gauges
-            .iter()
-            .filter(|g| g.at > disabled_at + s(0.5))
-            .map(|g| {
-                g.queue_depth_by_ca.get("ica-p384").copied().unwrap_or(0)
-                    + g.queue_depth_by_ca.get("ica-rsa3072").copied().unwrap_or(0)
-            })
-            .max()
-            .unwrap_or(0);
-        let signed_after_disable = rec.signatures_between("ica-p384", disabled_at + s(0.5), end)
-            + rec.signatures_between("ica-rsa3072", disabled_at + s(0.5), end);
-        let sync_created = rec.samples.iter().filter(|s| s.status == 201).count() as i64;
-        let late_201 = rec.samples.iter().filter(|x| x.status == 201 && x.stream == 0 && x.latency > s(6.0)).count();
-        let bg_rate = |n: usize, share: f64, len: Duration| n as f64 * share / len.as_secs_f64();
-        QueuesFigures {
-            n_base,
-            ok_base,
-            p99_base,
-            n_fault,
-            ok_fault,
-            p99_fault,
-            n_all,
-            ok_all,
-            rate_base,
-            rate_fault,
-            bg_base_rate: bg_rate(bg_base.0, bg_base.1, fault - warm),
-            bg_fault_rate: bg_rate(bg_fault.0, bg_fault.1, disabled - fault),
-            bg_fault_n: bg_fault.0,
-            after_disable: after_disable.len(),
-            refused,
-            others,
-            unanswered_after_disable,
-            max_depth_disabled,
-            signed_after_disable,
-            sync_created,
-            late_201,
-        }
-    };
-    // Counted after everything settled (resubmitted work signs after the load ends).
-    let final_metrics = session.target.metrics().await.unwrap_or_default();
-    let final_signatures: i64 = super::series::Gauges::parse(end, &final_metrics, None).signatures.values().sum();
-    let db_counts = count_db(&session.target).await;
-    let opened = |ca: &str| {
-        final_metrics
-            .lines()
-            .any(|l| l.starts_with(&format!("castellum_breaker_transitions_total{{ca=\"{ca}\",to=\"open\"}}")))
-    };
+    let f = queues_figures(&session.recording(), k, fault, disabled, disabled_at, end);
+    let ids = parked_ids.clone();
+    let db = Evidence::read(session.target.db.as_ref(), move |e| {
+        Ok(QueuesEvidence {
+            issued: e.issued_certificates()?,
+            async_serials: e.async_serials_delivered()?,
+            signed_after_expiry: e.signed_after_expiry()?,
+            rows_after_disable: e.rows_for_cas_since(&FAILING, disabled_ms)?,
+            parked_issued: e.issued_among(&ids, unparked_ms)?,
+        })
+    })
+    .await?;
+    let (parked_issued, parked_issued_early) = db.parked_issued;
+    let (requests_after_disable, certificates_after_disable) = db.rows_after_disable;
 
-    let mut promises = vec![
+    let promises = vec![
         Promise::new(
-            "healthy CA keeps 100% success and p99 within 2x of the pre-fault baseline",
-            ok_all == 1.0 && ok_base == 1.0 && ok_fault == 1.0 && n_fault > 0 && p99_fault <= p99_base * 2,
+            "healthy CA keeps 100% success (both lanes) and p99 within 2x of the pre-fault baseline",
+            f.ok_all == 1.0 && f.ok_bg_all == 1.0 && f.n_fault > 0 && f.p99_fault <= f.p99_base * 2,
             format!(
-                "identities on ica-p256: {n_all} requests, {:.2}% success; p99 {:.1} ms before the fault ({n_base} req), {:.1} ms during it ({n_fault} req)",
-                ok_all * 100.0,
-                p99_base.as_secs_f64() * 1e3,
-                p99_fault.as_secs_f64() * 1e3
+                "ica-p256: interactive {} requests, {:.2}% issued, background {} requests, {:.2}% issued; interactive p99 {:.1} ms before the fault ({} req), {:.1} ms during it ({} req)",
+                f.n_all,
+                f.ok_all * 100.0,
+                f.n_bg_all,
+                f.ok_bg_all * 100.0,
+                f.p99_base.as_secs_f64() * 1e3,
+                f.n_base,
+                f.p99_fault.as_secs_f64() * 1e3,
+                f.n_fault
             ),
         ),
         Promise::new(
-            "only the failing CAs' breakers open",
-            opened("ica-p384") && opened("ica-rsa3072") && !opened("ica-p256") && !opened("ica-ed25519"),
+            "only the failing CAs' breakers open (as their clients are told)",
+            f.breaker_refusals_failing.iter().all(|n| *n > 0) && f.breaker_refusals_healthy == 0,
             format!(
-                "opened: ica-p384 {}, ica-rsa3072 {}, ica-p256 {}, ica-ed25519 {}",
-                opened("ica-p384"),
-                opened("ica-rsa3072"),
-                opened("ica-p256"),
-                opened("ica-ed25519")
+                "answers 'circuit breaker open': ica-p384 {}, ica-rsa3072 {}, ica-p256 and ica-ed25519 {}",
+                f.breaker_refusals_failing[0], f.breaker_refusals_failing[1], f.breaker_refusals_healthy
             ),
         ),
         Promise::new(
-            "no global back-off: the healthy CA's signing rate is unchanged",
-            rate_fault >= 0.75 * rate_base,
-            format!("ica-p256 signed {rate_base:.0}/s before the fault, {rate_fault:.0}/s during it"),
+            "no global back-off: the healthy CA's issuance rate stays within 25% of its baseline",
+            f.rate_fault >= 0.75 * f.rate_base,
+            format!("ica-p256 issued {:.0}/s before the fault, {:.0}/s during it", f.rate_base, f.rate_fault),
         ),
         Promise::new(
-            "background work for valid CAs is not starved",
-            bg_fault_n > 0 && bg_fault_rate >= 0.5 * bg_base_rate,
-            format!("renewals on ica-p256 (background lane): {bg_base_rate:.1}/s issued before the fault, {bg_fault_rate:.1}/s during it"),
-        ),
-        Promise::new(
-            "requests for disabled CAs are refused at intake, never queued or signed",
-            after_disable > 0 && refused == after_disable && max_depth_disabled == 0 && signed_after_disable == 0,
+            "background work for valid CAs keeps at least half its baseline rate",
+            f.bg_fault_n > 0 && f.bg_fault_rate >= 0.5 * f.bg_base_rate,
             format!(
-                "after the disable: {refused} of {after_disable} answered requests were 409 (others: {others:?}; unanswered by the connection: {unanswered_after_disable}); their queue depth peaked at {max_depth_disabled}; {signed_after_disable} signatures"
+                "renewals on ica-p256 (background lane): {:.1}/s issued before the fault, {:.1}/s during it",
+                f.bg_base_rate, f.bg_fault_rate
             ),
         ),
         Promise::new(
-            "parked work is all issued after resubmit",
-            !parked_ids.is_empty() && issued_parked == parked_ids.len(),
-            format!("{issued_parked} of {} requests accepted while ica-ed25519 was parked were issued", parked_ids.len()),
+            "requests for disabled CAs are refused at intake, never stored, queued or signed",
+            f.after_disable > 0
+                && f.refused == f.after_disable
+                && requests_after_disable == 0
+                && certificates_after_disable == 0,
+            format!(
+                "after the disable: {} of {} requests answered 409 (others: {:?}); rows written for those CAs since: {requests_after_disable} requests, {certificates_after_disable} certificates",
+                f.refused, f.after_disable, f.others
+            ),
+        ),
+        Promise::new(
+            "parked work is held, then all issued after resubmit",
+            !parked_ids.is_empty()
+                && parked_rows > 0
+                && parked_issued == parked_ids.len() as i64
+                && parked_issued_early == 0,
+            format!(
+                "{} requests accepted while ica-ed25519 was parked; {parked_rows} held parked in the database before the unpark; {parked_issued} issued after it, {parked_issued_early} before it",
+                parked_ids.len()
+            ),
+        ),
+        Promise::new(
+            "nothing is signed after its deadline",
+            db.issued == f.sync_created + db.async_serials && f.late_201 == 0 && db.signed_after_expiry == 0,
+            format!(
+                "{} certificates stored = {} answered 201 + {} delivered to async requests; {} answers after 6 s; {} written ahead after their request expired",
+                db.issued, f.sync_created, db.async_serials, f.late_201, db.signed_after_expiry
+            ),
         ),
     ];
-    match db_counts {
-        Some((issued, async_serials)) => promises.push(Promise::new(
-            "nothing is signed after its deadline",
-            issued == sync_created + async_serials && final_signatures == issued && late_201 == 0,
-            format!(
-                "{issued} certificates stored = {sync_created} answered 201 + {async_serials} delivered to async requests; {final_signatures} signatures; {late_201} answers after 6 s"
-            ),
-        )),
-        None => promises.push(Promise::new("nothing is signed after its deadline", false, "could not read the database".into())),
-    }
     Ok(finish(session, promises))
 }
 
-/// Poll asynchronous requests until issued (or `limit`); returns how many were.
-async fn wait_issued(target: &Target, ids: &[String], limit: Duration) -> usize {
+/// The two CAs whose keys the incident-003 drill destroys.
+const FAILING: [&str; 2] = ["ica-p384", "ica-rsa3072"];
+
+/// What the incident-003 drill reads from the database after the load.
+struct QueuesEvidence {
+    issued: i64,
+    async_serials: i64,
+    signed_after_expiry: i64,
+    rows_after_disable: (i64, i64),
+    parked_issued: (i64, i64),
+}
+
+/// What the incident-003 drill reads from the clients' answers, before judging its promises.
+struct QueuesFigures {
+    /// Healthy CA, interactive (stream 0): requests, success share and p99, at baseline and under
+    /// the fault, and over the whole drill.
+    n_base: usize,
+    p99_base: Duration,
+    n_fault: usize,
+    p99_fault: Duration,
+    n_all: usize,
+    ok_all: f64,
+    /// Healthy CA, background lane (stream 1), over the whole drill.
+    n_bg_all: usize,
+    ok_bg_all: f64,
+    /// The healthy CA's interactive issuances per second, at baseline and under the fault.
+    rate_base: f64,
+    rate_fault: f64,
+    /// Background renewals (stream 1) issued per second, and how many ran under the fault.
+    bg_base_rate: f64,
+    bg_fault_rate: f64,
+    bg_fault_n: usize,
+    /// Answers "circuit breaker open" to the failing CAs' clients (each), and to the others'.
+    breaker_refusals_failing: [usize; 2],
+    breaker_refusals_healthy: usize,
+    /// Requests for the disabled CAs sent after the disable (unanswered ones included), how many
+    /// were refused 409, and the statuses of the rest (0: no answer).
+    after_disable: usize,
+    refused: usize,
+    others: Vec<u16>,
+    /// Synchronous 201s, and those answered after the 6 s deadline.
+    sync_created: i64,
+    late_201: usize,
+}
+
+fn queues_figures(
+    rec: &super::series::Recording,
+    k: f64,
+    fault: Duration,
+    disabled: Duration,
+    disabled_at: Duration,
+    end: Duration,
+) -> QueuesFigures {
+    let warm = s(0.5 * k);
+    let (n_base, _, p99_base) = stream_stats(rec, 0, warm, fault);
+    let (n_fault, _, p99_fault) = stream_stats(rec, 0, fault, disabled);
+    let (n_all, ok_all, _) = stream_stats(rec, 0, s(0.0), end);
+    let (n_bg_all, ok_bg_all, _) = stream_stats(rec, 1, s(0.0), end);
+    let issued_per_s = |stream: usize, from: Duration, until: Duration| {
+        rec.samples_of(stream, from, until).filter(|x| x.kind == Kind::Success).count() as f64
+            / (until - from).as_secs_f64()
+    };
+    let after_disable: Vec<u16> = rec
+        .samples
+        .iter()
+        .filter(|x| (x.stream == 2 || x.stream == 3) && x.at > disabled_at)
+        .map(|x| x.status)
+        .collect();
+    let refused = after_disable.iter().filter(|status| **status == 409).count();
+    let mut others: Vec<u16> = after_disable.iter().copied().filter(|status| *status != 409).collect();
+    others.sort_unstable();
+    others.dedup();
+    let breaker_refusals =
+        |streams: &[usize]| rec.samples.iter().filter(|x| streams.contains(&x.stream) && x.breaker_open()).count();
+    QueuesFigures {
+        n_base,
+        p99_base,
+        n_fault,
+        p99_fault,
+        n_all,
+        ok_all,
+        n_bg_all,
+        ok_bg_all,
+        rate_base: issued_per_s(0, warm, fault),
+        rate_fault: issued_per_s(0, fault, disabled),
+        bg_base_rate: issued_per_s(1, warm, fault),
+        bg_fault_rate: issued_per_s(1, fault, disabled),
+        bg_fault_n: rec.samples_of(1, fault, disabled).count(),
+        breaker_refusals_failing: [breaker_refusals(&[2]), breaker_refusals(&[3])],
+        breaker_refusals_healthy: breaker_refusals(&[0, 1, 4]),
+        after_disable: after_disable.len(),
+        refused,
+        others,
+        sync_created: rec.samples.iter().filter(|s| s.status == 201).count() as i64,
+        late_201: rec.samples.iter().filter(|x| x.status == 201 && x.stream == 0 && x.latency > s(6.0)).count(),
+    }
+}
+
+/// Poll asynchronous requests until issued (or `limit`).
+async fn wait_issued(target: &Target, ids: &[String], limit: Duration) {
     let started = Instant::now();
     let mut issued = std::collections::HashSet::new();
     while issued.len() < ids.len() && started.elapsed() < limit {
@@ -433,26 +450,6 @@ async fn wait_issued(target: &Target, ids: &[String], limit: Duration) -> usize 
         }
         tokio::time::sleep(s(0.2)).await;
     }
-    issued.len()
-}
-
-/// (certificates issued, distinct certificates delivered to async requests), from the database.
-async fn count_db(target: &Target) -> Option<(i64, i64)> {
-    let url = target.db.as_ref()?.url();
-    tokio::task::spawn_blocking(move || {
-        let mut config = crate::config::Config::default();
-        config.database.url = url;
-        let pool =
-            crate::db::DbPool::build(&config.database, &config.database.pools.status, "drill", Arc::default()).ok()?;
-        let mut conn = pool.get().ok()?;
-        Some((
-            crate::db::queries::count_certificates_in_state(&mut conn, "issued").ok()?,
-            crate::db::queries::count_async_issued_serials(&mut conn).ok()?,
-        ))
-    })
-    .await
-    .ok()
-    .flatten()
 }
 
 /// Incident 000: a 20x surge of clients against a PostgreSQL role limited to the engine's budget.
@@ -465,7 +462,9 @@ async fn connection_surge(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dr
     let k = if opts.short { 1.0 } else { 3.0 };
     let (surge, calm, end) = (s(3.0 * k), s(7.0 * k), s(10.0 * k));
     let budget = 7;
-    let db = database(opts, dir, Some(budget))?;
+    // The role may open more than the budget: PostgreSQL must not be what keeps the engine inside
+    // it, or an engine that overshoots would pass.
+    let db = database(opts, dir, Some(budget + ROLE_HEADROOM))?;
     let target = target(opts, dir, db, |c| {
         set(c, &["database", "server_max_connections"], i64::from(budget).into());
         set(c, &["database", "reserved_connections"], 0.into());
@@ -479,7 +478,9 @@ async fn connection_surge(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dr
         Stream::issue("normal", "tls-server-p256", identity.clone(), 4, s(0.0), end),
         Stream::issue("surge", "tls-server-p256", identity, 76, surge, calm),
     ];
+    let probe = target.db.as_ref().and_then(DrillDb::probe);
     let session = Session::new(target, end);
+    let sampler = probe.map(ConnectionSampler::start);
     let load = session.drive(streams, 2_000_000);
     let marks = async {
         session.at(surge).await;
@@ -488,8 +489,8 @@ async fn connection_surge(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dr
         session.mark("fault ends: back to normal load");
     };
     tokio::join!(load, marks);
+    let counted = sampler.map(ConnectionSampler::finish).unwrap_or_default();
     let rec = session.recording();
-    let peak = rec.gauges.iter().map(|g| g.db_connections).max().unwrap_or(0);
     let refusals: Vec<_> =
         rec.samples.iter().filter(|s| matches!(s.kind, Kind::Unavailable503 | Kind::Limited429)).collect();
     let mut refusal_latency: Vec<Duration> = refusals.iter().map(|s| s.latency).collect();
@@ -503,8 +504,14 @@ async fn connection_surge(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dr
     let promises = vec![
         Promise::new(
             "database connections never exceed the configured budget",
-            peak > 0 && peak <= i64::from(budget),
-            format!("peak {peak} connections in pg_stat_activity; role CONNECTION LIMIT and pools: {budget}"),
+            counted.samples > 100 && counted.failures == 0 && counted.peak > 0 && counted.peak <= i64::from(budget),
+            format!(
+                "peak {} client backends of the engine's role in pg_stat_activity over {} samples ({} failed); budget {budget}, role CONNECTION LIMIT {}",
+                counted.peak,
+                counted.samples,
+                counted.failures,
+                budget + ROLE_HEADROOM
+            ),
         ),
         Promise::new(
             "excess load gets fast 503/429, not timeouts",
@@ -530,6 +537,50 @@ async fn connection_surge(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dr
     Ok(finish(session, promises))
 }
 
+/// Connections the connection-surge drill's role may open beyond the engine's budget.
+const ROLE_HEADROOM: u32 = 20;
+
+/// Counts the engine's connections as PostgreSQL sees them, every few milliseconds, on a thread
+/// of its own (so the load cannot delay a sample).
+struct ConnectionSampler {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<Counted>,
+}
+
+#[derive(Default)]
+struct Counted {
+    peak: i64,
+    samples: u64,
+    failures: u64,
+}
+
+impl ConnectionSampler {
+    fn start(probe: super::target::PgProbe) -> ConnectionSampler {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let (mut counted, mut conn) = (Counted::default(), None);
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                match probe.count(&mut conn) {
+                    Ok(n) => {
+                        counted.peak = counted.peak.max(n);
+                        counted.samples += 1;
+                    }
+                    Err(_) => counted.failures += 1,
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            counted
+        });
+        ConnectionSampler { stop, thread }
+    }
+
+    fn finish(self) -> Counted {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+}
+
 /// Incident 001: a component takes connections and does not give them back.
 async fn pool_leak(opts: &DrillOptions, dir: &Path) -> Result<Outcome, DrillError> {
     let k = if opts.short { 1.0 } else { 3.0 };
@@ -538,8 +589,12 @@ async fn pool_leak(opts: &DrillOptions, dir: &Path) -> Result<Outcome, DrillErro
     let hold = s(6.0 * k);
     let db = database(opts, dir, None)?;
     let threshold = s(0.75 * k);
+    // The leak takes every free control connection, one per `every`. On PostgreSQL the registry's
+    // LISTEN holds one for good: one more keeps two free, as SQLite's pool of two has.
+    let (control, leaked) = if opts.postgres.is_some() { (3, 2) } else { (2, 2) };
     let target = target(opts, dir, db, |c| {
         set(c, &["database", "slow_hold_threshold"], format!("{}ms", threshold.as_millis()).into());
+        set(c, &["database", "pools", "control", "max_size"], control.into());
     })
     .await?;
     let streams = vec![
@@ -552,49 +607,36 @@ async fn pool_leak(opts: &DrillOptions, dir: &Path) -> Result<Outcome, DrillErro
     ];
     let session = Session::new(target, end);
     let load = session.drive(streams, 2_000_000);
-    let exhausted_at = leak + every; // the control pool has 2 connections: the second take exhausts it
-    let mut reported_before_exhaustion = false;
-    let mut admin_codes = Vec::new();
     let faults = async {
         session.at(leak).await;
-        let body = serde_json::json!({"pool": "control", "connections": 2, "every_ms": every.as_millis() as u64, "hold_ms": hold.as_millis() as u64});
+        let body = serde_json::json!({"pool": "control", "connections": leaked, "every_ms": every.as_millis() as u64, "hold_ms": hold.as_millis() as u64});
         session.target.admin_post("/admin/v1/faults/leak", body).await?;
         session.mark("fault: a component starts leaking control connections");
-        session.at(exhausted_at - s(0.1)).await;
-        let metrics = session.target.metrics().await.unwrap_or_default();
-        reported_before_exhaustion = metrics
-            .lines()
-            .any(|l| l.starts_with("castellum_db_pool_long_holds_total{pool=\"control\"}") && !l.ends_with(" 0"));
-        session.mark("control pool exhausted");
-        // The admin console keeps answering while the pool is exhausted.
-        while session.start.elapsed() < leak + hold {
-            let status = session
-                .target
-                .http
-                .get(format!("{}/admin/v1/status", session.target.admin))
-                .bearer_auth(&session.target.admin_token)
-                .send()
-                .await;
-            admin_codes.push(status.map(|r| r.status().as_u16()).unwrap_or(0));
-            tokio::time::sleep(s(0.25)).await;
-        }
+        let watch = watch_leak(&session, control, leak + hold);
+        let admin = admin_keeps_answering(&session, leak + hold);
+        let (first, admin_codes) = tokio::join!(watch, admin);
         session.mark("fault ends: the leaked connections are returned");
-        Ok::<(), DrillError>(())
+        Ok::<_, DrillError>((first, admin_codes))
     };
     let (_, faults) = tokio::join!(load, faults);
-    faults?;
+    let (first, admin_codes) = faults?;
     let log = session.target.engine_log();
-    let named = log.lines().any(|l| l.contains("held longer than the threshold") && l.contains("leaky_component"));
+    // The report made while the connection is still held, not the line its return writes.
+    let named = log.lines().any(|l| l.contains("(possible leak)") && l.contains("leaky_component"));
     let rec = session.recording();
     let (n_issue, ok_issue, p99_issue) = stream_stats(&rec, 0, leak, leak + hold);
     let (n_health, ok_health, _) = stream_stats(&rec, 1, leak, leak + hold);
     let admin_ok = admin_codes.iter().filter(|c| **c == 200).count();
+    let at = |t: Option<Duration>| t.map(|t| format!("{:.2} s", (t - leak).as_secs_f64())).unwrap_or("never".into());
     let promises = vec![
         Promise::new(
-            "the leak is reported (metric and log naming the holder) before exhaustion",
-            reported_before_exhaustion && (named || session.target.log.is_none()),
+            "the leak is reported (metric and log naming the holder) before the pool is exhausted",
+            matches!((first.reported, first.exhausted), (Some(r), Some(x)) if r < x)
+                && (named || session.target.log.is_none()),
             format!(
-                "long-hold metric raised before the pool ran out: {reported_before_exhaustion}; log line naming leaky_component: {named} (threshold {} ms)",
+                "after the leak began: long-hold metric raised at {}, control pool exhausted ({control} of {control} in use) at {}; log line naming leaky_component while held: {named} (threshold {} ms)",
+                at(first.reported),
+                at(first.exhausted),
                 threshold.as_millis()
             ),
         ),
@@ -611,6 +653,70 @@ async fn pool_leak(opts: &DrillOptions, dir: &Path) -> Result<Outcome, DrillErro
     ];
     drop(rec);
     Ok(finish(session, promises))
+}
+
+/// When the engine first reported a long hold, and when the control pool was first exhausted.
+#[derive(Default)]
+struct LeakFirsts {
+    reported: Option<Duration>,
+    exhausted: Option<Duration>,
+}
+
+/// Read the engine's pool metrics every 50 ms until `until`. The pool counts as exhausted from the
+/// first of five samples in a row (a quarter second) with every connection in use: the admin
+/// calls and heartbeats that share the pool fill it for a few milliseconds at a time, the leak
+/// for good.
+async fn watch_leak(session: &Session, control_max: i64, until: Duration) -> LeakFirsts {
+    const SUSTAINED: usize = 5;
+    let mut first = LeakFirsts::default();
+    let mut full_since: Option<Duration> = None;
+    let mut full_samples = 0;
+    while session.start.elapsed() < until {
+        let at = session.start.elapsed();
+        if let Ok(text) = session.target.metrics().await {
+            if first.reported.is_none()
+                && metric(&text, "castellum_db_pool_long_holds_total{pool=\"control\"}").is_some_and(|n| n > 0.0)
+            {
+                first.reported = Some(at);
+            }
+            let full =
+                metric(&text, "castellum_db_pool_in_use{pool=\"control\"}").is_some_and(|n| n >= control_max as f64);
+            if !full {
+                (full_since, full_samples) = (None, 0);
+            } else {
+                full_since.get_or_insert(at);
+                full_samples += 1;
+                if full_samples == SUSTAINED && first.exhausted.is_none() {
+                    first.exhausted = full_since;
+                    session.mark("control pool exhausted");
+                }
+            }
+        }
+        tokio::time::sleep(s(0.05)).await;
+    }
+    first
+}
+
+/// The admin status page's answers, every quarter second until `until`.
+async fn admin_keeps_answering(session: &Session, until: Duration) -> Vec<u16> {
+    let mut codes = Vec::new();
+    while session.start.elapsed() < until {
+        let status = session
+            .target
+            .http
+            .get(format!("{}/admin/v1/status", session.target.admin))
+            .bearer_auth(&session.target.admin_token)
+            .send()
+            .await;
+        codes.push(status.map(|r| r.status().as_u16()).unwrap_or(0));
+        tokio::time::sleep(s(0.25)).await;
+    }
+    codes
+}
+
+/// The value of one sample line of Prometheus text (`name{labels}` exactly).
+fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Incident 002: the status pool is too small for the offered read load.
@@ -692,14 +798,17 @@ async fn pool_too_small(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dril
         let errors: Vec<_> = rec.samples.iter().filter(|s| s.kind != Kind::Success).collect();
         (errors.len(), errors.iter().filter(|s| s.kind == Kind::Unavailable503 && s.retry_after).count())
     };
-    let waited = metrics.lines().any(|l| l.starts_with("castellum_db_pool_wait_seconds_count{pool=\"status\"}"));
+    // The status pool's own figures: checkouts that waited, and ones that timed out or were refused.
+    let waited = metric(&metrics, "castellum_db_pool_wait_seconds_count{pool=\"status\"}").unwrap_or(0.0);
+    let starved = metric(&metrics, "castellum_db_pool_timeouts_total{pool=\"status\"}").unwrap_or(0.0)
+        + metric(&metrics, "castellum_db_pool_refused_total{pool=\"status\"}").unwrap_or(0.0);
     let promises = vec![
         Promise::new("check-config flags the pool given the expected rate", flagged.0, flagged.1.clone()),
         Promise::new(
             "the pool-wait metric and /readyz make the cause obvious within seconds",
-            obvious_after.is_some_and(|t| t <= s(3.0)) && waited,
+            obvious_after.is_some_and(|t| t <= s(3.0)) && waited > 0.0 && starved > 0.0,
             format!(
-                "/readyz named the status pool {} after the load began: {warning:?}",
+                "/readyz named the status pool {} after the load began: {warning:?}; status pool metrics: {waited} checkouts, {starved} timed out or refused",
                 obvious_after.map(|t| format!("{:.1} s", t.as_secs_f64())).unwrap_or_else(|| "never".into())
             ),
         ),

@@ -30,6 +30,14 @@ impl DrillDb {
         }
     }
 
+    /// The database as the superuser sees it (the drill's own reads, never the engine's role).
+    pub fn admin_side_url(&self) -> String {
+        match self {
+            DrillDb::Sqlite(path) => format!("sqlite://{}", path.display()),
+            DrillDb::Postgres { admin_url, name, .. } => format!("{admin_url}/{name}"),
+        }
+    }
+
     /// A fresh PostgreSQL database; with `connection_limit`, owned by a new role limited to it.
     pub fn postgres(admin_url: &str, connection_limit: Option<u32>) -> Result<DrillDb, DrillError> {
         let mut admin = PgConnection::establish(&format!("{admin_url}/postgres"))
@@ -52,39 +60,54 @@ impl DrillDb {
     /// A view for counting the engine's connections (PostgreSQL only).
     pub fn probe(&self) -> Option<PgProbe> {
         match self {
-            DrillDb::Postgres { admin_url, name, .. } => {
-                Some(PgProbe { admin_url: admin_url.clone(), name: name.clone() })
+            DrillDb::Postgres { admin_url, name, role } => {
+                Some(PgProbe { admin_url: admin_url.clone(), name: name.clone(), role: role.clone() })
             }
             DrillDb::Sqlite(_) => None,
         }
     }
 }
 
-/// Counts the connections castellum holds to one database, as PostgreSQL itself sees them.
+/// Counts the client connections to one database (of the engine's role, when it has its own), as
+/// PostgreSQL itself sees them: by backend, not by the name a connection gives itself after
+/// connecting.
 #[derive(Clone)]
 pub struct PgProbe {
     admin_url: String,
     name: String,
+    role: Option<String>,
 }
 
 impl PgProbe {
     pub fn connections(&self, admin: &mut Option<PgConnection>) -> Option<i64> {
+        self.count(admin).ok()
+    }
+
+    /// The count, or why it could not be read.
+    pub fn count(&self, admin: &mut Option<PgConnection>) -> Result<i64, String> {
         #[derive(diesel::QueryableByName)]
         struct Count {
             #[diesel(sql_type = diesel::sql_types::BigInt)]
             n: i64,
         }
         if admin.is_none() {
-            *admin = PgConnection::establish(&format!("{}/postgres", self.admin_url)).ok();
+            *admin = Some(PgConnection::establish(&format!("{}/postgres", self.admin_url)).map_err(|e| e.to_string())?);
         }
-        let conn = admin.as_mut()?;
+        let Some(conn) = admin.as_mut() else { return Err("no connection".into()) };
+        let role = match &self.role {
+            Some(role) => format!(" AND usename = '{role}'"),
+            None => String::new(),
+        };
         diesel::sql_query(format!(
-            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = '{}' AND application_name LIKE 'castellum:%'",
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = '{}' AND backend_type = 'client backend'{role}",
             self.name
         ))
         .get_result::<Count>(conn)
         .map(|c| c.n)
-        .ok()
+        .map_err(|e| {
+            *admin = None;
+            e.to_string()
+        })
     }
 }
 
@@ -206,10 +229,15 @@ impl Target {
         }
     }
 
+    /// Pull one of the operator's levers; anything but a 2xx answer is an error.
     pub async fn admin_post(&self, path: &str, body: serde_json::Value) -> Result<u16, DrillError> {
         let resp =
             self.http.post(format!("{}{path}", self.admin)).bearer_auth(&self.admin_token).json(&body).send().await?;
-        Ok(resp.status().as_u16())
+        let status = resp.status().as_u16();
+        if !resp.status().is_success() {
+            return Err(DrillError::Lever { path: path.to_string(), status });
+        }
+        Ok(status)
     }
 
     pub async fn metrics(&self) -> Result<String, DrillError> {

@@ -24,7 +24,9 @@ impl Engine {
     pub async fn issue(&self, client: &Client, req: IssueRequest) -> Result<IssuedCertificate, EngineError> {
         let span = tracing::info_span!("issue", client = %client.name, profile = %req.profile, ca = tracing::field::Empty, request_id = tracing::field::Empty);
         let started = Instant::now();
+        let stray = self.stray_connection().await;
         let result = tracing::Instrument::instrument(self.issue_inner(client, &req, span.clone()), span).await;
+        drop(stray);
         self.count(result.as_ref().map(|_| "issued"), started);
         if let Err(e) = &result {
             self.audit_refusal(client, "certificate.issue", &req.profile, e);

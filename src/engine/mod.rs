@@ -21,7 +21,7 @@ use crate::actors::registry::{self, Registry};
 use crate::actors::resumer::Resumer;
 use crate::actors::store::{StoreFront, StoreHandle};
 use crate::actors::supervisor::{CellFactory, CellSlot, CellSupervisor};
-use crate::config::{Config, ConfigProblem};
+use crate::config::{Config, ConfigProblem, Sabotage};
 use crate::db::{migrate, queries, Backend, DbConn, Pools};
 use crate::error::{DbError, EngineError};
 use crate::metrics::Metrics;
@@ -198,11 +198,14 @@ impl Engine {
         };
         let (watched, watch_metrics, threshold) = (pools.clone(), metrics.clone(), config.database.slow_hold_threshold);
         let watch_stop = stop_listener.clone();
+        let silent_leaks = config.sabotaged(Sabotage::SilentLeaks);
         actix_web::rt::spawn(async move {
             let mut tick = tokio::time::interval(HOLD_SCAN_INTERVAL);
             while !watch_stop.load(Ordering::Relaxed) {
                 tick.tick().await;
-                watched.scan_holds(&watch_metrics, threshold);
+                if !silent_leaks {
+                    watched.scan_holds(&watch_metrics, threshold);
+                }
             }
         });
         tracing::info!(instance = %instance, cas = config.cas.len(), profiles = config.profiles.len(), "engine started");
@@ -411,7 +414,7 @@ impl Engine {
                 checkout_timeouts: timeouts - last_timeouts,
                 refused: refused - last_refused,
             };
-            if p.checkout_timeouts > 0 || p.refused > 0 {
+            if (p.checkout_timeouts > 0 || p.refused > 0) && !self.inner.config.sabotaged(Sabotage::QuietReadiness) {
                 warnings.push(format!(
                     "pool {} is saturated: {} of {} connections in use; since the last check {} checkouts timed out and {} requests were refused; raise database.pools.{}.max_size or lower the load",
                     p.name, p.in_use, p.max, p.checkout_timeouts, p.refused, p.name
@@ -420,6 +423,17 @@ impl Engine {
             pools.push(p);
         }
         (pools, warnings)
+    }
+
+    /// [`Sabotage::ConnectionPerRequest`]: a connection outside the pools, held by the caller
+    /// until it is answered. `None` (and no cost but a comparison) on an engine built right.
+    async fn stray_connection(&self) -> Option<crate::db::StrayConnection> {
+        if !self.inner.config.sabotaged(Sabotage::ConnectionPerRequest) {
+            return None;
+        }
+        let url = self.inner.config.database.url.clone();
+        let opened = actix_web::rt::task::spawn_blocking(move || crate::db::StrayConnection::open(&url)).await;
+        opened.ok().and_then(Result::ok)
     }
 
     /// Prometheus text exposition of this engine's metrics.
