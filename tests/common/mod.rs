@@ -499,3 +499,5 @@ pub async fn admin_status(server: &TestServer) -> serde_json::Value {
         .await
         .unwrap()
 }
+
+pub mod sql;
