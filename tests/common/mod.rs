@@ -499,3 +499,97 @@ pub async fn admin_status(server: &TestServer) -> serde_json::Value {
         .await
         .unwrap()
 }
+
+/// Raw SQL on a test database (SQLite or PostgreSQL) through a connection of the test's own: no
+/// engine code between the test and what the database holds.
+pub mod rawsql {
+    use diesel::prelude::*;
+    use diesel::sql_types::{BigInt, Nullable, Text};
+
+    use super::TestDb;
+
+    pub enum RawConn {
+        Pg(PgConnection),
+        Sqlite(SqliteConnection),
+    }
+
+    pub fn connect(db: &TestDb) -> RawConn {
+        if db.postgres {
+            RawConn::Pg(PgConnection::establish(&db.url).unwrap_or_else(|e| panic!("connect to {}: {e}", db.url)))
+        } else {
+            let path = db.url.trim_start_matches("sqlite://");
+            let mut conn = SqliteConnection::establish(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+            diesel::sql_query("PRAGMA busy_timeout = 5000").execute(&mut conn).expect("busy_timeout");
+            RawConn::Sqlite(conn)
+        }
+    }
+
+    fn load<T: QueryableByName<diesel::pg::Pg> + QueryableByName<diesel::sqlite::Sqlite> + 'static>(
+        db: &TestDb,
+        sql: &str,
+    ) -> Vec<T> {
+        let result = match connect(db) {
+            RawConn::Pg(mut c) => diesel::sql_query(sql).load::<T>(&mut c),
+            RawConn::Sqlite(mut c) => diesel::sql_query(sql).load::<T>(&mut c),
+        };
+        result.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
+
+    /// The value of `SELECT count(*) AS n ...` (or any BIGINT column named `n`).
+    pub fn count(db: &TestDb, sql: &str) -> i64 {
+        load::<Count>(db, sql).first().unwrap_or_else(|| panic!("{sql}: no row")).n
+    }
+
+    #[derive(QueryableByName)]
+    struct TextRow {
+        #[diesel(sql_type = Text)]
+        s: String,
+    }
+
+    /// Every value of a TEXT column named `s`.
+    pub fn texts(db: &TestDb, sql: &str) -> Vec<String> {
+        load::<TextRow>(db, sql).into_iter().map(|r| r.s).collect()
+    }
+
+    /// A stored request as the database holds it.
+    #[derive(QueryableByName, Debug, Clone)]
+    pub struct Request {
+        #[diesel(sql_type = Text)]
+        pub id: String,
+        #[diesel(sql_type = Text)]
+        pub state: String,
+        #[diesel(sql_type = Nullable<Text>)]
+        pub serial: Option<String>,
+        #[diesel(sql_type = Nullable<Text>)]
+        pub claimed_by: Option<String>,
+        #[diesel(sql_type = Nullable<BigInt>)]
+        pub claimed_until: Option<i64>,
+        #[diesel(sql_type = BigInt)]
+        pub expires_at: i64,
+        #[diesel(sql_type = Nullable<Text>)]
+        pub error_type: Option<String>,
+    }
+
+    /// The requests matching `condition` (an SQL boolean expression on the `requests` table).
+    pub fn requests(db: &TestDb, condition: &str) -> Vec<Request> {
+        load(
+            db,
+            &format!(
+                "SELECT id, state, serial, claimed_by, claimed_until, expires_at, error_type FROM requests WHERE {condition} ORDER BY id"
+            ),
+        )
+    }
+}
+
+impl TestDb {
+    /// An existing SQLite file someone else created (an example's own database): not removed.
+    pub fn sqlite_file(path: &Path) -> TestDb {
+        TestDb { url: format!("sqlite://{}", path.display()), name: "sqlite".into(), postgres: false, _dir: None }
+    }
+}
