@@ -535,6 +535,15 @@ pub mod rawsql {
         result.unwrap_or_else(|e| panic!("{sql}: {e}"))
     }
 
+    /// Run a statement (an UPDATE or INSERT a test needs to stage a situation); rows affected.
+    pub fn execute(db: &TestDb, sql: &str) -> usize {
+        let result = match connect(db) {
+            RawConn::Pg(mut c) => diesel::sql_query(sql).execute(&mut c),
+            RawConn::Sqlite(mut c) => diesel::sql_query(sql).execute(&mut c),
+        };
+        result.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
     #[derive(QueryableByName)]
     struct Count {
         #[diesel(sql_type = BigInt)]
