@@ -114,7 +114,8 @@ async fn dev_pki_writes_a_pki_openssl_verifies_and_an_engine_serves() {
         // The dev passphrase opens it, and it is the certificate's key; a wrong one does not.
         let public = openssl(&["pkey", "-in", &key, "-passin", "pass:castellum-dev-only", "-pubout"]);
         assert_eq!(public, openssl(&["x509", "-in", &cert, "-pubkey", "-noout"]), "{key} matches {cert}");
-        let (code, _, _) = output(Command::new("openssl").args(["pkey", "-in", &key, "-passin", "pass:wrong", "-pubout"]));
+        let (code, _, _) =
+            output(Command::new("openssl").args(["pkey", "-in", &key, "-passin", "pass:wrong", "-pubout"]));
         assert_ne!(code, 0, "{key} opened with a wrong passphrase");
     }
     // The public dev KEK, the same one the shipped keys-dev/ holds.
@@ -127,7 +128,10 @@ async fn dev_pki_writes_a_pki_openssl_verifies_and_an_engine_serves() {
     let api_key = format!("fresh-{}", uuid::Uuid::new_v4().simple());
     let (_, hash, _) = output(castellum().args(["hash-key", &api_key]));
     let text = dev_config_text().replace(&dev_keys().display().to_string(), &out.display().to_string())
-        + &format!("\n[[clients]]\nname = \"fresh\"\napi_key_sha256 = \"{}\"\nprofiles = [\"tls-server-p256\"]\n", hash.trim());
+        + &format!(
+            "\n[[clients]]\nname = \"fresh\"\napi_key_sha256 = \"{}\"\nprofiles = [\"tls-server-p256\"]\n",
+            hash.trim()
+        );
     assert!(!text.contains(&dev_keys().display().to_string()), "every path points to the new PKI");
     let config = dir.path().join("castellum.toml");
     std::fs::write(&config, &text).unwrap();
@@ -169,8 +173,10 @@ const TABLES: &[&str] =
 
 fn migrations_shipped(db: &TestDb) -> i64 {
     let backend = if db.postgres { "postgres" } else { "sqlite" };
-    std::fs::read_dir(repo().join("schema").join(backend)).unwrap().filter(|e| e.as_ref().unwrap().path().is_dir()).count()
-        as i64
+    std::fs::read_dir(repo().join("schema").join(backend))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().is_dir())
+        .count() as i64
 }
 
 fn tables_present(db: &TestDb) -> i64 {

@@ -125,10 +125,7 @@ async fn claims_are_handed_back_on_a_clean_shutdown(db: TestDb) {
     .await;
     let control = rawsql::requests(&db, &format!("id = '{held}'"));
     assert_eq!(control[0].state, "pending", "a live claim is respected: {control:?}");
-    assert_eq!(
-        rawsql::count(&db, &format!("SELECT count(*) AS n FROM certificates WHERE request_id = '{held}'")),
-        0
-    );
+    assert_eq!(rawsql::count(&db, &format!("SELECT count(*) AS n FROM certificates WHERE request_id = '{held}'")), 0);
     // Its claim lapses: now it is taken up too.
     rawsql::execute(&db, &format!("UPDATE requests SET claimed_until = 0 WHERE id = '{held}'"));
     eventually(Duration::from_secs(15), "the lapsed claim is taken up", || {

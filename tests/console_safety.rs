@@ -53,7 +53,8 @@ async fn the_console_forbids_inline_script_and_serves_no_inline_code() {
         } else {
             // The script never hands data to an HTML parser or to eval.
             let js = resp.text().await.unwrap();
-            for sink in ["innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function", ".html("]
+            for sink in
+                ["innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(", "new Function", ".html("]
             {
                 assert!(!js.contains(sink), "console.js uses {sink}");
             }

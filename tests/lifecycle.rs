@@ -198,8 +198,7 @@ async fn a_parked_request_past_its_max_age_expires_unsigned(db: TestDb) {
 
     // Unparked and resubmitted: nothing parked is left to resubmit.
     assert_eq!(set_ca_state(&server, "ica-p256", "enabled").await.0, 200);
-    let resubmit =
-        admin_post(&server, "/admin/v1/cas/ica-p256/resubmit", serde_json::json!({})).send().await.unwrap();
+    let resubmit = admin_post(&server, "/admin/v1/cas/ica-p256/resubmit", serde_json::json!({})).send().await.unwrap();
     assert_eq!(resubmit.status(), 200);
     assert_eq!(resubmit.json::<serde_json::Value>().await.unwrap()["resubmitting"], 0);
     let control = submit(&server, "fresh.example.test").await;

@@ -138,15 +138,15 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                             .find(id)
                             .filter(requests::state.ne(request_state::EXPIRED).or(requests::mode.ne("async"))),
                     )
-                        .set((
-                            requests::state.eq(*state),
-                            requests::error_type.eq(error_type),
-                            requests::error_detail.eq(error_detail),
-                            requests::updated_at.eq(*at),
-                            requests::claimed_by.eq(None::<String>),
-                            requests::claimed_until.eq(claimed_until),
-                        ))
-                        .execute(c)?;
+                    .set((
+                        requests::state.eq(*state),
+                        requests::error_type.eq(error_type),
+                        requests::error_detail.eq(error_detail),
+                        requests::updated_at.eq(*at),
+                        requests::claimed_by.eq(None::<String>),
+                        requests::claimed_until.eq(claimed_until),
+                    ))
+                    .execute(c)?;
                 }
                 _ => {}
             }
