@@ -90,10 +90,16 @@ async fn claims_are_handed_back_on_a_clean_shutdown(db: TestDb) {
         assert_eq!(resp.status(), 202);
         ids.push(resp.json::<serde_json::Value>().await.unwrap()["request_id"].as_str().unwrap().to_string());
     }
-    let claimed = rawsql::requests(&db, &format!("claimed_by = '{first_id}' AND state = 'pending'"));
-    assert!(claimed.len() >= 4, "the first instance holds its claims while it runs: {claimed:?}");
+    // While it runs, the first instance holds a 5-minute claim on everything it has not issued
+    // (at most one signature a second gets done meanwhile).
+    let before = rawsql::requests(&db, "1 = 1");
+    let claimed: Vec<_> = before.iter().filter(|r| r.state == "pending").collect();
+    assert!(claimed.len() >= 3, "{before:?}");
     let lease_end = castellum::pki::now_ms() + 200_000;
-    assert!(claimed.iter().all(|r| r.claimed_until.unwrap() > lease_end), "{claimed:?}");
+    for r in &claimed {
+        assert_eq!(r.claimed_by.as_deref(), Some(first_id.as_str()), "{r:?}");
+        assert!(r.claimed_until.unwrap() > lease_end, "{r:?}");
+    }
 
     first.stop().await;
     let after = rawsql::requests(&db, "1 = 1");
