@@ -4,6 +4,9 @@
 //!   cargo run --example embed
 //!   curl -s -X POST localhost:9090/enroll/demo.example.test
 //!
+//! It listens on `EMBED_LISTEN` when set (`127.0.0.1:0` picks a free port; the address is
+//! printed), and stops cleanly on SIGINT or SIGTERM.
+//!
 //! The application authenticates its users itself and issues as the configured client "demo";
 //! here it also makes the key and CSR for the user (a real application would receive a CSR).
 
@@ -54,10 +57,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     config.database.url = "sqlite://castellum-embed.db".into();
     let engine = Engine::start(config).await?;
     let data = web::Data::new(engine.clone());
-    println!(
-        "embedding application on http://127.0.0.1:9090 — try: curl -s -X POST localhost:9090/enroll/demo.example.test"
-    );
-    HttpServer::new(move || App::new().app_data(data.clone()).service(enroll)).bind("127.0.0.1:9090")?.run().await?;
+    let listen = std::env::var("EMBED_LISTEN").unwrap_or_else(|_| "127.0.0.1:9090".into());
+    let server = HttpServer::new(move || App::new().app_data(data.clone()).service(enroll)).bind(&listen)?;
+    for addr in server.addrs() {
+        println!("embedding application on http://{addr} — try: curl -s -X POST {addr}/enroll/demo.example.test");
+    }
+    server.run().await?;
     engine.shutdown().await;
     Ok(())
 }

@@ -182,6 +182,9 @@ pub enum DbError {
     WorkerPanic(String),
     #[error("unsupported database URL scheme (expected sqlite://, a file path, or postgres://)")]
     UnsupportedUrl,
+    /// A state change refused by the database: the row is in a state nothing leaves.
+    #[error("{0}")]
+    FinalState(String),
 }
 
 impl From<DbError> for EngineError {
@@ -191,6 +194,7 @@ impl From<DbError> for EngineError {
         use diesel::result::{DatabaseErrorKind, Error};
         match e {
             DbError::Pool(_) => EngineError::DatabaseUnavailable,
+            DbError::FinalState(why) => EngineError::Conflict(why),
             DbError::Query(Error::DatabaseError(DatabaseErrorKind::ClosedConnection, _))
             | DbError::Query(Error::BrokenTransactionManager) => EngineError::DatabaseUnavailable,
             DbError::Query(Error::DatabaseError(_, ref info)) if is_unavailable_message(info.message()) => {

@@ -732,6 +732,11 @@ impl ConfigError {
     }
 }
 
+/// `CASTELLUM_*` variables that belong to the command line (`--config`, the admin and drill
+/// commands' token, key and URL) or to the test harness, not to the configuration: read as
+/// configuration keys they would be refused as unknown fields.
+const COMMAND_LINE_VARIABLES: &[&str] = &["config", "admin_token", "admin_url", "api_key", "test_pg"];
+
 impl Config {
     /// Is this deliberate defect built in? (Only ever true in dev mode.)
     pub fn sabotaged(&self, what: Sabotage) -> bool {
@@ -744,7 +749,7 @@ impl Config {
         if let Some(path) = file {
             fig = fig.merge(Toml::file_exact(path));
         }
-        fig = fig.merge(Env::prefixed("CASTELLUM_").split("__"));
+        fig = fig.merge(Env::prefixed("CASTELLUM_").ignore(COMMAND_LINE_VARIABLES).split("__"));
         let mut config: Config = fig.extract()?;
         // Relative key and certificate paths are relative to the configuration file.
         if let Some(dir) = file.and_then(Path::parent) {

@@ -131,16 +131,22 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                         .execute(c)?;
                 }
                 WriteOp::RequestFinished { id, state, error_type, error_detail, at, claimed_until } => {
-                    diesel::update(requests::table.find(id))
-                        .set((
-                            requests::state.eq(*state),
-                            requests::error_type.eq(error_type),
-                            requests::error_detail.eq(error_detail),
-                            requests::updated_at.eq(*at),
-                            requests::claimed_by.eq(None::<String>),
-                            requests::claimed_until.eq(claimed_until),
-                        ))
-                        .execute(c)?;
+                    // An asynchronous request past its max age stays expired: a late failure
+                    // report (its signer refused it) must not make it pending again.
+                    diesel::update(
+                        requests::table
+                            .find(id)
+                            .filter(requests::state.ne(request_state::EXPIRED).or(requests::mode.ne("async"))),
+                    )
+                    .set((
+                        requests::state.eq(*state),
+                        requests::error_type.eq(error_type),
+                        requests::error_detail.eq(error_detail),
+                        requests::updated_at.eq(*at),
+                        requests::claimed_by.eq(None::<String>),
+                        requests::claimed_until.eq(claimed_until),
+                    ))
+                    .execute(c)?;
                 }
                 _ => {}
             }
@@ -459,17 +465,25 @@ impl NotifyRegistry for diesel::PgConnection {
     }
 }
 
+/// The state nothing leaves (a retired CA's key is destroyed).
+const FINAL_STATE: &str = "retired";
+
 macro_rules! set_state_fn {
     ($(#[$doc:meta])* $name:ident, $table:ident, $kind:literal) => {
         $(#[$doc])*
         pub fn $name(conn: &mut DbConn, id: &str, state: &str, change: &StateChange) -> Result<Option<i64>, DbError> {
             let audit = change.audit(concat!($kind, ".state"), id, state);
-            Ok(with_conn!(conn, |c| c.transaction(|c| {
-                let changed = diesel::update($table::table.find(id))
-                    .set(($table::state.eq(state), $table::updated_at.eq(change.now)))
-                    .execute(c)?;
+            let outcome = with_conn!(conn, |c| c.transaction(|c| {
+                // Conditional in the database itself, so no instance (one that has not heard of the
+                // change yet, or a concurrent call) can take a row out of its final state.
+                let changed = diesel::update(
+                    $table::table.find(id).filter($table::state.ne(FINAL_STATE).or($table::state.eq(state))),
+                )
+                .set(($table::state.eq(state), $table::updated_at.eq(change.now)))
+                .execute(c)?;
                 if changed == 0 {
-                    return Ok(None);
+                    let exists = $table::table.find(id).count().get_result::<i64>(c)? > 0;
+                    return diesel::QueryResult::Ok(if exists { Err(()) } else { Ok(None) });
                 }
                 diesel::update(registry::table.filter(registry::id.eq(1)))
                     .set(registry::version.eq(registry::version + 1i64))
@@ -477,8 +491,9 @@ macro_rules! set_state_fn {
                 let version = registry::table.select(registry::version).first::<i64>(c)?;
                 diesel::insert_into(audit_log::table).values(&audit).execute(c)?;
                 c.notify_registry(version)?;
-                diesel::QueryResult::Ok(Some(version))
-            }))?)
+                diesel::QueryResult::Ok(Ok(Some(version)))
+            }))?;
+            outcome.map_err(|()| DbError::FinalState(format!("{} {id:?} is {FINAL_STATE}: that state is final", $kind)))
         }
     };
 }

@@ -216,6 +216,9 @@ impl Engine {
             return Ok(Accepted { request_id: id, replayed: false });
         }
         let lane = self.inner.config.lanes.get(admitted.profile.lane);
+        // Never signed past its max age (when the resumer marks it expired): the signer refuses
+        // a job after its deadline.
+        let max_age = self.inner.config.async_requests.max_age;
         let job = Job {
             profile: admitted.profile,
             csr: admitted.csr,
@@ -223,7 +226,7 @@ impl Engine {
             client: client.name.clone(),
             request_id: Some(id.clone()),
             is_async: true,
-            deadline: Instant::now() + lane.max_deadline,
+            deadline: Instant::now() + lane.max_deadline.min(max_age),
             enqueued_at: Instant::now(),
             reply: None,
             span,

@@ -501,3 +501,10 @@ pub async fn admin_status(server: &TestServer) -> serde_json::Value {
 }
 
 pub mod sql;
+
+impl TestDb {
+    /// An existing SQLite file someone else created (an example's own database): not removed.
+    pub fn sqlite_file(path: &Path) -> TestDb {
+        TestDb { url: format!("sqlite://{}", path.display()), name: "sqlite".into(), postgres: false, _dir: None }
+    }
+}

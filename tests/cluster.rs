@@ -1,0 +1,228 @@
+//! Several instances on one database: migrations serialised when they start together, claims
+//! handed back on a clean shutdown and taken up by another instance, a dead instance shown stale.
+//! Judged from the database with raw SQL and from the surviving instance's admin API.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Poll `check` every 50 ms until it returns `Some`, or fail with `what` after `limit`.
+async fn eventually<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(found) = check() {
+            return found;
+        }
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Four engines started at the same moment on one fresh PostgreSQL database: every one starts,
+/// and the schema is migrated exactly once (without the advisory lock, two of them run the same
+/// `CREATE TABLE` and one fails).
+#[actix_rt::test]
+async fn instances_starting_together_migrate_postgres_once() {
+    let db = TestDb::postgres();
+    let configs: Vec<_> = (0..4).map(|_| dev_config(&db)).collect();
+    let ids: Vec<String> = configs.iter().map(|c| c.instance_id.clone().unwrap()).collect();
+    let started = futures_util::future::join_all(configs.into_iter().map(castellum::Engine::start)).await;
+    let engines: Vec<castellum::Engine> = started
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| r.unwrap_or_else(|e| panic!("engine {i} of 4 failed to start: {e}")))
+        .collect();
+
+    let shipped = std::fs::read_dir(repo().join("schema/postgres")).unwrap().count() as i64;
+    assert_eq!(sql::count(&db, "SELECT count(*) AS n FROM __diesel_schema_migrations"), shipped);
+    assert_eq!(sql::count(&db, "SELECT count(DISTINCT version) AS n FROM __diesel_schema_migrations"), shipped);
+    assert_eq!(
+        sql::count(
+            &db,
+            "SELECT count(*) AS n FROM information_schema.tables WHERE table_schema = 'public' AND table_name IN \
+             ('cas', 'profiles', 'registry', 'instances', 'requests', 'certificates', 'audit_log', 'identities')"
+        ),
+        8
+    );
+    // The seed row and the registry rows exist once, whoever inserted them.
+    assert_eq!(sql::count(&db, "SELECT count(*) AS n FROM registry"), 1);
+    assert_eq!(sql::count(&db, "SELECT count(*) AS n FROM cas"), 4);
+    assert_eq!(sql::count(&db, "SELECT count(*) AS n FROM profiles"), 8);
+    // Each instance runs: its heartbeat row appears, and it is ready.
+    let listed = ids.iter().map(|i| format!("'{i}'")).collect::<Vec<_>>().join(", ");
+    eventually(Duration::from_secs(10), "a heartbeat row per instance", || {
+        (sql::count(&db, &format!("SELECT count(*) AS n FROM instances WHERE id IN ({listed})")) == 4).then_some(())
+    })
+    .await;
+    for engine in &engines {
+        let readiness = engine.readiness().await;
+        assert!(readiness.ready, "{readiness:?}");
+    }
+    for engine in &engines {
+        engine.shutdown().await;
+    }
+}
+
+/// Shutting down cleanly, an instance gives back its claims on the asynchronous requests it
+/// could not finish, so another instance issues them at once instead of after the lease (5
+/// minutes here). Control: a request whose claim is still held by someone else is left alone
+/// until that claim lapses. Every request ends with exactly one certificate.
+async fn claims_are_handed_back_on_a_clean_shutdown(db: TestDb) {
+    let mut config = dev_config(&db);
+    assert_eq!(config.cas[0].id, "ica-p256");
+    // One job at a time on a slow signer: most of the submitted work is still queued at shutdown.
+    config.cas[0].fault.sign_latency = Some(Duration::from_millis(1000));
+    config.cas[0].queue.in_flight = 1;
+    config.async_requests.lease = Duration::from_secs(300);
+    let first_id = config.instance_id.clone().unwrap();
+    let first = TestServer::start(config).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let resp = first
+            .issue(DEMO_KEY, "ocsp-renewal", &csr(Key::P256, &[&format!("claim{i}.example.test")]))
+            .header("prefer", "respond-async")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 202);
+        ids.push(resp.json::<serde_json::Value>().await.unwrap()["request_id"].as_str().unwrap().to_string());
+    }
+    // While it runs, the first instance holds a 5-minute claim on everything it has not issued
+    // (at most one signature a second gets done meanwhile).
+    let before = sql::requests(&db, "1 = 1");
+    let claimed: Vec<_> = before.iter().filter(|r| r.state == "pending").collect();
+    assert!(claimed.len() >= 3, "{before:?}");
+    let lease_end = castellum::pki::now_ms() + 200_000;
+    for r in &claimed {
+        assert_eq!(r.claimed_by.as_deref(), Some(first_id.as_str()), "{r:?}");
+        assert!(r.claimed_until.unwrap() > lease_end, "{r:?}");
+    }
+
+    first.stop().await;
+    let after = sql::requests(&db, "1 = 1");
+    assert_eq!(after.len(), 5);
+    let pending: Vec<_> = after.iter().filter(|r| r.state == "pending").collect();
+    let issued = after.iter().filter(|r| r.state == "issued").count();
+    assert_eq!(pending.len() + issued, 5, "{after:?}");
+    assert!(pending.len() >= 3, "most requests were unfinished at shutdown: {after:?}");
+    for r in &pending {
+        assert_eq!((r.claimed_by.as_deref(), r.claimed_until), (None, None), "claim handed back: {r:?}");
+    }
+
+    // The control: one unfinished request is claimed by an instance that is still alive.
+    let held = pending[0].id.clone();
+    let far = castellum::pki::now_ms() + 300_000;
+    sql::execute(
+        &db,
+        &format!("UPDATE requests SET claimed_by = 'still-alive', claimed_until = {far} WHERE id = '{held}'"),
+    );
+
+    let mut config = dev_config(&db);
+    config.async_requests.resume_interval = Duration::from_millis(200);
+    let second = TestServer::start(config).await;
+    eventually(Duration::from_secs(15), "the second instance issues the handed-back requests", || {
+        (sql::count(&db, &format!("SELECT count(*) AS n FROM requests WHERE state = 'issued' AND id <> '{held}'")) == 4)
+            .then_some(())
+    })
+    .await;
+    let control = sql::requests(&db, &format!("id = '{held}'"));
+    assert_eq!(control[0].state, "pending", "a live claim is respected: {control:?}");
+    assert_eq!(sql::count(&db, &format!("SELECT count(*) AS n FROM certificates WHERE request_id = '{held}'")), 0);
+    // Its claim lapses: now it is taken up too.
+    sql::execute(&db, &format!("UPDATE requests SET claimed_until = 0 WHERE id = '{held}'"));
+    eventually(Duration::from_secs(15), "the lapsed claim is taken up", || {
+        (sql::count(&db, "SELECT count(*) AS n FROM requests WHERE state = 'issued'") == 5).then_some(())
+    })
+    .await;
+    // Exactly once: one issued certificate per request, the one the request names.
+    assert_eq!(sql::count(&db, "SELECT count(*) AS n FROM certificates"), 5);
+    assert_eq!(
+        sql::count(
+            &db,
+            "SELECT count(*) AS n FROM requests r JOIN certificates c ON c.serial = r.serial \
+             WHERE c.request_id = r.id AND c.state = 'issued' AND c.cert_der IS NOT NULL"
+        ),
+        5
+    );
+    second.stop().await;
+}
+
+#[actix_rt::test]
+async fn claims_are_handed_back_on_a_clean_shutdown_sqlite() {
+    claims_are_handed_back_on_a_clean_shutdown(TestDb::sqlite()).await;
+}
+
+#[actix_rt::test]
+async fn claims_are_handed_back_on_a_clean_shutdown_postgres() {
+    claims_are_handed_back_on_a_clean_shutdown(TestDb::postgres()).await;
+}
+
+fn instance<'a>(status: &'a serde_json::Value, id: &str) -> Option<&'a serde_json::Value> {
+    status["instances"].as_array().unwrap().iter().find(|i| i["id"] == id)
+}
+
+/// An instance killed with SIGKILL stops heartbeating; the surviving instance's admin status
+/// shows it stale once its last heartbeat is older than `registry.stale_after` (2 s here), and
+/// not before; the survivor itself stays fresh.
+#[actix_rt::test]
+async fn an_instance_that_stops_heartbeating_is_shown_stale() {
+    let db = TestDb::postgres();
+    let stale_after = Duration::from_secs(2);
+    let mut config = dev_config(&db);
+    config.registry.poll_interval = Duration::from_millis(200);
+    config.registry.stale_after = stale_after;
+    let survivor_id = config.instance_id.clone().unwrap();
+    let survivor = TestServer::start(config).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("castellum.toml");
+    std::fs::write(&config_path, dev_config_text()).unwrap();
+    let doomed = format!("doomed-{}", uuid::Uuid::new_v4().simple());
+    let env = [
+        ("CASTELLUM_DATABASE__URL", db.url.as_str()),
+        ("CASTELLUM_INSTANCE_ID", doomed.as_str()),
+        ("CASTELLUM_REGISTRY__POLL_INTERVAL", "200ms"),
+    ];
+    let mut victim = EngineProcess::start(&config_path, &env, Stdio::null(), Stdio::null()).await;
+
+    // Alive: listed, fresh, and its heartbeat advances.
+    let mut beats = std::collections::BTreeSet::new();
+    let started = Instant::now();
+    while beats.len() < 3 {
+        let status = admin_status(&survivor).await;
+        if let Some(i) = instance(&status, &doomed) {
+            assert_eq!(i["stale"], false, "a live instance is not stale: {i}");
+            beats.insert(i["heartbeat_at"].as_i64().unwrap());
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the second instance's heartbeat does not advance");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    victim.kill();
+    let killed = Instant::now();
+    let killed_ms = castellum::pki::now_ms();
+    let seen_stale_after = loop {
+        let status = admin_status(&survivor).await;
+        let i = instance(&status, &doomed).expect("a dead instance stays listed");
+        if i["stale"] == true {
+            break killed.elapsed();
+        }
+        assert!(
+            killed.elapsed() < stale_after + Duration::from_secs(2),
+            "still shown fresh {:?} after SIGKILL (stale_after {stale_after:?}): {i}",
+            killed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // Its last heartbeat was at most one poll interval (200 ms) before the kill, so it cannot be
+    // stale sooner than stale_after minus that; half of stale_after leaves room for a late beat.
+    assert!(seen_stale_after >= stale_after / 2, "shown stale too soon: {seen_stale_after:?}");
+    let status = admin_status(&survivor).await;
+    assert_eq!(instance(&status, &survivor_id).expect("the survivor is listed")["stale"], false);
+    let last_beat = sql::count(&db, &format!("SELECT heartbeat_at AS n FROM instances WHERE id = '{doomed}'"));
+    assert!(last_beat <= killed_ms, "nothing heartbeats for the dead instance: {last_beat} > {killed_ms}");
+    survivor.stop().await;
+}
