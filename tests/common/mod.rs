@@ -922,3 +922,12 @@ pub fn judge_issued(dir: &Path, expect: &IssuedExpectation, response: &serde_jso
         Err(wrong.join("\n"))
     }
 }
+
+/// Run one raw SQL statement on a connection of the test's own; a failure fails the test.
+pub fn sql_execute(db: &TestDb, sql: &str) -> usize {
+    match raw_conn(db) {
+        RawConn::Sqlite(mut conn) => diesel::sql_query(sql).execute(&mut conn),
+        RawConn::Postgres(mut conn) => diesel::sql_query(sql).execute(&mut conn),
+    }
+    .unwrap_or_else(|e| panic!("raw SQL {sql:?} failed: {e}"))
+}
