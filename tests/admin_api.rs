@@ -154,7 +154,8 @@ async fn the_breaker_reset_lever_closes_a_breaker_that_signer_failures_opened() 
     p384.breaker.open_for = Duration::from_secs(600);
     let server = TestServer::start(config).await;
     let csr = csr(Key::P384, &["breaker.example.test"]);
-    let issued = || sql_count(&db, "SELECT count(*) AS n FROM certificates WHERE ca_id = 'ica-p384' AND state = 'issued'");
+    let issued =
+        || sql_count(&db, "SELECT count(*) AS n FROM certificates WHERE ca_id = 'ica-p384' AND state = 'issued'");
 
     // Open it for real: issue until the signer fails (each try fails with probability 1/2).
     let mut tries = 0;
@@ -188,8 +189,7 @@ async fn the_breaker_reset_lever_closes_a_breaker_that_signer_failures_opened() 
     // reset refused by the breaker; 40 failures in a row would have probability 2^-40.
     let mut resets = 0;
     loop {
-        let reset =
-            post(&server, "/admin/v1/cas/ica-p384/breaker/reset", serde_json::json!({})).send().await.unwrap();
+        let reset = post(&server, "/admin/v1/cas/ica-p384/breaker/reset", serde_json::json!({})).send().await.unwrap();
         assert_eq!(reset.status(), 200);
         resets += 1;
         assert_eq!(cell(&admin_status(&server).await, "ica-p384")["breaker"], "closed");

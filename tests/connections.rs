@@ -13,11 +13,13 @@ use std::time::Duration;
 use common::*;
 
 /// Refusals an overloaded engine may answer with; each carries a Retry-After.
-const REFUSALS: &[&str] = &["rate-limited", "ca-overloaded", "deadline-exceeded", "store-overloaded", "database-unavailable"];
+const REFUSALS: &[&str] =
+    &["rate-limited", "ca-overloaded", "deadline-exceeded", "store-overloaded", "database-unavailable"];
 
 #[actix_rt::test]
 async fn postgres_connections_never_exceed_the_pools_under_200_concurrent_requests() {
-    let budget = castellum::config::Config::from_toml(&dev_config_text(), &dev_keys()).unwrap().database.pools.total_max();
+    let budget =
+        castellum::config::Config::from_toml(&dev_config_text(), &dev_keys()).unwrap().database.pools.total_max();
     let limited = LimitedDb::new(budget + 10);
     let config = dev_config(&limited.db);
     assert_eq!(config.database.pools.total_max(), budget);

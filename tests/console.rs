@@ -64,7 +64,9 @@ async fn a_browser_parks_a_ca_from_the_console() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| (c["ca"].as_str().unwrap_or_default().to_string(), c["state"].as_str().unwrap_or_default().to_string()))
+        .map(|c| {
+            (c["ca"].as_str().unwrap_or_default().to_string(), c["state"].as_str().unwrap_or_default().to_string())
+        })
         .collect();
     assert_eq!(page_cells, engine_cells, "the page's CA cells are the engine's");
     assert!(page_cells.contains(&("ica-rsa3072".into(), "draining".into())), "{page_cells:?}");

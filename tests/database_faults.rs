@@ -73,7 +73,9 @@ async fn postgres_a_connection_limited_role_is_never_exceeded_under_a_20x_burst(
     assert!(issued > 0);
     let metrics = server.engine.metrics_text();
     assert!(!metrics.contains("outcome=\"database-unavailable\""), "the engine never found the database unavailable");
-    eprintln!("400 requests from 200 clients: {issued} issued, peak {peak} of {BUDGET} connections over {samples} samples");
+    eprintln!(
+        "400 requests from 200 clients: {issued} issued, peak {peak} of {BUDGET} connections over {samples} samples"
+    );
     Arc::try_unwrap(server).ok().expect("no other owner").stop().await;
 }
 

@@ -199,7 +199,11 @@ async fn start(db: &TestDb) -> TestServer {
 }
 
 /// POST the CSR; the answer's status, JSON body, Location, and when it was sent and answered.
-async fn issue(server: &TestServer, profile: &str, csr: &str) -> (u16, serde_json::Value, String, (SystemTime, SystemTime)) {
+async fn issue(
+    server: &TestServer,
+    profile: &str,
+    csr: &str,
+) -> (u16, serde_json::Value, String, (SystemTime, SystemTime)) {
     let sent = SystemTime::now();
     let resp = server.issue(DEMO_KEY, profile, csr).send().await.unwrap();
     let status = resp.status().as_u16();
@@ -409,11 +413,12 @@ async fn the_certificate_judge_fails_on_wrong_certificates() {
             issued.clone(),
             &["public key"],
         ),
-        ("another issued certificate", expect.clone(), with("certificate", other["certificate"].clone()), &[
-            "public key",
-            "names",
-            "subject",
-        ]),
+        (
+            "another issued certificate",
+            expect.clone(),
+            with("certificate", other["certificate"].clone()),
+            &["public key", "names", "subject"],
+        ),
         (
             "another name set of the same size",
             IssuedExpectation { names: strings(&["judge-a.example.test", "judge-x.example.test"]), ..expect.clone() },
@@ -432,25 +437,37 @@ async fn the_certificate_judge_fails_on_wrong_certificates() {
             with("chain", serde_json::json!([pem("ica-p384.crt"), pem("root.crt")])),
             &["chain: its first element", "chain: openssl verify"],
         ),
-        ("a chain without its root", expect.clone(), with("chain", serde_json::json!([pem("ica-p256.crt")])), &[
-            "chain: its last element",
-        ]),
+        (
+            "a chain without its root",
+            expect.clone(),
+            with("chain", serde_json::json!([pem("ica-p256.crt")])),
+            &["chain: its last element"],
+        ),
         ("no chain", expect.clone(), with("chain", serde_json::json!([])), &["chain: the answer carries no chain"]),
-        ("another validity", IssuedExpectation { validity: 31 * DAY, ..expect.clone() }, issued.clone(), &[
-            "validity: 2592000s",
-        ]),
+        (
+            "another validity",
+            IssuedExpectation { validity: 31 * DAY, ..expect.clone() },
+            issued.clone(),
+            &["validity: 2592000s"],
+        ),
         (
             "another signing time",
             IssuedExpectation { issued_between: (between.0 + an_hour, between.1 + an_hour), ..expect.clone() },
             issued.clone(),
             &["notBefore"],
         ),
-        ("another subject", IssuedExpectation { subject: "CN=judge-b.example.test".into(), ..expect.clone() }, issued.clone(), &[
-            "subject",
-        ]),
-        ("other key usages", IssuedExpectation { key_usage: strings(DS_KE), ..expect.clone() }, issued.clone(), &[
-            "key usage",
-        ]),
+        (
+            "another subject",
+            IssuedExpectation { subject: "CN=judge-b.example.test".into(), ..expect.clone() },
+            issued.clone(),
+            &["subject"],
+        ),
+        (
+            "other key usages",
+            IssuedExpectation { key_usage: strings(DS_KE), ..expect.clone() },
+            issued.clone(),
+            &["key usage"],
+        ),
         (
             "other extended key usages",
             IssuedExpectation { extended_key_usage: strings(CLIENT), ..expect.clone() },
@@ -464,17 +481,18 @@ async fn the_certificate_judge_fails_on_wrong_certificates() {
             with("certificate", forged("ica-p256", &key, JUDGED.names, 12345).into()),
             &["chain: openssl verify", "pkilint: lint_pkix_signer_signee_cert_chain", "signature_verification_failed"],
         ),
-        ("garbage", expect.clone(), with("certificate", garbage.into()), &[
-            "public key",
-            "names",
-            "subject",
-            "validity",
-            "pkilint: lint_pkix_cert exited Some(1)",
-        ]),
-        ("a truncated certificate", expect.clone(), with("certificate", cert[..cert.len() / 2].into()), &[
-            "public key",
-            "pkilint: lint_pkix_cert exited Some(1)",
-        ]),
+        (
+            "garbage",
+            expect.clone(),
+            with("certificate", garbage.into()),
+            &["public key", "names", "subject", "validity", "pkilint: lint_pkix_cert exited Some(1)"],
+        ),
+        (
+            "a truncated certificate",
+            expect.clone(),
+            with("certificate", cert[..cert.len() / 2].into()),
+            &["public key", "pkilint: lint_pkix_cert exited Some(1)"],
+        ),
     ];
     // Each case in its own directory, all at once: pkilint is mostly Python starting up.
     std::thread::scope(|s| {

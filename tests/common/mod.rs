@@ -638,9 +638,11 @@ pub fn pkilint_verdict(leaf: &Path, issuer: &Path) -> Result<(), String> {
                 .flatten()
                 .flat_map(|r| {
                     let at = format!("{} @ {}", r["validator"].as_str().unwrap_or("?"), r["node_path"]);
-                    r["finding_descriptions"].as_array().into_iter().flatten().map(move |f| {
-                        format!("{at}: {} ({}) {}", f["code"], f["severity"], f["message"])
-                    })
+                    r["finding_descriptions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(move |f| format!("{at}: {} ({}) {}", f["code"], f["severity"], f["message"]))
                 })
                 .collect(),
             Err(_) => vec![format!("no JSON report: {stdout}")],
@@ -839,10 +841,12 @@ pub fn judge_issued(dir: &Path, expect: &IssuedExpectation, response: &serde_jso
     match openssl_x509(&leaf, &["-ext", "subjectAltName,keyUsage,extendedKeyUsage,basicConstraints"]) {
         Ok(text) => {
             let exts = openssl_extensions(&text);
-            let get = |title: &str| exts.get(title).cloned().map(|(c, mut v)| {
-                v.sort();
-                (c, v)
-            });
+            let get = |title: &str| {
+                exts.get(title).cloned().map(|(c, mut v)| {
+                    v.sort();
+                    (c, v)
+                })
+            };
             let san = get("X509v3 Subject Alternative Name");
             check(
                 san == Some((expect.subject.is_empty(), expected_names.clone())),
@@ -889,7 +893,10 @@ pub fn judge_issued(dir: &Path, expect: &IssuedExpectation, response: &serde_jso
                     let validity = not_after.duration_since(not_before).unwrap_or_default();
                     check(
                         validity == expect.validity,
-                        format!("validity: {validity:?} from notBefore to notAfter, the profile says {:?}", expect.validity),
+                        format!(
+                            "validity: {validity:?} from notBefore to notAfter, the profile says {:?}",
+                            expect.validity
+                        ),
                     );
                     let (sent, answered) = expect.issued_between;
                     let earliest = sent - expect.backdate - Duration::from_secs(1);
