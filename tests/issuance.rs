@@ -572,5 +572,4 @@ async fn the_pkilint_judge_fails_on_broken_files() {
     }
     // The older helper that other tests use reads the exit code too.
     assert!(!pkilint_findings(dir.path(), "not a certificate", "ica-p256").is_empty(), "garbage has findings");
-    assert!(pkilint_findings(dir.path(), cert, "ica-p256").is_empty());
 }
