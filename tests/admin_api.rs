@@ -102,9 +102,10 @@ async fn every_lever_changes_state_and_is_audited() {
 
     let resubmit = post(&server, "/admin/v1/cas/ica-p256/resubmit", serde_json::json!({})).send().await.unwrap();
     assert_eq!(resubmit.status(), 200);
+    // Audited here; what the lever does to a breaker that signer failures opened is judged by
+    // the_breaker_reset_lever_closes_a_breaker_that_signer_failures_opened.
     let reset = post(&server, "/admin/v1/cas/ica-p256/breaker/reset", serde_json::json!({})).send().await.unwrap();
     assert_eq!(reset.status(), 200);
-    assert_eq!(cell(&admin_status(&server).await, "ica-p256")["breaker"], "closed");
 
     // The audit log names the admin for every lever.
     let started = Instant::now();
@@ -125,5 +126,91 @@ async fn every_lever_changes_state_and_is_audited() {
     let status = admin_status(&server).await;
     assert_eq!(status["instances"].as_array().unwrap().len(), 1);
     assert_eq!(status["pools"].as_array().unwrap().len(), 3);
+    server.stop().await;
+}
+
+/// One issuance as the client sees it: status, problem type slug (empty for a 201), detail and
+/// Retry-After (seconds).
+async fn attempt(server: &TestServer, csr: &str) -> (u16, String, String, Option<u64>) {
+    let resp = server.issue(DEMO_KEY, "tls-server-p384", csr).send().await.unwrap();
+    let status = resp.status().as_u16();
+    let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok());
+    let body: serde_json::Value = resp.json().await.unwrap_or_default();
+    let kind = body["type"].as_str().unwrap_or_default().trim_start_matches("urn:castellum:problem:").to_string();
+    (status, kind, body["detail"].as_str().unwrap_or_default().to_string(), retry_after)
+}
+
+/// The breaker lever on a breaker that real signer failures opened (dev-mode fault injection:
+/// half of ica-p384's signatures fail; one failure opens its breaker for ten minutes). Before the
+/// reset the CA is refused at once by its breaker; after it, the client reaches the signer again
+/// and gets a certificate, which the database holds.
+#[actix_rt::test]
+async fn the_breaker_reset_lever_closes_a_breaker_that_signer_failures_opened() {
+    let db = TestDb::sqlite();
+    let mut config = dev_config(&db);
+    let p384 = config.cas.iter_mut().find(|c| c.id == "ica-p384").unwrap();
+    p384.fault.failure_rate = 0.5;
+    p384.breaker.consecutive_failures = 1;
+    p384.breaker.open_for = Duration::from_secs(600);
+    let server = TestServer::start(config).await;
+    let csr = csr(Key::P384, &["breaker.example.test"]);
+    let issued =
+        || sql::count(&db, "SELECT count(*) AS n FROM certificates WHERE ca_id = 'ica-p384' AND state = 'issued'");
+
+    // Open it for real: issue until the signer fails (each try fails with probability 1/2).
+    let mut tries = 0;
+    loop {
+        let (status, kind, detail, _) = attempt(&server, &csr).await;
+        if kind == "signer-failure" {
+            assert_eq!(status, 503);
+            break;
+        }
+        assert_eq!(status, 201, "{kind}: {detail}");
+        tries += 1;
+        assert!(tries < 40, "the injected signer fault never fired");
+    }
+    let started = Instant::now();
+    while cell(&admin_status(&server).await, "ica-p384")["breaker"] != "open" {
+        assert!(started.elapsed() < Duration::from_secs(5), "a signer failure did not open the breaker");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Open: refused at once by the breaker (the signer is not reached), told to come back later.
+    let before = issued();
+    for _ in 0..3 {
+        let (status, kind, detail, retry_after) = attempt(&server, &csr).await;
+        assert_eq!((status, kind.as_str()), (503, "ca-unavailable"), "{detail}");
+        assert!(detail.contains("circuit breaker open"), "{detail}");
+        assert!(retry_after.is_some_and(|s| s >= 60), "Retry-After {retry_after:?} while open for 10 minutes");
+    }
+    assert_eq!(issued(), before, "nothing signed while the breaker is open");
+
+    // The lever: closed at once, and the CA signs again. A try may still meet the injected
+    // fault, which opens the breaker again: the lever closes it again. Never is a try after a
+    // reset refused by the breaker; 40 failures in a row would have probability 2^-40.
+    let mut resets = 0;
+    loop {
+        let reset = post(&server, "/admin/v1/cas/ica-p384/breaker/reset", serde_json::json!({})).send().await.unwrap();
+        assert_eq!(reset.status(), 200);
+        resets += 1;
+        assert_eq!(cell(&admin_status(&server).await, "ica-p384")["breaker"], "closed");
+        let (status, kind, detail, _) = attempt(&server, &csr).await;
+        if status == 201 {
+            break;
+        }
+        assert_eq!((status, kind.as_str()), (503, "signer-failure"), "after a reset: {detail}");
+        assert!(resets < 40, "the CA never signed again after a reset");
+    }
+    assert_eq!(issued(), before + 1, "the certificate the client got after the reset is stored");
+    // Every reset is audited (the audit row is written after the lever answers).
+    let started = Instant::now();
+    loop {
+        let audit = sql::audit(&db);
+        let audited = audit.iter().filter(|e| e.action == "ca.breaker_reset" && e.target == "ica-p384").count();
+        if audited == resets {
+            break;
+        }
+        assert!(audited < resets && started.elapsed() < Duration::from_secs(5), "{resets} resets: {audit:#?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     server.stop().await;
 }

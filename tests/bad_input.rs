@@ -196,8 +196,7 @@ async fn bad_input_is_refused_and_stores_nothing(db: TestDb) {
     }
     assert_eq!(counts(&db), before, "no certificate and no request was stored");
     // Refusals of authenticated clients are in the audit log.
-    let mut conn = db.conn();
-    let audit = castellum::db::queries::recent_audit(&mut conn, 100).unwrap();
+    let audit = sql::audit(&db);
     assert!(audit.iter().any(|e| e.outcome == "bad-csr-signature" && e.actor == "demo"), "{audit:?}");
     server.stop().await;
 }

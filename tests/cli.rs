@@ -217,7 +217,7 @@ fn migrate_creates_the_schema_once(db: TestDb) {
     let insert = "INSERT INTO audit_log (at, instance, actor, action, target, outcome, detail) \
                   VALUES (1, 'test', 'test', 'test.marker', 'x', 'ok', 'before the second migrate')";
     match &mut raw {
-        sql::RawConn::Pg(c) => diesel::RunQueryDsl::execute(diesel::sql_query(insert), c).unwrap(),
+        sql::RawConn::Postgres(c) => diesel::RunQueryDsl::execute(diesel::sql_query(insert), c).unwrap(),
         sql::RawConn::Sqlite(c) => diesel::RunQueryDsl::execute(diesel::sql_query(insert), c).unwrap(),
     };
     drop(raw);

@@ -15,7 +15,13 @@ async fn a_browser_parks_a_ca_from_the_console() {
         "the browser test needs Debian's chromium and tests/browser/node_modules: run .ci/prepare"
     );
     let db = TestDb::sqlite();
-    let server = TestServer::start(dev_config(&db)).await;
+    let config = dev_config(&db);
+    let instance = config.instance_id.clone().expect("the test config names its instance");
+    let server = TestServer::start(config).await;
+    // State the page can only show if it renders the engine's: another CA draining, and a
+    // disabled profile.
+    server.engine.set_ca_state("test-operator", "ica-rsa3072", "draining").await.unwrap();
+    server.engine.set_profile_state("test-operator", "ocsp-renewal", false).await.unwrap();
     let out = tempfile::tempdir().unwrap();
     let screenshot = out.path().join("console.png");
     let admin_base = server.admin_base.clone();
@@ -34,14 +40,67 @@ async fn a_browser_parks_a_ca_from_the_console() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     let seen: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!(seen["cells"], 4, "the page shows every CA cell");
+    assert_eq!(seen["errors"], serde_json::json!([]), "no script error on the page");
+    // The click really parked it (the engine says so, and the database's audit log names the
+    // admin), and the page shows it, read back from the page.
+    let status = admin_status(&server).await;
+    let engine_cells: Vec<(String, String)> = status["cells"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["ca"].as_str().unwrap().to_string(), c["state"].as_str().unwrap().to_string()))
+        .collect();
+    assert!(engine_cells.contains(&("ica-p384".into(), "parked".into())), "{engine_cells:?}");
+    let audit = sql::audit(&db);
+    let newest = audit.first().expect("audited");
+    assert_eq!(
+        (newest.actor.as_str(), newest.action.as_str(), newest.target.as_str(), newest.outcome.as_str()),
+        ("dev-admin", "ca.state", "ica-p384", "parked"),
+        "{audit:?}"
+    );
     assert_eq!((seen["before"].as_str(), seen["after"].as_str()), (Some("enabled"), Some("parked")));
+    // Every cell with the state the engine holds (ica-rsa3072 draining, set before the page opened).
+    let page_cells: Vec<(String, String)> = seen["shown"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (c["ca"].as_str().unwrap_or_default().to_string(), c["state"].as_str().unwrap_or_default().to_string())
+        })
+        .collect();
+    assert_eq!(page_cells, engine_cells, "the page's CA cells are the engine's");
+    assert!(page_cells.contains(&("ica-rsa3072".into(), "draining".into())), "{page_cells:?}");
+    // This engine's instance id (random per test), its profiles with their states, its newest
+    // audit entry as the database holds it, and its identity key stock targets.
+    let meta = seen["meta"].as_str().unwrap_or_default();
+    assert!(meta.starts_with(&format!("instance {instance} ")), "{meta}");
+    let engine_profiles: Vec<(String, String)> = status["profiles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_str().unwrap().to_string()))
+        .collect();
+    let page_profiles: Vec<(String, String)> = seen["profiles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p[0].as_str().unwrap_or_default().to_string(), p[1].as_str().unwrap_or_default().to_string()))
+        .collect();
+    assert_eq!(page_profiles, engine_profiles);
+    assert!(page_profiles.contains(&("ocsp-renewal".into(), "disabled".into())), "{page_profiles:?}");
+    let row = &seen["audit"][0];
+    assert_eq!(
+        (row[1].as_str(), row[2].as_str(), row[3].as_str(), row[4].as_str(), row[5].as_str()),
+        (Some(instance.as_str()), Some("dev-admin"), Some("ca.state"), Some("ica-p384"), Some("parked")),
+        "the page's newest audit row: {row}"
+    );
     let store = seen["store"].as_str().unwrap_or_default();
-    assert!(store.contains("Identity keys in stock") && store.contains("ecdsa-p256"), "{store}");
-    // The click really parked it, and the audit log names the admin.
-    let status = server.engine.admin_status().await.unwrap();
-    assert_eq!(status.cells.iter().find(|c| c.ca == "ica-p384").unwrap().state, "parked");
-    assert!(status.audit.iter().any(|e| e.actor == "dev-admin" && e.outcome == "parked" && e.target == "ica-p384"));
+    let stock = status["identities"]["key_stock"].as_array().unwrap();
+    assert!(!stock.is_empty() && store.contains("Identity keys in stock"), "{store}");
+    for k in stock {
+        let (key, target) = (k["key"].as_str().unwrap(), &k["target"]);
+        assert!(store.contains(&format!("{key} ")) && store.contains(&format!("/{target}")), "{key} missing: {store}");
+    }
     let png = std::fs::read(&screenshot).unwrap();
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot");
     server.stop().await;

@@ -1,5 +1,6 @@
-//! The database under stress, for real: a role whose CONNECTION LIMIT is the engine's budget
-//! under a 20× burst, and the database going away mid-load and coming back.
+//! The database under stress, for real: the engine's connections under a 20× burst, counted by
+//! PostgreSQL for a role allowed more than the engine's budget, and the database going away
+//! mid-load and coming back.
 
 mod common;
 
@@ -11,22 +12,27 @@ use common::*;
 
 #[actix_rt::test]
 async fn postgres_a_connection_limited_role_is_never_exceeded_under_a_20x_burst() {
-    // The dev pools: issuance 1 + control 2 + status 4 = 7; the role may open exactly 7.
-    let limited = LimitedDb::new(7);
+    // The dev pools: issuance 1 + control 2 + status 4 = 7. The role may open 10 more than that,
+    // so the server never enforces the budget: an engine that overshoots it is seen doing so.
+    const BUDGET: u32 = 7;
+    let limited = LimitedDb::new(BUDGET + 10);
     let mut config = dev_config(&limited.db);
-    assert_eq!(config.database.pools.total_max(), 7);
-    config.database.server_max_connections = 7;
-    config.database.reserved_connections = 0;
+    assert_eq!(config.database.pools.total_max(), BUDGET);
+    config.database.server_max_connections = BUDGET + 10;
+    config.database.reserved_connections = 10;
     let server = Arc::new(TestServer::start(config).await);
 
     let stop = Arc::new(AtomicBool::new(false));
     let peak = Arc::new(AtomicI64::new(0));
+    let samples = Arc::new(AtomicI64::new(0));
     let sampler = {
-        let (stop, peak, role) = (stop.clone(), peak.clone(), limited.role.clone());
+        let (stop, peak, samples, role) = (stop.clone(), peak.clone(), samples.clone(), limited.role.clone());
         let mut admin = limited.db.admin();
         std::thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
+                // By role and backend type; panics (failing the test) if PostgreSQL cannot be asked.
                 peak.fetch_max(pg_role_connections(&mut admin, &role), Ordering::Relaxed);
+                samples.fetch_add(1, Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(2));
             }
         })
@@ -53,10 +59,12 @@ async fn postgres_a_connection_limited_role_is_never_exceeded_under_a_20x_burst(
         .collect();
     let results: Vec<_> = futures_util::future::join_all(clients).await.into_iter().flat_map(|r| r.unwrap()).collect();
     stop.store(true, Ordering::Relaxed);
-    sampler.join().unwrap();
+    sampler.join().expect("the connection sampler saw every sample through");
 
     let peak = peak.load(Ordering::Relaxed);
-    assert!(peak > 0 && peak <= 7, "peak {peak} connections for a role limited to 7");
+    let samples = samples.load(Ordering::Relaxed);
+    assert!(samples >= 50, "the sampler ran {samples} times");
+    assert!(peak > 0 && peak <= i64::from(BUDGET), "peak {peak} connections for a budget of {BUDGET}");
     for (status, took) in &results {
         assert!(matches!(status, 200 | 201 | 429 | 503), "{status}");
         assert!(*took < Duration::from_millis(6500), "answered after {took:?}: no timeouts past the deadline");
@@ -64,8 +72,10 @@ async fn postgres_a_connection_limited_role_is_never_exceeded_under_a_20x_burst(
     let issued = results.iter().filter(|r| r.0 == 201).count();
     assert!(issued > 0);
     let metrics = server.engine.metrics_text();
-    assert!(!metrics.contains("outcome=\"database-unavailable\""), "the server never refused the engine a connection");
-    eprintln!("400 requests from 200 clients: {issued} issued, peak {peak} of 7 connections");
+    assert!(!metrics.contains("outcome=\"database-unavailable\""), "the engine never found the database unavailable");
+    eprintln!(
+        "400 requests from 200 clients: {issued} issued, peak {peak} of {BUDGET} connections over {samples} samples"
+    );
     Arc::try_unwrap(server).ok().expect("no other owner").stop().await;
 }
 

@@ -27,7 +27,7 @@ async fn an_application_embeds_the_engine() {
     assert_eq!(looked_up.certificate, issued.certificate);
 
     // Write-ahead: the stored to-be-signed bytes are exactly the certificate's TBS.
-    let row = castellum::db::queries::load_certificate(&mut db.conn(), &issued.serial).unwrap().unwrap();
+    let row = sql::certificate(&db, &issued.serial).expect("stored");
     let (_, pem) = x509_parser::pem::parse_x509_pem(issued.certificate.as_bytes()).unwrap();
     let cert = pem.parse_x509().unwrap();
     assert_eq!(row.tbs_der, cert.tbs_certificate.as_ref(), "recorded TBS = signed TBS");

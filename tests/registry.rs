@@ -53,8 +53,8 @@ async fn postgres_a_disable_reaches_another_instance_within_100ms_by_notificatio
 
     // Both instances record heartbeats with the version they serve.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let instances = castellum::db::queries::instances(&mut db.conn()).unwrap();
-    assert!(instances.iter().any(|i| i.0 == a.instance_id()) && instances.iter().any(|i| i.0 == b.instance_id()));
+    let instances = sql::instance_ids(&db);
+    assert!(instances.iter().any(|i| i == a.instance_id()) && instances.iter().any(|i| i == b.instance_id()));
     // A's console shows B's actor tree, as B published it.
     let status = a.admin_status().await.unwrap();
     let b_row = status.instances.iter().find(|i| i.id == b.instance_id()).expect("B in A's cluster view");
@@ -149,7 +149,7 @@ async fn parked_work_is_all_issued_after_resubmit(db: TestDb) {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(counts(&db).0, 0, "nothing is signed while parked");
-    let parked = castellum::db::queries::count_parked(&mut db.conn(), "ica-p256").unwrap();
+    let parked = sql::count(&db, "SELECT count(*) AS n FROM requests WHERE ca_id = 'ica-p256' AND state = 'parked'");
     assert_eq!(parked, 40);
     // Resubmitting a parked CA is refused; unpark first.
     assert!(matches!(server.engine.resubmit("test-operator", "ica-p256").await, Err(EngineError::Conflict(_))));
@@ -163,7 +163,7 @@ async fn parked_work_is_all_issued_after_resubmit(db: TestDb) {
     }
     assert_eq!(serials.len(), 40, "every parked request issued once");
     assert_eq!(counts(&db).0, 40, "and nothing issued twice");
-    let audit = castellum::db::queries::recent_audit(&mut db.conn(), 200).unwrap();
+    let audit = sql::audit(&db);
     assert!(audit.iter().any(|e| e.action == "ca.state" && e.outcome == "parked" && e.actor == "test-operator"));
     assert!(audit.iter().any(|e| e.action == "ca.resubmit"));
     server.stop().await;

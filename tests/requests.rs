@@ -119,7 +119,7 @@ async fn accepted_request_survives_a_crash(db: TestDb) {
     let id = resp.json::<serde_json::Value>().await.unwrap()["request_id"].as_str().unwrap().to_string();
     tokio::time::sleep(Duration::from_millis(300)).await;
     engine.kill();
-    let row = castellum::db::queries::load_request(&mut db.conn(), &id).unwrap().expect("request stored before 202");
+    let row = sql::request(&db, &id).expect("request stored before 202");
     assert_eq!(row.state, "pending", "the killed engine had not issued it");
     assert_eq!(row.claimed_by.as_deref(), Some("crashing-instance"));
 
@@ -149,37 +149,26 @@ async fn write_ahead_records_orphaned_by_a_crash_are_abandoned() {
     let mut config = dev_config(&db);
     config.async_requests.resume_interval = Duration::from_millis(100);
     let engine = castellum::Engine::start(config).await.unwrap();
+    // Written and read with raw SQL, as a crash would have left them.
     let row = |serial: &str, created_at: i64| {
-        castellum::db::queries::WriteOp::WriteAhead(Box::new(castellum::db::models::CertificateRow {
-            serial: serial.into(),
-            ca_id: "ica-p256".into(),
-            profile: "tls-server-p256".into(),
-            client: "demo".into(),
-            request_id: None,
-            state: "signing".into(),
-            tbs_der: vec![0x30, 0x00],
-            cert_der: None,
-            not_before: 0,
-            not_after: 0,
-            created_at,
-            issued_at: None,
-            revoked_at: None,
-            revocation_reason: None,
-        }))
+        format!(
+            "INSERT INTO certificates (serial, ca_id, profile, client, state, tbs_der, not_before, not_after, created_at) \
+             VALUES ('{serial}', 'ica-p256', 'tls-server-p256', 'demo', 'signing', X'3000', 0, 0, {created_at})"
+        )
     };
     let now = castellum::pki::now_ms();
-    let ops = [row("0a", now - 3_600_000), row("0b", now)];
-    castellum::db::queries::apply_batch(&mut db.conn(), &ops).unwrap();
+    sql::execute(&db, &row("0a", now - 3_600_000));
+    sql::execute(&db, &row("0b", now));
     let started = Instant::now();
     loop {
-        let old = castellum::db::queries::load_certificate(&mut db.conn(), "0a").unwrap().unwrap();
+        let old = sql::certificate(&db, "0a").expect("stored");
         if old.state == "abandoned" {
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(5), "the orphan was not swept");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let recent = castellum::db::queries::load_certificate(&mut db.conn(), "0b").unwrap().unwrap();
+    let recent = sql::certificate(&db, "0b").expect("stored");
     assert_eq!(recent.state, "signing", "a recent write-ahead record may still be signed");
     engine.shutdown().await;
 }

@@ -26,8 +26,17 @@ try {
     ca, { timeout: 10000 });
   await page.waitForTimeout(1200); // one more refresh, so the screenshot shows a settled page
   await page.screenshot({ path: screenshot, fullPage: true });
+  // What the page shows, read back from it: the test compares it with the engine's state.
+  const after = await page.textContent(`.cell[data-ca="${ca}"] [data-field="state"]`);
+  const shown = await page.$$eval(".cell", (nodes) => nodes.map((n) => ({
+    ca: n.dataset.ca, state: n.querySelector('[data-field="state"]')?.textContent })));
+  const meta = await page.textContent("#meta");
   const store = await page.textContent("#store");
-  console.log(JSON.stringify({ cells, before, after: "parked", store, errors }));
+  const audit = await page.$$eval("#audit tr", (rows) => rows.slice(0, 5).map((r) =>
+    [...r.querySelectorAll("td")].map((td) => td.textContent)));
+  const profiles = await page.$$eval("#profiles tr", (rows) => rows.map((r) =>
+    [r.cells[0]?.textContent, r.cells[1]?.textContent]));
+  console.log(JSON.stringify({ cells, shown, before, after, meta, store, audit, profiles, errors }));
   if (errors.length) process.exitCode = 1;
 } finally {
   await browser.close();

@@ -103,7 +103,7 @@ pub fn pg_connections(conn: &mut PgConnection, db_name: &str) -> i64 {
     ))
     .get_result::<Count>(conn)
     .map(|c| c.n)
-    .unwrap_or(-1)
+    .unwrap_or_else(|e| panic!("the connection sampler cannot read pg_stat_activity: {e}"))
 }
 
 /// The shipped dev configuration's text with every file path made absolute, so a test can write
@@ -272,36 +272,20 @@ pub fn openssl_text(dir: &Path, leaf_pem: &str) -> String {
 }
 
 /// pkilint's RFC 5280 certificate lint and issuer/subject chain lint: every ERROR or FATAL
-/// finding, as text (empty when clean).
+/// finding, and every run whose exit code is not 0 (pkilint exits with its number of findings, or
+/// 1 when it cannot load a certificate), as text (empty when clean).
 pub fn pkilint_findings(dir: &Path, leaf_pem: &str, ca_id: &str) -> String {
     let leaf = dir.join("lint.pem");
     std::fs::write(&leaf, leaf_pem).unwrap();
-    let issuer = dev_keys().join(format!("{ca_id}.crt"));
-    let mut findings = String::new();
-    for cmd in [
-        Command::new("lint_pkix_cert").args(["lint", "-s", "ERROR"]).arg(&leaf).output(),
-        Command::new("lint_pkix_signer_signee_cert_chain")
-            .args(["lint", "-s", "ERROR"])
-            .arg(&issuer)
-            .arg(&leaf)
-            .output(),
-    ] {
-        let out = cmd.expect("pkilint is installed (`.ci/run` installs it: pip install pkilint==0.13.3)");
-        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-        for line in text.lines().filter(|l| l.contains("(ERROR)") || l.contains("(FATAL)") || l.contains("Traceback")) {
-            findings.push_str(line);
-            findings.push('\n');
-        }
+    match pkilint_verdict(&leaf, &dev_keys().join(format!("{ca_id}.crt"))) {
+        Ok(()) => String::new(),
+        Err(findings) => findings,
     }
-    findings
 }
 
+/// (certificate rows, request rows), counted with raw SQL on a connection of the test's own.
 pub fn counts(db: &TestDb) -> (i64, i64) {
-    let mut conn = db.conn();
-    (
-        castellum::db::queries::count_certificates(&mut conn).unwrap(),
-        castellum::db::queries::count_requests(&mut conn).unwrap(),
-    )
+    (sql::count(db, "SELECT count(*) AS n FROM certificates"), sql::count(db, "SELECT count(*) AS n FROM requests"))
 }
 
 /// A PostgreSQL database owned by a fresh role whose `CONNECTION LIMIT` is `limit`: the server
@@ -333,17 +317,21 @@ impl Drop for LimitedDb {
     }
 }
 
-/// Connections open for `role`, as PostgreSQL counts them.
+/// Client connections open for `role`, as PostgreSQL counts them (`pg_stat_activity` by role and
+/// backend type: every server process a client of that role holds, whatever it calls itself).
+/// A sampler that cannot see fails its test: a failed query panics.
 pub fn pg_role_connections(conn: &mut PgConnection, role: &str) -> i64 {
     #[derive(QueryableByName)]
     struct Count {
         #[diesel(sql_type = diesel::sql_types::BigInt)]
         n: i64,
     }
-    diesel::sql_query(format!("SELECT count(*) AS n FROM pg_stat_activity WHERE usename = '{role}'"))
-        .get_result::<Count>(conn)
-        .map(|c| c.n)
-        .unwrap_or(-1)
+    diesel::sql_query(format!(
+        "SELECT count(*) AS n FROM pg_stat_activity WHERE usename = '{role}' AND backend_type = 'client backend'"
+    ))
+    .get_result::<Count>(conn)
+    .map(|c| c.n)
+    .unwrap_or_else(|e| panic!("the connection sampler cannot read pg_stat_activity: {e}"))
 }
 
 /// A TCP proxy to PostgreSQL that a test can cut (every connection dropped, new ones refused)
@@ -506,5 +494,338 @@ impl TestDb {
     /// An existing SQLite file someone else created (an example's own database): not removed.
     pub fn sqlite_file(path: &Path) -> TestDb {
         TestDb { url: format!("sqlite://{}", path.display()), name: "sqlite".into(), postgres: false, _dir: None }
+    }
+}
+/// A CSR for `names` (as [`csr_with`] takes them), and the key it was made with.
+pub fn csr_and_key(kind: Key, names: &[&str]) -> (String, PKey<Private>) {
+    let key = key(kind);
+    (csr_with(&key, names, MessageDigest::sha256()), key)
+}
+
+/// pkilint's verdict on the certificate file `leaf` issued by the certificate file `issuer`: its
+/// RFC 5280 certificate lint and its issuer/subject chain lint, each judged by its exit code
+/// (pkilint exits with the number of findings at or above the threshold, and 1 when it cannot
+/// load a certificate) and by its JSON findings. Err holds every reason, with pkilint's output.
+pub fn pkilint_verdict(leaf: &Path, issuer: &Path) -> Result<(), String> {
+    let spawn = |cmd: &mut Command| {
+        cmd.stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("pkilint is installed (`.ci/prepare` installs it: pip install pkilint==0.13.3)")
+    };
+    // Both at once: each is mostly Python starting up.
+    let runs = [
+        ("lint_pkix_cert", spawn(Command::new("lint_pkix_cert").args(["lint", "-s", "ERROR", "-f", "JSON"]).arg(leaf))),
+        (
+            "lint_pkix_signer_signee_cert_chain",
+            spawn(
+                Command::new("lint_pkix_signer_signee_cert_chain")
+                    .args(["lint", "-s", "ERROR", "-f", "JSON"])
+                    .arg(issuer)
+                    .arg(leaf),
+            ),
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (name, child) in runs {
+        let out = child.wait_with_output().expect("pkilint runs");
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let code = out.status.code();
+        let findings: Vec<String> = match serde_json::from_str::<serde_json::Value>(stdout.trim()) {
+            Ok(json) => json["results"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|r| {
+                    let at = format!("{} @ {}", r["validator"].as_str().unwrap_or("?"), r["node_path"]);
+                    r["finding_descriptions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(move |f| format!("{at}: {} ({}) {}", f["code"], f["severity"], f["message"]))
+                })
+                .collect(),
+            Err(_) => vec![format!("no JSON report: {stdout}")],
+        };
+        if code != Some(0) || !findings.is_empty() || stderr.contains("Traceback") {
+            wrong.push(format!(
+                "{name} exited {code:?} with {} finding(s):\n  {}\n  stderr: {}",
+                findings.len(),
+                findings.join("\n  "),
+                stderr.trim()
+            ));
+        }
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(wrong.join("\n"))
+    }
+}
+
+/// What a certificate issued for a CSR must be, as the profile and the CSR say.
+#[derive(Clone, Debug)]
+pub struct IssuedExpectation {
+    /// The issuing CA (its certificate is `keys-dev/<ca>.crt`).
+    pub ca: String,
+    /// The CSR as sent (PEM): the certificate must carry its public key.
+    pub csr: String,
+    /// The requested names, as [`csr_with`] takes them: DNS names, `email:` and `ip:` prefixed.
+    pub names: Vec<String>,
+    /// The subject, as `openssl x509 -subject -nameopt RFC2253` prints it ("" for none).
+    pub subject: String,
+    pub validity: Duration,
+    pub backdate: Duration,
+    /// Key usages and extended key usages, as openssl names them.
+    pub key_usage: Vec<String>,
+    pub extended_key_usage: Vec<String>,
+    /// `openssl verify -purpose` for this profile, where openssl has one.
+    pub purpose: Option<String>,
+    /// The request was sent and answered between these instants.
+    pub issued_between: (std::time::SystemTime, std::time::SystemTime),
+}
+
+pub fn strings(values: &[&str]) -> Vec<String> {
+    values.iter().map(|v| v.to_string()).collect()
+}
+
+/// [`judge_issued`] on a blocking thread, so the engine's actors and the HTTP client's
+/// connections (on the test's thread) are not stalled while openssl and pkilint run.
+pub async fn judge_issued_async(
+    dir: &Path,
+    expect: &IssuedExpectation,
+    response: &serde_json::Value,
+) -> Result<(), String> {
+    let (dir, expect, response) = (dir.to_path_buf(), expect.clone(), response.clone());
+    tokio::task::spawn_blocking(move || judge_issued(&dir, &expect, &response)).await.expect("the judge runs")
+}
+
+/// `openssl x509 -noout ARGS -in file`, or why not.
+fn openssl_x509(file: &Path, args: &[&str]) -> Result<String, String> {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout"])
+        .args(args)
+        .arg("-in")
+        .arg(file)
+        .output()
+        .expect("the openssl command line is installed");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!("openssl x509 {args:?} failed: {stdout}{}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
+
+fn sha256_fingerprint(file: &Path) -> Result<String, String> {
+    Ok(openssl_x509(file, &["-fingerprint", "-sha256"])?.trim().to_string())
+}
+
+/// `openssl x509 -ext` output: extension title → (critical, values).
+fn openssl_extensions(text: &str) -> std::collections::BTreeMap<String, (bool, Vec<String>)> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        if line.starts_with([' ', '\t']) {
+            if let Some(entry) = current.as_ref().and_then(|t| out.get_mut(t)) {
+                let (_, values): &mut (bool, Vec<String>) = entry;
+                values.extend(line.trim().split(", ").filter(|v| !v.is_empty()).map(str::to_string));
+            }
+        } else if let Some((title, rest)) = line.split_once(':') {
+            out.insert(title.trim().to_string(), (rest.trim() == "critical", Vec::new()));
+            current = Some(title.trim().to_string());
+        }
+    }
+    out
+}
+
+/// A requested name as `openssl x509 -ext subjectAltName` prints it.
+fn openssl_san(name: &str) -> String {
+    if let Some(email) = name.strip_prefix("email:") {
+        format!("email:{email}")
+    } else if let Some(ip) = name.strip_prefix("ip:") {
+        match ip.parse::<std::net::IpAddr>().expect("a test IP address") {
+            std::net::IpAddr::V4(v4) => format!("IP Address:{v4}"),
+            std::net::IpAddr::V6(v6) => {
+                let groups: Vec<String> = v6.segments().iter().map(|s| format!("{s:X}")).collect();
+                format!("IP Address:{}", groups.join(":"))
+            }
+        }
+    } else {
+        format!("DNS:{name}")
+    }
+}
+
+fn sorted(values: &[String]) -> Vec<String> {
+    let mut v = values.to_vec();
+    v.sort();
+    v
+}
+
+/// The certificate in an issuance answer (`response`: the JSON body, with `certificate`, `chain`
+/// and `ca`), judged by the openssl command line and pkilint against `expect`:
+/// - `openssl verify -x509_strict` to the repository's root through the chain the engine
+///   returned (not the repository's CA files), whose first element is the issuing CA's
+///   certificate and last the root (compared by SHA-256 fingerprint);
+/// - the certificate's public key is the CSR's (`openssl x509 -pubkey` = `openssl req -pubkey`);
+/// - exactly the requested names (as a set, and no name twice);
+/// - the subject the policy says; the profile's validity, from notBefore = the signing time less
+///   the backdate; key usage, extended key usage and basic constraints as the profile says;
+/// - pkilint's exit code and findings.
+///
+/// Err holds every check that failed, one a line.
+pub fn judge_issued(dir: &Path, expect: &IssuedExpectation, response: &serde_json::Value) -> Result<(), String> {
+    let mut wrong: Vec<String> = Vec::new();
+    let mut check = |ok: bool, why: String| {
+        if !ok {
+            wrong.push(why);
+        }
+    };
+    let cert = response["certificate"].as_str().unwrap_or_default();
+    let chain: Vec<&str> =
+        response["chain"].as_array().map(|a| a.iter().filter_map(|c| c.as_str()).collect()).unwrap_or_default();
+    check(response["ca"] == expect.ca, format!("ca: the answer names {}, expected {}", response["ca"], expect.ca));
+    let leaf = dir.join("judged.pem");
+    let chain_file = dir.join("judged-chain.pem");
+    let csr_file = dir.join("judged.csr");
+    std::fs::write(&leaf, cert).unwrap();
+    std::fs::write(&chain_file, chain.concat()).unwrap();
+    std::fs::write(&csr_file, &expect.csr).unwrap();
+
+    // The chain the engine returned: issuing CA first, the root last.
+    let ca_file = dev_keys().join(format!("{}.crt", expect.ca));
+    let root_file = dev_keys().join("root.crt");
+    let element = |i: usize| {
+        let file = dir.join(format!("judged-chain-{i}.pem"));
+        std::fs::write(&file, chain[i]).unwrap();
+        sha256_fingerprint(&file)
+    };
+    if chain.is_empty() {
+        check(false, "chain: the answer carries no chain".into());
+    } else {
+        let first = element(0);
+        check(first == sha256_fingerprint(&ca_file), format!("chain: its first element is not {ca_file:?}: {first:?}"));
+        let last = element(chain.len() - 1);
+        check(last == sha256_fingerprint(&root_file), format!("chain: its last element is not the root: {last:?}"));
+    }
+    let mut verify = Command::new("openssl");
+    verify.args(["verify", "-x509_strict"]);
+    if let Some(purpose) = &expect.purpose {
+        verify.args(["-purpose", purpose]);
+    }
+    verify.arg("-CAfile").arg(&root_file).arg("-untrusted").arg(&chain_file).arg(&leaf);
+    let (ok, out) = run(&mut verify);
+    check(
+        ok && out.trim() == format!("{}: OK", leaf.display()),
+        format!("chain: openssl verify through the returned chain failed: {out}"),
+    );
+
+    // The CSR's key.
+    let (req_ok, req_key) = run(Command::new("openssl").args(["req", "-pubkey", "-noout", "-in"]).arg(&csr_file));
+    check(req_ok, format!("public key: openssl req cannot read the CSR: {req_key}"));
+    match openssl_x509(&leaf, &["-pubkey"]) {
+        Ok(cert_key) => check(
+            req_ok && cert_key == req_key,
+            format!("public key: the certificate's\n{cert_key}is not the CSR's\n{req_key}"),
+        ),
+        Err(e) => check(false, format!("public key: {e}")),
+    }
+
+    // Names, subject, extensions.
+    let expected_names = {
+        let mut v: Vec<String> = expect.names.iter().map(|n| openssl_san(n)).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    match openssl_x509(&leaf, &["-ext", "subjectAltName,keyUsage,extendedKeyUsage,basicConstraints"]) {
+        Ok(text) => {
+            let exts = openssl_extensions(&text);
+            let get = |title: &str| {
+                exts.get(title).cloned().map(|(c, mut v)| {
+                    v.sort();
+                    (c, v)
+                })
+            };
+            let san = get("X509v3 Subject Alternative Name");
+            check(
+                san == Some((expect.subject.is_empty(), expected_names.clone())),
+                format!(
+                    "names: the certificate's subjectAltName (critical, names) is {san:?}, requested {:?} (critical {})",
+                    expected_names,
+                    expect.subject.is_empty()
+                ),
+            );
+            let ku = get("X509v3 Key Usage");
+            check(
+                ku == Some((true, sorted(&expect.key_usage))),
+                format!("key usage: {ku:?}, expected critical {:?}", expect.key_usage),
+            );
+            let eku = get("X509v3 Extended Key Usage");
+            let want_eku = (!expect.extended_key_usage.is_empty()).then(|| (false, sorted(&expect.extended_key_usage)));
+            check(eku == want_eku, format!("extended key usage: {eku:?}, expected {want_eku:?}"));
+            let bc = get("X509v3 Basic Constraints");
+            check(bc == Some((true, vec!["CA:FALSE".to_string()])), format!("basic constraints: {bc:?}"));
+        }
+        Err(e) => check(false, format!("names and extensions: {e}")),
+    }
+    match openssl_x509(&leaf, &["-subject", "-nameopt", "RFC2253"]) {
+        Ok(text) => {
+            let subject = text.trim().strip_prefix("subject=").unwrap_or(text.trim()).trim().to_string();
+            check(subject == expect.subject, format!("subject: {subject:?}, expected {:?}", expect.subject));
+        }
+        Err(e) => check(false, format!("subject: {e}")),
+    }
+
+    // Validity: notAfter - notBefore is the profile's validity. Both are whole seconds and the
+    // engine derives notAfter from notBefore, so the difference is exact; notBefore is the
+    // signing time (between sending the request and its answer) less the backdate, truncated
+    // to the second.
+    match openssl_x509(&leaf, &["-dates", "-dateopt", "iso_8601"]) {
+        Ok(text) => {
+            let date = |field: &str| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(field))
+                    .and_then(|v| humantime::parse_rfc3339(&v.trim().replace(' ', "T")).ok())
+            };
+            match (date("notBefore="), date("notAfter=")) {
+                (Some(not_before), Some(not_after)) => {
+                    let validity = not_after.duration_since(not_before).unwrap_or_default();
+                    check(
+                        validity == expect.validity,
+                        format!(
+                            "validity: {validity:?} from notBefore to notAfter, the profile says {:?}",
+                            expect.validity
+                        ),
+                    );
+                    let (sent, answered) = expect.issued_between;
+                    let earliest = sent - expect.backdate - Duration::from_secs(1);
+                    let latest = answered - expect.backdate;
+                    check(
+                        earliest <= not_before && not_before <= latest,
+                        format!(
+                            "validity: notBefore {} is not the signing time less the backdate {:?} (between {} and {})",
+                            humantime::format_rfc3339(not_before),
+                            expect.backdate,
+                            humantime::format_rfc3339(earliest),
+                            humantime::format_rfc3339(latest)
+                        ),
+                    );
+                    let now = std::time::SystemTime::now();
+                    check(not_before <= now && now <= not_after, "validity: not valid now".into());
+                }
+                _ => check(false, format!("validity: cannot read the dates in {text:?}")),
+            }
+        }
+        Err(e) => check(false, format!("validity: {e}")),
+    }
+
+    if let Err(findings) = pkilint_verdict(&leaf, &ca_file) {
+        wrong.push(format!("pkilint: {findings}"));
+    }
+    if wrong.is_empty() {
+        Ok(())
+    } else {
+        Err(wrong.join("\n"))
     }
 }
