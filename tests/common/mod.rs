@@ -8,7 +8,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use castellum::config::Config;
-use castellum::db::DbPool;
 use castellum::Engine;
 use diesel::prelude::*;
 use openssl::hash::MessageDigest;
@@ -62,23 +61,6 @@ impl TestDb {
 
     pub fn admin(&self) -> PgConnection {
         postgres_admin()
-    }
-
-    /// A separate small pool on the same database, for the test's own reads.
-    pub fn pool(&self) -> DbPool {
-        let mut cfg = Config::default();
-        cfg.database.url = self.url.clone();
-        DbPool::build(
-            &cfg.database,
-            &cfg.database.pools.status,
-            "test",
-            std::sync::Arc::new(castellum::metrics::Metrics::new()),
-        )
-        .expect("test pool")
-    }
-
-    pub fn conn(&self) -> castellum::db::holds::Held {
-        self.pool().get().expect("test connection")
     }
 }
 
