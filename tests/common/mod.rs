@@ -499,3 +499,148 @@ pub async fn admin_status(server: &TestServer) -> serde_json::Value {
         .await
         .unwrap()
 }
+
+// ---- Overload, crash and database-timeout tests: the client's view and raw SQL. ----
+
+/// What a client saw: status, problem type, `Retry-After`, and how long the answer took.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    /// The problem's `type` (`urn:castellum:problem:…`) when the body is problem+json.
+    pub problem: Option<String>,
+    pub retry_after: Option<u64>,
+    pub took: Duration,
+    pub body: serde_json::Value,
+}
+
+impl Answer {
+    /// A `503` with problem type `slug` and a `Retry-After` of at least one second.
+    pub fn is_503(&self, slug: &str) -> bool {
+        self.status == 503
+            && self.problem.as_deref() == Some(&format!("urn:castellum:problem:{slug}"))
+            && self.retry_after.is_some_and(|s| s >= 1)
+    }
+
+    pub fn slug(&self) -> &str {
+        self.problem.as_deref().and_then(|p| p.strip_prefix("urn:castellum:problem:")).unwrap_or("")
+    }
+}
+
+/// Send `request` and record what came back, timed from the client's side.
+pub async fn answer_of(request: reqwest::RequestBuilder) -> Answer {
+    let started = std::time::Instant::now();
+    let resp = request.send().await.expect("the engine answers");
+    let status = resp.status().as_u16();
+    let is_problem = resp
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.to_str().unwrap_or("").starts_with("application/problem+json"));
+    let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok());
+    let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+    let took = started.elapsed();
+    let problem = is_problem.then(|| body["type"].as_str().unwrap_or("").to_string());
+    Answer { status, problem, retry_after, took, body }
+}
+
+/// A connection of the test's own to the engine's database (not one of the engine's pools), for
+/// raw SQL judgements.
+pub enum RawConn {
+    Sqlite(SqliteConnection),
+    Pg(PgConnection),
+}
+
+impl RawConn {
+    pub fn open(db: &TestDb) -> RawConn {
+        if db.postgres {
+            RawConn::Pg(PgConnection::establish(&db.url).expect("raw PostgreSQL connection"))
+        } else {
+            let path = db.url.strip_prefix("sqlite://").unwrap_or(&db.url);
+            RawConn::Sqlite(SqliteConnection::establish(path).expect("raw SQLite connection"))
+        }
+    }
+
+    pub fn execute(&mut self, sql: &str) {
+        use diesel::connection::SimpleConnection;
+        match self {
+            RawConn::Sqlite(c) => c.batch_execute(sql),
+            RawConn::Pg(c) => c.batch_execute(sql),
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    pub fn load<T>(&mut self, sql: &str) -> Vec<T>
+    where
+        T: QueryableByName<diesel::sqlite::Sqlite> + QueryableByName<diesel::pg::Pg> + 'static,
+    {
+        match self {
+            RawConn::Sqlite(c) => diesel::sql_query(sql).load(c),
+            RawConn::Pg(c) => diesel::sql_query(sql).load(c),
+        }
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+}
+
+/// A row of `certificates`, read with raw SQL.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct RawCertificate {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub serial: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub ca_id: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub state: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    pub request_id: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Binary)]
+    pub tbs_der: Vec<u8>,
+}
+
+impl RawCertificate {
+    /// Whether the to-be-signed certificate carries `name` (a DNS name is stored as its ASCII
+    /// bytes in the DER, so a unique name per request identifies the request's record).
+    pub fn names(&self, name: &str) -> bool {
+        self.tbs_der.windows(name.len()).any(|w| w == name.as_bytes())
+    }
+}
+
+pub fn raw_certificates(db: &TestDb) -> Vec<RawCertificate> {
+    RawConn::open(db).load("SELECT serial, ca_id, state, request_id, tbs_der FROM certificates ORDER BY serial")
+}
+
+/// A row of `requests`, read with raw SQL.
+#[derive(Debug, Clone, QueryableByName)]
+pub struct RawRequest {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub id: String,
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    pub state: String,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    pub serial: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    pub error_type: Option<String>,
+}
+
+pub fn raw_requests(db: &TestDb) -> Vec<RawRequest> {
+    RawConn::open(db).load("SELECT id, state, serial, error_type FROM requests ORDER BY id")
+}
+
+/// `identities.uses` of identity `id`, read with raw SQL.
+pub fn raw_identity_uses(db: &TestDb, id: &str) -> i64 {
+    #[derive(QueryableByName)]
+    struct Uses {
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        uses: i64,
+    }
+    let rows: Vec<Uses> = RawConn::open(db).load(&format!("SELECT uses FROM identities WHERE id = '{id}'"));
+    rows.first().map(|r| r.uses).unwrap_or_else(|| panic!("no identity {id}"))
+}
+
+/// A CA of `config`, to edit (the dev configuration has ica-p256, ica-p384, ica-rsa3072, ica-ed25519).
+pub fn ca_of<'a>(config: &'a mut Config, id: &str) -> &'a mut castellum::config::CaConfig {
+    config.cas.iter_mut().find(|c| c.id == id).unwrap_or_else(|| panic!("no CA {id} in the configuration"))
+}
+
+/// The cell of CA `ca` in an admin status.
+pub fn cell_in(status: &serde_json::Value, ca: &str) -> Option<serde_json::Value> {
+    status["cells"].as_array()?.iter().find(|c| c["ca"] == ca).cloned()
+}
