@@ -132,6 +132,30 @@ pub struct CellStatus {
     pub restarts: u64,
 }
 
+impl CellStatus {
+    /// A CA whose cell is not running: it died, and its supervisor has not (or will no longer)
+    /// replace it.
+    pub fn down(ca: &str) -> CellStatus {
+        CellStatus {
+            ca: ca.to_string(),
+            state: "down".into(),
+            breaker: "unknown".into(),
+            key_available: false,
+            interactive_queued: 0,
+            background_queued: 0,
+            interactive_oldest_ms: 0,
+            background_oldest_ms: 0,
+            in_flight: 0,
+            draining: false,
+            breaker_transitions: Vec::new(),
+            signatures: 0,
+            mean_sign_us: 0,
+            parked: None,
+            restarts: 0,
+        }
+    }
+}
+
 /// Fault injection for drills and tests (dev mode only): a slow or failing signer, for real.
 #[derive(Debug, Clone, Default)]
 pub struct Faults {

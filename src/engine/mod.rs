@@ -332,10 +332,12 @@ impl Engine {
 
     pub async fn cell_status(&self) -> Vec<CellStatus> {
         let mut out = Vec::new();
-        for slot in self.inner.intake.cells.values() {
+        for (ca, slot) in self.inner.intake.cells.iter() {
             let addr = (**slot.addr.load()).clone();
-            if let Ok(status) = addr.send(cell::GetStatus).await {
-                out.push(status);
+            match addr.send(cell::GetStatus).await {
+                Ok(status) => out.push(status),
+                // Dead (its supervisor replaces it, at most 5 times a minute): shown, not hidden.
+                Err(_) => out.push(CellStatus::down(ca)),
             }
         }
         out.sort_by(|a, b| a.ca.cmp(&b.ca));
@@ -362,8 +364,10 @@ impl Engine {
             if !snapshot.ca_enabled(id) {
                 continue;
             }
+            let cell_running = self.inner.intake.cells.get(id).is_some_and(|slot| slot.addr.load().connected());
             match material.key.unavailable_reason() {
-                None => serving += 1,
+                None if cell_running => serving += 1,
+                None => reasons.push(format!("CA {id}: its cell is down")),
                 Some(why) => reasons.push(format!("CA {id}: {why}")),
             }
         }
