@@ -135,9 +135,9 @@ async fn refusals_deadlines_and_bad_requests_never_open_the_breaker() {
     // … and in the queue or the signer: 40 callers with 1 s to live, 100 ms per signature.
     let burst = (0..40).map(|i| {
         let (server, csr) = (server.clone(), csr(Key::P256, &[&format!("burst-{i}.example.test")]));
-        actix_rt::spawn(
-            async move { answer_of(server.issue(DEMO_KEY, "tls-server-p256", &csr).header("prefer", "wait=1")).await },
-        )
+        actix_rt::spawn(async move {
+            answer_of(server.issue(DEMO_KEY, "tls-server-p256", &csr).header("prefer", "wait=1")).await
+        })
     });
     let burst: Vec<Answer> = futures_util::future::join_all(burst).await.into_iter().map(|r| r.unwrap()).collect();
     seen.extend(burst.iter().cloned());

@@ -129,7 +129,10 @@ async fn a_cell_panic_answers_its_callers_at_once_and_the_cell_is_replaced() {
     for name in &names {
         assert!(!rows.iter().any(|r| r.names(name) && r.state == "issued"), "{name} was issued: {rows:?}");
     }
-    assert!(rows.iter().filter(|r| names.iter().any(|n| r.names(n))).count() <= 1, "at most the one in flight was recorded");
+    assert!(
+        rows.iter().filter(|r| names.iter().any(|n| r.names(n))).count() <= 1,
+        "at most the one in flight was recorded"
+    );
     Arc::try_unwrap(server).ok().expect("no other owner").stop().await;
 }
 

@@ -164,7 +164,8 @@ async fn a_full_cell_mailbox_answers_ca_overloaded_at_once_and_stores_nothing() 
     let other = answer_of(server.issue(DEMO_KEY, "tls-server-p384", &csr(Key::P384, &["p384.example.test"]))).await;
     assert_eq!(other.status, 201, "{other:?}");
 
-    let signed_fillers = futures_util::future::join_all(fillers).await.into_iter().filter(|r| *r.as_ref().unwrap()).count();
+    let signed_fillers =
+        futures_util::future::join_all(fillers).await.into_iter().filter(|r| *r.as_ref().unwrap()).count();
     // 1100 fillers were handed to the cell within the stall (they take well under a second): the
     // mailbox took exactly its 1024 and refused the rest.
     assert_eq!(1100 - mailbox_full.load(Ordering::SeqCst), 1024, "the mailbox holds 1024 messages");
@@ -250,7 +251,11 @@ async fn a_full_identity_vault_answers_identity_signer_busy_and_counts_no_use() 
         assert!(a.took < Duration::from_secs(1), "refused at once, not after waiting: {a:?}");
     }
     let ok = waited.iter().filter(|a| a.status == 200).count();
-    eprintln!("{} waited: {ok} signed, the rest {:?}", waited.len(), waited.iter().map(Answer::slug).collect::<std::collections::BTreeSet<_>>());
+    eprintln!(
+        "{} waited: {ok} signed, the rest {:?}",
+        waited.len(),
+        waited.iter().map(Answer::slug).collect::<std::collections::BTreeSet<_>>()
+    );
     assert!(ok >= 1, "the vault signed something");
     assert!(
         waited.iter().all(|a| a.status == 200
@@ -261,4 +266,20 @@ async fn a_full_identity_vault_answers_identity_signer_busy_and_counts_no_use() 
     );
     assert_eq!(raw_identity_uses(&db, &id), ok as i64, "a use is counted for each 200 and nothing else");
     Arc::try_unwrap(server).ok().expect("no other owner").stop().await;
+}
+
+/// The vault's fault knob is a dev-only lever: `check-config` refuses it in production mode.
+#[test]
+fn the_vault_fault_knob_is_refused_outside_dev_mode() {
+    let db = TestDb::sqlite();
+    let flagged = |latency: Option<Duration>, mode: castellum::config::Mode| {
+        let mut config = dev_config(&db);
+        config.mode = mode;
+        config.identities.fault.sign_latency = latency;
+        castellum::config::check_config(&config).0.iter().any(|p| p.path == "identities.fault" && !p.warning)
+    };
+    use castellum::config::Mode;
+    assert!(flagged(Some(Duration::from_secs(1)), Mode::Production));
+    assert!(!flagged(None, Mode::Production));
+    assert!(!flagged(Some(Duration::from_secs(1)), Mode::Dev));
 }

@@ -269,7 +269,9 @@ impl Engine {
     }
 
     /// Run a read on the status pool, off the event loop, refusing at once when all its
-    /// connections are busy.
+    /// connections are busy, and answering within the interactive deadline: a database that
+    /// stops answering on an open connection (neither `statement_timeout` nor TCP timeouts see
+    /// a peer that acknowledges and never replies) holds a thread, never the caller.
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut DbConn) -> Result<T, DbError> + Send + 'static,
@@ -278,7 +280,11 @@ impl Engine {
             self.inner.metrics.pool_refused.get_or_create(&crate::metrics::pool("status")).inc();
             EngineError::DatabaseUnavailable
         })?;
-        on_pool(self.inner.pools.status.clone(), f).await
+        let bound = self.inner.config.lanes.interactive.default_deadline;
+        tokio::time::timeout(bound, on_pool(self.inner.pools.status.clone(), f)).await.unwrap_or_else(|_| {
+            tracing::warn!(bound_ms = bound.as_millis() as u64, "a database read got no answer in time");
+            Err(EngineError::DatabaseUnavailable)
+        })
     }
 
     pub async fn certificate(&self, client: &Client, serial: &str) -> Result<CertificateRecord, EngineError> {
