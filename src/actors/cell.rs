@@ -8,7 +8,7 @@
 //! `in_flight` jobs at once.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -98,6 +98,12 @@ pub struct GetStatus;
 #[rtype(result = "()")]
 pub struct Crash;
 
+/// Fault injection (dev mode only): the cell's thread blocks for this long, as a cell stuck in
+/// a handler would, so that its mailbox fills and intake's `try_send` can be seen refusing.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Stall(pub Duration);
+
 /// The operator says the signer is fixed: close the breaker now.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -126,6 +132,30 @@ pub struct CellStatus {
     pub restarts: u64,
 }
 
+impl CellStatus {
+    /// A CA whose cell is not running: it died, and its supervisor has not (or will no longer)
+    /// replace it.
+    pub fn down(ca: &str) -> CellStatus {
+        CellStatus {
+            ca: ca.to_string(),
+            state: "down".into(),
+            breaker: "unknown".into(),
+            key_available: false,
+            interactive_queued: 0,
+            background_queued: 0,
+            interactive_oldest_ms: 0,
+            background_oldest_ms: 0,
+            in_flight: 0,
+            draining: false,
+            breaker_transitions: Vec::new(),
+            signatures: 0,
+            mean_sign_us: 0,
+            parked: None,
+            restarts: 0,
+        }
+    }
+}
+
 /// Fault injection for drills and tests (dev mode only): a slow or failing signer, for real.
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
@@ -145,6 +175,9 @@ pub struct CellGauges {
     /// Signatures made and the time they took (written by the signer threads).
     pub signatures: AtomicU64,
     pub sign_time_us: AtomicU64,
+    /// Fault injection (dev mode only): this many of the CA's next signatures panic in the
+    /// signer (caught there, answered as signer failures).
+    pub injected_signer_panics: AtomicU32,
 }
 
 impl CellGauges {
@@ -583,6 +616,15 @@ impl Handler<Crash> for CaCell {
     #[allow(clippy::panic)]
     fn handle(&mut self, _: Crash, _: &mut Self::Context) {
         panic!("injected fault: CA cell {} crashed", self.ca_id());
+    }
+}
+
+impl Handler<Stall> for CaCell {
+    type Result = ();
+
+    fn handle(&mut self, Stall(how_long): Stall, _: &mut Self::Context) {
+        tracing::warn!(ca = %self.ca_id(), ms = how_long.as_millis() as u64, "injected fault: CA cell stalled");
+        std::thread::sleep(how_long);
     }
 }
 

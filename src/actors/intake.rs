@@ -137,7 +137,8 @@ impl Intake {
         self.cells
             .iter()
             .filter(|(id, slot)| {
-                snapshot.ca_enabled(id)
+                slot.addr.load().connected()
+                    && snapshot.ca_enabled(id)
                     && slot.gauges.breaker_open_until_ms.load(Ordering::Relaxed) <= now
                     && self.catalog.cas.get(*id).is_some_and(|m| m.key.is_available())
             })
@@ -284,7 +285,7 @@ impl Intake {
             }
             Err(SendError::Closed(_)) => Err(EngineError::CaUnavailable {
                 ca,
-                reason: "the CA's cell is being restarted".into(),
+                reason: "the CA's cell is down (restarted at most 5 times a minute, then left down)".into(),
                 retry_after: Duration::from_secs(1),
             }),
         }

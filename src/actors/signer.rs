@@ -2,6 +2,7 @@
 //! It builds the TBS from the profile, lints it, and — after the Store has recorded the TBS —
 //! signs it. A panic is caught and answered as a signer failure; the thread lives on.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -70,7 +71,17 @@ impl Handler<Sign> for Signer {
             return Err(EngineError::SignerFailure { ca: self.ca.id.clone(), reason: "injected signer fault".into() });
         }
         let started = Instant::now();
-        let result = super::catch_panic("signer", || tbs::sign(&self.ca, &msg.tbs_der)).unwrap_or_else(|panic| {
+        let injected = &self.gauges.injected_signer_panics;
+        let result = super::catch_panic("signer", || {
+            if injected.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                #[allow(clippy::panic)]
+                {
+                    panic!("injected fault: CA {} signer panicked", self.ca.id);
+                }
+            }
+            tbs::sign(&self.ca, &msg.tbs_der)
+        })
+        .unwrap_or_else(|panic| {
             self.metrics.worker_panics.get_or_create(&metrics::ca(&self.ca.id)).inc();
             Err(EngineError::SignerFailure { ca: self.ca.id.clone(), reason: format!("signer panicked: {panic}") })
         });
@@ -79,8 +90,8 @@ impl Handler<Sign> for Signer {
         self.metrics.sign_seconds.get_or_create(&labels).observe(took.as_secs_f64());
         if result.is_ok() {
             self.metrics.signatures.get_or_create(&labels).inc();
-            self.gauges.signatures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.gauges.sign_time_us.fetch_add(took.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.gauges.signatures.fetch_add(1, Ordering::Relaxed);
+            self.gauges.sign_time_us.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         }
         result
     }

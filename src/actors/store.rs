@@ -7,6 +7,7 @@
 //! never has more batches out than workers, so the SyncArbiter's unbounded queue stays bounded.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -47,6 +48,8 @@ pub struct StoreStatus {
 #[derive(Clone)]
 pub struct StoreHandle {
     front: Addr<StoreFront>,
+    /// Fault injection (dev mode only): this many of the next batches panic in their worker.
+    injected_panics: Arc<AtomicU32>,
 }
 
 impl StoreHandle {
@@ -58,6 +61,12 @@ impl StoreHandle {
             SendError::Closed(_) => EngineError::ShuttingDown,
         })?;
         rx.await.unwrap_or(Err(EngineError::ShuttingDown))
+    }
+
+    /// Fault injection (dev mode only; the engine checks): the next batch a worker takes panics
+    /// (caught there; its writes are answered as errors).
+    pub fn inject_panic(&self) {
+        self.injected_panics.fetch_add(1, Ordering::SeqCst);
     }
 
     pub async fn status(&self) -> Option<StoreStatus> {
@@ -94,9 +103,12 @@ impl StoreFront {
     pub fn start(pool: DbPool, max_batch: usize, max_pending: usize, metrics: Arc<Metrics>) -> StoreHandle {
         let worker_count = pool.max_size as usize;
         let worker_metrics = metrics.clone();
+        let injected_panics = Arc::new(AtomicU32::new(0));
+        let worker_panics = injected_panics.clone();
         let workers = SyncArbiter::start(worker_count, move || StoreWorker {
             pool: pool.clone(),
             metrics: worker_metrics.clone(),
+            injected_panics: worker_panics.clone(),
         });
         let front = StoreFront {
             workers,
@@ -109,7 +121,7 @@ impl StoreFront {
             database_down_until: None,
         }
         .start();
-        StoreHandle { front }
+        StoreHandle { front, injected_panics }
     }
 
     fn flush(&mut self, ctx: &mut Context<Self>) {
@@ -202,6 +214,7 @@ impl Handler<GetStatus> for StoreFront {
 pub struct StoreWorker {
     pool: DbPool,
     metrics: Arc<Metrics>,
+    injected_panics: Arc<AtomicU32>,
 }
 
 impl Actor for StoreWorker {
@@ -214,7 +227,14 @@ impl Handler<Batch> for StoreWorker {
     fn handle(&mut self, batch: Batch, _ctx: &mut Self::Context) -> Self::Result {
         let pool = &self.pool;
         let _span = tracing::info_span!("store_batch", writes = batch.0.len()).entered();
+        let injected = &self.injected_panics;
         super::catch_panic("store", || {
+            if injected.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+                #[allow(clippy::panic)]
+                {
+                    panic!("injected fault: store worker panicked");
+                }
+            }
             let mut conn = pool.get()?;
             queries::apply_batch(&mut conn, &batch.0)
         })

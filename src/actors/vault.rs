@@ -17,6 +17,8 @@ use crate::pki::kek::Kek;
 pub struct IdentityVault {
     pub kek: Arc<Kek>,
     pub metrics: Arc<Metrics>,
+    /// Injected fault (dev mode only): a slow vault, for real.
+    pub sign_latency: Option<Duration>,
 }
 
 impl Actor for IdentityVault {
@@ -45,6 +47,9 @@ impl Handler<SignDigest> for IdentityVault {
     fn handle(&mut self, msg: SignDigest, _: &mut Self::Context) -> Self::Result {
         if Instant::now() >= msg.deadline {
             return Err(EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) });
+        }
+        if let Some(latency) = self.sign_latency {
+            std::thread::sleep(latency);
         }
         let started = Instant::now();
         if msg.kek_id != self.kek.id() {

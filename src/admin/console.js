@@ -55,6 +55,7 @@ function caButtons(cell) {
   const button = (label, action, fn) => el("button", { "data-action": action, "data-ca": cell.ca, onclick: fn }, label);
   const setState = (label, action, to) => button(label, action, () => lever(`${label} ${cell.ca}`, "POST", `${path}/state`, { state: to }));
   const out = [];
+  if (cell.state === "down") return out; // a dead cell: no lever restarts it
   if (cell.state === "enabled") out.push(setState("Park", "park", "parked"), setState("Drain", "drain", "draining"), setState("Disable", "disable", "disabled"));
   else if (cell.state !== "retired") out.push(setState(cell.state === "parked" ? "Unpark" : "Enable", "enable", "enabled"));
   if (cell.parked > 0 && cell.state === "enabled") out.push(button("Resubmit parked", "resubmit", () => lever(`Resubmit the parked requests of ${cell.ca}`, "POST", `${path}/resubmit`, {})));

@@ -318,6 +318,9 @@ fn check_identities(config: &Config, p: &mut Problems) {
     if cfg.sweep_interval.is_zero() {
         p.add("identities.sweep_interval", "must be positive");
     }
+    if cfg.fault.sign_latency.is_some() && config.mode != Mode::Dev {
+        p.add("identities.fault", "fault injection is refused unless mode = \"dev\"");
+    }
 }
 
 fn check_admin(config: &Config, p: &mut Problems) {

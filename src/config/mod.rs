@@ -359,6 +359,16 @@ pub struct IdentitiesConfig {
     /// How often expired identities are looked for and destroyed.
     #[serde(with = "humantime_serde")]
     pub sweep_interval: Duration,
+    /// Fault injection for tests; refused unless `mode = "dev"`.
+    pub fault: VaultFaultConfig,
+}
+
+/// A slow identity vault, for real (dev mode only): every signature waits this long first.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VaultFaultConfig {
+    #[serde(with = "humantime_serde")]
+    pub sign_latency: Option<Duration>,
 }
 
 impl Default for IdentitiesConfig {
@@ -370,6 +380,7 @@ impl Default for IdentitiesConfig {
             rsa_pool_size: 2,
             signer_threads: 1,
             sweep_interval: Duration::from_secs(5),
+            fault: VaultFaultConfig::default(),
         }
     }
 }

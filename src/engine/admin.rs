@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::Engine;
-use crate::actors::cell::{CellStatus, Crash, ResetBreaker};
+use crate::actors::cell::{CellStatus, Crash, ResetBreaker, Stall};
 use crate::actors::registry::{self, ca_state, Apply};
 use crate::actors::resumer::Resubmit;
 use crate::db::models::AuditEvent;
@@ -114,6 +114,38 @@ impl Engine {
         }
         let slot = self.inner.intake.cells.get(ca).ok_or(EngineError::NotFound)?;
         slot.addr.load().try_send(Crash).map_err(|_| EngineError::ShuttingDown)
+    }
+
+    /// Fault injection for tests, refused outside dev mode: block a CA's cell (its thread) for
+    /// `how_long`, so that its mailbox fills.
+    pub fn stall_cell(&self, ca: &str, how_long: Duration) -> Result<(), EngineError> {
+        self.refuse_faults_outside_dev()?;
+        let slot = self.inner.intake.cells.get(ca).ok_or(EngineError::NotFound)?;
+        slot.addr.load().try_send(Stall(how_long)).map_err(|_| EngineError::ShuttingDown)
+    }
+
+    /// Fault injection for tests, refused outside dev mode: the next `count` signatures of CA
+    /// `ca` panic inside its signer (caught there and answered as signer failures).
+    pub fn panic_signer(&self, ca: &str, count: u32) -> Result<(), EngineError> {
+        self.refuse_faults_outside_dev()?;
+        let slot = self.inner.intake.cells.get(ca).ok_or(EngineError::NotFound)?;
+        slot.gauges.injected_signer_panics.fetch_add(count, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Fault injection for tests, refused outside dev mode: the next batch a store worker takes
+    /// panics (caught there; the batch's writes are answered as errors).
+    pub fn panic_store(&self) -> Result<(), EngineError> {
+        self.refuse_faults_outside_dev()?;
+        self.inner.store.inject_panic();
+        Ok(())
+    }
+
+    fn refuse_faults_outside_dev(&self) -> Result<(), EngineError> {
+        if self.inner.config.mode != crate::config::Mode::Dev {
+            return Err(EngineError::Forbidden("fault injection is refused unless mode = \"dev\"".into()));
+        }
+        Ok(())
     }
 
     /// Fault injection for drills, refused outside dev mode: a component that takes

@@ -59,10 +59,11 @@ impl IdentityServices {
             }
         }
         let keys = KeyPool::start(kek.clone(), wanted, metrics.clone());
-        let (vault_kek, vault_metrics) = (kek, metrics.clone());
+        let (vault_kek, vault_metrics, sign_latency) = (kek, metrics.clone(), cfg.fault.sign_latency);
         let vault = SyncArbiter::start(cfg.signer_threads.max(1), move || IdentityVault {
             kek: vault_kek.clone(),
             metrics: vault_metrics.clone(),
+            sign_latency,
         });
         let sweeper = IdentitySweeper { control, instance, interval: cfg.sweep_interval, metrics, busy: false }.start();
         IdentityServices { keys, vault, vault_permits: Semaphore::new(MAX_PENDING_SIGNATURES), sweeper }

@@ -86,6 +86,7 @@ impl Engine {
         span: tracing::Span,
     ) -> Result<IssuedCertificate, EngineError> {
         let (tx, rx) = oneshot::channel();
+        let ca = admitted.profile.ca.clone();
         self.inner.intake.hand_to_cell(Job {
             profile: admitted.profile,
             csr: admitted.csr,
@@ -103,7 +104,13 @@ impl Engine {
         // job unsigned if it is still queued by then.
         match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(EngineError::ShuttingDown),
+            Ok(Err(_)) if self.is_shutting_down() => Err(EngineError::ShuttingDown),
+            // The cell went away without answering: it crashed, and its supervisor replaces it.
+            Ok(Err(_)) => Err(EngineError::CaUnavailable {
+                ca,
+                reason: "the CA's cell stopped before answering; it is being restarted".into(),
+                retry_after: Duration::from_secs(1),
+            }),
             Err(_) => Err(EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) }),
         }
     }

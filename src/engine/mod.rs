@@ -272,7 +272,9 @@ impl Engine {
     }
 
     /// Run a read on the status pool, off the event loop, refusing at once when all its
-    /// connections are busy.
+    /// connections are busy, and answering within the interactive deadline: a database that
+    /// stops answering on an open connection (neither `statement_timeout` nor TCP timeouts see
+    /// a peer that acknowledges and never replies) holds a thread, never the caller.
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut DbConn) -> Result<T, DbError> + Send + 'static,
@@ -281,7 +283,11 @@ impl Engine {
             self.inner.metrics.pool_refused.get_or_create(&crate::metrics::pool("status")).inc();
             EngineError::DatabaseUnavailable
         })?;
-        on_pool(self.inner.pools.status.clone(), f).await
+        let bound = self.inner.config.lanes.interactive.default_deadline;
+        tokio::time::timeout(bound, on_pool(self.inner.pools.status.clone(), f)).await.unwrap_or_else(|_| {
+            tracing::warn!(bound_ms = bound.as_millis() as u64, "a database read got no answer in time");
+            Err(EngineError::DatabaseUnavailable)
+        })
     }
 
     pub async fn certificate(&self, client: &Client, serial: &str) -> Result<CertificateRecord, EngineError> {
@@ -335,10 +341,12 @@ impl Engine {
 
     pub async fn cell_status(&self) -> Vec<CellStatus> {
         let mut out = Vec::new();
-        for slot in self.inner.intake.cells.values() {
+        for (ca, slot) in self.inner.intake.cells.iter() {
             let addr = (**slot.addr.load()).clone();
-            if let Ok(status) = addr.send(cell::GetStatus).await {
-                out.push(status);
+            match addr.send(cell::GetStatus).await {
+                Ok(status) => out.push(status),
+                // Dead (its supervisor replaces it, at most 5 times a minute): shown, not hidden.
+                Err(_) => out.push(CellStatus::down(ca)),
             }
         }
         out.sort_by(|a, b| a.ca.cmp(&b.ca));
@@ -365,8 +373,10 @@ impl Engine {
             if !snapshot.ca_enabled(id) {
                 continue;
             }
+            let cell_running = self.inner.intake.cells.get(id).is_some_and(|slot| slot.addr.load().connected());
             match material.key.unavailable_reason() {
-                None => serving += 1,
+                None if cell_running => serving += 1,
+                None => reasons.push(format!("CA {id}: its cell is down")),
                 Some(why) => reasons.push(format!("CA {id}: {why}")),
             }
         }

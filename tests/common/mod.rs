@@ -811,3 +811,141 @@ pub fn judge_issued(dir: &Path, expect: &IssuedExpectation, response: &serde_jso
         Err(wrong.join("\n"))
     }
 }
+
+// ---- Overload, crash and database-timeout tests: the client's view and raw SQL. ----
+
+/// What a client saw: status, problem type, `Retry-After`, and how long the answer took.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    /// The problem's `type` (`urn:castellum:problem:…`) when the body is problem+json.
+    pub problem: Option<String>,
+    pub retry_after: Option<u64>,
+    pub took: Duration,
+    pub body: serde_json::Value,
+}
+
+impl Answer {
+    /// A `503` with problem type `slug` and a `Retry-After` of at least one second.
+    pub fn is_503(&self, slug: &str) -> bool {
+        self.status == 503
+            && self.problem.as_deref() == Some(&format!("urn:castellum:problem:{slug}"))
+            && self.retry_after.is_some_and(|s| s >= 1)
+    }
+
+    pub fn slug(&self) -> &str {
+        self.problem.as_deref().and_then(|p| p.strip_prefix("urn:castellum:problem:")).unwrap_or("")
+    }
+}
+
+/// Send `request` and record what came back, timed from the client's side.
+pub async fn answer_of(request: reqwest::RequestBuilder) -> Answer {
+    let started = std::time::Instant::now();
+    let resp = request.send().await.expect("the engine answers");
+    let status = resp.status().as_u16();
+    let is_problem = resp
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.to_str().unwrap_or("").starts_with("application/problem+json"));
+    let retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok());
+    let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+    let took = started.elapsed();
+    let problem = is_problem.then(|| body["type"].as_str().unwrap_or("").to_string());
+    Answer { status, problem, retry_after, took, body }
+}
+
+/// A CA of `config`, to edit (the dev configuration has ica-p256, ica-p384, ica-rsa3072, ica-ed25519).
+pub fn ca_of<'a>(config: &'a mut Config, id: &str) -> &'a mut castellum::config::CaConfig {
+    config.cas.iter_mut().find(|c| c.id == id).unwrap_or_else(|| panic!("no CA {id} in the configuration"))
+}
+
+/// The cell of CA `ca` in an admin status.
+pub fn cell_in(status: &serde_json::Value, ca: &str) -> Option<serde_json::Value> {
+    status["cells"].as_array()?.iter().find(|c| c["ca"] == ca).cloned()
+}
+
+/// A TCP proxy to PostgreSQL that a test can freeze: every connection stays open, and bytes are
+/// still accepted (the proxy's kernel acknowledges them), but nothing is forwarded either way
+/// until `thaw()` — a peer that is alive on the wire and never answers (a hung pooler or a
+/// stopped server). New connections are accepted and frozen too.
+pub struct FreezableProxy {
+    pub port: u16,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    _thread: std::thread::JoinHandle<()>,
+}
+
+impl FreezableProxy {
+    pub fn start(target: &str) -> FreezableProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(AtomicBool::new(false));
+        let (frozen2, target) = (frozen.clone(), target.to_string());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let Ok((inbound, _)) = listener.accept().await else { continue };
+                    let (target, frozen) = (target.clone(), frozen2.clone());
+                    tokio::spawn(async move {
+                        let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else { return };
+                        let (mut in_read, mut in_write) = inbound.into_split();
+                        let (mut out_read, mut out_write) = outbound.into_split();
+                        // One direction: read, hold while frozen, then forward.
+                        async fn pump(
+                            from: &mut tokio::net::tcp::OwnedReadHalf,
+                            to: &mut tokio::net::tcp::OwnedWriteHalf,
+                            frozen: &AtomicBool,
+                        ) {
+                            let mut buf = vec![0u8; 16 * 1024];
+                            loop {
+                                while frozen.load(Ordering::SeqCst) {
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                }
+                                let n = match from.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => n,
+                                };
+                                while frozen.load(Ordering::SeqCst) {
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                }
+                                if to.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                        let up = pump(&mut in_read, &mut out_write, &frozen);
+                        let down = pump(&mut out_read, &mut in_write, &frozen);
+                        tokio::select! { _ = up => {}, _ = down => {} }
+                    });
+                }
+            });
+        });
+        FreezableProxy { port, frozen, _thread: thread }
+    }
+
+    /// Frozen until the guard is dropped (also when a test fails: an engine thread stuck on a
+    /// frozen connection would otherwise keep the test process from exiting).
+    pub fn freeze(&self) -> Frozen<'_> {
+        self.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+        Frozen(self)
+    }
+
+    /// The URL of `db` through this proxy.
+    pub fn url_for(&self, db: &TestDb) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{}", self.port, db.name)
+    }
+}
+
+/// A frozen [`FreezableProxy`]; dropping it thaws the proxy.
+pub struct Frozen<'a>(&'a FreezableProxy);
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        self.0.frozen.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}

@@ -24,16 +24,39 @@ pub fn connect(db: &TestDb) -> RawConn {
     }
 }
 
+impl RawConn {
+    pub fn open(db: &TestDb) -> RawConn {
+        connect(db)
+    }
+
+    /// Run statements (a transaction a test holds open, a lock, ...).
+    pub fn execute(&mut self, sql: &str) {
+        use diesel::connection::SimpleConnection;
+        match self {
+            RawConn::Sqlite(c) => c.batch_execute(sql),
+            RawConn::Postgres(c) => c.batch_execute(sql),
+        }
+        .unwrap_or_else(|e| panic!("raw SQL {sql:?} failed: {e}"));
+    }
+
+    pub fn load<T>(&mut self, sql: &str) -> Vec<T>
+    where
+        T: QueryableByName<diesel::sqlite::Sqlite> + QueryableByName<diesel::pg::Pg> + 'static,
+    {
+        match self {
+            RawConn::Sqlite(c) => diesel::sql_query(sql).load(c),
+            RawConn::Postgres(c) => diesel::sql_query(sql).load(c),
+        }
+        .unwrap_or_else(|e| panic!("raw SQL {sql:?} failed: {e}"))
+    }
+}
+
 /// Rows of a query, on either backend; a failed query fails the test.
 pub fn rows<T>(db: &TestDb, sql: &str) -> Vec<T>
 where
     T: QueryableByName<diesel::sqlite::Sqlite> + QueryableByName<diesel::pg::Pg> + 'static,
 {
-    match connect(db) {
-        RawConn::Sqlite(mut c) => diesel::sql_query(sql).load(&mut c),
-        RawConn::Postgres(mut c) => diesel::sql_query(sql).load(&mut c),
-    }
-    .unwrap_or_else(|e| panic!("raw SQL {sql:?} failed: {e}"))
+    connect(db).load(sql)
 }
 
 /// Run a statement (a change a test makes to stage a situation); rows affected.
@@ -106,19 +129,38 @@ pub fn request(db: &TestDb, id: &str) -> Option<Request> {
     requests(db, &format!("id = {}", text(id))).pop()
 }
 
-/// A certificate row.
+/// A certificate row (write-ahead record or signed).
 #[derive(QueryableByName, Debug, Clone)]
 pub struct Certificate {
     #[diesel(sql_type = Text)]
     pub serial: String,
     #[diesel(sql_type = Text)]
+    pub ca_id: String,
+    #[diesel(sql_type = Text)]
     pub state: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    pub request_id: Option<String>,
     #[diesel(sql_type = Binary)]
     pub tbs_der: Vec<u8>,
 }
 
+impl Certificate {
+    /// Whether the to-be-signed certificate carries `name` (a DNS name is stored as its ASCII
+    /// bytes in the DER, so a unique name per request identifies the request's record).
+    pub fn names(&self, name: &str) -> bool {
+        self.tbs_der.windows(name.len()).any(|w| w == name.as_bytes())
+    }
+}
+
+const CERTIFICATE_COLUMNS: &str = "serial, ca_id, state, request_id, tbs_der";
+
+/// Every certificate row, by serial.
+pub fn certificates(db: &TestDb) -> Vec<Certificate> {
+    rows(db, &format!("SELECT {CERTIFICATE_COLUMNS} FROM certificates ORDER BY serial"))
+}
+
 pub fn certificate(db: &TestDb, serial: &str) -> Option<Certificate> {
-    let sql = format!("SELECT serial, state, tbs_der FROM certificates WHERE serial = {}", text(serial));
+    let sql = format!("SELECT {CERTIFICATE_COLUMNS} FROM certificates WHERE serial = {}", text(serial));
     rows(db, &sql).into_iter().next()
 }
 
