@@ -216,6 +216,7 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
         session.at(fault + s(0.5 * k)).await;
         session.target.admin_post("/admin/v1/cas/ica-ed25519/state", serde_json::json!({"state": "parked"})).await?;
         session.mark("operator parks ica-ed25519");
+        let parked_at = session.start.elapsed();
         session.at(disabled).await;
         for ca in FAILING {
             session
@@ -232,17 +233,18 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
         session.target.admin_post("/admin/v1/cas/ica-ed25519/state", serde_json::json!({"state": "enabled"})).await?;
         session.target.admin_post("/admin/v1/cas/ica-ed25519/resubmit", serde_json::json!({})).await?;
         session.mark("operator unparks ica-ed25519 and resubmits");
-        Ok::<_, DrillError>((disabled_at, parked_rows, unparked_ms))
+        Ok::<_, DrillError>((parked_at, disabled_at, parked_rows, unparked_ms))
     };
     let (_, faults) = tokio::join!(load, faults);
-    // Judged from when both disables had been applied, not from when they were scheduled.
-    let ((disabled_at, disabled_ms), parked_rows, unparked_ms) = faults?;
+    // Judged from when the park and both disables had been applied, not from when they were
+    // scheduled.
+    let (parked_at, (disabled_at, disabled_ms), parked_rows, unparked_ms) = faults?;
 
     // Parked work: every request the parked CA accepted must end issued, and none before the
     // operator unparked it.
     let parked_ids: Vec<String> = session
         .recording()
-        .samples_of(4, fault + s(0.5 * k), resubmitted)
+        .samples_of(4, parked_at, resubmitted)
         .filter_map(|s| s.request_id.clone())
         .collect();
     wait_issued(&session.target, &parked_ids, s(30.0)).await;
