@@ -81,14 +81,7 @@ async fn claims_are_handed_back_on_a_clean_shutdown(db: TestDb) {
     let first = TestServer::start(config).await;
     let mut ids = Vec::new();
     for i in 0..5 {
-        let resp = first
-            .issue(DEMO_KEY, "ocsp-renewal", &csr(Key::P256, &[&format!("claim{i}.example.test")]))
-            .header("prefer", "respond-async")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 202);
-        ids.push(resp.json::<serde_json::Value>().await.unwrap()["request_id"].as_str().unwrap().to_string());
+        ids.push(submit_async(&first, "ocsp-renewal", &format!("claim{i}.example.test")).await);
     }
     // While it runs, the first instance holds a 5-minute claim on everything it has not issued
     // (at most one signature a second gets done meanwhile).

@@ -9,11 +9,7 @@ use common::*;
 
 #[actix_rt::test]
 async fn a_browser_parks_a_ca_from_the_console() {
-    let browser_dir = repo().join("tests/browser");
-    assert!(
-        browser_dir.join("node_modules/playwright-core").exists() && std::path::Path::new("/usr/bin/chromium").exists(),
-        "the browser test needs Debian's chromium and tests/browser/node_modules: run .ci/prepare"
-    );
+    let browser_dir = browser_dir();
     let db = TestDb::sqlite();
     let config = dev_config(&db);
     let instance = config.instance_id.clone().expect("the test config names its instance");

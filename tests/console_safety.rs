@@ -69,11 +69,7 @@ async fn the_console_forbids_inline_script_and_serves_no_inline_code() {
 /// an inline script injected into it.
 #[actix_rt::test]
 async fn the_console_shows_client_supplied_html_as_text_in_a_browser() {
-    let browser_dir = repo().join("tests/browser");
-    assert!(
-        browser_dir.join("node_modules/playwright-core").exists() && std::path::Path::new("/usr/bin/chromium").exists(),
-        "the browser test needs Debian's chromium and tests/browser/node_modules: run .ci/prepare"
-    );
+    let browser_dir = browser_dir();
     let db = TestDb::sqlite();
     let server = TestServer::start(dev_config(&db)).await;
     let refused = server.issue(DEMO_KEY, PAYLOAD, &csr(Key::P256, &["xss.example.test"])).send().await.unwrap();

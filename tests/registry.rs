@@ -138,14 +138,7 @@ async fn parked_work_is_all_issued_after_resubmit(db: TestDb) {
     assert!(sync.headers().contains_key("retry-after"));
     let mut ids = Vec::new();
     for i in 0..40 {
-        let resp = server
-            .issue(DEMO_KEY, "ocsp-renewal", &csr(Key::P256, &[&format!("r{i}.example.test")]))
-            .header("prefer", "respond-async")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 202);
-        ids.push(resp.json::<serde_json::Value>().await.unwrap()["request_id"].as_str().unwrap().to_string());
+        ids.push(submit_async(&server, "ocsp-renewal", &format!("r{i}.example.test")).await);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(counts(&db).0, 0, "nothing is signed while parked");

@@ -224,4 +224,134 @@ mod tests {
         assert_eq!(b.record(much_later, true), None, "old failures left the window");
         assert_eq!(b.state(), BreakerState::Closed);
     }
+
+    #[test]
+    fn states_have_stable_names_and_gauge_values() {
+        let t = Instant::now();
+        let states = [BreakerState::Closed, BreakerState::HalfOpen, BreakerState::Open { until: t }];
+        assert_eq!(states.map(BreakerState::name), ["closed", "half-open", "open"]);
+        assert_eq!(states.map(BreakerState::gauge), [0, 1, 2]);
+    }
+
+    #[test]
+    fn a_success_resets_the_failures_in_a_row() {
+        let mut b = Breaker::new(BreakerConfig { min_requests: 1000, ..cfg() });
+        let t = Instant::now();
+        for _ in 0..5 {
+            assert_eq!(b.record(t, false), None);
+            assert_eq!(b.record(t, false), None);
+            assert_eq!(b.record(t, true), None, "never three in a row");
+        }
+        assert_eq!(b.state(), BreakerState::Closed);
+    }
+
+    #[test]
+    fn the_ratio_opens_it_exactly_at_the_threshold_and_not_below() {
+        let t = Instant::now();
+        let mut below = Breaker::new(BreakerConfig { consecutive_failures: 100, ..cfg() });
+        for ok in [true, true, false, true, true, false, true] {
+            assert_eq!(below.record(t, ok), None, "2 of 7 is below one half");
+        }
+        let mut at = Breaker::new(BreakerConfig { consecutive_failures: 100, ..cfg() });
+        for ok in [true, false, true] {
+            assert_eq!(at.record(t, ok), None, "fewer than min_requests");
+        }
+        assert!(matches!(at.record(t, false), Some(BreakerState::Open { .. })), "2 of 4: exactly one half");
+    }
+
+    #[test]
+    fn an_outcome_exactly_one_window_old_still_counts() {
+        let mut b = Breaker::new(BreakerConfig { consecutive_failures: 100, ..cfg() });
+        let t = Instant::now();
+        b.record(t, false);
+        b.record(t, false);
+        b.record(t, true);
+        let edge = t + cfg().window;
+        assert!(matches!(b.record(edge, true), Some(BreakerState::Open { .. })), "2 of 4 within the window");
+        let mut b = Breaker::new(BreakerConfig { consecutive_failures: 100, ..cfg() });
+        b.record(t, false);
+        b.record(t, false);
+        b.record(t, true);
+        let past = edge + Duration::from_millis(1);
+        assert_eq!(b.record(past, true), None, "the first three left the window");
+    }
+
+    #[test]
+    fn open_refuses_until_its_time_and_says_how_long() {
+        let mut b = Breaker::new(cfg());
+        let t = Instant::now();
+        assert_eq!(b.open_now(t).map(BreakerState::name), Some("open"));
+        assert_eq!(b.retry_after(t), Duration::from_secs(2));
+        assert_eq!(b.retry_after(t + Duration::from_millis(1900)), Duration::from_secs(1), "at least a second");
+        assert_eq!(b.record(t, true), None, "an outcome while open changes nothing");
+        assert_eq!(b.admit(t + Duration::from_millis(1999)), (false, None));
+        assert_eq!(b.admit(t + Duration::from_secs(2)), (true, Some(BreakerState::HalfOpen)), "open_for is over");
+        assert_eq!(b.retry_after(t), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_released_probe_frees_its_place() {
+        let mut b = Breaker::new(BreakerConfig { half_open_probes: 1, ..cfg() });
+        let t = Instant::now();
+        b.open_now(t);
+        let later = t + Duration::from_secs(3);
+        assert!(b.admit(later).0);
+        assert!(!b.admit(later).0, "one probe at a time");
+        b.release_probe();
+        assert!(b.admit(later).0, "the released place is taken again");
+        b.release_probe();
+        b.release_probe();
+        assert!(b.admit(later).0);
+        assert!(!b.admit(later).0, "releasing more than were taken frees nothing extra");
+    }
+
+    #[test]
+    fn release_outside_half_open_changes_nothing() {
+        let mut b = Breaker::new(BreakerConfig { half_open_probes: 1, ..cfg() });
+        let t = Instant::now();
+        b.release_probe();
+        b.open_now(t);
+        let later = t + Duration::from_secs(3);
+        assert!(b.admit(later).0);
+        assert!(!b.admit(later).0);
+    }
+
+    #[test]
+    fn zero_probes_configured_still_lets_one_through_and_one_success_closes() {
+        let mut b = Breaker::new(BreakerConfig { half_open_probes: 0, consecutive_failures: 0, ..cfg() });
+        let t = Instant::now();
+        assert!(matches!(b.record(t, false), Some(BreakerState::Open { .. })), "0 in a row means 1");
+        let later = t + Duration::from_secs(3);
+        assert!(b.admit(later).0);
+        assert!(!b.admit(later).0);
+        assert_eq!(b.record(later, true), Some(BreakerState::Closed));
+    }
+
+    #[test]
+    fn closing_forgets_the_history_and_reset_closes_from_any_state() {
+        let mut b = Breaker::new(cfg());
+        let t = Instant::now();
+        b.record(t, false);
+        b.record(t, false);
+        b.open_now(t);
+        assert_eq!(b.reset(), Some(BreakerState::Closed));
+        assert_eq!(b.reset(), None, "already closed");
+        assert_eq!(b.record(t, false), None, "the failures before the reset are forgotten");
+        assert_eq!(b.record(t, false), None);
+        assert!(matches!(b.record(t, false), Some(BreakerState::Open { .. })));
+        let later = t + Duration::from_secs(3);
+        assert!(b.admit(later).0);
+        assert_eq!(b.record(later, true), None, "one of two probes");
+        assert!(b.admit(later).0);
+        assert!(b.admit(later).0, "the finished probe's place is free");
+    }
+
+    #[test]
+    fn a_second_open_only_moves_its_end() {
+        let mut b = Breaker::new(cfg());
+        let t = Instant::now();
+        assert!(b.open_now(t).is_some());
+        assert_eq!(b.open_now(t + Duration::from_secs(1)), None, "no new transition");
+        assert_eq!(b.admit(t + Duration::from_millis(2500)), (false, None), "the later end stands");
+    }
 }

@@ -242,11 +242,8 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
 
     // Parked work: every request the parked CA accepted must end issued, and none before the
     // operator unparked it.
-    let parked_ids: Vec<String> = session
-        .recording()
-        .samples_of(4, parked_at, resubmitted)
-        .filter_map(|s| s.request_id.clone())
-        .collect();
+    let parked_ids: Vec<String> =
+        session.recording().samples_of(4, parked_at, resubmitted).filter_map(|s| s.request_id.clone()).collect();
     wait_issued(&session.target, &parked_ids, s(30.0)).await;
 
     let f = queues_figures(&session.recording(), k, fault, disabled, disabled_at, end);

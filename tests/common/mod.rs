@@ -949,3 +949,25 @@ impl Drop for Frozen<'_> {
         self.0.frozen.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// The browser tests' folder, once Debian's Chromium and playwright-core (`.ci/prepare`) are there.
+pub fn browser_dir() -> PathBuf {
+    let dir = repo().join("tests/browser");
+    assert!(
+        dir.join("node_modules/playwright-core").exists() && Path::new("/usr/bin/chromium").exists(),
+        "the browser test needs Debian's chromium and tests/browser/node_modules: run .ci/prepare"
+    );
+    dir
+}
+
+/// Submit an asynchronous request for a fresh P-256 key and `name`; its request id (202 expected).
+pub async fn submit_async(server: &TestServer, profile: &str, name: &str) -> String {
+    let resp = server
+        .issue(DEMO_KEY, profile, &csr(Key::P256, &[name]))
+        .header("prefer", "respond-async")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    resp.json::<serde_json::Value>().await.unwrap()["request_id"].as_str().unwrap().to_string()
+}
