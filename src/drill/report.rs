@@ -40,11 +40,11 @@ pub fn write(
     std::fs::write(dir.join("summary.md"), md)?;
 
     let mut csv =
-        String::from("t_s,p50_ms,p99_ms,ok_per_s,429_per_s,503_per_s,other_per_s,queue_depth,db_connections\n");
+        String::from("t_s,p50_ms,p99_ms,ok_per_s,429_per_s,503_per_s,other_per_s,queue_depth,db_connections_seen_by_postgresql,db_pool_in_use_by_engine\n");
     for p in points {
         let _ = writeln!(
             csv,
-            "{:.1},{:.2},{:.2},{:.1},{:.1},{:.1},{:.1},{},{}",
+            "{:.1},{:.2},{:.2},{:.1},{:.1},{:.1},{:.1},{},{},{}",
             p.at,
             p.p50_ms,
             p.p99_ms,
@@ -53,7 +53,8 @@ pub fn write(
             p.unavailable_per_s,
             p.other_per_s,
             p.queue_depth,
-            p.db_connections
+            p.server_connections.map(|n| n.to_string()).unwrap_or_default(),
+            p.pool_in_use
         );
     }
     std::fs::write(dir.join("series.csv"), csv)?;
@@ -88,7 +89,16 @@ fn chart(path: &Path, title: &str, points: &[Point], marks: &[Mark]) -> Result<(
             "queue depth (all CAs) and database connections in use",
             vec![
                 ("queue depth", RGBColor(120, 0, 160), Box::new(|p: &Point| p.queue_depth as f64)),
-                ("db connections", RGBColor(0, 120, 160), Box::new(|p: &Point| p.db_connections as f64)),
+                (
+                    "db connections (PostgreSQL's count)",
+                    RGBColor(0, 120, 160),
+                    Box::new(|p: &Point| p.server_connections.unwrap_or(0) as f64),
+                ),
+                (
+                    "pool connections in use (engine's count)",
+                    RGBColor(0, 180, 200),
+                    Box::new(|p: &Point| p.pool_in_use as f64),
+                ),
             ],
         ),
     ];

@@ -12,17 +12,17 @@ pub const BUCKET: Duration = Duration::from_millis(500);
 pub struct Gauges {
     pub at: Duration,
     pub queue_depth: i64,
-    pub db_connections: i64,
-    /// Signatures so far, per CA.
-    pub signatures: HashMap<String, i64>,
+    /// The engine's connections as PostgreSQL counts them (`None`: not measured, on SQLite).
+    pub server_connections: Option<i64>,
+    /// Connections the engine's own pools say are in use.
+    pub pool_in_use: i64,
     pub queue_depth_by_ca: HashMap<String, i64>,
 }
 
 impl Gauges {
     /// Read the figures a drill needs from Prometheus text.
     pub fn parse(at: Duration, metrics: &str, server_connections: Option<i64>) -> Gauges {
-        let mut g = Gauges { at, ..Gauges::default() };
-        let mut pool_in_use = 0;
+        let mut g = Gauges { at, server_connections, ..Gauges::default() };
         for line in metrics.lines().filter(|l| !l.starts_with('#')) {
             let Some((name_labels, value)) = line.rsplit_once(' ') else { continue };
             let value: f64 = value.parse().unwrap_or(0.0);
@@ -34,15 +34,10 @@ impl Gauges {
                 if let Some(ca) = label("ca") {
                     *g.queue_depth_by_ca.entry(ca).or_default() += value as i64;
                 }
-            } else if name_labels.starts_with("castellum_signatures_total{") {
-                if let Some(ca) = label("ca") {
-                    g.signatures.insert(ca, value as i64);
-                }
             } else if name_labels.starts_with("castellum_db_pool_in_use{") {
-                pool_in_use += value as i64;
+                g.pool_in_use += value as i64;
             }
         }
-        g.db_connections = server_connections.unwrap_or(pool_in_use);
         g
     }
 }
@@ -64,7 +59,9 @@ pub struct Point {
     pub unavailable_per_s: f64,
     pub other_per_s: f64,
     pub queue_depth: i64,
-    pub db_connections: i64,
+    /// PostgreSQL's count of the engine's connections, when measured.
+    pub server_connections: Option<i64>,
+    pub pool_in_use: i64,
 }
 
 impl Recording {
@@ -99,17 +96,10 @@ impl Recording {
                     unavailable_per_s: count(Kind::Unavailable503),
                     other_per_s: count(Kind::Other) + count(Kind::NoAnswer) + count(Kind::Refused409),
                     queue_depth: gauge.map(|g| g.queue_depth).unwrap_or(0),
-                    db_connections: gauge.map(|g| g.db_connections).unwrap_or(0),
+                    server_connections: gauge.and_then(|g| g.server_connections),
+                    pool_in_use: gauge.map(|g| g.pool_in_use).unwrap_or(0),
                 }
             })
             .collect()
-    }
-
-    /// Signatures a CA made between two moments (from the gauges).
-    pub fn signatures_between(&self, ca: &str, from: Duration, until: Duration) -> i64 {
-        let at = |t: Duration| {
-            self.gauges.iter().rev().find(|g| g.at <= t).and_then(|g| g.signatures.get(ca).copied()).unwrap_or(0)
-        };
-        at(until) - at(from)
     }
 }
