@@ -301,4 +301,184 @@ mod tests {
         assert_eq!(check_csr_pem("hello").unwrap_err().slug(), "malformed-csr");
         assert_eq!(check_csr_der(vec![0x30, 0x82, 0x01]).unwrap_err().slug(), "malformed-csr");
     }
+
+    use openssl::ec::{EcGroup, EcKey};
+    use openssl::nid::Nid;
+    use openssl::pkey::Private;
+    use openssl::stack::Stack;
+    use openssl::x509::extension::SubjectAlternativeName;
+    use openssl::x509::{X509NameBuilder, X509ReqBuilder};
+
+    fn ec(nid: Nid) -> PKey<Private> {
+        PKey::from_ec_key(EcKey::generate(&EcGroup::from_curve_name(nid).unwrap()).unwrap()).unwrap()
+    }
+
+    fn rsa(bits: u32) -> PKey<Private> {
+        PKey::from_rsa(openssl::rsa::Rsa::generate(bits).unwrap()).unwrap()
+    }
+
+    /// A DER CSR: common names, then SAN entries (`ip:` / `email:` prefixed, else DNS).
+    fn request(key: &PKey<Private>, cns: &[&str], names: &[&str], digest: MessageDigest) -> Vec<u8> {
+        let mut b = X509ReqBuilder::new().unwrap();
+        let mut subject = X509NameBuilder::new().unwrap();
+        for cn in cns {
+            subject.append_entry_by_text("CN", cn).unwrap();
+        }
+        b.set_subject_name(&subject.build()).unwrap();
+        b.set_pubkey(key).unwrap();
+        if !names.is_empty() {
+            let mut san = SubjectAlternativeName::new();
+            for n in names {
+                match (n.strip_prefix("ip:"), n.strip_prefix("email:")) {
+                    (Some(ip), _) => san.ip(ip),
+                    (_, Some(email)) => san.email(email),
+                    _ => san.dns(n),
+                };
+            }
+            let mut exts = Stack::new().unwrap();
+            exts.push(san.build(&b.x509v3_context(None)).unwrap()).unwrap();
+            b.add_extensions(&exts).unwrap();
+        }
+        b.sign(key, digest).unwrap();
+        b.build().to_der().unwrap()
+    }
+
+    #[test]
+    fn every_accepted_key_is_classified_and_its_names_kept_in_order() {
+        let p256 = check_csr_der(request(
+            &ec(Nid::X9_62_PRIME256V1),
+            &["a.test"],
+            &["a.test", "b.test"],
+            MessageDigest::sha256(),
+        ))
+        .unwrap();
+        assert_eq!((p256.key_type, p256.key_bits), (KeyType::EcdsaP256, 256));
+        assert_eq!(p256.common_name.as_deref(), Some("a.test"));
+        assert_eq!(p256.names, [SanName::Dns("a.test".into()), SanName::Dns("b.test".into())]);
+        let p384 =
+            check_csr_der(request(&ec(Nid::SECP384R1), &[], &["ip:10.0.0.1", "ip:::1"], MessageDigest::sha384()))
+                .unwrap();
+        assert_eq!((p384.key_type, p384.key_bits, p384.common_name), (KeyType::EcdsaP384, 384, None));
+        assert_eq!(p384.names, [SanName::Ip("10.0.0.1".parse().unwrap()), SanName::Ip("::1".parse().unwrap())]);
+        assert_eq!(p384.names.iter().map(ToString::to_string).collect::<Vec<_>>(), ["10.0.0.1", "::1"]);
+        let p521 =
+            check_csr_der(request(&ec(Nid::SECP521R1), &[], &["email:a@b.test"], MessageDigest::sha512())).unwrap();
+        assert_eq!(p521.key_bits, 521);
+        assert_eq!(p521.names, [SanName::Email("a@b.test".into())]);
+        assert_eq!(p521.names[0].to_string(), "a@b.test");
+        let ed = PKey::generate_ed25519().unwrap();
+        let ed = check_csr_der(request(&ed, &["e.test"], &[], MessageDigest::null())).unwrap();
+        assert_eq!(ed.key_type, KeyType::Ed25519);
+        for digest in [MessageDigest::sha256(), MessageDigest::sha384(), MessageDigest::sha512()] {
+            let r = check_csr_der(request(&rsa(2048), &[], &["r.test"], digest)).unwrap();
+            assert_eq!((r.key_type, r.key_bits), (KeyType::Rsa, 2048));
+        }
+    }
+
+    #[test]
+    fn the_spki_and_request_are_kept_as_sent() {
+        let key = ec(Nid::X9_62_PRIME256V1);
+        let der = request(&key, &[], &["k.test"], MessageDigest::sha256());
+        let checked = check_csr_der(der.clone()).unwrap();
+        assert_eq!(checked.der, der);
+        assert_eq!(checked.spki_der, key.public_key_to_der().unwrap());
+    }
+
+    #[test]
+    fn a_signature_that_does_not_verify_is_refused_for_every_key_type() {
+        for key in [ec(Nid::X9_62_PRIME256V1), ec(Nid::SECP384R1), PKey::generate_ed25519().unwrap(), rsa(2048)] {
+            let digest = if key.id() == Id::ED25519 { MessageDigest::null() } else { MessageDigest::sha256() };
+            let mut der = request(&key, &[], &["s.test"], digest);
+            let last = der.len() - 1;
+            der[last] ^= 0x01; // inside the signature
+            assert_eq!(check_csr_der(der).unwrap_err(), EngineError::BadCsrSignature, "{:?}", key.id());
+        }
+    }
+
+    #[test]
+    fn small_rsa_keys_and_two_common_names_are_refused() {
+        let small = check_csr_der(request(&rsa(1024), &[], &["r.test"], MessageDigest::sha256())).unwrap_err();
+        assert_eq!(small.slug(), "weak-key");
+        assert!(small.to_string().contains("RSA-1024"), "{small}");
+        let two = request(&ec(Nid::X9_62_PRIME256V1), &["a.test", "b.test"], &[], MessageDigest::sha256());
+        assert_eq!(check_csr_der(two).unwrap_err().slug(), "policy-violation");
+    }
+
+    #[test]
+    fn structure_is_checked_before_anything_else() {
+        let der = request(&ec(Nid::X9_62_PRIME256V1), &[], &["t.test"], MessageDigest::sha256());
+        let mut trailing = der.clone();
+        trailing.push(0);
+        assert!(check_csr_der(trailing).unwrap_err().to_string().contains("trailing bytes"));
+        let mut large = der.clone();
+        large.resize(MAX_CSR_DER + 1, 0);
+        assert!(check_csr_der(large).unwrap_err().to_string().contains("too large"));
+        let mut at_limit = der;
+        at_limit.resize(MAX_CSR_DER, 0);
+        assert!(check_csr_der(at_limit).unwrap_err().to_string().contains("trailing bytes"), "the size is allowed");
+    }
+
+    #[test]
+    fn pem_labels() {
+        let der = request(&ec(Nid::X9_62_PRIME256V1), &[], &["p.test"], MessageDigest::sha256());
+        let pem = |label: &str| {
+            use base64::Engine as _;
+            let body = base64::engine::general_purpose::STANDARD.encode(&der);
+            format!("\n  -----BEGIN {label}-----\n{body}\n-----END {label}-----\n")
+        };
+        assert_eq!(pem_to_der(&pem("CERTIFICATE REQUEST")).unwrap(), der);
+        assert_eq!(pem_to_der(&pem("NEW CERTIFICATE REQUEST")).unwrap(), der);
+        assert!(pem_to_der(&pem("CERTIFICATE")).unwrap_err().to_string().contains("expected CERTIFICATE REQUEST"));
+        assert_eq!(check_csr_pem(&pem("CERTIFICATE REQUEST")).unwrap().names, [SanName::Dns("p.test".into())]);
+    }
+
+    #[test]
+    fn every_accepted_algorithm_passes_and_unknown_ones_are_named() {
+        for oid in [
+            "1.2.840.113549.1.1.11",
+            "1.2.840.113549.1.1.12",
+            "1.2.840.113549.1.1.13",
+            "1.2.840.113549.1.1.10",
+            "1.2.840.10045.4.3.2",
+            "1.2.840.10045.4.3.3",
+            "1.2.840.10045.4.3.4",
+            "1.3.101.112",
+        ] {
+            assert!(check_signature_algorithm(oid).is_ok(), "{oid}");
+        }
+        for (oid, name) in [
+            ("1.2.840.113549.1.1.4", "md5"),
+            ("1.2.840.10045.4.1", "ecdsa-with-SHA1"),
+            ("1.3.14.3.2.29", "sha1WithRSASignature"),
+        ] {
+            assert!(check_signature_algorithm(oid).unwrap_err().to_string().contains(name), "{oid}");
+        }
+        assert!(check_signature_algorithm("1.2.3.4").unwrap_err().to_string().contains("1.2.3.4 is not supported"));
+    }
+
+    #[test]
+    fn dns_name_boundaries() {
+        let label63 = "a".repeat(63);
+        assert!(is_valid_dns_name(&format!("{label63}.test")));
+        assert!(!is_valid_dns_name(&format!("{label63}a.test")), "a 64-byte label");
+        let long = |n: usize| (0..n).map(|_| "a").collect::<Vec<_>>().join(".") + "b";
+        assert_eq!(long(126).len(), 252);
+        assert!(is_valid_dns_name(&(long(126) + "c")), "253 bytes");
+        assert!(!is_valid_dns_name(&(long(126) + "cd")), "254 bytes");
+        assert!(!is_valid_dns_name("example.test."), "trailing dot");
+        assert!(!is_valid_dns_name("a-.example"), "trailing hyphen");
+        assert!(!is_valid_dns_name("a_b.example"));
+        assert!(is_valid_dns_name("0-9.example"));
+    }
+
+    #[test]
+    fn email_addresses() {
+        assert!(is_valid_email("ops@example.test"));
+        assert!(is_valid_email("o.p+s@example.test"));
+        assert!(!is_valid_email("@example.test"), "empty local part");
+        assert!(!is_valid_email("o ps@example.test"), "space");
+        assert!(!is_valid_email("ops.example.test"), "no @");
+        assert!(!is_valid_email("ops@exa mple.test"), "domain not a DNS name");
+        assert!(!is_valid_email("ops@"), "empty domain");
+    }
 }
