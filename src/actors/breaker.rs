@@ -234,6 +234,15 @@ mod tests {
     }
 
     #[test]
+    fn a_closed_breaker_admits_everything() {
+        let mut b = Breaker::new(BreakerConfig { half_open_probes: 1, ..cfg() });
+        let t = Instant::now();
+        for _ in 0..10 {
+            assert_eq!(b.admit(t), (true, None));
+        }
+    }
+
+    #[test]
     fn a_success_resets_the_failures_in_a_row() {
         let mut b = Breaker::new(BreakerConfig { min_requests: 1000, ..cfg() });
         let t = Instant::now();

@@ -57,12 +57,14 @@ pub enum Sabotage {
     GlobalBackOff,
     /// Intake ignores the CAs' states: work for a disabled or parked CA is queued (incident 003).
     IgnoreCaState,
-    /// Every synchronous issuance opens a database connection of its own, outside the pools, and
-    /// holds it until answered: connections grow with load (incident 000).
+    /// Every synchronous certificate request (`POST /v1/certificates` without `respond-async`)
+    /// opens a database connection of its own, outside the pools, and holds it until answered:
+    /// connections grow with load (incident 000).
     ConnectionPerRequest,
-    /// Connections held past the threshold are never reported while held (incident 001).
+    /// Connections held past the threshold are never reported while held, and the longest-hold
+    /// gauge stays still (incident 001).
     SilentLeaks,
-    /// `/readyz` never names a saturated pool (incident 002).
+    /// `/readyz` never warns that a pool is saturated (its per-pool figures stay) (incident 002).
     QuietReadiness,
 }
 
@@ -751,7 +753,7 @@ const COMMAND_LINE_VARIABLES: &[&str] = &["config", "admin_token", "admin_url", 
 impl Config {
     /// Is this deliberate defect built in? (Only ever true in dev mode.)
     pub fn sabotaged(&self, what: Sabotage) -> bool {
-        self.sabotage.contains(&what)
+        self.mode == Mode::Dev && self.sabotage.contains(&what)
     }
 
     /// Defaults, then the file (which must exist), then `CASTELLUM_*` variables.

@@ -7,6 +7,9 @@ use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl, SqliteConne
 use super::target::DrillDb;
 use super::DrillError;
 
+/// The `application_name` of the drill's own PostgreSQL connections.
+pub const EVIDENCE_APP: &str = "castellum-drill-evidence";
+
 #[derive(QueryableByName)]
 struct Count {
     #[diesel(sql_type = diesel::sql_types::BigInt)]
@@ -28,9 +31,19 @@ impl Evidence {
     pub fn open(url: &str) -> Result<Evidence, DrillError> {
         let conn = match url.strip_prefix("sqlite://") {
             Some(path) => SqliteConnection::establish(path).map(Conn::Sqlite),
-            None => PgConnection::establish(url).map(Conn::Postgres),
+            // Named, so the drill's connection counts leave it out.
+            None => PgConnection::establish(&format!("{url}?connect_timeout=5&application_name={EVIDENCE_APP}"))
+                .map(Conn::Postgres),
         };
-        conn.map(|conn| Evidence { conn }).map_err(|e| DrillError::Evidence(e.to_string()))
+        let mut evidence = conn.map(|conn| Evidence { conn }).map_err(|e| DrillError::Evidence(e.to_string()))?;
+        if let Conn::Sqlite(c) = &mut evidence.conn {
+            // Wait out the engine's checkpoints; never write.
+            diesel::sql_query("PRAGMA busy_timeout = 5000")
+                .execute(c)
+                .map_err(|e| DrillError::Evidence(e.to_string()))?;
+            diesel::sql_query("PRAGMA query_only = ON").execute(c).map_err(|e| DrillError::Evidence(e.to_string()))?;
+        }
+        Ok(evidence)
     }
 
     /// Run `read` on a fresh look at `db`, off the async threads that drive the load.
@@ -56,16 +69,20 @@ impl Evidence {
         row.map(|r| r.n).map_err(|e| DrillError::Evidence(format!("{sql}: {e}")))
     }
 
-    /// Certificates signed and stored.
-    pub fn issued_certificates(&mut self) -> Result<i64, DrillError> {
-        self.count("SELECT count(*) AS n FROM certificates WHERE state = 'issued'")
+    /// Certificates signed and stored, less the distinct ones handed to asynchronous requests:
+    /// one statement, so no commit falls between the two counts.
+    pub fn issued_less_async_delivered(&mut self) -> Result<i64, DrillError> {
+        self.count(
+            "SELECT (SELECT count(*) FROM certificates WHERE state = 'issued') - (SELECT count(DISTINCT serial) FROM requests WHERE mode = 'async' AND state = 'issued' AND serial IS NOT NULL) AS n",
+        )
     }
 
-    /// Distinct certificates handed to asynchronous requests.
-    pub fn async_serials_delivered(&mut self) -> Result<i64, DrillError> {
-        self.count(
-            "SELECT count(DISTINCT serial) AS n FROM requests WHERE mode = 'async' AND state = 'issued' AND serial IS NOT NULL",
-        )
+    /// Requests of these CAs still waiting (pending or parked).
+    pub fn waiting(&mut self, cas: &[&str]) -> Result<i64, DrillError> {
+        let list = quoted(cas.iter().copied())?;
+        self.count(&format!(
+            "SELECT count(*) AS n FROM requests WHERE ca_id IN ({list}) AND state IN ('pending', 'parked')"
+        ))
     }
 
     /// Certificates whose write-ahead record (the step just before the key signs) was written after

@@ -246,12 +246,20 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
         session.recording().samples_of(4, parked_at, resubmitted).filter_map(|s| s.request_id.clone()).collect();
     wait_issued(&session.target, &parked_ids, s(30.0)).await;
 
+    // Everything accepted for the CAs that can still sign has finished (resubmitted work goes
+    // out at the CA's resubmit rate), so the counts below are final.
+    let settled = Instant::now();
+    while Evidence::read(session.target.db.as_ref(), |e| e.waiting(&["ica-p256", "ica-ed25519"])).await? > 0 {
+        if settled.elapsed() > s(30.0) {
+            return Err(DrillError::Setup("accepted requests still waiting 30 s after the load".into()));
+        }
+        tokio::time::sleep(s(0.2)).await;
+    }
     let f = queues_figures(&session.recording(), k, fault, disabled, disabled_at, end);
     let ids = parked_ids.clone();
     let db = Evidence::read(session.target.db.as_ref(), move |e| {
         Ok(QueuesEvidence {
-            issued: e.issued_certificates()?,
-            async_serials: e.async_serials_delivered()?,
+            issued_less_async: e.issued_less_async_delivered()?,
             signed_after_expiry: e.signed_after_expiry()?,
             rows_after_disable: e.rows_for_cas_since(&FAILING, disabled_ms)?,
             parked_issued: e.issued_among(&ids, unparked_ms)?,
@@ -322,10 +330,10 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
         ),
         Promise::new(
             "nothing is signed after its deadline",
-            db.issued == f.sync_created + db.async_serials && f.late_201 == 0 && db.signed_after_expiry == 0,
+            db.issued_less_async == f.sync_created && f.late_201 == 0 && db.signed_after_expiry == 0,
             format!(
-                "{} certificates stored = {} answered 201 + {} delivered to async requests; {} answers after 6 s; {} written ahead after their request expired",
-                db.issued, f.sync_created, db.async_serials, f.late_201, db.signed_after_expiry
+                "certificates stored less those delivered to async requests: {}, answered 201: {}; {} answers after 6 s; {} written ahead after their request expired",
+                db.issued_less_async, f.sync_created, f.late_201, db.signed_after_expiry
             ),
         ),
     ];
@@ -337,8 +345,7 @@ const FAILING: [&str; 2] = ["ica-p384", "ica-rsa3072"];
 
 /// What the incident-003 drill reads from the database after the load.
 struct QueuesEvidence {
-    issued: i64,
-    async_serials: i64,
+    issued_less_async: i64,
     signed_after_expiry: i64,
     rows_after_disable: (i64, i64),
     parked_issued: (i64, i64),
@@ -747,15 +754,17 @@ async fn pool_too_small(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dril
     };
     // A certificate to read back, many times at once.
     let identity = csr(KeyType::EcdsaP256, "reads.example.test")?;
-    let first: serde_json::Value = target
+    let first = target
         .http
         .post(format!("{}/v1/certificates", target.base))
         .bearer_auth(&target.api_key)
         .json(&serde_json::json!({"profile": "tls-server-p256", "csr": identity.as_str()}))
         .send()
-        .await?
-        .json()
         .await?;
+    if first.status() != 201 {
+        return Err(DrillError::Setup(format!("the certificate to read back was answered {}", first.status())));
+    }
+    let first: serde_json::Value = first.json().await?;
     let serial = first["serial"].as_str().unwrap_or_default().to_string();
     let streams = vec![
         Stream::issue("identities", "tls-server-p256", identity, 2, s(0.0), end),

@@ -48,6 +48,12 @@ impl DrillDb {
         let sql = |c: &mut PgConnection, q: String| {
             diesel::sql_query(q).execute(c).map_err(|e| DrillError::Setup(e.to_string()))
         };
+        if role.is_some() && !admin_url.starts_with("postgres://postgres@") {
+            // The engine's URL is the admin URL with the role as its user (see `url`).
+            return Err(DrillError::Setup(format!(
+                "a drill with a role of its own needs --postgres postgres://postgres@HOST:PORT, not {admin_url}"
+            )));
+        }
         if let (Some(role), Some(limit)) = (&role, connection_limit) {
             sql(&mut admin, format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT {limit}"))?;
             sql(&mut admin, format!("CREATE DATABASE {name} OWNER {role}"))?;
@@ -98,8 +104,9 @@ impl PgProbe {
             Some(role) => format!(" AND usename = '{role}'"),
             None => String::new(),
         };
+        let own = super::evidence::EVIDENCE_APP;
         diesel::sql_query(format!(
-            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = '{}' AND backend_type = 'client backend'{role}",
+            "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = '{}' AND backend_type = 'client backend' AND application_name <> '{own}'{role}",
             self.name
         ))
         .get_result::<Count>(conn)

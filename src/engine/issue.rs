@@ -194,7 +194,8 @@ impl Engine {
         let admitted = self.inner.intake.admit(client, &req.profile, &req.csr_pem, true)?;
         let id = uuid::Uuid::now_v7().to_string();
         span.record("request_id", id.as_str());
-        let expires_at = now_ms() + self.inner.config.async_requests.max_age.as_millis() as i64;
+        let (accepted_at, max_age) = (Instant::now(), self.inner.config.async_requests.max_age);
+        let expires_at = now_ms() + max_age.as_millis() as i64;
         let mut row = self.request_row(&id, client, &admitted, "async", req.idempotency_key.clone(), expires_at);
         if admitted.hold {
             // The CA is parked: the request waits, durably, for an operator's resubmit.
@@ -224,8 +225,7 @@ impl Engine {
         }
         let lane = self.inner.config.lanes.get(admitted.profile.lane);
         // Never signed past its max age (when the resumer marks it expired): the signer refuses
-        // a job after its deadline.
-        let max_age = self.inner.config.async_requests.max_age;
+        // a job after its deadline, counted from when `expires_at` was, not after the write.
         let job = Job {
             profile: admitted.profile,
             csr: admitted.csr,
@@ -233,7 +233,7 @@ impl Engine {
             client: client.name.clone(),
             request_id: Some(id.clone()),
             is_async: true,
-            deadline: Instant::now() + lane.max_deadline.min(max_age),
+            deadline: (accepted_at + max_age).min(Instant::now() + lane.max_deadline),
             enqueued_at: Instant::now(),
             reply: None,
             span,

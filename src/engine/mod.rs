@@ -72,7 +72,7 @@ struct Inner {
     metrics: Arc<Metrics>,
     /// Bounds concurrent reads: as many as the status pool has connections may hold one and as
     /// many again may wait (at most the pool's checkout timeout); beyond that, refused at once.
-    read_permits: Semaphore,
+    read_permits: Arc<Semaphore>,
     /// Pool counters at the previous readiness check, to report what happened since.
     readiness_seen: std::sync::Mutex<HashMap<&'static str, (u64, u64)>>,
     started_at: i64,
@@ -211,7 +211,7 @@ impl Engine {
         tracing::info!(instance = %instance, cas = config.cas.len(), profiles = config.profiles.len(), "engine started");
         let engine = Engine {
             inner: Arc::new(Inner {
-                read_permits: Semaphore::new(2 * pools.status.max_size as usize),
+                read_permits: Arc::new(Semaphore::new(2 * pools.status.max_size as usize)),
                 readiness_seen: std::sync::Mutex::new(HashMap::new()),
                 started_at: crate::pki::now_ms(),
                 config,
@@ -279,12 +279,18 @@ impl Engine {
         &self,
         f: impl FnOnce(&mut DbConn) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, EngineError> {
-        let _permit = self.inner.read_permits.try_acquire().map_err(|_| {
+        // The permit goes with the read onto its thread: a read the caller stopped waiting for
+        // still counts against the bound until it ends.
+        let permit = self.inner.read_permits.clone().try_acquire_owned().map_err(|_| {
             self.inner.metrics.pool_refused.get_or_create(&crate::metrics::pool("status")).inc();
             EngineError::DatabaseUnavailable
         })?;
         let bound = self.inner.config.lanes.interactive.default_deadline;
-        tokio::time::timeout(bound, on_pool(self.inner.pools.status.clone(), f)).await.unwrap_or_else(|_| {
+        let read = on_pool(self.inner.pools.status.clone(), move |conn| {
+            let _permit = permit;
+            f(conn)
+        });
+        tokio::time::timeout(bound, read).await.unwrap_or_else(|_| {
             tracing::warn!(bound_ms = bound.as_millis() as u64, "a database read got no answer in time");
             Err(EngineError::DatabaseUnavailable)
         })
@@ -442,8 +448,14 @@ impl Engine {
             return None;
         }
         let url = self.inner.config.database.url.clone();
-        let opened = actix_web::rt::task::spawn_blocking(move || crate::db::StrayConnection::open(&url)).await;
-        opened.ok().and_then(Result::ok)
+        match actix_web::rt::task::spawn_blocking(move || crate::db::StrayConnection::open(&url)).await {
+            Ok(Ok(conn)) => Some(conn),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "sabotage connection-per-request: the extra connection was refused");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// Prometheus text exposition of this engine's metrics.
