@@ -184,6 +184,8 @@ mod tests {
         assert_eq!(b.record(t, false), None);
         assert_eq!(b.record(t, false), None);
         assert!(matches!(b.record(t, false), Some(BreakerState::Open { .. })), "three in a row");
+        assert_eq!(b.admit(t + Duration::from_millis(1999)), (false, None), "open for open_for");
+        assert_eq!(b.admit(t + Duration::from_secs(2)), (true, Some(BreakerState::HalfOpen)));
     }
 
     #[test]
@@ -211,6 +213,8 @@ mod tests {
         let later = t + Duration::from_secs(3);
         assert!(b.admit(later).0);
         assert!(matches!(b.record(later, false), Some(BreakerState::Open { .. })));
+        assert_eq!(b.admit(later + Duration::from_millis(1999)), (false, None), "open for open_for again");
+        assert_eq!(b.admit(later + Duration::from_secs(2)), (true, Some(BreakerState::HalfOpen)));
     }
 
     #[test]
