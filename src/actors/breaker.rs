@@ -367,4 +367,20 @@ mod tests {
         assert_eq!(b.open_now(t + Duration::from_secs(1)), None, "no new transition");
         assert_eq!(b.admit(t + Duration::from_millis(2500)), (false, None), "the later end stands");
     }
+
+    #[test]
+    fn failures_that_leave_the_window_stop_counting() {
+        let mut b = Breaker::new(BreakerConfig { consecutive_failures: 100, ..cfg() });
+        let t = Instant::now();
+        for ok in [true, false, false] {
+            assert_eq!(b.record(t, ok), None);
+        }
+        let later = t + cfg().window + Duration::from_secs(1);
+        for ok in [true, true, true] {
+            assert_eq!(b.record(later, ok), None);
+        }
+        assert_eq!(b.record(later, false), None, "1 of 4 in the window: the old failures are gone");
+        assert_eq!(b.record(later, false), None, "2 of 5");
+        assert!(matches!(b.record(later, false), Some(BreakerState::Open { .. })), "3 of 6");
+    }
 }
