@@ -481,4 +481,37 @@ mod tests {
         assert!(!is_valid_email("ops@exa mple.test"), "domain not a DNS name");
         assert!(!is_valid_email("ops@"), "empty domain");
     }
+
+    #[test]
+    fn requests_up_to_16_kib_are_read_and_larger_ones_refused() {
+        let key = ec(Nid::X9_62_PRIME256V1);
+        let names = |n: usize| (0..n).map(|i| format!("host-{i:04}.example.test")).collect::<Vec<_>>();
+        let many = names(200);
+        let der = request(&key, &[], &many.iter().map(String::as_str).collect::<Vec<_>>(), MessageDigest::sha256());
+        assert!((4 * 1024..16 * 1024).contains(&der.len()), "{} bytes", der.len());
+        assert_eq!(check_csr_der(der).unwrap().names.len(), 200);
+        let too_many = names(800);
+        let der = request(&key, &[], &too_many.iter().map(String::as_str).collect::<Vec<_>>(), MessageDigest::sha256());
+        assert!(der.len() > 16 * 1024, "{} bytes", der.len());
+        assert!(check_csr_der(der).unwrap_err().to_string().contains("too large"));
+    }
+
+    #[test]
+    fn a_requested_extension_that_does_not_parse_is_refused() {
+        use openssl::asn1::{Asn1Object, Asn1OctetString};
+        use openssl::x509::X509Extension;
+        let key = ec(Nid::X9_62_PRIME256V1);
+        let mut b = X509ReqBuilder::new().unwrap();
+        b.set_pubkey(&key).unwrap();
+        // A subjectAltName whose value is a truncated SEQUENCE.
+        let san = Asn1Object::from_str("2.5.29.17").unwrap();
+        let value = Asn1OctetString::new_from_bytes(&[0x30, 0x05, 0x82, 0x03, b'a']).unwrap();
+        let mut exts = Stack::new().unwrap();
+        exts.push(X509Extension::new_from_der(&san, false, &value).unwrap()).unwrap();
+        b.add_extensions(&exts).unwrap();
+        b.sign(&key, MessageDigest::sha256()).unwrap();
+        let err = check_csr_der(b.build().to_der().unwrap()).unwrap_err();
+        assert_eq!(err.slug(), "malformed-csr", "{err}");
+        assert!(err.to_string().contains("a requested extension does not parse"), "{err}");
+    }
 }
