@@ -514,4 +514,25 @@ mod tests {
         assert_eq!(err.slug(), "malformed-csr", "{err}");
         assert!(err.to_string().contains("a requested extension does not parse"), "{err}");
     }
+
+    #[test]
+    fn rsa_keys_up_to_8192_bits_are_classified_and_larger_ones_refused() {
+        use openssl::bn::BigNum;
+        // A modulus of exactly `bits` bits (odd, top bit set): no key generation needed to
+        // classify a public key.
+        let public = |bits: i32| {
+            let mut n = BigNum::new().unwrap();
+            n.set_bit(bits - 1).unwrap();
+            n.set_bit(0).unwrap();
+            let rsa = openssl::rsa::Rsa::from_public_components(n, BigNum::from_u32(65537).unwrap()).unwrap();
+            PKey::from_rsa(rsa).unwrap()
+        };
+        assert_eq!(classify_key(&public(2048)).unwrap(), (KeyType::Rsa, 2048));
+        assert_eq!(classify_key(&public(8192)).unwrap(), (KeyType::Rsa, 8192));
+        assert!(classify_key(&public(8193)).unwrap_err().to_string().contains("RSA-8193 is too large"));
+        assert!(classify_key(&public(2047)).unwrap_err().to_string().contains("RSA-2047 is too small"));
+        let p521 = ec(Nid::SECP521R1);
+        let p521 = PKey::public_key_from_der(&p521.public_key_to_der().unwrap()).unwrap();
+        assert_eq!(classify_key(&p521).unwrap(), (KeyType::EcdsaP521, 521));
+    }
 }
