@@ -9,7 +9,7 @@ use common::*;
 
 #[actix_rt::test]
 async fn a_browser_parks_a_ca_from_the_console() {
-    let browser_dir = browser_dir();
+    browser_dir();
     let db = TestDb::sqlite();
     let config = dev_config(&db);
     let instance = config.instance_id.clone().expect("the test config names its instance");
@@ -20,22 +20,13 @@ async fn a_browser_parks_a_ca_from_the_console() {
     server.engine.set_profile_state("test-operator", "ocsp-renewal", false).await.unwrap();
     let out = tempfile::tempdir().unwrap();
     let screenshot = out.path().join("console.png");
-    let admin_base = server.admin_base.clone();
-    let shot = screenshot.clone();
-    let output = actix_web::rt::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(browser_dir.join("console.mjs"))
-            .args([admin_base.as_str(), ADMIN_TOKEN])
-            .arg(&shot)
-            .arg("ica-p384")
-            .output()
-            .expect("node runs")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let args = vec![
+        server.admin_base.clone().into(),
+        ADMIN_TOKEN.into(),
+        screenshot.clone().into_os_string(),
+        "ica-p384".into(),
+    ];
+    let seen = run_browser_script("console.mjs", args).await;
     assert_eq!(seen["errors"], serde_json::json!([]), "no script error on the page");
     // The click really parked it (the engine says so, and the database's audit log names the
     // admin), and the page shows it, read back from the page.

@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
 
 use common::*;
 
@@ -69,7 +68,7 @@ async fn the_console_forbids_inline_script_and_serves_no_inline_code() {
 /// an inline script injected into it.
 #[actix_rt::test]
 async fn the_console_shows_client_supplied_html_as_text_in_a_browser() {
-    let browser_dir = browser_dir();
+    browser_dir();
     let db = TestDb::sqlite();
     let server = TestServer::start(dev_config(&db)).await;
     let refused = server.issue(DEMO_KEY, PAYLOAD, &csr(Key::P256, &["xss.example.test"])).send().await.unwrap();
@@ -81,19 +80,8 @@ async fn the_console_shows_client_supplied_html_as_text_in_a_browser() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 
-    let admin_base = server.admin_base.clone();
-    let output = actix_web::rt::task::spawn_blocking(move || {
-        Command::new("node")
-            .arg(browser_dir.join("text_only.mjs"))
-            .args([admin_base.as_str(), ADMIN_TOKEN, PAYLOAD])
-            .output()
-            .expect("node runs")
-    })
-    .await
-    .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    let seen: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let args = [server.admin_base.as_str(), ADMIN_TOKEN, PAYLOAD].map(std::ffi::OsString::from).to_vec();
+    let seen = run_browser_script("text_only.mjs", args).await;
     assert_eq!(seen["audit"]["elements"], 0, "the markup became elements: {seen}");
     assert_eq!(seen["audit"]["everywhere"], 0, "{seen}");
     assert!(seen["audit"]["cells_with_payload"].as_u64().unwrap() >= 1, "shown as text: {seen}");

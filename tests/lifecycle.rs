@@ -161,17 +161,6 @@ async fn get_request(server: &TestServer, id: &str) -> serde_json::Value {
     resp.json().await.unwrap()
 }
 
-async fn submit(server: &TestServer, name: &str) -> String {
-    let resp = server
-        .issue(DEMO_KEY, "ocsp-renewal", &csr(Key::P256, &[name]))
-        .header("prefer", "respond-async")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 202);
-    resp.json::<serde_json::Value>().await.unwrap()["request_id"].as_str().unwrap().to_string()
-}
-
 fn certificates_of(db: &TestDb, request: &str, condition: &str) -> i64 {
     sql::count(db, &format!("SELECT count(*) AS n FROM certificates WHERE request_id = '{request}' AND {condition}"))
 }
@@ -185,7 +174,7 @@ async fn a_parked_request_past_its_max_age_expires_unsigned(db: TestDb) {
     config.async_requests.resume_interval = Duration::from_millis(100);
     let server = TestServer::start(config).await;
     assert_eq!(set_ca_state(&server, "ica-p256", "parked").await.0, 200);
-    let id = submit(&server, "aged.example.test").await;
+    let id = submit_async(&server, "ocsp-renewal", "aged.example.test").await;
     assert_eq!(get_request(&server, &id).await["state"], "parked");
 
     let done = wait_for_request(&server.http, &server.base, &id, Duration::from_secs(10)).await;
@@ -201,7 +190,7 @@ async fn a_parked_request_past_its_max_age_expires_unsigned(db: TestDb) {
     let resubmit = admin_post(&server, "/admin/v1/cas/ica-p256/resubmit", serde_json::json!({})).send().await.unwrap();
     assert_eq!(resubmit.status(), 200);
     assert_eq!(resubmit.json::<serde_json::Value>().await.unwrap()["resubmitting"], 0);
-    let control = submit(&server, "fresh.example.test").await;
+    let control = submit_async(&server, "ocsp-renewal", "fresh.example.test").await;
     let issued = wait_for_request(&server.http, &server.base, &control, Duration::from_secs(10)).await;
     assert_eq!(issued["state"], "issued", "{issued}");
     assert_eq!(certificates_of(&db, &control, "state = 'issued'"), 1);
@@ -232,7 +221,7 @@ async fn a_request_in_flight_past_its_max_age_is_never_signed() {
     config.async_requests.max_age = Duration::from_secs(1);
     config.async_requests.resume_interval = Duration::from_millis(100);
     let server = TestServer::start(config).await;
-    let id = submit(&server, "slow.example.test").await;
+    let id = submit_async(&server, "ocsp-renewal", "slow.example.test").await;
     // The signer has had its turn once the write-ahead record is settled one way or the other.
     let started = Instant::now();
     while certificates_of(&db, &id, "state IN ('issued', 'abandoned')") == 0 {

@@ -960,6 +960,20 @@ pub fn browser_dir() -> PathBuf {
     dir
 }
 
+/// Run one of the browser scripts with `args` (off the event loop) and read the JSON it prints:
+/// what the page showed.
+pub async fn run_browser_script(script: &str, args: Vec<std::ffi::OsString>) -> serde_json::Value {
+    let script = browser_dir().join(script);
+    let output = actix_web::rt::task::spawn_blocking(move || {
+        Command::new("node").arg(&script).args(&args).output().expect("node runs")
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
 /// Submit an asynchronous request for a fresh P-256 key and `name`; its request id (202 expected).
 pub async fn submit_async(server: &TestServer, profile: &str, name: &str) -> String {
     let resp = server
