@@ -39,6 +39,18 @@ pub(crate) fn catch_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, Str
     })
 }
 
+/// Fault injection (dev mode only): panic here if `pending` holds an injected panic, taking it.
+/// One atomic load when none is pending.
+pub(crate) fn injected_panic(pending: &std::sync::atomic::AtomicU32, what: &str) {
+    use std::sync::atomic::Ordering;
+    if pending.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
+        #[allow(clippy::panic)]
+        {
+            panic!("injected fault: {what} panicked");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -71,14 +71,8 @@ impl Handler<Sign> for Signer {
             return Err(EngineError::SignerFailure { ca: self.ca.id.clone(), reason: "injected signer fault".into() });
         }
         let started = Instant::now();
-        let injected = &self.gauges.injected_signer_panics;
         let result = super::catch_panic("signer", || {
-            if injected.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
-                #[allow(clippy::panic)]
-                {
-                    panic!("injected fault: CA {} signer panicked", self.ca.id);
-                }
-            }
+            super::injected_panic(&self.gauges.injected_signer_panics, "signer");
             tbs::sign(&self.ca, &msg.tbs_der)
         })
         .unwrap_or_else(|panic| {

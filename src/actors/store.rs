@@ -227,14 +227,8 @@ impl Handler<Batch> for StoreWorker {
     fn handle(&mut self, batch: Batch, _ctx: &mut Self::Context) -> Self::Result {
         let pool = &self.pool;
         let _span = tracing::info_span!("store_batch", writes = batch.0.len()).entered();
-        let injected = &self.injected_panics;
         super::catch_panic("store", || {
-            if injected.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok() {
-                #[allow(clippy::panic)]
-                {
-                    panic!("injected fault: store worker panicked");
-                }
-            }
+            super::injected_panic(&self.injected_panics, "store worker");
             let mut conn = pool.get()?;
             queries::apply_batch(&mut conn, &batch.0)
         })

@@ -97,7 +97,10 @@ impl PgProbe {
             n: i64,
         }
         if admin.is_none() {
-            *admin = Some(PgConnection::establish(&format!("{}/postgres", self.admin_url)).map_err(|e| e.to_string())?);
+            *admin = Some(
+                PgConnection::establish(&format!("{}/postgres?connect_timeout=5", self.admin_url))
+                    .map_err(|e| e.to_string())?,
+            );
         }
         let Some(conn) = admin.as_mut() else { return Err("no connection".into()) };
         let role = match &self.role {

@@ -109,9 +109,7 @@ impl Engine {
     /// Fault injection for drills and tests, refused outside dev mode: kill a CA's cell so its
     /// supervisor replaces it.
     pub fn crash_cell(&self, ca: &str) -> Result<(), EngineError> {
-        if self.inner.config.mode != crate::config::Mode::Dev {
-            return Err(EngineError::Forbidden("fault injection is refused unless mode = \"dev\"".into()));
-        }
+        self.refuse_faults_outside_dev()?;
         let slot = self.inner.intake.cells.get(ca).ok_or(EngineError::NotFound)?;
         slot.addr.load().try_send(Crash).map_err(|_| EngineError::ShuttingDown)
     }
@@ -158,9 +156,7 @@ impl Engine {
         every: Duration,
         hold: Duration,
     ) -> Result<(), EngineError> {
-        if self.inner.config.mode != crate::config::Mode::Dev {
-            return Err(EngineError::Forbidden("fault injection is refused unless mode = \"dev\"".into()));
-        }
+        self.refuse_faults_outside_dev()?;
         self.audit(actor, "fault.leak", pool, &format!("{connections} connections, held {} ms", hold.as_millis()));
         let pool = self
             .inner
