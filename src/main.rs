@@ -89,8 +89,7 @@ enum Command {
         #[arg(long, default_value = "drill-reports")]
         out: PathBuf,
         /// Start the engine with this deliberate defect (dev mode; repeatable) to see the drill
-        /// fail: global-back-off, ignore-ca-state, connection-per-request, silent-leaks,
-        /// quiet-readiness.
+        /// fail (the defects are listed in docs/TESTING.md).
         #[arg(long, value_name = "DEFECT")]
         sabotage: Vec<String>,
     },

@@ -71,37 +71,62 @@ fn connection_surge_needs_postgres_and_says_so() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("needs PostgreSQL"));
 }
 
-/// Each drill run against an engine built to break one of its promises: the drill must say so
-/// (exit code 1, that promise marked FAIL), or its verdicts prove nothing.
-fn sabotaged_drill(name: &str, postgres: bool, defect: &str, promise: &str) {
+/// A drill run against an engine built with deliberate defects: its stdout, once it has exited 1
+/// (a promise failed) with every promise in `failing` marked FAIL. Without this, a drill's
+/// verdicts would prove nothing.
+fn sabotaged_drill(name: &str, postgres: bool, defects: &[&str], failing: &[&str]) -> String {
     let out = tempfile::tempdir().unwrap();
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_castellum"));
-    cmd.args(["drill", name, "--short", "--sabotage", defect, "--keys-dev"])
-        .arg(dev_keys())
-        .arg("--out")
-        .arg(out.path());
+    cmd.args(["drill", name, "--short", "--keys-dev"]).arg(dev_keys()).arg("--out").arg(out.path());
+    for defect in defects {
+        cmd.args(["--sabotage", defect]);
+    }
     if postgres {
         cmd.args(["--postgres", &postgres_admin_url()]);
     }
     let output = cmd.output().expect("castellum drill runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stdout = String::from_utf8_lossy(&output.stdout).replace('\r', "\n");
     assert_eq!(
         output.status.code(),
         Some(1),
-        "{name} with {defect}: expected a failed promise\n{stdout}\n{}",
+        "{name} with {defects:?}: expected a failed promise\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("A PROMISE FAILED"), "{stdout}");
-    let failed: Vec<&str> = stdout.lines().filter(|l| l.trim_start().starts_with("[FAIL]")).collect();
-    assert!(
-        failed.iter().any(|l| l.contains(promise)),
-        "{name} with {defect}: expected {promise:?} to fail; failed: {failed:#?}\n{stdout}"
-    );
+    for promise in failing {
+        assert_eq!(verdict(&stdout, promise), "FAIL", "{name} with {defects:?}: {promise:?}\n{stdout}");
+    }
+    stdout
+}
+
+/// The verdict (`held` or `FAIL`) the drill printed for the promise starting with `promise`.
+fn verdict<'a>(stdout: &'a str, promise: &str) -> &'a str {
+    let line = stdout
+        .lines()
+        .map(str::trim_start)
+        .find(|l| l.strip_prefix('[').and_then(|l| l.split_once("] ")).is_some_and(|(_, p)| p.starts_with(promise)))
+        .unwrap_or_else(|| panic!("no verdict for {promise:?} in\n{stdout}"));
+    &line[1..line.find(']').unwrap()]
 }
 
 #[test]
 fn issuance_queues_2020_catches_a_global_back_off() {
-    sabotaged_drill("issuance-queues-2020", false, "global-back-off", "only the failing CAs' breakers open");
+    sabotaged_drill(
+        "issuance-queues-2020",
+        false,
+        &["global-back-off"],
+        &["healthy CA keeps 100% success", "only the failing CAs' breakers open", "no global back-off"],
+    );
+}
+
+#[test]
+fn issuance_queues_2020_catches_a_back_off_of_background_work() {
+    sabotaged_drill(
+        "issuance-queues-2020",
+        false,
+        &["background-back-off"],
+        &["background work for valid CAs keeps at least half its baseline rate"],
+    );
 }
 
 #[test]
@@ -109,8 +134,33 @@ fn issuance_queues_2020_catches_disabled_cas_queued() {
     sabotaged_drill(
         "issuance-queues-2020",
         false,
-        "ignore-ca-state",
-        "requests for disabled CAs are refused at intake",
+        &["ignore-ca-state"],
+        &["requests for disabled CAs are refused at intake"],
+    );
+}
+
+#[test]
+fn issuance_queues_2020_catches_a_park_that_does_not_hold() {
+    sabotaged_drill("issuance-queues-2020", false, &["ignore-park"], &["parked work is held, then all issued"]);
+}
+
+/// Signing slower than the deadline is what makes deadlines matter: with it alone the engine
+/// signs nothing late (the control: the judge does not fail on slowness), with deadlines ignored
+/// as well it does, and the drill must say so.
+#[test]
+fn issuance_queues_2020_catches_work_signed_after_its_deadline() {
+    let slow_only = sabotaged_drill(
+        "issuance-queues-2020",
+        false,
+        &["slow-interactive-signing"],
+        &["healthy CA keeps 100% success"],
+    );
+    assert_eq!(verdict(&slow_only, "nothing is signed after its deadline"), "held", "{slow_only}");
+    sabotaged_drill(
+        "issuance-queues-2020",
+        false,
+        &["slow-interactive-signing", "ignore-deadlines"],
+        &["nothing is signed after its deadline"],
     );
 }
 
@@ -119,19 +169,84 @@ fn connection_surge_2024_catches_connections_outside_the_pools() {
     sabotaged_drill(
         "connection-surge-2024",
         true,
-        "connection-per-request",
-        "database connections never exceed the configured budget",
+        &["connection-per-request"],
+        &["database connections never exceed the configured budget"],
+    );
+}
+
+#[test]
+fn connection_surge_2024_catches_excess_load_left_to_time_out() {
+    sabotaged_drill(
+        "connection-surge-2024",
+        true,
+        &["timeouts-not-refusals"],
+        &["excess load gets fast 503/429, not timeouts"],
+    );
+}
+
+#[test]
+fn connection_surge_2024_catches_admitted_work_past_its_deadline() {
+    sabotaged_drill(
+        "connection-surge-2024",
+        true,
+        &["slow-interactive-signing", "ignore-deadlines"],
+        &["p99 of admitted requests stays inside the deadline"],
+    );
+}
+
+#[test]
+fn connection_surge_2024_catches_no_recovery() {
+    sabotaged_drill(
+        "connection-surge-2024",
+        true,
+        &["sticky-overload"],
+        &["full recovery after the surge without a restart"],
     );
 }
 
 #[test]
 fn pool_leak_2023_catches_a_silent_leak() {
-    sabotaged_drill("pool-leak-2023", false, "silent-leaks", "the leak is reported");
+    sabotaged_drill("pool-leak-2023", false, &["silent-leaks"], &["the leak is reported"]);
+}
+
+#[test]
+fn pool_leak_2023_catches_issuance_without_its_own_pool() {
+    sabotaged_drill(
+        "pool-leak-2023",
+        false,
+        &["shared-pool"],
+        &["the issuance path keeps serving from its own bulkhead"],
+    );
+}
+
+#[test]
+fn pool_leak_2023_catches_a_console_that_needs_the_pool() {
+    sabotaged_drill("pool-leak-2023", false, &["brittle-console"], &["the admin and health endpoints keep answering"]);
+}
+
+#[test]
+fn pool_too_small_2024_catches_a_blind_check_config() {
+    sabotaged_drill(
+        "pool-too-small-2024",
+        false,
+        &["blind-check-config"],
+        &["check-config flags the pool given the expected rate"],
+    );
 }
 
 #[test]
 fn pool_too_small_2024_catches_a_quiet_readiness() {
-    sabotaged_drill("pool-too-small-2024", false, "quiet-readiness", "/readyz make the cause obvious");
+    sabotaged_drill(
+        "pool-too-small-2024",
+        false,
+        &["quiet-readiness"],
+        &["the pool-wait metric and /readyz make the cause obvious"],
+    );
+}
+
+#[test]
+fn pool_too_small_2024_catches_bare_errors() {
+    sabotaged_drill("pool-too-small-2024", false, &["bare-errors"], &["errors are 503 with Retry-After"]);
 }
 
 #[test]

@@ -21,7 +21,7 @@ use super::pipeline::{deadline_exceeded, Pipeline, FINISH_MARGIN};
 use super::registry::{ca_state, RegistryChanged};
 use super::signer::Signer;
 use super::store::StoreHandle;
-use crate::config::{CaConfig, Lane};
+use crate::config::{CaConfig, Lane, Sabotage, Sabotages};
 use crate::engine::types::IssuedCertificate;
 use crate::error::EngineError;
 use crate::metrics::{self, Metrics};
@@ -237,12 +237,13 @@ pub struct CellParts {
     pub initial_state: String,
     /// Shared with intake; kept across restarts of the cell.
     pub gauges: Arc<CellGauges>,
+    pub sabotage: Sabotages,
 }
 
 impl CaCell {
     /// Start the cell on its own arbiter with its signer threads.
     pub fn start(cfg: &CaConfig, parts: CellParts) -> (Addr<CaCell>, Arbiter) {
-        let CellParts { ca, store, metrics, instance, faults, initial_state, gauges } = parts;
+        let CellParts { ca, store, metrics, instance, faults, initial_state, gauges, sabotage } = parts;
         let (signer_ca, signer_metrics) = (ca.clone(), metrics.clone());
         let signer_gauges = gauges.clone();
         let signer = SyncArbiter::start(cfg.signer_threads.max(1), move || Signer {
@@ -253,7 +254,7 @@ impl CaCell {
         });
         let spacing = Duration::from_secs_f64(1.0 / cfg.expected_sign_rate.max(1.0));
         gauges.completion_spacing_us.store(spacing.as_micros() as u64, Ordering::Relaxed);
-        let pipeline = Pipeline { ca, signer, store, metrics, instance };
+        let pipeline = Pipeline { ca, signer, store, metrics, instance, sabotage };
         let (queue, breaker_cfg, cell_gauges) = (cfg.queue.clone(), cfg.breaker.clone(), gauges);
         let arbiter = Arbiter::new();
         let addr = CaCell::start_in_arbiter(&arbiter.handle(), move |_| CaCell {
@@ -314,7 +315,7 @@ impl CaCell {
                 .queue_wait_seconds
                 .get_or_create(&metrics::ca_lane(self.ca_id(), job.profile.lane))
                 .observe(now.duration_since(job.enqueued_at).as_secs_f64());
-            if now + FINISH_MARGIN >= job.deadline {
+            if now + FINISH_MARGIN >= job.deadline && !self.pipeline.sabotage.has(Sabotage::IgnoreDeadlines) {
                 // Its caller is (about to be) answered 503: never sign it.
                 self.breaker.release_probe();
                 self.pipeline.metrics.expired_in_queue.get_or_create(&metrics::ca(self.ca_id())).inc();
@@ -476,7 +477,11 @@ impl CaCell {
     }
 
     fn takes_work(&self) -> bool {
-        matches!(self.ca_state.as_str(), ca_state::ENABLED | ca_state::DRAINING)
+        match self.ca_state.as_str() {
+            ca_state::ENABLED | ca_state::DRAINING => true,
+            ca_state::PARKED => self.pipeline.sabotage.has(Sabotage::IgnorePark),
+            _ => false,
+        }
     }
 
     /// Look at the key file off the event loop; log what changed.

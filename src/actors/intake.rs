@@ -17,7 +17,7 @@ use actix::prelude::*;
 use super::cell::{Enqueue, Job};
 use super::registry::{ca_state, SharedSnapshot};
 use super::supervisor::CellSlot;
-use crate::config::{Config, LanesConfig, Sabotage};
+use crate::config::{Config, Lane, LanesConfig, Sabotage, Sabotages};
 use crate::engine::types::Client;
 use crate::error::EngineError;
 use crate::pki::identity::IdentityDraft;
@@ -89,8 +89,7 @@ pub struct Intake {
     /// Per-client GCRA limiters (clients without a configured rate have none).
     limiters: Arc<HashMap<String, Limiter>>,
     /// Dev-only deliberate defects (see [`Sabotage`]).
-    global_back_off: bool,
-    ignore_ca_state: bool,
+    sabotage: Sabotages,
 }
 
 impl Intake {
@@ -116,8 +115,7 @@ impl Intake {
             cells,
             lanes: config.lanes.clone(),
             limiters: Arc::new(limiters),
-            global_back_off: config.sabotaged(Sabotage::GlobalBackOff),
-            ignore_ca_state: config.sabotaged(Sabotage::IgnoreCaState),
+            sabotage: config.sabotages(),
         }
     }
 
@@ -150,7 +148,9 @@ impl Intake {
     pub fn check_breaker(&self, profile: &Profile) -> Result<(), EngineError> {
         let Some(gauges) = self.cells.get(&profile.ca).map(|slot| &slot.gauges) else { return Ok(()) };
         let mut open_until = gauges.breaker_open_until_ms.load(Ordering::Relaxed);
-        if self.global_back_off {
+        let backs_off = self.sabotage.has(Sabotage::GlobalBackOff)
+            || (profile.lane == Lane::Background && self.sabotage.has(Sabotage::BackgroundBackOff));
+        if backs_off {
             let slots = self.cells.values();
             open_until = slots.map(|s| s.gauges.breaker_open_until_ms.load(Ordering::Relaxed)).max().unwrap_or(0);
         }
@@ -169,6 +169,9 @@ impl Intake {
     /// time the request has left.
     pub fn check_capacity(&self, profile: &Profile, deadline: Instant) -> Result<(), EngineError> {
         let Some(gauges) = self.cells.get(&profile.ca).map(|slot| &slot.gauges) else { return Ok(()) };
+        if self.sabotage.has(Sabotage::IgnoreDeadlines) {
+            return Ok(());
+        }
         let predicted = gauges.predicted_wait(profile.lane);
         let left = deadline.saturating_duration_since(Instant::now());
         if predicted > left {
@@ -221,8 +224,9 @@ impl Intake {
             retry_after: Duration::from_secs(30),
         };
         let hold = match snapshot.ca_state(&profile.ca) {
-            _ if self.ignore_ca_state => false,
+            _ if self.sabotage.has(Sabotage::IgnoreCaState) => false,
             ca_state::ENABLED => false,
+            ca_state::PARKED if self.sabotage.has(Sabotage::IgnorePark) => false,
             ca_state::PARKED if is_async => true,
             ca_state::PARKED => return Err(unavailable("the CA is parked; asynchronous requests are accepted")),
             ca_state::DRAINING => return Err(unavailable("the CA is draining")),

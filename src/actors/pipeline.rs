@@ -11,6 +11,7 @@ use actix::prelude::*;
 use super::cell::Job;
 use super::signer::{Prepare, Sign, Signer};
 use super::store::StoreHandle;
+use crate::config::{Lane, Sabotage, Sabotages};
 use crate::db::models::{cert_state, identity_state, request_state, CertificateRow, IdentityRow, NewAuditEvent};
 use crate::db::queries::WriteOp;
 use crate::engine::types::IssuedCertificate;
@@ -27,6 +28,8 @@ pub struct Pipeline {
     pub store: StoreHandle,
     pub metrics: Arc<Metrics>,
     pub instance: Arc<str>,
+    /// Dev-only deliberate defects (see [`Sabotage`]).
+    pub sabotage: Sabotages,
 }
 
 fn mailbox_gone(_: MailboxError) -> EngineError {
@@ -70,8 +73,15 @@ impl Pipeline {
             })))
             .await?;
 
-        let signed =
-            p.signer.send(Sign { tbs_der: prepared.tbs_der, deadline: job.deadline }).await.map_err(mailbox_gone)?;
+        if p.sabotage.has(Sabotage::SlowInteractiveSigning) && job.profile.lane == Lane::Interactive {
+            actix_rt::time::sleep(Duration::from_secs(7)).await;
+        }
+        // Without deadlines (a defect on purpose) the signer's last check never refuses.
+        let deadline = match p.sabotage.has(Sabotage::IgnoreDeadlines) {
+            true => job.deadline + Duration::from_secs(3600),
+            false => job.deadline,
+        };
+        let signed = p.signer.send(Sign { tbs_der: prepared.tbs_der, deadline }).await.map_err(mailbox_gone)?;
         let cert_der = match signed {
             Ok(der) => der,
             Err(e) => {

@@ -51,6 +51,7 @@ impl CellFactory {
             faults: Faults { sign_latency: cfg.fault.sign_latency, failure_rate: cfg.fault.failure_rate },
             initial_state: self.snapshot.load().ca_state(ca).to_string(),
             gauges,
+            sabotage: self.config.sabotages(),
         };
         Some(CaCell::start(cfg, parts))
     }

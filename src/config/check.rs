@@ -471,6 +471,9 @@ fn valid_id(id: &str) -> bool {
 pub fn check_capacity(config: &Config, rate: f64, hold: Duration) -> Vec<ConfigProblem> {
     let needed = (rate * hold.as_secs_f64() * 2.0).ceil() as u32;
     let mut p = Problems(Vec::new());
+    if config.sabotaged(super::Sabotage::BlindCheckConfig) {
+        return p.0;
+    }
     for (name, pool) in [("issuance", &config.database.pools.issuance), ("status", &config.database.pools.status)] {
         if pool.max_size < needed {
             p.add(

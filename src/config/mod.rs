@@ -66,6 +66,45 @@ pub enum Sabotage {
     SilentLeaks,
     /// `/readyz` never warns that a pool is saturated (its per-pool figures stay) (incident 002).
     QuietReadiness,
+    /// Intake refuses background-lane work for every CA while any CA's breaker is open: the
+    /// back-off of incident 003, applied to renewals only.
+    BackgroundBackOff,
+    /// A parked CA keeps signing: its work is neither held nor turned away (incident 003).
+    IgnorePark,
+    /// Deadlines are not enforced: no predicted-wait refusal, expired jobs are dequeued and
+    /// signed, and a synchronous caller waits for its certificate however long it takes.
+    IgnoreDeadlines,
+    /// Every interactive-lane job stalls 7 s between its write-ahead record and its signature,
+    /// longer than any interactive deadline (a stuck HSM session). Not a promise of its own: it
+    /// is what makes deadlines matter for [`Sabotage::IgnoreDeadlines`].
+    SlowInteractiveSigning,
+    /// A CA that is overloaded makes its callers wait out their deadline instead of refusing at
+    /// once: excess load times out (incident 000).
+    TimeoutsNotRefusals,
+    /// Once any request has been refused as overloaded, every later one is too, until restart:
+    /// no recovery after a surge (incident 000).
+    StickyOverload,
+    /// Issuance takes its connections from the control pool: no bulkhead between them (incident 001).
+    SharedPool,
+    /// The admin status page fails when the control pool cannot give it a connection, instead
+    /// of answering without what needs the database (incident 001).
+    BrittleConsole,
+    /// `check-config` does not compare the pools with the expected rate (incident 002).
+    BlindCheckConfig,
+    /// A read refused or timed out for lack of a connection is answered 500 without
+    /// `Retry-After` (incident 002).
+    BareErrors,
+}
+
+/// The defects an engine is built with: empty unless `mode = "dev"`. Copied into every component
+/// that has one, so checking costs a bit test.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sabotages(u32);
+
+impl Sabotages {
+    pub fn has(self, what: Sabotage) -> bool {
+        self.0 & (1 << what as u32) != 0
+    }
 }
 
 impl Default for Config {
@@ -753,7 +792,15 @@ const COMMAND_LINE_VARIABLES: &[&str] = &["config", "admin_token", "admin_url", 
 impl Config {
     /// Is this deliberate defect built in? (Only ever true in dev mode.)
     pub fn sabotaged(&self, what: Sabotage) -> bool {
-        self.mode == Mode::Dev && self.sabotage.contains(&what)
+        self.sabotages().has(what)
+    }
+
+    /// Every deliberate defect built in (none outside dev mode).
+    pub fn sabotages(&self) -> Sabotages {
+        match self.mode {
+            Mode::Dev => Sabotages(self.sabotage.iter().fold(0, |set, s| set | 1 << *s as u32)),
+            _ => Sabotages::default(),
+        }
     }
 
     /// Defaults, then the file (which must exist), then `CASTELLUM_*` variables.
@@ -808,5 +855,22 @@ impl Config {
     /// The shortest deadline any request can get (the pool timeouts must sit well below it).
     pub fn shortest_deadline(&self) -> Duration {
         self.lanes.interactive.default_deadline.min(self.lanes.background.default_deadline)
+    }
+}
+
+#[cfg(test)]
+mod sabotage_tests {
+    use super::*;
+
+    #[test]
+    fn defects_are_built_in_only_in_dev_mode() {
+        let all = vec![Sabotage::GlobalBackOff, Sabotage::IgnoreDeadlines, Sabotage::BareErrors];
+        let dev = Config { mode: Mode::Dev, sabotage: all.clone(), ..Config::default() };
+        for what in &all {
+            assert!(dev.sabotaged(*what), "{what:?}");
+        }
+        assert!(!dev.sabotaged(Sabotage::IgnorePark));
+        let production = Config { mode: Mode::Production, sabotage: all, ..Config::default() };
+        assert_eq!(production.sabotages(), Sabotages::default());
     }
 }

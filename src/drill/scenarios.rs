@@ -295,12 +295,12 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
         ),
         Promise::new(
             "no global back-off: the healthy CA's issuance rate stays within 25% of its baseline",
-            f.rate_fault >= 0.75 * f.rate_base,
+            f.rate_base > 0.0 && f.rate_fault >= 0.75 * f.rate_base,
             format!("ica-p256 issued {:.0}/s before the fault, {:.0}/s during it", f.rate_base, f.rate_fault),
         ),
         Promise::new(
             "background work for valid CAs keeps at least half its baseline rate",
-            f.bg_fault_n > 0 && f.bg_fault_rate >= 0.5 * f.bg_base_rate,
+            f.bg_base_rate > 0.0 && f.bg_fault_n > 0 && f.bg_fault_rate >= 0.5 * f.bg_base_rate,
             format!(
                 "renewals on ica-p256 (background lane): {:.1}/s issued before the fault, {:.1}/s during it",
                 f.bg_base_rate, f.bg_fault_rate

@@ -1,6 +1,7 @@
 //! Issuance through the engine: synchronous (with a deadline), asynchronous (durable), and
 //! idempotent retries of either.
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -9,6 +10,7 @@ use super::types::*;
 use super::Engine;
 use crate::actors::cell::Job;
 use crate::actors::intake::Admitted;
+use crate::config::Sabotage;
 use crate::db::models::{request_state, NewAuditEvent, RequestRow};
 use crate::db::queries::{self, WriteOp, WriteOutcome};
 use crate::error::EngineError;
@@ -26,6 +28,7 @@ impl Engine {
         let started = Instant::now();
         let stray = self.stray_connection().await;
         let result = tracing::Instrument::instrument(self.issue_inner(client, &req, span.clone()), span).await;
+        let result = self.sabotaged_overload(result, started).await;
         drop(stray);
         self.count(result.as_ref().map(|_| "issued"), started);
         if let Err(e) = &result {
@@ -41,6 +44,14 @@ impl Engine {
         span: tracing::Span,
     ) -> Result<IssuedCertificate, EngineError> {
         self.refuse_if_stopping()?;
+        if self.inner.config.sabotaged(Sabotage::StickyOverload) && self.inner.overload_latched.load(Ordering::Relaxed)
+        {
+            return Err(EngineError::CaOverloaded {
+                ca: "every CA".into(),
+                reason: "overloaded earlier (sabotage sticky-overload)".into(),
+                retry_after: Duration::from_secs(1),
+            });
+        }
         check_idempotency_key(req.idempotency_key.as_deref())?;
         let admitted = self.inner.intake.admit(client, &req.profile, &req.csr_pem, false)?;
         span.record("ca", admitted.profile.ca.as_str());
@@ -77,6 +88,28 @@ impl Engine {
         }
     }
 
+    /// What an engine without load shedding does with an overload refusal: remember it for good
+    /// ([`Sabotage::StickyOverload`]) or make the caller wait out its deadline
+    /// ([`Sabotage::TimeoutsNotRefusals`]). `result` unchanged on an engine built right.
+    async fn sabotaged_overload(
+        &self,
+        result: Result<IssuedCertificate, EngineError>,
+        started: Instant,
+    ) -> Result<IssuedCertificate, EngineError> {
+        if !matches!(result, Err(EngineError::CaOverloaded { .. })) {
+            return result;
+        }
+        let sabotage = self.inner.config.sabotages();
+        if sabotage.has(Sabotage::StickyOverload) {
+            self.inner.overload_latched.store(true, Ordering::Relaxed);
+        }
+        if sabotage.has(Sabotage::TimeoutsNotRefusals) {
+            tokio::time::sleep_until((started + self.inner.config.lanes.interactive.default_deadline).into()).await;
+            return Err(EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) });
+        }
+        result
+    }
+
     async fn run_sync(
         &self,
         client: &Client,
@@ -102,6 +135,11 @@ impl Engine {
         })?;
         // The caller is answered at its deadline whatever happens inside; the cell drops the
         // job unsigned if it is still queued by then.
+        // Without deadlines (a defect on purpose) the caller waits as long as the cell takes.
+        let deadline = match self.inner.config.sabotaged(Sabotage::IgnoreDeadlines) {
+            true => deadline + Duration::from_secs(3600),
+            false => deadline,
+        };
         match tokio::time::timeout_at(deadline.into(), rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) if self.is_shutting_down() => Err(EngineError::ShuttingDown),

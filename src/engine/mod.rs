@@ -77,6 +77,8 @@ struct Inner {
     readiness_seen: std::sync::Mutex<HashMap<&'static str, (u64, u64)>>,
     started_at: i64,
     shutting_down: AtomicBool,
+    /// Set by the first overload refusal; read only by [`Sabotage::StickyOverload`].
+    overload_latched: AtomicBool,
     arbiters: Arc<std::sync::Mutex<Vec<Arbiter>>>,
     _supervisor: Addr<CellSupervisor>,
     registry: Addr<Registry>,
@@ -113,7 +115,10 @@ impl Engine {
             tracing::info!(migrations = ran, "database migrated");
         }
         let metrics = Arc::new(Metrics::new());
-        let pools = Pools::build(&config.database, metrics.clone())?;
+        let mut pools = Pools::build(&config.database, metrics.clone())?;
+        if config.sabotaged(Sabotage::SharedPool) {
+            pools.issuance = pools.control.clone();
+        }
         let control = pools.control.clone();
         let cfg = config.clone();
         let snapshot = blocking(move || registry::bootstrap(&control, &cfg)).await??;
@@ -221,6 +226,7 @@ impl Engine {
                 pools,
                 metrics,
                 shutting_down: AtomicBool::new(false),
+                overload_latched: AtomicBool::new(false),
                 arbiters,
                 _supervisor: supervisor,
                 registry,
@@ -276,6 +282,18 @@ impl Engine {
     /// stops answering on an open connection (neither `statement_timeout` nor TCP timeouts see
     /// a peer that acknowledges and never replies) holds a thread, never the caller.
     async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut DbConn) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        self.read_bounded(f).await.map_err(|e| match e {
+            EngineError::DatabaseUnavailable if self.inner.config.sabotaged(Sabotage::BareErrors) => {
+                EngineError::Internal("no database connection (sabotage bare-errors)".into())
+            }
+            e => e,
+        })
+    }
+
+    async fn read_bounded<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut DbConn) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, EngineError> {
