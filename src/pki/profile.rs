@@ -157,3 +157,142 @@ impl Profile {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TLS-server-like profile: DNS names under example.test, ECDSA P-256 or RSA.
+    fn profile(edit: impl FnOnce(&mut ProfileConfig)) -> Profile {
+        let mut cfg: ProfileConfig = toml::from_str(
+            r#"
+            id = "p"
+            ca = "ica"
+            validity = "90d"
+            key_usage = ["digital_signature"]
+            allowed_keys = ["ecdsa-p256", "rsa"]
+            names = { dns = true, dns_suffixes = [".Example.TEST"], max_names = 3 }
+            "#,
+        )
+        .expect("a valid profile");
+        edit(&mut cfg);
+        Profile::from_config(&cfg)
+    }
+
+    fn csr(cn: Option<&str>, names: &[SanName]) -> CheckedCsr {
+        CheckedCsr {
+            spki_der: Vec::new(),
+            key_type: KeyType::EcdsaP256,
+            key_bits: 256,
+            common_name: cn.map(String::from),
+            names: names.to_vec(),
+            der: Vec::new(),
+        }
+    }
+
+    fn dns(d: &str) -> SanName {
+        SanName::Dns(d.into())
+    }
+
+    fn refusal(p: &Profile, c: &CheckedCsr) -> String {
+        match p.approve(c) {
+            Err(EngineError::PolicyViolation(why) | EngineError::WeakKey(why)) => why,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn names_are_lowercased_deduplicated_and_kept_in_order() {
+        let p = profile(|_| {});
+        let got = p
+            .approve(&csr(
+                Some("WWW.example.test"),
+                &[dns("www.Example.test"), dns("a.example.test"), dns("WWW.EXAMPLE.TEST")],
+            ))
+            .unwrap();
+        assert_eq!(got.sans, vec![dns("www.example.test"), dns("a.example.test")]);
+        assert_eq!(got.common_name.as_deref(), Some("www.example.test"));
+        assert_eq!(got.organization, None);
+    }
+
+    #[test]
+    fn a_common_name_alone_becomes_the_only_dns_name() {
+        let got = profile(|_| {}).approve(&csr(Some("Only.Example.Test"), &[])).unwrap();
+        assert_eq!(got.sans, vec![dns("only.example.test")]);
+        assert_eq!(refusal(&profile(|_| {}), &csr(None, &[])), "the CSR requests no name");
+    }
+
+    #[test]
+    fn the_name_count_is_bounded_by_the_profile() {
+        let p = profile(|_| {});
+        let three = [dns("a.example.test"), dns("b.example.test"), dns("c.example.test")];
+        assert!(p.approve(&csr(None, &three)).is_ok());
+        let four = [&three[..], &[dns("d.example.test")]].concat();
+        assert!(refusal(&p, &csr(None, &four)).contains("4 names requested, profile allows at most 3"));
+    }
+
+    #[test]
+    fn dns_suffixes_match_whole_labels() {
+        let p = profile(|_| {});
+        assert_eq!(p.names.dns_suffixes, vec!["example.test"], "normalised from \".Example.TEST\"");
+        assert!(p.approve(&csr(None, &[dns("example.test")])).is_ok());
+        assert!(p.approve(&csr(None, &[dns("deep.www.example.test")])).is_ok());
+        assert!(refusal(&p, &csr(None, &[dns("badexample.test")])).contains("outside the DNS names"));
+        assert!(refusal(&p, &csr(None, &[dns("example.test.evil")])).contains("outside the DNS names"));
+        let any = profile(|c| c.names.dns_suffixes.clear());
+        assert!(any.approve(&csr(None, &[dns("anything.invalid")])).is_ok());
+    }
+
+    #[test]
+    fn each_kind_of_name_needs_the_profile_to_allow_it() {
+        let ip = SanName::Ip("192.0.2.1".parse().unwrap());
+        let email = SanName::Email("ops@example.test".into());
+        let none = profile(|c| c.names.dns = false);
+        assert!(refusal(&none, &csr(None, &[dns("a.example.test")])).contains("DNS names are not allowed"));
+        assert!(refusal(&none, &csr(None, &[ip.clone()])).contains("IP address 192.0.2.1 is not allowed"));
+        assert!(refusal(&none, &csr(None, &[email.clone()])).contains("email addresses are not allowed"));
+        let all = profile(|c| {
+            c.names.ip = true;
+            c.names.email = true;
+        });
+        let got = all.approve(&csr(None, &[ip.clone(), email.clone()])).unwrap();
+        assert_eq!(got.sans, vec![ip, email]);
+        assert!(refusal(&all, &csr(None, &[SanName::Email("not an address".into())])).contains("not a valid email"));
+        assert!(refusal(&all, &csr(None, &[dns("bad_name!.example.test")])).contains("not a valid DNS name"));
+    }
+
+    #[test]
+    fn the_common_name_must_be_a_requested_name_of_at_most_64_characters() {
+        let p = profile(|c| c.names.dns_suffixes.clear());
+        let long = format!("{}.test", "a".repeat(59)); // 64 characters
+        assert_eq!(long.len(), 64);
+        assert!(p.approve(&csr(Some(&long), &[dns(&long)])).is_ok());
+        let longer = format!("{}.test", "a".repeat(60));
+        assert!(refusal(&p, &csr(Some(&longer), &[dns(&longer)])).contains("longer than 64"));
+        assert!(refusal(&p, &csr(Some("other.test"), &[dns("a.test")])).contains("is not one of the requested names"));
+        let no_cn = profile(|c| c.names.subject_cn = false);
+        assert_eq!(no_cn.approve(&csr(Some("a.example.test"), &[dns("a.example.test")])).unwrap().common_name, None);
+    }
+
+    #[test]
+    fn key_type_and_rsa_size_follow_the_profile() {
+        let p = profile(|c| c.min_rsa_bits = 3072);
+        let mut rsa = csr(None, &[dns("a.example.test")]);
+        rsa.key_type = KeyType::Rsa;
+        rsa.key_bits = 3072;
+        assert!(p.approve(&rsa).is_ok());
+        rsa.key_bits = 3071;
+        assert!(refusal(&p, &rsa).contains("RSA-3071 is below this profile's minimum of 3072 bits"));
+        let mut p384 = csr(None, &[dns("a.example.test")]);
+        p384.key_type = KeyType::EcdsaP384;
+        assert!(refusal(&p, &p384).contains("is not allowed by profile"));
+        // A configured minimum below 2048 is raised to 2048.
+        assert_eq!(profile(|c| c.min_rsa_bits = 1024).min_rsa_bits, 2048);
+    }
+
+    #[test]
+    fn identity_profiles_take_no_csr() {
+        let p = profile(|c| c.identity = Some(toml::from_str("lifetime = \"1h\"").expect("an identity policy")));
+        assert!(refusal(&p, &csr(None, &[dns("a.example.test")])).contains("issues disposable identities"));
+    }
+}

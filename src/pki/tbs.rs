@@ -275,3 +275,274 @@ fn assemble(tbs_der: &[u8], algorithm_der: &[u8], signature: &[u8]) -> Result<Ve
     out.extend_from_slice(&bits);
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::UNIX_EPOCH;
+
+    use openssl::hash::MessageDigest;
+    use openssl::stack::Stack;
+    use openssl::x509::extension::SubjectAlternativeName;
+    use openssl::x509::{X509NameBuilder, X509ReqBuilder, X509};
+    use x509_parser::prelude::{FromDer, GeneralName as Parsed, ParsedExtension, X509Certificate};
+
+    use super::*;
+    use crate::config::{Config, ProfileConfig};
+    use crate::pki::csr::check_csr_pem;
+    use crate::pki::devpki::generate_key;
+
+    fn ca(id: &str) -> CaMaterial {
+        let config = Config::load(Some(&Path::new(env!("CARGO_MANIFEST_DIR")).join("keys-dev/castellum.toml")))
+            .expect("the dev configuration");
+        CaMaterial::load(config.cas.iter().find(|c| c.id == id).expect("a dev CA")).expect("the dev CA loads")
+    }
+
+    fn profile(key_usage: &str, eku: &str) -> Profile {
+        let cfg: ProfileConfig = toml::from_str(&format!(
+            "id = \"p\"\nca = \"ica-p256\"\nvalidity = \"90d\"\nbackdate = \"60s\"\nkey_usage = [{key_usage}]\nextended_key_usage = [{eku}]\nallowed_keys = [\"ecdsa-p256\", \"rsa\", \"ed25519\"]"
+        ))
+        .expect("a valid profile");
+        Profile::from_config(&cfg)
+    }
+
+    fn checked_csr(kind: KeyType, name: &str) -> CheckedCsr {
+        let key = generate_key(kind).unwrap();
+        let mut req = X509ReqBuilder::new().unwrap();
+        let mut subject = X509NameBuilder::new().unwrap();
+        subject.append_entry_by_text("CN", name).unwrap();
+        req.set_subject_name(&subject.build()).unwrap();
+        req.set_pubkey(&key).unwrap();
+        let mut exts = Stack::new().unwrap();
+        exts.push(SubjectAlternativeName::new().dns(name).build(&req.x509v3_context(None)).unwrap()).unwrap();
+        req.add_extensions(&exts).unwrap();
+        let digest = if kind == KeyType::Ed25519 { MessageDigest::null() } else { MessageDigest::sha256() };
+        req.sign(&key, digest).unwrap();
+        check_csr_pem(&String::from_utf8(req.build().to_pem().unwrap()).unwrap()).unwrap()
+    }
+
+    fn names(cn: Option<&str>, org: Option<&str>, sans: &[&str]) -> ApprovedNames {
+        ApprovedNames {
+            common_name: cn.map(String::from),
+            organization: org.map(String::from),
+            sans: sans.iter().map(|s| SanName::Dns(s.to_string())).collect(),
+        }
+    }
+
+    /// 2026-11-27T12:00:00Z: whole seconds, so validity can be compared exactly.
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_795_780_800)
+    }
+
+    /// A prepared certificate signed by the CA and read back by x509-parser, a parser that is not
+    /// the x509-cert encoder that built it.
+    fn issue(ca: &CaMaterial, profile: &Profile, csr: &CheckedCsr, names: &ApprovedNames) -> (PreparedCert, Vec<u8>) {
+        let prepared = prepare(ca, profile, csr, names, now()).expect("prepared");
+        let der = sign(ca, &prepared.tbs_der).expect("signed");
+        (prepared, der)
+    }
+
+    #[test]
+    fn a_prepared_certificate_carries_what_the_profile_and_request_say() {
+        let ca = ca("ica-p256");
+        let csr = checked_csr(KeyType::EcdsaP256, "www.example.test");
+        let p = profile("\"digital_signature\", \"key_agreement\"", "\"server_auth\", \"client_auth\"");
+        let (prepared, der) =
+            issue(&ca, &p, &csr, &names(Some("www.example.test"), None, &["www.example.test", "a.example.test"]));
+        // The signature verifies with the CA's public key (openssl, not our code).
+        let cert = X509::from_der(&der).unwrap();
+        assert!(cert.verify(&ca.cert.public_key().unwrap()).unwrap());
+        let (_, parsed) = X509Certificate::from_der(&der).unwrap();
+        let serial = parsed.raw_serial();
+        assert_eq!(serial.len(), 20);
+        assert!((1..=0x7f).contains(&serial[0]));
+        assert_eq!(hex::encode(serial), prepared.serial_hex);
+        assert_eq!(parsed.validity().not_before.timestamp(), 1_795_780_800 - 60);
+        assert_eq!(parsed.validity().not_after.timestamp() - parsed.validity().not_before.timestamp(), 90 * 86_400);
+        assert_eq!(prepared.not_before_ms, (1_795_780_800 - 60) * 1000);
+        assert_eq!(prepared.not_after_ms - prepared.not_before_ms, 90 * 86_400 * 1000);
+        assert_eq!(parsed.issuer().as_raw(), ca.subject_der.as_slice());
+        assert_eq!(parsed.subject().to_string(), "CN=www.example.test");
+        assert_eq!(parsed.public_key().raw, csr.spki_der.as_slice());
+        let exts = parsed.extensions();
+        let find = |oid: &str| exts.iter().find(|e| e.oid.to_id_string() == oid).unwrap_or_else(|| panic!("{oid}"));
+        let bc = find("2.5.29.19");
+        assert!(bc.critical);
+        assert!(matches!(bc.parsed_extension(), ParsedExtension::BasicConstraints(b) if !b.ca));
+        let ku = find("2.5.29.15");
+        assert!(ku.critical);
+        match ku.parsed_extension() {
+            ParsedExtension::KeyUsage(k) => {
+                assert!(k.digital_signature() && k.key_agreement());
+                assert!(!k.key_encipherment() && !k.non_repudiation() && !k.data_encipherment());
+            }
+            other => panic!("{other:?}"),
+        }
+        let eku = find("2.5.29.37");
+        assert!(!eku.critical);
+        match eku.parsed_extension() {
+            ParsedExtension::ExtendedKeyUsage(e) => {
+                assert!(e.server_auth && e.client_auth && !e.code_signing && !e.ocsp_signing && e.other.is_empty())
+            }
+            other => panic!("{other:?}"),
+        }
+        let ski = find("2.5.29.14");
+        let expected_ski = openssl::sha::sha1(parsed.public_key().subject_public_key.data.as_ref());
+        assert!(matches!(ski.parsed_extension(), ParsedExtension::SubjectKeyIdentifier(k) if k.0 == expected_ski));
+        let aki = find("2.5.29.35");
+        assert!(matches!(aki.parsed_extension(), ParsedExtension::AuthorityKeyIdentifier(a)
+            if a.key_identifier.as_ref().map(|k| k.0) == Some(ca.subject_key_id.as_slice())));
+        let san = find("2.5.29.17");
+        assert!(!san.critical, "a subject is present: the SAN is not critical");
+        match san.parsed_extension() {
+            ParsedExtension::SubjectAlternativeName(s) => assert_eq!(
+                s.general_names,
+                vec![Parsed::DNSName("www.example.test"), Parsed::DNSName("a.example.test")]
+            ),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(exts.len(), 6);
+    }
+
+    #[test]
+    fn without_a_subject_the_san_is_critical_and_without_ekus_there_is_no_eku_extension() {
+        let ca = ca("ica-p256");
+        let csr = checked_csr(KeyType::EcdsaP256, "a.example.test");
+        let (_, der) = issue(&ca, &profile("\"digital_signature\"", ""), &csr, &names(None, None, &["a.example.test"]));
+        let (_, parsed) = X509Certificate::from_der(&der).unwrap();
+        assert!(parsed.subject().as_raw().len() <= 2, "an empty subject");
+        let san = parsed.extensions().iter().find(|e| e.oid.to_id_string() == "2.5.29.17").unwrap();
+        assert!(san.critical);
+        assert!(parsed.extensions().iter().all(|e| e.oid.to_id_string() != "2.5.29.37"));
+    }
+
+    #[test]
+    fn an_identity_subject_is_organisation_then_common_name_and_may_have_no_san() {
+        let ca = ca("ica-p256");
+        let csr = checked_csr(KeyType::EcdsaP256, "x.example.test");
+        let (_, der) =
+            issue(&ca, &profile("\"digital_signature\"", ""), &csr, &names(Some("Signer 1"), Some("Example Ltd"), &[]));
+        let (_, parsed) = X509Certificate::from_der(&der).unwrap();
+        assert_eq!(parsed.subject().to_string(), "O=Example Ltd, CN=Signer 1");
+        assert!(parsed.extensions().iter().all(|e| e.oid.to_id_string() != "2.5.29.17"));
+    }
+
+    #[test]
+    fn key_usage_bits_follow_the_key_type() {
+        let all = profile(
+            "\"digital_signature\", \"non_repudiation\", \"key_encipherment\", \"data_encipherment\", \"key_agreement\"",
+            "",
+        );
+        use KeyUsages::*;
+        let bits = |k| key_usage_flags(&all, k).0;
+        assert_eq!(bits(KeyType::Rsa), DigitalSignature | NonRepudiation | KeyEncipherment | DataEncipherment);
+        for ec in [KeyType::EcdsaP256, KeyType::EcdsaP384, KeyType::EcdsaP521] {
+            assert_eq!(bits(ec), DigitalSignature | NonRepudiation | KeyAgreement, "{ec:?}");
+        }
+        assert_eq!(bits(KeyType::Ed25519), DigitalSignature | NonRepudiation);
+    }
+
+    #[test]
+    fn extended_key_usages_have_their_registered_oids() {
+        use ExtendedKeyUsageName::*;
+        let expected = [
+            (ServerAuth, "1.3.6.1.5.5.7.3.1"),
+            (ClientAuth, "1.3.6.1.5.5.7.3.2"),
+            (CodeSigning, "1.3.6.1.5.5.7.3.3"),
+            (EmailProtection, "1.3.6.1.5.5.7.3.4"),
+            (TimeStamping, "1.3.6.1.5.5.7.3.8"),
+            (OcspSigning, "1.3.6.1.5.5.7.3.9"),
+            (DocumentSigning, "1.3.6.1.5.5.7.3.36"),
+        ];
+        for (eku, oid) in expected {
+            assert_eq!(eku_oid(eku).to_string(), oid, "{eku:?}");
+        }
+    }
+
+    #[test]
+    fn times_are_utc_through_2049_and_generalized_from_2050() {
+        let end_2049 = UNIX_EPOCH + Duration::from_secs(2_524_607_999); // 2049-12-31T23:59:59Z
+        assert!(matches!(rfc5280_time(end_2049).unwrap(), Time::UtcTime(_)));
+        assert!(matches!(rfc5280_time(end_2049 + Duration::from_secs(1)).unwrap(), Time::GeneralTime(_)));
+    }
+
+    #[test]
+    fn serials_are_positive_20_octet_integers() {
+        for _ in 0..2000 {
+            let s = random_serial();
+            assert!((1..=0x7f).contains(&s[0]), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn rsa_and_ed25519_cas_sign_what_openssl_verifies() {
+        for (id, kind) in
+            [("ica-rsa3072", KeyType::Rsa), ("ica-ed25519", KeyType::Ed25519), ("ica-p384", KeyType::EcdsaP256)]
+        {
+            let ca = ca(id);
+            let csr = checked_csr(kind, "a.example.test");
+            let (_, der) =
+                issue(&ca, &profile("\"digital_signature\"", ""), &csr, &names(None, None, &["a.example.test"]));
+            let cert = X509::from_der(&der).unwrap();
+            assert!(cert.verify(&ca.cert.public_key().unwrap()).unwrap(), "{id}");
+        }
+    }
+
+    /// Lint refuses each property broken alone, starting from a TBS that passes.
+    #[test]
+    fn lint_refuses_each_broken_property() {
+        let ca = ca("ica-p256");
+        let csr = checked_csr(KeyType::EcdsaP256, "a.example.test");
+        let p = profile("\"digital_signature\"", "");
+        let prepared =
+            prepare(&ca, &p, &csr, &names(Some("a.example.test"), None, &["a.example.test"]), now()).unwrap();
+        let good = TbsCertificate::from_der(&prepared.tbs_der).unwrap();
+        lint(&good, &ca, now()).expect("the prepared TBS passes");
+        let refused = |edit: &dyn Fn(&mut TbsCertificate), why: &str| {
+            let mut tbs = good.clone();
+            edit(&mut tbs);
+            match lint(&tbs, &ca, now()) {
+                Err(EngineError::Internal(msg)) => assert!(msg.contains(why), "{msg} (expected {why})"),
+                other => panic!("expected {why}, got {other:?}"),
+            }
+        };
+        let at = |t: SystemTime| Time::GeneralTime(GeneralizedTime::from_system_time(t).unwrap());
+        // A negative INTEGER (x509-cert decodes it; RFC 5280 forbids it).
+        refused(&|t| t.serial_number = SerialNumber::from_der(&[0x02, 0x01, 0x80]).unwrap(), "serial");
+        refused(&|t| t.validity.not_after = t.validity.not_before, "notAfter is not after notBefore");
+        refused(&|t| t.validity.not_after = at(ca.not_after + Duration::from_secs(1)), "outlive its CA");
+        refused(&|t| t.validity.not_before = at(now() + Duration::from_secs(301)), "notBefore is in the future");
+        refused(&|t| t.issuer = RdnSequence(Vec::new()), "issuer is not the CA's subject");
+        refused(&|t| t.extensions = None, "no extensions");
+        refused(
+            &|t| {
+                let exts = t.extensions.as_mut().unwrap();
+                exts.push(exts[0].clone());
+            },
+            "duplicate extension",
+        );
+        refused(&|t| t.extensions.as_mut().unwrap().retain(|e| e.extn_id != KeyUsage::OID), "no key usage");
+        refused(
+            &|t| {
+                let ku = extension(&KeyUsage(der::flagset::FlagSet::default()), true).unwrap();
+                let exts = t.extensions.as_mut().unwrap();
+                exts.retain(|e| e.extn_id != KeyUsage::OID);
+                exts.push(ku);
+            },
+            "key usage has no bit set",
+        );
+        refused(
+            &|t| {
+                t.subject = RdnSequence(Vec::new());
+                t.extensions.as_mut().unwrap().retain(|e| e.extn_id != SubjectAltName::OID);
+            },
+            "neither a subject nor a subjectAltName",
+        );
+        refused(&|t| t.subject = RdnSequence(Vec::new()), "empty subject with a non-critical subjectAltName");
+        // At the edges: exactly 300 s ahead, and ending with the CA, pass.
+        let mut edge = good.clone();
+        edge.validity.not_before = at(now() + Duration::from_secs(300));
+        edge.validity.not_after = at(ca.not_after);
+        lint(&edge, &ca, now()).expect("notBefore 300 s ahead and notAfter = the CA's notAfter pass");
+    }
+}
