@@ -110,7 +110,11 @@ impl StoreFront {
             metrics: worker_metrics.clone(),
             injected_panics: worker_panics.clone(),
         });
-        let front = StoreFront {
+        // The mailbox is sized before the actor exists: set in `started`, the first writes
+        // would meet actix's default of 16 and be refused as overloaded.
+        let mut ctx = Context::new();
+        ctx.set_mailbox_capacity(FRONT_MAILBOX);
+        let front = ctx.run(StoreFront {
             workers,
             worker_count,
             busy: 0,
@@ -119,8 +123,7 @@ impl StoreFront {
             pending: VecDeque::new(),
             metrics,
             database_down_until: None,
-        }
-        .start();
+        });
         StoreHandle { front, injected_panics }
     }
 
@@ -166,12 +169,11 @@ impl StoreFront {
     }
 }
 
+/// Writes the front holds in its mailbox before `try_send` refuses.
+const FRONT_MAILBOX: usize = 4096;
+
 impl Actor for StoreFront {
     type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(4096);
-    }
 }
 
 impl Handler<Write> for StoreFront {
@@ -236,5 +238,128 @@ impl Handler<Batch> for StoreWorker {
             self.metrics.worker_panics.get_or_create(&crate::metrics::ca("store")).inc();
             Err(DbError::WorkerPanic(panic))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use diesel::connection::SimpleConnection;
+    use diesel::{Connection, RunQueryDsl, SqliteConnection};
+
+    use super::*;
+    use crate::config::{DatabaseConfig, PoolConfig};
+    use crate::db::models::{cert_state, CertificateRow};
+
+    /// A store on a fresh SQLite file, with `workers` connections; the file's path for SQL.
+    fn store(
+        dir: &tempfile::TempDir,
+        workers: u32,
+        max_batch: usize,
+        max_pending: usize,
+    ) -> (StoreHandle, String, Arc<Metrics>) {
+        let path = dir.path().join("store.db").display().to_string();
+        let url = format!("sqlite://{path}");
+        crate::db::migrate::run(&url).expect("migrated");
+        let db = DatabaseConfig { url, busy_timeout: Duration::from_millis(200), ..DatabaseConfig::default() };
+        let metrics = Arc::new(Metrics::new());
+        let pool_cfg = PoolConfig { max_size: workers, ..PoolConfig::default() };
+        let pool = DbPool::build(&db, &pool_cfg, "issuance", metrics.clone()).expect("pool");
+        (StoreFront::start(pool, max_batch, max_pending, metrics.clone()), path, metrics)
+    }
+
+    fn write_ahead(serial: &str) -> WriteOp {
+        WriteOp::WriteAhead(Box::new(CertificateRow {
+            serial: serial.into(),
+            ca_id: "ica-p256".into(),
+            profile: "p".into(),
+            client: "c".into(),
+            request_id: None,
+            state: cert_state::SIGNING.into(),
+            tbs_der: vec![0x30, 0x00],
+            cert_der: None,
+            not_before: 0,
+            not_after: 1,
+            created_at: 0,
+            issued_at: None,
+            revoked_at: None,
+            revocation_reason: None,
+        }))
+    }
+
+    /// Rows in `certificates`, read with plain SQL on a connection of the test's own.
+    fn certificates(path: &str) -> i64 {
+        #[derive(diesel::QueryableByName)]
+        struct Count {
+            #[diesel(sql_type = diesel::sql_types::BigInt)]
+            n: i64,
+        }
+        let mut conn = SqliteConnection::establish(path).unwrap();
+        diesel::sql_query("SELECT COUNT(*) AS n FROM certificates").get_result::<Count>(&mut conn).unwrap().n
+    }
+
+    fn metric(metrics: &Metrics, series: &str) -> f64 {
+        let text = metrics.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} in\n{text}"))
+    }
+
+    #[actix_rt::test]
+    async fn concurrent_writes_are_committed_in_groups_of_at_most_max_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, path, metrics) = store(&dir, 1, 8, 1000);
+        let writes = (0..40).map(|i| store.write(write_ahead(&format!("{i:040x}"))));
+        for outcome in futures_util::future::join_all(writes).await {
+            assert!(matches!(outcome, Ok(WriteOutcome::Done)), "{outcome:?}");
+        }
+        assert_eq!(certificates(&path), 40);
+        let batches = metric(&metrics, "castellum_store_batch_size_count");
+        assert_eq!(metric(&metrics, "castellum_store_batch_size_sum"), 40.0);
+        assert!((5.0..40.0).contains(&batches), "40 writes in {batches} batches of at most 8, some grouped");
+        let status = store.status().await.unwrap();
+        assert_eq!((status.workers, status.batches_in_flight, status.pending_writes), (1, 0, 0));
+    }
+
+    #[actix_rt::test]
+    async fn a_write_beyond_max_pending_is_refused_not_queued() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, path, _) = store(&dir, 1, 8, 0);
+        assert_eq!(store.write(write_ahead(&"a".repeat(40))).await.unwrap_err(), EngineError::StoreOverloaded);
+        assert_eq!(certificates(&path), 0);
+    }
+
+    #[actix_rt::test]
+    async fn a_failing_batch_answers_its_writes_and_the_next_one_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, path, _) = store(&dir, 2, 8, 1000);
+        store.inject_panic();
+        let err = store.write(write_ahead(&"b".repeat(40))).await.unwrap_err();
+        assert!(matches!(err, EngineError::Internal(ref why) if why.contains("panic")), "{err:?}");
+        assert!(matches!(store.write(write_ahead(&"c".repeat(40))).await, Ok(WriteOutcome::Done)));
+        assert_eq!(certificates(&path), 1);
+        assert_eq!(store.status().await.unwrap().workers, 2);
+    }
+
+    #[actix_rt::test]
+    async fn after_the_database_is_found_down_writes_are_refused_at_once_for_a_while() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, path, _) = store(&dir, 1, 8, 1000);
+        // The database goes away: its file is locked by another connection in an open write
+        // transaction, so checkouts wait out busy_timeout and commits fail as unavailable.
+        let mut blocker = SqliteConnection::establish(&path).unwrap();
+        blocker.batch_execute("BEGIN EXCLUSIVE").unwrap();
+        let first = store.write(write_ahead(&"d".repeat(40))).await.unwrap_err();
+        assert_eq!(first, EngineError::DatabaseUnavailable);
+        assert!(store.status().await.unwrap().database_down);
+        let started = Instant::now();
+        assert_eq!(store.write(write_ahead(&"e".repeat(40))).await.unwrap_err(), EngineError::DatabaseUnavailable);
+        assert!(started.elapsed() < Duration::from_millis(100), "refused without a commit attempt");
+        blocker.batch_execute("ROLLBACK").unwrap();
+        std::thread::sleep(DATABASE_DOWN_BACKOFF);
+        assert!(matches!(store.write(write_ahead(&"f".repeat(40))).await, Ok(WriteOutcome::Done)));
+        assert!(!store.status().await.unwrap().database_down);
+        assert_eq!(certificates(&path), 1);
     }
 }
