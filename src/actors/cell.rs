@@ -257,7 +257,11 @@ impl CaCell {
         let pipeline = Pipeline { ca, signer, store, metrics, instance, sabotage };
         let (queue, breaker_cfg, cell_gauges) = (cfg.queue.clone(), cfg.breaker.clone(), gauges);
         let arbiter = Arbiter::new();
-        let addr = CaCell::start_in_arbiter(&arbiter.handle(), move |_| CaCell {
+        // The mailbox is sized before the cell exists: sized in `started`, which runs later on
+        // the cell's own thread, a burst right after a (re)start met actix's default of 16.
+        let (sender, receiver) = actix::dev::channel::channel(MAILBOX_CAPACITY);
+        let addr = Addr::new(sender);
+        let cell = CaCell {
             pipeline,
             gauges: cell_gauges,
             interactive: VecDeque::new(),
@@ -275,6 +279,9 @@ impl CaCell {
             watching_key: false,
             recent_transitions: VecDeque::new(),
             coalesced: HashMap::new(),
+        };
+        arbiter.spawn(async move {
+            Context::with_receiver(receiver).run(cell);
         });
         (addr, arbiter)
     }
@@ -512,7 +519,6 @@ impl Actor for CaCell {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         self.pipeline.metrics.breaker_state.get_or_create(&metrics::ca(self.ca_id())).set(0);
         if !self.pipeline.ca.key.is_available() {
             // Started without its key: failed, not fatal. Probes will find the key when it returns.
