@@ -467,10 +467,12 @@ mod tests {
     }
 
     #[test]
-    fn serials_are_positive_20_octet_integers() {
+    fn serials_are_positive_20_octet_integers_and_never_repeat() {
+        let mut seen = std::collections::HashSet::new();
         for _ in 0..2000 {
             let s = random_serial();
             assert!((1..=0x7f).contains(&s[0]), "{s:?}");
+            assert!(seen.insert(s), "a serial came twice");
         }
     }
 
@@ -507,8 +509,10 @@ mod tests {
             }
         };
         let at = |t: SystemTime| Time::GeneralTime(GeneralizedTime::from_system_time(t).unwrap());
-        // A negative INTEGER (x509-cert decodes it; RFC 5280 forbids it).
+        // A negative INTEGER, and one of 21 octets (x509-cert decodes both; RFC 5280 forbids them).
         refused(&|t| t.serial_number = SerialNumber::from_der(&[0x02, 0x01, 0x80]).unwrap(), "serial");
+        let long: Vec<u8> = [0x02, 21].into_iter().chain([0x01; 21]).collect();
+        refused(&|t| t.serial_number = SerialNumber::from_der(&long).unwrap(), "serial");
         refused(&|t| t.validity.not_after = t.validity.not_before, "notAfter is not after notBefore");
         refused(&|t| t.validity.not_after = at(ca.not_after + Duration::from_secs(1)), "outlive its CA");
         refused(&|t| t.validity.not_before = at(now() + Duration::from_secs(301)), "notBefore is in the future");
@@ -544,5 +548,9 @@ mod tests {
         edge.validity.not_before = at(now() + Duration::from_secs(300));
         edge.validity.not_after = at(ca.not_after);
         lint(&edge, &ca, now()).expect("notBefore 300 s ahead and notAfter = the CA's notAfter pass");
+        // A shorter positive serial is not what castellum makes, but it is not wrong.
+        let mut short = good.clone();
+        short.serial_number = SerialNumber::new(&[0x01; 19]).unwrap();
+        lint(&short, &ca, now()).expect("a 19-octet serial passes");
     }
 }
