@@ -295,3 +295,296 @@ impl Intake {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use actix::dev::channel;
+    use arc_swap::ArcSwap;
+
+    use super::*;
+    use crate::actors::cell::{CaCell, CellGauges};
+    use crate::actors::registry::Snapshot;
+    use crate::config::RateConfig;
+
+    /// Intake over the dev configuration, every CA and profile enabled, each CA's cell a mailbox
+    /// of two that nobody reads (kept in `_mailboxes` so the cells count as running).
+    struct Fixture {
+        intake: Intake,
+        _mailboxes: Vec<actix::dev::channel::AddressReceiver<CaCell>>,
+    }
+
+    fn fixture(edit: impl FnOnce(&mut Config)) -> Fixture {
+        let mut config = Config::load(Some(&Path::new(env!("CARGO_MANIFEST_DIR")).join("keys-dev/castellum.toml")))
+            .expect("the dev configuration");
+        edit(&mut config);
+        let (_, materials) = crate::config::check_config(&config);
+        let catalog = Arc::new(Catalog::build(&config, materials));
+        let snapshot = Snapshot {
+            version: 1,
+            cas: config.cas.iter().map(|c| (c.id.clone(), ca_state::ENABLED.to_string())).collect(),
+            profiles: config.profiles.iter().map(|p| (p.id.clone(), "enabled".to_string())).collect(),
+        };
+        let mut mailboxes = Vec::new();
+        let cells = config
+            .cas
+            .iter()
+            .map(|c| {
+                let (sender, receiver) = channel::channel::<CaCell>(2);
+                mailboxes.push(receiver);
+                let slot = CellSlot { addr: ArcSwap::from_pointee(Addr::new(sender)), gauges: Arc::default() };
+                (c.id.clone(), slot)
+            })
+            .collect();
+        let intake = Intake::new(&config, catalog, Arc::new(ArcSwap::from_pointee(snapshot)), Arc::new(cells));
+        Fixture { intake, _mailboxes: mailboxes }
+    }
+
+    impl Fixture {
+        fn set_ca(&self, ca: &str, state: &str) {
+            let mut s = (**self.intake.snapshot.load()).clone();
+            s.cas.insert(ca.into(), state.into());
+            self.intake.snapshot.store(Arc::new(s));
+        }
+        fn gauges(&self, ca: &str) -> &CellGauges {
+            &self.intake.cells[ca].gauges
+        }
+        fn profile(&self, id: &str) -> Arc<Profile> {
+            self.intake.catalog.profiles[id].clone()
+        }
+        fn demo(&self) -> Arc<Client> {
+            self.intake.catalog.clients_by_name["demo"].clone()
+        }
+        fn open_breaker(&self, ca: &str, for_ms: i64) {
+            self.gauges(ca).breaker_open_until_ms.store(crate::pki::now_ms() + for_ms, Ordering::Relaxed);
+        }
+        fn job(&self, profile: &str) -> Job {
+            let profile = self.profile(profile);
+            Job {
+                csr: Arc::new(csr::check_csr_pem(&test_csr()).unwrap()),
+                names: Arc::new(ApprovedNames { common_name: None, organization: None, sans: Vec::new() }),
+                client: "demo".into(),
+                request_id: None,
+                is_async: false,
+                deadline: Instant::now() + Duration::from_secs(6),
+                enqueued_at: Instant::now(),
+                reply: None,
+                span: tracing::Span::none(),
+                identity: None,
+                profile,
+            }
+        }
+    }
+
+    fn test_csr() -> String {
+        use openssl::x509::{X509NameBuilder, X509ReqBuilder};
+        let key = crate::pki::devpki::generate_key(crate::config::KeyType::EcdsaP256).unwrap();
+        let mut req = X509ReqBuilder::new().unwrap();
+        let mut subject = X509NameBuilder::new().unwrap();
+        subject.append_entry_by_text("CN", "www.example.test").unwrap();
+        req.set_subject_name(&subject.build()).unwrap();
+        req.set_pubkey(&key).unwrap();
+        req.sign(&key, openssl::hash::MessageDigest::sha256()).unwrap();
+        String::from_utf8(req.build().to_pem().unwrap()).unwrap()
+    }
+
+    fn slug<T>(r: Result<T, EngineError>) -> &'static str {
+        r.map(|_| "ok").unwrap_or_else(|e| e.slug())
+    }
+
+    #[test]
+    fn clients_are_known_by_their_api_key_only() {
+        let f = fixture(|_| {});
+        assert_eq!(f.intake.authenticate("dev-key-demo").unwrap().name, "demo");
+        assert_eq!(f.intake.authenticate("dev-key-other").unwrap().name, "other");
+        assert_eq!(f.intake.authenticate("dev-key-nobody").unwrap_err(), EngineError::Unauthorized);
+    }
+
+    #[test]
+    fn the_profile_its_permission_and_its_cas_state_are_checked() {
+        let f = fixture(|_| {});
+        let demo = f.demo();
+        let other = f.intake.catalog.clients_by_name["other"].clone();
+        assert_eq!(slug(f.intake.profile_for(&demo, "no-such", false)), "unknown-profile");
+        assert_eq!(slug(f.intake.profile_for(&other, "tls-server-p384", false)), "forbidden-profile");
+        let (_, hold) = f.intake.profile_for(&demo, "tls-server-p256", false).unwrap();
+        assert!(!hold);
+        f.set_ca("ica-p256", ca_state::PARKED);
+        assert!(f.intake.profile_for(&demo, "tls-server-p256", true).unwrap().1, "async work is held");
+        assert_eq!(slug(f.intake.profile_for(&demo, "tls-server-p256", false)), "ca-unavailable");
+        f.set_ca("ica-p256", ca_state::DRAINING);
+        assert_eq!(slug(f.intake.profile_for(&demo, "tls-server-p256", true)), "ca-unavailable");
+        for state in [ca_state::DISABLED, ca_state::RETIRED] {
+            f.set_ca("ica-p256", state);
+            assert_eq!(slug(f.intake.profile_for(&demo, "tls-server-p256", true)), "ca-disabled", "{state}");
+        }
+        let mut s = (**f.intake.snapshot.load()).clone();
+        s.profiles.insert("tls-server-p384".into(), "disabled".into());
+        f.intake.snapshot.store(Arc::new(s));
+        assert_eq!(slug(f.intake.profile_for(&demo, "tls-server-p384", false)), "profile-disabled");
+    }
+
+    #[test]
+    fn a_ca_without_material_is_disabled() {
+        let f = fixture(|c| c.cas.retain(|ca| ca.id != "ica-p384"));
+        assert_eq!(slug(f.intake.profile_for(&f.demo(), "tls-server-p384", false)), "ca-disabled");
+    }
+
+    #[test]
+    fn an_open_breaker_refuses_its_own_ca_only_and_says_for_how_long() {
+        let f = fixture(|_| {});
+        let p256 = f.profile("tls-server-p256");
+        assert!(f.intake.check_breaker(&p256).is_ok());
+        f.open_breaker("ica-p384", 5_000);
+        assert!(f.intake.check_breaker(&p256).is_ok(), "another CA's breaker");
+        f.open_breaker("ica-p256", 3_000);
+        match f.intake.check_breaker(&p256) {
+            Err(EngineError::CaUnavailable { retry_after, .. }) => {
+                assert!((Duration::from_millis(2_500)..=Duration::from_millis(3_000)).contains(&retry_after))
+            }
+            other => panic!("{other:?}"),
+        }
+        f.open_breaker("ica-p256", -1);
+        assert!(f.intake.check_breaker(&p256).is_ok(), "a breaker whose time has passed");
+    }
+
+    #[test]
+    fn held_work_is_admitted_while_the_breaker_is_open() {
+        let f = fixture(|_| {});
+        f.open_breaker("ica-p256", 5_000);
+        assert_eq!(slug(f.intake.admit(&f.demo(), "tls-server-p256", &test_csr(), true)), "ca-unavailable");
+        f.set_ca("ica-p256", ca_state::PARKED);
+        let admitted = f.intake.admit(&f.demo(), "tls-server-p256", &test_csr(), true).unwrap();
+        assert!(admitted.hold);
+        assert_eq!(admitted.names.sans.len(), 1);
+        assert_eq!(slug(f.intake.admit(&f.demo(), "tls-server-p256", "not a csr", true)), "malformed-csr");
+    }
+
+    #[test]
+    fn work_that_cannot_finish_in_time_is_refused_now() {
+        let f = fixture(|_| {});
+        let (interactive, background) = (f.profile("tls-server-p256"), f.profile("ocsp-renewal"));
+        let g = f.gauges("ica-p256");
+        g.completion_spacing_us.store(100_000, Ordering::Relaxed); // 100 ms a job
+        g.interactive_depth.store(10, Ordering::Relaxed); // 1 s of interactive work queued
+        let in_2s = Instant::now() + Duration::from_secs(2);
+        assert!(f.intake.check_capacity(&interactive, in_2s).is_ok());
+        let in_half_s = Instant::now() + Duration::from_millis(500);
+        match f.intake.check_capacity(&interactive, in_half_s) {
+            Err(EngineError::CaOverloaded { retry_after, .. }) => assert_eq!(retry_after, Duration::from_secs(1)),
+            other => panic!("{other:?}"),
+        }
+        // Background work waits behind both lanes.
+        g.background_depth.store(20, Ordering::Relaxed);
+        assert!(f.intake.check_capacity(&interactive, in_2s).is_ok());
+        assert_eq!(slug(f.intake.check_capacity(&background, in_2s)), "ca-overloaded");
+        match f.intake.check_capacity(&background, Instant::now()) {
+            Err(EngineError::CaOverloaded { retry_after, .. }) => assert_eq!(retry_after, Duration::from_secs(3)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_deadline_is_the_lanes_default_shortened_never_lengthened() {
+        let f = fixture(|_| {});
+        let (interactive, background) = (f.profile("tls-server-p256"), f.profile("ocsp-renewal"));
+        let left = |p: &Profile, wait| f.intake.deadline(p, wait).saturating_duration_since(Instant::now());
+        let near = |d: Duration, want: u64| {
+            d <= Duration::from_secs(want) && d > Duration::from_secs(want) - Duration::from_millis(100)
+        };
+        assert!(near(left(&interactive, None), 6));
+        assert!(near(left(&interactive, Some(Duration::from_secs(2))), 2));
+        assert!(near(left(&interactive, Some(Duration::from_secs(60))), 6));
+        assert!(near(left(&background, None), 60));
+        assert!(near(left(&background, Some(Duration::from_secs(3600))), 300));
+    }
+
+    #[test]
+    fn a_full_mailbox_is_refused_at_once_and_a_stopped_cell_is_unavailable() {
+        let mut f = fixture(|_| {});
+        // actix lets a mailbox of 2 take one more message per sender before it is full.
+        let mut taken = 0;
+        while f.intake.hand_to_cell(f.job("tls-server-p256")).is_ok() {
+            taken += 1;
+            assert!(taken < 10, "the mailbox never fills");
+        }
+        assert!(taken >= 2, "{taken}");
+        match f.intake.hand_to_cell(f.job("tls-server-p256")) {
+            Err(EngineError::CaOverloaded { reason, .. }) => assert_eq!(reason, "mailbox full"),
+            other => panic!("{other:?}"),
+        }
+        assert!(f.intake.hand_to_cell(f.job("tls-server-p384")).is_ok(), "another CA's mailbox");
+        f._mailboxes.clear();
+        assert_eq!(slug(f.intake.hand_to_cell(f.job("tls-server-p384"))), "ca-unavailable");
+        assert!(f.intake.serving_cas().is_empty(), "no cell is running");
+    }
+
+    #[test]
+    fn serving_cas_are_enabled_with_a_running_cell_and_a_closed_breaker() {
+        let f = fixture(|_| {});
+        let all: std::collections::HashSet<String> =
+            ["ica-p256", "ica-p384", "ica-rsa3072", "ica-ed25519"].map(String::from).into();
+        assert_eq!(f.intake.serving_cas(), all);
+        f.set_ca("ica-p384", ca_state::PARKED);
+        f.open_breaker("ica-rsa3072", 5_000);
+        f.open_breaker("ica-ed25519", -1);
+        let serving = f.intake.serving_cas();
+        assert_eq!(serving, ["ica-p256", "ica-ed25519"].map(String::from).into());
+    }
+
+    #[test]
+    fn a_client_over_its_rate_is_refused_with_a_retry_after() {
+        let f = fixture(|c| c.clients[0].rate = Some(RateConfig { per_second: 1, burst: 2 }));
+        let demo = f.demo();
+        assert!(f.intake.check_rate(&demo).is_ok());
+        assert!(f.intake.check_rate(&demo).is_ok());
+        match f.intake.check_rate(&demo) {
+            Err(EngineError::RateLimited { retry_after }) => assert!(retry_after >= Duration::from_millis(900)),
+            other => panic!("{other:?}"),
+        }
+        let other = f.intake.catalog.clients_by_name["other"].clone();
+        for _ in 0..10 {
+            assert!(f.intake.check_rate(&other).is_ok(), "a client without a rate");
+        }
+    }
+
+    #[test]
+    fn each_intake_defect_does_what_it_says_and_only_in_dev_mode() {
+        let defects = [
+            Sabotage::GlobalBackOff,
+            Sabotage::BackgroundBackOff,
+            Sabotage::IgnoreDeadlines,
+            Sabotage::IgnorePark,
+            Sabotage::IgnoreCaState,
+        ];
+        let only = |what: Sabotage| fixture(move |c| c.sabotage = vec![what]);
+        let (interactive, background) = ("tls-server-p256", "ocsp-renewal");
+        let f = only(Sabotage::GlobalBackOff);
+        f.open_breaker("ica-p384", 5_000);
+        assert_eq!(slug(f.intake.check_breaker(&f.profile(interactive))), "ca-unavailable");
+        let f = only(Sabotage::BackgroundBackOff);
+        f.open_breaker("ica-p384", 5_000);
+        assert!(f.intake.check_breaker(&f.profile(interactive)).is_ok());
+        assert_eq!(slug(f.intake.check_breaker(&f.profile(background))), "ca-unavailable");
+        let f = only(Sabotage::IgnoreDeadlines);
+        f.gauges("ica-p256").completion_spacing_us.store(1_000_000, Ordering::Relaxed);
+        f.gauges("ica-p256").interactive_depth.store(100, Ordering::Relaxed);
+        assert!(f.intake.check_capacity(&f.profile(interactive), Instant::now()).is_ok());
+        let f = only(Sabotage::IgnorePark);
+        f.set_ca("ica-p256", ca_state::PARKED);
+        assert!(!f.intake.profile_for(&f.demo(), interactive, true).unwrap().1);
+        let f = only(Sabotage::IgnoreCaState);
+        f.set_ca("ica-p256", ca_state::DISABLED);
+        assert!(f.intake.profile_for(&f.demo(), interactive, false).is_ok());
+        // The dev configuration with every defect, in production mode: none is built in.
+        let f = fixture(|c| {
+            c.sabotage = defects.to_vec();
+            c.mode = crate::config::Mode::Production;
+        });
+        f.open_breaker("ica-p384", 5_000);
+        f.set_ca("ica-p256", ca_state::DISABLED);
+        assert!(f.intake.check_breaker(&f.profile(interactive)).is_ok());
+        assert_eq!(slug(f.intake.profile_for(&f.demo(), interactive, false)), "ca-disabled");
+    }
+}
