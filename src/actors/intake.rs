@@ -394,6 +394,18 @@ mod tests {
     }
 
     #[test]
+    fn an_idempotent_retry_is_recognised_by_profile_and_csr() {
+        let f = fixture(|_| {});
+        let csr = test_csr();
+        let admit = |profile: &str, csr: &str| f.intake.admit(&f.demo(), profile, csr, false).unwrap().body_sha256();
+        let first = admit("tls-server-p256", &csr);
+        assert_eq!(first.len(), 64);
+        assert_eq!(first, admit("tls-server-p256", &csr));
+        assert_ne!(first, admit("tls-server-p256", &test_csr()), "another CSR");
+        assert_ne!(first, admit("tls-server-p384", &csr), "another profile");
+    }
+
+    #[test]
     fn clients_are_known_by_their_api_key_only() {
         let f = fixture(|_| {});
         assert_eq!(f.intake.authenticate("dev-key-demo").unwrap().name, "demo");
