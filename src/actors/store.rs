@@ -323,6 +323,34 @@ mod tests {
     }
 
     #[actix_rt::test]
+    async fn never_more_batches_out_than_workers_and_detached_writes_are_committed_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, path, _) = store(&dir, 1, 1, 1000);
+        // The one worker is held up by a lock on the file for 50 ms (busy_timeout is 200 ms).
+        let mut blocker = SqliteConnection::establish(&path).unwrap();
+        blocker.batch_execute("BEGIN EXCLUSIVE").unwrap();
+        let writes: Vec<_> = (0..5)
+            .map(|i| {
+                actix_rt::spawn({
+                    let store = store.clone();
+                    async move { store.write(write_ahead(&format!("{i:040x}"))).await }
+                })
+            })
+            .collect();
+        store.write_detached(write_ahead(&"9".repeat(40)));
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+        let status = store.status().await.unwrap();
+        assert_eq!((status.batches_in_flight, status.pending_writes), (1, 5), "one batch out, the rest waiting");
+        blocker.batch_execute("ROLLBACK").unwrap();
+        for w in writes {
+            assert!(matches!(w.await.unwrap(), Ok(WriteOutcome::Done)));
+        }
+        // Written after the detached write was sent: once it is committed, so is the detached one.
+        assert!(matches!(store.write(write_ahead(&"8".repeat(40))).await, Ok(WriteOutcome::Done)));
+        assert_eq!(certificates(&path), 7);
+    }
+
+    #[actix_rt::test]
     async fn a_write_beyond_max_pending_is_refused_not_queued() {
         let dir = tempfile::tempdir().unwrap();
         let (store, path, _) = store(&dir, 1, 8, 0);
