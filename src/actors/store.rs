@@ -259,10 +259,21 @@ mod tests {
         max_batch: usize,
         max_pending: usize,
     ) -> (StoreHandle, String, Arc<Metrics>) {
+        store_waiting(dir, workers, max_batch, max_pending, Duration::from_millis(200))
+    }
+
+    /// The same, with SQLite's busy timeout (how long a commit waits for a lock) set to `busy`.
+    fn store_waiting(
+        dir: &tempfile::TempDir,
+        workers: u32,
+        max_batch: usize,
+        max_pending: usize,
+        busy: Duration,
+    ) -> (StoreHandle, String, Arc<Metrics>) {
         let path = dir.path().join("store.db").display().to_string();
         let url = format!("sqlite://{path}");
         crate::db::migrate::run(&url).expect("migrated");
-        let db = DatabaseConfig { url, busy_timeout: Duration::from_millis(200), ..DatabaseConfig::default() };
+        let db = DatabaseConfig { url, busy_timeout: busy, ..DatabaseConfig::default() };
         let metrics = Arc::new(Metrics::new());
         let pool_cfg = PoolConfig { max_size: workers, ..PoolConfig::default() };
         let pool = DbPool::build(&db, &pool_cfg, "issuance", metrics.clone()).expect("pool");
@@ -325,8 +336,8 @@ mod tests {
     #[actix_rt::test]
     async fn never_more_batches_out_than_workers_and_detached_writes_are_committed_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, path, _) = store(&dir, 1, 1, 1000);
-        // The one worker is held up by a lock on the file for 50 ms (busy_timeout is 200 ms).
+        let (store, path, _) = store_waiting(&dir, 1, 1, 1000, Duration::from_secs(30));
+        // The one worker is held up by a lock on the file while the status is read.
         let mut blocker = SqliteConnection::establish(&path).unwrap();
         blocker.batch_execute("BEGIN EXCLUSIVE").unwrap();
         let writes: Vec<_> = (0..5)
