@@ -213,3 +213,240 @@ pub const FINISH_MARGIN: Duration = Duration::from_millis(50);
 pub fn deadline_exceeded() -> EngineError {
     EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Instant;
+
+    use super::*;
+    use crate::actors::cell::{CellGauges, Faults};
+    use crate::actors::store::tests::{certificates, store, text};
+    use crate::config::{Config, ProfileConfig};
+    use crate::db::models::RequestRow;
+    use crate::pki::{csr, Profile};
+
+    struct Fixture {
+        pipeline: Pipeline,
+        path: String,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture(faults: Faults, sabotage: &[Sabotage]) -> Fixture {
+        let config = Config::load(Some(&Path::new(env!("CARGO_MANIFEST_DIR")).join("keys-dev/castellum.toml")))
+            .expect("the dev configuration");
+        let ca = Arc::new(CaMaterial::load(&config.cas[0]).expect("ica-p256"));
+        let metrics = Arc::new(Metrics::new());
+        let (signer_ca, signer_metrics) = (ca.clone(), metrics.clone());
+        let signer = SyncArbiter::start(1, move || Signer {
+            ca: signer_ca.clone(),
+            metrics: signer_metrics.clone(),
+            faults: faults.clone(),
+            gauges: Arc::new(CellGauges::default()),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let (store, path, _) = store(&dir, 1, 8, 1000);
+        let sabotage = Config { mode: crate::config::Mode::Dev, sabotage: sabotage.to_vec(), ..Config::default() };
+        let pipeline =
+            Pipeline { ca, signer, store, metrics, instance: "test-1".into(), sabotage: sabotage.sabotages() };
+        Fixture { pipeline, path, _dir: dir }
+    }
+
+    fn job(lane: &str, deadline: Instant, request_id: Option<&str>) -> Job {
+        let cfg: ProfileConfig = toml::from_str(&format!(
+            "id = \"p\"\nca = \"ica-p256\"\nlane = \"{lane}\"\nvalidity = \"1d\"\nkey_usage = [\"digital_signature\"]\nallowed_keys = [\"ecdsa-p256\"]"
+        ))
+        .unwrap();
+        let profile = Arc::new(Profile::from_config(&cfg));
+        let key = crate::pki::devpki::generate_key(crate::config::KeyType::EcdsaP256).unwrap();
+        let mut req = openssl::x509::X509ReqBuilder::new().unwrap();
+        let mut subject = openssl::x509::X509NameBuilder::new().unwrap();
+        subject.append_entry_by_text("CN", "a.example.test").unwrap();
+        req.set_subject_name(&subject.build()).unwrap();
+        req.set_pubkey(&key).unwrap();
+        req.sign(&key, openssl::hash::MessageDigest::sha256()).unwrap();
+        let csr = csr::check_csr_pem(&String::from_utf8(req.build().to_pem().unwrap()).unwrap()).unwrap();
+        let names = profile.approve(&csr).unwrap();
+        Job {
+            profile,
+            csr: Arc::new(csr),
+            names: Arc::new(names),
+            client: "demo".into(),
+            request_id: request_id.map(String::from),
+            is_async: request_id.is_some(),
+            deadline,
+            enqueued_at: Instant::now(),
+            reply: None,
+            span: tracing::Span::none(),
+            identity: None,
+        }
+    }
+
+    fn in_secs(s: u64) -> Instant {
+        Instant::now() + Duration::from_secs(s)
+    }
+
+    async fn insert_request(f: &Fixture, id: &str) {
+        let row = RequestRow {
+            id: id.into(),
+            client: "demo".into(),
+            profile: "p".into(),
+            ca_id: "ica-p256".into(),
+            mode: "async".into(),
+            state: request_state::PENDING.into(),
+            idempotency_key: None,
+            body_sha256: "00".into(),
+            csr_der: Vec::new(),
+            serial: None,
+            error_type: None,
+            error_detail: None,
+            created_at: 0,
+            updated_at: 0,
+            expires_at: i64::MAX,
+            claimed_by: None,
+            claimed_until: None,
+        };
+        f.pipeline.store.write(WriteOp::InsertRequest(Box::new(row))).await.unwrap();
+    }
+
+    /// The store applies writes in order: once this one is committed, every earlier one is.
+    async fn settle(f: &Fixture) {
+        f.pipeline
+            .store
+            .write(WriteOp::WriteAhead(Box::new(CertificateRow {
+                serial: "ff".repeat(20),
+                ca_id: "x".into(),
+                profile: "x".into(),
+                client: "x".into(),
+                request_id: None,
+                state: cert_state::ABANDONED.into(),
+                tbs_der: Vec::new(),
+                cert_der: None,
+                not_before: 0,
+                not_after: 0,
+                created_at: 0,
+                issued_at: None,
+                revoked_at: None,
+                revocation_reason: None,
+            })))
+            .await
+            .unwrap();
+    }
+
+    fn certificate_field(f: &Fixture, serial: &str, column: &str) -> Option<String> {
+        text(&f.path, &format!("SELECT CAST({column} AS TEXT) AS v FROM certificates WHERE serial = '{serial}'"))
+    }
+
+    fn request_field(f: &Fixture, id: &str, column: &str) -> Option<String> {
+        text(&f.path, &format!("SELECT CAST({column} AS TEXT) AS v FROM requests WHERE id = '{id}'"))
+    }
+
+    #[actix_rt::test]
+    async fn a_certificate_is_recorded_before_and_after_it_is_signed() {
+        let f = fixture(Faults::default(), &[]);
+        insert_request(&f, "r1").await;
+        let issued = f.pipeline.run(&job("interactive", in_secs(6), Some("r1"))).await.unwrap();
+        let cert = openssl::x509::X509::from_pem(issued.certificate.as_bytes()).unwrap();
+        assert!(cert.verify(&f.pipeline.ca.cert.public_key().unwrap()).unwrap());
+        assert_eq!(hex::encode(cert.serial_number().to_bn().unwrap().to_vec()), issued.serial);
+        assert_eq!(
+            (issued.ca.as_str(), issued.profile.as_str(), issued.request_id.as_deref()),
+            ("ica-p256", "p", Some("r1"))
+        );
+        assert_eq!(issued.not_after - issued.not_before, 86_400_000);
+        assert_eq!(certificate_field(&f, &issued.serial, "state").as_deref(), Some(cert_state::ISSUED));
+        let stored =
+            text(&f.path, &format!("SELECT hex(cert_der) AS v FROM certificates WHERE serial = '{}'", issued.serial));
+        assert_eq!(stored, Some(hex::encode_upper(cert.to_der().unwrap())));
+        assert_eq!(request_field(&f, "r1", "state").as_deref(), Some(request_state::ISSUED));
+        assert_eq!(request_field(&f, "r1", "serial"), Some(issued.serial.clone()));
+        let audit =
+            text(&f.path, "SELECT action || ' ' || target || ' ' || outcome || ' ' || detail AS v FROM audit_log");
+        assert_eq!(audit, Some(format!("certificate.issue {} issued ca=ica-p256 profile=p", issued.serial)));
+    }
+
+    #[actix_rt::test]
+    async fn a_ca_without_its_key_fails_before_any_write() {
+        let f = fixture(Faults::default(), &[]);
+        f.pipeline.ca.key.destroy();
+        match f.pipeline.run(&job("interactive", in_secs(6), None)).await {
+            Err(EngineError::SignerFailure { reason, .. }) => assert!(reason.contains("key unavailable"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(certificates(&f.path), 0);
+    }
+
+    #[actix_rt::test]
+    async fn a_failed_signature_leaves_its_record_abandoned() {
+        let f = fixture(Faults { sign_latency: None, failure_rate: 1.0 }, &[]);
+        assert!(matches!(
+            f.pipeline.run(&job("interactive", in_secs(6), None)).await,
+            Err(EngineError::SignerFailure { .. })
+        ));
+        settle(&f).await;
+        let abandoned = text(&f.path, "SELECT state AS v FROM certificates WHERE ca_id = 'ica-p256'");
+        assert_eq!(abandoned.as_deref(), Some(cert_state::ABANDONED));
+    }
+
+    #[actix_rt::test]
+    async fn nothing_is_signed_after_the_deadline_unless_deadlines_are_sabotaged() {
+        let f = fixture(Faults { sign_latency: Some(Duration::from_millis(300)), failure_rate: 0.0 }, &[]);
+        let soon = Instant::now() + Duration::from_millis(200);
+        assert_eq!(f.pipeline.run(&job("interactive", soon, None)).await.unwrap_err().slug(), "deadline-exceeded");
+        let f = fixture(
+            Faults { sign_latency: Some(Duration::from_millis(300)), failure_rate: 0.0 },
+            &[Sabotage::IgnoreDeadlines],
+        );
+        let soon = Instant::now() + Duration::from_millis(200);
+        assert!(f.pipeline.run(&job("interactive", soon, None)).await.is_ok(), "signed late, as the defect says");
+    }
+
+    #[actix_rt::test]
+    async fn slow_interactive_signing_slows_the_interactive_lane_only() {
+        let f = fixture(Faults::default(), &[Sabotage::SlowInteractiveSigning]);
+        let started = Instant::now();
+        f.pipeline.run(&job("background", in_secs(60), None)).await.unwrap();
+        assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+        let soon = in_secs(2);
+        assert_eq!(f.pipeline.run(&job("interactive", soon, None)).await.unwrap_err().slug(), "deadline-exceeded");
+        assert!(Instant::now() >= started + Duration::from_secs(7));
+    }
+
+    #[actix_rt::test]
+    async fn a_failed_request_is_recorded_by_kind_of_failure() {
+        let f = fixture(Faults::default(), &[]);
+        for id in ["permanent", "async", "async-later", "sync", "parked", "issued"] {
+            insert_request(&f, id).await;
+        }
+        let before = now_ms();
+        f.pipeline.request_failed(Some("permanent"), true, &EngineError::PolicyViolation("no".into()), None);
+        f.pipeline.request_failed(Some("async"), true, &deadline_exceeded(), None);
+        f.pipeline.request_failed(Some("async-later"), true, &deadline_exceeded(), Some(before + 30_000));
+        f.pipeline.request_failed(Some("sync"), false, &deadline_exceeded(), None);
+        f.pipeline.request_failed(None, false, &deadline_exceeded(), None);
+        f.pipeline.park_request(Some("parked"));
+        f.pipeline.request_issued("issued", &"ab".repeat(20));
+        settle(&f).await;
+        let field = |id, column| request_field(&f, id, column);
+        assert_eq!(field("permanent", "state").as_deref(), Some(request_state::FAILED));
+        assert_eq!(field("permanent", "error_type").as_deref(), Some("policy-violation"));
+        assert_eq!(field("async", "state").as_deref(), Some(request_state::PENDING));
+        let retry: i64 = field("async", "claimed_until").unwrap().parse().unwrap();
+        assert!((before + 1_000..before + 2_000).contains(&retry), "taken up again a second later: {}", retry - before);
+        assert_eq!(field("async-later", "claimed_until"), Some((before + 30_000).to_string()));
+        assert_eq!(field("sync", "state").as_deref(), Some(request_state::RETRYABLE));
+        assert_eq!(field("sync", "error_type").as_deref(), Some("deadline-exceeded"));
+        assert_eq!(field("parked", "state").as_deref(), Some(request_state::PARKED));
+        assert_eq!(field("issued", "state").as_deref(), Some(request_state::ISSUED));
+        assert_eq!(field("issued", "serial"), Some("ab".repeat(20)));
+    }
+
+    #[test]
+    fn a_closed_mailbox_means_shutting_down_and_a_deadline_retries_after_a_second() {
+        assert_eq!(mailbox_gone(MailboxError::Closed), EngineError::ShuttingDown);
+        match deadline_exceeded() {
+            EngineError::DeadlineExceeded { retry_after } => assert_eq!(retry_after, Duration::from_secs(1)),
+            other => panic!("{other:?}"),
+        }
+    }
+}

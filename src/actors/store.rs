@@ -242,7 +242,7 @@ impl Handler<Batch> for StoreWorker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Duration;
 
     use diesel::connection::SimpleConnection;
@@ -253,7 +253,7 @@ mod tests {
     use crate::db::models::{cert_state, CertificateRow};
 
     /// A store on a fresh SQLite file, with `workers` connections; the file's path for SQL.
-    fn store(
+    pub(crate) fn store(
         dir: &tempfile::TempDir,
         workers: u32,
         max_batch: usize,
@@ -280,7 +280,7 @@ mod tests {
         (StoreFront::start(pool, max_batch, max_pending, metrics.clone()), path, metrics)
     }
 
-    fn write_ahead(serial: &str) -> WriteOp {
+    pub(crate) fn write_ahead(serial: &str) -> WriteOp {
         WriteOp::WriteAhead(Box::new(CertificateRow {
             serial: serial.into(),
             ca_id: "ica-p256".into(),
@@ -300,7 +300,18 @@ mod tests {
     }
 
     /// Rows in `certificates`, read with plain SQL on a connection of the test's own.
-    fn certificates(path: &str) -> i64 {
+    /// One text value (`SELECT … AS v`), read with plain SQL on a connection of the test's own.
+    pub(crate) fn text(path: &str, sql: &str) -> Option<String> {
+        #[derive(diesel::QueryableByName)]
+        struct Value {
+            #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+            v: Option<String>,
+        }
+        let mut conn = SqliteConnection::establish(path).unwrap();
+        diesel::sql_query(sql).get_result::<Value>(&mut conn).unwrap().v
+    }
+
+    pub(crate) fn certificates(path: &str) -> i64 {
         #[derive(diesel::QueryableByName)]
         struct Count {
             #[diesel(sql_type = diesel::sql_types::BigInt)]
