@@ -372,6 +372,29 @@ pub(crate) mod tests {
         assert_eq!(certificates(&path), 7);
     }
 
+    /// Once the back-off has passed, one batch probes the database; writes that come while it is
+    /// out are refused at once rather than queued behind it.
+    #[actix_rt::test]
+    async fn while_a_probe_is_out_writes_are_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, path, _) = store_waiting(&dir, 1, 8, 1000, Duration::from_secs(1));
+        let mut blocker = SqliteConnection::establish(&path).unwrap();
+        blocker.batch_execute("BEGIN EXCLUSIVE").unwrap();
+        assert_eq!(store.write(write_ahead(&"1".repeat(40))).await.unwrap_err(), EngineError::DatabaseUnavailable);
+        actix_rt::time::sleep(DATABASE_DOWN_BACKOFF + Duration::from_millis(50)).await;
+        let probe = actix_rt::spawn({
+            let store = store.clone();
+            async move { store.write(write_ahead(&"2".repeat(40))).await }
+        });
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+        let started = Instant::now();
+        assert_eq!(store.write(write_ahead(&"3".repeat(40))).await.unwrap_err(), EngineError::DatabaseUnavailable);
+        assert!(started.elapsed() < Duration::from_millis(500), "queued behind the probe: {:?}", started.elapsed());
+        blocker.batch_execute("ROLLBACK").unwrap();
+        assert!(matches!(probe.await.unwrap(), Ok(WriteOutcome::Done)), "the probe finds the database back");
+        assert_eq!(certificates(&path), 1);
+    }
+
     #[actix_rt::test]
     async fn a_write_beyond_max_pending_is_refused_not_queued() {
         let dir = tempfile::tempdir().unwrap();
