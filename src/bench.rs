@@ -85,16 +85,19 @@ pub fn crypto_ceiling(keys_dev: &Path, length: Duration) -> Result<(f64, Duratio
     let pem = p256_csrs(1)?.remove(0);
     let checked = csr::check_csr_pem(&pem).map_err(|e| DrillError::Setup(e.to_string()))?;
     let names = profile.approve(&checked).map_err(|e| DrillError::Setup(e.to_string()))?;
-    let tbs_der = tbs::prepare(&ca, &profile, &checked, &names, SystemTime::now())
-        .map_err(|e| DrillError::Setup(e.to_string()))?
-        .tbs_der;
+    // One linted TBS, shared by every thread: the ceiling is the signature, not the build.
+    let tbs = Arc::new(
+        tbs::prepare(&ca, &profile, &checked, &names, SystemTime::now())
+            .map_err(|e| DrillError::Setup(e.to_string()))?
+            .tbs,
+    );
     let der = csr::pem_to_der(&pem).map_err(|e| DrillError::Setup(e.to_string()))?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = (0..cores)
         .map(|_| {
-            let (ca, der, tbs_der, done, stop) = (ca.clone(), der.clone(), tbs_der.clone(), done.clone(), stop.clone());
+            let (ca, der, tbs, done, stop) = (ca.clone(), der.clone(), tbs.clone(), done.clone(), stop.clone());
             std::thread::spawn(move || {
                 use x509_parser::prelude::FromDer;
                 let (_, req) =
@@ -107,7 +110,7 @@ pub fn crypto_ceiling(keys_dev: &Path, length: Duration) -> Result<(f64, Duratio
                         openssl::sign::Verifier::new(openssl::hash::MessageDigest::sha256(), &key).expect("verifier");
                     verifier.update(info).expect("update");
                     assert!(verifier.verify(signature).expect("verify"));
-                    tbs::sign(&ca, &tbs_der).expect("sign");
+                    tbs::sign(&ca, &tbs).expect("sign");
                     done.fetch_add(1, Ordering::Relaxed);
                 }
             })

@@ -17,9 +17,11 @@
 
 pub mod actors;
 pub mod admin;
+#[cfg(feature = "tools")]
 pub mod bench;
 pub mod config;
 pub mod db;
+#[cfg(feature = "tools")]
 pub mod drill;
 pub mod engine;
 pub mod error;

@@ -88,3 +88,20 @@ async fn health_and_readiness_over_http() {
     assert!(metrics.contains("castellum_registry_version"));
     server.stop().await;
 }
+
+/// An application that depends on castellum with `default-features = false` gets the engine
+/// without the command line's tools: no HTTP client, chart library or argument parser.
+#[test]
+fn the_library_without_its_tools_pulls_in_no_client_or_chart_library() {
+    let out = std::process::Command::new(env!("CARGO"))
+        .args(["tree", "--no-default-features", "-e", "normal", "--prefix", "none", "--offline"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo tree runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tree = String::from_utf8_lossy(&out.stdout);
+    assert!(tree.lines().any(|l| l.starts_with("actix ")), "the engine's own dependencies are listed:\n{tree}");
+    for tool in ["reqwest ", "plotters ", "clap "] {
+        assert!(!tree.lines().any(|l| l.starts_with(tool)), "{tool}is compiled into the bare library:\n{tree}");
+    }
+}

@@ -62,7 +62,7 @@ impl Pipeline {
                 client: job.client.clone(),
                 request_id: job.request_id.clone(),
                 state: cert_state::SIGNING.into(),
-                tbs_der: prepared.tbs_der.clone(),
+                tbs_der: prepared.tbs.der().to_vec(),
                 cert_der: None,
                 not_before: prepared.not_before_ms,
                 not_after: prepared.not_after_ms,
@@ -81,7 +81,7 @@ impl Pipeline {
             true => job.deadline + Duration::from_secs(3600),
             false => job.deadline,
         };
-        let signed = p.signer.send(Sign { tbs_der: prepared.tbs_der, deadline }).await.map_err(mailbox_gone)?;
+        let signed = p.signer.send(Sign { tbs: prepared.tbs, deadline }).await.map_err(mailbox_gone)?;
         let cert_der = match signed {
             Ok(der) => der,
             Err(e) => {

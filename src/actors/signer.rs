@@ -11,7 +11,7 @@ use actix::prelude::*;
 use crate::error::EngineError;
 use crate::metrics::{self, Metrics};
 use crate::pki::profile::ApprovedNames;
-use crate::pki::{tbs, CaMaterial, CheckedCsr, PreparedCert, Profile};
+use crate::pki::{tbs, CaMaterial, CheckedCsr, LintedTbs, PreparedCert, Profile};
 
 pub struct Signer {
     pub ca: Arc<CaMaterial>,
@@ -35,11 +35,11 @@ pub struct Prepare {
     pub names: Arc<ApprovedNames>,
 }
 
-/// Sign recorded TBS bytes, unless the deadline has passed.
+/// Sign recorded, linted TBS bytes, unless the deadline has passed.
 #[derive(Message)]
 #[rtype(result = "Result<Vec<u8>, EngineError>")]
 pub struct Sign {
-    pub tbs_der: Vec<u8>,
+    pub tbs: LintedTbs,
     pub deadline: Instant,
 }
 
@@ -73,7 +73,7 @@ impl Handler<Sign> for Signer {
         let started = Instant::now();
         let result = super::catch_panic("signer", || {
             super::injected_panic(&self.gauges.injected_signer_panics, "signer");
-            tbs::sign(&self.ca, &msg.tbs_der)
+            tbs::sign(&self.ca, &msg.tbs)
         })
         .unwrap_or_else(|panic| {
             self.metrics.worker_panics.get_or_create(&metrics::ca(&self.ca.id)).inc();

@@ -2,6 +2,7 @@
 //! hashed), and protection against cross-site requests on every state change. Every lever is
 //! one method of the engine's handle and is audited with the admin's name.
 
+#[cfg(feature = "tools")]
 pub mod cli;
 
 use std::collections::HashMap;

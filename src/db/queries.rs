@@ -97,7 +97,11 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                         new_identities.push(row.as_ref().clone());
                     }
                 }
-                _ => {}
+                // Updates of rows that exist: the second pass, once the inserts are in.
+                WriteOp::CertificateAbandoned { .. }
+                | WriteOp::RequestIssued { .. }
+                | WriteOp::RequestFinished { .. }
+                | WriteOp::UseIdentity { .. } => {}
             }
         }
         if !ahead.is_empty() {
@@ -124,7 +128,9 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                     }
                 }
                 WriteOp::RequestIssued { id, serial, at } => issued_requests.push((id, serial, *at)),
-                WriteOp::UseIdentity { .. } => identity_uses.push(i),
+                WriteOp::UseIdentity { id, client, at, instance, digest_algorithm } => {
+                    identity_uses.push((i, id, client, *at, instance, *digest_algorithm))
+                }
                 WriteOp::CertificateAbandoned { serial } => {
                     diesel::update(certificates::table.find(serial))
                         .set(certificates::state.eq(super::models::cert_state::ABANDONED))
@@ -148,19 +154,15 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                     ))
                     .execute(c)?;
                 }
-                _ => {}
+                // Inserts: done in the first pass.
+                WriteOp::InsertRequest(_) | WriteOp::WriteAhead(_) | WriteOp::Audit(_) => {}
             }
         }
         // In identity order: two instances' batches lock the same rows in the same order, so
         // they can wait for each other but never deadlock.
-        identity_uses.sort_by_key(|i| match &ops[*i] {
-            WriteOp::UseIdentity { id, .. } => id.as_str(),
-            _ => "",
-        });
-        for i in identity_uses {
-            if let WriteOp::UseIdentity { id, client, at, instance, digest_algorithm } = &ops[i] {
-                outcomes[i] = c.use_identity(id, client, *at, instance, digest_algorithm, &mut audit)?;
-            }
+        identity_uses.sort_by_key(|(_, id, ..)| id.as_str());
+        for (i, id, client, at, instance, digest_algorithm) in identity_uses {
+            outcomes[i] = c.use_identity(id, client, at, instance, digest_algorithm, &mut audit)?;
         }
         for (id, serial, at) in issued_requests {
             diesel::update(requests::table.find(id))

@@ -13,7 +13,7 @@ pub mod tbs;
 pub use ca::{CaLoadError, CaMaterial};
 pub use csr::CheckedCsr;
 pub use profile::Profile;
-pub use tbs::PreparedCert;
+pub use tbs::{LintedTbs, PreparedCert};
 
 /// Milliseconds since the Unix epoch: the one time unit the database and the engine use.
 pub fn unix_ms(t: std::time::SystemTime) -> i64 {

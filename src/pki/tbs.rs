@@ -32,12 +32,27 @@ use crate::config::{ExtendedKeyUsageName, KeyType, KeyUsageName};
 use crate::error::EngineError;
 
 /// A certificate ready to be signed: recorded by the Store before the signature exists.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct PreparedCert {
     pub serial_hex: String,
-    pub tbs_der: Vec<u8>,
+    pub tbs: LintedTbs,
     pub not_before_ms: i64,
     pub not_after_ms: i64,
+}
+
+/// TBSCertificate bytes that passed [`lint`]. Only [`prepare`] makes one and [`sign`] takes
+/// nothing else, so nothing unlinted can reach a CA key; it is not `Clone`, so each is handed to
+/// the signer once (a caller that must sign the same bytes again, like the benchmark, shares it).
+#[derive(Debug)]
+pub struct LintedTbs {
+    der: Vec<u8>,
+}
+
+impl LintedTbs {
+    /// The exact bytes the write-ahead record stores and the key signs.
+    pub fn der(&self) -> &[u8] {
+        &self.der
+    }
 }
 
 fn internal(what: &str) -> impl Fn(der::Error) -> EngineError + '_ {
@@ -182,7 +197,7 @@ pub fn prepare(
     lint(&tbs, ca, now)?;
     Ok(PreparedCert {
         serial_hex: hex::encode(serial),
-        tbs_der: tbs.to_der().map_err(internal("TBS"))?,
+        tbs: LintedTbs { der: tbs.to_der().map_err(internal("TBS"))? },
         not_before_ms: super::unix_ms(not_before),
         not_after_ms: super::unix_ms(not_after),
     })
@@ -241,8 +256,9 @@ pub fn lint(tbs: &TbsCertificate, ca: &CaMaterial, now: SystemTime) -> Result<()
     Ok(())
 }
 
-/// Sign prepared TBS bytes with the CA key and assemble the certificate's DER.
-pub fn sign(ca: &CaMaterial, tbs_der: &[u8]) -> Result<Vec<u8>, EngineError> {
+/// Sign linted TBS bytes with the CA key and assemble the certificate's DER.
+pub fn sign(ca: &CaMaterial, tbs: &LintedTbs) -> Result<Vec<u8>, EngineError> {
+    let tbs_der = tbs.der();
     let signer_failure = |reason: String| EngineError::SignerFailure { ca: ca.id.clone(), reason };
     let signature = ca
         .key
@@ -338,7 +354,7 @@ mod tests {
     /// the x509-cert encoder that built it.
     fn issue(ca: &CaMaterial, profile: &Profile, csr: &CheckedCsr, names: &ApprovedNames) -> (PreparedCert, Vec<u8>) {
         let prepared = prepare(ca, profile, csr, names, now()).expect("prepared");
-        let der = sign(ca, &prepared.tbs_der).expect("signed");
+        let der = sign(ca, &prepared.tbs).expect("signed");
         (prepared, der)
     }
 
@@ -498,7 +514,7 @@ mod tests {
         let p = profile("\"digital_signature\"", "");
         let prepared =
             prepare(&ca, &p, &csr, &names(Some("a.example.test"), None, &["a.example.test"]), now()).unwrap();
-        let good = TbsCertificate::from_der(&prepared.tbs_der).unwrap();
+        let good = TbsCertificate::from_der(prepared.tbs.der()).unwrap();
         lint(&good, &ca, now()).expect("the prepared TBS passes");
         let refused = |edit: &dyn Fn(&mut TbsCertificate), why: &str| {
             let mut tbs = good.clone();
