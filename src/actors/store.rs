@@ -311,6 +311,14 @@ pub(crate) mod tests {
         diesel::sql_query(sql).get_result::<Value>(&mut conn).unwrap().v
     }
 
+    /// A connection of the test's own holding the file's write lock (waiting for the pool's new
+    /// connections to finish setting up, which take it for a moment).
+    fn lock(path: &str) -> SqliteConnection {
+        let mut conn = SqliteConnection::establish(path).unwrap();
+        conn.batch_execute("PRAGMA busy_timeout = 10000; BEGIN EXCLUSIVE").unwrap();
+        conn
+    }
+
     pub(crate) fn certificates(path: &str) -> i64 {
         #[derive(diesel::QueryableByName)]
         struct Count {
@@ -349,8 +357,7 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, path, _) = store_waiting(&dir, 1, 1, 1000, Duration::from_secs(30));
         // The one worker is held up by a lock on the file while the status is read.
-        let mut blocker = SqliteConnection::establish(&path).unwrap();
-        blocker.batch_execute("BEGIN EXCLUSIVE").unwrap();
+        let mut blocker = lock(&path);
         let writes: Vec<_> = (0..5)
             .map(|i| {
                 actix_rt::spawn({
@@ -378,8 +385,7 @@ pub(crate) mod tests {
     async fn while_a_probe_is_out_writes_are_refused_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let (store, path, _) = store_waiting(&dir, 1, 8, 1000, Duration::from_secs(1));
-        let mut blocker = SqliteConnection::establish(&path).unwrap();
-        blocker.batch_execute("BEGIN EXCLUSIVE").unwrap();
+        let mut blocker = lock(&path);
         assert_eq!(store.write(write_ahead(&"1".repeat(40))).await.unwrap_err(), EngineError::DatabaseUnavailable);
         actix_rt::time::sleep(DATABASE_DOWN_BACKOFF + Duration::from_millis(50)).await;
         let probe = actix_rt::spawn({
@@ -421,8 +427,7 @@ pub(crate) mod tests {
         let (store, path, _) = store(&dir, 1, 8, 1000);
         // The database goes away: its file is locked by another connection in an open write
         // transaction, so checkouts wait out busy_timeout and commits fail as unavailable.
-        let mut blocker = SqliteConnection::establish(&path).unwrap();
-        blocker.batch_execute("BEGIN EXCLUSIVE").unwrap();
+        let mut blocker = lock(&path);
         let first = store.write(write_ahead(&"d".repeat(40))).await.unwrap_err();
         assert_eq!(first, EngineError::DatabaseUnavailable);
         assert!(store.status().await.unwrap().database_down);
