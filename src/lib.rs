@@ -28,6 +28,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod pki;
+pub mod states;
 pub mod telemetry;
 
 pub use config::Config;

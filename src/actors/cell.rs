@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use super::breaker::{Breaker, BreakerState};
 use super::pipeline::{deadline_exceeded, Pipeline, FINISH_MARGIN};
-use super::registry::{ca_state, RegistryChanged};
+use super::registry::RegistryChanged;
 use super::signer::Signer;
 use super::store::StoreHandle;
 use crate::config::{CaConfig, Lane, Sabotage, Sabotages};
@@ -28,6 +28,7 @@ use crate::metrics::{self, Metrics};
 use crate::pki::key::KeyChange;
 use crate::pki::profile::ApprovedNames;
 use crate::pki::{now_ms, CaMaterial, CheckedCsr, Profile};
+use crate::states::CaState;
 
 pub type Reply = oneshot::Sender<Result<IssuedCertificate, EngineError>>;
 
@@ -216,7 +217,7 @@ pub struct CaCell {
     drain_waiters: Vec<oneshot::Sender<()>>,
     draining: bool,
     /// This CA's state in the registry's latest snapshot.
-    ca_state: String,
+    ca_state: CaState,
     watching_key: bool,
     recent_transitions: VecDeque<(i64, String)>,
     /// Background jobs queued or in flight, by coalescing key, with the requests attached to them.
@@ -234,7 +235,7 @@ pub struct CellParts {
     pub metrics: Arc<Metrics>,
     pub instance: Arc<str>,
     pub faults: Faults,
-    pub initial_state: String,
+    pub initial_state: CaState,
     /// Shared with intake; kept across restarts of the cell.
     pub gauges: Arc<CellGauges>,
     pub sabotage: Sabotages,
@@ -461,7 +462,7 @@ impl CaCell {
     /// at once (sync); a disabled or retired CA's work fails for good.
     fn turn_away(&mut self, mut job: Job) {
         let ca = self.ca_id().to_string();
-        if self.ca_state != ca_state::PARKED {
+        if self.ca_state != CaState::Parked {
             self.settle(job, Err(EngineError::CaDisabled(ca)), None);
             return;
         }
@@ -484,10 +485,9 @@ impl CaCell {
     }
 
     fn takes_work(&self) -> bool {
-        match self.ca_state.as_str() {
-            ca_state::ENABLED | ca_state::DRAINING => true,
-            ca_state::PARKED => self.pipeline.sabotage.has(Sabotage::IgnorePark),
-            _ => false,
+        match self.ca_state {
+            CaState::Parked => self.pipeline.sabotage.has(Sabotage::IgnorePark),
+            state => state.takes_work(),
         }
     }
 
@@ -525,7 +525,7 @@ impl Actor for CaCell {
             let change = self.breaker.open_now(Instant::now());
             self.note_breaker(change);
         }
-        if self.ca_state == ca_state::RETIRED {
+        if self.ca_state == CaState::Retired {
             self.pipeline.ca.key.destroy();
         }
         ctx.run_interval(KEY_CHECK_INTERVAL, |act, ctx| act.check_key(ctx));
@@ -588,13 +588,14 @@ impl Handler<RegistryChanged> for CaCell {
     type Result = ();
 
     fn handle(&mut self, RegistryChanged(snapshot): RegistryChanged, ctx: &mut Self::Context) {
-        let state = snapshot.ca_state(self.ca_id()).to_string();
+        // A CA the registry no longer knows takes no work.
+        let state = snapshot.ca_state(self.ca_id()).unwrap_or(CaState::Disabled);
         if state == self.ca_state {
             return;
         }
         tracing::info!(ca = %self.ca_id(), from = %self.ca_state, to = %state, "CA state changed");
         self.ca_state = state;
-        if self.ca_state == ca_state::RETIRED {
+        if self.ca_state == CaState::Retired {
             self.pipeline.ca.key.destroy();
         }
         if !self.takes_work() {
@@ -659,7 +660,7 @@ impl Handler<GetStatus> for CaCell {
         let signatures = self.gauges.signatures.load(Ordering::Relaxed);
         CellStatus {
             ca: self.ca_id().to_string(),
-            state: self.ca_state.clone(),
+            state: self.ca_state.as_str().to_string(),
             breaker: self.breaker.state().name().to_string(),
             key_available: self.pipeline.ca.key.is_available(),
             interactive_queued: self.interactive.len(),

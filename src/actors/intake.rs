@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::cell::{Enqueue, Job};
-use super::registry::{ca_state, SharedSnapshot};
+use super::registry::SharedSnapshot;
 use super::supervisor::CellSlot;
 use crate::config::{Config, Lane, LanesConfig, Sabotage, Sabotages};
 use crate::engine::types::Client;
@@ -23,6 +23,7 @@ use crate::error::EngineError;
 use crate::pki::identity::IdentityDraft;
 use crate::pki::profile::ApprovedNames;
 use crate::pki::{csr, CaMaterial, CheckedCsr, Profile};
+use crate::states::CaState;
 
 /// Everything fixed at start-up: profiles, clients, CA material.
 pub struct Catalog {
@@ -225,12 +226,14 @@ impl Intake {
         };
         let hold = match snapshot.ca_state(&profile.ca) {
             _ if self.sabotage.has(Sabotage::IgnoreCaState) => false,
-            ca_state::ENABLED => false,
-            ca_state::PARKED if self.sabotage.has(Sabotage::IgnorePark) => false,
-            ca_state::PARKED if is_async => true,
-            ca_state::PARKED => return Err(unavailable("the CA is parked; asynchronous requests are accepted")),
-            ca_state::DRAINING => return Err(unavailable("the CA is draining")),
-            _ => return Err(EngineError::CaDisabled(profile.ca.clone())),
+            Some(CaState::Enabled) => false,
+            Some(CaState::Parked) if self.sabotage.has(Sabotage::IgnorePark) => false,
+            Some(CaState::Parked) if is_async => true,
+            Some(CaState::Parked) => return Err(unavailable("the CA is parked; asynchronous requests are accepted")),
+            Some(CaState::Draining) => return Err(unavailable("the CA is draining")),
+            Some(CaState::Disabled | CaState::Retired) | None => {
+                return Err(EngineError::CaDisabled(profile.ca.clone()))
+            }
         };
         Ok((profile, hold))
     }
@@ -307,6 +310,7 @@ mod tests {
     use crate::actors::cell::{CaCell, CellGauges};
     use crate::actors::registry::Snapshot;
     use crate::config::RateConfig;
+    use crate::states::ProfileState;
 
     /// Intake over the dev configuration, every CA and profile enabled, each CA's cell a mailbox
     /// of two that nobody reads (kept in `_mailboxes` so the cells count as running).
@@ -323,8 +327,8 @@ mod tests {
         let catalog = Arc::new(Catalog::build(&config, materials));
         let snapshot = Snapshot {
             version: 1,
-            cas: config.cas.iter().map(|c| (c.id.clone(), ca_state::ENABLED.to_string())).collect(),
-            profiles: config.profiles.iter().map(|p| (p.id.clone(), "enabled".to_string())).collect(),
+            cas: config.cas.iter().map(|c| (c.id.clone(), CaState::Enabled)).collect(),
+            profiles: config.profiles.iter().map(|p| (p.id.clone(), ProfileState::Enabled)).collect(),
         };
         let mut mailboxes = Vec::new();
         let cells = config
@@ -342,9 +346,9 @@ mod tests {
     }
 
     impl Fixture {
-        fn set_ca(&self, ca: &str, state: &str) {
+        fn set_ca(&self, ca: &str, state: CaState) {
             let mut s = (**self.intake.snapshot.load()).clone();
-            s.cas.insert(ca.into(), state.into());
+            s.cas.insert(ca.into(), state);
             self.intake.snapshot.store(Arc::new(s));
         }
         fn gauges(&self, ca: &str) -> &CellGauges {
@@ -422,17 +426,17 @@ mod tests {
         assert_eq!(slug(f.intake.profile_for(&other, "tls-server-p384", false)), "forbidden-profile");
         let (_, hold) = f.intake.profile_for(&demo, "tls-server-p256", false).unwrap();
         assert!(!hold);
-        f.set_ca("ica-p256", ca_state::PARKED);
+        f.set_ca("ica-p256", CaState::Parked);
         assert!(f.intake.profile_for(&demo, "tls-server-p256", true).unwrap().1, "async work is held");
         assert_eq!(slug(f.intake.profile_for(&demo, "tls-server-p256", false)), "ca-unavailable");
-        f.set_ca("ica-p256", ca_state::DRAINING);
+        f.set_ca("ica-p256", CaState::Draining);
         assert_eq!(slug(f.intake.profile_for(&demo, "tls-server-p256", true)), "ca-unavailable");
-        for state in [ca_state::DISABLED, ca_state::RETIRED] {
+        for state in [CaState::Disabled, CaState::Retired] {
             f.set_ca("ica-p256", state);
             assert_eq!(slug(f.intake.profile_for(&demo, "tls-server-p256", true)), "ca-disabled", "{state}");
         }
         let mut s = (**f.intake.snapshot.load()).clone();
-        s.profiles.insert("tls-server-p384".into(), "disabled".into());
+        s.profiles.insert("tls-server-p384".into(), ProfileState::Disabled);
         f.intake.snapshot.store(Arc::new(s));
         assert_eq!(slug(f.intake.profile_for(&demo, "tls-server-p384", false)), "profile-disabled");
     }
@@ -466,7 +470,7 @@ mod tests {
         let f = fixture(|_| {});
         f.open_breaker("ica-p256", 5_000);
         assert_eq!(slug(f.intake.admit(&f.demo(), "tls-server-p256", &test_csr(), true)), "ca-unavailable");
-        f.set_ca("ica-p256", ca_state::PARKED);
+        f.set_ca("ica-p256", CaState::Parked);
         let admitted = f.intake.admit(&f.demo(), "tls-server-p256", &test_csr(), true).unwrap();
         assert!(admitted.hold);
         assert_eq!(admitted.names.sans.len(), 1);
@@ -538,7 +542,7 @@ mod tests {
         let all: std::collections::HashSet<String> =
             ["ica-p256", "ica-p384", "ica-rsa3072", "ica-ed25519"].map(String::from).into();
         assert_eq!(f.intake.serving_cas(), all);
-        f.set_ca("ica-p384", ca_state::PARKED);
+        f.set_ca("ica-p384", CaState::Parked);
         f.open_breaker("ica-rsa3072", 5_000);
         f.open_breaker("ica-ed25519", -1);
         let serving = f.intake.serving_cas();
@@ -584,10 +588,10 @@ mod tests {
         f.gauges("ica-p256").interactive_depth.store(100, Ordering::Relaxed);
         assert!(f.intake.check_capacity(&f.profile(interactive), Instant::now()).is_ok());
         let f = only(Sabotage::IgnorePark);
-        f.set_ca("ica-p256", ca_state::PARKED);
+        f.set_ca("ica-p256", CaState::Parked);
         assert!(!f.intake.profile_for(&f.demo(), interactive, true).unwrap().1);
         let f = only(Sabotage::IgnoreCaState);
-        f.set_ca("ica-p256", ca_state::DISABLED);
+        f.set_ca("ica-p256", CaState::Disabled);
         assert!(f.intake.profile_for(&f.demo(), interactive, false).is_ok());
         // The dev configuration with every defect, in production mode: none is built in.
         let f = fixture(|c| {
@@ -595,7 +599,7 @@ mod tests {
             c.mode = crate::config::Mode::Production;
         });
         f.open_breaker("ica-p384", 5_000);
-        f.set_ca("ica-p256", ca_state::DISABLED);
+        f.set_ca("ica-p256", CaState::Disabled);
         assert!(f.intake.check_breaker(&f.profile(interactive)).is_ok());
         assert_eq!(slug(f.intake.profile_for(&f.demo(), interactive, false)), "ca-disabled");
     }

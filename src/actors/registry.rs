@@ -21,37 +21,26 @@ use crate::db::{queries, DbConn, DbPool};
 use crate::error::DbError;
 use crate::metrics::Metrics;
 use crate::pki::now_ms;
-
-/// A CA's operational state.
-pub mod ca_state {
-    pub const ENABLED: &str = "enabled";
-    /// Sync work refused (`503`), async work accepted and held durably until resubmitted.
-    pub const PARKED: &str = "parked";
-    /// No new work; what is queued is finished.
-    pub const DRAINING: &str = "draining";
-    pub const DISABLED: &str = "disabled";
-    /// Disabled for good, its key destroyed.
-    pub const RETIRED: &str = "retired";
-    pub const ALL: &[&str] = &[ENABLED, PARKED, DRAINING, DISABLED, RETIRED];
-}
+use crate::states::{CaState, ProfileState};
 
 /// The registry's state at one version.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     pub version: i64,
-    pub cas: HashMap<String, String>,
-    pub profiles: HashMap<String, String>,
+    pub cas: HashMap<String, CaState>,
+    pub profiles: HashMap<String, ProfileState>,
 }
 
 impl Snapshot {
-    pub fn ca_state(&self, id: &str) -> &str {
-        self.cas.get(id).map(String::as_str).unwrap_or("unknown")
+    /// The CA's state; `None` for a CA the registry does not know.
+    pub fn ca_state(&self, id: &str) -> Option<CaState> {
+        self.cas.get(id).copied()
     }
     pub fn ca_enabled(&self, id: &str) -> bool {
-        self.ca_state(id) == ca_state::ENABLED
+        self.ca_state(id) == Some(CaState::Enabled)
     }
     pub fn profile_enabled(&self, id: &str) -> bool {
-        self.profiles.get(id).is_some_and(|s| s == "enabled")
+        self.profiles.get(id) == Some(&ProfileState::Enabled)
     }
 }
 
@@ -83,9 +72,10 @@ pub struct Apply(pub Snapshot);
 
 /// Make sure every configured CA and profile has a state row, then read the registry.
 pub fn bootstrap(control: &DbPool, config: &Config) -> Result<Snapshot, DbError> {
-    let state = |enabled: bool| if enabled { "enabled" } else { "disabled" };
-    let cas: Vec<_> = config.cas.iter().map(|c| (c.id.clone(), state(c.enabled))).collect();
-    let profiles: Vec<_> = config.profiles.iter().map(|p| (p.id.clone(), p.ca.clone(), state(p.enabled))).collect();
+    let ca_state = |enabled: bool| if enabled { CaState::Enabled } else { CaState::Disabled };
+    let cas: Vec<_> = config.cas.iter().map(|c| (c.id.clone(), ca_state(c.enabled))).collect();
+    let profiles: Vec<_> =
+        config.profiles.iter().map(|p| (p.id.clone(), p.ca.clone(), ProfileState::from_enabled(p.enabled))).collect();
     let mut conn = control.get()?;
     queries::ensure_registry_rows(&mut conn, &cas, &profiles, now_ms())?;
     load(&mut conn)

@@ -17,6 +17,7 @@ use super::registry::{Registry, SharedSnapshot, Subscribe};
 use super::store::StoreHandle;
 use crate::config::Config;
 use crate::metrics::{self, Metrics};
+use crate::states::CaState;
 
 const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 const MAX_RESTARTS: usize = 5;
@@ -49,7 +50,7 @@ impl CellFactory {
             metrics: self.metrics.clone(),
             instance: self.instance.clone(),
             faults: Faults { sign_latency: cfg.fault.sign_latency, failure_rate: cfg.fault.failure_rate },
-            initial_state: self.snapshot.load().ca_state(ca).to_string(),
+            initial_state: self.snapshot.load().ca_state(ca).unwrap_or(CaState::Disabled),
             gauges,
             sabotage: self.config.sabotages(),
         };

@@ -7,6 +7,7 @@ use super::models::{request_state, AuditEvent, CertificateRow, IdentityRow, NewA
 use super::schema::{audit_log, cas, certificates, identities, instances, profiles, registry, requests};
 use super::DbConn;
 use crate::error::DbError;
+use crate::states::{CaState, ProfileState};
 use crate::with_conn;
 
 /// A write on the issuance path. The Store folds many into one transaction.
@@ -306,8 +307,8 @@ pub fn release_claims(conn: &mut DbConn, instance: &str) -> Result<usize, DbErro
 /// Insert CA and profile rows the database has not seen yet, in their configured initial state.
 pub fn ensure_registry_rows(
     conn: &mut DbConn,
-    ca_rows: &[(String, &'static str)],
-    profile_rows: &[(String, String, &'static str)],
+    ca_rows: &[(String, CaState)],
+    profile_rows: &[(String, String, ProfileState)],
     now: i64,
 ) -> Result<(), DbError> {
     with_conn!(conn, |c| c.transaction(|c| {
@@ -344,15 +345,15 @@ pub fn ensure_registry_rows(
 /// The live registry state: version, CA states, profile states.
 pub struct RegistryState {
     pub version: i64,
-    pub cas: Vec<(String, String)>,
-    pub profiles: Vec<(String, String)>,
+    pub cas: Vec<(String, CaState)>,
+    pub profiles: Vec<(String, ProfileState)>,
 }
 
 pub fn load_registry(conn: &mut DbConn) -> Result<RegistryState, DbError> {
     Ok(with_conn!(conn, |c| c.transaction(|c| {
         let version = registry::table.select(registry::version).first::<i64>(c)?;
-        let cas = cas::table.select((cas::id, cas::state)).load::<(String, String)>(c)?;
-        let profiles = profiles::table.select((profiles::id, profiles::state)).load::<(String, String)>(c)?;
+        let cas = cas::table.select((cas::id, cas::state)).load::<(String, CaState)>(c)?;
+        let profiles = profiles::table.select((profiles::id, profiles::state)).load::<(String, ProfileState)>(c)?;
         diesel::QueryResult::Ok(RegistryState { version, cas, profiles })
     }))?)
 }
@@ -467,13 +468,14 @@ impl NotifyRegistry for diesel::PgConnection {
     }
 }
 
-/// The state nothing leaves (a retired CA's key is destroyed).
-const FINAL_STATE: &str = "retired";
+/// The state nothing leaves (a retired CA's key is destroyed; no profile is ever in it).
+const FINAL_STATE: &str = CaState::Retired.as_str();
 
 macro_rules! set_state_fn {
-    ($(#[$doc:meta])* $name:ident, $table:ident, $kind:literal) => {
+    ($(#[$doc:meta])* $name:ident, $state:ty, $table:ident, $kind:literal) => {
         $(#[$doc])*
-        pub fn $name(conn: &mut DbConn, id: &str, state: &str, change: &StateChange) -> Result<Option<i64>, DbError> {
+        pub fn $name(conn: &mut DbConn, id: &str, state: $state, change: &StateChange) -> Result<Option<i64>, DbError> {
+            let state = state.as_str();
             let audit = change.audit(concat!($kind, ".state"), id, state);
             let outcome = with_conn!(conn, |c| c.transaction(|c| {
                 // Conditional in the database itself, so no instance (one that has not heard of the
@@ -503,11 +505,11 @@ macro_rules! set_state_fn {
 set_state_fn!(
     /// Change a CA's state, bump the registry version, audit, and notify, in one transaction.
     /// `None` if there is no such CA.
-    set_ca_state, cas, "ca"
+    set_ca_state, CaState, cas, "ca"
 );
 set_state_fn!(
     /// Change a profile's state (same guarantees as [`set_ca_state`]).
-    set_profile_state, profiles, "profile"
+    set_profile_state, ProfileState, profiles, "profile"
 );
 
 /// Take up to `limit` parked requests of a CA (oldest first) for resubmission.

@@ -9,13 +9,14 @@ use serde::Serialize;
 
 use super::Engine;
 use crate::actors::cell::{CellStatus, Crash, ResetBreaker, Stall};
-use crate::actors::registry::{self, ca_state, Apply};
+use crate::actors::registry::{self, Apply};
 use crate::actors::resumer::Resubmit;
 use crate::db::models::AuditEvent;
 use crate::db::queries::{self, StateChange};
 use crate::db::DbConn;
 use crate::error::{DbError, EngineError};
 use crate::pki::now_ms;
+use crate::states::{CaState, ProfileState};
 
 impl Engine {
     /// Run blocking work on the control pool.
@@ -32,12 +33,10 @@ impl Engine {
         if !self.inner.intake.catalog.cas.contains_key(ca) {
             return Err(EngineError::NotFound);
         }
-        let state = ca_state::ALL
-            .iter()
-            .find(|s| **s == state)
-            .ok_or_else(|| EngineError::MalformedRequest(format!("unknown CA state {state:?}")))?;
-        let current = self.inner.intake.snapshot.load().ca_state(ca).to_string();
-        if current == ca_state::RETIRED && *state != ca_state::RETIRED {
+        let state: CaState =
+            state.parse().map_err(|_| EngineError::MalformedRequest(format!("unknown CA state {state:?}")))?;
+        let current = self.inner.intake.snapshot.load().ca_state(ca);
+        if current.is_some_and(|current| !current.may_become(state)) {
             return Err(EngineError::Conflict(format!("CA {ca:?} is retired: its key is destroyed")));
         }
         let (ca, actor, instance) = (ca.to_string(), actor.to_string(), self.instance_id().to_string());
@@ -53,7 +52,7 @@ impl Engine {
         if !self.inner.intake.catalog.profiles.contains_key(profile) {
             return Err(EngineError::NotFound);
         }
-        let state = if enabled { "enabled" } else { "disabled" };
+        let state = ProfileState::from_enabled(enabled);
         let (profile, actor, instance) = (profile.to_string(), actor.to_string(), self.instance_id().to_string());
         self.apply_change(move |conn| {
             let change = StateChange { actor: &actor, instance: &instance, now: now_ms() };
@@ -215,8 +214,8 @@ impl Engine {
         }
         let now = now_ms();
         let pools = self.pool_statuses();
-        let mut profiles: Vec<_> = snapshot.profiles.iter().map(|(id, s)| (id.clone(), s.clone())).collect();
-        profiles.sort();
+        let mut profiles: Vec<_> = snapshot.profiles.iter().map(|(id, s)| (id.clone(), *s)).collect();
+        profiles.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(AdminStatus {
             instance: self.instance_id().to_string(),
             registry_version: snapshot.version,
@@ -302,7 +301,7 @@ pub struct AdminStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identities: Option<super::identity::IdentitiesStatus>,
     pub pools: Vec<PoolStatus>,
-    pub profiles: Vec<(String, String)>,
+    pub profiles: Vec<(String, ProfileState)>,
     pub instances: Vec<InstanceStatus>,
     pub audit: Vec<AuditEvent>,
     #[serde(skip_serializing_if = "Vec::is_empty")]

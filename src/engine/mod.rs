@@ -25,6 +25,7 @@ use crate::config::{Config, ConfigProblem, Sabotage};
 use crate::db::{migrate, queries, Backend, DbConn, Pools};
 use crate::error::{DbError, EngineError};
 use crate::metrics::Metrics;
+use crate::states::CaState;
 use types::*;
 
 #[derive(Debug, thiserror::Error)]
@@ -353,7 +354,7 @@ impl Engine {
             .values()
             .map(|m| CaInfo {
                 id: m.id.clone(),
-                state: snapshot.ca_state(&m.id).to_string(),
+                state: snapshot.ca_state(&m.id).map_or("unknown", CaState::as_str).to_string(),
                 key_type: format!("{:?}", m.key_type),
                 not_after: crate::pki::unix_ms(m.not_after),
                 chain: m.chain_pem.clone(),
