@@ -20,7 +20,7 @@ fn write_ahead_rows(n: usize) -> Vec<WriteOp> {
                 profile: "tls-server-p256".into(),
                 client: "demo".into(),
                 request_id: None,
-                state: "signing".into(),
+                state: castellum::states::CertState::Signing,
                 tbs_der: vec![0x30; 400],
                 cert_der: None,
                 not_before: 0,

@@ -12,13 +12,14 @@ use super::cell::Job;
 use super::signer::{Prepare, Sign, Signer};
 use super::store::StoreHandle;
 use crate::config::{Lane, Sabotage, Sabotages};
-use crate::db::models::{cert_state, identity_state, request_state, CertificateRow, IdentityRow, NewAuditEvent};
+use crate::db::models::{CertificateRow, IdentityRow, NewAuditEvent};
 use crate::db::queries::WriteOp;
 use crate::engine::types::IssuedCertificate;
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::pki::identity::IdentityDraft;
 use crate::pki::{cert_pem, now_ms, CaMaterial};
+use crate::states::{CertState, IdentityState, RequestMode, RequestState};
 
 /// What the pipeline needs, cloned once per job.
 #[derive(Clone)]
@@ -61,7 +62,7 @@ impl Pipeline {
                 profile: job.profile.id.clone(),
                 client: job.client.clone(),
                 request_id: job.request_id.clone(),
-                state: cert_state::SIGNING.into(),
+                state: CertState::Signing,
                 tbs_der: prepared.tbs.der().to_vec(),
                 cert_der: None,
                 not_before: prepared.not_before_ms,
@@ -141,23 +142,8 @@ impl Pipeline {
     /// `retry_at`: when a request that failed for a passing reason may be taken up again.
     pub fn request_failed(&self, request_id: Option<&str>, is_async: bool, err: &EngineError, retry_at: Option<i64>) {
         let Some(id) = request_id else { return };
-        let now = now_ms();
-        let (state, claimed_until) = if err.is_permanent() {
-            (request_state::FAILED, None)
-        } else if is_async {
-            // Back to pending: any instance may take it up again after a pause.
-            (request_state::PENDING, Some(retry_at.unwrap_or(now + 1_000)))
-        } else {
-            (request_state::RETRYABLE, None)
-        };
-        self.store.write_detached(WriteOp::RequestFinished {
-            id: id.to_string(),
-            state,
-            error_type: Some(err.slug().to_string()),
-            error_detail: Some(err.to_string()),
-            at: now,
-            claimed_until,
-        });
+        let mode = if is_async { RequestMode::Async } else { RequestMode::Sync };
+        self.store.write_detached(request_failure(id, mode, err, retry_at));
     }
 
     /// A coalesced request shares its leader's certificate.
@@ -174,12 +160,32 @@ impl Pipeline {
         let Some(id) = request_id else { return };
         self.store.write_detached(WriteOp::RequestFinished {
             id: id.to_string(),
-            state: request_state::PARKED,
+            state: RequestState::Parked,
             error_type: None,
             error_detail: None,
             at: now_ms(),
             claimed_until: None,
         });
+    }
+}
+
+/// The write that records a failed attempt of a stored request: its next state by
+/// [`RequestState::after_failure`], and, when it goes back to pending, when another attempt (by
+/// any instance) may take it up: `retry_at`, or a second from now.
+pub fn request_failure(id: &str, mode: RequestMode, err: &EngineError, retry_at: Option<i64>) -> WriteOp {
+    let now = now_ms();
+    let state = RequestState::after_failure(err.is_permanent(), mode);
+    let claimed_until = match state {
+        RequestState::Pending => Some(retry_at.unwrap_or(now + 1_000)),
+        _ => None,
+    };
+    WriteOp::RequestFinished {
+        id: id.to_string(),
+        state,
+        error_type: Some(err.slug().to_string()),
+        error_detail: Some(err.to_string()),
+        at: now,
+        claimed_until,
     }
 }
 
@@ -193,7 +199,7 @@ fn identity_row(job: &Job, draft: &IdentityDraft, serial: &str, not_after_ms: i6
         serial: serial.to_string(),
         key_type: draft.key.key_type.as_str().to_string(),
         signature_scheme: draft.signature_scheme.to_string(),
-        state: identity_state::ACTIVE.to_string(),
+        state: IdentityState::Active,
         sealed_key: Some(draft.key.sealed.clone()),
         kek_id: draft.key.kek_id.clone(),
         uses: 0,
@@ -292,8 +298,8 @@ mod tests {
             client: "demo".into(),
             profile: "p".into(),
             ca_id: "ica-p256".into(),
-            mode: "async".into(),
-            state: request_state::PENDING.into(),
+            mode: RequestMode::Async,
+            state: RequestState::Pending,
             idempotency_key: None,
             body_sha256: "00".into(),
             csr_der: Vec::new(),
@@ -319,7 +325,7 @@ mod tests {
                 profile: "x".into(),
                 client: "x".into(),
                 request_id: None,
-                state: cert_state::ABANDONED.into(),
+                state: CertState::Abandoned,
                 tbs_der: Vec::new(),
                 cert_der: None,
                 not_before: 0,
@@ -354,11 +360,11 @@ mod tests {
             ("ica-p256", "p", Some("r1"))
         );
         assert_eq!(issued.not_after - issued.not_before, 86_400_000);
-        assert_eq!(certificate_field(&f, &issued.serial, "state").as_deref(), Some(cert_state::ISSUED));
+        assert_eq!(certificate_field(&f, &issued.serial, "state").as_deref(), Some(CertState::Issued.as_str()));
         let stored =
             text(&f.path, &format!("SELECT hex(cert_der) AS v FROM certificates WHERE serial = '{}'", issued.serial));
         assert_eq!(stored, Some(hex::encode_upper(cert.to_der().unwrap())));
-        assert_eq!(request_field(&f, "r1", "state").as_deref(), Some(request_state::ISSUED));
+        assert_eq!(request_field(&f, "r1", "state").as_deref(), Some(RequestState::Issued.as_str()));
         assert_eq!(request_field(&f, "r1", "serial"), Some(issued.serial.clone()));
         let audit =
             text(&f.path, "SELECT action || ' ' || target || ' ' || outcome || ' ' || detail AS v FROM audit_log");
@@ -385,7 +391,7 @@ mod tests {
         ));
         settle(&f).await;
         let abandoned = text(&f.path, "SELECT state AS v FROM certificates WHERE ca_id = 'ica-p256'");
-        assert_eq!(abandoned.as_deref(), Some(cert_state::ABANDONED));
+        assert_eq!(abandoned.as_deref(), Some(CertState::Abandoned.as_str()));
     }
 
     #[actix_rt::test]
@@ -428,16 +434,16 @@ mod tests {
         f.pipeline.request_issued("issued", &"ab".repeat(20));
         settle(&f).await;
         let field = |id, column| request_field(&f, id, column);
-        assert_eq!(field("permanent", "state").as_deref(), Some(request_state::FAILED));
+        assert_eq!(field("permanent", "state").as_deref(), Some(RequestState::Failed.as_str()));
         assert_eq!(field("permanent", "error_type").as_deref(), Some("policy-violation"));
-        assert_eq!(field("async", "state").as_deref(), Some(request_state::PENDING));
+        assert_eq!(field("async", "state").as_deref(), Some(RequestState::Pending.as_str()));
         let retry: i64 = field("async", "claimed_until").unwrap().parse().unwrap();
         assert!((before + 1_000..before + 2_000).contains(&retry), "taken up again a second later: {}", retry - before);
         assert_eq!(field("async-later", "claimed_until"), Some((before + 30_000).to_string()));
-        assert_eq!(field("sync", "state").as_deref(), Some(request_state::RETRYABLE));
+        assert_eq!(field("sync", "state").as_deref(), Some(RequestState::Retryable.as_str()));
         assert_eq!(field("sync", "error_type").as_deref(), Some("deadline-exceeded"));
-        assert_eq!(field("parked", "state").as_deref(), Some(request_state::PARKED));
-        assert_eq!(field("issued", "state").as_deref(), Some(request_state::ISSUED));
+        assert_eq!(field("parked", "state").as_deref(), Some(RequestState::Parked.as_str()));
+        assert_eq!(field("issued", "state").as_deref(), Some(RequestState::Issued.as_str()));
         assert_eq!(field("issued", "serial"), Some("ab".repeat(20)));
     }
 

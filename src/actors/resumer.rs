@@ -9,13 +9,15 @@ use actix::prelude::*;
 
 use super::cell::Job;
 use super::intake::Intake;
+use super::pipeline::request_failure;
 use super::store::StoreHandle;
-use crate::db::models::{request_state, RequestRow};
-use crate::db::queries::{self, WriteOp};
+use crate::db::models::RequestRow;
+use crate::db::queries;
 use crate::db::DbPool;
 use crate::error::{DbError, EngineError};
 use crate::metrics::Metrics;
 use crate::pki::{csr, now_ms};
+use crate::states::RequestMode;
 
 /// Requests taken up per round, so one instance never grabs a whole backlog at once.
 const BATCH: i64 = 64;
@@ -162,20 +164,7 @@ impl Resumer {
         });
         if let Err(err) = result {
             tracing::info!(error = %err, "pending request could not be resumed now");
-            let now = now_ms();
-            let (state, claimed_until) = if err.is_permanent() {
-                (request_state::FAILED, None)
-            } else {
-                (request_state::PENDING, Some(now + 1_000))
-            };
-            self.store.write_detached(WriteOp::RequestFinished {
-                id: row.id,
-                state,
-                error_type: Some(err.slug().into()),
-                error_detail: Some(err.to_string()),
-                at: now,
-                claimed_until,
-            });
+            self.store.write_detached(request_failure(&row.id, RequestMode::Async, &err, None));
         }
     }
 }

@@ -250,7 +250,8 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::config::{DatabaseConfig, PoolConfig};
-    use crate::db::models::{cert_state, CertificateRow};
+    use crate::db::models::CertificateRow;
+    use crate::states::CertState;
 
     /// A store on a fresh SQLite file, with `workers` connections; the file's path for SQL.
     pub(crate) fn store(
@@ -287,7 +288,7 @@ pub(crate) mod tests {
             profile: "p".into(),
             client: "c".into(),
             request_id: None,
-            state: cert_state::SIGNING.into(),
+            state: CertState::Signing,
             tbs_der: vec![0x30, 0x00],
             cert_der: None,
             not_before: 0,

@@ -4,11 +4,12 @@
 
 use diesel::prelude::*;
 
-use super::models::{identity_state, IdentityRow, NewAuditEvent};
+use super::models::{IdentityRow, NewAuditEvent};
 use super::queries::WriteOutcome;
 use super::schema::{audit_log, identities};
 use super::DbConn;
 use crate::error::DbError;
+use crate::states::IdentityState;
 use crate::with_conn;
 
 /// A use granted: the identity as it was when the use was counted (with its sealed key, which
@@ -85,7 +86,7 @@ macro_rules! identity_ops {
                     identities::table
                         .filter(identities::id.eq(id))
                         .filter(identities::client.eq(client))
-                        .filter(identities::state.eq(identity_state::ACTIVE))
+                        .filter(identities::state.eq(IdentityState::Active))
                         .filter(identities::uses.lt(identities::max_uses))
                         .filter(identities::expires_at.gt(at)),
                 )
@@ -120,7 +121,7 @@ macro_rules! identity_ops {
                 let found = identities::table
                     .find(id)
                     .select((identities::client, identities::state, identities::expires_at, identities::destroy_reason))
-                    .first::<(String, String, i64, Option<String>)>(self)
+                    .first::<(String, IdentityState, i64, Option<String>)>(self)
                     .optional()?;
                 let Some((owner, state, expires_at, reason)) = found else { return Ok(WriteOutcome::IdentityNotFound) };
                 if owner != client {
@@ -129,7 +130,7 @@ macro_rules! identity_ops {
                 // Found expired before the sweep: destroyed now (and audited by whoever did).
                 let mut reason = reason;
                 let mut expired_now = false;
-                if state == identity_state::ACTIVE && expires_at <= at {
+                if state == IdentityState::Active && expires_at <= at {
                     expired_now = self.destroy_identity(id, at, destroy_reason::EXPIRED)? == 1;
                     if expired_now {
                         audit.push(audit_event(
@@ -159,9 +160,9 @@ macro_rules! identity_ops {
             }
 
             fn destroy_identity(&mut self, id: &str, at: i64, reason: &str) -> QueryResult<usize> {
-                diesel::update(identities::table.find(id).filter(identities::state.eq(identity_state::ACTIVE)))
+                diesel::update(identities::table.find(id).filter(identities::state.eq(IdentityState::Active)))
                     .set((
-                        identities::state.eq(identity_state::DESTROYED),
+                        identities::state.eq(IdentityState::Destroyed),
                         identities::sealed_key.eq(None::<Vec<u8>>),
                         identities::destroyed_at.eq(Some(at)),
                         identities::destroy_reason.eq(Some(reason)),
@@ -172,7 +173,7 @@ macro_rules! identity_ops {
             fn destroy_expired(&mut self, now: i64, instance: &str, limit: i64) -> QueryResult<usize> {
                 self.$write_transaction(|c| {
                     let expired: Vec<(String, String)> = identities::table
-                        .filter(identities::state.eq(identity_state::ACTIVE))
+                        .filter(identities::state.eq(IdentityState::Active))
                         .filter(identities::expires_at.le(now))
                         .order(identities::id.asc())
                         .limit(limit)

@@ -3,6 +3,7 @@
 use diesel::prelude::*;
 
 use super::schema::{audit_log, certificates, identities, requests};
+use crate::states::{CertState, IdentityState, RequestMode, RequestState};
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
 #[diesel(treat_none_as_default_value = false)]
@@ -12,8 +13,8 @@ pub struct RequestRow {
     pub client: String,
     pub profile: String,
     pub ca_id: String,
-    pub mode: String,
-    pub state: String,
+    pub mode: RequestMode,
+    pub state: RequestState,
     pub idempotency_key: Option<String>,
     pub body_sha256: String,
     pub csr_der: Vec<u8>,
@@ -36,7 +37,7 @@ pub struct CertificateRow {
     pub profile: String,
     pub client: String,
     pub request_id: Option<String>,
-    pub state: String,
+    pub state: CertState,
     pub tbs_der: Vec<u8>,
     pub cert_der: Option<Vec<u8>>,
     pub not_before: i64,
@@ -60,7 +61,7 @@ pub struct IdentityRow {
     pub serial: String,
     pub key_type: String,
     pub signature_scheme: String,
-    pub state: String,
+    pub state: IdentityState,
     pub sealed_key: Option<Vec<u8>>,
     pub kek_id: String,
     pub uses: i64,
@@ -108,31 +109,4 @@ pub struct AuditEvent {
     pub target: String,
     pub outcome: String,
     pub detail: String,
-}
-
-/// Request states as stored.
-pub mod request_state {
-    pub const PENDING: &str = "pending";
-    pub const ISSUED: &str = "issued";
-    /// Failed for a reason the request itself carries: replaying it gives the same answer.
-    pub const FAILED: &str = "failed";
-    /// Failed because of the engine's state at the time (deadline, overload): may be retried.
-    pub const RETRYABLE: &str = "retryable";
-    pub const EXPIRED: &str = "expired";
-    pub const PARKED: &str = "parked";
-}
-
-/// Certificate states as stored.
-pub mod cert_state {
-    /// Recorded before signing (write-ahead); becomes `issued` or `abandoned`.
-    pub const SIGNING: &str = "signing";
-    pub const ISSUED: &str = "issued";
-    pub const ABANDONED: &str = "abandoned";
-}
-
-/// Identity states as stored.
-pub mod identity_state {
-    pub const ACTIVE: &str = "active";
-    /// The sealed key is gone (last use, expiry): nothing can sign with it again.
-    pub const DESTROYED: &str = "destroyed";
 }

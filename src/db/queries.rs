@@ -3,11 +3,11 @@
 use diesel::prelude::*;
 
 use super::identities::{IdentityOps, IdentityUse};
-use super::models::{request_state, AuditEvent, CertificateRow, IdentityRow, NewAuditEvent, RequestRow};
+use super::models::{AuditEvent, CertificateRow, IdentityRow, NewAuditEvent, RequestRow};
 use super::schema::{audit_log, cas, certificates, identities, instances, profiles, registry, requests};
 use super::DbConn;
 use crate::error::DbError;
-use crate::states::{CaState, ProfileState};
+use crate::states::{CaState, CertState, ProfileState, RequestMode, RequestState};
 use crate::with_conn;
 
 /// A write on the issuance path. The Store folds many into one transaction.
@@ -38,7 +38,7 @@ pub enum WriteOp {
     },
     RequestFinished {
         id: String,
-        state: &'static str,
+        state: RequestState,
         error_type: Option<String>,
         error_detail: Option<String>,
         at: i64,
@@ -119,7 +119,7 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                 WriteOp::CertificateIssued { serial, cert_der, at, request_id, .. } => {
                     diesel::update(certificates::table.find(serial))
                         .set((
-                            certificates::state.eq(super::models::cert_state::ISSUED),
+                            certificates::state.eq(CertState::Issued),
                             certificates::cert_der.eq(Some(cert_der)),
                             certificates::issued_at.eq(Some(*at)),
                         ))
@@ -134,16 +134,16 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                 }
                 WriteOp::CertificateAbandoned { serial } => {
                     diesel::update(certificates::table.find(serial))
-                        .set(certificates::state.eq(super::models::cert_state::ABANDONED))
+                        .set(certificates::state.eq(CertState::Abandoned))
                         .execute(c)?;
                 }
                 WriteOp::RequestFinished { id, state, error_type, error_detail, at, claimed_until } => {
                     // An asynchronous request past its max age stays expired: a late failure
                     // report (its signer refused it) must not make it pending again.
                     diesel::update(
-                        requests::table
-                            .find(id)
-                            .filter(requests::state.ne(request_state::EXPIRED).or(requests::mode.ne("async"))),
+                        requests::table.find(id).filter(
+                            requests::state.ne(RequestState::Expired).or(requests::mode.ne(RequestMode::Async)),
+                        ),
                     )
                     .set((
                         requests::state.eq(*state),
@@ -168,7 +168,7 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
         for (id, serial, at) in issued_requests {
             diesel::update(requests::table.find(id))
                 .set((
-                    requests::state.eq(request_state::ISSUED),
+                    requests::state.eq(RequestState::Issued),
                     requests::serial.eq(Some(serial)),
                     requests::updated_at.eq(at),
                     requests::claimed_by.eq(None::<String>),
@@ -207,7 +207,7 @@ pub fn claim_request(
     instance: &str,
     now: i64,
     until: i64,
-    from_states: &[&str],
+    from_states: &[RequestState],
 ) -> Result<bool, DbError> {
     let states: Vec<String> = from_states.iter().map(|s| s.to_string()).collect();
     let n = with_conn!(conn, |c| diesel::update(
@@ -217,7 +217,7 @@ pub fn claim_request(
             .filter(requests::claimed_until.is_null().or(requests::claimed_until.lt(now)))
     )
     .set((
-        requests::state.eq(request_state::PENDING),
+        requests::state.eq(RequestState::Pending),
         requests::claimed_by.eq(Some(instance)),
         requests::claimed_until.eq(Some(until)),
         requests::updated_at.eq(now),
@@ -243,7 +243,7 @@ pub fn claim_requests(
             let n = diesel::update(
                 requests::table
                     .filter(requests::id.eq(&row.id))
-                    .filter(requests::state.eq(request_state::PENDING))
+                    .filter(requests::state.eq(RequestState::Pending))
                     .filter(requests::claimed_until.is_null().or(requests::claimed_until.lt(now))),
             )
             .set((
@@ -263,8 +263,8 @@ pub fn claim_requests(
 /// Pending asynchronous requests whose claim has lapsed (oldest first).
 pub fn claimable_requests(conn: &mut DbConn, now: i64, limit: i64) -> Result<Vec<RequestRow>, DbError> {
     Ok(with_conn!(conn, |c| requests::table
-        .filter(requests::state.eq(request_state::PENDING))
-        .filter(requests::mode.eq("async"))
+        .filter(requests::state.eq(RequestState::Pending))
+        .filter(requests::mode.eq(RequestMode::Async))
         .filter(requests::claimed_until.is_null().or(requests::claimed_until.lt(now)))
         .order(requests::created_at.asc())
         .limit(limit)
@@ -276,10 +276,10 @@ pub fn claimable_requests(conn: &mut DbConn, now: i64, limit: i64) -> Result<Vec
 pub fn expire_requests(conn: &mut DbConn, now: i64) -> Result<usize, DbError> {
     Ok(with_conn!(conn, |c| diesel::update(
         requests::table
-            .filter(requests::state.eq_any([request_state::PENDING, request_state::PARKED]))
+            .filter(requests::state.eq_any([RequestState::Pending, RequestState::Parked]))
             .filter(requests::expires_at.lt(now))
     )
-    .set((requests::state.eq(request_state::EXPIRED), requests::updated_at.eq(now)))
+    .set((requests::state.eq(RequestState::Expired), requests::updated_at.eq(now)))
     .execute(c))?)
 }
 
@@ -288,17 +288,17 @@ pub fn expire_requests(conn: &mut DbConn, now: i64) -> Result<usize, DbError> {
 pub fn abandon_stale_signing(conn: &mut DbConn, created_before: i64) -> Result<usize, DbError> {
     Ok(with_conn!(conn, |c| diesel::update(
         certificates::table
-            .filter(certificates::state.eq(super::models::cert_state::SIGNING))
+            .filter(certificates::state.eq(CertState::Signing))
             .filter(certificates::created_at.lt(created_before))
     )
-    .set(certificates::state.eq(super::models::cert_state::ABANDONED))
+    .set(certificates::state.eq(CertState::Abandoned))
     .execute(c))?)
 }
 
 /// On a clean shutdown: give back the claims this instance holds so others need not wait.
 pub fn release_claims(conn: &mut DbConn, instance: &str) -> Result<usize, DbError> {
     Ok(with_conn!(conn, |c| diesel::update(
-        requests::table.filter(requests::claimed_by.eq(instance)).filter(requests::state.eq(request_state::PENDING))
+        requests::table.filter(requests::claimed_by.eq(instance)).filter(requests::state.eq(RequestState::Pending))
     )
     .set((requests::claimed_by.eq(None::<String>), requests::claimed_until.eq(None::<i64>)))
     .execute(c))?)
@@ -416,8 +416,8 @@ pub fn count_certificates_in_state(conn: &mut DbConn, state: &str) -> Result<i64
 /// Distinct certificates delivered to asynchronous requests (coalesced ones share one).
 pub fn count_async_issued_serials(conn: &mut DbConn) -> Result<i64, DbError> {
     Ok(with_conn!(conn, |c| requests::table
-        .filter(requests::mode.eq("async"))
-        .filter(requests::state.eq(request_state::ISSUED))
+        .filter(requests::mode.eq(RequestMode::Async))
+        .filter(requests::state.eq(RequestState::Issued))
         .select(diesel::dsl::count(requests::serial).aggregate_distinct())
         .get_result(c))?)
 }
@@ -523,14 +523,14 @@ pub fn claim_parked(
 ) -> Result<Vec<RequestRow>, DbError> {
     let candidates: Vec<RequestRow> = with_conn!(conn, |c| requests::table
         .filter(requests::ca_id.eq(ca))
-        .filter(requests::state.eq(request_state::PARKED))
+        .filter(requests::state.eq(RequestState::Parked))
         .order(requests::created_at.asc())
         .limit(limit)
         .select(RequestRow::as_select())
         .load(c))?;
     let mut claimed = Vec::new();
     for row in candidates {
-        if claim_request(conn, &row.id, instance, now, until, &[request_state::PARKED])? {
+        if claim_request(conn, &row.id, instance, now, until, &[RequestState::Parked])? {
             claimed.push(row);
         }
     }
@@ -540,7 +540,7 @@ pub fn claim_parked(
 pub fn count_parked(conn: &mut DbConn, ca: &str) -> Result<i64, DbError> {
     Ok(with_conn!(conn, |c| requests::table
         .filter(requests::ca_id.eq(ca))
-        .filter(requests::state.eq(request_state::PARKED))
+        .filter(requests::state.eq(RequestState::Parked))
         .count()
         .get_result(c))?)
 }

@@ -19,7 +19,7 @@ use base64::Engine as _;
 
 use crate::config::{Config, KeyType};
 use crate::db::identities::{self, IdentityUse};
-use crate::db::models::{identity_state, IdentityRow};
+use crate::db::models::IdentityRow;
 use crate::db::queries::{self, WriteOp, WriteOutcome};
 use crate::db::DbPool;
 use crate::error::EngineError;
@@ -27,6 +27,7 @@ use crate::metrics::Metrics;
 use crate::pki::identity::{self as pki_identity, DigestAlgorithm, IdentityDraft};
 use crate::pki::kek::Kek;
 use crate::pki::{now_ms, CheckedCsr};
+use crate::states::IdentityState;
 
 /// Signatures waiting for (or in) the vault; beyond this, refused at once.
 const MAX_PENDING_SIGNATURES: usize = 256;
@@ -188,7 +189,7 @@ impl Engine {
                 id: draft.key.id.clone(),
                 profile: profile.id.clone(),
                 ca: issued.ca,
-                state: identity_state::ACTIVE.into(),
+                state: IdentityState::Active,
                 key_type: policy.key_type.as_str().into(),
                 serial: issued.serial,
                 certificate: issued.certificate,
@@ -235,7 +236,7 @@ impl Engine {
     fn identity_view(&self, row: IdentityRow, certificate: String) -> Identity {
         Identity {
             chain: self.chain_of(&row.ca_id),
-            remaining_uses: if row.state == identity_state::ACTIVE { (row.max_uses - row.uses).max(0) } else { 0 },
+            remaining_uses: if row.state == IdentityState::Active { (row.max_uses - row.uses).max(0) } else { 0 },
             id: row.id,
             profile: row.profile,
             ca: row.ca_id,
@@ -340,7 +341,7 @@ impl Engine {
             signature,
             signature_algorithm: pki_identity::signature_algorithm(&row.signature_scheme, algorithm),
             remaining_uses: if destroyed { 0 } else { row.max_uses - row.uses },
-            state: if destroyed { identity_state::DESTROYED } else { identity_state::ACTIVE }.into(),
+            state: if destroyed { IdentityState::Destroyed } else { IdentityState::Active },
         })
     }
 

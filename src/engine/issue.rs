@@ -11,11 +11,12 @@ use super::Engine;
 use crate::actors::cell::Job;
 use crate::actors::intake::Admitted;
 use crate::config::Sabotage;
-use crate::db::models::{request_state, NewAuditEvent, RequestRow};
+use crate::db::models::{NewAuditEvent, RequestRow};
 use crate::db::queries::{self, WriteOp, WriteOutcome};
 use crate::error::EngineError;
 use crate::metrics;
 use crate::pki::now_ms;
+use crate::states::{RequestMode, RequestState};
 
 /// How often a retry waiting on an earlier attempt looks at its state.
 const IDEMPOTENT_POLL: Duration = Duration::from_millis(25);
@@ -77,7 +78,8 @@ impl Engine {
         };
         let id = uuid::Uuid::now_v7().to_string();
         span.record("request_id", id.as_str());
-        let row = self.request_row(&id, client, &admitted, "sync", Some(key.to_string()), deadline_ms(deadline));
+        let row =
+            self.request_row(&id, client, &admitted, RequestMode::Sync, Some(key.to_string()), deadline_ms(deadline));
         match self.inner.store.write(WriteOp::InsertRequest(Box::new(row))).await? {
             WriteOutcome::Done => {
                 let issued = self.run_sync(client, admitted, Some(id), deadline, span).await?;
@@ -175,14 +177,14 @@ impl Engine {
                 return Err(EngineError::IdempotencyKeyReuse);
             }
             span.record("request_id", row.id.as_str());
-            match row.state.as_str() {
-                request_state::ISSUED => return Ok((self.issued_certificate_of(&row).await?, Provenance::Replayed)),
-                request_state::FAILED | request_state::EXPIRED => return Err(recorded_error(&row)),
-                _ => {}
+            match row.state {
+                RequestState::Issued => return Ok((self.issued_certificate_of(&row).await?, Provenance::Replayed)),
+                RequestState::Failed | RequestState::Expired => return Err(recorded_error(&row)),
+                RequestState::Pending | RequestState::Retryable | RequestState::Parked => {}
             }
             let now = now_ms();
             let claim_lapsed = row.claimed_until.is_none_or(|t| t < now);
-            if row.state == request_state::RETRYABLE || claim_lapsed {
+            if row.state == RequestState::Retryable || claim_lapsed {
                 let (id, instance, until) = (row.id.clone(), self.inner.instance.to_string(), deadline_ms(deadline));
                 let won = self
                     .read(move |conn| {
@@ -192,7 +194,7 @@ impl Engine {
                             &instance,
                             now,
                             until,
-                            &[request_state::PENDING, request_state::RETRYABLE],
+                            &[RequestState::Pending, RequestState::Retryable],
                         )
                     })
                     .await?;
@@ -234,10 +236,11 @@ impl Engine {
         span.record("request_id", id.as_str());
         let (accepted_at, max_age) = (Instant::now(), self.inner.config.async_requests.max_age);
         let expires_at = now_ms() + max_age.as_millis() as i64;
-        let mut row = self.request_row(&id, client, &admitted, "async", req.idempotency_key.clone(), expires_at);
+        let mut row =
+            self.request_row(&id, client, &admitted, RequestMode::Async, req.idempotency_key.clone(), expires_at);
         if admitted.hold {
             // The CA is parked: the request waits, durably, for an operator's resubmit.
-            row.state = request_state::PARKED.to_string();
+            row.state = RequestState::Parked;
             row.claimed_by = None;
             row.claimed_until = None;
         }
@@ -294,15 +297,12 @@ impl Engine {
         if row.client != client.name {
             return Err(EngineError::NotFound);
         }
-        let certificate = match row.state.as_str() {
-            request_state::ISSUED => Some(self.issued_certificate_of(&row).await?),
-            _ => None,
-        };
-        let error = match row.state.as_str() {
-            request_state::FAILED | request_state::EXPIRED | request_state::RETRYABLE => {
-                Some(RecordedError::from(&recorded_error(&row)))
+        let (certificate, error) = match row.state {
+            RequestState::Issued => (Some(self.issued_certificate_of(&row).await?), None),
+            RequestState::Failed | RequestState::Expired | RequestState::Retryable => {
+                (None, Some(RecordedError::from(&recorded_error(&row))))
             }
-            _ => None,
+            RequestState::Pending | RequestState::Parked => (None, None),
         };
         Ok(RequestStatus {
             id: row.id,
@@ -338,7 +338,7 @@ impl Engine {
         id: &str,
         client: &Client,
         admitted: &Admitted,
-        mode: &str,
+        mode: RequestMode,
         idempotency_key: Option<String>,
         expires_at: i64,
     ) -> RequestRow {
@@ -348,8 +348,8 @@ impl Engine {
             client: client.name.clone(),
             profile: admitted.profile.id.clone(),
             ca_id: admitted.profile.ca.clone(),
-            mode: mode.to_string(),
-            state: request_state::PENDING.to_string(),
+            mode,
+            state: RequestState::Pending,
             idempotency_key,
             body_sha256: admitted.body_sha256(),
             csr_der: admitted.csr.der.clone(),
@@ -416,7 +416,7 @@ fn deadline_ms(deadline: Instant) -> i64 {
 }
 
 fn recorded_error(row: &RequestRow) -> EngineError {
-    if row.state == request_state::EXPIRED {
+    if row.state == RequestState::Expired {
         return EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) };
     }
     EngineError::from_recorded(

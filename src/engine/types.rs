@@ -5,6 +5,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::error::EngineError;
+use crate::states::{CertState, IdentityState, RequestState};
 
 /// A client of the engine (an API key holder), as configured.
 #[derive(Debug, Clone)]
@@ -53,7 +54,7 @@ pub struct Accepted {
 #[derive(Debug, Clone, Serialize)]
 pub struct RequestStatus {
     pub id: String,
-    pub state: String,
+    pub state: RequestState,
     pub profile: String,
     pub ca: String,
     pub created_at: i64,
@@ -83,7 +84,7 @@ pub struct CertificateRecord {
     pub serial: String,
     pub ca: String,
     pub profile: String,
-    pub state: String,
+    pub state: CertState,
     pub certificate: String,
     pub chain: Vec<String>,
     pub not_before: i64,
@@ -141,7 +142,7 @@ pub struct Identity {
     pub profile: String,
     pub ca: String,
     /// `active`, or `destroyed` once its key is gone (last use, expiry).
-    pub state: String,
+    pub state: IdentityState,
     pub key_type: String,
     pub serial: String,
     /// PEM of the identity's certificate.
@@ -181,7 +182,7 @@ pub struct IdentitySignature {
     pub signature_algorithm: String,
     pub remaining_uses: i64,
     /// `destroyed` when this was the identity's last signature.
-    pub state: String,
+    pub state: IdentityState,
 }
 
 fn base64_bytes<S: serde::Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
