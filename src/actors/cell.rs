@@ -7,7 +7,7 @@
 //! share); dropped at dequeue if its deadline has passed; then runs the [`Pipeline`], at most
 //! `in_flight` jobs at once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,6 +17,8 @@ use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use super::breaker::{Breaker, BreakerState};
+use super::coalescer::Coalescer;
+use super::lanes::Lanes;
 use super::pipeline::{deadline_exceeded, Pipeline, FINISH_MARGIN};
 use super::registry::RegistryChanged;
 use super::signer::Signer;
@@ -204,14 +206,9 @@ enum Outcome {
 pub struct CaCell {
     pipeline: Pipeline,
     gauges: Arc<CellGauges>,
-    interactive: VecDeque<Job>,
-    background: VecDeque<Job>,
-    interactive_capacity: usize,
-    background_capacity: usize,
+    lanes: Lanes<Job>,
     in_flight: usize,
     max_in_flight: usize,
-    /// Interactive jobs dispatched in a row while background work waited.
-    interactive_streak: u32,
     breaker: Breaker,
     last_completion: Option<Instant>,
     drain_waiters: Vec<oneshot::Sender<()>>,
@@ -221,11 +218,8 @@ pub struct CaCell {
     watching_key: bool,
     recent_transitions: VecDeque<(i64, String)>,
     /// Background jobs queued or in flight, by coalescing key, with the requests attached to them.
-    coalesced: HashMap<[u8; 32], Vec<Follower>>,
+    coalesced: Coalescer<[u8; 32], Follower>,
 }
-
-/// Background work gets at least one dispatch in this many when both lanes wait.
-const BACKGROUND_SHARE: u32 = 5;
 const MAILBOX_CAPACITY: usize = 1024;
 const KEY_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 
@@ -265,13 +259,9 @@ impl CaCell {
         let cell = CaCell {
             pipeline,
             gauges: cell_gauges,
-            interactive: VecDeque::new(),
-            background: VecDeque::new(),
-            interactive_capacity: queue.interactive_capacity,
-            background_capacity: queue.background_capacity,
+            lanes: Lanes::new(queue.interactive_capacity, queue.background_capacity),
             in_flight: 0,
             max_in_flight: queue.in_flight.max(1),
-            interactive_streak: 0,
             breaker: Breaker::new(breaker_cfg),
             last_completion: None,
             drain_waiters: Vec::new(),
@@ -279,7 +269,7 @@ impl CaCell {
             ca_state: initial_state,
             watching_key: false,
             recent_transitions: VecDeque::new(),
-            coalesced: HashMap::new(),
+            coalesced: Coalescer::default(),
         };
         arbiter.spawn(async move {
             Context::with_receiver(receiver).run(cell);
@@ -291,30 +281,32 @@ impl CaCell {
         &self.pipeline.ca.id
     }
 
-    fn next_job(&mut self) -> Option<Job> {
-        let take_background = !self.background.is_empty()
-            && (self.interactive.is_empty() || self.interactive_streak + 1 >= BACKGROUND_SHARE);
-        if take_background {
-            self.interactive_streak = 0;
-            self.background.pop_front()
+    /// The requests attached to `job` (background work), now that it has ended.
+    fn take_followers(&mut self, job: &Job) -> Vec<Follower> {
+        if coalesces(job) {
+            self.coalesced.release(&coalescing_key(job))
         } else {
-            let job = self.interactive.pop_front();
-            if job.is_some() && !self.background.is_empty() {
-                self.interactive_streak += 1;
-            }
-            job
+            Vec::new()
+        }
+    }
+
+    /// Every queued job, each answered as `answer` decides (the breaker opened, the CA stopped
+    /// taking work).
+    fn answer_queued(&mut self, mut answer: impl FnMut(&mut Self, Job)) {
+        for job in self.lanes.take_all() {
+            answer(self, job);
         }
     }
 
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
-        while self.in_flight < self.max_in_flight && !(self.interactive.is_empty() && self.background.is_empty()) {
+        while self.in_flight < self.max_in_flight && !self.lanes.is_empty() {
             let now = Instant::now();
             let (admitted, change) = self.breaker.admit(now);
             self.note_breaker(change);
             if !admitted {
                 break;
             }
-            let Some(job) = self.next_job() else {
+            let Some(job) = self.lanes.take_next() else {
                 self.breaker.release_probe();
                 break;
             };
@@ -350,7 +342,7 @@ impl CaCell {
             }));
         }
         self.export_gauges();
-        if self.draining && self.in_flight == 0 && self.interactive.is_empty() && self.background.is_empty() {
+        if self.draining && self.in_flight == 0 && self.lanes.is_empty() {
             for waiter in self.drain_waiters.drain(..) {
                 let _ = waiter.send(());
             }
@@ -374,7 +366,7 @@ impl CaCell {
             let old = self.gauges.completion_spacing_us.load(Ordering::Relaxed);
             self.gauges.completion_spacing_us.store((old * 4 + sample) / 5, Ordering::Relaxed);
         }
-        let busy = self.in_flight > 0 || !self.interactive.is_empty() || !self.background.is_empty();
+        let busy = self.in_flight > 0 || !self.lanes.is_empty();
         self.last_completion = busy.then_some(now);
     }
 
@@ -394,10 +386,7 @@ impl CaCell {
                 tracing::warn!(ca = %ca, retry_after_ms = retry_after.as_millis() as u64, "circuit breaker open: this CA's signer is failing");
                 self.gauges.breaker_open_until_ms.store(now_ms() + retry_after.as_millis() as i64, Ordering::Relaxed);
                 // Nobody waits on a breaker: queued callers are answered now.
-                let queued: Vec<Job> = self.interactive.drain(..).chain(self.background.drain(..)).collect();
-                for job in queued {
-                    self.refuse_breaker_open(job);
-                }
+                self.answer_queued(Self::refuse_breaker_open);
             }
             BreakerState::HalfOpen => {
                 tracing::info!(ca = %ca, "circuit breaker half-open: probing the signer");
@@ -423,8 +412,7 @@ impl CaCell {
     /// The one way a job ends: its stored request is updated, its caller answered, and so is
     /// every request that attached to it.
     fn settle(&mut self, mut job: Job, result: Result<IssuedCertificate, EngineError>, retry_at: Option<i64>) {
-        let followers =
-            if coalesces(&job) { self.coalesced.remove(&coalescing_key(&job)).unwrap_or_default() } else { Vec::new() };
+        let followers = self.take_followers(&job);
         if let Err(err) = &result {
             self.pipeline.request_failed(job.request_id.as_deref(), job.is_async, err, retry_at);
         }
@@ -450,7 +438,7 @@ impl CaCell {
 
     fn export_gauges(&self) {
         let m = &self.pipeline.metrics;
-        let (i, b) = (self.interactive.len(), self.background.len());
+        let (i, b) = self.lanes.depths();
         m.queue_depth.get_or_create(&metrics::ca_lane(self.ca_id(), Lane::Interactive)).set(i as i64);
         m.queue_depth.get_or_create(&metrics::ca_lane(self.ca_id(), Lane::Background)).set(b as i64);
         m.in_flight.get_or_create(&metrics::ca(self.ca_id())).set(self.in_flight as i64);
@@ -471,8 +459,7 @@ impl CaCell {
             reason: "the CA was parked".into(),
             retry_after: Duration::from_secs(30),
         };
-        let followers =
-            if coalesces(&job) { self.coalesced.remove(&coalescing_key(&job)).unwrap_or_default() } else { Vec::new() };
+        let followers = self.take_followers(&job);
         for (request_id, is_async, reply) in std::iter::once((job.request_id.clone(), job.is_async, job.reply.take()))
             .chain(followers.into_iter().map(|f| (f.request_id, f.is_async, f.reply)))
         {
@@ -538,15 +525,15 @@ impl Handler<Enqueue> for CaCell {
 
     fn handle(&mut self, Enqueue(mut job): Enqueue, ctx: &mut Self::Context) {
         if coalesces(&job) {
-            if let Some(followers) = self.coalesced.get_mut(&coalescing_key(&job)) {
-                // A renewal storm of retries cannot multiply the work: attach to the one queued.
-                followers.push(Follower {
-                    reply: job.reply.take(),
-                    request_id: job.request_id.take(),
-                    is_async: job.is_async,
-                });
-                self.pipeline.metrics.coalesced.get_or_create(&metrics::ca(self.ca_id())).inc();
-                return;
+            // A renewal storm of retries cannot multiply the work: attach to the one queued.
+            let follower =
+                Follower { reply: job.reply.take(), request_id: job.request_id.take(), is_async: job.is_async };
+            match self.coalesced.attach(&coalescing_key(&job), follower) {
+                Ok(()) => {
+                    self.pipeline.metrics.coalesced.get_or_create(&metrics::ca(self.ca_id())).inc();
+                    return;
+                }
+                Err(follower) => (job.reply, job.request_id) = (follower.reply, follower.request_id),
             }
         }
         if self.draining {
@@ -563,11 +550,8 @@ impl Handler<Enqueue> for CaCell {
             return;
         }
         let lane = job.profile.lane;
-        let (queue, capacity) = match lane {
-            Lane::Interactive => (&mut self.interactive, self.interactive_capacity),
-            Lane::Background => (&mut self.background, self.background_capacity),
-        };
-        if queue.len() >= capacity {
+        let key = coalesces(&job).then(|| coalescing_key(&job));
+        if let Err(job) = self.lanes.push(lane, job) {
             let err = EngineError::CaOverloaded {
                 ca: self.pipeline.ca.id.clone(),
                 reason: format!("{} queue is full", lane.as_str()),
@@ -576,10 +560,9 @@ impl Handler<Enqueue> for CaCell {
             self.settle(job, Err(err), None);
             return;
         }
-        if coalesces(&job) {
-            self.coalesced.insert(coalescing_key(&job), Vec::new());
+        if let Some(key) = key {
+            self.coalesced.lead(key);
         }
-        queue.push_back(job);
         self.dispatch(ctx);
     }
 }
@@ -599,10 +582,7 @@ impl Handler<RegistryChanged> for CaCell {
             self.pipeline.ca.key.destroy();
         }
         if !self.takes_work() {
-            let queued: Vec<Job> = self.interactive.drain(..).chain(self.background.drain(..)).collect();
-            for job in queued {
-                self.turn_away(job);
-            }
+            self.answer_queued(Self::turn_away);
         }
         self.dispatch(ctx);
     }
@@ -615,8 +595,7 @@ impl Handler<Drain> for CaCell {
         self.draining = true;
         // Queued asynchronous work is durable: leave it to the next instance (its claim is
         // released at shutdown) instead of holding the shutdown for it.
-        self.interactive.retain(|j| !j.is_async);
-        self.background.retain(|j| !j.is_async);
+        self.lanes.retain(|j| !j.is_async);
         self.drain_waiters.push(done);
         self.dispatch(ctx);
     }
@@ -656,17 +635,17 @@ impl Handler<GetStatus> for CaCell {
     fn handle(&mut self, _: GetStatus, _: &mut Self::Context) -> CellStatus {
         let now = Instant::now();
         let oldest =
-            |q: &VecDeque<Job>| q.front().map(|j| now.duration_since(j.enqueued_at).as_millis() as u64).unwrap_or(0);
+            |lane| self.lanes.oldest(lane).map(|j| now.duration_since(j.enqueued_at).as_millis() as u64).unwrap_or(0);
         let signatures = self.gauges.signatures.load(Ordering::Relaxed);
         CellStatus {
             ca: self.ca_id().to_string(),
             state: self.ca_state.as_str().to_string(),
             breaker: self.breaker.state().name().to_string(),
             key_available: self.pipeline.ca.key.is_available(),
-            interactive_queued: self.interactive.len(),
-            background_queued: self.background.len(),
-            interactive_oldest_ms: oldest(&self.interactive),
-            background_oldest_ms: oldest(&self.background),
+            interactive_queued: self.lanes.depths().0,
+            background_queued: self.lanes.depths().1,
+            interactive_oldest_ms: oldest(Lane::Interactive),
+            background_oldest_ms: oldest(Lane::Background),
             in_flight: self.in_flight,
             draining: self.draining,
             breaker_transitions: self.recent_transitions.iter().cloned().collect(),

@@ -2,7 +2,8 @@
 //!
 //! 1. [`intake`] (on the caller's task): authenticate, check the CSR, find the profile in the
 //!    registry's snapshot, refuse what can never succeed, hand the rest to the CA's cell.
-//! 2. [`cell`] (one per CA, on its own arbiter): bounded lanes, deadlines, the issuance pipeline.
+//! 2. [`cell`] (one per CA, on its own arbiter): bounded [`lanes`], deadlines, a [`coalescer`]
+//!    for identical background work, the issuance pipeline.
 //! 3. [`signer`] (SyncArbiter threads per CA): build the TBS, lint it, sign it.
 //! 4. [`store`] (a front actor + SyncArbiter workers, one per issuance connection): the only
 //!    writer on the issuance path, group-committing batches.
@@ -15,8 +16,10 @@
 
 pub mod breaker;
 pub mod cell;
+pub mod coalescer;
 pub mod intake;
 pub mod keypool;
+pub mod lanes;
 pub mod pipeline;
 pub mod registry;
 pub mod resumer;
