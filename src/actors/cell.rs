@@ -8,19 +8,23 @@
 //! `in_flight` jobs at once.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use arc_swap::ArcSwap;
 use tokio::sync::oneshot;
 use tracing::Instrument;
 
 use super::breaker::{Breaker, BreakerState};
 use super::coalescer::Coalescer;
+use super::gauges::CellGauges;
+use super::job::{deadline_exceeded, Job, Reply, FINISH_MARGIN};
 use super::lanes::Lanes;
-use super::pipeline::{deadline_exceeded, Pipeline, FINISH_MARGIN};
+use super::pipeline::Pipeline;
 use super::registry::RegistryChanged;
+use super::signer::Faults;
 use super::signer::Signer;
 use super::store::StoreHandle;
 use crate::config::{CaConfig, Lane, Sabotage, Sabotages};
@@ -28,28 +32,8 @@ use crate::engine::types::IssuedCertificate;
 use crate::error::EngineError;
 use crate::metrics::{self, Metrics};
 use crate::pki::key::KeyChange;
-use crate::pki::profile::ApprovedNames;
-use crate::pki::{now_ms, CaMaterial, CheckedCsr, Profile};
+use crate::pki::{now_ms, CaMaterial};
 use crate::states::CaState;
-
-pub type Reply = oneshot::Sender<Result<IssuedCertificate, EngineError>>;
-
-/// One unit of work for a cell.
-pub struct Job {
-    pub profile: Arc<Profile>,
-    pub csr: Arc<CheckedCsr>,
-    pub names: Arc<ApprovedNames>,
-    pub client: String,
-    /// The stored request this job serves (asynchronous or idempotent requests).
-    pub request_id: Option<String>,
-    pub is_async: bool,
-    pub deadline: Instant,
-    pub enqueued_at: Instant,
-    pub reply: Option<Reply>,
-    pub span: tracing::Span,
-    /// A disposable identity created with this certificate (interactive lane only).
-    pub identity: Option<Arc<crate::pki::identity::IdentityDraft>>,
-}
 
 /// A request that attached to an identical one instead of adding work (background lane).
 struct Follower {
@@ -72,14 +56,6 @@ fn coalescing_key(job: &Job) -> [u8; 32] {
 /// work as another's.
 fn coalesces(job: &Job) -> bool {
     job.profile.lane == Lane::Background && job.identity.is_none()
-}
-
-impl Job {
-    pub fn answer(&mut self, result: Result<IssuedCertificate, EngineError>) {
-        if let Some(reply) = self.reply.take() {
-            let _ = reply.send(result);
-        }
-    }
 }
 
 #[derive(Message)]
@@ -159,48 +135,17 @@ impl CellStatus {
     }
 }
 
-/// Fault injection for drills and tests (dev mode only): a slow or failing signer, for real.
-#[derive(Debug, Clone, Default)]
-pub struct Faults {
-    pub sign_latency: Option<Duration>,
-    pub failure_rate: f64,
-}
-
-/// What a cell publishes for intake to read without asking (refuse early, predict waits).
-#[derive(Debug, Default)]
-pub struct CellGauges {
-    /// Epoch ms until which the breaker is open (0: not open).
-    pub breaker_open_until_ms: AtomicI64,
-    pub interactive_depth: AtomicUsize,
-    pub background_depth: AtomicUsize,
-    /// Smoothed time between completions while busy, in microseconds.
-    pub completion_spacing_us: AtomicU64,
-    /// Signatures made and the time they took (written by the signer threads).
-    pub signatures: AtomicU64,
-    pub sign_time_us: AtomicU64,
-    /// Fault injection (dev mode only): this many of the CA's next signatures panic in the
-    /// signer (caught there, answered as signer failures).
-    pub injected_signer_panics: AtomicU32,
-}
-
-impl CellGauges {
-    /// How long a job entering `lane` now can expect to wait before it is dispatched.
-    pub fn predicted_wait(&self, lane: Lane) -> Duration {
-        let ahead = match lane {
-            Lane::Interactive => self.interactive_depth.load(Ordering::Relaxed),
-            Lane::Background => {
-                self.interactive_depth.load(Ordering::Relaxed) + self.background_depth.load(Ordering::Relaxed)
-            }
-        };
-        Duration::from_micros(self.completion_spacing_us.load(Ordering::Relaxed).saturating_mul(ahead as u64))
-    }
-}
-
 /// How a pipeline run ended, for the breaker.
 enum Outcome {
     Signed,
     SignerFailed,
     NoSignature,
+}
+
+/// A CA's cell as the rest of the engine sees it: an address that a restart swaps.
+pub struct CellSlot {
+    pub addr: ArcSwap<Addr<CaCell>>,
+    pub gauges: Arc<CellGauges>,
 }
 
 pub struct CaCell {

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::cell::{Enqueue, Job};
+use super::cell::{CellSlot, Enqueue};
+use super::job::Job;
 use super::registry::SharedSnapshot;
-use super::supervisor::CellSlot;
 use crate::config::{Config, Lane, LanesConfig, Sabotage, Sabotages};
 use crate::engine::types::Client;
 use crate::error::EngineError;
@@ -307,7 +307,8 @@ mod tests {
     use arc_swap::ArcSwap;
 
     use super::*;
-    use crate::actors::cell::{CaCell, CellGauges};
+    use crate::actors::cell::CaCell;
+    use crate::actors::gauges::CellGauges;
     use crate::actors::registry::Snapshot;
     use crate::config::RateConfig;
     use crate::states::ProfileState;

@@ -17,7 +17,9 @@
 pub mod breaker;
 pub mod cell;
 pub mod coalescer;
+pub mod gauges;
 pub mod intake;
+pub mod job;
 pub mod keypool;
 pub mod lanes;
 pub mod pipeline;

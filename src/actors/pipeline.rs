@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use super::cell::Job;
+use super::job::Job;
 use super::signer::{Prepare, Sign, Signer};
 use super::store::StoreHandle;
 use crate::config::{Lane, Sabotage, Sabotages};
@@ -212,21 +212,15 @@ fn identity_row(job: &Job, draft: &IdentityDraft, serial: &str, not_after_ms: i6
     }
 }
 
-/// Time kept, before a deadline, to record a signed certificate and answer: a job that does not
-/// have it left is not signed, so nobody is answered 503 for a certificate that was issued.
-pub const FINISH_MARGIN: Duration = Duration::from_millis(50);
-
-pub fn deadline_exceeded() -> EngineError {
-    EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) }
-}
-
 #[cfg(test)]
 mod tests {
     use std::path::Path;
     use std::time::Instant;
 
     use super::*;
-    use crate::actors::cell::{CellGauges, Faults};
+    use crate::actors::gauges::CellGauges;
+    use crate::actors::job::deadline_exceeded;
+    use crate::actors::signer::Faults;
     use crate::actors::store::tests::{certificates, store, text};
     use crate::config::{Config, ProfileConfig};
     use crate::db::models::RequestRow;

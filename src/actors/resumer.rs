@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use super::cell::Job;
 use super::intake::Intake;
+use super::job::Job;
 use super::pipeline::request_failure;
 use super::store::StoreHandle;
 use crate::db::models::RequestRow;

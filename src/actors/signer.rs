@@ -4,10 +4,12 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
 
+use super::gauges::CellGauges;
+use super::job::FINISH_MARGIN;
 use crate::error::EngineError;
 use crate::metrics::{self, Metrics};
 use crate::pki::profile::ApprovedNames;
@@ -17,9 +19,16 @@ pub struct Signer {
     pub ca: Arc<CaMaterial>,
     pub metrics: Arc<Metrics>,
     /// Injected faults (dev mode only): a slow or failing HSM, on this CA's threads only.
-    pub faults: super::cell::Faults,
+    pub faults: Faults,
     /// Where the admin console reads this CA's signing count and time.
-    pub gauges: Arc<super::cell::CellGauges>,
+    pub gauges: Arc<CellGauges>,
+}
+
+/// Fault injection for drills and tests (dev mode only): a slow or failing signer, for real.
+#[derive(Debug, Clone, Default)]
+pub struct Faults {
+    pub sign_latency: Option<Duration>,
+    pub failure_rate: f64,
 }
 
 impl Actor for Signer {
@@ -63,7 +72,7 @@ impl Handler<Sign> for Signer {
             std::thread::sleep(latency);
         }
         // The last check before the key is used: a caller that has given up gets nothing signed.
-        if Instant::now() + super::pipeline::FINISH_MARGIN >= msg.deadline {
+        if Instant::now() + FINISH_MARGIN >= msg.deadline {
             self.metrics.expired_in_queue.get_or_create(&metrics::ca(&self.ca.id)).inc();
             return Err(EngineError::DeadlineExceeded { retry_after: std::time::Duration::from_secs(1) });
         }

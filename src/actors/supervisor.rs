@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use arc_swap::ArcSwap;
 
-use super::cell::{CaCell, CellGauges, CellParts, Faults};
+use super::cell::{CaCell, CellParts, CellSlot};
+use super::gauges::CellGauges;
 use super::intake::Catalog;
 use super::registry::{Registry, SharedSnapshot, Subscribe};
+use super::signer::Faults;
 use super::store::StoreHandle;
 use crate::config::Config;
 use crate::metrics::{self, Metrics};
@@ -22,12 +23,6 @@ use crate::states::CaState;
 const CHECK_INTERVAL: Duration = Duration::from_millis(250);
 const MAX_RESTARTS: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(60);
-
-/// A CA's cell as the rest of the engine sees it: an address that a restart swaps.
-pub struct CellSlot {
-    pub addr: ArcSwap<Addr<CaCell>>,
-    pub gauges: Arc<CellGauges>,
-}
 
 /// Everything needed to start (or restart) one CA's cell.
 #[derive(Clone)]

@@ -8,8 +8,8 @@ use tokio::sync::oneshot;
 
 use super::types::*;
 use super::Engine;
-use crate::actors::cell::Job;
 use crate::actors::intake::Admitted;
+use crate::actors::job::Job;
 use crate::config::Sabotage;
 use crate::db::models::{NewAuditEvent, RequestRow};
 use crate::db::queries::{self, WriteOp, WriteOutcome};

@@ -15,12 +15,13 @@ use actix::prelude::*;
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
-use crate::actors::cell::{self, CellGauges, CellStatus};
+use crate::actors::cell::{self, CellSlot, CellStatus};
+use crate::actors::gauges::CellGauges;
 use crate::actors::intake::{Catalog, Intake};
 use crate::actors::registry::{self, Registry};
 use crate::actors::resumer::Resumer;
 use crate::actors::store::{StoreFront, StoreHandle};
-use crate::actors::supervisor::{CellFactory, CellSlot, CellSupervisor};
+use crate::actors::supervisor::{CellFactory, CellSupervisor};
 use crate::config::{Config, ConfigProblem, Sabotage};
 use crate::db::{migrate, queries, Backend, DbConn, Pools};
 use crate::error::{DbError, EngineError};
