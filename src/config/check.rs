@@ -153,17 +153,11 @@ fn check_cas(config: &Config, p: &mut Problems) -> HashMap<String, CaMaterial> {
                     );
                 }
                 if let Some(e) = &material.key_error {
-                    let field = match e {
-                        crate::pki::CaLoadError::PassphraseSource(_) | crate::pki::CaLoadError::NoPassphrase => {
-                            "key_passphrase"
-                        }
-                        _ => "key_file",
-                    };
-                    if matches!(e, crate::pki::CaLoadError::Invalid(_)) {
-                        // A key that does not match its certificate is a misconfiguration, not an outage.
-                        p.add(format!("{at}.{field}"), e.to_string());
+                    let field = format!("{at}.{}", e.file().field());
+                    if e.is_misconfiguration() {
+                        p.add(field, e.to_string());
                     } else {
-                        p.key_unavailable(format!("{at}.{field}"), e.to_string());
+                        p.key_unavailable(field, e.to_string());
                     }
                 }
                 if material.not_after <= SystemTime::now() {
@@ -172,24 +166,7 @@ fn check_cas(config: &Config, p: &mut Problems) -> HashMap<String, CaMaterial> {
                 loaded.insert(ca.id.clone(), material);
             }
             Err(e) => {
-                let field = match e {
-                    crate::pki::CaLoadError::KeyDecrypt | crate::pki::CaLoadError::NoPassphrase => "key_file",
-                    crate::pki::CaLoadError::PassphraseSource(_) => "key_passphrase",
-                    crate::pki::CaLoadError::Read { ref path, .. }
-                        if path.ends_with(&*ca.key_file.to_string_lossy()) =>
-                    {
-                        "key_file"
-                    }
-                    crate::pki::CaLoadError::Read { ref path, .. }
-                        if path.ends_with(&*ca.cert_file.to_string_lossy()) =>
-                    {
-                        "cert_file"
-                    }
-                    crate::pki::CaLoadError::Read { .. } => "chain_files",
-                    crate::pki::CaLoadError::Invalid(ref m) if m.contains("chain") => "chain_files",
-                    crate::pki::CaLoadError::Invalid(ref m) if m.contains("private key") => "key_file",
-                    crate::pki::CaLoadError::Invalid(_) => "cert_file",
-                };
+                let field = e.file().field();
                 p.add(format!("{at}.{field}"), e.to_string());
             }
         }

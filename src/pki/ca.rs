@@ -10,6 +10,7 @@ use openssl::x509::store::X509StoreBuilder;
 use openssl::x509::{X509StoreContext, X509};
 
 use super::key::KeyHandle;
+use super::load_error::{CaFile, CaLoadError};
 use crate::config::{CaConfig, KeyType, Mode};
 
 /// The organisation name every dev PKI certificate carries; a chain ending in it is a dev chain.
@@ -53,20 +54,6 @@ impl SignatureAlgorithm {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum CaLoadError {
-    #[error("cannot read {path}: {reason}")]
-    Read { path: String, reason: String },
-    #[error("{0}")]
-    Invalid(String),
-    #[error("the private key cannot be decrypted with the configured passphrase, or is not PKCS#8")]
-    KeyDecrypt,
-    #[error("no passphrase configured (key_passphrase_env or key_passphrase_file)")]
-    NoPassphrase,
-    #[error("passphrase source unavailable: {0}")]
-    PassphraseSource(String),
-}
-
 /// One CA's certificate, chain and key, checked.
 pub struct CaMaterial {
     pub id: String,
@@ -96,35 +83,22 @@ impl std::fmt::Debug for CaMaterial {
     }
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, CaLoadError> {
-    std::fs::read(path).map_err(|e| CaLoadError::Read { path: path.display().to_string(), reason: e.to_string() })
+fn load_certs(file: CaFile, path: &Path) -> Result<Vec<X509>, CaLoadError> {
+    let pem = std::fs::read(path).map_err(|e| CaLoadError::Read {
+        file,
+        path: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let no_pem = || CaLoadError::Invalid { file, reason: format!("{} holds no PEM certificate", path.display()) };
+    match X509::stack_from_pem(&pem) {
+        Ok(certs) if !certs.is_empty() => Ok(certs),
+        _ => Err(no_pem()),
+    }
 }
 
-fn load_certs(path: &Path) -> Result<Vec<X509>, CaLoadError> {
-    let pem = read(path)?;
-    X509::stack_from_pem(&pem)
-        .map_err(|_| CaLoadError::Invalid(format!("{} holds no PEM certificate", path.display())))
-        .and_then(|v| {
-            if v.is_empty() {
-                Err(CaLoadError::Invalid(format!("{} holds no PEM certificate", path.display())))
-            } else {
-                Ok(v)
-            }
-        })
-}
-
-/// The passphrase protecting a CA key, from wherever the configuration says.
-pub fn passphrase(cfg: &CaConfig) -> Result<String, CaLoadError> {
-    if let Some(var) = &cfg.key_passphrase_env {
-        return std::env::var(var)
-            .map_err(|_| CaLoadError::PassphraseSource(format!("environment variable {var} is not set")));
-    }
-    if let Some(file) = &cfg.key_passphrase_file {
-        let text = std::fs::read_to_string(file)
-            .map_err(|e| CaLoadError::PassphraseSource(format!("{}: {e}", file.display())))?;
-        return Ok(text.lines().next().unwrap_or_default().to_string());
-    }
-    cfg.key_passphrase.clone().ok_or(CaLoadError::NoPassphrase)
+/// An error in the CA certificate itself.
+fn invalid_cert(reason: impl ToString) -> CaLoadError {
+    CaLoadError::Invalid { file: CaFile::Cert, reason: reason.to_string() }
 }
 
 pub fn key_type_of(key: &openssl::pkey::PKeyRef<impl openssl::pkey::HasPublic>) -> Option<KeyType> {
@@ -146,21 +120,21 @@ pub fn key_type_of(key: &openssl::pkey::PKeyRef<impl openssl::pkey::HasPublic>) 
 }
 
 fn asn1_to_system_time(t: &openssl::asn1::Asn1TimeRef) -> Result<SystemTime, CaLoadError> {
-    let epoch = openssl::asn1::Asn1Time::from_unix(0).map_err(|e| CaLoadError::Invalid(e.to_string()))?;
-    let diff = epoch.diff(t).map_err(|e| CaLoadError::Invalid(e.to_string()))?;
+    let epoch = openssl::asn1::Asn1Time::from_unix(0).map_err(invalid_cert)?;
+    let diff = epoch.diff(t).map_err(invalid_cert)?;
     let secs = i64::from(diff.days) * 86_400 + i64::from(diff.secs);
     Ok(UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64))
 }
 
 impl CaMaterial {
     pub fn load(cfg: &CaConfig) -> Result<CaMaterial, CaLoadError> {
-        let cert = load_certs(&cfg.cert_file)?.remove(0);
+        let cert = load_certs(CaFile::Cert, &cfg.cert_file)?.remove(0);
         let mut chain = Vec::new();
         for f in &cfg.chain_files {
-            chain.extend(load_certs(f)?);
+            chain.extend(load_certs(CaFile::Chain, f)?);
         }
-        let public = cert.public_key().map_err(|e| CaLoadError::Invalid(e.to_string()))?;
-        let key_type = key_type_of(&public).ok_or_else(|| CaLoadError::Invalid("unsupported CA key type".into()))?;
+        let public = cert.public_key().map_err(invalid_cert)?;
+        let key_type = key_type_of(&public).ok_or_else(|| invalid_cert("unsupported CA key type"))?;
         let (key, key_error) = KeyHandle::load(cfg, public);
         let signature_algorithm = match key_type {
             KeyType::EcdsaP256 => SignatureAlgorithm::EcdsaSha256,
@@ -171,25 +145,25 @@ impl CaMaterial {
         };
         verify_chain(&cert, &chain)?;
         let is_ca = {
-            let der = cert.to_der().map_err(|e| CaLoadError::Invalid(e.to_string()))?;
+            let der = cert.to_der().map_err(invalid_cert)?;
             let (_, parsed) = x509_parser::parse_x509_certificate(&der)
-                .map_err(|e| CaLoadError::Invalid(format!("CA certificate does not parse: {e}")))?;
+                .map_err(|e| invalid_cert(format!("CA certificate does not parse: {e}")))?;
             parsed.is_ca()
         };
         if !is_ca {
-            return Err(CaLoadError::Invalid("the certificate is not a CA certificate (basicConstraints)".into()));
+            return Err(invalid_cert("the certificate is not a CA certificate (basicConstraints)"));
         }
         let subject_key_id = cert
             .subject_key_id()
             .map(|s| s.as_slice().to_vec())
-            .ok_or_else(|| CaLoadError::Invalid("the CA certificate has no subjectKeyIdentifier".into()))?;
-        let subject_der = cert.subject_name().to_der().map_err(|e| CaLoadError::Invalid(e.to_string()))?;
+            .ok_or_else(|| invalid_cert("the CA certificate has no subjectKeyIdentifier"))?;
+        let subject_der = cert.subject_name().to_der().map_err(invalid_cert)?;
         let not_after = asn1_to_system_time(cert.not_after())?;
         let is_dev = std::iter::once(&cert).chain(chain.iter()).any(is_dev_cert);
-        let cert_der = cert.to_der().map_err(|e| CaLoadError::Invalid(e.to_string()))?;
+        let cert_der = cert.to_der().map_err(invalid_cert)?;
         let mut chain_pem = vec![super::cert_pem(&cert_der)];
         for c in &chain {
-            chain_pem.push(super::cert_pem(&c.to_der().map_err(|e| CaLoadError::Invalid(e.to_string()))?));
+            chain_pem.push(super::cert_pem(&c.to_der().map_err(invalid_cert)?));
         }
         Ok(CaMaterial {
             id: cfg.id.clone(),
@@ -217,7 +191,7 @@ fn is_dev_cert(cert: &X509) -> bool {
 
 /// The CA certificate must chain to the last certificate of `chain` (the root).
 fn verify_chain(cert: &X509, chain: &[X509]) -> Result<(), CaLoadError> {
-    let err = |e: openssl::error::ErrorStack| CaLoadError::Invalid(e.to_string());
+    let err = |e: openssl::error::ErrorStack| CaLoadError::Invalid { file: CaFile::Chain, reason: e.to_string() };
     let root = chain.last().unwrap_or(cert);
     let mut store = X509StoreBuilder::new().map_err(err)?;
     store.add_cert(root.clone()).map_err(err)?;
@@ -235,7 +209,9 @@ fn verify_chain(cert: &X509, chain: &[X509]) -> Result<(), CaLoadError> {
         .map_err(err)?;
     match ok {
         None => Ok(()),
-        Some(reason) => Err(CaLoadError::Invalid(format!("the CA chain does not verify: {reason}"))),
+        Some(reason) => {
+            Err(CaLoadError::Invalid { file: CaFile::Chain, reason: format!("the CA chain does not verify: {reason}") })
+        }
     }
 }
 

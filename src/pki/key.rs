@@ -10,8 +10,22 @@ use std::time::SystemTime;
 
 use openssl::pkey::{PKey, Private, Public};
 
-use super::ca::{passphrase, CaLoadError};
+use super::load_error::{CaFile, CaLoadError};
 use crate::config::CaConfig;
+
+/// The passphrase protecting a CA key, from wherever the configuration says.
+pub fn passphrase(cfg: &CaConfig) -> Result<String, CaLoadError> {
+    if let Some(var) = &cfg.key_passphrase_env {
+        return std::env::var(var)
+            .map_err(|_| CaLoadError::PassphraseSource(format!("environment variable {var} is not set")));
+    }
+    if let Some(file) = &cfg.key_passphrase_file {
+        let text = std::fs::read_to_string(file)
+            .map_err(|e| CaLoadError::PassphraseSource(format!("{}: {e}", file.display())))?;
+        return Ok(text.lines().next().unwrap_or_default().to_string());
+    }
+    cfg.key_passphrase.clone().ok_or(CaLoadError::NoPassphrase)
+}
 
 enum KeyState {
     Available { key: PKey<Private>, stamp: Option<(SystemTime, u64)> },
@@ -61,11 +75,17 @@ impl KeyHandle {
     fn try_load(&self) -> Result<(), CaLoadError> {
         let pass = passphrase(&self.config)?;
         let path = &self.config.key_file;
-        let pem = std::fs::read(path)
-            .map_err(|e| CaLoadError::Read { path: path.display().to_string(), reason: e.to_string() })?;
+        let pem = std::fs::read(path).map_err(|e| CaLoadError::Read {
+            file: CaFile::Key,
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
         let key = PKey::private_key_from_pem_passphrase(&pem, pass.as_bytes()).map_err(|_| CaLoadError::KeyDecrypt)?;
         if !self.public.public_eq(&key) {
-            return Err(CaLoadError::Invalid("the private key does not match the CA certificate".into()));
+            return Err(CaLoadError::Invalid {
+                file: CaFile::Key,
+                reason: "the private key does not match the CA certificate".into(),
+            });
         }
         self.set(KeyState::Available { key, stamp: stamp(path) });
         Ok(())

@@ -7,11 +7,13 @@ pub mod devpki;
 pub mod identity;
 pub mod kek;
 pub mod key;
+pub mod load_error;
 pub mod profile;
 pub mod tbs;
 
-pub use ca::{CaLoadError, CaMaterial};
+pub use ca::CaMaterial;
 pub use csr::CheckedCsr;
+pub use load_error::{CaFile, CaLoadError};
 pub use profile::Profile;
 pub use tbs::{LintedTbs, PreparedCert};
 
