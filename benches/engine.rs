@@ -7,7 +7,8 @@ mod common;
 use std::path::Path;
 
 use castellum::db::models::CertificateRow;
-use castellum::db::queries::{self, WriteOp};
+use castellum::db::queries;
+use castellum::db::writes::WriteOp;
 use castellum::{Config, Engine, IssueRequest};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 

@@ -13,7 +13,7 @@ use super::signer::{Prepare, Sign, Signer};
 use super::store::StoreHandle;
 use crate::config::{Lane, Sabotage, Sabotages};
 use crate::db::models::{CertificateRow, IdentityRow, NewAuditEvent};
-use crate::db::queries::WriteOp;
+use crate::db::writes::WriteOp;
 use crate::engine::types::IssuedCertificate;
 use crate::error::EngineError;
 use crate::metrics::Metrics;

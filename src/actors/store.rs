@@ -14,7 +14,8 @@ use std::time::Instant;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use crate::db::queries::{self, WriteOp, WriteOutcome};
+use crate::db::queries;
+use crate::db::writes::{WriteOp, WriteOutcome};
 use crate::db::DbPool;
 use crate::error::{DbError, EngineError};
 use crate::metrics::Metrics;
@@ -308,15 +309,23 @@ pub(crate) mod tests {
             #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
             v: Option<String>,
         }
-        let mut conn = SqliteConnection::establish(path).unwrap();
+        let mut conn = connect(path);
         diesel::sql_query(sql).get_result::<Value>(&mut conn).unwrap().v
     }
 
     /// A connection of the test's own holding the file's write lock (waiting for the pool's new
     /// connections to finish setting up, which take it for a moment).
     fn lock(path: &str) -> SqliteConnection {
+        let mut conn = connect(path);
+        conn.batch_execute("BEGIN EXCLUSIVE").unwrap();
+        conn
+    }
+
+    /// A connection of the test's own that waits for locks (the pool's connections take one for
+    /// a moment while they set themselves up).
+    fn connect(path: &str) -> SqliteConnection {
         let mut conn = SqliteConnection::establish(path).unwrap();
-        conn.batch_execute("PRAGMA busy_timeout = 10000; BEGIN EXCLUSIVE").unwrap();
+        conn.batch_execute("PRAGMA busy_timeout = 10000").unwrap();
         conn
     }
 
@@ -326,7 +335,7 @@ pub(crate) mod tests {
             #[diesel(sql_type = diesel::sql_types::BigInt)]
             n: i64,
         }
-        let mut conn = SqliteConnection::establish(path).unwrap();
+        let mut conn = connect(path);
         diesel::sql_query("SELECT COUNT(*) AS n FROM certificates").get_result::<Count>(&mut conn).unwrap().n
     }
 

@@ -5,20 +5,12 @@
 use diesel::prelude::*;
 
 use super::models::{IdentityRow, NewAuditEvent};
-use super::queries::WriteOutcome;
 use super::schema::{audit_log, identities};
+use super::writes::{IdentityUse, WriteOutcome};
 use super::DbConn;
 use crate::error::DbError;
 use crate::states::IdentityState;
 use crate::with_conn;
-
-/// A use granted: the identity as it was when the use was counted (with its sealed key, which
-/// the caller opens to sign), and whether that was its last use.
-#[derive(Debug, Clone)]
-pub struct IdentityUse {
-    pub row: IdentityRow,
-    pub destroyed: bool,
-}
 
 /// Why an identity was destroyed, as stored and audited.
 pub mod destroy_reason {

@@ -11,6 +11,7 @@ pub mod migrate;
 pub mod models;
 pub mod queries;
 pub mod schema;
+pub mod writes;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -2,75 +2,14 @@
 
 use diesel::prelude::*;
 
-use super::identities::{IdentityOps, IdentityUse};
-use super::models::{AuditEvent, CertificateRow, IdentityRow, NewAuditEvent, RequestRow};
+use super::identities::IdentityOps;
+use super::models::{AuditEvent, CertificateRow, NewAuditEvent, RequestRow};
 use super::schema::{audit_log, cas, certificates, identities, instances, profiles, registry, requests};
+use super::writes::{WriteOp, WriteOutcome};
 use super::DbConn;
 use crate::error::DbError;
 use crate::states::{CaState, CertState, ProfileState, RequestMode, RequestState};
 use crate::with_conn;
-
-/// A write on the issuance path. The Store folds many into one transaction.
-#[derive(Debug, Clone)]
-pub enum WriteOp {
-    /// Insert a request; [`WriteOutcome::Conflict`] if (client, idempotency key) exists.
-    InsertRequest(Box<RequestRow>),
-    /// Write-ahead: the serial and TBS, recorded before the key signs.
-    WriteAhead(Box<CertificateRow>),
-    /// The signed certificate, its request's new state, and the issuance audit event, atomically.
-    CertificateIssued {
-        serial: String,
-        cert_der: Vec<u8>,
-        at: i64,
-        request_id: Option<String>,
-        audit: Box<NewAuditEvent>,
-        /// A disposable identity comes into existence with its certificate, never without it.
-        identity: Option<Box<IdentityRow>>,
-    },
-    CertificateAbandoned {
-        serial: String,
-    },
-    /// A coalesced request answered with another request's certificate.
-    RequestIssued {
-        id: String,
-        serial: String,
-        at: i64,
-    },
-    RequestFinished {
-        id: String,
-        state: RequestState,
-        error_type: Option<String>,
-        error_detail: Option<String>,
-        at: i64,
-        /// For `pending`: when another instance may take the request up again.
-        claimed_until: Option<i64>,
-    },
-    Audit(NewAuditEvent),
-    /// Count one signature of a disposable identity (destroying it after its last use) and
-    /// hand back its sealed key; audited in the same transaction.
-    UseIdentity {
-        id: String,
-        client: String,
-        at: i64,
-        instance: String,
-        digest_algorithm: &'static str,
-    },
-}
-
-#[derive(Debug, Clone)]
-pub enum WriteOutcome {
-    Done,
-    Conflict,
-    IdentityUsed(Box<IdentityUse>),
-    /// No such identity for this client (another client's identity is indistinguishable).
-    IdentityNotFound,
-    /// The identity exists but will never sign again: why, and whether this found it expired
-    /// and destroyed it.
-    IdentityGone {
-        why: String,
-        expired_now: bool,
-    },
-}
 
 /// Apply a batch in one transaction (one commit, one fsync on SQLite).
 pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcome>, DbError> {

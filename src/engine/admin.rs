@@ -278,7 +278,7 @@ impl Engine {
     }
 
     fn audit(&self, actor: &str, action: &str, target: &str, detail: &str) {
-        self.inner.store.write_detached(queries::WriteOp::Audit(crate::db::models::NewAuditEvent {
+        self.inner.store.write_detached(crate::db::writes::WriteOp::Audit(crate::db::models::NewAuditEvent {
             at: now_ms(),
             instance: self.instance_id().to_string(),
             actor: actor.to_string(),

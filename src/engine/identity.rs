@@ -18,9 +18,10 @@ use crate::actors::vault::{IdentityVault, SignDigest};
 use base64::Engine as _;
 
 use crate::config::{Config, KeyType};
-use crate::db::identities::{self, IdentityUse};
+use crate::db::identities;
 use crate::db::models::IdentityRow;
-use crate::db::queries::{self, WriteOp, WriteOutcome};
+use crate::db::queries;
+use crate::db::writes::{IdentityUse, WriteOp, WriteOutcome};
 use crate::db::DbPool;
 use crate::error::EngineError;
 use crate::metrics::Metrics;
