@@ -19,6 +19,7 @@ pub mod actors;
 pub mod admin;
 #[cfg(feature = "tools")]
 pub mod bench;
+pub mod check;
 pub mod config;
 pub mod db;
 #[cfg(feature = "tools")]
@@ -30,8 +31,9 @@ pub mod metrics;
 pub mod pki;
 pub mod states;
 pub mod telemetry;
+pub mod types;
 
 pub use config::Config;
-pub use engine::types::{Accepted, CertificateRecord, Client, IssueRequest, IssuedCertificate, RequestStatus};
 pub use engine::{Engine, StartError};
 pub use error::EngineError;
+pub use types::{Accepted, CertificateRecord, Client, IssueRequest, IssuedCertificate, RequestStatus};

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use castellum::config::{check_config, Config};
+use castellum::check::check_config;
+use castellum::config::Config;
 use castellum::{Engine, StartError};
 
 #[derive(Parser)]
@@ -142,7 +143,7 @@ fn main() -> ExitCode {
             };
             let (mut problems, _) = check_config(&config);
             if let Some(rate) = expected_rate {
-                problems.extend(castellum::config::check_capacity(&config, rate, hold));
+                problems.extend(castellum::check::check_capacity(&config, rate, hold));
             }
             let (warnings, problems): (Vec<_>, Vec<_>) = problems.into_iter().partition(|p| p.warning);
             for w in &warnings {

@@ -3,7 +3,8 @@
 
 mod common;
 
-use castellum::config::{check_config, Config};
+use castellum::check::check_config;
+use castellum::config::Config;
 use common::*;
 
 fn problems_of(text: &str) -> Vec<String> {

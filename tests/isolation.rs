@@ -301,7 +301,7 @@ async fn a_ca_whose_key_is_missing_at_start_up_starts_failed_and_recovers() {
         .replace(&dev_keys().join("ica-rsa3072.key").display().to_string(), &key_path.display().to_string());
     // check-config refuses it …
     let config = config_from(&text, &db);
-    let (problems, _) = castellum::config::check_config(&config);
+    let (problems, _) = castellum::check::check_config(&config);
     assert!(problems.iter().any(|p| p.path == "cas[2].key_file" && p.key_unavailable), "{problems:?}");
     // … but the engine starts, with that CA failed and the others serving.
     let server = TestServer::start(config).await;

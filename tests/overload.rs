@@ -276,7 +276,7 @@ fn the_vault_fault_knob_is_refused_outside_dev_mode() {
         let mut config = dev_config(&db);
         config.mode = mode;
         config.identities.fault.sign_latency = latency;
-        castellum::config::check_config(&config).0.iter().any(|p| p.path == "identities.fault" && !p.warning)
+        castellum::check::check_config(&config).0.iter().any(|p| p.path == "identities.fault" && !p.warning)
     };
     use castellum::config::Mode;
     assert!(flagged(Some(Duration::from_secs(1)), Mode::Production));

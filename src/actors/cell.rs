@@ -28,12 +28,12 @@ use super::signer::Faults;
 use super::signer::Signer;
 use super::store::StoreHandle;
 use crate::config::{CaConfig, Lane, Sabotage, Sabotages};
-use crate::engine::types::IssuedCertificate;
 use crate::error::EngineError;
 use crate::metrics::{self, Metrics};
 use crate::pki::key::KeyChange;
 use crate::pki::{now_ms, CaMaterial};
 use crate::states::CaState;
+use crate::types::IssuedCertificate;
 
 /// A request that attached to an identical one instead of adding work (background lane).
 struct Follower {

@@ -18,12 +18,12 @@ use super::cell::{CellSlot, Enqueue};
 use super::job::Job;
 use super::registry::SharedSnapshot;
 use crate::config::{Config, Lane, LanesConfig, Sabotage, Sabotages};
-use crate::engine::types::Client;
 use crate::error::EngineError;
 use crate::pki::identity::IdentityDraft;
 use crate::pki::profile::ApprovedNames;
 use crate::pki::{csr, CaMaterial, CheckedCsr, Profile};
 use crate::states::CaState;
+use crate::types::Client;
 
 /// Everything fixed at start-up: profiles, clients, CA material.
 pub struct Catalog {
@@ -324,7 +324,7 @@ mod tests {
         let mut config = Config::load(Some(&Path::new(env!("CARGO_MANIFEST_DIR")).join("keys-dev/castellum.toml")))
             .expect("the dev configuration");
         edit(&mut config);
-        let (_, materials) = crate::config::check_config(&config);
+        let (_, materials) = crate::check::check_config(&config);
         let catalog = Arc::new(Catalog::build(&config, materials));
         let snapshot = Snapshot {
             version: 1,

@@ -6,10 +6,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use crate::engine::types::IssuedCertificate;
 use crate::error::EngineError;
 use crate::pki::profile::ApprovedNames;
 use crate::pki::{CheckedCsr, Profile};
+use crate::types::IssuedCertificate;
 
 pub type Reply = oneshot::Sender<Result<IssuedCertificate, EngineError>>;
 

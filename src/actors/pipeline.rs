@@ -14,12 +14,12 @@ use super::store::StoreHandle;
 use crate::config::{Lane, Sabotage, Sabotages};
 use crate::db::models::{CertificateRow, IdentityRow, NewAuditEvent};
 use crate::db::writes::WriteOp;
-use crate::engine::types::IssuedCertificate;
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::pki::identity::IdentityDraft;
 use crate::pki::{cert_pem, now_ms, CaMaterial};
 use crate::states::{CertState, IdentityState, RequestMode, RequestState};
+use crate::types::IssuedCertificate;
 
 /// What the pipeline needs, cloned once per job.
 #[derive(Clone)]

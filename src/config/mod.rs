@@ -6,16 +6,12 @@
 //! (enabled / disabled / retired) lives in the database, where the registry owns it. A CA or
 //! profile's `enabled` flag here is only its state the first time the database sees it.
 
-pub mod check;
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
-
-pub use check::{check_capacity, check_config, ConfigProblem};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -743,6 +739,27 @@ pub struct ClientConfig {
 pub struct RateConfig {
     pub per_second: u32,
     pub burst: u32,
+}
+
+/// One problem in a configuration, with the key path it concerns (`castellum check-config`
+/// lists them all; the checks are in `check.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// Dotted key path, e.g. `profiles[2].ca` or `database.pools.issuance.connection_timeout`.
+    pub path: String,
+    pub message: String,
+    /// A CA key that cannot be loaded now. `check-config` fails on it; at start-up the engine
+    /// starts that CA in a failed state instead (its key is retried), and the others serve.
+    pub key_unavailable: bool,
+    /// Allowed, but risky: reported by `check-config`, never refused.
+    pub warning: bool,
+}
+
+impl std::fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let severity = if self.warning { "warning: " } else { "" };
+        write!(f, "{severity}{}: {}", self.path, self.message)
+    }
 }
 
 /// Errors reading the configuration (before any semantic check).

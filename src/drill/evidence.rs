@@ -4,11 +4,8 @@
 
 use diesel::{Connection, PgConnection, QueryableByName, RunQueryDsl, SqliteConnection};
 
-use super::target::DrillDb;
+use super::target::{DrillDb, EVIDENCE_APP};
 use super::DrillError;
-
-/// The `application_name` of the drill's own PostgreSQL connections.
-pub const EVIDENCE_APP: &str = "castellum-drill-evidence";
 
 #[derive(QueryableByName)]
 struct Count {

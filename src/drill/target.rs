@@ -10,6 +10,10 @@ use diesel::{Connection, PgConnection, RunQueryDsl};
 
 use super::DrillError;
 
+/// The `application_name` of the drill's own PostgreSQL connections (its evidence reads), which
+/// the connection counts leave out.
+pub const EVIDENCE_APP: &str = "castellum-drill-evidence";
+
 /// A database made for one drill and removed after it.
 pub enum DrillDb {
     Sqlite(PathBuf),
@@ -107,7 +111,7 @@ impl PgProbe {
             Some(role) => format!(" AND usename = '{role}'"),
             None => String::new(),
         };
-        let own = super::evidence::EVIDENCE_APP;
+        let own = EVIDENCE_APP;
         diesel::sql_query(format!(
             "SELECT count(*) AS n FROM pg_stat_activity WHERE datname = '{}' AND backend_type = 'client backend' AND application_name <> '{own}'{role}",
             self.name

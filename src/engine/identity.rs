@@ -9,12 +9,12 @@ use actix::prelude::*;
 use tokio::sync::Semaphore;
 
 use super::issue::{check_idempotency_key, Provenance};
-use super::types::*;
 use super::Engine;
 use crate::actors::intake::Admitted;
 use crate::actors::keypool::{KeyPool, KeySpec};
 use crate::actors::sweeper::{IdentitySweeper, StopSweeping};
 use crate::actors::vault::{IdentityVault, SignDigest};
+use crate::types::*;
 use base64::Engine as _;
 
 use crate::config::{Config, KeyType};

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::types::*;
 use super::Engine;
 use crate::actors::intake::Admitted;
 use crate::actors::job::Job;
@@ -18,6 +17,7 @@ use crate::error::EngineError;
 use crate::metrics;
 use crate::pki::now_ms;
 use crate::states::{RequestMode, RequestState};
+use crate::types::*;
 
 /// How often a retry waiting on an earlier attempt looks at its state.
 const IDEMPOTENT_POLL: Duration = Duration::from_millis(25);

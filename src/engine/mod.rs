@@ -4,7 +4,8 @@
 pub mod admin;
 pub mod identity;
 mod issue;
-pub mod types;
+/// The types an embedding application exchanges with the engine (defined in [`crate::types`]).
+pub use crate::types;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +28,7 @@ use crate::db::{migrate, queries, Backend, DbConn, Pools};
 use crate::error::{DbError, EngineError};
 use crate::metrics::Metrics;
 use crate::states::CaState;
-use types::*;
+use crate::types::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -99,7 +100,7 @@ impl Engine {
     /// on the current actix system.
     pub async fn start(config: Config) -> Result<Engine, StartError> {
         let cfg = config.clone();
-        let (problems, materials) = blocking(move || crate::config::check_config(&cfg)).await?;
+        let (problems, materials) = blocking(move || crate::check::check_config(&cfg)).await?;
         let (warnings, problems): (Vec<_>, Vec<_>) = problems.into_iter().partition(|p| p.warning);
         for w in &warnings {
             tracing::warn!(problem = %w, "configuration warning");

@@ -6,9 +6,9 @@ use std::sync::Arc;
 use actix_web::{dev::Payload, web, FromRequest, HttpRequest};
 
 use super::problem::Problem;
-use crate::engine::types::Client;
 use crate::engine::Engine;
 use crate::error::EngineError;
+use crate::types::Client;
 
 /// The authenticated client of a request.
 pub struct Authenticated(pub Arc<Client>);

@@ -8,9 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::Authenticated;
 use super::problem::Problem;
-use crate::engine::types::IssueRequest;
 use crate::engine::Engine;
 use crate::error::EngineError;
+use crate::types::IssueRequest;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -7,9 +7,9 @@ use serde::Deserialize;
 use super::auth::Authenticated;
 use super::certificates::{idempotency_key, parse_prefer};
 use super::problem::Problem;
-use crate::engine::types::{CreateIdentity, SignDigestRequest};
 use crate::engine::Engine;
 use crate::pki::identity::IdentitySubject;
+use crate::types::{CreateIdentity, SignDigestRequest};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

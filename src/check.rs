@@ -1,30 +1,13 @@
 //! `castellum check-config`: every problem in a configuration at once, each with its key path.
 //! Also run at start-up, so an engine never starts on a configuration this would refuse.
+//! It sits above both the configuration and the PKI: it loads the CA material a configuration
+//! names and judges it.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
-use super::{Config, Mode, PoolConfig};
+use crate::config::{Config, ConfigProblem, Mode, PoolConfig};
 use crate::pki::ca::{allowed_in_mode, CaMaterial};
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigProblem {
-    /// Dotted key path, e.g. `profiles[2].ca` or `database.pools.issuance.connection_timeout`.
-    pub path: String,
-    pub message: String,
-    /// A CA key that cannot be loaded now. `check-config` fails on it; at start-up the engine
-    /// starts that CA in a failed state instead (its key is retried), and the others serve.
-    pub key_unavailable: bool,
-    /// Allowed, but risky: reported by `check-config`, never refused.
-    pub warning: bool,
-}
-
-impl std::fmt::Display for ConfigProblem {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let severity = if self.warning { "warning: " } else { "" };
-        write!(f, "{severity}{}: {}", self.path, self.message)
-    }
-}
 
 /// A pool's checkout wait must stay well below the shortest deadline: at most this fraction.
 const POOL_TIMEOUT_DEADLINE_FRACTION: u32 = 4;
@@ -226,7 +209,7 @@ fn check_profiles(config: &Config, cas: &HashMap<String, CaMaterial>, p: &mut Pr
 
 /// Identity profiles, and the key-encryption key every identity key is sealed under.
 fn check_identities(config: &Config, p: &mut Problems) {
-    use super::{KeyType, Lane, RsaSignatureScheme};
+    use crate::config::{KeyType, Lane, RsaSignatureScheme};
     let mut any = false;
     for (i, profile) in config.profiles.iter().enumerate() {
         let Some(policy) = &profile.identity else { continue };
@@ -448,7 +431,7 @@ fn valid_id(id: &str) -> bool {
 pub fn check_capacity(config: &Config, rate: f64, hold: Duration) -> Vec<ConfigProblem> {
     let needed = (rate * hold.as_secs_f64() * 2.0).ceil() as u32;
     let mut p = Problems(Vec::new());
-    if config.sabotaged(super::Sabotage::BlindCheckConfig) {
+    if config.sabotaged(crate::config::Sabotage::BlindCheckConfig) {
         return p.0;
     }
     for (name, pool) in [("issuance", &config.database.pools.issuance), ("status", &config.database.pools.status)] {
