@@ -20,7 +20,7 @@ use tracing::Instrument;
 use super::breaker::{Breaker, BreakerState};
 use super::coalescer::Coalescer;
 use super::gauges::CellGauges;
-use super::job::{deadline_exceeded, Job, Reply, FINISH_MARGIN};
+use super::job::{deadline_exceeded, Caller, Job, FINISH_MARGIN};
 use super::lanes::Lanes;
 use super::pipeline::Pipeline;
 use super::registry::RegistryChanged;
@@ -32,15 +32,8 @@ use crate::error::EngineError;
 use crate::metrics::{self, Metrics};
 use crate::pki::key::KeyChange;
 use crate::pki::{now_ms, CaMaterial};
-use crate::states::CaState;
+use crate::states::{CaState, RequestMode};
 use crate::types::IssuedCertificate;
-
-/// A request that attached to an identical one instead of adding work (background lane).
-struct Follower {
-    reply: Option<Reply>,
-    request_id: Option<String>,
-    is_async: bool,
-}
 
 /// Same client, same profile, same public key: the same certificate would be issued.
 fn coalescing_key(job: &Job) -> [u8; 32] {
@@ -162,8 +155,8 @@ pub struct CaCell {
     ca_state: CaState,
     watching_key: bool,
     recent_transitions: VecDeque<(i64, String)>,
-    /// Background jobs queued or in flight, by coalescing key, with the requests attached to them.
-    coalesced: Coalescer<[u8; 32], Follower>,
+    /// Background jobs queued or in flight, by coalescing key, with the callers attached to them.
+    coalesced: Coalescer<[u8; 32], Caller>,
 }
 const MAILBOX_CAPACITY: usize = 1024;
 const KEY_CHECK_INTERVAL: Duration = Duration::from_millis(500);
@@ -227,7 +220,7 @@ impl CaCell {
     }
 
     /// The requests attached to `job` (background work), now that it has ended.
-    fn take_followers(&mut self, job: &Job) -> Vec<Follower> {
+    fn take_followers(&mut self, job: &Job) -> Vec<Caller> {
         if coalesces(job) {
             self.coalesced.release(&coalescing_key(job))
         } else {
@@ -356,29 +349,27 @@ impl CaCell {
 
     /// The one way a job ends: its stored request is updated, its caller answered, and so is
     /// every request that attached to it.
-    fn settle(&mut self, mut job: Job, result: Result<IssuedCertificate, EngineError>, retry_at: Option<i64>) {
+    fn settle(&mut self, job: Job, result: Result<IssuedCertificate, EngineError>, retry_at: Option<i64>) {
         let followers = self.take_followers(&job);
         if let Err(err) = &result {
-            self.pipeline.request_failed(job.request_id.as_deref(), job.is_async, err, retry_at);
+            self.pipeline.request_failed(&job.caller, err, retry_at);
         }
-        for mut follower in followers {
+        for follower in followers {
             let answer = match &result {
                 Ok(issued) => {
-                    if let Some(id) = &follower.request_id {
+                    if let Some(id) = follower.request_id() {
                         self.pipeline.request_issued(id, &issued.serial);
                     }
-                    Ok(IssuedCertificate { request_id: follower.request_id.clone(), ..issued.clone() })
+                    Ok(IssuedCertificate { request_id: follower.request_id().map(String::from), ..issued.clone() })
                 }
                 Err(err) => {
-                    self.pipeline.request_failed(follower.request_id.as_deref(), follower.is_async, err, retry_at);
+                    self.pipeline.request_failed(&follower, err, retry_at);
                     Err(err.clone())
                 }
             };
-            if let Some(reply) = follower.reply.take() {
-                let _ = reply.send(answer);
-            }
+            follower.answer(answer);
         }
-        job.answer(result);
+        job.caller.answer(result);
     }
 
     fn export_gauges(&self) {
@@ -393,7 +384,7 @@ impl CaCell {
 
     /// What a job the CA cannot take now becomes: parked work is held durably (async) or refused
     /// at once (sync); a disabled or retired CA's work fails for good.
-    fn turn_away(&mut self, mut job: Job) {
+    fn turn_away(&mut self, job: Job) {
         let ca = self.ca_id().to_string();
         if self.ca_state != CaState::Parked {
             self.settle(job, Err(EngineError::CaDisabled(ca)), None);
@@ -405,13 +396,10 @@ impl CaCell {
             retry_after: Duration::from_secs(30),
         };
         let followers = self.take_followers(&job);
-        for (request_id, is_async, reply) in std::iter::once((job.request_id.clone(), job.is_async, job.reply.take()))
-            .chain(followers.into_iter().map(|f| (f.request_id, f.is_async, f.reply)))
-        {
-            if is_async {
-                self.pipeline.park_request(request_id.as_deref());
-            } else if let Some(reply) = reply {
-                let _ = reply.send(Err(parked()));
+        for caller in std::iter::once(job.caller).chain(followers) {
+            match caller {
+                Caller::Stored { request_id } => self.pipeline.park_request(&request_id),
+                waiting @ (Caller::Waiting(_) | Caller::WaitingRecorded { .. }) => waiting.answer(Err(parked())),
             }
         }
     }
@@ -471,18 +459,17 @@ impl Handler<Enqueue> for CaCell {
     fn handle(&mut self, Enqueue(mut job): Enqueue, ctx: &mut Self::Context) {
         if coalesces(&job) {
             // A renewal storm of retries cannot multiply the work: attach to the one queued.
-            let follower =
-                Follower { reply: job.reply.take(), request_id: job.request_id.take(), is_async: job.is_async };
-            match self.coalesced.attach(&coalescing_key(&job), follower) {
+            let key = coalescing_key(&job);
+            match self.coalesced.attach(&key, job.caller) {
                 Ok(()) => {
                     self.pipeline.metrics.coalesced.get_or_create(&metrics::ca(self.ca_id())).inc();
                     return;
                 }
-                Err(follower) => (job.reply, job.request_id) = (follower.reply, follower.request_id),
+                Err(caller) => job.caller = caller,
             }
         }
         if self.draining {
-            job.answer(Err(EngineError::ShuttingDown));
+            job.caller.answer(Err(EngineError::ShuttingDown));
             return;
         }
         if !self.takes_work() {
@@ -540,7 +527,7 @@ impl Handler<Drain> for CaCell {
         self.draining = true;
         // Queued asynchronous work is durable: leave it to the next instance (its claim is
         // released at shutdown) instead of holding the shutdown for it.
-        self.lanes.retain(|j| !j.is_async);
+        self.lanes.retain(|j| j.caller.mode() == RequestMode::Sync);
         self.drain_waiters.push(done);
         self.dispatch(ctx);
     }

@@ -15,12 +15,10 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::cell::{CellSlot, Enqueue};
-use super::job::Job;
+use super::job::{Admitted, Job};
 use super::registry::SharedSnapshot;
 use crate::config::{Config, Lane, LanesConfig, Sabotage, Sabotages};
 use crate::error::EngineError;
-use crate::pki::identity::IdentityDraft;
-use crate::pki::profile::ApprovedNames;
 use crate::pki::{csr, CaMaterial, CheckedCsr, Profile};
 use crate::states::CaState;
 use crate::types::Client;
@@ -48,34 +46,6 @@ impl Catalog {
         }
         let cas = cas.into_iter().map(|(id, m)| (id, Arc::new(m))).collect();
         Catalog { profiles, clients_by_key, clients_by_name, cas }
-    }
-}
-
-/// A request that passed intake: ready to become a job.
-pub struct Admitted {
-    pub profile: Arc<Profile>,
-    pub csr: Arc<CheckedCsr>,
-    pub names: Arc<ApprovedNames>,
-    /// The CA is parked: store the request as parked instead of queueing it.
-    pub hold: bool,
-    /// A disposable identity: the engine's sealed key, stored with the certificate.
-    pub identity: Option<Arc<IdentityDraft>>,
-}
-
-impl Admitted {
-    /// The fingerprint of what was asked for, to recognise an idempotent retry: the profile and
-    /// CSR, or for an identity the profile and subject (its key is new on every attempt).
-    pub fn body_sha256(&self) -> String {
-        let mut h = openssl::sha::Sha256::new();
-        match &self.identity {
-            Some(draft) => h.update(&draft.fingerprint),
-            None => {
-                h.update(self.profile.id.as_bytes());
-                h.update(b"\n");
-                h.update(&self.csr.der);
-            }
-        }
-        hex::encode(h.finish())
     }
 }
 
@@ -274,22 +244,19 @@ impl Intake {
     }
 
     /// Hand a job to its CA's cell. A full mailbox is an immediate `503`, never a wait.
-    pub fn hand_to_cell(&self, mut job: Job) -> Result<(), EngineError> {
+    pub fn hand_to_cell(&self, job: Job) -> Result<(), EngineError> {
         let ca = job.profile.ca.clone();
         let Some(slot) = self.cells.get(&ca) else {
             return Err(EngineError::CaDisabled(ca));
         };
         match slot.addr.load().try_send(Enqueue(job)) {
             Ok(()) => Ok(()),
-            Err(SendError::Full(Enqueue(j))) => {
-                job = j;
-                drop(job.reply.take());
-                Err(EngineError::CaOverloaded {
-                    ca,
-                    reason: "mailbox full".into(),
-                    retry_after: Duration::from_secs(1),
-                })
-            }
+            // The job comes back and is dropped here: its caller gets this error, not its reply.
+            Err(SendError::Full(_)) => Err(EngineError::CaOverloaded {
+                ca,
+                reason: "mailbox full".into(),
+                retry_after: Duration::from_secs(1),
+            }),
             Err(SendError::Closed(_)) => Err(EngineError::CaUnavailable {
                 ca,
                 reason: "the CA's cell is down (restarted at most 5 times a minute, then left down)".into(),
@@ -368,13 +335,15 @@ mod tests {
             let profile = self.profile(profile);
             Job {
                 csr: Arc::new(csr::check_csr_pem(&test_csr()).unwrap()),
-                names: Arc::new(ApprovedNames { common_name: None, organization: None, sans: Vec::new() }),
+                names: Arc::new(crate::pki::profile::ApprovedNames {
+                    common_name: None,
+                    organization: None,
+                    sans: Vec::new(),
+                }),
                 client: "demo".into(),
-                request_id: None,
-                is_async: false,
+                caller: crate::actors::job::Caller::Stored { request_id: "r".into() },
                 deadline: Instant::now() + Duration::from_secs(6),
                 enqueued_at: Instant::now(),
-                reply: None,
                 span: tracing::Span::none(),
                 identity: None,
                 profile,

@@ -1,4 +1,5 @@
-//! One unit of work for a CA's cell, and how it is answered: what intake, the resumer, the cell,
+//! One unit of work for a CA's cell (made from what intake admitted), who waits for it, and how
+//! it is answered: what intake, the resumer, the cell,
 //! the pipeline and the signer share (a leaf: it knows none of them).
 
 use std::sync::Arc;
@@ -7,11 +8,79 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use crate::error::EngineError;
+use crate::pki::identity::IdentityDraft;
 use crate::pki::profile::ApprovedNames;
 use crate::pki::{CheckedCsr, Profile};
+use crate::states::RequestMode;
 use crate::types::IssuedCertificate;
 
 pub type Reply = oneshot::Sender<Result<IssuedCertificate, EngineError>>;
+
+/// A request that passed intake: ready to become a job.
+pub struct Admitted {
+    pub profile: Arc<Profile>,
+    pub csr: Arc<CheckedCsr>,
+    pub names: Arc<ApprovedNames>,
+    /// The CA is parked: store the request as parked instead of queueing it.
+    pub hold: bool,
+    /// A disposable identity: the engine's sealed key, stored with the certificate.
+    pub identity: Option<Arc<IdentityDraft>>,
+}
+
+impl Admitted {
+    /// The fingerprint of what was asked for, to recognise an idempotent retry: the profile and
+    /// CSR, or for an identity the profile and subject (its key is new on every attempt).
+    pub fn body_sha256(&self) -> String {
+        let mut h = openssl::sha::Sha256::new();
+        match &self.identity {
+            Some(draft) => h.update(&draft.fingerprint),
+            None => {
+                h.update(self.profile.id.as_bytes());
+                h.update(b"\n");
+                h.update(&self.csr.der);
+            }
+        }
+        hex::encode(h.finish())
+    }
+}
+
+/// Who is waiting for a job's outcome, and which stored request records it.
+pub enum Caller {
+    /// A synchronous caller; nothing about the attempt is stored.
+    Waiting(Reply),
+    /// A synchronous caller whose attempt is stored (it sent an `Idempotency-Key`).
+    WaitingRecorded { request_id: String, reply: Reply },
+    /// An accepted asynchronous request: its stored row is its only answer.
+    Stored { request_id: String },
+}
+
+impl Caller {
+    /// The stored request this caller's outcome is recorded on.
+    pub fn request_id(&self) -> Option<&str> {
+        match self {
+            Caller::Waiting(_) => None,
+            Caller::WaitingRecorded { request_id, .. } | Caller::Stored { request_id } => Some(request_id),
+        }
+    }
+
+    pub fn mode(&self) -> RequestMode {
+        match self {
+            Caller::Waiting(_) | Caller::WaitingRecorded { .. } => RequestMode::Sync,
+            Caller::Stored { .. } => RequestMode::Async,
+        }
+    }
+
+    /// Answer a waiting caller (a stored request is recorded by the pipeline, not here).
+    pub fn answer(self, result: Result<IssuedCertificate, EngineError>) {
+        match self {
+            Caller::Waiting(reply) | Caller::WaitingRecorded { reply, .. } => {
+                // A caller that stopped waiting (its deadline passed) has dropped its receiver.
+                let _ = reply.send(result);
+            }
+            Caller::Stored { .. } => {}
+        }
+    }
+}
 
 /// One unit of work for a cell.
 pub struct Job {
@@ -19,21 +88,27 @@ pub struct Job {
     pub csr: Arc<CheckedCsr>,
     pub names: Arc<ApprovedNames>,
     pub client: String,
-    /// The stored request this job serves (asynchronous or idempotent requests).
-    pub request_id: Option<String>,
-    pub is_async: bool,
+    pub caller: Caller,
     pub deadline: Instant,
     pub enqueued_at: Instant,
-    pub reply: Option<Reply>,
     pub span: tracing::Span,
     /// A disposable identity created with this certificate (interactive lane only).
-    pub identity: Option<Arc<crate::pki::identity::IdentityDraft>>,
+    pub identity: Option<Arc<IdentityDraft>>,
 }
 
 impl Job {
-    pub fn answer(&mut self, result: Result<IssuedCertificate, EngineError>) {
-        if let Some(reply) = self.reply.take() {
-            let _ = reply.send(result);
+    /// The one way a job is made: from what intake admitted, for whom, by when.
+    pub fn new(admitted: Admitted, client: &str, caller: Caller, deadline: Instant, span: tracing::Span) -> Job {
+        Job {
+            profile: admitted.profile,
+            csr: admitted.csr,
+            names: admitted.names,
+            client: client.to_string(),
+            caller,
+            deadline,
+            enqueued_at: Instant::now(),
+            span,
+            identity: admitted.identity,
         }
     }
 }

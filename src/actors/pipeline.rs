@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 
-use super::job::Job;
+use super::job::{Caller, Job};
 use super::signer::{Prepare, Sign, Signer};
 use super::store::StoreHandle;
 use crate::config::{Lane, Sabotage, Sabotages};
@@ -61,7 +61,7 @@ impl Pipeline {
                 ca_id: p.ca.id.clone(),
                 profile: job.profile.id.clone(),
                 client: job.client.clone(),
-                request_id: job.request_id.clone(),
+                request_id: job.caller.request_id().map(String::from),
                 state: CertState::Signing,
                 tbs_der: prepared.tbs.der().to_vec(),
                 cert_der: None,
@@ -121,7 +121,7 @@ impl Pipeline {
                 serial: serial.clone(),
                 cert_der: cert_der.clone(),
                 at: issued_at,
-                request_id: job.request_id.clone(),
+                request_id: job.caller.request_id().map(String::from),
                 audit: Box::new(audit),
                 identity,
             })
@@ -134,16 +134,15 @@ impl Pipeline {
             chain: p.ca.chain_pem.clone(),
             not_before: prepared.not_before_ms,
             not_after: prepared.not_after_ms,
-            request_id: job.request_id.clone(),
+            request_id: job.caller.request_id().map(String::from),
         })
     }
 
     /// Record a stored request's failure (issued requests were recorded with their certificate).
     /// `retry_at`: when a request that failed for a passing reason may be taken up again.
-    pub fn request_failed(&self, request_id: Option<&str>, is_async: bool, err: &EngineError, retry_at: Option<i64>) {
-        let Some(id) = request_id else { return };
-        let mode = if is_async { RequestMode::Async } else { RequestMode::Sync };
-        self.store.write_detached(request_failure(id, mode, err, retry_at));
+    pub fn request_failed(&self, caller: &Caller, err: &EngineError, retry_at: Option<i64>) {
+        let Some(id) = caller.request_id() else { return };
+        self.store.write_detached(request_failure(id, caller.mode(), err, retry_at));
     }
 
     /// A coalesced request shares its leader's certificate.
@@ -156,8 +155,7 @@ impl Pipeline {
     }
 
     /// Hold an asynchronous request durably until an operator resubmits it.
-    pub fn park_request(&self, request_id: Option<&str>) {
-        let Some(id) = request_id else { return };
+    pub fn park_request(&self, id: &str) {
         self.store.write_detached(WriteOp::RequestFinished {
             id: id.to_string(),
             state: RequestState::Parked,
@@ -272,11 +270,12 @@ mod tests {
             csr: Arc::new(csr),
             names: Arc::new(names),
             client: "demo".into(),
-            request_id: request_id.map(String::from),
-            is_async: request_id.is_some(),
+            caller: match request_id {
+                Some(id) => Caller::Stored { request_id: id.into() },
+                None => Caller::Waiting(tokio::sync::oneshot::channel().0),
+            },
             deadline,
             enqueued_at: Instant::now(),
-            reply: None,
             span: tracing::Span::none(),
             identity: None,
         }
@@ -419,12 +418,15 @@ mod tests {
             insert_request(&f, id).await;
         }
         let before = now_ms();
-        f.pipeline.request_failed(Some("permanent"), true, &EngineError::PolicyViolation("no".into()), None);
-        f.pipeline.request_failed(Some("async"), true, &deadline_exceeded(), None);
-        f.pipeline.request_failed(Some("async-later"), true, &deadline_exceeded(), Some(before + 30_000));
-        f.pipeline.request_failed(Some("sync"), false, &deadline_exceeded(), None);
-        f.pipeline.request_failed(None, false, &deadline_exceeded(), None);
-        f.pipeline.park_request(Some("parked"));
+        let stored = |id: &str| Caller::Stored { request_id: id.into() };
+        let waiting =
+            |id: &str| Caller::WaitingRecorded { request_id: id.into(), reply: tokio::sync::oneshot::channel().0 };
+        f.pipeline.request_failed(&stored("permanent"), &EngineError::PolicyViolation("no".into()), None);
+        f.pipeline.request_failed(&stored("async"), &deadline_exceeded(), None);
+        f.pipeline.request_failed(&stored("async-later"), &deadline_exceeded(), Some(before + 30_000));
+        f.pipeline.request_failed(&waiting("sync"), &deadline_exceeded(), None);
+        f.pipeline.request_failed(&Caller::Waiting(tokio::sync::oneshot::channel().0), &deadline_exceeded(), None);
+        f.pipeline.park_request("parked");
         f.pipeline.request_issued("issued", &"ab".repeat(20));
         settle(&f).await;
         let field = |id, column| request_field(&f, id, column);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::intake::Intake;
-use super::job::Job;
+use super::job::{Caller, Job};
 use super::pipeline::request_failure;
 use super::store::StoreHandle;
 use crate::db::models::RequestRow;
@@ -148,19 +148,8 @@ impl Resumer {
             let deadline = Instant::now()
                 + lane.max_deadline.min(Duration::from_millis((row.expires_at - now_ms()).max(0) as u64));
             self.metrics.async_resumed.inc();
-            self.intake.hand_to_cell(Job {
-                profile: a.profile,
-                csr: a.csr,
-                names: a.names,
-                client: row.client.clone(),
-                request_id: Some(row.id.clone()),
-                is_async: true,
-                deadline,
-                enqueued_at: Instant::now(),
-                reply: None,
-                span: span.clone(),
-                identity: None,
-            })
+            let caller = Caller::Stored { request_id: row.id.clone() };
+            self.intake.hand_to_cell(Job::new(a, &row.client, caller, deadline, span.clone()))
         });
         if let Err(err) = result {
             tracing::info!(error = %err, "pending request could not be resumed now");

@@ -10,7 +10,7 @@ use tokio::sync::Semaphore;
 
 use super::issue::{check_idempotency_key, Provenance};
 use super::Engine;
-use crate::actors::intake::Admitted;
+use crate::actors::job::Admitted;
 use crate::actors::keypool::{KeyPool, KeySpec};
 use crate::actors::sweeper::{IdentitySweeper, StopSweeping};
 use crate::actors::vault::{IdentityVault, SignDigest};

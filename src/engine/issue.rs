@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::Engine;
-use crate::actors::intake::Admitted;
-use crate::actors::job::Job;
+use crate::actors::job::{Admitted, Caller, Job};
 use crate::config::Sabotage;
 use crate::db::models::{NewAuditEvent, RequestRow};
 use crate::db::queries;
@@ -123,19 +122,11 @@ impl Engine {
     ) -> Result<IssuedCertificate, EngineError> {
         let (tx, rx) = oneshot::channel();
         let ca = admitted.profile.ca.clone();
-        self.inner.intake.hand_to_cell(Job {
-            profile: admitted.profile,
-            csr: admitted.csr,
-            names: admitted.names,
-            client: client.name.clone(),
-            request_id,
-            is_async: false,
-            deadline,
-            enqueued_at: Instant::now(),
-            reply: Some(tx),
-            span,
-            identity: admitted.identity,
-        })?;
+        let caller = match request_id {
+            Some(request_id) => Caller::WaitingRecorded { request_id, reply: tx },
+            None => Caller::Waiting(tx),
+        };
+        self.inner.intake.hand_to_cell(Job::new(admitted, &client.name, caller, deadline, span))?;
         // The caller is answered at its deadline whatever happens inside; the cell drops the
         // job unsigned if it is still queued by then.
         // Without deadlines (a defect on purpose) the caller waits as long as the cell takes.
@@ -268,19 +259,8 @@ impl Engine {
         let lane = self.inner.config.lanes.get(admitted.profile.lane);
         // Never signed past its max age (when the resumer marks it expired): the signer refuses
         // a job after its deadline, counted from when `expires_at` was, not after the write.
-        let job = Job {
-            profile: admitted.profile,
-            csr: admitted.csr,
-            names: admitted.names,
-            client: client.name.clone(),
-            request_id: Some(id.clone()),
-            is_async: true,
-            deadline: (accepted_at + max_age).min(Instant::now() + lane.max_deadline),
-            enqueued_at: Instant::now(),
-            reply: None,
-            span,
-            identity: None,
-        };
+        let deadline = (accepted_at + max_age).min(Instant::now() + lane.max_deadline);
+        let job = Job::new(admitted, &client.name, Caller::Stored { request_id: id.clone() }, deadline, span);
         // Stored is accepted: if the cell cannot take it now, the resumer will once the claim lapses.
         if let Err(e) = self.inner.intake.hand_to_cell(job) {
             tracing::info!(error = %e, "accepted request left for the resumer");
