@@ -53,10 +53,10 @@ type Limiter = governor::DefaultDirectRateLimiter;
 
 #[derive(Clone)]
 pub struct Intake {
-    pub catalog: Arc<Catalog>,
-    pub snapshot: SharedSnapshot,
-    pub cells: Arc<HashMap<String, CellSlot>>,
-    pub lanes: LanesConfig,
+    catalog: Arc<Catalog>,
+    snapshot: SharedSnapshot,
+    cells: Arc<HashMap<String, CellSlot>>,
+    lanes: LanesConfig,
     /// Per-client GCRA limiters (clients without a configured rate have none).
     limiters: Arc<HashMap<String, Limiter>>,
     /// Dev-only deliberate defects (see [`Sabotage`]).
@@ -88,6 +88,16 @@ impl Intake {
             limiters: Arc::new(limiters),
             sabotage: config.sabotages(),
         }
+    }
+
+    /// The configured client of this name (a stored request names its client).
+    pub fn client(&self, name: &str) -> Option<Arc<Client>> {
+        self.catalog.clients_by_name.get(name).cloned()
+    }
+
+    /// The settings of a lane (its deadlines).
+    pub fn lane(&self, lane: Lane) -> &crate::config::LaneConfig {
+        self.lanes.get(lane)
     }
 
     /// The client's own rate: over it is `429`, whatever the CAs' state.

@@ -137,14 +137,13 @@ impl Resumer {
         let span = tracing::info_span!("resume", request_id = %row.id, client = %row.client, profile = %row.profile);
         let _entered = span.enter();
         let admitted = (|| {
-            let client =
-                self.intake.catalog.clients_by_name.get(&row.client).cloned().ok_or(EngineError::Unauthorized)?;
+            let client = self.intake.client(&row.client).ok_or(EngineError::Unauthorized)?;
             let (profile, _) = self.intake.profile_for(&client, &row.profile, true)?;
             let checked = csr::check_csr_der(row.csr_der.clone())?;
             self.intake.admit_checked(profile, checked)
         })();
         let result = admitted.and_then(|a| {
-            let lane = self.intake.lanes.get(a.profile.lane);
+            let lane = self.intake.lane(a.profile.lane);
             let deadline = Instant::now()
                 + lane.max_deadline.min(Duration::from_millis((row.expires_at - now_ms()).max(0) as u64));
             self.metrics.async_resumed.inc();

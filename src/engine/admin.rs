@@ -30,12 +30,12 @@ impl Engine {
     /// Change a CA's state (`enabled`, `parked`, `draining`, `disabled`, `retired`); returns the
     /// new registry version.
     pub async fn set_ca_state(&self, actor: &str, ca: &str, state: &str) -> Result<i64, EngineError> {
-        if !self.inner.intake.catalog.cas.contains_key(ca) {
+        if !self.inner.catalog.cas.contains_key(ca) {
             return Err(EngineError::NotFound);
         }
         let state: CaState =
             state.parse().map_err(|_| EngineError::MalformedRequest(format!("unknown CA state {state:?}")))?;
-        let current = self.inner.intake.snapshot.load().ca_state(ca);
+        let current = self.inner.snapshot.load().ca_state(ca);
         if current.is_some_and(|current| !current.may_become(state)) {
             return Err(EngineError::Conflict(format!("CA {ca:?} is retired: its key is destroyed")));
         }
@@ -49,7 +49,7 @@ impl Engine {
 
     /// Enable or disable a profile; returns the new registry version.
     pub async fn set_profile_state(&self, actor: &str, profile: &str, enabled: bool) -> Result<i64, EngineError> {
-        if !self.inner.intake.catalog.profiles.contains_key(profile) {
+        if !self.inner.catalog.profiles.contains_key(profile) {
             return Err(EngineError::NotFound);
         }
         let state = ProfileState::from_enabled(enabled);
@@ -83,7 +83,7 @@ impl Engine {
         let Some(cfg) = self.inner.config.cas.iter().find(|c| c.id == ca) else {
             return Err(EngineError::NotFound);
         };
-        if !self.inner.intake.snapshot.load().ca_enabled(ca) {
+        if !self.inner.snapshot.load().ca_enabled(ca) {
             return Err(EngineError::Conflict(format!("CA {ca:?} must be enabled (unparked) before resubmitting")));
         }
         let ca_owned = ca.to_string();
@@ -99,7 +99,7 @@ impl Engine {
 
     /// Close a CA's breaker now (after the operator fixed its signer).
     pub async fn reset_breaker(&self, actor: &str, ca: &str) -> Result<(), EngineError> {
-        let cell = (**self.inner.intake.cells.get(ca).ok_or(EngineError::NotFound)?.addr.load()).clone();
+        let cell = (**self.inner.cells.get(ca).ok_or(EngineError::NotFound)?.addr.load()).clone();
         cell.send(ResetBreaker).await.map_err(|_| EngineError::ShuttingDown)?;
         self.audit(actor, "ca.breaker_reset", ca, "");
         Ok(())
@@ -109,7 +109,7 @@ impl Engine {
     /// supervisor replaces it.
     pub fn crash_cell(&self, ca: &str) -> Result<(), EngineError> {
         self.refuse_faults_outside_dev()?;
-        let slot = self.inner.intake.cells.get(ca).ok_or(EngineError::NotFound)?;
+        let slot = self.inner.cells.get(ca).ok_or(EngineError::NotFound)?;
         slot.addr.load().try_send(Crash).map_err(|_| EngineError::ShuttingDown)
     }
 
@@ -117,7 +117,7 @@ impl Engine {
     /// `how_long`, so that its mailbox fills.
     pub fn stall_cell(&self, ca: &str, how_long: Duration) -> Result<(), EngineError> {
         self.refuse_faults_outside_dev()?;
-        let slot = self.inner.intake.cells.get(ca).ok_or(EngineError::NotFound)?;
+        let slot = self.inner.cells.get(ca).ok_or(EngineError::NotFound)?;
         slot.addr.load().try_send(Stall(how_long)).map_err(|_| EngineError::ShuttingDown)
     }
 
@@ -125,7 +125,7 @@ impl Engine {
     /// `ca` panic inside its signer (caught there and answered as signer failures).
     pub fn panic_signer(&self, ca: &str, count: u32) -> Result<(), EngineError> {
         self.refuse_faults_outside_dev()?;
-        let slot = self.inner.intake.cells.get(ca).ok_or(EngineError::NotFound)?;
+        let slot = self.inner.cells.get(ca).ok_or(EngineError::NotFound)?;
         slot.gauges.injected_signer_panics.fetch_add(count, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
@@ -188,12 +188,12 @@ impl Engine {
 
     /// Everything the admin console shows about this instance and the cluster.
     pub async fn admin_status(&self) -> Result<AdminStatus, EngineError> {
-        let snapshot = self.inner.intake.snapshot.load_full();
+        let snapshot = self.inner.snapshot.load_full();
         let stale_after = self.inner.config.registry.stale_after.as_millis() as i64;
         // The console must keep answering when the control pool is exhausted (that is when it is
         // needed most): what needs the database is left out, and said so.
         let mut warnings = Vec::new();
-        let ca_ids: Vec<String> = self.inner.intake.catalog.cas.keys().cloned().collect();
+        let ca_ids: Vec<String> = self.inner.catalog.cas.keys().cloned().collect();
         let read = move |conn: &mut crate::db::DbConn| {
             let parked: Result<Vec<(String, i64)>, crate::error::DbError> =
                 ca_ids.iter().map(|ca| Ok((ca.clone(), queries::count_parked(conn, ca)?))).collect();

@@ -19,7 +19,7 @@ use tokio::sync::Semaphore;
 use crate::actors::cell::{self, CellSlot, CellStatus};
 use crate::actors::gauges::CellGauges;
 use crate::actors::intake::{Catalog, Intake};
-use crate::actors::registry::{self, Registry};
+use crate::actors::registry::{self, Registry, SharedSnapshot};
 use crate::actors::resumer::Resumer;
 use crate::actors::store::{StoreFront, StoreHandle};
 use crate::actors::supervisor::{CellFactory, CellSupervisor};
@@ -70,6 +70,10 @@ struct Inner {
     config: Config,
     instance: Arc<str>,
     intake: Intake,
+    /// What the engine reads itself (shared with intake, which only answers questions about it).
+    catalog: Arc<Catalog>,
+    snapshot: SharedSnapshot,
+    cells: Arc<HashMap<String, CellSlot>>,
     store: StoreHandle,
     pools: Pools,
     metrics: Arc<Metrics>,
@@ -154,7 +158,8 @@ impl Engine {
             arbiters.lock().map_err(|_| StartError::Task("arbiter list poisoned".into()))?.push(arbiter);
         }
         let cells = Arc::new(cells);
-        let intake = Intake::new(&config, catalog, shared.clone(), cells.clone());
+        let intake = Intake::new(&config, catalog.clone(), shared.clone(), cells.clone());
+        let snapshot = shared.clone();
         let registry = Registry::new(
             pools.control.clone(),
             shared,
@@ -165,7 +170,7 @@ impl Engine {
             subscribers,
         )
         .start();
-        let supervisor = CellSupervisor::new(factory, cells, registry.clone(), arbiters.clone()).start();
+        let supervisor = CellSupervisor::new(factory, cells.clone(), registry.clone(), arbiters.clone()).start();
         let stop_listener = Arc::new(AtomicBool::new(false));
         if config.registry.listen && pools.control.backend() == Backend::Postgres {
             registry::listener(pools.control.clone(), registry.clone(), stop_listener.clone());
@@ -225,6 +230,9 @@ impl Engine {
                 config,
                 instance,
                 intake,
+                catalog,
+                snapshot,
+                cells,
                 store,
                 pools,
                 metrics,
@@ -277,7 +285,7 @@ impl Engine {
 
     /// A configured client by name, for applications that authenticate callers themselves.
     pub fn client(&self, name: &str) -> Option<Arc<Client>> {
-        self.inner.intake.catalog.clients_by_name.get(name).cloned()
+        self.inner.catalog.clients_by_name.get(name).cloned()
     }
 
     /// Run a read on the status pool, off the event loop, refusing at once when all its
@@ -342,15 +350,14 @@ impl Engine {
     }
 
     fn chain_of(&self, ca: &str) -> Vec<String> {
-        self.inner.intake.catalog.cas.get(ca).map(|m| m.chain_pem.clone()).unwrap_or_default()
+        self.inner.catalog.cas.get(ca).map(|m| m.chain_pem.clone()).unwrap_or_default()
     }
 
     /// Every configured CA, its live state and its chain.
     pub fn cas(&self) -> Vec<CaInfo> {
-        let snapshot = self.inner.intake.snapshot.load();
+        let snapshot = self.inner.snapshot.load();
         let mut out: Vec<CaInfo> = self
             .inner
-            .intake
             .catalog
             .cas
             .values()
@@ -368,7 +375,7 @@ impl Engine {
 
     pub async fn cell_status(&self) -> Vec<CellStatus> {
         let mut out = Vec::new();
-        for (ca, slot) in self.inner.intake.cells.iter() {
+        for (ca, slot) in self.inner.cells.iter() {
             let addr = (**slot.addr.load()).clone();
             match addr.send(cell::GetStatus).await {
                 Ok(status) => out.push(status),
@@ -394,13 +401,13 @@ impl Engine {
                 "unavailable".into()
             }
         };
-        let snapshot = self.inner.intake.snapshot.load();
+        let snapshot = self.inner.snapshot.load();
         let mut serving = 0;
-        for (id, material) in &self.inner.intake.catalog.cas {
+        for (id, material) in &self.inner.catalog.cas {
             if !snapshot.ca_enabled(id) {
                 continue;
             }
-            let cell_running = self.inner.intake.cells.get(id).is_some_and(|slot| slot.addr.load().connected());
+            let cell_running = self.inner.cells.get(id).is_some_and(|slot| slot.addr.load().connected());
             match material.key.unavailable_reason() {
                 None if cell_running => serving += 1,
                 None => reasons.push(format!("CA {id}: its cell is down")),
@@ -494,7 +501,7 @@ impl Engine {
         let limit =
             self.inner.config.lanes.interactive.max_deadline.max(self.inner.config.lanes.background.max_deadline);
         let mut waits = Vec::new();
-        for slot in self.inner.intake.cells.values() {
+        for slot in self.inner.cells.values() {
             let (tx, rx) = tokio::sync::oneshot::channel();
             if slot.addr.load().try_send(cell::Drain(tx)).is_ok() {
                 waits.push(rx);
