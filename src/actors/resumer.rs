@@ -11,6 +11,7 @@ use super::intake::Intake;
 use super::job::{Caller, Job};
 use super::pipeline::request_failure;
 use super::store::StoreHandle;
+use crate::config::Config;
 use crate::db::models::RequestRow;
 use crate::db::queries;
 use crate::db::DbPool;
@@ -34,23 +35,46 @@ pub struct Resubmit {
 const RESUBMIT_TICK: Duration = Duration::from_millis(100);
 
 pub struct Resumer {
-    pub intake: Intake,
-    pub control: DbPool,
-    pub store: StoreHandle,
-    pub instance: Arc<str>,
-    pub lease: Duration,
-    pub interval: Duration,
-    pub metrics: Arc<Metrics>,
+    intake: Intake,
+    control: DbPool,
+    store: StoreHandle,
+    instance: Arc<str>,
+    lease: Duration,
+    interval: Duration,
+    metrics: Arc<Metrics>,
     /// No job lives longer than this (the longest lane deadline): older write-ahead records
     /// still `signing` were orphaned by a crash.
-    pub longest_deadline: Duration,
-    pub busy: bool,
+    longest_deadline: Duration,
+    busy: bool,
     /// CAs being resubmitted, with their rate per second.
-    pub resubmitting: std::collections::HashMap<String, u32>,
-    pub resubmit_busy: bool,
+    resubmitting: std::collections::HashMap<String, u32>,
+    resubmit_busy: bool,
 }
 
 impl Resumer {
+    pub fn new(
+        config: &Config,
+        intake: Intake,
+        control: DbPool,
+        store: StoreHandle,
+        instance: Arc<str>,
+        metrics: Arc<Metrics>,
+    ) -> Resumer {
+        Resumer {
+            intake,
+            control,
+            store,
+            instance,
+            lease: config.async_requests.lease,
+            interval: config.async_requests.resume_interval,
+            metrics,
+            longest_deadline: config.lanes.interactive.max_deadline.max(config.lanes.background.max_deadline),
+            busy: false,
+            resubmitting: std::collections::HashMap::new(),
+            resubmit_busy: false,
+        }
+    }
+
     fn round(&mut self, ctx: &mut Context<Self>) {
         if self.busy {
             return;

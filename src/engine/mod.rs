@@ -175,19 +175,14 @@ impl Engine {
         if config.registry.listen && pools.control.backend() == Backend::Postgres {
             registry::listener(pools.control.clone(), registry.clone(), stop_listener.clone());
         }
-        let resumer = Resumer {
-            intake: intake.clone(),
-            control: pools.control.clone(),
-            store: store.clone(),
-            instance: instance.clone(),
-            lease: config.async_requests.lease,
-            interval: config.async_requests.resume_interval,
-            metrics: metrics.clone(),
-            longest_deadline: config.lanes.interactive.max_deadline.max(config.lanes.background.max_deadline),
-            busy: false,
-            resubmitting: HashMap::new(),
-            resubmit_busy: false,
-        }
+        let resumer = Resumer::new(
+            &config,
+            intake.clone(),
+            pools.control.clone(),
+            store.clone(),
+            instance.clone(),
+            metrics.clone(),
+        )
         .start();
         let identities = match (&config.identities.kek_file, &config.identities.kek_env) {
             (None, None) => None,
