@@ -135,65 +135,13 @@ fn load(path: Option<&std::path::Path>) -> Result<Config, ExitCode> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     castellum::telemetry::init(cli.log_json);
+    let config = cli.config.as_deref();
     match cli.command {
         Command::CheckConfig { expected_rate, hold } => {
-            let config = match load(cli.config.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            let (mut problems, _) = check_config(&config);
-            if let Some(rate) = expected_rate {
-                problems.extend(castellum::check::check_capacity(&config, rate, hold));
-            }
-            let (warnings, problems): (Vec<_>, Vec<_>) = problems.into_iter().partition(|p| p.warning);
-            for w in &warnings {
-                eprintln!("  {w}");
-            }
-            if problems.is_empty() {
-                println!(
-                    "configuration is valid ({} CAs, {} profiles, {} clients{})",
-                    config.cas.len(),
-                    config.profiles.len(),
-                    config.clients.len(),
-                    if warnings.is_empty() { String::new() } else { format!("; {} warning(s)", warnings.len()) }
-                );
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("{} problem(s):", problems.len());
-                for p in &problems {
-                    eprintln!("  {p}");
-                }
-                ExitCode::from(1)
-            }
+            load(config).map_or_else(|code| code, |c| check(&c, expected_rate, hold))
         }
-        Command::Migrate => {
-            let config = match load(cli.config.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match castellum::db::migrate::run(&config.database.url) {
-                Ok(n) => {
-                    println!("{n} migration(s) applied");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
-        Command::DevPki { out } => {
-            match castellum::pki::devpki::generate(&out, |step| eprintln!("generating {step}…")) {
-                Ok(()) => {
-                    println!("development PKI written to {}", out.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("dev-pki failed: {e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
+        Command::Migrate => load(config).map_or_else(|code| code, |c| migrate(&c)),
+        Command::DevPki { out } => dev_pki(&out),
         Command::Drill {
             name,
             list,
@@ -214,7 +162,7 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             };
             let command = std::env::args().collect::<Vec<_>>().join(" ");
-            let opts = castellum::drill::DrillOptions {
+            drill(castellum::drill::DrillOptions {
                 name,
                 short,
                 postgres,
@@ -226,93 +174,152 @@ fn main() -> ExitCode {
                 out,
                 command,
                 sabotage,
-            };
-            match castellum::drill::run(opts) {
-                Ok(true) => ExitCode::SUCCESS,
-                Ok(false) => ExitCode::from(1),
-                Err(e) => {
-                    eprintln!("drill failed to run: {e}");
-                    ExitCode::from(2)
-                }
-            }
+            })
         }
         Command::Bench { postgres, concurrency, duration, keys_dev, out } => {
-            let opts = castellum::bench::BenchOptions { postgres, concurrency, duration, keys_dev, out };
-            match castellum::bench::run(opts) {
-                Ok(report) => {
-                    println!("{}", report.markdown());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("bench failed: {e}");
-                    ExitCode::from(2)
-                }
-            }
+            bench(castellum::bench::BenchOptions { postgres, concurrency, duration, keys_dev, out })
         }
-        Command::Admin { admin_url, token, action } => {
-            use castellum::admin::cli;
-            let result = match &action {
-                AdminAction::Status { json } => {
-                    cli::call(&admin_url, &token, "GET", "/admin/v1/status", None).map(|v| {
-                        if *json {
-                            serde_json::to_string_pretty(&v).unwrap_or_default()
-                        } else {
-                            cli::render_status(&v)
-                        }
-                    })
-                }
-                AdminAction::CaState { ca, state } => cli::call(
-                    &admin_url,
-                    &token,
-                    "POST",
-                    &format!("/admin/v1/cas/{ca}/state"),
-                    Some(serde_json::json!({ "state": state })),
-                )
-                .map(|v| format!("{ca} is {state} (registry version {})", v["registry_version"])),
-                AdminAction::Resubmit { ca } => {
-                    cli::call(&admin_url, &token, "POST", &format!("/admin/v1/cas/{ca}/resubmit"), None)
-                        .map(|v| format!("resubmitting {} parked requests of {ca}", v["resubmitting"]))
-                }
-                AdminAction::ResetBreaker { ca } => {
-                    cli::call(&admin_url, &token, "POST", &format!("/admin/v1/cas/{ca}/breaker/reset"), None)
-                        .map(|_| format!("breaker of {ca} closed"))
-                }
-                AdminAction::Profile { profile, action } => cli::call(
-                    &admin_url,
-                    &token,
-                    "POST",
-                    &format!("/admin/v1/profiles/{profile}/state"),
-                    Some(serde_json::json!({ "enabled": action == "enable" })),
-                )
-                .map(|v| format!("profile {profile} {}d (registry version {})", action, v["registry_version"])),
-            };
-            match result {
-                Ok(text) => {
-                    println!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("{e}");
-                    ExitCode::from(1)
-                }
-            }
-        }
+        Command::Admin { admin_url, token, action } => admin(&admin_url, &token, &action),
         Command::HashKey { key } => {
             println!("{}", hex::encode(openssl::sha::sha256(key.as_bytes())));
             ExitCode::SUCCESS
         }
-        Command::Serve => {
-            let config = match load(cli.config.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            match actix_web::rt::System::new().block_on(serve(config)) {
+        Command::Serve => load(config).map_or_else(
+            |code| code,
+            |c| match actix_web::rt::System::new().block_on(serve(c)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("{e}");
                     ExitCode::from(1)
                 }
+            },
+        ),
+    }
+}
+
+/// `check-config`: every problem at once; warnings never fail it.
+fn check(config: &Config, expected_rate: Option<f64>, hold: std::time::Duration) -> ExitCode {
+    let (mut problems, _) = check_config(config);
+    if let Some(rate) = expected_rate {
+        problems.extend(castellum::check::check_capacity(config, rate, hold));
+    }
+    let (warnings, problems): (Vec<_>, Vec<_>) = problems.into_iter().partition(|p| p.warning);
+    for w in &warnings {
+        eprintln!("  {w}");
+    }
+    if problems.is_empty() {
+        println!(
+            "configuration is valid ({} CAs, {} profiles, {} clients{})",
+            config.cas.len(),
+            config.profiles.len(),
+            config.clients.len(),
+            if warnings.is_empty() { String::new() } else { format!("; {} warning(s)", warnings.len()) }
+        );
+        ExitCode::SUCCESS
+    } else {
+        eprintln!("{} problem(s):", problems.len());
+        for p in &problems {
+            eprintln!("  {p}");
+        }
+        ExitCode::from(1)
+    }
+}
+
+fn migrate(config: &Config) -> ExitCode {
+    match castellum::db::migrate::run(&config.database.url) {
+        Ok(n) => {
+            println!("{n} migration(s) applied");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn dev_pki(out: &std::path::Path) -> ExitCode {
+    match castellum::pki::devpki::generate(out, |step| eprintln!("generating {step}…")) {
+        Ok(()) => {
+            println!("development PKI written to {}", out.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("dev-pki failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Exit 0 when every promise held, 1 when one failed, 2 when the drill could not run.
+fn drill(opts: castellum::drill::DrillOptions) -> ExitCode {
+    match castellum::drill::run(opts) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("drill failed to run: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn bench(opts: castellum::bench::BenchOptions) -> ExitCode {
+    match castellum::bench::run(opts) {
+        Ok(report) => {
+            println!("{}", report.markdown());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("bench failed: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `castellum admin`: one lever of the admin API, over HTTP.
+fn admin(admin_url: &str, token: &str, action: &AdminAction) -> ExitCode {
+    use castellum::admin::cli;
+    let result = match action {
+        AdminAction::Status { json } => cli::call(admin_url, token, "GET", "/admin/v1/status", None).map(|v| {
+            if *json {
+                serde_json::to_string_pretty(&v).unwrap_or_default()
+            } else {
+                cli::render_status(&v)
             }
+        }),
+        AdminAction::CaState { ca, state } => cli::call(
+            admin_url,
+            token,
+            "POST",
+            &format!("/admin/v1/cas/{ca}/state"),
+            Some(serde_json::json!({ "state": state })),
+        )
+        .map(|v| format!("{ca} is {state} (registry version {})", v["registry_version"])),
+        AdminAction::Resubmit { ca } => {
+            cli::call(admin_url, token, "POST", &format!("/admin/v1/cas/{ca}/resubmit"), None)
+                .map(|v| format!("resubmitting {} parked requests of {ca}", v["resubmitting"]))
+        }
+        AdminAction::ResetBreaker { ca } => {
+            cli::call(admin_url, token, "POST", &format!("/admin/v1/cas/{ca}/breaker/reset"), None)
+                .map(|_| format!("breaker of {ca} closed"))
+        }
+        AdminAction::Profile { profile, action } => cli::call(
+            admin_url,
+            token,
+            "POST",
+            &format!("/admin/v1/profiles/{profile}/state"),
+            Some(serde_json::json!({ "enabled": action == "enable" })),
+        )
+        .map(|v| format!("profile {profile} {}d (registry version {})", action, v["registry_version"])),
+    };
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
         }
     }
 }
