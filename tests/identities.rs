@@ -311,6 +311,12 @@ async fn an_expired_identity_is_gone_and_swept() {
     assert_eq!(row.destroy_reason.as_deref(), Some("expired"));
     assert!(row.sealed_key.is_none());
     assert!(audit_of(&db, &untouched).iter().any(|(a, o, _)| a == "identity.destroy" && o == "expired"));
+    // The sweep counts what it destroyed once its transaction has returned to the actor, a moment
+    // after the row changed: wait for the count (bounded), never for a fixed time.
+    let counted = Instant::now();
+    while destroyed_expired_metric(&server) == 0 && counted.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(destroyed_expired_metric(&server), 1, "the sweep is visible in metrics");
     assert!(server.engine.metrics_text().contains("castellum_identity_sweeps_total"));
     server.stop().await;
