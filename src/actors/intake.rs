@@ -361,16 +361,12 @@ mod tests {
         }
     }
 
+    /// A fresh P-256 key's CSR for www.example.test (common name only), as PEM.
     fn test_csr() -> String {
-        use openssl::x509::{X509NameBuilder, X509ReqBuilder};
         let key = crate::pki::devpki::generate_key(crate::config::KeyType::EcdsaP256).unwrap();
-        let mut req = X509ReqBuilder::new().unwrap();
-        let mut subject = X509NameBuilder::new().unwrap();
-        subject.append_entry_by_text("CN", "www.example.test").unwrap();
-        req.set_subject_name(&subject.build()).unwrap();
-        req.set_pubkey(&key).unwrap();
-        req.sign(&key, openssl::hash::MessageDigest::sha256()).unwrap();
-        String::from_utf8(req.build().to_pem().unwrap()).unwrap()
+        let der =
+            crate::pki::csr::tests::request(&key, &["www.example.test"], &[], openssl::hash::MessageDigest::sha256());
+        openssl::x509::X509Req::from_der(&der).unwrap().to_pem().map(|p| String::from_utf8(p).unwrap()).unwrap()
     }
 
     fn slug<T>(r: Result<T, EngineError>) -> &'static str {

@@ -201,7 +201,7 @@ impl Engine {
         };
         let (instances, audit, parked) = match self.control(read).await {
             Ok(found) => found,
-            Err(e) if self.inner.config.sabotaged(crate::config::Sabotage::BrittleConsole) => return Err(e),
+            Err(e) if self.inner.sabotage.has(crate::config::Sabotage::BrittleConsole) => return Err(e),
             Err(e) => {
                 warnings.push(format!("cluster view, parked counts and audit log unavailable: {e} (control pool)"));
                 (Vec::new(), Vec::new(), Vec::new())

@@ -45,8 +45,7 @@ impl Engine {
         span: tracing::Span,
     ) -> Result<IssuedCertificate, EngineError> {
         self.refuse_if_stopping()?;
-        if self.inner.config.sabotaged(Sabotage::StickyOverload) && self.inner.overload_latched.load(Ordering::Relaxed)
-        {
+        if self.inner.sabotage.has(Sabotage::StickyOverload) && self.inner.overload_latched.load(Ordering::Relaxed) {
             return Err(EngineError::CaOverloaded {
                 ca: "every CA".into(),
                 reason: "overloaded earlier (sabotage sticky-overload)".into(),
@@ -101,7 +100,7 @@ impl Engine {
         if !matches!(result, Err(EngineError::CaOverloaded { .. })) {
             return result;
         }
-        let sabotage = self.inner.config.sabotages();
+        let sabotage = self.inner.sabotage;
         if sabotage.has(Sabotage::StickyOverload) {
             self.inner.overload_latched.store(true, Ordering::Relaxed);
         }
@@ -130,7 +129,7 @@ impl Engine {
         // The caller is answered at its deadline whatever happens inside; the cell drops the
         // job unsigned if it is still queued by then.
         // Without deadlines (a defect on purpose) the caller waits as long as the cell takes.
-        let deadline = match self.inner.config.sabotaged(Sabotage::IgnoreDeadlines) {
+        let deadline = match self.inner.sabotage.has(Sabotage::IgnoreDeadlines) {
             true => deadline + Duration::from_secs(3600),
             false => deadline,
         };

@@ -23,7 +23,7 @@ use crate::actors::registry::{self, Registry, SharedSnapshot};
 use crate::actors::resumer::Resumer;
 use crate::actors::store::{StoreFront, StoreHandle};
 use crate::actors::supervisor::{CellFactory, CellSupervisor};
-use crate::config::{Config, ConfigProblem, Sabotage};
+use crate::config::{Config, ConfigProblem, Sabotage, Sabotages};
 use crate::db::{migrate, queries, Backend, DbConn, Pools};
 use crate::error::{DbError, EngineError};
 use crate::metrics::Metrics;
@@ -84,6 +84,8 @@ struct Inner {
     readiness_seen: std::sync::Mutex<HashMap<&'static str, (u64, u64)>>,
     started_at: i64,
     shutting_down: AtomicBool,
+    /// Dev-only deliberate defects, fixed at start (empty outside dev mode).
+    sabotage: Sabotages,
     /// Set by the first overload refusal; read only by [`Sabotage::StickyOverload`].
     overload_latched: AtomicBool,
     arbiters: Arc<std::sync::Mutex<Vec<Arbiter>>>,
@@ -217,6 +219,7 @@ impl Engine {
             }
         });
         tracing::info!(instance = %instance, cas = config.cas.len(), profiles = config.profiles.len(), "engine started");
+        let sabotage = config.sabotages();
         let engine = Engine {
             inner: Arc::new(Inner {
                 read_permits: Arc::new(Semaphore::new(2 * pools.status.max_size as usize)),
@@ -232,6 +235,7 @@ impl Engine {
                 pools,
                 metrics,
                 shutting_down: AtomicBool::new(false),
+                sabotage,
                 overload_latched: AtomicBool::new(false),
                 arbiters,
                 _supervisor: supervisor,
@@ -292,7 +296,7 @@ impl Engine {
         f: impl FnOnce(&mut DbConn) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, EngineError> {
         self.read_bounded(f).await.map_err(|e| match e {
-            EngineError::DatabaseUnavailable if self.inner.config.sabotaged(Sabotage::BareErrors) => {
+            EngineError::DatabaseUnavailable if self.inner.sabotage.has(Sabotage::BareErrors) => {
                 EngineError::Internal("no database connection (sabotage bare-errors)".into())
             }
             e => e,
@@ -453,7 +457,7 @@ impl Engine {
                 checkout_timeouts: timeouts - last_timeouts,
                 refused: refused - last_refused,
             };
-            if (p.checkout_timeouts > 0 || p.refused > 0) && !self.inner.config.sabotaged(Sabotage::QuietReadiness) {
+            if (p.checkout_timeouts > 0 || p.refused > 0) && !self.inner.sabotage.has(Sabotage::QuietReadiness) {
                 warnings.push(format!(
                     "pool {} is saturated: {} of {} connections in use; since the last check {} checkouts timed out and {} requests were refused; raise database.pools.{}.max_size or lower the load",
                     p.name, p.in_use, p.max, p.checkout_timeouts, p.refused, p.name
@@ -467,7 +471,7 @@ impl Engine {
     /// [`Sabotage::ConnectionPerRequest`]: a connection outside the pools, held by the caller
     /// until it is answered. `None` (and no cost but a comparison) on an engine built right.
     async fn stray_connection(&self) -> Option<crate::db::StrayConnection> {
-        if !self.inner.config.sabotaged(Sabotage::ConnectionPerRequest) {
+        if !self.inner.sabotage.has(Sabotage::ConnectionPerRequest) {
             return None;
         }
         let url = self.inner.config.database.url.clone();

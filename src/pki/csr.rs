@@ -275,7 +275,7 @@ pub fn is_valid_email(addr: &str) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -318,7 +318,7 @@ mod tests {
     }
 
     /// A DER CSR: common names, then SAN entries (`ip:` / `email:` prefixed, else DNS).
-    fn request(key: &PKey<Private>, cns: &[&str], names: &[&str], digest: MessageDigest) -> Vec<u8> {
+    pub(crate) fn request(key: &PKey<Private>, cns: &[&str], names: &[&str], digest: MessageDigest) -> Vec<u8> {
         let mut b = X509ReqBuilder::new().unwrap();
         let mut subject = X509NameBuilder::new().unwrap();
         for cn in cns {

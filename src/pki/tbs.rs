@@ -298,14 +298,13 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     use openssl::hash::MessageDigest;
-    use openssl::stack::Stack;
-    use openssl::x509::extension::SubjectAlternativeName;
-    use openssl::x509::{X509NameBuilder, X509ReqBuilder, X509};
+    use openssl::x509::X509;
     use x509_parser::prelude::{FromDer, GeneralName as Parsed, ParsedExtension, X509Certificate};
 
     use super::*;
     use crate::config::{Config, ProfileConfig};
-    use crate::pki::csr::check_csr_pem;
+    use crate::pki::csr::check_csr_der;
+    use crate::pki::csr::tests::request;
     use crate::pki::devpki::generate_key;
 
     fn ca(id: &str) -> CaMaterial {
@@ -323,18 +322,8 @@ mod tests {
     }
 
     fn checked_csr(kind: KeyType, name: &str) -> CheckedCsr {
-        let key = generate_key(kind).unwrap();
-        let mut req = X509ReqBuilder::new().unwrap();
-        let mut subject = X509NameBuilder::new().unwrap();
-        subject.append_entry_by_text("CN", name).unwrap();
-        req.set_subject_name(&subject.build()).unwrap();
-        req.set_pubkey(&key).unwrap();
-        let mut exts = Stack::new().unwrap();
-        exts.push(SubjectAlternativeName::new().dns(name).build(&req.x509v3_context(None)).unwrap()).unwrap();
-        req.add_extensions(&exts).unwrap();
         let digest = if kind == KeyType::Ed25519 { MessageDigest::null() } else { MessageDigest::sha256() };
-        req.sign(&key, digest).unwrap();
-        check_csr_pem(&String::from_utf8(req.build().to_pem().unwrap()).unwrap()).unwrap()
+        check_csr_der(request(&generate_key(kind).unwrap(), &[name], &[name], digest)).unwrap()
     }
 
     fn names(cn: Option<&str>, org: Option<&str>, sans: &[&str]) -> ApprovedNames {
