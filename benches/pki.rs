@@ -27,10 +27,10 @@ fn bench(c: &mut Criterion) {
 }
 
 fn identities(c: &mut Criterion) {
-    use castellum::config::{KeyType, RsaSignatureScheme};
     use castellum::pki::identity::signature_scheme;
     use castellum::pki::identity::{generate_sealed, sign_digest, DigestAlgorithm};
     use castellum::pki::kek::{dev_kek, Kek};
+    use castellum::pki::{KeyType, RsaSignatureScheme};
     let kek = Kek::from_bytes(&dev_kek());
     for (name, kind, bits) in
         [("ecdsa-p256", KeyType::EcdsaP256, 0), ("ecdsa-p384", KeyType::EcdsaP384, 0), ("ed25519", KeyType::Ed25519, 0)]

@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::{Config, KeyType};
+use crate::config::Config;
 use crate::drill::load::percentile;
 use crate::drill::target::{ca_entry, set, DrillDb, Target};
 use crate::drill::DrillError;
+use crate::pki::KeyType;
 use crate::pki::{csr, tbs, CaMaterial, Profile};
 
 pub struct BenchOptions {

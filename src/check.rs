@@ -209,7 +209,7 @@ fn check_profiles(config: &Config, cas: &HashMap<String, CaMaterial>, p: &mut Pr
 
 /// Identity profiles, and the key-encryption key every identity key is sealed under.
 fn check_identities(config: &Config, p: &mut Problems) {
-    use crate::config::{KeyType, Lane, RsaSignatureScheme};
+    use crate::pki::{KeyType, Lane, RsaSignatureScheme};
     let mut any = false;
     for (i, profile) in config.profiles.iter().enumerate() {
         let Some(policy) = &profile.identity else { continue };

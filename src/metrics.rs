@@ -205,7 +205,7 @@ pub fn ca(ca: &str) -> Labels {
     vec![("ca", ca.to_string())]
 }
 
-pub fn ca_lane(ca: &str, lane: crate::config::Lane) -> Labels {
+pub fn ca_lane(ca: &str, lane: crate::pki::Lane) -> Labels {
     vec![("ca", ca.to_string()), ("lane", lane.as_str().to_string())]
 }
 

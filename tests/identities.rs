@@ -475,7 +475,7 @@ async fn identity_keys_appear_neither_in_the_database_nor_in_the_logs() {
         let blob = row.sealed_key.expect("sealed at rest");
         assert!(kek.open("another-identity", &blob).is_err(), "sealed for its own identity only");
         let private = kek.open(id, &blob).expect("sealed under the configured KEK");
-        let key_type = castellum::config::KeyType::parse(identity["key_type"].as_str().unwrap()).unwrap();
+        let key_type = castellum::pki::KeyType::parse(identity["key_type"].as_str().unwrap()).unwrap();
         let key = castellum::pki::identity::private_key(key_type, &private).unwrap();
         let cert = openssl::x509::X509::from_pem(identity["certificate"].as_str().unwrap().as_bytes()).unwrap();
         assert!(cert.public_key().unwrap().public_eq(&key), "the sealed key is the certified one");

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::config::Lane;
+use crate::pki::Lane;
 
 /// What a cell publishes for intake to read without asking (refuse early, predict waits).
 #[derive(Debug, Default)]

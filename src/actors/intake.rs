@@ -15,10 +15,13 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 
 use super::cell::{CellSlot, Enqueue};
-use super::job::{Admitted, Job};
+use super::job::{Admitted, Dispatch, Job, KeyToMake, Keyed};
 use super::registry::SharedSnapshot;
-use crate::config::{Config, Lane, LanesConfig, Sabotage, Sabotages};
+use crate::config::{Config, LanesConfig, Sabotage, Sabotages};
 use crate::error::EngineError;
+use crate::pki::identity::{self, IdentitySubject};
+use crate::pki::profile::ApprovedNames;
+use crate::pki::Lane;
 use crate::pki::{csr, CaMaterial, CheckedCsr, Profile};
 use crate::states::CaState;
 use crate::types::Client;
@@ -51,12 +54,67 @@ impl Catalog {
 
 type Limiter = governor::DefaultDirectRateLimiter;
 
+/// How a request came, which decides the checks it gets and its deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// A caller waits, at most `wait` (within its lane's limits).
+    Sync { wait: Option<Duration> },
+    /// Stored and answered at once; a parked CA's work is held, not refused.
+    Async,
+    /// A stored request taken up again (after a crash, a lapsed claim, or a resubmit).
+    Resume { expires_at_ms: i64 },
+}
+
+/// What a request asks to have certified, checked against the profile: the names approved and
+/// the key they are bound to (or, for a disposable identity, the key still to be made).
+pub trait Body {
+    type Key;
+    fn approve(self, profile: &Profile) -> Result<(ApprovedNames, Self::Key), EngineError>;
+}
+
+/// A CSR as the client sent it.
+pub struct CsrPem<'a>(pub &'a str);
+
+/// A CSR as a stored request holds it.
+pub struct CsrDer(pub Vec<u8>);
+
+/// The subject of a disposable identity.
+pub struct Subject<'a>(pub &'a IdentitySubject);
+
+fn keyed(profile: &Profile, csr: CheckedCsr) -> Result<(ApprovedNames, Keyed), EngineError> {
+    let names = profile.approve(&csr)?;
+    Ok((names, Keyed { csr: Arc::new(csr), identity: None }))
+}
+
+impl Body for CsrPem<'_> {
+    type Key = Keyed;
+    fn approve(self, profile: &Profile) -> Result<(ApprovedNames, Keyed), EngineError> {
+        keyed(profile, csr::check_csr_pem(self.0)?)
+    }
+}
+
+impl Body for CsrDer {
+    type Key = Keyed;
+    fn approve(self, profile: &Profile) -> Result<(ApprovedNames, Keyed), EngineError> {
+        keyed(profile, csr::check_csr_der(self.0)?)
+    }
+}
+
+impl Body for Subject<'_> {
+    type Key = KeyToMake;
+    fn approve(self, profile: &Profile) -> Result<(ApprovedNames, KeyToMake), EngineError> {
+        Ok((identity::approve_subject(profile, self.0)?, KeyToMake))
+    }
+}
+
 #[derive(Clone)]
 pub struct Intake {
     catalog: Arc<Catalog>,
     snapshot: SharedSnapshot,
     cells: Arc<HashMap<String, CellSlot>>,
     lanes: LanesConfig,
+    /// How long an asynchronous request may wait to be signed.
+    async_max_age: Duration,
     /// Per-client GCRA limiters (clients without a configured rate have none).
     limiters: Arc<HashMap<String, Limiter>>,
     /// Dev-only deliberate defects (see [`Sabotage`]).
@@ -85,6 +143,7 @@ impl Intake {
             snapshot,
             cells,
             lanes: config.lanes.clone(),
+            async_max_age: config.async_requests.max_age,
             limiters: Arc::new(limiters),
             sabotage: config.sabotages(),
         }
@@ -93,11 +152,6 @@ impl Intake {
     /// The configured client of this name (a stored request names its client).
     pub fn client(&self, name: &str) -> Option<Arc<Client>> {
         self.catalog.clients_by_name.get(name).cloned()
-    }
-
-    /// The settings of a lane (its deadlines).
-    pub fn lane(&self, lane: Lane) -> &crate::config::LaneConfig {
-        self.lanes.get(lane)
     }
 
     /// The client's own rate: over it is `429`, whatever the CAs' state.
@@ -126,7 +180,7 @@ impl Intake {
     }
 
     /// A CA whose breaker is open is refused before any work is spent on the request.
-    pub fn check_breaker(&self, profile: &Profile) -> Result<(), EngineError> {
+    fn check_breaker(&self, profile: &Profile) -> Result<(), EngineError> {
         let Some(gauges) = self.cells.get(&profile.ca).map(|slot| &slot.gauges) else { return Ok(()) };
         let mut open_until = gauges.breaker_open_until_ms.load(Ordering::Relaxed);
         let backs_off = self.sabotage.has(Sabotage::GlobalBackOff)
@@ -148,7 +202,7 @@ impl Intake {
 
     /// Refuse now what its CA cannot serve in time: a predicted queue wait longer than the
     /// time the request has left.
-    pub fn check_capacity(&self, profile: &Profile, deadline: Instant) -> Result<(), EngineError> {
+    fn check_capacity(&self, profile: &Profile, deadline: Instant) -> Result<(), EngineError> {
         let Some(gauges) = self.cells.get(&profile.ca).map(|slot| &slot.gauges) else { return Ok(()) };
         if self.sabotage.has(Sabotage::IgnoreDeadlines) {
             return Ok(());
@@ -177,7 +231,7 @@ impl Intake {
     /// Which profile, may this client use it, are it and its CA taking this kind of work.
     /// Returns the profile and whether the work must be held (the CA is parked: asynchronous
     /// work is accepted and stored as parked).
-    pub fn profile_for(
+    fn profile_for(
         &self,
         client: &Client,
         profile_id: &str,
@@ -218,33 +272,49 @@ impl Intake {
         Ok((profile, hold))
     }
 
-    /// Everything that can be decided without the CA: profile, permission, state, CSR, policy.
-    pub fn admit(
+    /// The one way into the engine: everything that can be decided without the CA (rate,
+    /// profile, permission, states, breaker, the CSR or subject against the profile's policy,
+    /// capacity within the deadline), in that order, cheapest first. What it returns carries the
+    /// request's deadline and where it goes next.
+    pub fn admit<B: Body>(
         &self,
         client: &Client,
         profile_id: &str,
-        csr_pem: &str,
-        is_async: bool,
-    ) -> Result<Admitted, EngineError> {
-        self.check_rate(client)?;
-        let (profile, hold) = self.profile_for(client, profile_id, is_async)?;
-        if !hold {
+        body: B,
+        route: Route,
+    ) -> Result<Admitted<B::Key>, EngineError> {
+        // A stored request being resumed was admitted, rate and breaker included, when it came.
+        if !matches!(route, Route::Resume { .. }) {
+            self.check_rate(client)?;
+        }
+        let (profile, hold) = self.profile_for(client, profile_id, !matches!(route, Route::Sync { .. }))?;
+        let (dispatch, checks_breaker) = match route {
+            Route::Async if hold => (Dispatch::Park, false),
+            Route::Sync { .. } | Route::Async => (Dispatch::Queue, true),
+            Route::Resume { .. } => (Dispatch::Queue, false),
+        };
+        if checks_breaker {
             self.check_breaker(&profile)?;
         }
-        let csr = csr::check_csr_pem(csr_pem)?;
-        let mut admitted = self.admit_checked(profile, csr)?;
-        admitted.hold = hold;
-        Ok(admitted)
-    }
-
-    pub fn admit_checked(&self, profile: Arc<Profile>, csr: CheckedCsr) -> Result<Admitted, EngineError> {
-        let names = profile.approve(&csr)?;
-        Ok(Admitted { profile, csr: Arc::new(csr), names: Arc::new(names), hold: false, identity: None })
+        let (names, key) = body.approve(&profile)?;
+        let deadline = match route {
+            Route::Sync { wait } => self.deadline(&profile, wait),
+            // Never signed past its max age (when the resumer marks it expired).
+            Route::Async => Instant::now() + self.async_max_age.min(self.lanes.get(profile.lane).max_deadline),
+            Route::Resume { expires_at_ms } => {
+                let left = Duration::from_millis((expires_at_ms - crate::pki::now_ms()).max(0) as u64);
+                Instant::now() + self.lanes.get(profile.lane).max_deadline.min(left)
+            }
+        };
+        if let Route::Sync { .. } = route {
+            self.check_capacity(&profile, deadline)?;
+        }
+        Ok(Admitted { profile, names: Arc::new(names), deadline, dispatch, key })
     }
 
     /// The request's absolute deadline: its lane's default, shortened (never lengthened past
     /// the lane's maximum) by the client's own wait.
-    pub fn deadline(&self, profile: &Profile, wait: Option<Duration>) -> Instant {
+    fn deadline(&self, profile: &Profile, wait: Option<Duration>) -> Instant {
         let lane = self.lanes.get(profile.lane);
         let budget = match wait {
             Some(w) => w.min(lane.max_deadline),
@@ -363,7 +433,7 @@ mod tests {
 
     /// A fresh P-256 key's CSR for www.example.test (common name only), as PEM.
     fn test_csr() -> String {
-        let key = crate::pki::devpki::generate_key(crate::config::KeyType::EcdsaP256).unwrap();
+        let key = crate::pki::devpki::generate_key(crate::pki::KeyType::EcdsaP256).unwrap();
         let der =
             crate::pki::csr::tests::request(&key, &["www.example.test"], &[], openssl::hash::MessageDigest::sha256());
         openssl::x509::X509Req::from_der(&der).unwrap().to_pem().map(|p| String::from_utf8(p).unwrap()).unwrap()
@@ -377,7 +447,9 @@ mod tests {
     fn an_idempotent_retry_is_recognised_by_profile_and_csr() {
         let f = fixture(|_| {});
         let csr = test_csr();
-        let admit = |profile: &str, csr: &str| f.intake.admit(&f.demo(), profile, csr, false).unwrap().body_sha256();
+        let admit = |profile: &str, csr: &str| {
+            f.intake.admit(&f.demo(), profile, CsrPem(csr), Route::Sync { wait: None }).unwrap().body_sha256()
+        };
         let first = admit("tls-server-p256", &csr);
         assert_eq!(first.len(), 64);
         assert_eq!(first, admit("tls-server-p256", &csr));
@@ -445,12 +517,18 @@ mod tests {
     fn held_work_is_admitted_while_the_breaker_is_open() {
         let f = fixture(|_| {});
         f.open_breaker("ica-p256", 5_000);
-        assert_eq!(slug(f.intake.admit(&f.demo(), "tls-server-p256", &test_csr(), true)), "ca-unavailable");
+        assert_eq!(
+            slug(f.intake.admit(&f.demo(), "tls-server-p256", CsrPem(&test_csr()), Route::Async)),
+            "ca-unavailable"
+        );
         f.set_ca("ica-p256", CaState::Parked);
-        let admitted = f.intake.admit(&f.demo(), "tls-server-p256", &test_csr(), true).unwrap();
-        assert!(admitted.hold);
+        let admitted = f.intake.admit(&f.demo(), "tls-server-p256", CsrPem(&test_csr()), Route::Async).unwrap();
+        assert_eq!(admitted.dispatch, Dispatch::Park);
         assert_eq!(admitted.names.sans.len(), 1);
-        assert_eq!(slug(f.intake.admit(&f.demo(), "tls-server-p256", "not a csr", true)), "malformed-csr");
+        assert_eq!(
+            slug(f.intake.admit(&f.demo(), "tls-server-p256", CsrPem("not a csr"), Route::Async)),
+            "malformed-csr"
+        );
     }
 
     #[test]

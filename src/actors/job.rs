@@ -10,21 +10,61 @@ use tokio::sync::oneshot;
 use crate::error::EngineError;
 use crate::pki::identity::IdentityDraft;
 use crate::pki::profile::ApprovedNames;
+use crate::pki::Lane;
 use crate::pki::{CheckedCsr, Profile};
 use crate::states::RequestMode;
 use crate::types::IssuedCertificate;
 
 pub type Reply = oneshot::Sender<Result<IssuedCertificate, EngineError>>;
 
-/// A request that passed intake: ready to become a job.
-pub struct Admitted {
+/// Where an admitted request goes next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dispatch {
+    /// To its CA's cell, to be signed.
+    Queue,
+    /// Stored as parked: its CA is parked, and an operator's resubmit releases it.
+    Park,
+}
+
+/// A request that passed intake, with its deadline: ready to become a job once it has the key
+/// it certifies (`K`: [`Keyed`] for a CSR; [`KeyToMake`] for a disposable identity, whose key
+/// the engine takes from its pool after admission).
+pub struct Admitted<K = Keyed> {
     pub profile: Arc<Profile>,
-    pub csr: Arc<CheckedCsr>,
     pub names: Arc<ApprovedNames>,
-    /// The CA is parked: store the request as parked instead of queueing it.
-    pub hold: bool,
-    /// A disposable identity: the engine's sealed key, stored with the certificate.
+    pub deadline: Instant,
+    pub dispatch: Dispatch,
+    pub key: K,
+}
+
+/// The key a certificate will certify: the requester's, from its CSR, or for a disposable
+/// identity the engine's sealed key (its public half in `csr`, as a CSR's would be).
+pub struct Keyed {
+    pub csr: Arc<CheckedCsr>,
     pub identity: Option<Arc<IdentityDraft>>,
+}
+
+/// An admitted disposable identity whose key is not taken yet.
+pub struct KeyToMake;
+
+impl<K> Admitted<K> {
+    /// The lane the request is scheduled in (its profile's).
+    pub fn lane(&self) -> Lane {
+        self.profile.lane
+    }
+}
+
+impl Admitted<KeyToMake> {
+    /// The identity's key, once taken: its public half as the CSR the cell and signer see.
+    pub fn with_key(self, csr: CheckedCsr, draft: Arc<IdentityDraft>) -> Admitted {
+        Admitted {
+            profile: self.profile,
+            names: self.names,
+            deadline: self.deadline,
+            dispatch: self.dispatch,
+            key: Keyed { csr: Arc::new(csr), identity: Some(draft) },
+        }
+    }
 }
 
 impl Admitted {
@@ -32,12 +72,12 @@ impl Admitted {
     /// CSR, or for an identity the profile and subject (its key is new on every attempt).
     pub fn body_sha256(&self) -> String {
         let mut h = openssl::sha::Sha256::new();
-        match &self.identity {
+        match &self.key.identity {
             Some(draft) => h.update(&draft.fingerprint),
             None => {
                 h.update(self.profile.id.as_bytes());
                 h.update(b"\n");
-                h.update(&self.csr.der);
+                h.update(&self.key.csr.der);
             }
         }
         hex::encode(h.finish())
@@ -97,18 +137,18 @@ pub struct Job {
 }
 
 impl Job {
-    /// The one way a job is made: from what intake admitted, for whom, by when.
-    pub fn new(admitted: Admitted, client: &str, caller: Caller, deadline: Instant, span: tracing::Span) -> Job {
+    /// The one way a job is made: from what intake admitted (its deadline included), for whom.
+    pub fn new(admitted: Admitted, client: &str, caller: Caller, span: tracing::Span) -> Job {
         Job {
             profile: admitted.profile,
-            csr: admitted.csr,
+            csr: admitted.key.csr,
             names: admitted.names,
             client: client.to_string(),
             caller,
-            deadline,
+            deadline: admitted.deadline,
             enqueued_at: Instant::now(),
             span,
-            identity: admitted.identity,
+            identity: admitted.key.identity,
         }
     }
 }

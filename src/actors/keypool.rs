@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use crate::config::KeyType;
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::pki::identity::{generate_sealed, SealedKey};
 use crate::pki::kek::Kek;
+use crate::pki::KeyType;
 
 /// A kind of key: its type and, for RSA, its size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -4,7 +4,7 @@
 
 use std::collections::VecDeque;
 
-use crate::config::Lane;
+use crate::pki::Lane;
 
 /// Background work gets at least one dispatch in this many when both lanes wait.
 pub const BACKGROUND_SHARE: u32 = 5;

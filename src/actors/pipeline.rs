@@ -11,12 +11,13 @@ use actix::prelude::*;
 use super::job::{Caller, Job};
 use super::signer::{Prepare, Sign, Signer};
 use super::store::StoreHandle;
-use crate::config::{Lane, Sabotage, Sabotages};
+use crate::config::{Sabotage, Sabotages};
 use crate::db::models::{CertificateRow, IdentityRow, NewAuditEvent};
 use crate::db::writes::WriteOp;
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::pki::identity::IdentityDraft;
+use crate::pki::Lane;
 use crate::pki::{cert_pem, now_ms, CaMaterial};
 use crate::states::{CertState, IdentityState, RequestMode, RequestState};
 use crate::types::IssuedCertificate;
@@ -256,7 +257,7 @@ mod tests {
         ))
         .unwrap();
         let profile = Arc::new(Profile::from_config(&cfg));
-        let key = crate::pki::devpki::generate_key(crate::config::KeyType::EcdsaP256).unwrap();
+        let key = crate::pki::devpki::generate_key(crate::pki::KeyType::EcdsaP256).unwrap();
         let der = csr::tests::request(&key, &["a.example.test"], &[], openssl::hash::MessageDigest::sha256());
         let csr = csr::check_csr_der(der).unwrap();
         let names = profile.approve(&csr).unwrap();

@@ -3,11 +3,11 @@
 //! lapsed — after a crash, a restart, or a transient failure — and feeds them to their cells.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use actix::prelude::*;
 
-use super::intake::Intake;
+use super::intake::{CsrDer, Intake, Route};
 use super::job::{Caller, Job};
 use super::pipeline::request_failure;
 use super::store::StoreHandle;
@@ -17,7 +17,7 @@ use crate::db::queries;
 use crate::db::DbPool;
 use crate::error::{DbError, EngineError};
 use crate::metrics::Metrics;
-use crate::pki::{csr, now_ms};
+use crate::pki::now_ms;
 use crate::states::RequestMode;
 
 /// Requests taken up per round, so one instance never grabs a whole backlog at once.
@@ -162,17 +162,13 @@ impl Resumer {
         let _entered = span.enter();
         let admitted = (|| {
             let client = self.intake.client(&row.client).ok_or(EngineError::Unauthorized)?;
-            let (profile, _) = self.intake.profile_for(&client, &row.profile, true)?;
-            let checked = csr::check_csr_der(row.csr_der.clone())?;
-            self.intake.admit_checked(profile, checked)
+            let route = Route::Resume { expires_at_ms: row.expires_at };
+            self.intake.admit(&client, &row.profile, CsrDer(row.csr_der.clone()), route)
         })();
         let result = admitted.and_then(|a| {
-            let lane = self.intake.lane(a.profile.lane);
-            let deadline = Instant::now()
-                + lane.max_deadline.min(Duration::from_millis((row.expires_at - now_ms()).max(0) as u64));
             self.metrics.async_resumed.inc();
             let caller = Caller::Stored { request_id: row.id.clone() };
-            self.intake.hand_to_cell(Job::new(a, &row.client, caller, deadline, span.clone()))
+            self.intake.hand_to_cell(Job::new(a, &row.client, caller, span.clone()))
         });
         if let Err(err) = result {
             tracing::info!(error = %err, "pending request could not be resumed now");

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
-use crate::config::KeyType;
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::pki::identity::{sign_digest, DigestAlgorithm};
 use crate::pki::kek::Kek;
+use crate::pki::KeyType;
 
 pub struct IdentityVault {
     pub kek: Arc<Kek>,

@@ -14,8 +14,8 @@ use super::evidence::Evidence;
 use super::load::{Kind, Stream};
 use super::target::{ca_entry, set, DrillDb, Target};
 use super::{stream_stats, DrillError, DrillOptions, Outcome, Promise, Session};
-use crate::config::KeyType;
 use crate::pki::devpki::generate_key;
+use crate::pki::KeyType;
 
 fn s(secs: f64) -> Duration {
     Duration::from_secs_f64(secs)

@@ -10,14 +10,14 @@ use tokio::sync::Semaphore;
 
 use super::issue::{check_idempotency_key, Provenance};
 use super::Engine;
-use crate::actors::job::Admitted;
+use crate::actors::intake::{Route, Subject};
 use crate::actors::keypool::{KeyPool, KeySpec};
 use crate::actors::sweeper::{IdentitySweeper, StopSweeping};
 use crate::actors::vault::{IdentityVault, SignDigest};
 use crate::types::*;
 use base64::Engine as _;
 
-use crate::config::{Config, KeyType};
+use crate::config::Config;
 use crate::db::identities;
 use crate::db::models::IdentityRow;
 use crate::db::queries;
@@ -27,6 +27,7 @@ use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::pki::identity::{self as pki_identity, DigestAlgorithm, IdentityDraft};
 use crate::pki::kek::Kek;
+use crate::pki::KeyType;
 use crate::pki::{now_ms, CheckedCsr};
 use crate::states::IdentityState;
 
@@ -142,19 +143,15 @@ impl Engine {
     ) -> Result<Identity, EngineError> {
         self.refuse_if_stopping()?;
         check_idempotency_key(req.idempotency_key.as_deref())?;
-        let intake = &self.inner.intake;
-        intake.check_rate(client)?;
-        let (profile, _) = intake.profile_for(client, &req.profile, false)?;
+        let route = Route::Sync { wait: req.wait };
+        let pending = self.inner.intake.admit(client, &req.profile, Subject(&req.subject), route)?;
+        let profile = pending.profile.clone();
         span.record("ca", profile.ca.as_str());
-        let names = pki_identity::approve_subject(&profile, &req.subject)?;
         let policy =
             profile.identity.clone().ok_or_else(|| EngineError::Internal("identity policy vanished".into()))?;
-        intake.check_breaker(&profile)?;
-        let deadline = intake.deadline(&profile, req.wait);
-        intake.check_capacity(&profile, deadline)?;
 
         let spec = key_spec(policy.key_type, policy.rsa_bits);
-        let key = self.identity_services()?.keys.take(spec, deadline).await?;
+        let key = self.identity_services()?.keys.take(spec, pending.deadline).await?;
         span.record("identity", key.id.as_str());
         let created_at = now_ms();
         // The identity's request as the cell and signer see a CSR's: its public key and approved
@@ -164,8 +161,8 @@ impl Engine {
             spki_der: key.spki_der.clone(),
             key_type: policy.key_type,
             key_bits: key.bits,
-            common_name: names.common_name.clone(),
-            names: names.sans.clone(),
+            common_name: pending.names.common_name.clone(),
+            names: pending.names.sans.clone(),
             der: key.spki_der.clone(),
         };
         let draft = Arc::new(IdentityDraft {
@@ -176,15 +173,8 @@ impl Engine {
             expires_at: created_at + policy.lifetime.as_millis() as i64,
             key,
         });
-        let admitted = Admitted {
-            profile: profile.clone(),
-            csr: Arc::new(csr),
-            names: Arc::new(names),
-            hold: false,
-            identity: Some(draft.clone()),
-        };
-        let (issued, provenance) =
-            self.issue_admitted(client, admitted, deadline, req.idempotency_key.as_deref(), span).await?;
+        let admitted = pending.with_key(csr, draft.clone());
+        let (issued, provenance) = self.issue_admitted(client, admitted, req.idempotency_key.as_deref(), span).await?;
         match provenance {
             Provenance::Fresh => Ok(Identity {
                 id: draft.key.id.clone(),

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 use super::Engine;
-use crate::actors::job::{Admitted, Caller, Job};
+use crate::actors::intake::{CsrPem, Route};
+use crate::actors::job::{Admitted, Caller, Dispatch, Job};
 use crate::config::Sabotage;
 use crate::db::models::{NewAuditEvent, RequestRow};
 use crate::db::queries;
@@ -53,11 +54,10 @@ impl Engine {
             });
         }
         check_idempotency_key(req.idempotency_key.as_deref())?;
-        let admitted = self.inner.intake.admit(client, &req.profile, &req.csr_pem, false)?;
+        let route = Route::Sync { wait: req.wait };
+        let admitted = self.inner.intake.admit(client, &req.profile, CsrPem(&req.csr_pem), route)?;
         span.record("ca", admitted.profile.ca.as_str());
-        let deadline = self.inner.intake.deadline(&admitted.profile, req.wait);
-        self.inner.intake.check_capacity(&admitted.profile, deadline)?;
-        let (issued, _) = self.issue_admitted(client, admitted, deadline, req.idempotency_key.as_deref(), span).await?;
+        let (issued, _) = self.issue_admitted(client, admitted, req.idempotency_key.as_deref(), span).await?;
         Ok(issued)
     }
 
@@ -67,24 +67,23 @@ impl Engine {
         &self,
         client: &Client,
         admitted: Admitted,
-        deadline: Instant,
         idempotency_key: Option<&str>,
         span: tracing::Span,
     ) -> Result<(IssuedCertificate, Provenance), EngineError> {
         let Some(key) = idempotency_key else {
-            let issued = self.run_sync(client, admitted, None, deadline, span).await?;
+            let issued = self.run_sync(client, admitted, None, span).await?;
             return Ok((issued, Provenance::Fresh));
         };
         let id = uuid::Uuid::now_v7().to_string();
         span.record("request_id", id.as_str());
-        let row =
-            self.request_row(&id, client, &admitted, RequestMode::Sync, Some(key.to_string()), deadline_ms(deadline));
+        let expires_at = deadline_ms(admitted.deadline);
+        let row = self.request_row(&id, client, &admitted, RequestMode::Sync, Some(key.to_string()), expires_at);
         match self.inner.store.write(WriteOp::InsertRequest(Box::new(row))).await? {
             WriteOutcome::Done => {
-                let issued = self.run_sync(client, admitted, Some(id), deadline, span).await?;
+                let issued = self.run_sync(client, admitted, Some(id), span).await?;
                 Ok((issued, Provenance::Fresh))
             }
-            WriteOutcome::Conflict => self.follow_earlier_attempt(client, key, admitted, deadline, span).await,
+            WriteOutcome::Conflict => self.follow_earlier_attempt(client, key, admitted, span).await,
             other => Err(unexpected(other)),
         }
     }
@@ -116,16 +115,15 @@ impl Engine {
         client: &Client,
         admitted: Admitted,
         request_id: Option<String>,
-        deadline: Instant,
         span: tracing::Span,
     ) -> Result<IssuedCertificate, EngineError> {
         let (tx, rx) = oneshot::channel();
-        let ca = admitted.profile.ca.clone();
+        let (ca, deadline) = (admitted.profile.ca.clone(), admitted.deadline);
         let caller = match request_id {
             Some(request_id) => Caller::WaitingRecorded { request_id, reply: tx },
             None => Caller::Waiting(tx),
         };
-        self.inner.intake.hand_to_cell(Job::new(admitted, &client.name, caller, deadline, span))?;
+        self.inner.intake.hand_to_cell(Job::new(admitted, &client.name, caller, span))?;
         // The caller is answered at its deadline whatever happens inside; the cell drops the
         // job unsigned if it is still queued by then.
         // Without deadlines (a defect on purpose) the caller waits as long as the cell takes.
@@ -153,10 +151,9 @@ impl Engine {
         client: &Client,
         key: &str,
         admitted: Admitted,
-        deadline: Instant,
         span: tracing::Span,
     ) -> Result<(IssuedCertificate, Provenance), EngineError> {
-        let body = admitted.body_sha256();
+        let (body, deadline) = (admitted.body_sha256(), admitted.deadline);
         let (client_name, key_owned) = (client.name.clone(), key.to_string());
         loop {
             let (c, k) = (client_name.clone(), key_owned.clone());
@@ -190,7 +187,7 @@ impl Engine {
                     })
                     .await?;
                 if won {
-                    let issued = self.run_sync(client, admitted, Some(row.id), deadline, span).await?;
+                    let issued = self.run_sync(client, admitted, Some(row.id), span).await?;
                     return Ok((issued, Provenance::Fresh));
                 }
             }
@@ -222,14 +219,13 @@ impl Engine {
     ) -> Result<Accepted, EngineError> {
         self.refuse_if_stopping()?;
         check_idempotency_key(req.idempotency_key.as_deref())?;
-        let admitted = self.inner.intake.admit(client, &req.profile, &req.csr_pem, true)?;
+        let admitted = self.inner.intake.admit(client, &req.profile, CsrPem(&req.csr_pem), Route::Async)?;
         let id = uuid::Uuid::now_v7().to_string();
         span.record("request_id", id.as_str());
-        let (accepted_at, max_age) = (Instant::now(), self.inner.config.async_requests.max_age);
-        let expires_at = now_ms() + max_age.as_millis() as i64;
+        let expires_at = now_ms() + self.inner.config.async_requests.max_age.as_millis() as i64;
         let mut row =
             self.request_row(&id, client, &admitted, RequestMode::Async, req.idempotency_key.clone(), expires_at);
-        if admitted.hold {
+        if admitted.dispatch == Dispatch::Park {
             // The CA is parked: the request waits, durably, for an operator's resubmit.
             row.state = RequestState::Parked;
             row.claimed_by = None;
@@ -252,14 +248,11 @@ impl Engine {
                 return Ok(Accepted { request_id: row.id, replayed: true });
             }
         }
-        if admitted.hold {
-            return Ok(Accepted { request_id: id, replayed: false });
+        match admitted.dispatch {
+            Dispatch::Park => return Ok(Accepted { request_id: id, replayed: false }),
+            Dispatch::Queue => {}
         }
-        let lane = self.inner.config.lanes.get(admitted.profile.lane);
-        // Never signed past its max age (when the resumer marks it expired): the signer refuses
-        // a job after its deadline, counted from when `expires_at` was, not after the write.
-        let deadline = (accepted_at + max_age).min(Instant::now() + lane.max_deadline);
-        let job = Job::new(admitted, &client.name, Caller::Stored { request_id: id.clone() }, deadline, span);
+        let job = Job::new(admitted, &client.name, Caller::Stored { request_id: id.clone() }, span);
         // Stored is accepted: if the cell cannot take it now, the resumer will once the claim lapses.
         if let Err(e) = self.inner.intake.hand_to_cell(job) {
             tracing::info!(error = %e, "accepted request left for the resumer");
@@ -332,7 +325,7 @@ impl Engine {
             state: RequestState::Pending,
             idempotency_key,
             body_sha256: admitted.body_sha256(),
-            csr_der: admitted.csr.der.clone(),
+            csr_der: admitted.key.csr.der.clone(),
             serial: None,
             error_type: None,
             error_detail: None,

@@ -11,7 +11,8 @@ use openssl::x509::{X509StoreContext, X509};
 
 use super::key::KeyHandle;
 use super::load_error::{CaFile, CaLoadError};
-use crate::config::{CaConfig, KeyType, Mode};
+use super::vocabulary::KeyType;
+use crate::config::{CaConfig, Mode};
 
 /// The organisation name every dev PKI certificate carries; a chain ending in it is a dev chain.
 pub const DEV_PKI_ORGANIZATION: &str = "castellum development PKI - NOT FOR PRODUCTION";

@@ -10,7 +10,7 @@ use openssl::x509::X509Req;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::{FromDer, X509CertificationRequest};
 
-use crate::config::KeyType;
+use super::vocabulary::KeyType;
 use crate::error::EngineError;
 
 /// Largest CSR accepted (DER bytes); real CSRs are well under 4 KiB.

@@ -16,7 +16,7 @@ use openssl::x509::extension::{AuthorityKeyIdentifier, BasicConstraints, KeyUsag
 use openssl::x509::{X509Builder, X509NameBuilder, X509};
 
 use super::ca::DEV_PKI_ORGANIZATION;
-use crate::config::KeyType;
+use super::vocabulary::KeyType;
 
 /// The passphrase of every dev key. It is in the repository on purpose: these keys protect
 /// nothing, and the engine refuses them outside dev mode.

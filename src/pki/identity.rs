@@ -11,7 +11,8 @@ use zeroize::Zeroizing;
 
 use super::csr::{is_valid_email, SanName};
 use super::profile::{ApprovedNames, Profile};
-use crate::config::{IdentityPolicy, KeyType, RsaSignatureScheme};
+use super::vocabulary::{KeyType, RsaSignatureScheme};
+use crate::config::IdentityPolicy;
 use crate::error::EngineError;
 
 /// What a client asks an identity's certificate to say about it.

@@ -10,12 +10,14 @@ pub mod key;
 pub mod load_error;
 pub mod profile;
 pub mod tbs;
+pub mod vocabulary;
 
 pub use ca::CaMaterial;
 pub use csr::CheckedCsr;
 pub use load_error::{CaFile, CaLoadError};
 pub use profile::Profile;
 pub use tbs::{LintedTbs, PreparedCert};
+pub use vocabulary::{ExtendedKeyUsageName, KeyType, KeyUsageName, Lane, RsaSignatureScheme};
 
 /// Milliseconds since the Unix epoch: the one time unit the database and the engine use.
 pub fn unix_ms(t: std::time::SystemTime) -> i64 {

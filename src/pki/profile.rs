@@ -4,7 +4,8 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use super::csr::{is_valid_dns_name, is_valid_email, CheckedCsr, SanName};
-use crate::config::{ExtendedKeyUsageName, IdentityPolicy, KeyType, KeyUsageName, Lane, NamePolicy, ProfileConfig};
+use super::vocabulary::{ExtendedKeyUsageName, KeyType, KeyUsageName, Lane};
+use crate::config::{IdentityPolicy, NamePolicy, ProfileConfig};
 use crate::error::EngineError;
 
 #[derive(Debug, Clone)]

@@ -28,7 +28,7 @@ use x509_cert::time::{Time, Validity};
 use super::ca::CaMaterial;
 use super::csr::{CheckedCsr, SanName};
 use super::profile::{ApprovedNames, Profile};
-use crate::config::{ExtendedKeyUsageName, KeyType, KeyUsageName};
+use super::vocabulary::{ExtendedKeyUsageName, KeyType, KeyUsageName};
 use crate::error::EngineError;
 
 /// A certificate ready to be signed: recorded by the Store before the signature exists.
