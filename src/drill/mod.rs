@@ -4,6 +4,7 @@
 //! admin API, a connection-limited PostgreSQL role, a leaking component), and writes a report
 //! folder. The process exits non-zero when a promise fails.
 
+mod error;
 pub mod evidence;
 pub mod load;
 pub mod report;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+pub use error::DrillError;
 use load::{Kind, Sample, Stream};
 use series::{Gauges, Recording};
 use target::{DrillDb, Target};
@@ -31,26 +33,6 @@ pub const DRILLS: &[(&str, &str)] = &[
     ("pool-leak-2023", "incident 001: a component holds database connections longer than it should"),
     ("pool-too-small-2024", "incident 002: a pool too small for the offered load"),
 ];
-
-#[derive(Debug, thiserror::Error)]
-pub enum DrillError {
-    #[error("unknown drill {name:?}; drills: {}", DRILLS.iter().map(|d| d.0).collect::<Vec<_>>().join(", "))]
-    Unknown { name: String },
-    #[error("{0}")]
-    Unsupported(String),
-    #[error("setting up the drill: {0}")]
-    Setup(String),
-    #[error("I/O: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("HTTP: {0}")]
-    Http(#[from] reqwest::Error),
-    #[error("writing the report: {0}")]
-    Report(String),
-    #[error("reading the database: {0}")]
-    Evidence(String),
-    #[error("the operator's lever {path} answered {status}")]
-    Lever { path: String, status: u16 },
-}
 
 #[derive(Debug, Clone)]
 pub struct DrillOptions {
@@ -206,10 +188,15 @@ fn progress(start: Instant, length: Duration, window: &[Sample], took: Duration,
     let _ = std::io::stderr().flush();
 }
 
+/// The error for a drill name that is not one of [`DRILLS`].
+fn unknown_drill(name: &str) -> DrillError {
+    DrillError::Unknown { name: name.to_string(), known: DRILLS.iter().map(|d| d.0).collect::<Vec<_>>().join(", ") }
+}
+
 /// Run a drill; `Ok(true)` when every promise held.
 pub fn run(opts: DrillOptions) -> Result<bool, DrillError> {
     if !DRILLS.iter().any(|d| d.0 == opts.name) {
-        return Err(DrillError::Unknown { name: opts.name.clone() });
+        return Err(unknown_drill(&opts.name));
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {

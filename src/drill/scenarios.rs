@@ -106,7 +106,7 @@ pub async fn run(opts: &DrillOptions, dir: &Path) -> Result<Outcome, DrillError>
         "connection-surge-2024" => connection_surge(opts, dir).await,
         "pool-leak-2023" => pool_leak(opts, dir).await,
         "pool-too-small-2024" => pool_too_small(opts, dir).await,
-        other => Err(DrillError::Unknown { name: other.to_string() }),
+        other => Err(super::unknown_drill(other)),
     }
 }
 
@@ -125,17 +125,64 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
             "issuance-queues-2020 destroys CA key files: it needs an engine it starts".into(),
         ));
     }
-    // On PostgreSQL even the short form uses longer windows: a checkpoint of a shared server can
-    // stall commits for ~100 ms, and a p99 over a few seconds would measure that, not the engine.
-    let k = match (opts.short, opts.postgres.is_some()) {
-        (true, false) => 1.0,
-        (true, true) => 2.0,
-        (false, _) => 3.0,
-    };
-    let (fault, disabled, resubmitted, end) = (s(4.0 * k), s(8.0 * k), s(10.0 * k), s(12.0 * k));
+    let t = QueuesTimeline::for_options(opts);
+    let session = Session::new(queues_target(opts, dir).await?, t.end);
+    let load = session.drive(queues_streams(t.end)?, 2_000_000);
+    let (_, operator) = tokio::join!(load, queues_operator(&session, &t));
+    // Judged from when the park and both disables had been applied, not from when they were
+    // scheduled.
+    let op = operator?;
+
+    // Parked work: every request the parked CA accepted must end issued, and none before the
+    // operator unparked it.
+    let parked_ids: Vec<String> =
+        session.recording().samples_of(4, op.parked_at, t.resubmitted).filter_map(|s| s.request_id.clone()).collect();
+    wait_issued(&session.target, &parked_ids, s(30.0)).await;
+    wait_settled(&session).await?;
+
+    let f = queues_figures(&session.recording(), t.k, t.fault, t.disabled, op.disabled_at, t.end);
+    let (ids, disabled_ms, unparked_ms) = (parked_ids.clone(), op.disabled_ms, op.unparked_ms);
+    let db = Evidence::read(session.target.db.as_ref(), move |e| {
+        Ok(QueuesEvidence {
+            issued_less_async: e.issued_less_async_delivered()?,
+            signed_after_expiry: e.signed_after_expiry()?,
+            rows_after_disable: e.rows_for_cas_since(&FAILING, disabled_ms)?,
+            parked_issued: e.issued_among(&ids, unparked_ms)?,
+        })
+    })
+    .await?;
+    Ok(finish(session, queues_promises(&f, &db, &op, &parked_ids)))
+}
+
+/// The incident-003 drill's timeline. On PostgreSQL even the short form uses longer windows: a
+/// checkpoint of a shared server can stall commits for ~100 ms, and a p99 over a few seconds
+/// would measure that, not the engine.
+struct QueuesTimeline {
+    /// How much the short form's windows are stretched.
+    k: f64,
+    fault: Duration,
+    disabled: Duration,
+    resubmitted: Duration,
+    end: Duration,
+}
+
+impl QueuesTimeline {
+    fn for_options(opts: &DrillOptions) -> QueuesTimeline {
+        let k = match (opts.short, opts.postgres.is_some()) {
+            (true, false) => 1.0,
+            (true, true) => 2.0,
+            (false, _) => 3.0,
+        };
+        QueuesTimeline { k, fault: s(4.0 * k), disabled: s(8.0 * k), resubmitted: s(10.0 * k), end: s(12.0 * k) }
+    }
+}
+
+/// The engine of the incident-003 drill: renewal profiles on three more CAs, short breakers on
+/// the two that lose their keys.
+async fn queues_target(opts: &DrillOptions, dir: &Path) -> Result<Target, DrillError> {
     let db = database(opts, dir, None)?;
     let postgres = opts.postgres.is_some();
-    let target = target(opts, dir, db, |c| {
+    target(opts, dir, db, |c| {
         if postgres {
             // Two store workers, as a PostgreSQL deployment runs: one slow commit (a checkpoint
             // of the shared server) must not hold every write behind it.
@@ -148,9 +195,13 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
             set(ca_entry(c, ca), &["breaker", "open_for"], "1s".into());
         }
     })
-    .await?;
+    .await
+}
+
+/// The traffic of incident 003 (streams are numbered in this order).
+fn queues_streams(end: Duration) -> Result<Vec<Stream>, DrillError> {
     let rsa_key_csr = csr(KeyType::Rsa, "rsa-renewal.example.test")?;
-    let streams = vec![
+    Ok(vec![
         // 0: synchronous identities on a healthy CA (the DSS traffic of the incident).
         Stream::issue(
             "dss-identities",
@@ -205,49 +256,50 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
                 end,
             )
         },
-    ];
-    let session = Session::new(target, end);
-    let load = session.drive(streams, 2_000_000);
-    let faults = async {
-        session.at(fault).await;
-        session.target.destroy_key("ica-p384")?;
-        session.target.destroy_key("ica-rsa3072")?;
-        session.mark("fault: keys of ica-p384 and ica-rsa3072 destroyed");
-        session.at(fault + s(0.5 * k)).await;
-        session.target.admin_post("/admin/v1/cas/ica-ed25519/state", serde_json::json!({"state": "parked"})).await?;
-        session.mark("operator parks ica-ed25519");
-        let parked_at = session.start.elapsed();
-        session.at(disabled).await;
-        for ca in FAILING {
-            session
-                .target
-                .admin_post(&format!("/admin/v1/cas/{ca}/state"), serde_json::json!({"state": "disabled"}))
-                .await?;
-        }
-        session.mark("fault ends: ica-p384 and ica-rsa3072 disabled");
-        let disabled_at = (session.start.elapsed(), crate::pki::now_ms());
-        session.at(resubmitted).await;
-        // What the database holds for the parked CA just before it is unparked.
-        let parked_rows = Evidence::read(session.target.db.as_ref(), |e| e.parked("ica-ed25519")).await?;
-        let unparked_ms = crate::pki::now_ms();
-        session.target.admin_post("/admin/v1/cas/ica-ed25519/state", serde_json::json!({"state": "enabled"})).await?;
-        session.target.admin_post("/admin/v1/cas/ica-ed25519/resubmit", serde_json::json!({})).await?;
-        session.mark("operator unparks ica-ed25519 and resubmits");
-        Ok::<_, DrillError>((parked_at, disabled_at, parked_rows, unparked_ms))
-    };
-    let (_, faults) = tokio::join!(load, faults);
-    // Judged from when the park and both disables had been applied, not from when they were
-    // scheduled.
-    let (parked_at, (disabled_at, disabled_ms), parked_rows, unparked_ms) = faults?;
+    ])
+}
 
-    // Parked work: every request the parked CA accepted must end issued, and none before the
-    // operator unparked it.
-    let parked_ids: Vec<String> =
-        session.recording().samples_of(4, parked_at, resubmitted).filter_map(|s| s.request_id.clone()).collect();
-    wait_issued(&session.target, &parked_ids, s(30.0)).await;
+/// When the operator's actions took effect, and what the database held just before the unpark.
+struct OperatorLog {
+    parked_at: Duration,
+    disabled_at: Duration,
+    disabled_ms: i64,
+    parked_rows: i64,
+    unparked_ms: i64,
+}
 
-    // Everything accepted for the CAs that can still sign has finished (resubmitted work goes
-    // out at the CA's resubmit rate), so the counts below are final.
+/// The fault and the operators' answer to it: two CAs lose their keys, a healthy one is parked,
+/// the failing two are disabled, the parked one is unparked and its work resubmitted.
+async fn queues_operator(session: &Session, t: &QueuesTimeline) -> Result<OperatorLog, DrillError> {
+    session.at(t.fault).await;
+    session.target.destroy_key("ica-p384")?;
+    session.target.destroy_key("ica-rsa3072")?;
+    session.mark("fault: keys of ica-p384 and ica-rsa3072 destroyed");
+    session.at(t.fault + s(0.5 * t.k)).await;
+    session.target.admin_post("/admin/v1/cas/ica-ed25519/state", serde_json::json!({"state": "parked"})).await?;
+    session.mark("operator parks ica-ed25519");
+    let parked_at = session.start.elapsed();
+    session.at(t.disabled).await;
+    for ca in FAILING {
+        session
+            .target
+            .admin_post(&format!("/admin/v1/cas/{ca}/state"), serde_json::json!({"state": "disabled"}))
+            .await?;
+    }
+    session.mark("fault ends: ica-p384 and ica-rsa3072 disabled");
+    let (disabled_at, disabled_ms) = (session.start.elapsed(), crate::pki::now_ms());
+    session.at(t.resubmitted).await;
+    let parked_rows = Evidence::read(session.target.db.as_ref(), |e| e.parked("ica-ed25519")).await?;
+    let unparked_ms = crate::pki::now_ms();
+    session.target.admin_post("/admin/v1/cas/ica-ed25519/state", serde_json::json!({"state": "enabled"})).await?;
+    session.target.admin_post("/admin/v1/cas/ica-ed25519/resubmit", serde_json::json!({})).await?;
+    session.mark("operator unparks ica-ed25519 and resubmits");
+    Ok(OperatorLog { parked_at, disabled_at, disabled_ms, parked_rows, unparked_ms })
+}
+
+/// Wait until everything accepted for the CAs that can still sign has finished (resubmitted
+/// work goes out at the CA's resubmit rate), so that the counts read next are final.
+async fn wait_settled(session: &Session) -> Result<(), DrillError> {
     let settled = Instant::now();
     while Evidence::read(session.target.db.as_ref(), |e| e.waiting(&["ica-p256", "ica-ed25519"])).await? > 0 {
         if settled.elapsed() > s(30.0) {
@@ -255,21 +307,15 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
         }
         tokio::time::sleep(s(0.2)).await;
     }
-    let f = queues_figures(&session.recording(), k, fault, disabled, disabled_at, end);
-    let ids = parked_ids.clone();
-    let db = Evidence::read(session.target.db.as_ref(), move |e| {
-        Ok(QueuesEvidence {
-            issued_less_async: e.issued_less_async_delivered()?,
-            signed_after_expiry: e.signed_after_expiry()?,
-            rows_after_disable: e.rows_for_cas_since(&FAILING, disabled_ms)?,
-            parked_issued: e.issued_among(&ids, unparked_ms)?,
-        })
-    })
-    .await?;
+    Ok(())
+}
+
+/// Incident 003's promises, judged on the clients' answers (`f`) and the database (`db`).
+fn queues_promises(f: &QueuesFigures, db: &QueuesEvidence, op: &OperatorLog, parked_ids: &[String]) -> Vec<Promise> {
     let (parked_issued, parked_issued_early) = db.parked_issued;
     let (requests_after_disable, certificates_after_disable) = db.rows_after_disable;
-
-    let promises = vec![
+    let parked_rows = op.parked_rows;
+    vec![
         Promise::new(
             "healthy CA keeps 100% success (both lanes) and p99 within 2x of the pre-fault baseline",
             f.ok_all == 1.0 && f.ok_bg_all == 1.0 && f.n_fault > 0 && f.p99_fault <= f.p99_base * 2,
@@ -336,8 +382,7 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
                 db.issued_less_async, f.sync_created, f.late_201, db.signed_after_expiry
             ),
         ),
-    ];
-    Ok(finish(session, promises))
+    ]
 }
 
 /// The two CAs whose keys the incident-003 drill destroys.

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod identity;
+mod identity_services;
 mod issue;
 /// The types an embedding application exchanges with the engine (defined in [`crate::types`]).
 pub use crate::types;
@@ -19,7 +20,7 @@ use tokio::sync::Semaphore;
 use crate::actors::cell::{self, CellSlot, CellStatus};
 use crate::actors::gauges::CellGauges;
 use crate::actors::intake::{Catalog, Intake};
-use crate::actors::registry::{self, Registry, SharedSnapshot};
+use crate::actors::registry::{self, Registry, RegistryChanged, SharedSnapshot, Snapshot};
 use crate::actors::resumer::Resumer;
 use crate::actors::store::{StoreFront, StoreHandle};
 use crate::actors::supervisor::{CellFactory, CellSupervisor};
@@ -27,6 +28,7 @@ use crate::config::{Config, ConfigProblem, Sabotage, Sabotages};
 use crate::db::{migrate, queries, Backend, DbConn, Pools};
 use crate::error::{DbError, EngineError};
 use crate::metrics::Metrics;
+use crate::pki::CaMaterial;
 use crate::states::CaState;
 use crate::types::*;
 
@@ -88,13 +90,13 @@ struct Inner {
     sabotage: Sabotages,
     /// Set by the first overload refusal; read only by [`Sabotage::StickyOverload`].
     overload_latched: AtomicBool,
-    arbiters: Arc<std::sync::Mutex<Vec<Arbiter>>>,
+    arbiters: Arbiters,
     _supervisor: Addr<CellSupervisor>,
     registry: Addr<Registry>,
     resumer: Addr<Resumer>,
     stop_listener: Arc<AtomicBool>,
     /// Key pool, vault and sweeper, when a key-encryption key is configured.
-    identities: Option<identity::IdentityServices>,
+    identities: Option<identity_services::IdentityServices>,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, StartError> {
@@ -105,32 +107,9 @@ impl Engine {
     /// Check the configuration, migrate the database, load the registry, and start every actor
     /// on the current actix system.
     pub async fn start(config: Config) -> Result<Engine, StartError> {
-        let cfg = config.clone();
-        let (problems, materials) = blocking(move || crate::check::check_config(&cfg)).await?;
-        let (warnings, problems): (Vec<_>, Vec<_>) = problems.into_iter().partition(|p| p.warning);
-        for w in &warnings {
-            tracing::warn!(problem = %w, "configuration warning");
-        }
-        let (unavailable, fatal): (Vec<_>, Vec<_>) = problems.into_iter().partition(|p| p.key_unavailable);
-        if !fatal.is_empty() {
-            return Err(StartError::Config(fatal));
-        }
-        for p in &unavailable {
-            tracing::error!(problem = %p, "a CA key is unavailable: that CA starts failed and its key is retried");
-        }
-        let url = config.database.url.clone();
-        let ran = blocking(move || migrate::run(&url)).await??;
-        if ran > 0 {
-            tracing::info!(migrations = ran, "database migrated");
-        }
+        let materials = accept_config(&config).await?;
         let metrics = Arc::new(Metrics::new());
-        let mut pools = Pools::build(&config.database, metrics.clone())?;
-        if config.sabotaged(Sabotage::SharedPool) {
-            pools.issuance = pools.control.clone();
-        }
-        let control = pools.control.clone();
-        let cfg = config.clone();
-        let snapshot = blocking(move || registry::bootstrap(&control, &cfg)).await??;
+        let (pools, snapshot) = open_database(&config, &metrics).await?;
         let instance: Arc<str> = config.instance_id().into();
         let shared = Arc::new(ArcSwap::from_pointee(snapshot));
 
@@ -149,17 +128,7 @@ impl Engine {
             instance: instance.clone(),
             snapshot: shared.clone(),
         };
-        let mut cells = HashMap::new();
-        let mut subscribers = HashMap::new();
-        let arbiters = Arc::new(std::sync::Mutex::new(Vec::new()));
-        for ca_cfg in &config.cas {
-            let gauges = Arc::new(CellGauges::default());
-            let Some((addr, arbiter)) = factory.start(&ca_cfg.id, gauges.clone()) else { continue };
-            subscribers.insert(ca_cfg.id.clone(), addr.clone().recipient());
-            cells.insert(ca_cfg.id.clone(), CellSlot { addr: ArcSwap::from_pointee(addr), gauges });
-            arbiters.lock().map_err(|_| StartError::Task("arbiter list poisoned".into()))?.push(arbiter);
-        }
-        let cells = Arc::new(cells);
+        let (cells, subscribers, arbiters) = start_cells(&config, &factory);
         let intake = Intake::new(&config, catalog.clone(), shared.clone(), cells.clone());
         let snapshot = shared.clone();
         let registry = Registry::new(
@@ -186,38 +155,8 @@ impl Engine {
             metrics.clone(),
         )
         .start();
-        let identities = match (&config.identities.kek_file, &config.identities.kek_env) {
-            (None, None) => None,
-            _ => {
-                let kek = crate::pki::kek::Kek::load(&config.identities, config.mode).map_err(|e| {
-                    StartError::Config(vec![ConfigProblem {
-                        path: "identities".into(),
-                        message: e.to_string(),
-                        key_unavailable: false,
-                        warning: false,
-                    }])
-                })?;
-                Some(identity::IdentityServices::start(
-                    &config,
-                    kek,
-                    pools.control.clone(),
-                    instance.clone(),
-                    metrics.clone(),
-                ))
-            }
-        };
-        let (watched, watch_metrics, threshold) = (pools.clone(), metrics.clone(), config.database.slow_hold_threshold);
-        let watch_stop = stop_listener.clone();
-        let silent_leaks = config.sabotaged(Sabotage::SilentLeaks);
-        actix_web::rt::spawn(async move {
-            let mut tick = tokio::time::interval(HOLD_SCAN_INTERVAL);
-            while !watch_stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                if !silent_leaks {
-                    watched.scan_holds(&watch_metrics, threshold);
-                }
-            }
-        });
+        let identities = start_identities(&config, &pools, &instance, &metrics)?;
+        watch_connection_holds(&config, &pools, &metrics, stop_listener.clone());
         tracing::info!(instance = %instance, cas = config.cas.len(), profiles = config.profiles.len(), "engine started");
         let sabotage = config.sabotages();
         let engine = Engine {
@@ -245,9 +184,14 @@ impl Engine {
                 identities,
             }),
         };
-        // Every instance publishes its actor tree with its heartbeat, so any console can show it.
-        let publisher = engine.clone();
-        let every = engine.inner.config.registry.poll_interval;
+        engine.publish_tree_periodically();
+        Ok(engine)
+    }
+
+    /// Every instance publishes its actor tree with its heartbeat, so any console can show it.
+    fn publish_tree_periodically(&self) {
+        let publisher = self.clone();
+        let every = self.inner.config.registry.poll_interval;
         actix_web::rt::spawn(async move {
             let mut tick = tokio::time::interval(every);
             while !publisher.is_shutting_down() {
@@ -257,7 +201,6 @@ impl Engine {
                 }
             }
         });
-        Ok(engine)
     }
 
     pub fn config(&self) -> &Config {
@@ -536,4 +479,100 @@ impl Engine {
     pub fn is_shutting_down(&self) -> bool {
         self.inner.shutting_down.load(Ordering::Relaxed)
     }
+}
+
+/// Check the configuration and load the CA material: fatal problems stop the start; a CA whose
+/// key is unavailable starts failed (its key is retried), and warnings are logged.
+async fn accept_config(config: &Config) -> Result<HashMap<String, CaMaterial>, StartError> {
+    let cfg = config.clone();
+    let (problems, materials) = blocking(move || crate::check::check_config(&cfg)).await?;
+    let (warnings, problems): (Vec<_>, Vec<_>) = problems.into_iter().partition(|p| p.warning);
+    for w in &warnings {
+        tracing::warn!(problem = %w, "configuration warning");
+    }
+    let (unavailable, fatal): (Vec<_>, Vec<_>) = problems.into_iter().partition(|p| p.key_unavailable);
+    if !fatal.is_empty() {
+        return Err(StartError::Config(fatal));
+    }
+    for p in &unavailable {
+        tracing::error!(problem = %p, "a CA key is unavailable: that CA starts failed and its key is retried");
+    }
+    Ok(materials)
+}
+
+/// Migrate the database, open the bounded pools and read the registry's first snapshot.
+async fn open_database(config: &Config, metrics: &Arc<Metrics>) -> Result<(Pools, Snapshot), StartError> {
+    let url = config.database.url.clone();
+    let ran = blocking(move || migrate::run(&url)).await??;
+    if ran > 0 {
+        tracing::info!(migrations = ran, "database migrated");
+    }
+    let mut pools = Pools::build(&config.database, metrics.clone())?;
+    if config.sabotaged(Sabotage::SharedPool) {
+        pools.issuance = pools.control.clone();
+    }
+    let (control, cfg) = (pools.control.clone(), config.clone());
+    let snapshot = blocking(move || registry::bootstrap(&control, &cfg)).await??;
+    Ok((pools, snapshot))
+}
+
+type Subscribers = HashMap<String, Recipient<RegistryChanged>>;
+type Arbiters = Arc<std::sync::Mutex<Vec<Arbiter>>>;
+
+/// One cell per CA whose material loaded, each on its own arbiter.
+fn start_cells(config: &Config, factory: &CellFactory) -> (Arc<HashMap<String, CellSlot>>, Subscribers, Arbiters) {
+    let mut cells = HashMap::new();
+    let mut subscribers = HashMap::new();
+    let mut arbiters = Vec::new();
+    for ca_cfg in &config.cas {
+        let gauges = Arc::new(CellGauges::default());
+        let Some((addr, arbiter)) = factory.start(&ca_cfg.id, gauges.clone()) else { continue };
+        subscribers.insert(ca_cfg.id.clone(), addr.clone().recipient());
+        cells.insert(ca_cfg.id.clone(), CellSlot { addr: ArcSwap::from_pointee(addr), gauges });
+        arbiters.push(arbiter);
+    }
+    (Arc::new(cells), subscribers, Arc::new(std::sync::Mutex::new(arbiters)))
+}
+
+/// The disposable-identity services, when a key-encryption key is configured.
+fn start_identities(
+    config: &Config,
+    pools: &Pools,
+    instance: &Arc<str>,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<identity_services::IdentityServices>, StartError> {
+    if config.identities.kek_file.is_none() && config.identities.kek_env.is_none() {
+        return Ok(None);
+    }
+    let kek = crate::pki::kek::Kek::load(&config.identities, config.mode).map_err(|e| {
+        StartError::Config(vec![ConfigProblem {
+            path: "identities".into(),
+            message: e.to_string(),
+            key_unavailable: false,
+            warning: false,
+        }])
+    })?;
+    let services = identity_services::IdentityServices::start(
+        config,
+        kek,
+        pools.control.clone(),
+        instance.clone(),
+        metrics.clone(),
+    );
+    Ok(Some(services))
+}
+
+/// Scan the pools for connections held too long, until the engine stops.
+fn watch_connection_holds(config: &Config, pools: &Pools, metrics: &Arc<Metrics>, stop: Arc<AtomicBool>) {
+    let (watched, metrics, threshold) = (pools.clone(), metrics.clone(), config.database.slow_hold_threshold);
+    let silent_leaks = config.sabotaged(Sabotage::SilentLeaks);
+    actix_web::rt::spawn(async move {
+        let mut tick = tokio::time::interval(HOLD_SCAN_INTERVAL);
+        while !stop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            if !silent_leaks {
+                watched.scan_holds(&metrics, threshold);
+            }
+        }
+    });
 }

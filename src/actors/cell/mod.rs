@@ -36,6 +36,12 @@ use crate::pki::{now_ms, CaMaterial};
 use crate::states::{CaState, RequestMode};
 use crate::types::IssuedCertificate;
 
+mod messages;
+mod status;
+
+pub use messages::{Crash, Drain, Enqueue, GetStatus, ResetBreaker, Stall};
+pub use status::{CellState, CellStatus};
+
 /// Same client, same profile, same public key: the same certificate would be issued.
 fn coalescing_key(job: &Job) -> [u8; 32] {
     let mut h = openssl::sha::Sha256::new();
@@ -52,80 +58,15 @@ fn coalesces(job: &Job) -> bool {
     job.profile.lane == Lane::Background && job.identity.is_none()
 }
 
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Enqueue(pub Job);
-
-/// Stop taking work and answer once everything queued and in flight is done.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Drain(pub oneshot::Sender<()>);
-
-#[derive(Message)]
-#[rtype(result = "CellStatus")]
-pub struct GetStatus;
-
-/// Fault injection (dev mode only): the cell's handler panics, killing the actor, so that its
-/// supervisor's replacement can be seen working.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Crash;
-
-/// Fault injection (dev mode only): the cell's thread blocks for this long, as a cell stuck in
-/// a handler would, so that its mailbox fills and intake's `try_send` can be seen refusing.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Stall(pub Duration);
-
-/// The operator says the signer is fixed: close the breaker now.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ResetBreaker;
-
-#[derive(Debug, Clone, serde::Serialize, MessageResponse)]
-pub struct CellStatus {
-    pub ca: String,
-    pub state: String,
-    pub breaker: String,
-    pub key_available: bool,
-    pub interactive_queued: usize,
-    pub background_queued: usize,
-    /// Age of the oldest job waiting in each lane (ms).
-    pub interactive_oldest_ms: u64,
-    pub background_oldest_ms: u64,
-    pub in_flight: usize,
-    pub draining: bool,
-    /// The breaker's latest transitions: (epoch ms, new state).
-    pub breaker_transitions: Vec<(i64, String)>,
-    pub signatures: u64,
-    /// Mean signing time since start (µs).
-    pub mean_sign_us: u64,
-    /// Filled in by the engine: parked requests of this CA, restarts of its cell.
-    pub parked: Option<i64>,
-    pub restarts: u64,
+/// Whether the cell takes new work. Draining is for good: a cell drains at shutdown.
+enum DrainState {
+    Taking,
+    Draining(Vec<oneshot::Sender<()>>),
 }
 
-impl CellStatus {
-    /// A CA whose cell is not running: it died, and its supervisor has not (or will no longer)
-    /// replace it.
-    pub fn down(ca: &str) -> CellStatus {
-        CellStatus {
-            ca: ca.to_string(),
-            state: "down".into(),
-            breaker: "unknown".into(),
-            key_available: false,
-            interactive_queued: 0,
-            background_queued: 0,
-            interactive_oldest_ms: 0,
-            background_oldest_ms: 0,
-            in_flight: 0,
-            draining: false,
-            breaker_transitions: Vec::new(),
-            signatures: 0,
-            mean_sign_us: 0,
-            parked: None,
-            restarts: 0,
-        }
+impl DrainState {
+    fn is_draining(&self) -> bool {
+        matches!(self, DrainState::Draining(_))
     }
 }
 
@@ -150,8 +91,8 @@ pub struct CaCell {
     max_in_flight: usize,
     breaker: Breaker,
     last_completion: Option<Instant>,
-    drain_waiters: Vec<oneshot::Sender<()>>,
-    draining: bool,
+    /// Taking work, or draining with whoever waits for the drain to finish.
+    drain: DrainState,
     /// This CA's state in the registry's latest snapshot.
     ca_state: CaState,
     watching_key: bool,
@@ -203,8 +144,7 @@ impl CaCell {
             max_in_flight: queue.in_flight.max(1),
             breaker: Breaker::new(breaker_cfg),
             last_completion: None,
-            drain_waiters: Vec::new(),
-            draining: false,
+            drain: DrainState::Taking,
             ca_state: initial_state,
             watching_key: false,
             recent_transitions: VecDeque::new(),
@@ -281,9 +221,11 @@ impl CaCell {
             }));
         }
         self.export_gauges();
-        if self.draining && self.in_flight == 0 && self.lanes.is_empty() {
-            for waiter in self.drain_waiters.drain(..) {
-                let _ = waiter.send(());
+        if let DrainState::Draining(waiters) = &mut self.drain {
+            if self.in_flight == 0 && self.lanes.is_empty() {
+                for waiter in waiters.drain(..) {
+                    let _ = waiter.send(());
+                }
             }
         }
     }
@@ -430,7 +372,8 @@ impl CaCell {
                     tracing::info!(ca = %act.ca_id(), "CA key available again");
                     act.dispatch(ctx);
                 }
-                _ => {}
+                Ok(None) => {}
+                Err(e) => tracing::error!(ca = %act.ca_id(), error = %e, "checking the CA key failed"),
             }
         }));
     }
@@ -469,7 +412,7 @@ impl Handler<Enqueue> for CaCell {
                 Err(caller) => job.caller = caller,
             }
         }
-        if self.draining {
+        if self.drain.is_draining() {
             job.caller.answer(Err(EngineError::ShuttingDown));
             return;
         }
@@ -525,11 +468,13 @@ impl Handler<Drain> for CaCell {
     type Result = ();
 
     fn handle(&mut self, Drain(done): Drain, ctx: &mut Self::Context) {
-        self.draining = true;
         // Queued asynchronous work is durable: leave it to the next instance (its claim is
         // released at shutdown) instead of holding the shutdown for it.
         self.lanes.retain(|j| j.caller.mode() == RequestMode::Sync);
-        self.drain_waiters.push(done);
+        match &mut self.drain {
+            DrainState::Draining(waiters) => waiters.push(done),
+            DrainState::Taking => self.drain = DrainState::Draining(vec![done]),
+        }
         self.dispatch(ctx);
     }
 }
@@ -572,7 +517,7 @@ impl Handler<GetStatus> for CaCell {
         let signatures = self.gauges.signatures.load(Ordering::Relaxed);
         CellStatus {
             ca: self.ca_id().to_string(),
-            state: self.ca_state.as_str().to_string(),
+            state: CellState::Running(self.ca_state),
             breaker: self.breaker.state().name().to_string(),
             key_available: self.pipeline.ca.key.is_available(),
             interactive_queued: self.lanes.depths().0,
@@ -580,7 +525,7 @@ impl Handler<GetStatus> for CaCell {
             interactive_oldest_ms: oldest(Lane::Interactive),
             background_oldest_ms: oldest(Lane::Background),
             in_flight: self.in_flight,
-            draining: self.draining,
+            draining: self.drain.is_draining(),
             breaker_transitions: self.recent_transitions.iter().cloned().collect(),
             signatures,
             mean_sign_us: self.gauges.sign_time_us.load(Ordering::Relaxed) / signatures.max(1),
