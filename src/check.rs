@@ -344,7 +344,14 @@ fn check_database(config: &Config, p: &mut Problems) {
         p.add("database.instances", "SQLite serves a single instance; use PostgreSQL for several");
     }
     let pools = &db.pools;
-    for (name, pool) in [("issuance", &pools.issuance), ("control", &pools.control), ("status", &pools.status)] {
+    let named = [
+        ("issuance", &pools.issuance),
+        ("control", &pools.control),
+        ("status", &pools.status),
+        ("admin", &pools.admin),
+        ("audit", &pools.audit),
+    ];
+    for (name, pool) in named {
         check_pool(config, &format!("database.pools.{name}"), pool, p);
     }
     if is_pg {
@@ -354,12 +361,14 @@ fn check_database(config: &Config, p: &mut Problems) {
             p.add(
                 "database.pools",
                 format!(
-                    "{} instances × {} connections (issuance {} + control {} + status {}) = {wanted}, more than server_max_connections {} − reserved_connections {} = {budget}",
+                    "{} instances × {} connections (issuance {} + control {} + status {} + admin {} + audit {}) = {wanted}, more than server_max_connections {} − reserved_connections {} = {budget}",
                     db.instances,
                     pools.total_max(),
                     pools.issuance.max_size,
                     pools.control.max_size,
                     pools.status.max_size,
+                    pools.admin.max_size,
+                    pools.audit.max_size,
                     db.server_max_connections,
                     db.reserved_connections
                 ),

@@ -46,6 +46,8 @@ pub enum EngineError {
     IdentitySignerBusy,
     #[error("client is over its rate limit")]
     RateLimited { retry_after: Duration },
+    #[error("this client keeps retrying CA {ca:?}, which is refusing its work: back off")]
+    TooManyRetries { ca: String, retry_after: Duration },
     #[error("CA {ca:?} cannot take more work now: {reason}")]
     CaOverloaded { ca: String, reason: String, retry_after: Duration },
     #[error("CA {ca:?} is not taking this work now: {reason}")]
@@ -65,6 +67,46 @@ pub enum EngineError {
 }
 
 impl EngineError {
+    /// Every slug [`EngineError::slug`] can return, in declaration order: counters indexed by
+    /// reason (refusal tallies, outcome metrics) are sized from it.
+    pub const SLUGS: [&'static str; 29] = [
+        "malformed-request",
+        "payload-too-large",
+        "malformed-csr",
+        "bad-csr-signature",
+        "weak-key",
+        "weak-signature-algorithm",
+        "policy-violation",
+        "unauthorized",
+        "forbidden-profile",
+        "forbidden",
+        "unknown-profile",
+        "profile-disabled",
+        "ca-disabled",
+        "idempotency-key-reuse",
+        "conflict",
+        "not-found",
+        "gone",
+        "bad-digest",
+        "identity-signer-busy",
+        "rate-limited",
+        "too-many-retries",
+        "ca-overloaded",
+        "ca-unavailable",
+        "deadline-exceeded",
+        "signer-failure",
+        "database-unavailable",
+        "store-overloaded",
+        "shutting-down",
+        "internal",
+    ];
+
+    /// This error's place in [`EngineError::SLUGS`] (a scan of 28 short strings: no allocation).
+    pub fn slug_index(&self) -> usize {
+        let slug = self.slug();
+        Self::SLUGS.iter().position(|s| *s == slug).unwrap_or(Self::SLUGS.len() - 1)
+    }
+
     /// The stable problem-type slug; the full `type` URI is [`EngineError::problem_type`].
     pub fn slug(&self) -> &'static str {
         use EngineError::*;
@@ -89,6 +131,7 @@ impl EngineError {
             BadDigest(_) => "bad-digest",
             IdentitySignerBusy => "identity-signer-busy",
             RateLimited { .. } => "rate-limited",
+            TooManyRetries { .. } => "too-many-retries",
             CaOverloaded { .. } => "ca-overloaded",
             CaUnavailable { .. } => "ca-unavailable",
             DeadlineExceeded { .. } => "deadline-exceeded",
@@ -115,7 +158,7 @@ impl EngineError {
             Gone(_) => 410,
             PayloadTooLarge => 413,
             WeakKey(_) | WeakSignatureAlgorithm(_) | PolicyViolation(_) | IdempotencyKeyReuse | BadDigest(_) => 422,
-            RateLimited { .. } => 429,
+            RateLimited { .. } | TooManyRetries { .. } => 429,
             Internal(_) => 500,
             CaOverloaded { .. }
             | CaUnavailable { .. }
@@ -133,6 +176,7 @@ impl EngineError {
         use EngineError::*;
         match self {
             RateLimited { retry_after }
+            | TooManyRetries { retry_after, .. }
             | CaOverloaded { retry_after, .. }
             | CaUnavailable { retry_after, .. }
             | DeadlineExceeded { retry_after } => Some(*retry_after),
@@ -145,7 +189,8 @@ impl EngineError {
     /// Whether this failure says something about the request itself (so replaying the same
     /// request can never succeed) rather than about the engine's state at the time.
     pub fn is_permanent(&self) -> bool {
-        self.http_status() < 500 && !matches!(self, EngineError::RateLimited { .. })
+        self.http_status() < 500
+            && !matches!(self, EngineError::RateLimited { .. } | EngineError::TooManyRetries { .. })
     }
 
     /// Rebuild an error recorded in the database (request state) from its slug and detail.

@@ -17,6 +17,7 @@
 
 pub mod actors;
 pub mod admin;
+pub mod audit;
 #[cfg(feature = "tools")]
 pub mod bench;
 pub mod check;

@@ -25,6 +25,13 @@ pub struct Metrics {
     registry: Mutex<Registry>,
     /// Requests by outcome (`issued`, `accepted`, or a problem slug), profile and CA.
     pub requests: Family<Labels, Counter>,
+    /// Refusals of authenticated clients by client, target, action and reason, as they happen.
+    pub refusals: Family<Labels, Counter>,
+    /// Audit events the audit writer could not keep (its queue full, or the database down too
+    /// long); each drop is also written as an `audit.dropped` row once the database answers.
+    pub audit_dropped: Counter,
+    /// Audit rows written, single events and refusal aggregates.
+    pub audit_rows: Family<Labels, Counter>,
     /// End-to-end time of a synchronous issuance inside the engine.
     pub issue_seconds: Family<Labels, Histogram>,
     pub queue_depth: Family<Labels, Gauge>,
@@ -78,6 +85,9 @@ impl Metrics {
         let m = Metrics {
             registry: Mutex::new(Registry::with_prefix("castellum")),
             requests: Family::default(),
+            refusals: Family::default(),
+            audit_dropped: Counter::default(),
+            audit_rows: Family::default(),
             issue_seconds: Family::new_with_constructor(latency_histogram),
             queue_depth: Family::default(),
             in_flight: Family::default(),
@@ -115,6 +125,21 @@ impl Metrics {
         {
             let mut r = m.registry.lock().expect("metrics registry lock");
             r.register("requests", "Requests by outcome", m.requests.clone());
+            r.register(
+                "refusals",
+                "Refusals of authenticated clients, by client, target, action and reason",
+                m.refusals.clone(),
+            );
+            r.register(
+                "audit_dropped",
+                "Audit events dropped by the audit writer (each also written as an audit.dropped row)",
+                m.audit_dropped.clone(),
+            );
+            r.register(
+                "audit_rows",
+                "Audit rows written by the audit writer, by kind (event, refusals, dropped)",
+                m.audit_rows.clone(),
+            );
             r.register(
                 "issue_duration_seconds",
                 "Time to issue a certificate inside the engine",

@@ -125,7 +125,8 @@ async fn every_lever_changes_state_and_is_audited() {
     }
     let status = admin_status(&server).await;
     assert_eq!(status["instances"].as_array().unwrap().len(), 1);
-    assert_eq!(status["pools"].as_array().unwrap().len(), 3);
+    // issuance, control, status, admin, audit.
+    assert_eq!(status["pools"].as_array().unwrap().len(), 5);
     server.stop().await;
 }
 

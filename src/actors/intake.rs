@@ -17,6 +17,7 @@ use actix::prelude::*;
 use super::cell::{CellSlot, Enqueue};
 use super::job::{Admitted, Dispatch, Job, KeyToMake, Keyed};
 use super::registry::SharedSnapshot;
+use super::retry_budget::RetryBudget;
 use crate::config::{Config, LanesConfig, Sabotage, Sabotages};
 use crate::error::EngineError;
 use crate::pki::identity::{self, IdentitySubject};
@@ -117,6 +118,8 @@ pub struct Intake {
     async_max_age: Duration,
     /// Per-client GCRA limiters (clients without a configured rate have none).
     limiters: Arc<HashMap<String, Limiter>>,
+    /// Clients retrying a refusing CA are told to back off harder.
+    retry_budget: Arc<RetryBudget>,
     /// Dev-only deliberate defects (see [`Sabotage`]).
     sabotage: Sabotages,
 }
@@ -145,6 +148,11 @@ impl Intake {
             lanes: config.lanes.clone(),
             async_max_age: config.async_requests.max_age,
             limiters: Arc::new(limiters),
+            retry_budget: Arc::new(RetryBudget::new(
+                config.clients.iter().map(|c| c.name.as_str()),
+                config.cas.iter().map(|c| c.id.as_str()),
+                config.backoff.retries_per_second,
+            )),
             sabotage: config.sabotages(),
         }
     }
@@ -287,14 +295,20 @@ impl Intake {
         if !matches!(route, Route::Resume { .. }) {
             self.check_rate(client)?;
         }
-        let (profile, hold) = self.profile_for(client, profile_id, !matches!(route, Route::Sync { .. }))?;
+        // A client retrying a refusing CA is told to back off (the resumer is not a client).
+        let back_off = |e| match route {
+            Route::Resume { .. } => e,
+            Route::Sync { .. } | Route::Async => self.retry_budget.judge(&client.name, e, crate::pki::now_ms()),
+        };
+        let (profile, hold) =
+            self.profile_for(client, profile_id, !matches!(route, Route::Sync { .. })).map_err(back_off)?;
         let (dispatch, checks_breaker) = match route {
             Route::Async if hold => (Dispatch::Park, false),
             Route::Sync { .. } | Route::Async => (Dispatch::Queue, true),
             Route::Resume { .. } => (Dispatch::Queue, false),
         };
         if checks_breaker {
-            self.check_breaker(&profile)?;
+            self.check_breaker(&profile).map_err(back_off)?;
         }
         let (names, key) = body.approve(&profile)?;
         let deadline = match route {

@@ -25,6 +25,7 @@ pub mod lanes;
 pub mod pipeline;
 pub mod registry;
 pub mod resumer;
+pub mod retry_budget;
 pub mod signer;
 pub mod store;
 pub mod supervisor;

@@ -36,6 +36,8 @@ pub struct Config {
     pub lanes: LanesConfig,
     pub registry: RegistryConfig,
     pub store: StoreConfig,
+    pub audit: AuditConfig,
+    pub backoff: BackoffConfig,
     pub async_requests: AsyncConfig,
     pub identities: IdentitiesConfig,
     pub cas: Vec<CaConfig>,
@@ -84,14 +86,18 @@ pub enum Sabotage {
     StickyOverload,
     /// Issuance takes its connections from the control pool: no bulkhead between them (incident 001).
     SharedPool,
-    /// The admin status page fails when the control pool cannot give it a connection, instead
-    /// of answering without what needs the database (incident 001).
+    /// The admin console and levers use the control pool (no admin pool of their own), and the
+    /// status page fails when it cannot get a connection instead of answering without what
+    /// needs the database (incident 001).
     BrittleConsole,
     /// `check-config` does not compare the pools with the expected rate (incident 002).
     BlindCheckConfig,
     /// A read refused or timed out for lack of a connection is answered 500 without
     /// `Retry-After` (incident 002).
     BareErrors,
+    /// Every refusal of an authenticated client is audited as a row of its own, through the
+    /// issuance Store: a retry storm becomes a storm of database writes (incident 003).
+    AuditEachRefusal,
 }
 
 /// The defects an engine is built with: empty unless `mode = "dev"`. Copied into every component
@@ -116,6 +122,8 @@ impl Default for Config {
             lanes: LanesConfig::default(),
             registry: RegistryConfig::default(),
             store: StoreConfig::default(),
+            audit: AuditConfig::default(),
+            backoff: BackoffConfig::default(),
             async_requests: AsyncConfig::default(),
             identities: IdentitiesConfig::default(),
             cas: Vec::new(),
@@ -220,6 +228,11 @@ pub struct PoolsConfig {
     pub control: PoolConfig,
     /// Reads: certificate and request lookups, readiness.
     pub status: PoolConfig,
+    /// The operator's levers and the admin console: capacity issuance, audit and a retry storm
+    /// cannot take.
+    pub admin: PoolConfig,
+    /// The audit writer's alone: refusal tallies and single audit events.
+    pub audit: PoolConfig,
 }
 
 impl Default for PoolsConfig {
@@ -228,13 +241,19 @@ impl Default for PoolsConfig {
             issuance: PoolConfig { max_size: 2, min_idle: Some(1), ..PoolConfig::default() },
             control: PoolConfig { max_size: 2, min_idle: Some(1), ..PoolConfig::default() },
             status: PoolConfig { max_size: 4, min_idle: Some(1), ..PoolConfig::default() },
+            admin: PoolConfig { max_size: 1, min_idle: Some(1), ..PoolConfig::default() },
+            audit: PoolConfig { max_size: 1, min_idle: Some(1), ..PoolConfig::default() },
         }
     }
 }
 
 impl PoolsConfig {
     pub fn total_max(&self) -> u32 {
-        self.issuance.max_size + self.control.max_size + self.status.max_size
+        self.issuance.max_size
+            + self.control.max_size
+            + self.status.max_size
+            + self.admin.max_size
+            + self.audit.max_size
     }
 }
 
@@ -321,6 +340,40 @@ pub struct RegistryConfig {
 impl Default for RegistryConfig {
     fn default() -> Self {
         RegistryConfig { poll_interval: Duration::from_secs(1), listen: true, stale_after: Duration::from_secs(5) }
+    }
+}
+
+/// How hard a client retrying a refusing CA is told to back off.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackoffConfig {
+    /// Refusals by a CA's state (breaker open, disabled, parked, draining) a client may collect
+    /// per CA and second before it is answered `429 too-many-retries` with a growing
+    /// `Retry-After`. 0 turns this off.
+    pub retries_per_second: u32,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig { retries_per_second: 50 }
+    }
+}
+
+/// The audit writer: refusals are counted in memory and written in aggregate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// How often refusal tallies are written: one row per (client, target, action, reason).
+    #[serde(with = "humantime_serde")]
+    pub refusal_interval: Duration,
+    /// Single audit events (admin actions) waiting for the writer; beyond this they are
+    /// dropped and the drop is counted (metric and an `audit.dropped` row).
+    pub max_pending: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig { refusal_interval: Duration::from_secs(10), max_pending: 1024 }
     }
 }
 

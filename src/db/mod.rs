@@ -2,7 +2,7 @@
 //! the URL. `diesel::MultiConnection` cannot batch-insert or upsert, so a connection here is an
 //! enum of the two concrete connections and [`with_conn!`] compiles one body for each.
 //!
-//! Pools are bulkheads (issuance, control, status): each has its own budget, timeouts and
+//! Pools are bulkheads (issuance, control, status, admin, audit): each has its own budget, timeouts and
 //! metrics, so a saturated issuance path cannot starve health checks or the admin console.
 
 pub mod holds;
@@ -280,6 +280,8 @@ pub struct Pools {
     pub issuance: DbPool,
     pub control: DbPool,
     pub status: DbPool,
+    pub admin: DbPool,
+    pub audit: DbPool,
 }
 
 impl Pools {
@@ -287,12 +289,14 @@ impl Pools {
         Ok(Pools {
             issuance: DbPool::build(db, &db.pools.issuance, "issuance", metrics.clone())?,
             control: DbPool::build(db, &db.pools.control, "control", metrics.clone())?,
-            status: DbPool::build(db, &db.pools.status, "status", metrics)?,
+            status: DbPool::build(db, &db.pools.status, "status", metrics.clone())?,
+            admin: DbPool::build(db, &db.pools.admin, "admin", metrics.clone())?,
+            audit: DbPool::build(db, &db.pools.audit, "audit", metrics)?,
         })
     }
 
-    pub fn all(&self) -> [&DbPool; 3] {
-        [&self.issuance, &self.control, &self.status]
+    pub fn all(&self) -> [&DbPool; 5] {
+        [&self.issuance, &self.control, &self.status, &self.admin, &self.audit]
     }
 
     /// Export the longest current hold per pool and report holds past `threshold` while they

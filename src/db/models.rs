@@ -98,6 +98,30 @@ pub struct NewAuditEvent {
     pub detail: String,
 }
 
+/// An audit row as the audit writer inserts it: a single event (`count` 1, no `first_at`), or
+/// `count` refusals of one kind seen from `first_at` to `at`.
+#[derive(Debug, Clone, Insertable)]
+#[diesel(treat_none_as_default_value = false)]
+#[diesel(table_name = audit_log)]
+pub struct NewAuditRow {
+    pub at: i64,
+    pub instance: String,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
+    pub detail: String,
+    pub count: i64,
+    pub first_at: Option<i64>,
+}
+
+impl From<NewAuditEvent> for NewAuditRow {
+    fn from(e: NewAuditEvent) -> NewAuditRow {
+        let NewAuditEvent { at, instance, actor, action, target, outcome, detail } = e;
+        NewAuditRow { at, instance, actor, action, target, outcome, detail, count: 1, first_at: None }
+    }
+}
+
 #[derive(Debug, Clone, Queryable, Selectable, serde::Serialize)]
 #[diesel(table_name = audit_log)]
 pub struct AuditEvent {
@@ -109,4 +133,7 @@ pub struct AuditEvent {
     pub target: String,
     pub outcome: String,
     pub detail: String,
+    /// How many refusals this row stands for (1 for a single event).
+    pub count: i64,
+    pub first_at: Option<i64>,
 }

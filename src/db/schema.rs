@@ -86,6 +86,8 @@ diesel::table! {
         target -> Text,
         outcome -> Text,
         detail -> Text,
+        count -> BigInt,
+        first_at -> Nullable<BigInt>,
     }
 }
 

@@ -19,12 +19,17 @@ use crate::pki::now_ms;
 use crate::states::{CaState, ProfileState};
 
 impl Engine {
-    /// Run blocking work on the control pool.
+    /// Run blocking work on the admin pool: the operator's capacity, which issuance, the audit
+    /// writer and a retry storm cannot take.
     async fn control<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut DbConn) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, EngineError> {
-        super::on_pool(self.inner.pools.control.clone(), f).await
+        let pool = match self.inner.sabotage.has(crate::config::Sabotage::BrittleConsole) {
+            true => &self.inner.pools.control,
+            false => &self.inner.pools.admin,
+        };
+        super::on_pool(pool.clone(), f).await
     }
 
     /// Change a CA's state (`enabled`, `parked`, `draining`, `disabled`, `retired`); returns the
@@ -203,7 +208,7 @@ impl Engine {
             Ok(found) => found,
             Err(e) if self.inner.sabotage.has(crate::config::Sabotage::BrittleConsole) => return Err(e),
             Err(e) => {
-                warnings.push(format!("cluster view, parked counts and audit log unavailable: {e} (control pool)"));
+                warnings.push(format!("cluster view, parked counts and audit log unavailable: {e} (admin pool)"));
                 (Vec::new(), Vec::new(), Vec::new())
             }
         };
@@ -278,7 +283,7 @@ impl Engine {
     }
 
     fn audit(&self, actor: &str, action: &str, target: &str, detail: &str) {
-        self.inner.store.write_detached(crate::db::writes::WriteOp::Audit(crate::db::models::NewAuditEvent {
+        self.inner.audit.event(crate::db::models::NewAuditEvent {
             at: now_ms(),
             instance: self.instance_id().to_string(),
             actor: actor.to_string(),
@@ -286,7 +291,7 @@ impl Engine {
             target: target.to_string(),
             outcome: "ok".into(),
             detail: detail.to_string(),
-        }));
+        });
     }
 }
 

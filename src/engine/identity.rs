@@ -11,6 +11,7 @@ use super::issue::{check_idempotency_key, Provenance};
 use super::Engine;
 use crate::actors::intake::{Route, Subject};
 use crate::actors::vault::SignDigest;
+use crate::audit::Action;
 use crate::types::*;
 use base64::Engine as _;
 
@@ -45,7 +46,7 @@ impl Engine {
             tracing::Instrument::instrument(self.create_identity_inner(client, &req, span.clone()), span).await;
         self.count_identity("create", result.as_ref().map(|_| "created"));
         if let Err(e) = &result {
-            self.audit_refusal(client, "identity.create", &req.profile, e);
+            self.refused(client, Action::IdentityCreate, &req.profile, e);
         }
         result
     }
@@ -173,7 +174,7 @@ impl Engine {
         if let Err(e) = &result {
             // Gone is audited with the attempt, in the store's transaction.
             if !matches!(e, EngineError::Gone(_)) {
-                self.audit_refusal(client, "identity.sign", id, e);
+                self.refused(client, Action::IdentitySign, id, e);
             }
         }
         result

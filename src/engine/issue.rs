@@ -9,6 +9,7 @@ use tokio::sync::oneshot;
 use super::Engine;
 use crate::actors::intake::{CsrPem, Route};
 use crate::actors::job::{Admitted, Caller, Dispatch, Job};
+use crate::audit::Action;
 use crate::config::Sabotage;
 use crate::db::models::{NewAuditEvent, RequestRow};
 use crate::db::queries;
@@ -34,7 +35,7 @@ impl Engine {
         drop(stray);
         self.count(result.as_ref().map(|_| "issued"), started);
         if let Err(e) = &result {
-            self.audit_refusal(client, "certificate.issue", &req.profile, e);
+            self.refused(client, Action::Issue, &req.profile, e);
         }
         result
     }
@@ -206,7 +207,7 @@ impl Engine {
         let result = tracing::Instrument::instrument(self.submit_inner(client, &req, span.clone()), span).await;
         self.count(result.as_ref().map(|_| "accepted"), started);
         if let Err(e) = &result {
-            self.audit_refusal(client, "certificate.submit", &req.profile, e);
+            self.refused(client, Action::Submit, &req.profile, e);
         }
         result
     }
@@ -345,6 +346,24 @@ impl Engine {
         }
     }
 
+    /// A refusal of an authenticated client: tallied in memory, written in aggregate by the
+    /// audit writer. Never a database write on this path.
+    pub(super) fn refused(&self, client: &Client, action: Action, target: &str, err: &EngineError) {
+        self.inner.audit.refusal(&client.name, action, target, err);
+        if !self.inner.sabotage.has(Sabotage::AuditEachRefusal) {
+            return;
+        }
+        self.inner.store.write_detached(WriteOp::Audit(NewAuditEvent {
+            at: now_ms(),
+            instance: self.inner.instance.to_string(),
+            actor: client.name.clone(),
+            action: action.as_str().to_string(),
+            target: target.chars().take(64).collect(),
+            outcome: err.slug().to_string(),
+            detail: err.to_string().chars().take(512).collect(),
+        }));
+    }
+
     fn count(&self, outcome: Result<&str, &EngineError>, started: Instant) {
         let outcome = match outcome {
             Ok(o) => o,
@@ -355,20 +374,6 @@ impl Engine {
         if outcome == "issued" {
             m.issue_seconds.get_or_create(&metrics::Labels::new()).observe(started.elapsed().as_secs_f64());
         }
-    }
-
-    /// Refusals of authenticated clients are audited (best effort: never at issuance's expense;
-    /// never a digest or key material, only what was refused and why).
-    pub(super) fn audit_refusal(&self, client: &Client, action: &str, target: &str, err: &EngineError) {
-        self.inner.store.write_detached(WriteOp::Audit(NewAuditEvent {
-            at: now_ms(),
-            instance: self.inner.instance.to_string(),
-            actor: client.name.clone(),
-            action: action.to_string(),
-            target: target.chars().take(64).collect(),
-            outcome: err.slug().to_string(),
-            detail: err.to_string().chars().take(512).collect(),
-        }));
     }
 }
 

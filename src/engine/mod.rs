@@ -24,6 +24,7 @@ use crate::actors::registry::{self, Registry, RegistryChanged, SharedSnapshot, S
 use crate::actors::resumer::Resumer;
 use crate::actors::store::{StoreFront, StoreHandle};
 use crate::actors::supervisor::{CellFactory, CellSupervisor};
+use crate::audit::{AuditLog, AuditWriter, RefusalLedger};
 use crate::config::{Config, ConfigProblem, Sabotage, Sabotages};
 use crate::db::{migrate, queries, Backend, DbConn, Pools};
 use crate::error::{DbError, EngineError};
@@ -91,6 +92,8 @@ struct Inner {
     /// Set by the first overload refusal; read only by [`Sabotage::StickyOverload`].
     overload_latched: AtomicBool,
     arbiters: Arbiters,
+    /// Refusal tallies and the audit writer (not the issuance Store).
+    audit: AuditLog,
     _supervisor: Addr<CellSupervisor>,
     registry: Addr<Registry>,
     resumer: Addr<Resumer>,
@@ -120,6 +123,7 @@ impl Engine {
             metrics.clone(),
         );
         let catalog = Arc::new(Catalog::build(&config, materials));
+        let audit = start_audit(&config, &pools, &instance, &metrics);
         let factory = CellFactory {
             config: Arc::new(config.clone()),
             catalog: catalog.clone(),
@@ -171,6 +175,7 @@ impl Engine {
                 snapshot,
                 cells,
                 store,
+                audit,
                 pools,
                 metrics,
                 shutting_down: AtomicBool::new(false),
@@ -468,6 +473,10 @@ impl Engine {
         if let Some(identities) = &self.inner.identities {
             identities.stop();
         }
+        // The last refusal tallies and events, so that a clean stop loses none.
+        if let Err(e) = self.inner.audit.flush().await {
+            tracing::warn!(error = %e, "shutdown: the last audit rows could not be written");
+        }
         if let Ok(mut arbiters) = self.inner.arbiters.lock() {
             for arbiter in arbiters.drain(..) {
                 arbiter.stop();
@@ -560,6 +569,23 @@ fn start_identities(
         metrics.clone(),
     );
     Ok(Some(services))
+}
+
+/// The refusal tallies for every configured client and profile, and their writer.
+fn start_audit(config: &Config, pools: &Pools, instance: &Arc<str>, metrics: &Arc<Metrics>) -> AuditLog {
+    let ledger = RefusalLedger::new(
+        config.clients.iter().map(|c| c.name.as_str()),
+        config.profiles.iter().map(|p| p.id.as_str()),
+        metrics.clone(),
+    );
+    AuditWriter::start(
+        pools.audit.clone(),
+        Arc::new(ledger),
+        metrics.clone(),
+        instance.clone(),
+        config.audit.refusal_interval,
+        config.audit.max_pending,
+    )
 }
 
 /// Scan the pools for connections held too long, until the engine stops.

@@ -45,11 +45,7 @@ impl ResponseError for Problem {
         if let Some(after) = self.0.retry_after() {
             // Jitter spreads the retries of many clients refused at the same moment.
             let secs = after.as_secs().max(1);
-            let jittered = if status == StatusCode::SERVICE_UNAVAILABLE {
-                secs + rand::rng().random_range(0..=secs)
-            } else {
-                secs
-            };
+            let jittered = secs + rand::rng().random_range(0..=secs);
             resp.insert_header((header::RETRY_AFTER, jittered.to_string()));
         }
         if matches!(self.0, EngineError::Unauthorized) {

@@ -1,0 +1,343 @@
+//! The audit writer: an actor on the system arbiter whose database work runs on a blocking
+//! thread with the `audit` pool's one connection. It never makes anyone wait: events are handed
+//! to it with `try_send` (a full queue drops the event and counts the drop), refusals are only
+//! tallies, and a write that fails keeps its rows (bounded) for the next attempt.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use diesel::prelude::*;
+
+use super::ledger::{Action, RefusalCount, RefusalLedger};
+use crate::db::models::{NewAuditEvent, NewAuditRow};
+use crate::db::schema::audit_log;
+use crate::db::DbPool;
+use crate::error::{DbError, EngineError};
+use crate::metrics::Metrics;
+use crate::pki::now_ms;
+use crate::with_conn;
+
+/// After a single event arrives, wait this long for others before writing (admin actions come
+/// in bursts; their rows should still appear within a moment).
+const EVENT_DELAY: Duration = Duration::from_millis(50);
+
+/// What the rest of the engine holds: record a refusal (in memory), send an event (never waits).
+#[derive(Clone)]
+pub struct AuditLog {
+    ledger: Arc<RefusalLedger>,
+    writer: Addr<AuditWriter>,
+    metrics: Arc<Metrics>,
+}
+
+impl AuditLog {
+    /// Count a refusal of an authenticated client. Writes nothing, takes no lock.
+    pub fn refusal(&self, client: &str, action: Action, target: &str, err: &EngineError) {
+        self.ledger.record(client, action, target, err, now_ms());
+    }
+
+    /// One audit row for one event (an operator's action). Dropped, and counted, if the writer's
+    /// queue is full.
+    pub fn event(&self, event: NewAuditEvent) {
+        // The writer reads the metric at its next write and records the drops as a row.
+        if self.writer.try_send(Record(event)).is_err() {
+            self.metrics.audit_dropped.inc();
+        }
+    }
+
+    /// Write everything pending now (at shutdown); `Err` if the database would not take it.
+    pub async fn flush(&self) -> Result<(), EngineError> {
+        match self.writer.send(Flush).await {
+            Ok(result) => result,
+            Err(_) => Err(EngineError::Internal("the audit writer stopped".into())),
+        }
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Record(NewAuditEvent);
+
+#[derive(Message)]
+#[rtype(result = "Result<(), EngineError>")]
+struct Flush;
+
+pub struct AuditWriter {
+    pool: DbPool,
+    ledger: Arc<RefusalLedger>,
+    metrics: Arc<Metrics>,
+    instance: Arc<str>,
+    interval: Duration,
+    max_pending: usize,
+    /// Rows waiting for the next write (events, and rows a failed write kept).
+    pending: Vec<NewAuditRow>,
+    /// Drops the metric has counted and no row records yet.
+    dropped_written: u64,
+    writing: bool,
+    event_write_scheduled: bool,
+}
+
+impl AuditWriter {
+    /// Start the writer; its mailbox holds `max_pending` events.
+    pub fn start(
+        pool: DbPool,
+        ledger: Arc<RefusalLedger>,
+        metrics: Arc<Metrics>,
+        instance: Arc<str>,
+        interval: Duration,
+        max_pending: usize,
+    ) -> AuditLog {
+        let writer = AuditWriter {
+            pool,
+            ledger: ledger.clone(),
+            metrics: metrics.clone(),
+            instance,
+            interval,
+            max_pending: max_pending.max(1),
+            pending: Vec::new(),
+            dropped_written: 0,
+            writing: false,
+            event_write_scheduled: false,
+        };
+        let (sender, receiver) = actix::dev::channel::channel(max_pending.max(1));
+        let addr = Addr::new(sender);
+        actix::Arbiter::current().spawn(async move {
+            Context::with_receiver(receiver).run(writer);
+        });
+        AuditLog { ledger, writer: addr, metrics }
+    }
+
+    /// Everything to write now: waiting rows, the tallies as aggregates, and the drops.
+    fn collect(&mut self) -> Vec<NewAuditRow> {
+        let mut rows = std::mem::take(&mut self.pending);
+        let now = now_ms();
+        rows.extend(self.ledger.drain().into_iter().map(|r| aggregate_row(&self.instance, r)));
+        let dropped = self.metrics.audit_dropped.get();
+        if dropped > self.dropped_written {
+            rows.push(NewAuditRow {
+                at: now,
+                instance: self.instance.to_string(),
+                actor: "castellum".into(),
+                action: "audit.dropped".into(),
+                target: "audit".into(),
+                outcome: "dropped".into(),
+                detail: "audit events dropped: the audit writer's queue was full or the database down too long".into(),
+                count: (dropped - self.dropped_written) as i64,
+                first_at: None,
+            });
+            self.dropped_written = dropped;
+        }
+        rows
+    }
+
+    /// Keep rows a failed write could not store, up to the bound; count the rest as dropped.
+    fn keep(&mut self, mut rows: Vec<NewAuditRow>) {
+        let room = self.max_pending.saturating_sub(self.pending.len());
+        if rows.len() > room {
+            let lost: i64 = rows.drain(room..).map(|r| r.count).sum();
+            self.metrics.audit_dropped.inc_by(lost.max(0) as u64);
+        }
+        rows.append(&mut self.pending);
+        self.pending = rows;
+    }
+
+    fn write(&mut self, ctx: &mut Context<Self>) {
+        if self.writing {
+            return;
+        }
+        let rows = self.collect();
+        if rows.is_empty() {
+            return;
+        }
+        self.writing = true;
+        let pool = self.pool.clone();
+        let task = actix_web::rt::task::spawn_blocking(move || {
+            let result = pool.get().and_then(|mut conn| insert(&mut conn, &rows));
+            (rows, result)
+        });
+        ctx.spawn(task.into_actor(self).map(|joined, act, _| {
+            act.writing = false;
+            match joined {
+                Ok((rows, Ok(()))) => act.count_written(&rows),
+                Ok((rows, Err(e))) => {
+                    tracing::warn!(error = %e, rows = rows.len(), "audit write failed; kept for the next attempt");
+                    act.keep(rows);
+                }
+                Err(e) => tracing::error!(error = %e, "audit write task failed"),
+            }
+        }));
+    }
+
+    fn count_written(&self, rows: &[NewAuditRow]) {
+        for row in rows {
+            let kind = match (row.first_at, row.action.as_str()) {
+                (Some(_), _) => "refusals",
+                (None, "audit.dropped") => "dropped",
+                (None, _) => "event",
+            };
+            self.metrics.audit_rows.get_or_create(&vec![("kind", kind.to_string())]).inc();
+        }
+    }
+}
+
+fn aggregate_row(instance: &str, r: RefusalCount) -> NewAuditRow {
+    NewAuditRow {
+        at: r.last_ms,
+        instance: instance.to_string(),
+        actor: r.client,
+        action: r.action.to_string(),
+        target: r.target,
+        outcome: r.reason.to_string(),
+        detail: r.example,
+        count: r.count as i64,
+        first_at: Some(r.first_ms),
+    }
+}
+
+fn insert(conn: &mut crate::db::DbConn, rows: &[NewAuditRow]) -> Result<(), DbError> {
+    with_conn!(conn, |c| c.transaction(|c| {
+        for chunk in rows.chunks(500) {
+            diesel::insert_into(audit_log::table).values(chunk).execute(c)?;
+        }
+        Ok::<_, DbError>(())
+    }))
+}
+
+impl Actor for AuditWriter {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(self.interval, |act, ctx| act.write(ctx));
+    }
+}
+
+impl Handler<Record> for AuditWriter {
+    type Result = ();
+
+    fn handle(&mut self, Record(event): Record, ctx: &mut Self::Context) {
+        if self.pending.len() >= self.max_pending {
+            self.metrics.audit_dropped.inc();
+            return;
+        }
+        self.pending.push(event.into());
+        if !self.event_write_scheduled {
+            self.event_write_scheduled = true;
+            ctx.run_later(EVENT_DELAY, |act, ctx| {
+                act.event_write_scheduled = false;
+                act.write(ctx);
+            });
+        }
+    }
+}
+
+impl Handler<Flush> for AuditWriter {
+    type Result = ResponseActFuture<Self, Result<(), EngineError>>;
+
+    fn handle(&mut self, _: Flush, _: &mut Self::Context) -> Self::Result {
+        let rows = self.collect();
+        let pool = self.pool.clone();
+        let task = actix_web::rt::task::spawn_blocking(move || pool.get().and_then(|mut c| insert(&mut c, &rows)));
+        Box::pin(task.into_actor(self).map(|joined, _, _| match joined {
+            Ok(result) => result.map_err(EngineError::from),
+            Err(e) => Err(EngineError::Internal(format!("audit flush task: {e}"))),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DatabaseConfig, PoolConfig};
+
+    /// A writer on a fresh SQLite file; the file's URL for reading back.
+    fn writer(dir: &tempfile::TempDir, interval: Duration, max_pending: usize) -> (AuditLog, String, Arc<Metrics>) {
+        let url = format!("sqlite://{}", dir.path().join("audit.db").display());
+        crate::db::migrate::run(&url).expect("migrated");
+        let db = DatabaseConfig { url: url.clone(), ..DatabaseConfig::default() };
+        let metrics = Arc::new(Metrics::new());
+        let pool = DbPool::build(&db, &PoolConfig { max_size: 1, ..PoolConfig::default() }, "audit", metrics.clone())
+            .expect("pool");
+        let ledger = Arc::new(RefusalLedger::new(["demo"], ["tls-server-p256"], metrics.clone()));
+        let log = AuditWriter::start(pool, ledger, metrics.clone(), "test".into(), interval, max_pending);
+        (log, url, metrics)
+    }
+
+    /// (action, outcome, count, first_at) of every row, oldest first.
+    fn rows(url: &str) -> Vec<(String, String, i64, Option<i64>)> {
+        use diesel::Connection;
+        let mut c = diesel::SqliteConnection::establish(crate::db::sqlite_path(url)).expect("open");
+        audit_log::table
+            .select((audit_log::action, audit_log::outcome, audit_log::count, audit_log::first_at))
+            .order(audit_log::id)
+            .load(&mut c)
+            .expect("read")
+    }
+
+    fn event(n: usize) -> NewAuditEvent {
+        NewAuditEvent {
+            at: n as i64,
+            instance: "test".into(),
+            actor: "admin".into(),
+            action: "ca.state".into(),
+            target: format!("ca-{n}"),
+            outcome: "ok".into(),
+            detail: String::new(),
+        }
+    }
+
+    #[actix_rt::test]
+    async fn a_storm_of_refusals_is_one_row_per_kind_per_interval() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, url, metrics) = writer(&dir, Duration::from_millis(200), 16);
+        let disabled = EngineError::CaDisabled("ica-p384".into());
+        for _ in 0..10_000 {
+            log.refusal("demo", Action::Issue, "tls-server-p256", &disabled);
+        }
+        log.refusal("demo", Action::Submit, "tls-server-p256", &disabled);
+        let started = std::time::Instant::now();
+        while rows(&url).len() < 2 {
+            assert!(started.elapsed() < Duration::from_secs(5), "the tallies were never written");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let written = rows(&url);
+        assert_eq!(written.len(), 2, "{written:?}");
+        let issue = written.iter().find(|r| r.0 == "certificate.issue").expect("the issue tally");
+        assert_eq!((issue.1.as_str(), issue.2), ("ca-disabled", 10_000));
+        assert!(issue.3.is_some(), "an aggregate has its first time");
+        log.flush().await.unwrap();
+        assert_eq!(rows(&url).len(), 2, "nothing new to write");
+        assert_eq!(metrics.audit_dropped.get(), 0);
+    }
+
+    #[actix_rt::test]
+    async fn a_full_queue_drops_events_and_says_how_many() {
+        let dir = tempfile::tempdir().unwrap();
+        // A long interval: only events (and the flush) make writes.
+        let (log, url, metrics) = writer(&dir, Duration::from_secs(3600), 4);
+        // Sent without yielding, so the writer reads none of them before the queue is full.
+        for n in 0..100 {
+            log.event(event(n));
+        }
+        let dropped = metrics.audit_dropped.get();
+        assert!(dropped >= 90, "the queue of 4 took {} events", 100 - dropped);
+        log.flush().await.unwrap();
+        let written = rows(&url);
+        let events = written.iter().filter(|r| r.0 == "ca.state").count() as u64;
+        let drop_row = written.iter().find(|r| r.0 == "audit.dropped").expect("the drops are written down");
+        assert_eq!(events + drop_row.2 as u64, 100, "every event is written or counted: {written:?}");
+        assert_eq!(drop_row.2 as u64, metrics.audit_dropped.get());
+    }
+
+    #[actix_rt::test]
+    async fn an_event_is_written_within_a_moment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, url, _) = writer(&dir, Duration::from_secs(3600), 16);
+        log.event(event(1));
+        let started = std::time::Instant::now();
+        while rows(&url).is_empty() {
+            assert!(started.elapsed() < Duration::from_secs(2), "the event was not written");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(rows(&url), vec![("ca.state".to_string(), "ok".to_string(), 1, None)]);
+    }
+}
