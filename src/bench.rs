@@ -1,6 +1,8 @@
 //! `castellum bench`: end-to-end issuance over HTTP on loopback against an engine in its own
 //! process (durable storage on), at several concurrencies, beside the machine's crypto ceiling —
 //! one P-256 CSR verification plus one CA signature, with the same openssl calls, on every core.
+//! With `--refusals`, the same load against a disabled CA: what a retry storm costs the engine
+//! per refused request, and how many database rows it writes.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,6 +23,8 @@ pub struct BenchOptions {
     pub duration: Duration,
     pub keys_dev: PathBuf,
     pub out: PathBuf,
+    /// Measure refusals (the CA disabled) instead of issuances.
+    pub refusals: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -35,6 +39,8 @@ pub struct Level {
     pub cpu_per_issuance: Duration,
     /// CPU the load generator itself spent per issuance (it shares the machine's cores).
     pub client_cpu_per_issuance: Duration,
+    /// Rows added to the database while this level ran (warm-up included).
+    pub rows_written: Option<i64>,
 }
 
 /// (utime + stime, peak RSS bytes) of a process, from /proc.
@@ -130,6 +136,8 @@ pub fn crypto_ceiling(keys_dev: &Path, length: Duration) -> Result<(f64, Duratio
 
 pub struct BenchReport {
     pub backend: String,
+    /// What was counted: issuances, or refusals.
+    pub refusals: bool,
     pub levels: Vec<Level>,
     pub peak_rss: u64,
     pub ceiling_per_second: f64,
@@ -161,25 +169,55 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, DrillError> {
         })
         .await?;
         let pid = target.pid().ok_or(DrillError::Setup("no engine process".into()))?;
+        // Refusals: the CA is disabled, so every request is answered 409 (or, past the client's
+        // retry budget, 429) by intake, before any CSR work.
+        let expected: &[u16] = if opts.refusals {
+            let state = serde_json::json!({"state": "disabled"});
+            let status = target.admin_post("/admin/v1/cas/ica-p256/state", state).await?;
+            if status != 200 {
+                return Err(DrillError::Lever { path: "/admin/v1/cas/ica-p256/state".into(), status });
+            }
+            &[409, 429]
+        } else {
+            &[201]
+        };
+        let what = if opts.refusals { "refusal" } else { "issuance" };
         let csrs = p256_csrs(64)?;
         let mut levels = Vec::new();
         for &concurrency in &opts.concurrency {
-            levels.push(level(&target, pid, &csrs, concurrency, opts.duration).await);
+            levels.push(level(&target, pid, &csrs, concurrency, opts.duration, expected).await);
             let l = levels.last().expect("just pushed");
             eprintln!(
-                "  {backend} c={concurrency}: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {:.0} µs CPU per issuance",
+                "  {backend} c={concurrency}: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {:.0} µs CPU per {what}, {} database rows written",
                 l.per_second,
                 l.p50.as_secs_f64() * 1e3,
                 l.p99.as_secs_f64() * 1e3,
-                l.cpu_per_issuance.as_secs_f64() * 1e6
+                l.cpu_per_issuance.as_secs_f64() * 1e6,
+                l.rows_written.map_or("?".to_string(), |n| n.to_string()),
             );
         }
         let peak_rss = process_usage(pid).map(|u| u.1).unwrap_or(0);
-        Ok(BenchReport { backend, levels, peak_rss, ceiling_per_second, ceiling_cpu })
+        Ok(BenchReport { backend, refusals: opts.refusals, levels, peak_rss, ceiling_per_second, ceiling_cpu })
     })
 }
 
-async fn level(target: &Target, pid: u32, csrs: &[Arc<String>], concurrency: usize, length: Duration) -> Level {
+/// Every row of the tables a request can write.
+const ROWS: &str = "SELECT (SELECT count(*) FROM audit_log) + (SELECT count(*) FROM requests) \
+                    + (SELECT count(*) FROM certificates) AS n";
+
+async fn rows(target: &Target) -> Option<i64> {
+    crate::drill::evidence::Evidence::read(target.db.as_ref(), |e| e.count(ROWS)).await.ok()
+}
+
+async fn level(
+    target: &Target,
+    pid: u32,
+    csrs: &[Arc<String>],
+    concurrency: usize,
+    length: Duration,
+    expected: &'static [u16],
+) -> Level {
+    let rows_before = rows(target).await;
     let run = |length: Duration| {
         let until = Instant::now() + length;
         let workers: Vec<_> = (0..concurrency)
@@ -199,7 +237,7 @@ async fn level(target: &Target, pid: u32, csrs: &[Arc<String>], concurrency: usi
                             .send()
                             .await;
                         match resp {
-                            Ok(r) if r.status().as_u16() == 201 => {
+                            Ok(r) if expected.contains(&r.status().as_u16()) => {
                                 let _ = r.bytes().await;
                                 latencies.push(sent.elapsed());
                             }
@@ -241,18 +279,20 @@ async fn level(target: &Target, pid: u32, csrs: &[Arc<String>], concurrency: usi
         p99: percentile(&mut latencies, 0.99),
         cpu_per_issuance: cpu / issued.max(1) as u32,
         client_cpu_per_issuance: client_cpu / issued.max(1) as u32,
+        rows_written: rows(target).await.zip(rows_before).map(|(after, before)| after - before),
     }
 }
 
 impl BenchReport {
     /// The Markdown table docs/PERFORMANCE.md records.
     pub fn markdown(&self) -> String {
-        let mut out = String::from(
-            "| backend | concurrency | issued/s | share of crypto ceiling | p50 | p90 | p99 | engine CPU per issuance | × raw crypto CPU | load generator CPU per issuance | errors |\n|---|---|---|---|---|---|---|---|---|---|---|\n"
+        let (done, what) = if self.refusals { ("refused", "refusal") } else { ("issued", "issuance") };
+        let mut out = format!(
+            "| backend | concurrency | {done}/s | share of crypto ceiling | p50 | p90 | p99 | engine CPU per {what} | × raw crypto CPU | load generator CPU per {what} | database rows written | errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
         );
         for l in &self.levels {
             out.push_str(&format!(
-                "| {} | {} | {:.0} | {:.0}% | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} µs | {:.1}× | {:.0} µs | {} |\n",
+                "| {} | {} | {:.0} | {:.0}% | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} µs | {:.1}× | {:.0} µs | {} | {} |\n",
                 self.backend,
                 l.concurrency,
                 l.per_second,
@@ -263,6 +303,7 @@ impl BenchReport {
                 l.cpu_per_issuance.as_secs_f64() * 1e6,
                 l.cpu_per_issuance.as_secs_f64() / self.ceiling_cpu.as_secs_f64(),
                 l.client_cpu_per_issuance.as_secs_f64() * 1e6,
+                l.rows_written.map_or("?".to_string(), |n| n.to_string()),
                 l.errors
             ));
         }

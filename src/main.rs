@@ -108,6 +108,9 @@ enum Command {
         keys_dev: PathBuf,
         #[arg(long, default_value = "drill-reports")]
         out: PathBuf,
+        /// Measure refusals instead: the same load against a disabled CA.
+        #[arg(long)]
+        refusals: bool,
     },
     /// The admin API from the command line (status, and the console's levers).
     Admin {
@@ -176,8 +179,8 @@ fn main() -> ExitCode {
                 sabotage,
             })
         }
-        Command::Bench { postgres, concurrency, duration, keys_dev, out } => {
-            bench(castellum::bench::BenchOptions { postgres, concurrency, duration, keys_dev, out })
+        Command::Bench { postgres, concurrency, duration, keys_dev, out, refusals } => {
+            bench(castellum::bench::BenchOptions { postgres, concurrency, duration, keys_dev, out, refusals })
         }
         Command::Admin { admin_url, token, action } => admin(&admin_url, &token, &action),
         Command::HashKey { key } => {

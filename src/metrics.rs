@@ -1,7 +1,7 @@
 //! Prometheus metrics, one registry per engine (so several engines in one process, as in tests,
 //! never mix their figures). Rendered as Prometheus text by `GET /metrics`.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -21,8 +21,14 @@ fn batch_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 10))
 }
 
+/// Request outcomes a counter is kept for: `issued`, `accepted`, then every problem slug.
+const OUTCOMES: usize = 2 + crate::error::EngineError::SLUGS.len();
+
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// `requests`' counter per outcome, found once: counting a request (a refusal in a storm
+    /// above all) is then one atomic add, no label allocation or family lock.
+    outcome_counters: [OnceLock<Counter>; OUTCOMES],
     /// Requests by outcome (`issued`, `accepted`, or a problem slug), profile and CA.
     pub requests: Family<Labels, Counter>,
     /// Refusals of authenticated clients by client, target, action and reason, as they happen.
@@ -84,6 +90,7 @@ impl Metrics {
     pub fn new() -> Metrics {
         let m = Metrics {
             registry: Mutex::new(Registry::with_prefix("castellum")),
+            outcome_counters: std::array::from_fn(|_| OnceLock::new()),
             requests: Family::default(),
             refusals: Family::default(),
             audit_dropped: Counter::default(),
@@ -215,6 +222,16 @@ impl Metrics {
             );
         }
         m
+    }
+
+    /// The `requests` counter of this outcome (`issued`, `accepted` or a problem slug).
+    pub fn request_outcome(&self, outcome: &'static str) -> &Counter {
+        let slot = match outcome {
+            "issued" => 0,
+            "accepted" => 1,
+            slug => 2 + crate::error::EngineError::SLUGS.iter().position(|s| *s == slug).unwrap_or(OUTCOMES - 3),
+        };
+        self.outcome_counters[slot].get_or_init(|| self.requests.get_or_create(&vec![("outcome", outcome.to_string())]).clone())
     }
 
     pub fn render(&self) -> String {

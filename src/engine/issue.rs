@@ -364,13 +364,13 @@ impl Engine {
         }));
     }
 
-    fn count(&self, outcome: Result<&str, &EngineError>, started: Instant) {
+    fn count(&self, outcome: Result<&'static str, &EngineError>, started: Instant) {
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => e.slug(),
         };
         let m = &self.inner.metrics;
-        m.requests.get_or_create(&vec![("outcome", outcome.to_string())]).inc();
+        m.request_outcome(outcome).inc();
         if outcome == "issued" {
             m.issue_seconds.get_or_create(&metrics::Labels::new()).observe(started.elapsed().as_secs_f64());
         }
