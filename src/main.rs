@@ -44,6 +44,13 @@ enum AdminAction {
 }
 
 #[derive(Subcommand)]
+enum AuditAction {
+    /// Check every instance's chain (and its checkpoint): names the first row changed, deleted,
+    /// inserted or reordered; exits 1 if any chain is broken.
+    Verify,
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the engine and its HTTP API.
     Serve,
@@ -121,6 +128,11 @@ enum Command {
         #[command(subcommand)]
         action: AdminAction,
     },
+    /// The audit log's hash chains.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
     /// Print the SHA-256 of an API key, for a client's `api_key_sha256`.
     HashKey { key: String },
 }
@@ -183,6 +195,7 @@ fn main() -> ExitCode {
             bench(castellum::bench::BenchOptions { postgres, concurrency, duration, keys_dev, out, refusals })
         }
         Command::Admin { admin_url, token, action } => admin(&admin_url, &token, &action),
+        Command::Audit { action: AuditAction::Verify } => load(config).map_or_else(|code| code, |c| audit_verify(&c)),
         Command::HashKey { key } => {
             println!("{}", hex::encode(openssl::sha::sha256(key.as_bytes())));
             ExitCode::SUCCESS
@@ -225,6 +238,35 @@ fn check(config: &Config, expected_rate: Option<f64>, hold: std::time::Duration)
             eprintln!("  {p}");
         }
         ExitCode::from(1)
+    }
+}
+
+fn audit_verify(config: &Config) -> ExitCode {
+    let (reports, note) = match castellum::audit::chain::verify_configured(config) {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!("audit verify: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(note) = note {
+        eprintln!("note: {note}");
+    }
+    let mut broken = 0;
+    for r in &reports {
+        let head = r.head.as_ref().map_or("empty".to_string(), |h| format!("head seq {} {}", h.seq, h.hash));
+        match &r.fault {
+            None => println!("{}: {} rows verified, {head}, {} not sealed yet", r.instance, r.verified, r.unsealed),
+            Some(fault) => {
+                broken += 1;
+                println!("{}: BROKEN after {} rows: {fault}", r.instance, r.verified);
+            }
+        }
+    }
+    if broken > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

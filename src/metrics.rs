@@ -231,7 +231,8 @@ impl Metrics {
             "accepted" => 1,
             slug => 2 + crate::error::EngineError::SLUGS.iter().position(|s| *s == slug).unwrap_or(OUTCOMES - 3),
         };
-        self.outcome_counters[slot].get_or_init(|| self.requests.get_or_create(&vec![("outcome", outcome.to_string())]).clone())
+        self.outcome_counters[slot]
+            .get_or_init(|| self.requests.get_or_create(&vec![("outcome", outcome.to_string())]).clone())
     }
 
     pub fn render(&self) -> String {

@@ -4,6 +4,7 @@
 //! ([`writer::AuditWriter`]). Issuance's own audit rows are not here: the Store writes each in
 //! the transaction that records its certificate.
 
+pub mod chain;
 pub mod ledger;
 pub mod writer;
 

@@ -3,13 +3,16 @@
 //! to it with `try_send` (a full queue drops the event and counts the drop), refusals are only
 //! tallies, and a write that fails keeps its rows (bounded) for the next attempt.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
 use diesel::prelude::*;
 
+use super::chain::{self, Head};
 use super::ledger::{Action, RefusalCount, RefusalLedger};
+use crate::config::AuditConfig;
 use crate::db::models::{NewAuditEvent, NewAuditRow};
 use crate::db::schema::audit_log;
 use crate::db::DbPool;
@@ -75,6 +78,9 @@ pub struct AuditWriter {
     dropped_written: u64,
     writing: bool,
     event_write_scheduled: bool,
+    /// The chain's head as last sealed, and where heads are checkpointed.
+    head: Option<Head>,
+    checkpoint_file: Option<PathBuf>,
 }
 
 impl AuditWriter {
@@ -84,22 +90,24 @@ impl AuditWriter {
         ledger: Arc<RefusalLedger>,
         metrics: Arc<Metrics>,
         instance: Arc<str>,
-        interval: Duration,
-        max_pending: usize,
+        settings: &AuditConfig,
     ) -> AuditLog {
+        let max_pending = settings.max_pending.max(1);
         let writer = AuditWriter {
             pool,
             ledger: ledger.clone(),
             metrics: metrics.clone(),
             instance,
-            interval,
-            max_pending: max_pending.max(1),
+            interval: settings.refusal_interval,
+            max_pending,
             pending: Vec::new(),
             dropped_written: 0,
             writing: false,
             event_write_scheduled: false,
+            head: None,
+            checkpoint_file: settings.checkpoint_file.clone(),
         };
-        let (sender, receiver) = actix::dev::channel::channel(max_pending.max(1));
+        let (sender, receiver) = actix::dev::channel::channel(max_pending);
         let addr = Addr::new(sender);
         actix::Arbiter::current().spawn(async move {
             Context::with_receiver(receiver).run(writer);
@@ -141,24 +149,37 @@ impl AuditWriter {
         self.pending = rows;
     }
 
-    fn write(&mut self, ctx: &mut Context<Self>) {
+    /// Write what is pending; on the interval (`seal`), also seal this instance's new rows —
+    /// its own, the Store's and the registry's — onto its chain and checkpoint the head.
+    fn write(&mut self, ctx: &mut Context<Self>, seal: bool) {
         if self.writing {
             return;
         }
         let rows = self.collect();
-        if rows.is_empty() {
+        if rows.is_empty() && !seal {
             return;
         }
         self.writing = true;
-        let pool = self.pool.clone();
+        let (pool, instance) = (self.pool.clone(), self.instance.clone());
         let task = actix_web::rt::task::spawn_blocking(move || {
-            let result = pool.get().and_then(|mut conn| insert(&mut conn, &rows));
+            let result = pool.get().and_then(|mut conn| {
+                if !rows.is_empty() {
+                    insert(&mut conn, &rows)?;
+                }
+                if seal {
+                    return chain::seal(&mut conn, &instance);
+                }
+                Ok(None)
+            });
             (rows, result)
         });
         ctx.spawn(task.into_actor(self).map(|joined, act, _| {
             act.writing = false;
             match joined {
-                Ok((rows, Ok(()))) => act.count_written(&rows),
+                Ok((rows, Ok(head))) => {
+                    act.count_written(&rows);
+                    act.checkpoint(head);
+                }
                 Ok((rows, Err(e))) => {
                     tracing::warn!(error = %e, rows = rows.len(), "audit write failed; kept for the next attempt");
                     act.keep(rows);
@@ -166,6 +187,19 @@ impl AuditWriter {
                 Err(e) => tracing::error!(error = %e, "audit write task failed"),
             }
         }));
+    }
+
+    /// A head that moved is logged and, if configured, appended to the checkpoint file: outside
+    /// the database, so that a deleted tail or a rewritten chain is seen.
+    fn checkpoint(&mut self, head: Option<Head>) {
+        let Some(head) = head.filter(|h| self.head.as_ref() != Some(h)) else { return };
+        tracing::info!(seq = head.seq, hash = %head.hash, "audit chain head");
+        if let Some(path) = &self.checkpoint_file {
+            if let Err(e) = chain::checkpoint(path, &head, now_ms()) {
+                tracing::error!(error = %e, file = %path.display(), "could not checkpoint the audit chain");
+            }
+        }
+        self.head = Some(head);
     }
 
     fn count_written(&self, rows: &[NewAuditRow]) {
@@ -207,7 +241,7 @@ impl Actor for AuditWriter {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(self.interval, |act, ctx| act.write(ctx));
+        ctx.run_interval(self.interval, |act, ctx| act.write(ctx, true));
     }
 }
 
@@ -224,7 +258,7 @@ impl Handler<Record> for AuditWriter {
             self.event_write_scheduled = true;
             ctx.run_later(EVENT_DELAY, |act, ctx| {
                 act.event_write_scheduled = false;
-                act.write(ctx);
+                act.write(ctx, false);
             });
         }
     }
@@ -235,10 +269,19 @@ impl Handler<Flush> for AuditWriter {
 
     fn handle(&mut self, _: Flush, _: &mut Self::Context) -> Self::Result {
         let rows = self.collect();
-        let pool = self.pool.clone();
-        let task = actix_web::rt::task::spawn_blocking(move || pool.get().and_then(|mut c| insert(&mut c, &rows)));
-        Box::pin(task.into_actor(self).map(|joined, _, _| match joined {
-            Ok(result) => result.map_err(EngineError::from),
+        let (pool, instance) = (self.pool.clone(), self.instance.clone());
+        let task = actix_web::rt::task::spawn_blocking(move || {
+            pool.get().and_then(|mut c| {
+                insert(&mut c, &rows)?;
+                chain::seal(&mut c, &instance)
+            })
+        });
+        Box::pin(task.into_actor(self).map(|joined, act, _| match joined {
+            Ok(Ok(head)) => {
+                act.checkpoint(head);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(EngineError::from(e)),
             Err(e) => Err(EngineError::Internal(format!("audit flush task: {e}"))),
         }))
     }
@@ -258,7 +301,8 @@ mod tests {
         let pool = DbPool::build(&db, &PoolConfig { max_size: 1, ..PoolConfig::default() }, "audit", metrics.clone())
             .expect("pool");
         let ledger = Arc::new(RefusalLedger::new(["demo"], ["tls-server-p256"], metrics.clone()));
-        let log = AuditWriter::start(pool, ledger, metrics.clone(), "test".into(), interval, max_pending);
+        let settings = AuditConfig { refusal_interval: interval, max_pending, checkpoint_file: None };
+        let log = AuditWriter::start(pool, ledger, metrics.clone(), "test".into(), &settings);
         (log, url, metrics)
     }
 

@@ -369,11 +369,15 @@ pub struct AuditConfig {
     /// Single audit events (admin actions) waiting for the writer; beyond this they are
     /// dropped and the drop is counted (metric and an `audit.dropped` row).
     pub max_pending: usize,
+    /// Where the head of this instance's audit hash chain is appended (JSON lines) each time it
+    /// moves, outside the database: `castellum audit verify` compares the chain with it, which
+    /// catches a deleted tail or a rewritten chain. Also logged. None: logged only.
+    pub checkpoint_file: Option<PathBuf>,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig { refusal_interval: Duration::from_secs(10), max_pending: 1024 }
+        AuditConfig { refusal_interval: Duration::from_secs(10), max_pending: 1024, checkpoint_file: None }
     }
 }
 

@@ -88,6 +88,9 @@ diesel::table! {
         detail -> Text,
         count -> BigInt,
         first_at -> Nullable<BigInt>,
+        seq -> Nullable<BigInt>,
+        prev_hash -> Nullable<Text>,
+        hash -> Nullable<Text>,
     }
 }
 

@@ -578,14 +578,7 @@ fn start_audit(config: &Config, pools: &Pools, instance: &Arc<str>, metrics: &Ar
         config.profiles.iter().map(|p| p.id.as_str()),
         metrics.clone(),
     );
-    AuditWriter::start(
-        pools.audit.clone(),
-        Arc::new(ledger),
-        metrics.clone(),
-        instance.clone(),
-        config.audit.refusal_interval,
-        config.audit.max_pending,
-    )
+    AuditWriter::start(pools.audit.clone(), Arc::new(ledger), metrics.clone(), instance.clone(), &config.audit)
 }
 
 /// Scan the pools for connections held too long, until the engine stops.

@@ -1,0 +1,273 @@
+//! The audit log's hash chain. Each instance's rows are sealed, in the order its audit writer
+//! finds them committed, into a chain: `seq` counts from 1, `prev_hash` is the previous row's
+//! `hash`, and `hash` = SHA-256 over `prev_hash` and the row's canonical encoding. A row changed,
+//! deleted, inserted or reordered after sealing breaks the chain where it happened; a tail
+//! deleted (or the whole chain rewritten) is caught against the heads checkpointed outside the
+//! database. Rows are sealed at most one writer interval after they are committed; until then
+//! they are only as safe as the database.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::Path;
+
+use diesel::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::db::schema::audit_log;
+use crate::db::DbConn;
+use crate::error::DbError;
+use crate::with_conn;
+
+/// The `prev_hash` of a chain's first row.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// Rows sealed per transaction; a backlog is sealed over several rounds.
+const SEAL_BATCH: i64 = 5_000;
+/// Rows read per query while verifying (memory stays bounded on any chain length).
+const VERIFY_PAGE: i64 = 10_000;
+
+/// An audit row as the chain covers it.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = audit_log)]
+pub struct ChainRow {
+    pub id: i64,
+    pub at: i64,
+    pub instance: String,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
+    pub detail: String,
+    pub count: i64,
+    pub first_at: Option<i64>,
+    pub seq: Option<i64>,
+    pub prev_hash: Option<String>,
+    pub hash: Option<String>,
+}
+
+/// The hash of the row at `seq` after `prev_hash`: every field length-prefixed, so no two
+/// different rows encode alike. The row's database `id` is not covered (it is not the chain's
+/// order, and a restore may renumber it).
+pub fn link_hash(prev_hash: &str, seq: i64, row: &ChainRow) -> String {
+    let mut h = openssl::sha::Sha256::new();
+    let first_at = row.first_at.map(|t| t.to_string()).unwrap_or_default();
+    let (seq, at, counted) = (seq.to_string(), row.at.to_string(), format!("{}|{first_at}", row.count));
+    let fields: [&[u8]; 11] = [
+        b"castellum-audit-v1",
+        prev_hash.as_bytes(),
+        seq.as_bytes(),
+        row.instance.as_bytes(),
+        at.as_bytes(),
+        row.actor.as_bytes(),
+        row.action.as_bytes(),
+        row.target.as_bytes(),
+        row.outcome.as_bytes(),
+        row.detail.as_bytes(),
+        counted.as_bytes(),
+    ];
+    for field in fields {
+        h.update(&(field.len() as u64).to_be_bytes());
+        h.update(field);
+    }
+    hex::encode(h.finish())
+}
+
+/// The newest sealed row of an instance's chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Head {
+    pub instance: String,
+    pub seq: i64,
+    pub hash: String,
+}
+
+fn head_of(conn: &mut DbConn, instance: &str) -> Result<Option<(i64, String)>, DbError> {
+    let found: Option<(Option<i64>, Option<String>)> = with_conn!(conn, |c| audit_log::table
+        .filter(audit_log::instance.eq(instance).and(audit_log::seq.is_not_null()))
+        .order(audit_log::seq.desc())
+        .select((audit_log::seq, audit_log::hash))
+        .first(c)
+        .optional())?;
+    Ok(found.and_then(|(seq, hash)| Some((seq?, hash?))))
+}
+
+/// Seal this instance's unsealed rows (oldest id first) onto its chain, in one transaction;
+/// the chain's head after it, or `None` if the chain is still empty.
+pub fn seal(conn: &mut DbConn, instance: &str) -> Result<Option<Head>, DbError> {
+    with_conn!(conn, |c| c.transaction(|c| {
+        let last: Option<(Option<i64>, Option<String>)> = audit_log::table
+            .filter(audit_log::instance.eq(instance).and(audit_log::seq.is_not_null()))
+            .order(audit_log::seq.desc())
+            .select((audit_log::seq, audit_log::hash))
+            .first(c)
+            .optional()?;
+        let (mut seq, mut prev) = match last {
+            Some((Some(seq), Some(hash))) => (seq, hash),
+            _ => (0, GENESIS.to_string()),
+        };
+        let rows: Vec<ChainRow> = audit_log::table
+            .filter(audit_log::instance.eq(instance).and(audit_log::seq.is_null()))
+            .order(audit_log::id)
+            .limit(SEAL_BATCH)
+            .select(ChainRow::as_select())
+            .load(c)?;
+        for row in &rows {
+            seq += 1;
+            let hash = link_hash(&prev, seq, row);
+            diesel::update(audit_log::table.find(row.id))
+                .set((audit_log::seq.eq(seq), audit_log::prev_hash.eq(&prev), audit_log::hash.eq(&hash)))
+                .execute(c)?;
+            prev = hash;
+        }
+        Ok::<_, DbError>((seq > 0).then(|| Head { instance: instance.to_string(), seq, hash: prev }))
+    }))
+}
+
+/// Append a head to the checkpoint file (JSON lines, one per seal that moved the head; the last
+/// line of an instance is its checkpoint).
+pub fn checkpoint(path: &Path, head: &Head, at_ms: i64) -> std::io::Result<()> {
+    #[derive(Serialize)]
+    struct Line<'a> {
+        #[serde(flatten)]
+        head: &'a Head,
+        at: i64,
+    }
+    let mut line = serde_json::to_string(&Line { head, at: at_ms }).map_err(std::io::Error::other)?;
+    line.push('\n');
+    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+    file.write_all(line.as_bytes())?;
+    file.sync_data()
+}
+
+/// The last checkpoint of every instance in the file.
+pub fn read_checkpoints(path: &Path) -> std::io::Result<HashMap<String, Head>> {
+    let text = std::fs::read_to_string(path)?;
+    let mut heads = HashMap::new();
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let head: Head = serde_json::from_str(line).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: line {}: {e}", path.display(), n + 1))
+        })?;
+        heads.insert(head.instance.clone(), head);
+    }
+    Ok(heads)
+}
+
+/// Where a chain stops holding.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainFault {
+    #[error("row {id} (seq {seq}) was changed: its hash does not match its content")]
+    Changed { id: i64, seq: i64 },
+    #[error("row {id} (seq {seq}) does not follow seq {prev_seq}: a row was inserted or the rows reordered")]
+    NotLinked { id: i64, seq: i64, prev_seq: i64 },
+    #[error("the row with seq {seq} is missing (deleted); the chain resumes at row {next_id} (seq {next_seq})")]
+    Missing { seq: i64, next_id: i64, next_seq: i64 },
+    #[error("the chain ends at seq {seq}, before its checkpoint at seq {checkpoint_seq}: its tail was deleted")]
+    Truncated { seq: i64, checkpoint_seq: i64 },
+    #[error("the row with seq {seq} is not the one checkpointed (hash {found}, checkpoint {checkpointed}): the chain was rewritten")]
+    Rewritten { seq: i64, found: String, checkpointed: String },
+}
+
+/// One instance's chain, as verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainReport {
+    pub instance: String,
+    /// The last row that verified.
+    pub head: Option<Head>,
+    pub verified: i64,
+    /// Rows not sealed yet (written since the last seal, or by an instance that stopped first).
+    pub unsealed: i64,
+    /// The first place the chain breaks, if it does.
+    pub fault: Option<ChainFault>,
+}
+
+/// Verify every instance's chain, and each against its checkpoint when `checkpoints` has one.
+pub fn verify(conn: &mut DbConn, checkpoints: &HashMap<String, Head>) -> Result<Vec<ChainReport>, DbError> {
+    let mut instances: Vec<String> =
+        with_conn!(conn, |c| audit_log::table.select(audit_log::instance).distinct().load(c))?;
+    for known in checkpoints.keys() {
+        if !instances.contains(known) {
+            instances.push(known.clone());
+        }
+    }
+    instances.sort();
+    instances.into_iter().map(|instance| verify_one(conn, instance, checkpoints)).collect()
+}
+
+fn verify_one(
+    conn: &mut DbConn,
+    instance: String,
+    checkpoints: &HashMap<String, Head>,
+) -> Result<ChainReport, DbError> {
+    let checkpoint = checkpoints.get(&instance);
+    let mut report = ChainReport { instance, head: None, verified: 0, unsealed: 0, fault: None };
+    let (mut expected, mut prev) = (1i64, GENESIS.to_string());
+    'pages: loop {
+        let page: Vec<ChainRow> = with_conn!(conn, |c| audit_log::table
+            .filter(audit_log::instance.eq(&report.instance).and(audit_log::seq.ge(expected)))
+            .order(audit_log::seq)
+            .limit(VERIFY_PAGE)
+            .select(ChainRow::as_select())
+            .load(c))?;
+        if page.is_empty() {
+            break;
+        }
+        for row in page {
+            let seq = row.seq.unwrap_or_default();
+            if seq != expected {
+                report.fault = Some(ChainFault::Missing { seq: expected, next_id: row.id, next_seq: seq });
+                break 'pages;
+            }
+            if row.prev_hash.as_deref() != Some(prev.as_str()) {
+                report.fault = Some(ChainFault::NotLinked { id: row.id, seq, prev_seq: seq - 1 });
+                break 'pages;
+            }
+            let hash = link_hash(&prev, seq, &row);
+            if row.hash.as_deref() != Some(hash.as_str()) {
+                report.fault = Some(ChainFault::Changed { id: row.id, seq });
+                break 'pages;
+            }
+            if let Some(cp) = checkpoint.filter(|cp| cp.seq == seq && cp.hash != hash) {
+                report.fault = Some(ChainFault::Rewritten { seq, found: hash.clone(), checkpointed: cp.hash.clone() });
+                break 'pages;
+            }
+            report.verified += 1;
+            report.head = Some(Head { instance: report.instance.clone(), seq, hash: hash.clone() });
+            (expected, prev) = (seq + 1, hash);
+        }
+    }
+    let last = report.head.as_ref().map_or(0, |h| h.seq);
+    if let (None, Some(cp)) = (&report.fault, checkpoint) {
+        if last < cp.seq {
+            report.fault = Some(ChainFault::Truncated { seq: last, checkpoint_seq: cp.seq });
+        }
+    }
+    report.unsealed = with_conn!(conn, |c| audit_log::table
+        .filter(audit_log::instance.eq(&report.instance).and(audit_log::seq.is_null()))
+        .count()
+        .get_result::<i64>(c))?;
+    Ok(report)
+}
+
+/// The head of this instance's chain (for the admin console).
+pub fn head(conn: &mut DbConn, instance: &str) -> Result<Option<Head>, DbError> {
+    Ok(head_of(conn, instance)?.map(|(seq, hash)| Head { instance: instance.to_string(), seq, hash }))
+}
+
+/// What `castellum audit verify` checks: the database the configuration names, against the
+/// checkpoint file it names (if that file exists yet).
+pub fn verify_configured(config: &crate::config::Config) -> Result<(Vec<ChainReport>, Option<String>), DbError> {
+    let (checkpoints, note) = match &config.audit.checkpoint_file {
+        None => (HashMap::new(), Some("no audit.checkpoint_file configured: a deleted tail cannot be seen".into())),
+        Some(path) => match read_checkpoints(path) {
+            Ok(heads) => (heads, None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (HashMap::new(), Some(format!("checkpoint file {} does not exist yet", path.display())))
+            }
+            Err(e) => return Err(DbError::Pool(format!("reading the checkpoint file: {e}"))),
+        },
+    };
+    let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+    let one = crate::config::PoolConfig { max_size: 1, min_idle: Some(0), ..Default::default() };
+    let pool = crate::db::DbPool::build(&config.database, &one, "audit", metrics)?;
+    let mut conn = pool.get()?;
+    Ok((verify(&mut conn, &checkpoints)?, note))
+}

@@ -1,0 +1,174 @@
+//! The audit log's hash chain, tampered with through SQL as someone with database access would:
+//! a row changed, deleted, inserted or reordered, or the tail deleted. `castellum audit verify`
+//! names the first row where the chain stops holding; the checkpoint file, outside the database,
+//! catches the deleted tail.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use castellum::audit::chain::{self, ChainFault, ChainReport};
+use common::*;
+
+/// An engine's audit log with a sealed chain of at least 8 rows (levers, issuances, refusals),
+/// on SQLite; the database file and the checkpoint file.
+async fn sealed_log(dir: &Path) -> (PathBuf, PathBuf, castellum::config::Config) {
+    let db = TestDb::sqlite_file(&dir.join("audit.db"));
+    let checkpoints = dir.join("audit-heads.jsonl");
+    let mut config = dev_config(&db);
+    config.audit.refusal_interval = Duration::from_millis(100);
+    config.audit.checkpoint_file = Some(checkpoints.clone());
+    let server = TestServer::start(config.clone()).await;
+    for enabled in [false, true, false, true] {
+        server.engine.set_profile_state("test-operator", "tls-server-p384", enabled).await.unwrap();
+    }
+    for i in 0..3 {
+        let csr = csr(Key::P256, &[&format!("chain{i}.example.test")]);
+        assert_eq!(server.issue(DEMO_KEY, "tls-server-p256", &csr).send().await.unwrap().status(), 201);
+    }
+    let refused = server.issue(DEMO_KEY, "no-such-profile", &csr(Key::P256, &["x.example.test"])).send().await;
+    assert_eq!(refused.unwrap().status(), 404);
+    server.stop().await; // writes and seals what is left, and checkpoints the head
+    let sealed = sql::count(&db, "SELECT count(*) AS n FROM audit_log WHERE seq IS NOT NULL");
+    assert!(sealed >= 8, "{sealed} sealed rows");
+    (dir.join("audit.db"), checkpoints, config)
+}
+
+/// A consistent copy of a SQLite database (its WAL included).
+fn copy_log(from: &Path, to: &Path) {
+    sql::execute(&TestDb::sqlite_file(from), &format!("VACUUM INTO '{}'", to.display()));
+}
+
+/// Verify a copy of the log after `tamper` (SQL statements) ran on it.
+fn verify_after(original: &Path, config: &castellum::config::Config, tamper: &[&str]) -> ChainReport {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("copy.db");
+    copy_log(original, &copy);
+    let db = TestDb::sqlite_file(&copy);
+    for statement in tamper {
+        sql::execute(&db, statement);
+    }
+    let mut config = config.clone();
+    config.database.url = db.url.clone();
+    let (reports, note) = chain::verify_configured(&config).unwrap();
+    assert_eq!(note, None);
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    reports.into_iter().next().unwrap()
+}
+
+fn id_at(original: &Path, seq: i64) -> i64 {
+    sql::count(&TestDb::sqlite_file(original), &format!("SELECT id AS n FROM audit_log WHERE seq = {seq}"))
+}
+
+#[actix_rt::test]
+async fn every_tampering_is_named_at_its_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, _, config) = sealed_log(dir.path()).await;
+    let total = sql::count(&TestDb::sqlite_file(&db), "SELECT count(*) AS n FROM audit_log");
+
+    let intact = verify_after(&db, &config, &[]);
+    assert_eq!((intact.fault.clone(), intact.verified, intact.unsealed), (None, total, 0), "{intact:?}");
+
+    let changed = verify_after(&db, &config, &["UPDATE audit_log SET detail = 'nothing happened' WHERE seq = 3"]);
+    assert_eq!(changed.fault, Some(ChainFault::Changed { id: id_at(&db, 3), seq: 3 }));
+    assert_eq!(changed.verified, 2, "rows before it still verify");
+
+    let deleted = verify_after(&db, &config, &["DELETE FROM audit_log WHERE seq = 3"]);
+    assert_eq!(deleted.fault, Some(ChainFault::Missing { seq: 3, next_id: id_at(&db, 4), next_seq: 4 }));
+
+    // Inserted with a correct-looking link and hash, as someone who knows the algorithm would:
+    // the row after it no longer follows.
+    let shift = [
+        "UPDATE audit_log SET seq = seq + 1000 WHERE seq >= 3",
+        "UPDATE audit_log SET seq = seq - 999 WHERE seq >= 1003",
+    ];
+    let prev: String = sql::texts(&TestDb::sqlite_file(&db), "SELECT hash AS s FROM audit_log WHERE seq = 2").remove(0);
+    let forged = chain::ChainRow {
+        id: 0,
+        at: 1,
+        instance: config.instance_id.clone().unwrap(),
+        actor: "mallory".into(),
+        action: "ca.state".into(),
+        target: "ica-p256".into(),
+        outcome: "ok".into(),
+        detail: "enabled".into(),
+        count: 1,
+        first_at: None,
+        seq: Some(3),
+        prev_hash: Some(prev.clone()),
+        hash: None,
+    };
+    let hash = chain::link_hash(&prev, 3, &forged);
+    let insert = format!(
+        "INSERT INTO audit_log (at, instance, actor, action, target, outcome, detail, count, seq, prev_hash, hash) \
+         VALUES (1, '{}', 'mallory', 'ca.state', 'ica-p256', 'ok', 'enabled', 1, 3, '{prev}', '{hash}')",
+        forged.instance
+    );
+    let inserted = verify_after(&db, &config, &[shift[0], shift[1], &insert]);
+    assert_eq!(inserted.fault, Some(ChainFault::NotLinked { id: id_at(&db, 3), seq: 4, prev_seq: 3 }));
+    assert_eq!(inserted.verified, 3, "the forged row itself links; the next does not");
+
+    let reordered = verify_after(
+        &db,
+        &config,
+        &[
+            "UPDATE audit_log SET seq = -4 WHERE seq = 4",
+            "UPDATE audit_log SET seq = 4 WHERE seq = 3",
+            "UPDATE audit_log SET seq = 3 WHERE seq = -4",
+        ],
+    );
+    assert_eq!(reordered.fault, Some(ChainFault::NotLinked { id: id_at(&db, 4), seq: 3, prev_seq: 2 }));
+}
+
+#[actix_rt::test]
+async fn a_deleted_tail_is_caught_by_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, checkpoints, config) = sealed_log(dir.path()).await;
+    let head = sql::count(&TestDb::sqlite_file(&db), "SELECT max(seq) AS n FROM audit_log");
+    let heads = chain::read_checkpoints(&checkpoints).unwrap();
+    assert_eq!(heads.values().next().map(|h| h.seq), Some(head), "the last checkpoint is the head");
+
+    let truncated = verify_after(&db, &config, &[&format!("DELETE FROM audit_log WHERE seq > {}", head - 2)]);
+    assert_eq!(truncated.fault, Some(ChainFault::Truncated { seq: head - 2, checkpoint_seq: head }));
+    // Without the checkpoint, what is left is a valid chain: that is what the file is for.
+    let mut blind = config.clone();
+    blind.audit.checkpoint_file = None;
+    let dir2 = tempfile::tempdir().unwrap();
+    let copy = dir2.path().join("copy.db");
+    copy_log(&db, &copy);
+    sql::execute(&TestDb::sqlite_file(&copy), &format!("DELETE FROM audit_log WHERE seq > {}", head - 2));
+    blind.database.url = format!("sqlite://{}", copy.display());
+    let (reports, note) = chain::verify_configured(&blind).unwrap();
+    assert!(note.is_some() && reports[0].fault.is_none());
+}
+
+#[actix_rt::test]
+async fn the_command_line_says_where_the_chain_breaks_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, checkpoints, _) = sealed_log(dir.path()).await;
+    let file = dir.path().join("verify.toml");
+    let text = dev_config_text().replacen(
+        "url = \"sqlite://castellum-dev.db\"",
+        &format!("url = \"sqlite://{}\"", db.display()),
+        1,
+    ) + &format!("\n[audit]\ncheckpoint_file = \"{}\"\n", checkpoints.display());
+    std::fs::write(&file, text).unwrap();
+    let verify = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_castellum"))
+            .args(["--config", file.to_str().unwrap(), "audit", "verify"])
+            .env_remove("CASTELLUM_CONFIG")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, out) = verify();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("rows verified") && out.contains("0 not sealed yet"), "{out}");
+    let id = id_at(&db, 5);
+    sql::execute(&TestDb::sqlite_file(&db), "UPDATE audit_log SET actor = 'someone else' WHERE seq = 5");
+    let (code, out) = verify();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&format!("row {id} (seq 5) was changed")), "{out}");
+}
