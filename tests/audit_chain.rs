@@ -30,6 +30,16 @@ async fn sealed_log(dir: &Path) -> (PathBuf, PathBuf, castellum::config::Config)
     }
     let refused = server.issue(DEMO_KEY, "no-such-profile", &csr(Key::P256, &["x.example.test"])).send().await;
     assert_eq!(refused.unwrap().status(), 404);
+    // The console shows the chain's head once the writer has sealed (every 100 ms here).
+    let started = std::time::Instant::now();
+    loop {
+        let chains = admin_status(&server).await["audit_chains"].clone();
+        if chains.as_array().is_some_and(|c| c.iter().any(|h| h["seq"].as_i64() >= Some(1))) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "no chain head in the admin status: {chains}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     server.stop().await; // writes and seals what is left, and checkpoints the head
     let sealed = sql::count(&db, "SELECT count(*) AS n FROM audit_log WHERE seq IS NOT NULL");
     assert!(sealed >= 8, "{sealed} sealed rows");

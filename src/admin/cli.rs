@@ -192,6 +192,41 @@ pub fn render_status(status: &Value) -> String {
     let _ = writeln!(out, "\nProfiles");
     let profiles = status["profiles"].as_array().cloned().unwrap_or_default();
     table(&mut out, &["PROFILE", "STATE"], profiles.iter().map(|p| vec![s(&p[0]), s(&p[1])]).collect());
+    let refusals = status["refusals"].as_array().cloned().unwrap_or_default();
+    if !refusals.is_empty() {
+        let _ = writeln!(out, "\nRefusals over the last minute, per CA (who is retrying)");
+        table(
+            &mut out,
+            &["CA", "PER SECOND", "BY REASON", "REFUSED MOST"],
+            refusals
+                .iter()
+                .map(|r| {
+                    let pairs = |v: &Value, f: &dyn Fn(&Value) -> String| {
+                        v.as_array()
+                            .map(|a| {
+                                a.iter().map(|p| format!("{} {}", s(&p[0]), f(&p[1]))).collect::<Vec<_>>().join(", ")
+                            })
+                            .unwrap_or_default()
+                    };
+                    vec![
+                        s(&r["ca"]),
+                        format!("{:.1}", r["per_second"].as_f64().unwrap_or(0.0)),
+                        pairs(&r["by_reason"], &|n| format!("{:.1}/s", n.as_f64().unwrap_or(0.0))),
+                        pairs(&r["top_clients"], &s),
+                    ]
+                })
+                .collect(),
+        );
+    }
+    let chains = status["audit_chains"].as_array().cloned().unwrap_or_default();
+    if !chains.is_empty() {
+        let _ = writeln!(out, "\nAudit hash chains (verify with `castellum audit verify`)");
+        table(
+            &mut out,
+            &["INSTANCE", "SEQ", "HEAD"],
+            chains.iter().map(|h| vec![s(&h["instance"]), s(&h["seq"]), s(&h["hash"])]).collect(),
+        );
+    }
     let _ = writeln!(out, "\nRecent audit events");
     let audit = status["audit"].as_array().cloned().unwrap_or_default();
     table(

@@ -94,6 +94,11 @@ function render(status) {
 
   const before = state.previous ? Object.fromEntries(state.previous.cells.map((c) => [c.ca, c])) : {};
   const seconds = state.previous ? Math.max((now - state.previous.at) / 1000, 0.001) : 1;
+  const refusals = Object.fromEntries((status.refusals || []).map((r) => [r.ca, r]));
+  const refusalText = (r) => !r ? "none in the last minute" :
+    `${r.per_second.toFixed(1)}/s over ${Math.round(r.window_s)} s · ` +
+    r.by_reason.map(([why, n]) => `${why} ${n.toFixed(1)}/s`).join(", ") +
+    ` · refused most: ${r.top_clients.map(([client, n]) => `${client} (${n})`).join(", ")}`;
   document.getElementById("cells").replaceChildren(...status.cells.map((c) => {
     const rate = before[c.ca] ? ((c.signatures - before[c.ca].signatures) / seconds).toFixed(1) : "…";
     const details = el("div", { class: "kv" });
@@ -105,6 +110,7 @@ function render(status) {
       ["signer", `${c.key_available ? "key loaded" : "KEY UNAVAILABLE"} · ${rate}/s · mean ${c.mean_sign_us} µs`],
       ["breaker transitions", c.breaker_transitions.map(([at, to]) => `${when(at)} ${to}`).join(", ") || "none"],
       ["restarts", c.restarts],
+      ["refusals", refusalText(refusals[c.ca])],
     ]);
     return el("div", { class: "cell", "data-ca": c.ca },
       el("h3", {}, c.ca, el("span", { class: `badge ${c.state}`, "data-field": "state" }, c.state), badge(c.breaker)),
@@ -117,6 +123,9 @@ function render(status) {
   if (ids) {
     const stock = ids.key_stock.map((k) => `${k.key} ${k.stocked}/${k.target}`).join(" · ") || "none";
     rows.push(["Identity keys in stock", stock], ["Identity vault", `${ids.vault_waiting} signatures waiting`]);
+  }
+  for (const head of status.audit_chains || []) {
+    rows.push([`Audit chain of ${head.instance}`, `seq ${head.seq} · ${head.hash.slice(0, 16)}…`]);
   }
   kv(document.getElementById("store"), rows);
   document.getElementById("pools").replaceChildren(...status.pools.map((p) =>

@@ -247,9 +247,21 @@ fn verify_one(
     Ok(report)
 }
 
-/// The head of this instance's chain (for the admin console).
-pub fn head(conn: &mut DbConn, instance: &str) -> Result<Option<Head>, DbError> {
-    Ok(head_of(conn, instance)?.map(|(seq, hash)| Head { instance: instance.to_string(), seq, hash }))
+/// The head of every instance's chain (for the admin console).
+pub fn heads(conn: &mut DbConn) -> Result<Vec<Head>, DbError> {
+    let instances: Vec<String> = with_conn!(conn, |c| audit_log::table
+        .filter(audit_log::seq.is_not_null())
+        .select(audit_log::instance)
+        .distinct()
+        .order(audit_log::instance)
+        .load(c))?;
+    let mut heads = Vec::new();
+    for instance in instances {
+        if let Some((seq, hash)) = head_of(conn, &instance)? {
+            heads.push(Head { instance, seq, hash });
+        }
+    }
+    Ok(heads)
 }
 
 /// What `castellum audit verify` checks: the database the configuration names, against the

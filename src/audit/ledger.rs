@@ -60,6 +60,8 @@ struct Tally {
     example: ArcSwapOption<String>,
     /// Exported as `castellum_refusals_total`, created on the first refusal of this kind.
     counter: OnceLock<Counter>,
+    /// Since start, for the console's view of the last minute.
+    total: AtomicU64,
 }
 
 /// One row's worth of refusals, taken out of the ledger.
@@ -126,6 +128,7 @@ impl RefusalLedger {
             tally.example.store(Some(Arc::new(err.to_string().chars().take(EXAMPLE_CHARS).collect())));
         }
         tally.last_ms.fetch_max(now_ms, Ordering::Relaxed);
+        tally.total.fetch_add(1, Ordering::Relaxed);
         tally
             .counter
             .get_or_init(|| {
@@ -138,6 +141,19 @@ impl RefusalLedger {
                 self.metrics.refusals.get_or_create(&labels).clone()
             })
             .inc();
+    }
+
+    /// Every tally's count since start, in slot order (for [`super::recent`]).
+    pub fn totals(&self) -> Vec<u64> {
+        self.tallies.iter().map(|t| t.total.load(Ordering::Relaxed)).collect()
+    }
+
+    /// (client, target, reason) of a slot.
+    pub fn kind_of(&self, slot: usize) -> (&str, &str, &'static str) {
+        let reason = EngineError::SLUGS[slot % REASONS];
+        let target = (slot / REASONS / ACTIONS) % self.target_names.len();
+        let client = slot / REASONS / ACTIONS / self.target_names.len();
+        (&self.client_names[client], &self.target_names[target], reason)
     }
 
     /// Everything counted since the last drain, one entry per kind, and the tallies reset. A

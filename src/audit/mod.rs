@@ -6,6 +6,7 @@
 
 pub mod chain;
 pub mod ledger;
+pub mod recent;
 pub mod writer;
 
 pub use ledger::{Action, RefusalLedger};

@@ -3,6 +3,7 @@
 //! to it with `try_send` (a full queue drops the event and counts the drop), refusals are only
 //! tallies, and a write that fails keeps its rows (bounded) for the next attempt.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use diesel::prelude::*;
 
 use super::chain::{self, Head};
 use super::ledger::{Action, RefusalCount, RefusalLedger};
+use super::recent::{CaRefusals, RecentRefusals, SAMPLE_EVERY};
 use crate::config::AuditConfig;
 use crate::db::models::{NewAuditEvent, NewAuditRow};
 use crate::db::schema::audit_log;
@@ -29,6 +31,9 @@ const EVENT_DELAY: Duration = Duration::from_millis(50);
 #[derive(Clone)]
 pub struct AuditLog {
     ledger: Arc<RefusalLedger>,
+    recent: Arc<RecentRefusals>,
+    /// Each profile's CA, for the per-CA view of recent refusals.
+    ca_of_profile: Arc<HashMap<String, String>>,
     writer: Addr<AuditWriter>,
     metrics: Arc<Metrics>,
 }
@@ -46,6 +51,11 @@ impl AuditLog {
         if self.writer.try_send(Record(event)).is_err() {
             self.metrics.audit_dropped.inc();
         }
+    }
+
+    /// Refusals over the last minute, per CA (for the admin console).
+    pub fn recent_refusals(&self) -> Vec<CaRefusals> {
+        self.recent.last_minute(&self.ledger, &self.ca_of_profile)
     }
 
     /// Write everything pending now (at shutdown); `Err` if the database would not take it.
@@ -81,6 +91,7 @@ pub struct AuditWriter {
     /// The chain's head as last sealed, and where heads are checkpointed.
     head: Option<Head>,
     checkpoint_file: Option<PathBuf>,
+    recent: Arc<RecentRefusals>,
 }
 
 impl AuditWriter {
@@ -91,7 +102,9 @@ impl AuditWriter {
         metrics: Arc<Metrics>,
         instance: Arc<str>,
         settings: &AuditConfig,
+        ca_of_profile: HashMap<String, String>,
     ) -> AuditLog {
+        let recent = Arc::new(RecentRefusals::default());
         let max_pending = settings.max_pending.max(1);
         let writer = AuditWriter {
             pool,
@@ -106,13 +119,14 @@ impl AuditWriter {
             event_write_scheduled: false,
             head: None,
             checkpoint_file: settings.checkpoint_file.clone(),
+            recent: recent.clone(),
         };
         let (sender, receiver) = actix::dev::channel::channel(max_pending);
         let addr = Addr::new(sender);
         actix::Arbiter::current().spawn(async move {
             Context::with_receiver(receiver).run(writer);
         });
-        AuditLog { ledger, writer: addr, metrics }
+        AuditLog { ledger, recent, ca_of_profile: Arc::new(ca_of_profile), writer: addr, metrics }
     }
 
     /// Everything to write now: waiting rows, the tallies as aggregates, and the drops.
@@ -242,6 +256,8 @@ impl Actor for AuditWriter {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(self.interval, |act, ctx| act.write(ctx, true));
+        self.recent.sample(&self.ledger);
+        ctx.run_interval(SAMPLE_EVERY, |act, _| act.recent.sample(&act.ledger));
     }
 }
 
@@ -302,7 +318,7 @@ mod tests {
             .expect("pool");
         let ledger = Arc::new(RefusalLedger::new(["demo"], ["tls-server-p256"], metrics.clone()));
         let settings = AuditConfig { refusal_interval: interval, max_pending, checkpoint_file: None };
-        let log = AuditWriter::start(pool, ledger, metrics.clone(), "test".into(), &settings);
+        let log = AuditWriter::start(pool, ledger, metrics.clone(), "test".into(), &settings, HashMap::new());
         (log, url, metrics)
     }
 

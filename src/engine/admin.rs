@@ -202,14 +202,15 @@ impl Engine {
         let read = move |conn: &mut crate::db::DbConn| {
             let parked: Result<Vec<(String, i64)>, crate::error::DbError> =
                 ca_ids.iter().map(|ca| Ok((ca.clone(), queries::count_parked(conn, ca)?))).collect();
-            Ok((queries::instances(conn)?, queries::recent_audit(conn, 50)?, parked?))
+            let chains = crate::audit::chain::heads(conn)?;
+            Ok((queries::instances(conn)?, queries::recent_audit(conn, 50)?, parked?, chains))
         };
-        let (instances, audit, parked) = match self.control(read).await {
+        let (instances, audit, parked, audit_chains) = match self.control(read).await {
             Ok(found) => found,
             Err(e) if self.inner.sabotage.has(crate::config::Sabotage::BrittleConsole) => return Err(e),
             Err(e) => {
                 warnings.push(format!("cluster view, parked counts and audit log unavailable: {e} (admin pool)"));
-                (Vec::new(), Vec::new(), Vec::new())
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new())
             }
         };
         let mut cells = self.cell_status().await;
@@ -244,6 +245,8 @@ impl Engine {
                 })
                 .collect(),
             audit,
+            refusals: self.inner.audit.recent_refusals(),
+            audit_chains,
             warnings,
         })
     }
@@ -258,7 +261,9 @@ impl Engine {
         })
         .to_string();
         let instance = self.instance_id().to_string();
-        self.control(move |conn| queries::publish_tree(conn, &instance, &tree)).await
+        // A heartbeat, not an operator's action: on the control pool, leaving the admin pool free.
+        super::on_pool(self.inner.pools.control.clone(), move |conn| queries::publish_tree(conn, &instance, &tree))
+            .await
     }
 
     fn pool_statuses(&self) -> Vec<PoolStatus> {
@@ -309,6 +314,10 @@ pub struct AdminStatus {
     pub profiles: Vec<(String, ProfileState)>,
     pub instances: Vec<InstanceStatus>,
     pub audit: Vec<AuditEvent>,
+    /// Refusals over the last minute, per CA: rate by reason and the clients refused most.
+    pub refusals: Vec<crate::audit::recent::CaRefusals>,
+    /// The head of every instance's audit hash chain.
+    pub audit_chains: Vec<crate::audit::chain::Head>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }

@@ -578,7 +578,15 @@ fn start_audit(config: &Config, pools: &Pools, instance: &Arc<str>, metrics: &Ar
         config.profiles.iter().map(|p| p.id.as_str()),
         metrics.clone(),
     );
-    AuditWriter::start(pools.audit.clone(), Arc::new(ledger), metrics.clone(), instance.clone(), &config.audit)
+    let ca_of_profile = config.profiles.iter().map(|p| (p.id.clone(), p.ca.clone())).collect();
+    AuditWriter::start(
+        pools.audit.clone(),
+        Arc::new(ledger),
+        metrics.clone(),
+        instance.clone(),
+        &config.audit,
+        ca_of_profile,
+    )
 }
 
 /// Scan the pools for connections held too long, until the engine stops.
