@@ -135,3 +135,43 @@ async fn castellum_admin_status_prints_the_tree_and_json_parses() {
     assert!(!ok && err.contains("401"), "{err}");
     server.stop().await;
 }
+
+/// During a storm of refused requests against one CA, its cell in the console draws its recent
+/// history — issued/s, p99, queue, refusals/s — and the charts move: more points a moment later,
+/// and refusals/s above zero.
+#[actix_rt::test]
+async fn the_console_charts_a_storm_as_it_happens() {
+    browser_dir();
+    let db = TestDb::sqlite();
+    let mut config = dev_config(&db);
+    config.admin.history_interval = std::time::Duration::from_millis(250);
+    let server = std::sync::Arc::new(TestServer::start(config).await);
+    server.engine.set_ca_state("test-operator", "ica-p384", "disabled").await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let storm = tokio::spawn({
+        let (server, stop) = (server.clone(), stop.clone());
+        async move {
+            let csr = csr(Key::P384, &["storm.example.test"]);
+            let started = std::time::Instant::now();
+            // Bounded: it stops when told, or after 30 s.
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed().as_secs() < 30 {
+                let _ = server.issue(DEMO_KEY, "tls-server-p384", &csr).send().await;
+                tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+            }
+        }
+    });
+    let args = [server.admin_base.as_str(), ADMIN_TOKEN, "ica-p384"].map(std::ffi::OsString::from).to_vec();
+    let seen = run_browser_script("history.mjs", args).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    storm.await.unwrap();
+    assert_eq!(seen["errors"], serde_json::json!([]), "{seen}");
+    let (first, second) = (&seen["first"], &seen["second"]);
+    for name in ["issued/s", "p99", "queued", "refusals/s"] {
+        assert!(first["series"][name]["points"].as_u64() >= Some(3), "{name} drawn: {seen}");
+    }
+    assert!(second["points"].as_u64() > first["points"].as_u64(), "the charts move: {seen}");
+    let refusals = second["series"]["refusals/s"]["label"].as_str().unwrap_or_default();
+    let rate: f64 = refusals.trim_start_matches("refusals/s ").parse().unwrap_or(0.0);
+    assert!(rate > 0.0, "refusals/s shown during the storm: {refusals:?}");
+    std::sync::Arc::into_inner(server).expect("storm done").stop().await;
+}

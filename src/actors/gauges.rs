@@ -21,9 +21,29 @@ pub struct CellGauges {
     /// Fault injection (dev mode only): this many of the CA's next signatures panic in the
     /// signer (caught there, answered as signer failures).
     pub injected_signer_panics: AtomicU32,
+    /// Issued jobs by time in the cell (arrival to answer): bucket `i` counts those under
+    /// 0.25 ms × 2^i (the last, everything slower). Read as differences by the console's history.
+    pub issued_latency: [AtomicU64; LATENCY_BUCKETS],
+}
+
+pub const LATENCY_BUCKETS: usize = 16;
+
+/// The upper bound of latency bucket `i`.
+pub fn latency_bound(i: usize) -> Duration {
+    Duration::from_micros(250u64 << i.min(LATENCY_BUCKETS - 1))
 }
 
 impl CellGauges {
+    /// Count an issued job that spent `took` in the cell.
+    pub fn record_issued(&self, took: Duration) {
+        let i = (0..LATENCY_BUCKETS).find(|i| took <= latency_bound(*i)).unwrap_or(LATENCY_BUCKETS - 1);
+        self.issued_latency[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn issued_latency(&self) -> [u64; LATENCY_BUCKETS] {
+        std::array::from_fn(|i| self.issued_latency[i].load(Ordering::Relaxed))
+    }
+
     /// How long a job entering `lane` now can expect to wait before it is dispatched.
     pub fn predicted_wait(&self, lane: Lane) -> Duration {
         let ahead = match lane {

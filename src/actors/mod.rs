@@ -18,6 +18,7 @@ pub mod breaker;
 pub mod cell;
 pub mod coalescer;
 pub mod gauges;
+pub mod history;
 pub mod intake;
 pub mod job;
 pub mod keypool;

@@ -19,6 +19,25 @@ const badge = (text) => el("span", { class: `badge ${text}` }, text);
 const ago = (ms) => (ms < 1000 ? `${ms} ms` : `${(ms / 1000).toFixed(1)} s`);
 const when = (ms) => new Date(ms).toLocaleTimeString();
 
+// A small line chart of one series (SVG built node by node: no markup is parsed).
+function sparkline(label, points, pick, unit) {
+  const SVG = "http://www.w3.org/2000/svg";
+  const [w, h] = [140, 28];
+  const values = points.map(pick);
+  const top = Math.max(...values, 1e-9);
+  const svg = document.createElementNS(SVG, "svg");
+  for (const [k, v] of [["width", w], ["height", h], ["viewBox", `0 0 ${w} ${h}`], ["class", "spark"]]) svg.setAttribute(k, v);
+  const line = document.createElementNS(SVG, "polyline");
+  const step = values.length > 1 ? w / (values.length - 1) : 0;
+  line.setAttribute("points", values.map((v, i) => `${(i * step).toFixed(1)},${(h - 2 - (v / top) * (h - 4)).toFixed(1)}`).join(" "));
+  line.setAttribute("fill", "none");
+  line.setAttribute("stroke", "currentColor");
+  line.setAttribute("stroke-width", "1.5");
+  svg.append(line);
+  const now = values.length ? values[values.length - 1] : 0;
+  return el("div", { class: "series", "data-series": label }, el("span", {}, `${label} ${now.toFixed(1)}${unit}`), svg);
+}
+
 function kv(container, pairs) {
   container.replaceChildren(...pairs.flatMap(([k, v]) => [el("span", {}, k), el("span", {}, v)]));
 }
@@ -112,9 +131,15 @@ function render(status) {
       ["restarts", c.restarts],
       ["refusals", refusalText(refusals[c.ca])],
     ]);
+    const history = c.history || [];
+    const charts = el("div", { class: "history", "data-points": history.length },
+      sparkline("issued/s", history, (p) => p.issued_per_s, ""),
+      sparkline("p99", history, (p) => p.p99_ms, " ms"),
+      sparkline("queued", history, (p) => p.queued, ""),
+      sparkline("refusals/s", history, (p) => p.refusals_per_s, ""));
     return el("div", { class: "cell", "data-ca": c.ca },
       el("h3", {}, c.ca, el("span", { class: `badge ${c.state}`, "data-field": "state" }, c.state), badge(c.breaker)),
-      details, el("div", {}, ...caButtons(c)));
+      details, charts, el("div", {}, ...caButtons(c)));
   }));
 
   const s = status.store;

@@ -53,6 +53,17 @@ impl AuditLog {
         }
     }
 
+    /// Refusals since start, per CA (refusals of no configured profile under `(other)`).
+    pub fn refusals_by_ca(&self) -> HashMap<String, u64> {
+        let mut by_ca: HashMap<String, u64> = HashMap::new();
+        for (slot, n) in self.ledger.totals().into_iter().enumerate().filter(|(_, n)| *n > 0) {
+            let (_, target, _) = self.ledger.kind_of(slot);
+            let ca = self.ca_of_profile.get(target).map_or(super::ledger::OTHER_TARGET, String::as_str);
+            *by_ca.entry(ca.to_string()).or_default() += n;
+        }
+        by_ca
+    }
+
     /// Refusals over the last minute, per CA (for the admin console).
     pub fn recent_refusals(&self) -> Vec<CaRefusals> {
         self.recent.last_minute(&self.ledger, &self.ca_of_profile)

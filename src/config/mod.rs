@@ -157,11 +157,15 @@ pub struct AdminConfig {
     /// Empty: no admin listener.
     pub listen: String,
     pub tokens: Vec<AdminToken>,
+    /// How often each CA's history (issued/s, p99, queue, refusals/s) is sampled for the
+    /// console; 60 points are kept.
+    #[serde(with = "humantime_serde")]
+    pub history_interval: Duration,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: "127.0.0.1:8081".into(), tokens: Vec::new() }
+        AdminConfig { listen: "127.0.0.1:8081".into(), tokens: Vec::new(), history_interval: Duration::from_secs(5) }
     }
 }
 

@@ -217,6 +217,7 @@ impl Engine {
         for cell in &mut cells {
             cell.parked = parked.iter().find(|(ca, _)| *ca == cell.ca).map(|(_, n)| *n);
             cell.restarts = self.inner.metrics.cell_restarts.get_or_create(&crate::metrics::ca(&cell.ca)).get();
+            cell.history = self.inner.history.of(&cell.ca);
         }
         let now = now_ms();
         let pools = self.pool_statuses();

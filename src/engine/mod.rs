@@ -19,6 +19,7 @@ use tokio::sync::Semaphore;
 
 use crate::actors::cell::{self, CellSlot, CellStatus};
 use crate::actors::gauges::CellGauges;
+use crate::actors::history::History;
 use crate::actors::intake::{Catalog, Intake};
 use crate::actors::registry::{self, Registry, RegistryChanged, SharedSnapshot, Snapshot};
 use crate::actors::resumer::Resumer;
@@ -94,6 +95,8 @@ struct Inner {
     arbiters: Arbiters,
     /// Refusal tallies and the audit writer (not the issuance Store).
     audit: AuditLog,
+    /// Each CA's last minutes, for the console.
+    history: History,
     _supervisor: Addr<CellSupervisor>,
     registry: Addr<Registry>,
     resumer: Addr<Resumer>,
@@ -176,6 +179,7 @@ impl Engine {
                 cells,
                 store,
                 audit,
+                history: History::default(),
                 pools,
                 metrics,
                 shutting_down: AtomicBool::new(false),
@@ -190,7 +194,22 @@ impl Engine {
             }),
         };
         engine.publish_tree_periodically();
+        engine.record_history_periodically();
         Ok(engine)
+    }
+
+    /// Each CA's recent history for the console, sampled until the engine stops.
+    fn record_history_periodically(&self) {
+        let engine = self.clone();
+        let every = self.inner.config.admin.history_interval;
+        actix_web::rt::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            while !engine.is_shutting_down() {
+                tick.tick().await;
+                let gauges = engine.inner.cells.iter().map(|(ca, slot)| (ca, slot.gauges.as_ref()));
+                engine.inner.history.sample(gauges, &engine.inner.audit.refusals_by_ca());
+            }
+        });
     }
 
     /// Every instance publishes its actor tree with its heartbeat, so any console can show it.

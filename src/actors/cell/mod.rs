@@ -312,6 +312,9 @@ impl CaCell {
             };
             follower.answer(answer);
         }
+        if result.is_ok() {
+            self.gauges.record_issued(job.enqueued_at.elapsed());
+        }
         job.caller.answer(result);
     }
 
@@ -531,6 +534,7 @@ impl Handler<GetStatus> for CaCell {
             mean_sign_us: self.gauges.sign_time_us.load(Ordering::Relaxed) / signatures.max(1),
             parked: None,
             restarts: 0,
+            history: Vec::new(),
         }
     }
 }

@@ -47,9 +47,11 @@ pub struct CellStatus {
     pub signatures: u64,
     /// Mean signing time since start (µs).
     pub mean_sign_us: u64,
-    /// Filled in by the engine: parked requests of this CA, restarts of its cell.
+    /// Filled in by the engine: parked requests of this CA, restarts of its cell, and its
+    /// recent history (oldest first).
     pub parked: Option<i64>,
     pub restarts: u64,
+    pub history: Vec<crate::actors::history::Point>,
 }
 
 impl CellStatus {
@@ -72,6 +74,7 @@ impl CellStatus {
             mean_sign_us: 0,
             parked: None,
             restarts: 0,
+            history: Vec::new(),
         }
     }
 }
