@@ -182,3 +182,40 @@ async fn the_command_line_says_where_the_chain_breaks_and_exits_1() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains(&format!("row {id} (seq 5) was changed")), "{out}");
 }
+
+/// The engine verifies its own chain on its own (every `audit.verify_interval`) and the console
+/// says when and what it found: a row changed under a running engine is reported.
+#[actix_rt::test]
+async fn a_running_engine_sees_its_chain_tampered_with() {
+    let db = TestDb::sqlite();
+    let mut config = dev_config(&db);
+    config.audit.refusal_interval = Duration::from_millis(100);
+    config.audit.verify_interval = Duration::from_millis(200);
+    let server = TestServer::start(config).await;
+    for enabled in [false, true, false] {
+        server.engine.set_profile_state("test-operator", "tls-server-p384", enabled).await.unwrap();
+    }
+    let verified = |status: &serde_json::Value| status["audit_verified"].clone();
+    let started = std::time::Instant::now();
+    loop {
+        let v = verified(&admin_status(&server).await);
+        if v["verified"].as_i64() >= Some(3) {
+            assert!(v["fault"].is_null(), "{v}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "never verified: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sql::execute(&db, "UPDATE audit_log SET actor = 'someone else' WHERE seq = 2");
+    let started = std::time::Instant::now();
+    loop {
+        let v = verified(&admin_status(&server).await);
+        if let Some(fault) = v["fault"].as_str() {
+            assert!(fault.contains("(seq 2) was changed"), "{fault}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "the change was not seen: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    server.stop().await;
+}

@@ -220,7 +220,13 @@ pub fn render_status(status: &Value) -> String {
     }
     let chains = status["audit_chains"].as_array().cloned().unwrap_or_default();
     if !chains.is_empty() {
-        let _ = writeln!(out, "\nAudit hash chains (verify with `castellum audit verify`)");
+        let verified = &status["audit_verified"];
+        let said = match (&verified["at"], &verified["fault"]) {
+            (Value::Null, _) => "not yet verified by this instance".to_string(),
+            (_, Value::String(fault)) => format!("verified at {} ms: BROKEN: {fault}", s(&verified["at"])),
+            _ => format!("verified at {} ms: {} rows hold", s(&verified["at"]), s(&verified["verified"])),
+        };
+        let _ = writeln!(out, "\nAudit hash chains (verify with `castellum audit verify`; {said})");
         table(
             &mut out,
             &["INSTANCE", "SEQ", "HEAD"],

@@ -152,6 +152,9 @@ function render(status) {
   for (const head of status.audit_chains || []) {
     rows.push([`Audit chain of ${head.instance}`, `seq ${head.seq} · ${head.hash.slice(0, 16)}…`]);
   }
+  const v = status.audit_verified;
+  rows.push(["Audit chain verified", !v ? "not yet" :
+    `${when(v.at)}: ${v.fault ? `BROKEN — ${v.fault}` : `${v.verified} rows hold`}`]);
   kv(document.getElementById("store"), rows);
   document.getElementById("pools").replaceChildren(...status.pools.map((p) =>
     el("tr", {}, el("td", {}, p.name), el("td", {}, p.in_use), el("td", {}, p.idle), el("td", {}, p.max),

@@ -189,10 +189,11 @@ pub fn verify(conn: &mut DbConn, checkpoints: &HashMap<String, Head>) -> Result<
         }
     }
     instances.sort();
-    instances.into_iter().map(|instance| verify_one(conn, instance, checkpoints)).collect()
+    instances.into_iter().map(|instance| verify_instance(conn, instance, checkpoints)).collect()
 }
 
-fn verify_one(
+/// Verify one instance's chain (against its checkpoint, if `checkpoints` has one).
+pub fn verify_instance(
     conn: &mut DbConn,
     instance: String,
     checkpoints: &HashMap<String, Head>,
@@ -262,6 +263,16 @@ pub fn heads(conn: &mut DbConn) -> Result<Vec<Head>, DbError> {
         }
     }
     Ok(heads)
+}
+
+/// The outcome of the engine's own periodic verification of its chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verification {
+    pub instance: String,
+    pub at: i64,
+    pub verified: i64,
+    /// The first break found, as text; none if the chain held.
+    pub fault: Option<String>,
 }
 
 /// What `castellum audit verify` checks: the database the configuration names, against the

@@ -9,9 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use arc_swap::ArcSwapOption;
 use diesel::prelude::*;
 
-use super::chain::{self, Head};
+use super::chain::{self, Head, Verification};
 use super::ledger::{Action, RefusalCount, RefusalLedger};
 use super::recent::{CaRefusals, RecentRefusals, SAMPLE_EVERY};
 use crate::config::AuditConfig;
@@ -34,6 +35,8 @@ pub struct AuditLog {
     recent: Arc<RecentRefusals>,
     /// Each profile's CA, for the per-CA view of recent refusals.
     ca_of_profile: Arc<HashMap<String, String>>,
+    /// The engine's last verification of its own chain.
+    verified: Arc<ArcSwapOption<Verification>>,
     writer: Addr<AuditWriter>,
     metrics: Arc<Metrics>,
 }
@@ -51,6 +54,11 @@ impl AuditLog {
         if self.writer.try_send(Record(event)).is_err() {
             self.metrics.audit_dropped.inc();
         }
+    }
+
+    /// When this instance last verified its own chain, and what it found.
+    pub fn last_verification(&self) -> Option<Verification> {
+        self.verified.load_full().map(|v| (*v).clone())
     }
 
     /// Refusals since start, per CA (refusals of no configured profile under `(other)`).
@@ -103,6 +111,9 @@ pub struct AuditWriter {
     head: Option<Head>,
     checkpoint_file: Option<PathBuf>,
     recent: Arc<RecentRefusals>,
+    verified: Arc<ArcSwapOption<Verification>>,
+    verify_interval: Duration,
+    verifying: bool,
 }
 
 impl AuditWriter {
@@ -116,6 +127,7 @@ impl AuditWriter {
         ca_of_profile: HashMap<String, String>,
     ) -> AuditLog {
         let recent = Arc::new(RecentRefusals::default());
+        let verified = Arc::new(ArcSwapOption::empty());
         let max_pending = settings.max_pending.max(1);
         let writer = AuditWriter {
             pool,
@@ -131,13 +143,16 @@ impl AuditWriter {
             head: None,
             checkpoint_file: settings.checkpoint_file.clone(),
             recent: recent.clone(),
+            verified: verified.clone(),
+            verify_interval: settings.verify_interval,
+            verifying: false,
         };
         let (sender, receiver) = actix::dev::channel::channel(max_pending);
         let addr = Addr::new(sender);
         actix::Arbiter::current().spawn(async move {
             Context::with_receiver(receiver).run(writer);
         });
-        AuditLog { ledger, recent, ca_of_profile: Arc::new(ca_of_profile), writer: addr, metrics }
+        AuditLog { ledger, recent, ca_of_profile: Arc::new(ca_of_profile), verified, writer: addr, metrics }
     }
 
     /// Everything to write now: waiting rows, the tallies as aggregates, and the drops.
@@ -214,6 +229,38 @@ impl AuditWriter {
         }));
     }
 
+    /// Verify this instance's chain whole, on a blocking thread (one connection of the audit
+    /// pool, paged reads); a break is logged as an error and shown in the console.
+    fn verify(&mut self, ctx: &mut Context<Self>) {
+        if self.verifying {
+            return;
+        }
+        self.verifying = true;
+        let (pool, instance, file) = (self.pool.clone(), self.instance.to_string(), self.checkpoint_file.clone());
+        let task = actix_web::rt::task::spawn_blocking(move || {
+            let checkpoints = file.and_then(|f| chain::read_checkpoints(&f).ok()).unwrap_or_default();
+            pool.get().and_then(|mut conn| chain::verify_instance(&mut conn, instance, &checkpoints))
+        });
+        ctx.spawn(task.into_actor(self).map(|joined, act, _| {
+            act.verifying = false;
+            match joined {
+                Ok(Ok(report)) => {
+                    if let Some(fault) = &report.fault {
+                        tracing::error!(fault = %fault, "the audit chain of this instance is broken");
+                    }
+                    act.verified.store(Some(Arc::new(Verification {
+                        instance: report.instance,
+                        at: now_ms(),
+                        verified: report.verified,
+                        fault: report.fault.map(|f| f.to_string()),
+                    })));
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not verify the audit chain; retrying later"),
+                Err(e) => tracing::error!(error = %e, "audit chain verification task failed"),
+            }
+        }));
+    }
+
     /// A head that moved is logged and, if configured, appended to the checkpoint file: outside
     /// the database, so that a deleted tail or a rewritten chain is seen.
     fn checkpoint(&mut self, head: Option<Head>) {
@@ -269,6 +316,7 @@ impl Actor for AuditWriter {
         ctx.run_interval(self.interval, |act, ctx| act.write(ctx, true));
         self.recent.sample(&self.ledger);
         ctx.run_interval(SAMPLE_EVERY, |act, _| act.recent.sample(&act.ledger));
+        ctx.run_interval(self.verify_interval, |act, ctx| act.verify(ctx));
     }
 }
 
@@ -328,15 +376,18 @@ mod tests {
         let pool = DbPool::build(&db, &PoolConfig { max_size: 1, ..PoolConfig::default() }, "audit", metrics.clone())
             .expect("pool");
         let ledger = Arc::new(RefusalLedger::new(["demo"], ["tls-server-p256"], metrics.clone()));
-        let settings = AuditConfig { refusal_interval: interval, max_pending, checkpoint_file: None };
+        let settings = AuditConfig { refusal_interval: interval, max_pending, ..AuditConfig::default() };
         let log = AuditWriter::start(pool, ledger, metrics.clone(), "test".into(), &settings, HashMap::new());
         (log, url, metrics)
     }
 
     /// (action, outcome, count, first_at) of every row, oldest first.
     fn rows(url: &str) -> Vec<(String, String, i64, Option<i64>)> {
+        use diesel::connection::SimpleConnection;
         use diesel::Connection;
         let mut c = diesel::SqliteConnection::establish(crate::db::sqlite_path(url)).expect("open");
+        // The writer may be committing: wait for its lock as the engine's own connections do.
+        c.batch_execute("PRAGMA busy_timeout = 2000").expect("busy timeout");
         audit_log::table
             .select((audit_log::action, audit_log::outcome, audit_log::count, audit_log::first_at))
             .order(audit_log::id)

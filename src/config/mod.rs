@@ -377,11 +377,20 @@ pub struct AuditConfig {
     /// moves, outside the database: `castellum audit verify` compares the chain with it, which
     /// catches a deleted tail or a rewritten chain. Also logged. None: logged only.
     pub checkpoint_file: Option<PathBuf>,
+    /// How often the engine verifies its own chain whole (against the checkpoint file, if any);
+    /// the console shows when, and what it found.
+    #[serde(with = "humantime_serde")]
+    pub verify_interval: Duration,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig { refusal_interval: Duration::from_secs(10), max_pending: 1024, checkpoint_file: None }
+        AuditConfig {
+            refusal_interval: Duration::from_secs(10),
+            max_pending: 1024,
+            checkpoint_file: None,
+            verify_interval: Duration::from_secs(600),
+        }
     }
 }
 

@@ -248,6 +248,7 @@ impl Engine {
             audit,
             refusals: self.inner.audit.recent_refusals(),
             audit_chains,
+            audit_verified: self.inner.audit.last_verification(),
             warnings,
         })
     }
@@ -319,6 +320,8 @@ pub struct AdminStatus {
     pub refusals: Vec<crate::audit::recent::CaRefusals>,
     /// The head of every instance's audit hash chain.
     pub audit_chains: Vec<crate::audit::chain::Head>,
+    /// When this instance last verified its own chain (every `audit.verify_interval`).
+    pub audit_verified: Option<crate::audit::chain::Verification>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
 }
