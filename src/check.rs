@@ -53,6 +53,7 @@ pub fn check_config(config: &Config) -> (Vec<ConfigProblem>, HashMap<String, CaM
     check_admin(config, &mut p);
     check_database(config, &mut p);
     check_lanes(config, &mut p);
+    check_audit(config, &mut p);
     if config.cas.is_empty() {
         p.add("cas", "no CA is configured");
     }
@@ -427,6 +428,31 @@ fn check_lanes(config: &Config, p: &mut Problems) {
     }
     if config.http.max_body_bytes < 4096 {
         p.add("http.max_body_bytes", "must be at least 4096 bytes (a CSR does not fit otherwise)");
+    }
+}
+
+fn check_audit(config: &Config, p: &mut Problems) {
+    let audit = &config.audit;
+    for (name, every) in [
+        ("audit.refusal_interval", audit.refusal_interval),
+        ("audit.verify_interval", audit.verify_interval),
+        ("admin.history_interval", config.admin.history_interval),
+    ] {
+        if every < Duration::from_millis(10) {
+            p.add(name, "must be at least 10ms");
+        }
+    }
+    if audit.max_pending == 0 {
+        p.add("audit.max_pending", "must be at least 1");
+    }
+    if let Some(file) = &audit.checkpoint_file {
+        // The head is appended there on every seal: its folder must exist now, not at the first seal.
+        let folder = file.parent().filter(|f| !f.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        if !folder.is_dir() {
+            p.add("audit.checkpoint_file", format!("its folder {} does not exist", folder.display()));
+        } else if file.is_dir() {
+            p.add("audit.checkpoint_file", format!("{} is a folder, not a file", file.display()));
+        }
     }
 }
 

@@ -253,3 +253,17 @@ fn an_rsa_identity_profile_is_a_warning_not_a_refusal() {
     assert!(out.contains("warning: profiles[6].identity.key_type: RSA-3072 key generation"), "{out}");
     assert!(out.contains("1 warning(s)"), "{out}");
 }
+
+#[test]
+fn the_audit_writers_settings_are_checked() {
+    let with = |section: &str| format!("{}\n{section}", dev_config_text());
+    assert_flags(&with("[audit]\nrefusal_interval = \"0s\""), "audit.refusal_interval", "at least 10ms");
+    assert_flags(&with("[audit]\nmax_pending = 0"), "audit.max_pending", "at least 1");
+    assert_flags(
+        &with("[audit]\ncheckpoint_file = \"/nonexistent-castellum-folder/heads.jsonl\""),
+        "audit.checkpoint_file",
+        "does not exist",
+    );
+    assert_flags(&with("[audit]\ncheckpoint_file = \"/tmp\""), "audit.checkpoint_file", "is a folder");
+    assert!(problems_of(&with("[audit]\ncheckpoint_file = \"/tmp/castellum-heads.jsonl\"")).is_empty());
+}
