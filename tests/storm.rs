@@ -47,7 +47,7 @@ async fn refusal_storm(db: &TestDb, sabotage: &[castellum::config::Sabotage]) ->
     let mut config = dev_config(db);
     config.sabotage = sabotage.to_vec();
     config.audit.refusal_interval = Duration::from_millis(500);
-    let server = Arc::new(TestServer::start(config).await);
+    let server = Arc::new(TestServer::start(config.clone()).await);
     server.engine.set_ca_state("test-operator", "ica-p384", "disabled").await.unwrap();
     let certificates_before = sql::count(db, "SELECT count(*) AS n FROM certificates");
     // The lever's own audit row, written by the audit writer a moment after it answers.
@@ -86,6 +86,10 @@ async fn refusal_storm(db: &TestDb, sabotage: &[castellum::config::Sabotage]) ->
 
     let server = Arc::into_inner(server).expect("the storm's clients are done");
     server.stop().await; // writes the last tallies
+    // Everything written, on this backend, is sealed into a chain that verifies.
+    assert_eq!(sql::count(db, "SELECT count(*) AS n FROM audit_log WHERE seq IS NULL"), 0, "unsealed rows");
+    let (chains, _) = castellum::audit::chain::verify_configured(&config).unwrap();
+    assert!(chains.iter().all(|c| c.fault.is_none() && c.verified > 0), "{chains:?}");
     let written = audit_rows(db) - rows_before;
     eprintln!("3,200 refusals in {took:?}: {written} audit rows");
     let tallied = sql::count(
