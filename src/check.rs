@@ -442,6 +442,10 @@ fn check_audit(config: &Config, p: &mut Problems) {
             p.add(name, "must be at least 10ms");
         }
     }
+    if config.database.pools.audit.max_size != 1 {
+        // One writer per instance seals its chain: two connections could seal at once.
+        p.add("database.pools.audit.max_size", "must be 1: the audit writer seals its chain on one connection");
+    }
     if audit.max_pending == 0 {
         p.add("audit.max_pending", "must be at least 1");
     }

@@ -130,6 +130,15 @@ async fn every_tampering_is_named_at_its_row() {
         ],
     );
     assert_eq!(reordered.fault, Some(ChainFault::NotLinked { id: id_at(&db, 4), seq: 3, prev_seq: 2 }));
+
+    // A row placed before the chain's start, where a walk from seq 1 never goes.
+    let before = format!(
+        "INSERT INTO audit_log (at, instance, actor, action, target, outcome, detail, count, seq, prev_hash, hash) \
+         VALUES (1, '{}', 'mallory', 'ca.state', 'ica-p256', 'ok', 'enabled', 1, 0, '{prev}', '{hash}')",
+        forged.instance
+    );
+    let outside = verify_after(&db, &config, &[&before]);
+    assert!(matches!(outside.fault, Some(ChainFault::OutsideChain { seq: 0, .. })), "{outside:?}");
 }
 
 #[actix_rt::test]

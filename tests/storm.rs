@@ -86,7 +86,7 @@ async fn refusal_storm(db: &TestDb, sabotage: &[castellum::config::Sabotage]) ->
 
     let server = Arc::into_inner(server).expect("the storm's clients are done");
     server.stop().await; // writes the last tallies
-    // Everything written, on this backend, is sealed into a chain that verifies.
+                         // Everything written, on this backend, is sealed into a chain that verifies.
     assert_eq!(sql::count(db, "SELECT count(*) AS n FROM audit_log WHERE seq IS NULL"), 0, "unsealed rows");
     let (chains, _) = castellum::audit::chain::verify_configured(&config).unwrap();
     assert!(chains.iter().all(|c| c.fault.is_none() && c.verified > 0), "{chains:?}");

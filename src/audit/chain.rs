@@ -21,8 +21,10 @@ use crate::with_conn;
 /// The `prev_hash` of a chain's first row.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// Rows sealed per transaction; a backlog is sealed over several rounds.
+/// Rows sealed per transaction, and transactions per round (100,000 rows a round: a writer
+/// interval of 10 s keeps up with 10,000 audit rows a second).
 const SEAL_BATCH: i64 = 5_000;
+const MAX_BATCHES_PER_ROUND: usize = 20;
 /// Rows read per query while verifying (memory stays bounded on any chain length).
 const VERIFY_PAGE: i64 = 10_000;
 
@@ -90,10 +92,27 @@ fn head_of(conn: &mut DbConn, instance: &str) -> Result<Option<(i64, String)>, D
     Ok(found.and_then(|(seq, hash)| Some((seq?, hash?))))
 }
 
-/// Seal this instance's unsealed rows (oldest id first) onto its chain, in one transaction;
-/// the chain's head after it, or `None` if the chain is still empty.
-pub fn seal(conn: &mut DbConn, instance: &str) -> Result<Option<Head>, DbError> {
+/// Seal batches until the backlog is sealed (bounded: a flood of rows is sealed over several
+/// rounds, never in one unbounded loop).
+pub fn seal_backlog(conn: &mut DbConn, instance: &str) -> Result<Option<Head>, DbError> {
+    let mut head = None;
+    for _ in 0..MAX_BATCHES_PER_ROUND {
+        let (sealed, now) = seal(conn, instance)?;
+        head = now.or(head);
+        if sealed < SEAL_BATCH {
+            break;
+        }
+    }
+    Ok(head)
+}
+
+/// Seal up to [`SEAL_BATCH`] of this instance's unsealed rows (oldest id first) onto its chain,
+/// in one transaction: how many, and the chain's head after it (`None` if still empty).
+pub fn seal(conn: &mut DbConn, instance: &str) -> Result<(i64, Option<Head>), DbError> {
     with_conn!(conn, |c| c.transaction(|c| {
+        // Write first: on SQLite this takes the write lock (waiting out busy_timeout) before the
+        // transaction reads, so a Store commit in between cannot make the seal fail at once.
+        diesel::update(audit_log::table.filter(audit_log::id.eq(-1))).set(audit_log::seq.eq(None::<i64>)).execute(c)?;
         let last: Option<(Option<i64>, Option<String>)> = audit_log::table
             .filter(audit_log::instance.eq(instance).and(audit_log::seq.is_not_null()))
             .order(audit_log::seq.desc())
@@ -104,6 +123,11 @@ pub fn seal(conn: &mut DbConn, instance: &str) -> Result<Option<Head>, DbError> 
             Some((Some(seq), Some(hash))) => (seq, hash),
             _ => (0, GENESIS.to_string()),
         };
+        // The head's hash goes into the statement below: it must be what a seal writes.
+        if prev.len() != 64 || !prev.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(DbError::Pool(format!("the audit chain's head (seq {seq}) has no valid hash: not sealing")));
+        }
+        let first_seq = seq;
         let rows: Vec<ChainRow> = audit_log::table
             .filter(audit_log::instance.eq(instance).and(audit_log::seq.is_null()))
             .order(audit_log::id)
@@ -128,7 +152,7 @@ pub fn seal(conn: &mut DbConn, instance: &str) -> Result<Option<Head>, DbError> 
             ))
             .execute(c)?;
         }
-        Ok::<_, DbError>((seq > 0).then(|| Head { instance: instance.to_string(), seq, hash: prev }))
+        Ok::<_, DbError>((seq - first_seq, (seq > 0).then(|| Head { instance: instance.to_string(), seq, hash: prev })))
     }))
 }
 
@@ -170,6 +194,8 @@ pub enum ChainFault {
     NotLinked { id: i64, seq: i64, prev_seq: i64 },
     #[error("the row with seq {seq} is missing (deleted); the chain resumes at row {next_id} (seq {next_seq})")]
     Missing { seq: i64, next_id: i64, next_seq: i64 },
+    #[error("row {id} has seq {seq}, outside the chain (which starts at 1): it was inserted")]
+    OutsideChain { id: i64, seq: i64 },
     #[error("the chain ends at seq {seq}, before its checkpoint at seq {checkpoint_seq}: its tail was deleted")]
     Truncated { seq: i64, checkpoint_seq: i64 },
     #[error("the row with seq {seq} is not the one checkpointed (hash {found}, checkpoint {checkpointed}): the chain was rewritten")]
@@ -246,6 +272,16 @@ pub fn verify_instance(
         }
     }
     let last = report.head.as_ref().map_or(0, |h| h.seq);
+    // A row given a seq below the chain's start is never reached by the walk above.
+    let outside: Option<(i64, Option<i64>)> = with_conn!(conn, |c| audit_log::table
+        .filter(audit_log::instance.eq(&report.instance).and(audit_log::seq.lt(1)))
+        .order(audit_log::seq)
+        .select((audit_log::id, audit_log::seq))
+        .first(c)
+        .optional())?;
+    if let (None, Some((id, seq))) = (&report.fault, outside) {
+        report.fault = Some(ChainFault::OutsideChain { id, seq: seq.unwrap_or_default() });
+    }
     if let (None, Some(cp)) = (&report.fault, checkpoint) {
         if last < cp.seq {
             report.fault = Some(ChainFault::Truncated { seq: last, checkpoint_seq: cp.seq });
@@ -303,4 +339,37 @@ pub fn verify_configured(config: &crate::config::Config) -> Result<(Vec<ChainRep
     let pool = crate::db::DbPool::build(&config.database, &one, "audit", metrics)?;
     let mut conn = pool.get()?;
     Ok((verify(&mut conn, &checkpoints)?, note))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DatabaseConfig, PoolConfig};
+
+    #[test]
+    fn a_backlog_larger_than_a_batch_is_sealed_in_one_round_and_verifies() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("chain.db").display());
+        crate::db::migrate::run(&url).expect("migrated");
+        let db = DatabaseConfig { url, ..DatabaseConfig::default() };
+        let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+        let pool = crate::db::DbPool::build(&db, &PoolConfig::default(), "audit", metrics).unwrap();
+        let mut conn = pool.get().unwrap();
+        let rows = 2 * SEAL_BATCH + 7;
+        with_conn!(&mut *conn, |c| {
+            for n in 0..rows {
+                diesel::sql_query(format!(
+                    "INSERT INTO audit_log (at, instance, actor, action, target, outcome, detail) \
+                     VALUES ({n}, 'me', 'a', 'ca.state', 't', 'ok', '')"
+                ))
+                .execute(c)
+                .unwrap();
+            }
+        });
+        let head = seal_backlog(&mut conn, "me").unwrap().expect("a head");
+        assert_eq!(head.seq, rows);
+        let reports = verify(&mut conn, &HashMap::new()).unwrap();
+        assert_eq!((reports[0].verified, reports[0].unsealed, reports[0].fault.clone()), (rows, 0, None));
+        assert_eq!(seal(&mut conn, "me").unwrap(), (0, Some(head)), "nothing left to seal");
+    }
 }

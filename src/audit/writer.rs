@@ -201,32 +201,30 @@ impl AuditWriter {
         }
         self.writing = true;
         let (pool, instance) = (self.pool.clone(), self.instance.clone());
-        let task = actix_web::rt::task::spawn_blocking(move || {
-            let result = pool.get().and_then(|mut conn| {
-                if !rows.is_empty() {
-                    insert(&mut conn, &rows)?;
-                }
-                if seal {
-                    return chain::seal(&mut conn, &instance);
-                }
-                Ok(None)
-            });
-            (rows, result)
-        });
+        let task = actix_web::rt::task::spawn_blocking(move || write_and_seal(&pool, &instance, rows, seal));
         ctx.spawn(task.into_actor(self).map(|joined, act, _| {
             act.writing = false;
             match joined {
-                Ok((rows, Ok(head))) => {
-                    act.count_written(&rows);
-                    act.checkpoint(head);
-                }
-                Ok((rows, Err(e))) => {
-                    tracing::warn!(error = %e, rows = rows.len(), "audit write failed; kept for the next attempt");
-                    act.keep(rows);
-                }
+                Ok(outcome) => act.settle(outcome),
                 Err(e) => tracing::error!(error = %e, "audit write task failed"),
             }
         }));
+    }
+
+    /// The rows written are counted; rows not written are kept for the next attempt (never
+    /// rows that were: a seal that fails after its insert committed does not write them again).
+    fn settle(&mut self, outcome: Written) {
+        match outcome.inserted {
+            Ok(()) => self.count_written(&outcome.rows),
+            Err(e) => {
+                tracing::warn!(error = %e, rows = outcome.rows.len(), "audit write failed; kept for the next attempt");
+                self.keep(outcome.rows);
+            }
+        }
+        match outcome.sealed {
+            Ok(head) => self.checkpoint(head),
+            Err(e) => tracing::warn!(error = %e, "sealing the audit chain failed; retried next interval"),
+        }
     }
 
     /// Verify this instance's chain whole, on a blocking thread (one connection of the audit
@@ -284,6 +282,28 @@ impl AuditWriter {
             self.metrics.audit_rows.get_or_create(&vec![("kind", kind.to_string())]).inc();
         }
     }
+}
+
+/// What one write did: its rows and whether they were inserted, and the chain's head if sealed.
+struct Written {
+    rows: Vec<NewAuditRow>,
+    inserted: Result<(), DbError>,
+    sealed: Result<Option<Head>, DbError>,
+}
+
+/// Insert `rows` (one transaction), then — if `seal` — seal this instance's new rows, the
+/// whole backlog, in transactions of their own. Runs on a blocking thread.
+fn write_and_seal(pool: &DbPool, instance: &str, rows: Vec<NewAuditRow>, seal: bool) -> Written {
+    let mut conn = match pool.get() {
+        Ok(conn) => conn,
+        Err(e) => {
+            let sealed = Err(DbError::Pool(e.to_string()));
+            return Written { rows, inserted: Err(e), sealed };
+        }
+    };
+    let inserted = if rows.is_empty() { Ok(()) } else { insert(&mut conn, &rows) };
+    let sealed = if seal { chain::seal_backlog(&mut conn, instance) } else { Ok(None) };
+    Written { rows, inserted, sealed }
 }
 
 fn aggregate_row(instance: &str, r: RefusalCount) -> NewAuditRow {
@@ -345,18 +365,26 @@ impl Handler<Flush> for AuditWriter {
     fn handle(&mut self, _: Flush, _: &mut Self::Context) -> Self::Result {
         let rows = self.collect();
         let (pool, instance) = (self.pool.clone(), self.instance.clone());
-        let task = actix_web::rt::task::spawn_blocking(move || {
-            pool.get().and_then(|mut c| {
-                insert(&mut c, &rows)?;
-                chain::seal(&mut c, &instance)
-            })
-        });
+        let task = actix_web::rt::task::spawn_blocking(move || write_and_seal(&pool, &instance, rows, true));
         Box::pin(task.into_actor(self).map(|joined, act, _| match joined {
-            Ok(Ok(head)) => {
-                act.checkpoint(head);
-                Ok(())
+            Ok(Written { rows, inserted, sealed }) => {
+                match sealed {
+                    Ok(head) => act.checkpoint(head),
+                    Err(e) => tracing::warn!(error = %e, "shutdown: sealing the audit chain failed"),
+                }
+                match inserted {
+                    Ok(()) => {
+                        act.count_written(&rows);
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // The engine is stopping: what could not be written is lost, and counted.
+                        let lost: i64 = rows.iter().map(|r| r.count).sum();
+                        act.metrics.audit_dropped.inc_by(lost.max(0) as u64);
+                        Err(EngineError::from(e))
+                    }
+                }
             }
-            Ok(Err(e)) => Err(EngineError::from(e)),
             Err(e) => Err(EngineError::Internal(format!("audit flush task: {e}"))),
         }))
     }
