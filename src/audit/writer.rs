@@ -359,34 +359,54 @@ impl Handler<Record> for AuditWriter {
     }
 }
 
+/// How long a flush waits for an interval write already under way (its rows, if it fails, come
+/// back to be flushed), polling this often.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
+const FLUSH_POLL: Duration = Duration::from_millis(20);
+
+impl AuditWriter {
+    /// The flush proper, once no other write is under way (or `FLUSH_WAIT` has passed).
+    fn flush_when_idle(&mut self, waited: Duration) -> ResponseActFuture<Self, Result<(), EngineError>> {
+        if self.writing && waited < FLUSH_WAIT {
+            let pause = actix::fut::wrap_future::<_, Self>(tokio::time::sleep(FLUSH_POLL));
+            return Box::pin(pause.then(move |_, act, _| act.flush_when_idle(waited + FLUSH_POLL)));
+        }
+        self.writing = true;
+        let rows = self.collect();
+        let (pool, instance) = (self.pool.clone(), self.instance.clone());
+        let task = actix_web::rt::task::spawn_blocking(move || write_and_seal(&pool, &instance, rows, true));
+        Box::pin(task.into_actor(self).map(|joined, act, _| {
+            act.writing = false;
+            match joined {
+                Ok(Written { rows, inserted, sealed }) => {
+                    match sealed {
+                        Ok(head) => act.checkpoint(head),
+                        Err(e) => tracing::warn!(error = %e, "shutdown: sealing the audit chain failed"),
+                    }
+                    match inserted {
+                        Ok(()) => {
+                            act.count_written(&rows);
+                            Ok(())
+                        }
+                        Err(e) => {
+                            // The engine is stopping: what could not be written is lost, and counted.
+                            let lost: i64 = rows.iter().map(|r| r.count).sum();
+                            act.metrics.audit_dropped.inc_by(lost.max(0) as u64);
+                            Err(EngineError::from(e))
+                        }
+                    }
+                }
+                Err(e) => Err(EngineError::Internal(format!("audit flush task: {e}"))),
+            }
+        }))
+    }
+}
+
 impl Handler<Flush> for AuditWriter {
     type Result = ResponseActFuture<Self, Result<(), EngineError>>;
 
     fn handle(&mut self, _: Flush, _: &mut Self::Context) -> Self::Result {
-        let rows = self.collect();
-        let (pool, instance) = (self.pool.clone(), self.instance.clone());
-        let task = actix_web::rt::task::spawn_blocking(move || write_and_seal(&pool, &instance, rows, true));
-        Box::pin(task.into_actor(self).map(|joined, act, _| match joined {
-            Ok(Written { rows, inserted, sealed }) => {
-                match sealed {
-                    Ok(head) => act.checkpoint(head),
-                    Err(e) => tracing::warn!(error = %e, "shutdown: sealing the audit chain failed"),
-                }
-                match inserted {
-                    Ok(()) => {
-                        act.count_written(&rows);
-                        Ok(())
-                    }
-                    Err(e) => {
-                        // The engine is stopping: what could not be written is lost, and counted.
-                        let lost: i64 = rows.iter().map(|r| r.count).sum();
-                        act.metrics.audit_dropped.inc_by(lost.max(0) as u64);
-                        Err(EngineError::from(e))
-                    }
-                }
-            }
-            Err(e) => Err(EngineError::Internal(format!("audit flush task: {e}"))),
-        }))
+        self.flush_when_idle(Duration::ZERO)
     }
 }
 
