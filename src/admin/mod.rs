@@ -231,7 +231,7 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
             .app_data(tokens.clone())
             .configure(routes)
             .wrap(actix_web::middleware::from_fn(guard))
-            .wrap(tracing_actix_web::TracingLogger::default())
+            .wrap(tracing_actix_web::TracingLogger::<crate::http::problem::RequestSpan>::new())
             .default_service(web::to(|| async { Err::<HttpResponse, _>(Problem(EngineError::NotFound)) }))
     })
     .workers(1)

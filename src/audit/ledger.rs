@@ -58,10 +58,9 @@ struct Tally {
     last_ms: AtomicI64,
     /// The first refusal's message in this interval (what the client sent, truncated).
     example: ArcSwapOption<String>,
-    /// Exported as `castellum_refusals_total`, created on the first refusal of this kind.
+    /// Exported as `castellum_refusals_total`, created on the first refusal of this kind; also
+    /// the tally's count since start, for the console's view of the last minute.
     counter: OnceLock<Counter>,
-    /// Since start, for the console's view of the last minute.
-    total: AtomicU64,
 }
 
 /// One row's worth of refusals, taken out of the ledger.
@@ -128,7 +127,6 @@ impl RefusalLedger {
             tally.example.store(Some(Arc::new(err.to_string().chars().take(EXAMPLE_CHARS).collect())));
         }
         tally.last_ms.fetch_max(now_ms, Ordering::Relaxed);
-        tally.total.fetch_add(1, Ordering::Relaxed);
         tally
             .counter
             .get_or_init(|| {
@@ -145,7 +143,7 @@ impl RefusalLedger {
 
     /// Every tally's count since start, in slot order (for [`super::recent`]).
     pub fn totals(&self) -> Vec<u64> {
-        self.tallies.iter().map(|t| t.total.load(Ordering::Relaxed)).collect()
+        self.tallies.iter().map(|t| t.counter.get().map_or(0, Counter::get)).collect()
     }
 
     /// (client, target, reason) of a slot.

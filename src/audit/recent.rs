@@ -32,6 +32,11 @@ pub struct CaRefusals {
 /// One CA's refusals in the window, by reason and by client.
 type Counts = (HashMap<&'static str, u64>, HashMap<String, u64>);
 
+/// The CA a refusal's target (a profile) belongs to; [`OTHER_TARGET`] for anything else.
+pub fn ca_of<'a>(ca_of_profile: &'a HashMap<String, String>, target: &str) -> &'a str {
+    ca_of_profile.get(target).map_or(OTHER_TARGET, String::as_str)
+}
+
 /// Snapshots of the ledger's totals, the oldest no older than the window.
 #[derive(Default)]
 pub struct RecentRefusals {
@@ -67,8 +72,7 @@ impl RecentRefusals {
                 continue;
             }
             let (client, target, reason) = ledger.kind_of(slot);
-            let ca = ca_of_profile.get(target).cloned().unwrap_or_else(|| OTHER_TARGET.to_string());
-            let (reasons, clients) = by_ca.entry(ca).or_default();
+            let (reasons, clients) = by_ca.entry(ca_of(ca_of_profile, target).to_string()).or_default();
             *reasons.entry(reason).or_default() += n;
             *clients.entry(client.to_string()).or_default() += n;
         }

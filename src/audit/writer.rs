@@ -14,7 +14,7 @@ use diesel::prelude::*;
 
 use super::chain::{self, Head, Verification};
 use super::ledger::{Action, RefusalCount, RefusalLedger};
-use super::recent::{CaRefusals, RecentRefusals, SAMPLE_EVERY};
+use super::recent::{ca_of, CaRefusals, RecentRefusals, SAMPLE_EVERY};
 use crate::config::AuditConfig;
 use crate::db::models::{NewAuditEvent, NewAuditRow};
 use crate::db::schema::audit_log;
@@ -66,8 +66,7 @@ impl AuditLog {
         let mut by_ca: HashMap<String, u64> = HashMap::new();
         for (slot, n) in self.ledger.totals().into_iter().enumerate().filter(|(_, n)| *n > 0) {
             let (_, target, _) = self.ledger.kind_of(slot);
-            let ca = self.ca_of_profile.get(target).map_or(super::ledger::OTHER_TARGET, String::as_str);
-            *by_ca.entry(ca.to_string()).or_default() += n;
+            *by_ca.entry(ca_of(&self.ca_of_profile, target).to_string()).or_default() += n;
         }
         by_ca
     }

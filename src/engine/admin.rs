@@ -21,7 +21,7 @@ use crate::states::{CaState, ProfileState};
 impl Engine {
     /// Run blocking work on the admin pool: the operator's capacity, which issuance, the audit
     /// writer and a retry storm cannot take.
-    async fn control<T: Send + 'static>(
+    async fn on_admin_pool<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut DbConn) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, EngineError> {
@@ -71,7 +71,7 @@ impl Engine {
         change: impl FnOnce(&mut DbConn) -> Result<Option<i64>, DbError> + Send + 'static,
     ) -> Result<i64, EngineError> {
         let (version, snapshot) = self
-            .control(move |conn| {
+            .on_admin_pool(move |conn| {
                 let version = change(conn)?;
                 Ok((version, registry::read(conn)?))
             })
@@ -92,7 +92,7 @@ impl Engine {
             return Err(EngineError::Conflict(format!("CA {ca:?} must be enabled (unparked) before resubmitting")));
         }
         let ca_owned = ca.to_string();
-        let parked = self.control(move |conn| queries::count_parked(conn, &ca_owned)).await?;
+        let parked = self.on_admin_pool(move |conn| queries::count_parked(conn, &ca_owned)).await?;
         let rate = cfg.resubmit_rate.max(1);
         self.inner
             .resumer
@@ -205,7 +205,7 @@ impl Engine {
             let chains = crate::audit::chain::heads(conn)?;
             Ok((queries::instances(conn)?, queries::recent_audit(conn, 50)?, parked?, chains))
         };
-        let (instances, audit, parked, audit_chains) = match self.control(read).await {
+        let (instances, audit, parked, audit_chains) = match self.on_admin_pool(read).await {
             Ok(found) => found,
             Err(e) if self.inner.sabotage.has(crate::config::Sabotage::BrittleConsole) => return Err(e),
             Err(e) => {

@@ -55,7 +55,7 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
     let mut http = HttpServer::new(move || {
         App::new()
             .app_data(data.clone())
-            .wrap(tracing_actix_web::TracingLogger::default())
+            .wrap(tracing_actix_web::TracingLogger::<problem::RequestSpan>::new())
             .configure(|cfg| routes(cfg, max_body))
             .default_service(web::to(|| async { Err::<actix_web::HttpResponse, _>(Problem(EngineError::NotFound)) }))
     })

@@ -67,3 +67,67 @@ impl ResponseError for Problem {
         })
     }
 }
+
+/// The request spans of [`tracing_actix_web::TracingLogger`], without the cost it puts on error
+/// responses: its default formats every error twice into the span (and, as a feature turned off
+/// in Cargo.toml, logs an event for each). A refusal is recorded by its status and its problem
+/// slug, a `&'static str`: a storm of refusals formats and logs nothing.
+pub struct RequestSpan;
+
+impl tracing_actix_web::RootSpanBuilder for RequestSpan {
+    fn on_request_start(request: &actix_web::dev::ServiceRequest) -> tracing::Span {
+        tracing_actix_web::root_span!(request, problem = tracing::field::Empty)
+    }
+
+    fn on_request_end<B: actix_web::body::MessageBody>(
+        span: tracing::Span,
+        outcome: &Result<actix_web::dev::ServiceResponse<B>, actix_web::Error>,
+    ) {
+        let (status, error) = match outcome {
+            Ok(response) => (response.status(), response.response().error()),
+            Err(error) => (error.as_response_error().status_code(), Some(error)),
+        };
+        span.record("http.status_code", i64::from(status.as_u16()));
+        span.record("otel.status_code", if status.is_server_error() { "ERROR" } else { "OK" });
+        if let Some(problem) = error.and_then(|e| e.as_error::<Problem>()) {
+            span.record("problem", problem.0.slug());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    use super::*;
+
+    /// The Retry-After of 200 answers to the same error, read from the response headers.
+    fn retry_afters(err: EngineError) -> BTreeSet<u64> {
+        (0..200)
+            .map(|_| {
+                let resp = Problem(err.clone()).error_response();
+                let value = resp.headers().get(header::RETRY_AFTER).expect("a Retry-After");
+                value.to_str().unwrap().parse().unwrap()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_503_and_429_says_when_to_retry_jittered_up_to_twice_as_long() {
+        let cases = [
+            EngineError::TooManyRetries { ca: "ica-p384".into(), retry_after: Duration::from_secs(2) },
+            EngineError::RateLimited { retry_after: Duration::from_secs(2) },
+            EngineError::CaUnavailable {
+                ca: "ica-p384".into(),
+                reason: "parked".into(),
+                retry_after: Duration::from_secs(2),
+            },
+        ];
+        for err in cases {
+            let seen = retry_afters(err.clone());
+            assert!(seen.iter().all(|s| (2..=4).contains(s)), "{err}: {seen:?}");
+            assert!(seen.len() > 1, "{err}: not jittered: {seen:?}");
+        }
+    }
+}
