@@ -157,7 +157,7 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, DrillError> {
         };
         let backend = if opts.postgres.is_some() { "PostgreSQL" } else { "SQLite" }.to_string();
         let postgres = opts.postgres.is_some();
-        let target = Target::start(&opts.keys_dev, &dir.join("engine"), db, |c| {
+        let target = Target::start(&std::env::current_exe()?, &opts.keys_dev, &dir.join("engine"), db, |c| {
             let ca = ca_entry(c, "ica-p256");
             set(ca, &["signer_threads"], 2.into());
             set(ca, &["expected_sign_rate"], 20000.0.into());

@@ -100,6 +100,10 @@ enum Command {
         /// fail (the defects are listed in docs/TESTING.md).
         #[arg(long, value_name = "DEFECT")]
         sabotage: Vec<String>,
+        /// Start this `castellum` binary's engine instead of this one's (to measure an earlier
+        /// build with this drill).
+        #[arg(long, value_name = "BINARY")]
+        engine: Option<PathBuf>,
     },
     /// Benchmark end-to-end issuance against the machine's crypto ceiling (use a release build).
     Bench {
@@ -118,6 +122,32 @@ enum Command {
         /// Measure refusals instead: the same load against a disabled CA.
         #[arg(long)]
         refusals: bool,
+    },
+    /// A retry storm against engines on this machine: requests at a fixed rate, whatever they
+    /// are answered (no back-off), then a JSON report of the answers on stdout. Loopback only,
+    /// bounded in time and requests. The incident-003 drill runs it as a process of its own.
+    Storm {
+        /// An engine's base URL (repeatable: requests go to each in turn).
+        #[arg(long = "url", required = true)]
+        urls: Vec<String>,
+        /// A profile asked for (repeatable: asked for in turn), each with the `--csr` at its place.
+        #[arg(long = "profile", required = true)]
+        profiles: Vec<String>,
+        /// A PEM CSR file for the `--profile` at the same place.
+        #[arg(long = "csr", required = true)]
+        csrs: Vec<PathBuf>,
+        #[arg(long, env = "CASTELLUM_STORM_API_KEY", hide_env_values = true)]
+        api_key: String,
+        /// Requests per second.
+        #[arg(long, default_value_t = 2_000)]
+        rate: u32,
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Requests outstanding at once (a request due past this is skipped and counted).
+        #[arg(long, default_value_t = 64)]
+        in_flight: usize,
+        #[arg(long, default_value_t = 1_000_000)]
+        max_requests: u64,
     },
     /// The admin API from the command line (status, and the console's levers).
     Admin {
@@ -169,6 +199,7 @@ fn main() -> ExitCode {
             keys_dev,
             out,
             sabotage,
+            engine,
         } => {
             let Some(name) = name.filter(|_| !list) else {
                 for (name, what) in castellum::drill::DRILLS {
@@ -189,10 +220,37 @@ fn main() -> ExitCode {
                 out,
                 command,
                 sabotage,
+                engine,
             })
         }
         Command::Bench { postgres, concurrency, duration, keys_dev, out, refusals } => {
             bench(castellum::bench::BenchOptions { postgres, concurrency, duration, keys_dev, out, refusals })
+        }
+        Command::Storm { urls, profiles, csrs, api_key, rate, duration, in_flight, max_requests } => {
+            if profiles.len() != csrs.len() {
+                eprintln!("storm: give one --csr for each --profile ({} profiles, {} CSRs)", profiles.len(), csrs.len());
+                return ExitCode::from(2);
+            }
+            let mut requests = Vec::new();
+            for (profile, path) in profiles.into_iter().zip(csrs) {
+                match std::fs::read_to_string(&path) {
+                    Ok(csr) => requests.push((profile, csr)),
+                    Err(e) => {
+                        eprintln!("storm: {}: {e}", path.display());
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            let plan = castellum::drill::storm::StormPlan {
+                urls,
+                api_key,
+                requests,
+                rate,
+                duration,
+                in_flight,
+                max_requests,
+            };
+            storm(&plan)
         }
         Command::Admin { admin_url, token, action } => admin(&admin_url, &token, &action),
         Command::Audit { action: AuditAction::Verify } => load(config).map_or_else(|code| code, |c| audit_verify(&c)),
@@ -303,6 +361,20 @@ fn drill(opts: castellum::drill::DrillOptions) -> ExitCode {
         Ok(false) => ExitCode::from(1),
         Err(e) => {
             eprintln!("drill failed to run: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// One thread for the whole storm: a client's share of the machine, not the engine's.
+fn storm(plan: &castellum::drill::storm::StormPlan) -> ExitCode {
+    match plan.run_here() {
+        Ok(report) => {
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("storm: {e}");
             ExitCode::from(2)
         }
     }

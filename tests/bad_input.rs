@@ -223,3 +223,54 @@ async fn unknown_routes_and_serials_are_problems() {
     assert_eq!(resp.headers()["content-type"], "application/problem+json");
     server.stop().await;
 }
+
+/// One HTTP/1.1 request on `stream` and the head of its answer (status line and headers).
+fn exchange(stream: &mut std::net::TcpStream, host: &str, key: &str, body: &str) -> String {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    write!(
+        stream,
+        "POST /v1/certificates HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    let mut head = String::new();
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "connection closed; answer so far:\n{head}");
+        if let Some(n) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = n.trim().parse().unwrap();
+        }
+        if line == "\r\n" {
+            break;
+        }
+        head.push_str(&line);
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).unwrap();
+    head
+}
+
+/// A client retrying with a wrong key (a fleet with a revoked or mistyped key) must cost a
+/// refusal, not a new TCP connection per refusal: its request body is read so the connection stays
+/// open. Judged over a raw socket, as any HTTP/1.1 client would see it.
+#[actix_rt::test]
+async fn a_wrong_key_keeps_the_connection_open() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(dev_config(&db)).await;
+    let host = server.base.trim_start_matches("http://").to_string();
+    let body = serde_json::json!({ "profile": "tls-server-p256", "csr": csr(Key::P256, &["a.example.test"]) }).to_string();
+    let heads = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(&host).unwrap();
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        (0..3).map(|_| exchange(&mut stream, &host, "not-a-key", &body)).collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    for head in &heads {
+        assert!(head.starts_with("HTTP/1.1 401"), "{head}");
+        assert!(!head.to_ascii_lowercase().contains("connection: close"), "{head}");
+    }
+    server.stop().await;
+}

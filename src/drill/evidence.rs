@@ -103,6 +103,13 @@ impl Evidence {
         ))
     }
 
+    /// Rows written for a client: its audit rows (single or aggregate) and its requests.
+    pub fn rows_of_client(&mut self, client: &str) -> Result<i64, DrillError> {
+        let client = quoted([client])?;
+        Ok(self.count(&format!("SELECT count(*) AS n FROM audit_log WHERE actor = {client}"))?
+            + self.count(&format!("SELECT count(*) AS n FROM requests WHERE client = {client}"))?)
+    }
+
     /// Requests of this CA held parked right now.
     pub fn parked(&mut self, ca: &str) -> Result<i64, DrillError> {
         let ca = quoted([ca])?;

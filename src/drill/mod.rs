@@ -10,6 +10,7 @@ pub mod load;
 pub mod report;
 mod scenarios;
 pub mod series;
+pub mod storm;
 pub mod target;
 
 use std::io::Write as _;
@@ -54,6 +55,9 @@ pub struct DrillOptions {
     /// Deliberate defects built into the engine the drill starts (`--sabotage`), to show that
     /// the drill's judges can fail.
     pub sabotage: Vec<String>,
+    /// The `castellum` binary whose `serve` the drill starts (default: this one), to measure an
+    /// earlier build with the same drill.
+    pub engine: Option<PathBuf>,
 }
 
 /// One promise the engine made, whether it held, and the figures that say so.

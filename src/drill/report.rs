@@ -40,11 +40,11 @@ pub fn write(
     std::fs::write(dir.join("summary.md"), md)?;
 
     let mut csv =
-        String::from("t_s,p50_ms,p99_ms,ok_per_s,429_per_s,503_per_s,other_per_s,queue_depth,db_connections_seen_by_postgresql,db_pool_in_use_by_engine\n");
+        String::from("t_s,p50_ms,p99_ms,ok_per_s,429_per_s,503_per_s,other_per_s,queue_depth,db_connections_seen_by_postgresql,db_pool_in_use_by_engine,storm_answered_per_s\n");
     for p in points {
         let _ = writeln!(
             csv,
-            "{:.1},{:.2},{:.2},{:.1},{:.1},{:.1},{:.1},{},{},{}",
+            "{:.1},{:.2},{:.2},{:.1},{:.1},{:.1},{:.1},{},{},{},{:.0}",
             p.at,
             p.p50_ms,
             p.p99_ms,
@@ -54,7 +54,8 @@ pub fn write(
             p.other_per_s,
             p.queue_depth,
             p.server_connections.map(|n| n.to_string()).unwrap_or_default(),
-            p.pool_in_use
+            p.pool_in_use,
+            p.storm_per_s
         );
     }
     std::fs::write(dir.join("series.csv"), csv)?;
@@ -62,16 +63,17 @@ pub fn write(
 }
 
 fn chart(path: &Path, title: &str, points: &[Point], marks: &[Mark]) -> Result<(), Box<dyn std::error::Error>> {
-    let root = SVGBackend::new(path, (1100, 960)).into_drawing_area();
+    let stormy = points.iter().any(|p| p.storm_per_s > 0.0);
+    let root = SVGBackend::new(path, (1100, if stormy { 1240 } else { 960 })).into_drawing_area();
     root.fill(&WHITE)?;
     let (header, body) = root.split_vertically(40);
     header.titled(title, ("sans-serif", 22))?;
-    let panels = body.split_evenly((3, 1));
+    let panels = body.split_evenly((if stormy { 4 } else { 3 }, 1));
     let t_max = points.last().map(|p| p.at).unwrap_or(1.0).max(1.0);
     let max = |f: &dyn Fn(&Point) -> f64| points.iter().map(f).fold(1.0_f64, f64::max) * 1.1;
 
     type Line<'a> = (&'a str, RGBColor, Box<dyn Fn(&Point) -> f64 + 'a>);
-    let panel_specs: [(&str, Vec<Line>); 3] = [
+    let mut panel_specs: Vec<(&str, Vec<Line>)> = vec![
         (
             "latency of successful requests (ms)",
             vec![("p50", BLUE, Box::new(|p: &Point| p.p50_ms)), ("p99", RED, Box::new(|p: &Point| p.p99_ms))],
@@ -102,6 +104,12 @@ fn chart(path: &Path, title: &str, points: &[Point], marks: &[Mark]) -> Result<(
             ],
         ),
     ];
+    if stormy {
+        panel_specs.push((
+            "retry storm from another process: requests answered per second",
+            vec![("storm answers", RGBColor(200, 0, 120), Box::new(|p: &Point| p.storm_per_s))],
+        ));
+    }
     for (panel, (caption, lines)) in panels.iter().zip(panel_specs) {
         let y_max = lines.iter().map(|(_, _, f)| max(f.as_ref())).fold(1.0, f64::max);
         let mut chart = ChartBuilder::on(panel)

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use super::load::{percentile, Kind, Sample};
+use super::storm::{StormReport, STORM_BUCKET};
 
 pub const BUCKET: Duration = Duration::from_millis(500);
 
@@ -46,6 +47,8 @@ impl Gauges {
 pub struct Recording {
     pub samples: Vec<Sample>,
     pub gauges: Vec<Gauges>,
+    /// Storms run by other processes: when each started, and its report.
+    pub storms: Vec<(Duration, StormReport)>,
 }
 
 /// One bucket of the time series, all streams together.
@@ -62,11 +65,28 @@ pub struct Point {
     /// PostgreSQL's count of the engine's connections, when measured.
     pub server_connections: Option<i64>,
     pub pool_in_use: i64,
+    /// Requests of storms (other processes) answered per second.
+    pub storm_per_s: f64,
 }
 
 impl Recording {
     pub fn samples_of(&self, stream: usize, from: Duration, until: Duration) -> impl Iterator<Item = &Sample> {
         self.samples.iter().filter(move |s| s.stream == stream && s.at >= from && s.at < until)
+    }
+
+    /// Storm requests answered that were sent in the bucket starting at `at` s.
+    fn storm_answered(&self, at: f64) -> f64 {
+        let mut answered = 0;
+        for (started, report) in &self.storms {
+            let offset = at - started.as_secs_f64();
+            if offset < -STORM_BUCKET.as_secs_f64() / 2.0 {
+                continue;
+            }
+            // The storm's buckets are as long as ours; it started within one of them.
+            let i = (offset / STORM_BUCKET.as_secs_f64()).round() as usize;
+            answered += report.answered_per_bucket.get(i).copied().unwrap_or(0);
+        }
+        answered as f64
     }
 
     pub fn points(&self, length: Duration) -> Vec<Point> {
@@ -98,6 +118,7 @@ impl Recording {
                     queue_depth: gauge.map(|g| g.queue_depth).unwrap_or(0),
                     server_connections: gauge.and_then(|g| g.server_connections),
                     pool_in_use: gauge.map(|g| g.pool_in_use).unwrap_or(0),
+                    storm_per_s: self.storm_answered(at) * per_s,
                 }
             })
             .collect()

@@ -149,6 +149,9 @@ pub struct Target {
     pub log: Option<PathBuf>,
     pub db: Option<DrillDb>,
     child: Option<Child>,
+    /// The binary and configuration it was started with (engines the drill started).
+    engine: Option<PathBuf>,
+    config: Option<toml::Table>,
     pub http: reqwest::Client,
 }
 
@@ -168,8 +171,10 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), DrillError> {
 }
 
 impl Target {
-    /// Start `castellum serve` with the dev configuration from `keys_dev`, changed by `edit`.
+    /// Start `engine serve` (the `castellum` binary) with the dev configuration from `keys_dev`,
+    /// changed by `edit`.
     pub async fn start(
+        engine: &Path,
         keys_dev: &Path,
         workdir: &Path,
         db: DrillDb,
@@ -179,23 +184,49 @@ impl Target {
         copy_dir(keys_dev, &key_dir)?;
         let text = std::fs::read_to_string(key_dir.join("castellum.toml"))?;
         let mut config: toml::Table = text.parse().map_err(|e| DrillError::Setup(format!("dev config: {e}")))?;
-        let (port, admin_port) = (free_port()?, free_port()?);
-        set(&mut config, &["http", "listen"], format!("127.0.0.1:{port}").into());
-        set(&mut config, &["admin", "listen"], format!("127.0.0.1:{admin_port}").into());
         set(&mut config, &["database", "url"], db.url().into());
         set(&mut config, &["instance_id"], "drill".into());
         edit(&mut config);
+        Target::launch(engine, workdir, key_dir, config, Some(db)).await
+    }
+
+    /// A second instance of this engine, on the same database with the same configuration, its
+    /// own ports, instance id and copy of the keys.
+    pub async fn start_peer(&self, workdir: &Path, instance_id: &str) -> Result<Target, DrillError> {
+        let (Some(engine), Some(config), Some(own_keys)) = (&self.engine, &self.config, &self.key_dir) else {
+            return Err(DrillError::Unsupported("a second instance needs an engine the drill started".into()));
+        };
+        let key_dir = workdir.join("keys");
+        copy_dir(own_keys, &key_dir)?;
+        let mut config = config.clone();
+        set(&mut config, &["instance_id"], instance_id.into());
+        Target::launch(engine, workdir, key_dir, config, None).await
+    }
+
+    /// Run `engine serve` with `config` (given free loopback ports) from `key_dir`; `db` is the
+    /// database it owns and removes, if any.
+    async fn launch(
+        engine: &Path,
+        workdir: &Path,
+        key_dir: PathBuf,
+        mut config: toml::Table,
+        db: Option<DrillDb>,
+    ) -> Result<Target, DrillError> {
+        let (port, admin_port) = (free_port()?, free_port()?);
+        set(&mut config, &["http", "listen"], format!("127.0.0.1:{port}").into());
+        set(&mut config, &["admin", "listen"], format!("127.0.0.1:{admin_port}").into());
         let config_path = key_dir.join("castellum.toml");
         std::fs::write(&config_path, toml::to_string_pretty(&config).map_err(|e| DrillError::Setup(e.to_string()))?)?;
         let log = workdir.join("engine.log");
         let log_file = std::fs::File::create(&log)?;
-        let child = Command::new(std::env::current_exe()?)
+        let child = Command::new(engine)
             .args(["serve", "--config"])
             .arg(&config_path)
             .env_remove("CASTELLUM_CONFIG")
             .stdout(Stdio::from(log_file.try_clone()?))
             .stderr(Stdio::from(log_file))
-            .spawn()?;
+            .spawn()
+            .map_err(|e| DrillError::Setup(format!("starting {}: {e}", engine.display())))?;
         let target = Target {
             base: format!("http://127.0.0.1:{port}"),
             admin: format!("http://127.0.0.1:{admin_port}"),
@@ -203,8 +234,10 @@ impl Target {
             api_key: "dev-key-demo".into(),
             key_dir: Some(key_dir),
             log: Some(log),
-            db: Some(db),
+            db,
             child: Some(child),
+            engine: Some(engine.to_path_buf()),
+            config: Some(config),
             http: client()?,
         };
         target.wait_ready(Duration::from_secs(60)).await?;
@@ -222,6 +255,8 @@ impl Target {
             log: None,
             db: None,
             child: None,
+            engine: None,
+            config: None,
             http: client()?,
         };
         target.wait_ready(Duration::from_secs(10)).await?;
@@ -252,6 +287,33 @@ impl Target {
             return Err(DrillError::Lever { path: path.to_string(), status });
         }
         Ok(status)
+    }
+
+    /// Pull a lever and say how it went: its status (0: no answer) and how long it took.
+    pub async fn lever(&self, path: &str, body: serde_json::Value) -> (u16, Duration) {
+        let asked = Instant::now();
+        let answer =
+            self.http.post(format!("{}{path}", self.admin)).bearer_auth(&self.admin_token).json(&body).send().await;
+        (answer.map(|r| r.status().as_u16()).unwrap_or(0), asked.elapsed())
+    }
+
+    /// How long until this engine serves `ca` in `state` (what its intake refuses by, as
+    /// `GET /v1/cas` shows it), polling every 10 ms; `None` if not within `limit`.
+    pub async fn served_as(&self, ca: &str, state: &str, limit: Duration) -> Option<Duration> {
+        let asked = Instant::now();
+        while asked.elapsed() < limit {
+            let cas = self.http.get(format!("{}/v1/cas", self.base)).bearer_auth(&self.api_key).send().await;
+            if let Ok(cas) = cas {
+                if let Ok(v) = cas.json::<serde_json::Value>().await {
+                    let served = v["cas"].as_array().into_iter().flatten().find(|c| c["id"] == ca);
+                    if served.is_some_and(|c| c["state"] == state) {
+                        return Some(asked.elapsed());
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
     }
 
     pub async fn metrics(&self) -> Result<String, DrillError> {

@@ -4,6 +4,9 @@ use std::future::{ready, Ready};
 use std::sync::Arc;
 
 use actix_web::{dev::Payload, web, FromRequest, HttpRequest};
+use futures_util::future::LocalBoxFuture;
+use futures_util::{FutureExt as _, StreamExt as _};
+use serde::de::DeserializeOwned;
 
 use super::problem::Problem;
 use crate::engine::Engine;
@@ -18,16 +21,58 @@ impl FromRequest for Authenticated {
     type Future = Ready<Result<Self, Problem>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let result = (|| {
-            let engine = req.app_data::<web::Data<Engine>>().ok_or(EngineError::Internal("no engine".into()))?;
-            let value = req.headers().get(actix_web::http::header::AUTHORIZATION).ok_or(EngineError::Unauthorized)?;
-            let token = value
-                .to_str()
-                .ok()
-                .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-                .ok_or(EngineError::Unauthorized)?;
-            engine.authenticate(token.trim()).map(Authenticated)
-        })();
-        ready(result.map_err(Problem))
+        ready(authenticate(req).map_err(Problem))
+    }
+}
+
+/// The client whose bearer key the request carries.
+fn authenticate(req: &HttpRequest) -> Result<Authenticated, EngineError> {
+    let engine = req.app_data::<web::Data<Engine>>().ok_or(EngineError::Internal("no engine".into()))?;
+    let value = req.headers().get(actix_web::http::header::AUTHORIZATION).ok_or(EngineError::Unauthorized)?;
+    let token = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .ok_or(EngineError::Unauthorized)?;
+    engine.authenticate(token.trim()).map(Authenticated)
+}
+
+/// A refused request's body up to this size is read and thrown away before the refusal is
+/// answered: answered with its body unread, the connection is closed, and a client retrying with
+/// a wrong key would make the engine accept a new TCP connection for every refusal.
+const DRAIN_LIMIT: u64 = 64 * 1024;
+
+/// The authenticated client of a request and its JSON body. The key is checked first; the body
+/// is parsed only for a client that has one (and read, unparsed, for one that has not).
+pub struct AuthenticatedJson<T> {
+    pub client: Arc<Client>,
+    pub body: T,
+}
+
+impl<T: DeserializeOwned + 'static> FromRequest for AuthenticatedJson<T> {
+    type Error = actix_web::Error;
+    type Future = LocalBoxFuture<'static, Result<Self, actix_web::Error>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        match authenticate(req) {
+            Ok(Authenticated(client)) => {
+                let body = web::Json::<T>::from_request(req, payload);
+                async move { Ok(AuthenticatedJson { client, body: body.await?.into_inner() }) }.boxed_local()
+            }
+            Err(refused) => {
+                let declared = req
+                    .headers()
+                    .get(actix_web::http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                let mut body = payload.take();
+                async move {
+                    if declared.is_some_and(|n| n <= DRAIN_LIMIT) {
+                        while let Some(Ok(_)) = body.next().await {}
+                    }
+                    Err(Problem(refused).into())
+                }
+                .boxed_local()
+            }
+        }
     }
 }

@@ -6,7 +6,7 @@ use actix_web::http::header;
 use actix_web::{get, post, web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 
-use super::auth::Authenticated;
+use super::auth::{Authenticated, AuthenticatedJson};
 use super::problem::Problem;
 use crate::engine::Engine;
 use crate::error::EngineError;
@@ -64,13 +64,12 @@ struct AcceptedBody {
 
 #[post("/v1/certificates")]
 pub async fn issue(
-    client: Authenticated,
+    request: AuthenticatedJson<IssueBody>,
     engine: web::Data<Engine>,
     req: HttpRequest,
-    body: web::Json<IssueBody>,
 ) -> Result<HttpResponse, Problem> {
     let prefer = parse_prefer(&req);
-    let body = body.into_inner();
+    let AuthenticatedJson { client, body } = request;
     let request = IssueRequest {
         profile: body.profile,
         csr_pem: body.csr,
@@ -78,14 +77,14 @@ pub async fn issue(
         idempotency_key: idempotency_key(&req)?,
     };
     if prefer.respond_async {
-        let accepted = engine.submit(&client.0, request).await?;
+        let accepted = engine.submit(&client, request).await?;
         let location = format!("/v1/requests/{}", accepted.request_id);
         return Ok(HttpResponse::Accepted()
             .insert_header((header::LOCATION, location.clone()))
             .insert_header(("Preference-Applied", "respond-async"))
             .json(AcceptedBody { request_id: accepted.request_id, status_url: location }));
     }
-    let issued = engine.issue(&client.0, request).await?;
+    let issued = engine.issue(&client, request).await?;
     Ok(HttpResponse::Created()
         .insert_header((header::LOCATION, format!("/v1/certificates/{}", issued.serial)))
         .json(issued))

@@ -4,7 +4,7 @@ use actix_web::http::header;
 use actix_web::{get, post, web, HttpRequest, HttpResponse};
 use serde::Deserialize;
 
-use super::auth::Authenticated;
+use super::auth::{Authenticated, AuthenticatedJson};
 use super::certificates::{idempotency_key, parse_prefer};
 use super::problem::Problem;
 use crate::engine::Engine;
@@ -29,19 +29,18 @@ pub struct SignBody {
 /// Create an identity: always synchronous (interactive lane), `Prefer: wait=N` shortens it.
 #[post("/v1/identities")]
 pub async fn create(
-    client: Authenticated,
+    request: AuthenticatedJson<CreateBody>,
     engine: web::Data<Engine>,
     req: HttpRequest,
-    body: web::Json<CreateBody>,
 ) -> Result<HttpResponse, Problem> {
-    let body = body.into_inner();
+    let AuthenticatedJson { client, body } = request;
     let request = CreateIdentity {
         profile: body.profile,
         subject: body.subject,
         wait: parse_prefer(&req).wait,
         idempotency_key: idempotency_key(&req)?,
     };
-    let identity = engine.create_identity(&client.0, request).await?;
+    let identity = engine.create_identity(&client, request).await?;
     Ok(HttpResponse::Created()
         .insert_header((header::LOCATION, format!("/v1/identities/{}", identity.id)))
         .json(identity))
@@ -58,13 +57,12 @@ pub async fn show(
 
 #[post("/v1/identities/{id}/signatures")]
 pub async fn sign(
-    client: Authenticated,
+    request: AuthenticatedJson<SignBody>,
     engine: web::Data<Engine>,
     id: web::Path<String>,
-    body: web::Json<SignBody>,
 ) -> Result<HttpResponse, Problem> {
-    let body = body.into_inner();
+    let AuthenticatedJson { client, body } = request;
     let request = SignDigestRequest { digest: body.digest, digest_algorithm: body.digest_algorithm };
-    let signature = engine.sign_with_identity(&client.0, &id, request).await?;
+    let signature = engine.sign_with_identity(&client, &id, request).await?;
     Ok(HttpResponse::Ok().json(signature))
 }
