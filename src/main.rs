@@ -228,7 +228,11 @@ fn main() -> ExitCode {
         }
         Command::Storm { urls, profiles, csrs, api_key, rate, duration, in_flight, max_requests } => {
             if profiles.len() != csrs.len() {
-                eprintln!("storm: give one --csr for each --profile ({} profiles, {} CSRs)", profiles.len(), csrs.len());
+                eprintln!(
+                    "storm: give one --csr for each --profile ({} profiles, {} CSRs)",
+                    profiles.len(),
+                    csrs.len()
+                );
                 return ExitCode::from(2);
             }
             let mut requests = Vec::new();
@@ -241,15 +245,8 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            let plan = castellum::drill::storm::StormPlan {
-                urls,
-                api_key,
-                requests,
-                rate,
-                duration,
-                in_flight,
-                max_requests,
-            };
+            let plan =
+                castellum::drill::storm::StormPlan { urls, api_key, requests, rate, duration, in_flight, max_requests };
             storm(&plan)
         }
         Command::Admin { admin_url, token, action } => admin(&admin_url, &token, &action),

@@ -260,7 +260,8 @@ async fn a_wrong_key_keeps_the_connection_open() {
     let db = TestDb::sqlite();
     let server = TestServer::start(dev_config(&db)).await;
     let host = server.base.trim_start_matches("http://").to_string();
-    let body = serde_json::json!({ "profile": "tls-server-p256", "csr": csr(Key::P256, &["a.example.test"]) }).to_string();
+    let body =
+        serde_json::json!({ "profile": "tls-server-p256", "csr": csr(Key::P256, &["a.example.test"]) }).to_string();
     let heads = tokio::task::spawn_blocking(move || {
         let mut stream = std::net::TcpStream::connect(&host).unwrap();
         stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();

@@ -73,6 +73,13 @@ pub trait Body {
     fn approve(self, profile: &Profile) -> Result<(ApprovedNames, Self::Key), EngineError>;
 }
 
+/// A body before or after the profile approved it (the CSR's checks are done once, in their
+/// place, unless a sabotage moves them).
+enum Approval<B: Body> {
+    Pending(B),
+    Done((ApprovedNames, B::Key)),
+}
+
 /// A CSR as the client sent it.
 pub struct CsrPem<'a>(pub &'a str);
 
@@ -295,6 +302,12 @@ impl Intake {
         if !matches!(route, Route::Resume { .. }) {
             self.check_rate(client)?;
         }
+        // Sabotage csr-before-state: the CSR's work is done before anything that could refuse
+        // the request cheaply.
+        let early = match self.catalog.profiles.get(profile_id) {
+            Some(profile) if self.sabotage.has(Sabotage::CsrBeforeState) => Approval::Done(body.approve(profile)?),
+            _ => Approval::Pending(body),
+        };
         // A client retrying a refusing CA is told to back off (the resumer is not a client).
         let back_off = |e| match route {
             Route::Resume { .. } => e,
@@ -310,7 +323,10 @@ impl Intake {
         if checks_breaker {
             self.check_breaker(&profile).map_err(back_off)?;
         }
-        let (names, key) = body.approve(&profile)?;
+        let (names, key) = match early {
+            Approval::Pending(body) => body.approve(&profile)?,
+            Approval::Done(approved) => approved,
+        };
         let deadline = match route {
             Route::Sync { wait } => self.deadline(&profile, wait),
             // Never signed past its max age (when the resumer marks it expired).

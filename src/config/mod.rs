@@ -98,6 +98,14 @@ pub enum Sabotage {
     /// Every refusal of an authenticated client is audited as a row of its own, through the
     /// issuance Store: a retry storm becomes a storm of database writes (incident 003).
     AuditEachRefusal,
+    /// The registry does not LISTEN for other instances' changes and polls the version five times
+    /// less often: a CA disabled on one instance goes on being served by the others for seconds
+    /// (incident 003's operators needed the disable everywhere at once).
+    DeafRegistry,
+    /// Intake checks the CSR (structure, key, signature, names) before the client's permission,
+    /// the CA's state and its breaker: every refusal of a broken or disabled CA costs a
+    /// signature verification, and a retry storm becomes CPU work (incident 003).
+    CsrBeforeState,
 }
 
 /// The defects an engine is built with: empty unless `mode = "dev"`. Copied into every component

@@ -131,7 +131,8 @@ impl StormPlan {
             .iter()
             .map(|(profile, csr)| serde_json::json!({ "profile": profile, "csr": csr }).to_string())
             .collect();
-        let targets: Vec<String> = self.urls.iter().map(|u| format!("{}/v1/certificates", u.trim_end_matches('/'))).collect();
+        let targets: Vec<String> =
+            self.urls.iter().map(|u| format!("{}/v1/certificates", u.trim_end_matches('/'))).collect();
         let buckets = (self.duration.as_secs_f64() / STORM_BUCKET.as_secs_f64()).ceil() as usize + 1;
         let report =
             Arc::new(Mutex::new(StormReport { answered_per_bucket: vec![0; buckets], ..StormReport::default() }));
@@ -155,7 +156,8 @@ impl StormPlan {
                     .bearer_auth(&self.api_key)
                     .header("content-type", "application/json")
                     .body(bodies[(n / targets.len()) % bodies.len()].clone());
-                let (report, bucket) = (report.clone(), (start.elapsed().as_secs_f64() / STORM_BUCKET.as_secs_f64()) as usize);
+                let (report, bucket) =
+                    (report.clone(), (start.elapsed().as_secs_f64() / STORM_BUCKET.as_secs_f64()) as usize);
                 lock(&report).sent += 1;
                 tokio::spawn(async move {
                     let answer = request.send().await;

@@ -138,10 +138,11 @@ impl Engine {
         let (cells, subscribers, arbiters) = start_cells(&config, &factory);
         let intake = Intake::new(&config, catalog.clone(), shared.clone(), cells.clone());
         let snapshot = shared.clone();
+        let deaf = config.sabotaged(Sabotage::DeafRegistry);
         let registry = Registry::new(
             pools.control.clone(),
             shared,
-            config.registry.poll_interval,
+            if deaf { config.registry.poll_interval * 5 } else { config.registry.poll_interval },
             instance.clone(),
             format!("api {} · admin {}", config.http.listen, config.admin.listen).into(),
             metrics.clone(),
@@ -150,7 +151,7 @@ impl Engine {
         .start();
         let supervisor = CellSupervisor::new(factory, cells.clone(), registry.clone(), arbiters.clone()).start();
         let stop_listener = Arc::new(AtomicBool::new(false));
-        if config.registry.listen && pools.control.backend() == Backend::Postgres {
+        if config.registry.listen && !deaf && pools.control.backend() == Backend::Postgres {
             registry::listener(pools.control.clone(), registry.clone(), stop_listener.clone());
         }
         let resumer = Resumer::new(
