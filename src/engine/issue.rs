@@ -27,10 +27,9 @@ const MAX_IDEMPOTENCY_KEY: usize = 255;
 impl Engine {
     /// Issue a certificate now, within the request's deadline.
     pub async fn issue(&self, client: &Client, req: IssueRequest) -> Result<IssuedCertificate, EngineError> {
-        let span = tracing::info_span!("issue", client = %client.name, profile = %req.profile, ca = tracing::field::Empty, request_id = tracing::field::Empty);
         let started = Instant::now();
         let stray = self.stray_connection().await;
-        let result = tracing::Instrument::instrument(self.issue_inner(client, &req, span.clone()), span).await;
+        let result = self.issue_inner(client, &req).await;
         let result = self.sabotaged_overload(result, started).await;
         drop(stray);
         self.count(result.as_ref().map(|_| "issued"), started);
@@ -40,12 +39,7 @@ impl Engine {
         result
     }
 
-    async fn issue_inner(
-        &self,
-        client: &Client,
-        req: &IssueRequest,
-        span: tracing::Span,
-    ) -> Result<IssuedCertificate, EngineError> {
+    async fn issue_inner(&self, client: &Client, req: &IssueRequest) -> Result<IssuedCertificate, EngineError> {
         self.refuse_if_stopping()?;
         if self.inner.sabotage.has(Sabotage::StickyOverload) && self.inner.overload_latched.load(Ordering::Relaxed) {
             return Err(EngineError::CaOverloaded {
@@ -57,8 +51,11 @@ impl Engine {
         check_idempotency_key(req.idempotency_key.as_deref())?;
         let route = Route::Sync { wait: req.wait };
         let admitted = self.inner.intake.admit(client, &req.profile, CsrPem(&req.csr_pem), route)?;
-        span.record("ca", admitted.profile.ca.as_str());
-        let (issued, _) = self.issue_admitted(client, admitted, req.idempotency_key.as_deref(), span).await?;
+        // Only admitted work gets a span of its own: a refusal is the request span's status and
+        // slug and a tally in the ledger, so a storm of them formats nothing more.
+        let span = tracing::info_span!("issue", client = %client.name, profile = %req.profile, ca = %admitted.profile.ca, request_id = tracing::field::Empty);
+        let issuing = self.issue_admitted(client, admitted, req.idempotency_key.as_deref(), span.clone());
+        let (issued, _) = tracing::Instrument::instrument(issuing, span).await?;
         Ok(issued)
     }
 
@@ -202,9 +199,8 @@ impl Engine {
     /// Store the request as pending (durably) and answer at once; it is issued in the
     /// background, by this instance or — after a crash — by any other.
     pub async fn submit(&self, client: &Client, req: IssueRequest) -> Result<Accepted, EngineError> {
-        let span = tracing::info_span!("submit", client = %client.name, profile = %req.profile, request_id = tracing::field::Empty);
         let started = Instant::now();
-        let result = tracing::Instrument::instrument(self.submit_inner(client, &req, span.clone()), span).await;
+        let result = self.submit_inner(client, &req).await;
         self.count(result.as_ref().map(|_| "accepted"), started);
         if let Err(e) = &result {
             self.refused(client, Action::Submit, &req.profile, e);
@@ -212,17 +208,13 @@ impl Engine {
         result
     }
 
-    async fn submit_inner(
-        &self,
-        client: &Client,
-        req: &IssueRequest,
-        span: tracing::Span,
-    ) -> Result<Accepted, EngineError> {
+    async fn submit_inner(&self, client: &Client, req: &IssueRequest) -> Result<Accepted, EngineError> {
         self.refuse_if_stopping()?;
         check_idempotency_key(req.idempotency_key.as_deref())?;
         let admitted = self.inner.intake.admit(client, &req.profile, CsrPem(&req.csr_pem), Route::Async)?;
         let id = uuid::Uuid::now_v7().to_string();
-        span.record("request_id", id.as_str());
+        // Only admitted work gets a span of its own (see `issue_inner`).
+        let span = tracing::info_span!("submit", client = %client.name, profile = %req.profile, request_id = %id);
         let expires_at = now_ms() + self.inner.config.async_requests.max_age.as_millis() as i64;
         let mut row =
             self.request_row(&id, client, &admitted, RequestMode::Async, req.idempotency_key.clone(), expires_at);
@@ -253,10 +245,10 @@ impl Engine {
             Dispatch::Park => return Ok(Accepted { request_id: id, replayed: false }),
             Dispatch::Queue => {}
         }
-        let job = Job::new(admitted, &client.name, Caller::Stored { request_id: id.clone() }, span);
+        let job = Job::new(admitted, &client.name, Caller::Stored { request_id: id.clone() }, span.clone());
         // Stored is accepted: if the cell cannot take it now, the resumer will once the claim lapses.
         if let Err(e) = self.inner.intake.hand_to_cell(job) {
-            tracing::info!(error = %e, "accepted request left for the resumer");
+            span.in_scope(|| tracing::info!(error = %e, "accepted request left for the resumer"));
         }
         Ok(Accepted { request_id: id, replayed: false })
     }
