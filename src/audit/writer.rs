@@ -28,6 +28,12 @@ use crate::with_conn;
 /// in bursts; their rows should still appear within a moment).
 const EVENT_DELAY: Duration = Duration::from_millis(50);
 
+/// How often new rows are sealed onto the chain, between the interval writes (which seal too).
+/// Sealing a whole interval's rows at once (10 s of issuance: ~10,000 rows) was a burst of work
+/// that, on SQLite, held the one write lock long enough to stall the Store's commits; a second's
+/// rows at a time spread it evenly, and the chain's head trails the log by about a second.
+const SEAL_EVERY: Duration = Duration::from_secs(1);
+
 /// What the rest of the engine holds: record a refusal (in memory), send an event (never waits).
 #[derive(Clone)]
 pub struct AuditLog {
@@ -188,23 +194,30 @@ impl AuditWriter {
         self.pending = rows;
     }
 
-    /// Write what is pending; on the interval (`seal`), also seal this instance's new rows —
-    /// its own, the Store's and the registry's — onto its chain and checkpoint the head.
-    fn write(&mut self, ctx: &mut Context<Self>, seal: bool) {
+    /// One round of the writer: what it writes, whether it seals this instance's new rows — its
+    /// own, the Store's and the registry's — onto the chain, and whether it checkpoints the head.
+    fn write(&mut self, ctx: &mut Context<Self>, round: Round) {
         if self.writing {
             return;
         }
-        let rows = self.collect();
+        let rows = match round {
+            Round::Events | Round::Interval => self.collect(),
+            Round::Seal => Vec::new(),
+        };
+        let seal = match round {
+            Round::Events => false,
+            Round::Seal | Round::Interval => true,
+        };
         if rows.is_empty() && !seal {
             return;
         }
         self.writing = true;
         let (pool, instance) = (self.pool.clone(), self.instance.clone());
         let task = actix_web::rt::task::spawn_blocking(move || write_and_seal(&pool, &instance, rows, seal));
-        ctx.spawn(task.into_actor(self).map(|joined, act, _| {
+        ctx.spawn(task.into_actor(self).map(move |joined, act, _| {
             act.writing = false;
             match joined {
-                Ok(outcome) => act.settle(outcome),
+                Ok(outcome) => act.settle(outcome, round == Round::Interval),
                 Err(e) => tracing::error!(error = %e, "audit write task failed"),
             }
         }));
@@ -212,7 +225,7 @@ impl AuditWriter {
 
     /// The rows written are counted; rows not written are kept for the next attempt (never
     /// rows that were: a seal that fails after its insert committed does not write them again).
-    fn settle(&mut self, outcome: Written) {
+    fn settle(&mut self, outcome: Written, checkpoint: bool) {
         match outcome.inserted {
             Ok(()) => self.count_written(&outcome.rows),
             Err(e) => {
@@ -221,8 +234,9 @@ impl AuditWriter {
             }
         }
         match outcome.sealed {
-            Ok(head) => self.checkpoint(head),
-            Err(e) => tracing::warn!(error = %e, "sealing the audit chain failed; retried next interval"),
+            Ok(head) if checkpoint => self.checkpoint(head),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "sealing the audit chain failed; retried at the next seal"),
         }
     }
 
@@ -283,6 +297,18 @@ impl AuditWriter {
     }
 }
 
+/// What a round of the audit writer does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Round {
+    /// Single events, a moment after they came: written, not sealed.
+    Events,
+    /// Every second: the new rows sealed onto the chain, nothing written.
+    Seal,
+    /// Every `audit.refusal_interval`: events and refusal tallies written, the chain sealed and
+    /// its head checkpointed (logged, and appended to the checkpoint file).
+    Interval,
+}
+
 /// What one write did: its rows and whether they were inserted, and the chain's head if sealed.
 struct Written {
     rows: Vec<NewAuditRow>,
@@ -332,7 +358,8 @@ impl Actor for AuditWriter {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.run_interval(self.interval, |act, ctx| act.write(ctx, true));
+        ctx.run_interval(self.interval, |act, ctx| act.write(ctx, Round::Interval));
+        ctx.run_interval(SEAL_EVERY.min(self.interval), |act, ctx| act.write(ctx, Round::Seal));
         self.recent.sample(&self.ledger);
         ctx.run_interval(SAMPLE_EVERY, |act, _| act.recent.sample(&act.ledger));
         ctx.run_interval(self.verify_interval, |act, ctx| act.verify(ctx));
@@ -352,7 +379,7 @@ impl Handler<Record> for AuditWriter {
             self.event_write_scheduled = true;
             ctx.run_later(EVENT_DELAY, |act, ctx| {
                 act.event_write_scheduled = false;
-                act.write(ctx, false);
+                act.write(ctx, Round::Events);
             });
         }
     }
