@@ -110,7 +110,10 @@ async fn postgres_connections_never_exceed_the_pools_under_200_concurrent_reques
 
     let peak = peak.load(Ordering::Relaxed);
     let samples = samples.load(Ordering::Relaxed);
-    assert!(samples >= 50, "the sampler ran {samples} times");
+    // The burst lasts about a second (the debug build is optimised) and PostgreSQL answers a
+    // sample in a few to tens of milliseconds under it: a sampler that ran fewer times than this
+    // did not watch the burst.
+    assert!(samples >= 20, "the sampler ran {samples} times");
     assert!(peak > 0, "the sampler sees the engine's connections");
     assert!(peak <= i64::from(budget), "peak {peak} connections, budget {budget} (the role may open {})", budget + 10);
     let refused = answers.len() as i64 - issued;
