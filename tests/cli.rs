@@ -227,7 +227,8 @@ fn migrate_creates_the_schema_once(db: TestDb) {
             .arg("migrate")
             .env("CASTELLUM_CONFIG", &config)
             .env("CASTELLUM_DATABASE__URL", &db.url)
-            .env("CASTELLUM_ADMIN_TOKEN", "the admin command's variable, not configuration"),
+            .env("CASTELLUM_ADMIN_TOKEN", "the admin command's variable, not configuration")
+            .env("CASTELLUM_STORM_API_KEY", "the storm command's variable, not configuration"),
     );
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(out.trim(), "0 migration(s) applied");

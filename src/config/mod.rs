@@ -803,10 +803,10 @@ impl ConfigError {
     }
 }
 
-/// `CASTELLUM_*` variables that belong to the command line (`--config`, the admin and drill
-/// commands' token, key and URL) or to the test harness, not to the configuration: read as
+/// `CASTELLUM_*` variables that belong to the command line (`--config`, the admin, drill and
+/// storm commands' token, keys and URL) or to the test harness, not to the configuration: read as
 /// configuration keys they would be refused as unknown fields.
-const COMMAND_LINE_VARIABLES: &[&str] = &["config", "admin_token", "admin_url", "api_key", "test_pg"];
+const COMMAND_LINE_VARIABLES: &[&str] = &["config", "admin_token", "admin_url", "api_key", "storm_api_key", "test_pg"];
 
 impl Config {
     /// Is this deliberate defect built in? (Only ever true in dev mode.)
