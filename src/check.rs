@@ -450,7 +450,7 @@ fn check_audit(config: &Config, p: &mut Problems) {
         p.add("audit.max_pending", "must be at least 1");
     }
     if let Some(file) = &audit.checkpoint_file {
-        // The head is appended there on every seal: its folder must exist now, not at the first seal.
+        // The head is appended there every interval: its folder must exist now, not at the first.
         let folder = file.parent().filter(|f| !f.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
         if !folder.is_dir() {
             p.add("audit.checkpoint_file", format!("its folder {} does not exist", folder.display()));

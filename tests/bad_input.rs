@@ -275,3 +275,31 @@ async fn a_wrong_key_keeps_the_connection_open() {
     }
     server.stop().await;
 }
+
+/// A refused request whose body never comes is answered anyway, within a bound: the engine reads
+/// a refused body only for so long, then answers (and closes the connection).
+#[actix_rt::test]
+async fn a_wrong_key_with_a_body_that_never_comes_is_answered() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(dev_config(&db)).await;
+    let host = server.base.trim_start_matches("http://").to_string();
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(&host).unwrap();
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        write!(
+            stream,
+            "POST /v1/certificates HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer not-a-key\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).expect("an answer within 10 s");
+        (String::from_utf8_lossy(&head).to_string(), started.elapsed())
+    })
+    .await
+    .unwrap();
+    assert!(answer.0.starts_with("HTTP/1.1 401"), "{answer:?}");
+    assert!(answer.1 < std::time::Duration::from_secs(5), "answered after {:?}", answer.1);
+    server.stop().await;
+}

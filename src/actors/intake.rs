@@ -304,9 +304,11 @@ impl Intake {
         }
         // Sabotage csr-before-state: the CSR's work is done before anything that could refuse
         // the request cheaply.
-        let early = match self.catalog.profiles.get(profile_id) {
-            Some(profile) if self.sabotage.has(Sabotage::CsrBeforeState) => Approval::Done(body.approve(profile)?),
-            _ => Approval::Pending(body),
+        let approve_first =
+            if self.sabotage.has(Sabotage::CsrBeforeState) { self.catalog.profiles.get(profile_id) } else { None };
+        let early = match approve_first {
+            Some(profile) => Approval::Done(body.approve(profile)?),
+            None => Approval::Pending(body),
         };
         // A client retrying a refusing CA is told to back off (the resumer is not a client).
         let back_off = |e| match route {

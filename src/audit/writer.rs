@@ -198,6 +198,10 @@ impl AuditWriter {
     /// own, the Store's and the registry's — onto the chain, and whether it checkpoints the head.
     fn write(&mut self, ctx: &mut Context<Self>, round: Round) {
         if self.writing {
+            // Single events must not wait for the next interval because a seal was under way.
+            if round == Round::Events {
+                self.schedule_events(ctx);
+            }
             return;
         }
         let rows = match round {
@@ -221,6 +225,17 @@ impl AuditWriter {
                 Err(e) => tracing::error!(error = %e, "audit write task failed"),
             }
         }));
+    }
+
+    /// Write the waiting single events in a moment (once, however many arrive meanwhile).
+    fn schedule_events(&mut self, ctx: &mut Context<Self>) {
+        if !self.event_write_scheduled {
+            self.event_write_scheduled = true;
+            ctx.run_later(EVENT_DELAY, |act, ctx| {
+                act.event_write_scheduled = false;
+                act.write(ctx, Round::Events);
+            });
+        }
     }
 
     /// The rows written are counted; rows not written are kept for the next attempt (never
@@ -375,13 +390,7 @@ impl Handler<Record> for AuditWriter {
             return;
         }
         self.pending.push(event.into());
-        if !self.event_write_scheduled {
-            self.event_write_scheduled = true;
-            ctx.run_later(EVENT_DELAY, |act, ctx| {
-                act.event_write_scheduled = false;
-                act.write(ctx, Round::Events);
-            });
-        }
+        self.schedule_events(ctx);
     }
 }
 

@@ -39,8 +39,10 @@ fn authenticate(req: &HttpRequest) -> Result<Authenticated, EngineError> {
 
 /// A refused request's body up to this size is read and thrown away before the refusal is
 /// answered: answered with its body unread, the connection is closed, and a client retrying with
-/// a wrong key would make the engine accept a new TCP connection for every refusal.
+/// a wrong key would make the engine accept a new TCP connection for every refusal. A body that
+/// does not arrive within `DRAIN_WAIT` is not waited for (the connection is closed instead).
 const DRAIN_LIMIT: u64 = 64 * 1024;
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The authenticated client of a request and its JSON body. The key is checked first; the body
 /// is parsed only for a client that has one (and read, unparsed, for one that has not).
@@ -67,7 +69,8 @@ impl<T: DeserializeOwned + 'static> FromRequest for AuthenticatedJson<T> {
                 let mut body = payload.take();
                 async move {
                     if declared.is_some_and(|n| n <= DRAIN_LIMIT) {
-                        while let Some(Ok(_)) = body.next().await {}
+                        let drain = async { while let Some(Ok(_)) = body.next().await {} };
+                        let _ = actix_web::rt::time::timeout(DRAIN_WAIT, drain).await;
                     }
                     Err(Problem(refused).into())
                 }
