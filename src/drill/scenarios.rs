@@ -696,8 +696,10 @@ fn storm_promises(f: &QueuesFigures, db: &QueuesEvidence, op: &OperatorLog) -> V
 }
 
 /// The healthy CA's rate under the storm, at least this share of its rate under the control
-/// storm: two windows of a few seconds on a shared machine differ by a few percent on their own.
-const STORM_THROUGHPUT_TOLERANCE: f64 = 0.85;
+/// storm. Two 3-second windows of a closed-loop load on two shared cores differ on their own:
+/// the ratio was 0.85–1.17 over six runs of the short drill with nothing wrong (one CI run read
+/// 0.847), and 0.1 with `csr-before-state`, the defect it must catch (two debug runs).
+const STORM_THROUGHPUT_TOLERANCE: f64 = 0.7;
 
 /// Poll asynchronous requests until issued (or `limit`).
 async fn wait_issued(target: &Target, ids: &[String], limit: Duration) {
