@@ -25,6 +25,10 @@ pub struct BenchOptions {
     pub out: PathBuf,
     /// Measure refusals (the CA disabled) instead of issuances.
     pub refusals: bool,
+    /// Idle keep-alive connections held open while c=64 is measured again (0: skip).
+    pub idle_connections: usize,
+    /// The castellum binary whose engine is measured (default: this one).
+    pub engine: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -37,6 +41,8 @@ pub struct Level {
     pub p90: Duration,
     pub p99: Duration,
     pub cpu_per_issuance: Duration,
+    /// CPU PostgreSQL's processes spent per issuance (on PostgreSQL only).
+    pub postgres_cpu_per_issuance: Option<Duration>,
     /// CPU the load generator itself spent per issuance (it shares the machine's cores).
     pub client_cpu_per_issuance: Duration,
     /// Rows added to the database while this level ran (warm-up included).
@@ -53,6 +59,28 @@ fn process_usage(pid: u32) -> Option<(Duration, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let hwm_kb: u64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
     Some((Duration::from_secs_f64(cpu), hwm_kb * 1024))
+}
+
+/// CPU time of every PostgreSQL process on this machine (`comm` = postgres): their own time and
+/// that of the children they reaped, so a backend that exited mid-level still counts.
+fn postgres_cpu() -> Option<Duration> {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut total = 0.0;
+    let mut found = false;
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let path = entry.path();
+        if !std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.trim() == "postgres") {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime, stime, cutime, cstime (fields 14–17 of stat; 11–14 after the command).
+        total += fields.get(11..15).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
+        found = true;
+    }
+    found.then(|| Duration::from_secs_f64(total / ticks))
 }
 
 fn p256_csrs(n: usize) -> Result<Vec<Arc<String>>, DrillError> {
@@ -140,6 +168,8 @@ pub struct BenchReport {
     pub refusals: bool,
     pub levels: Vec<Level>,
     pub peak_rss: u64,
+    /// c=64 measured again beside idle keep-alive connections.
+    pub idle: Option<IdleLevel>,
     pub ceiling_per_second: f64,
     pub ceiling_cpu: Duration,
 }
@@ -157,7 +187,11 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, DrillError> {
         };
         let backend = if opts.postgres.is_some() { "PostgreSQL" } else { "SQLite" }.to_string();
         let postgres = opts.postgres.is_some();
-        let target = Target::start(&std::env::current_exe()?, &opts.keys_dev, &dir.join("engine"), db, |c| {
+        let engine = match &opts.engine {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()?,
+        };
+        let target = Target::start(&engine, &opts.keys_dev, &dir.join("engine"), db, |c| {
             let ca = ca_entry(c, "ica-p256");
             set(ca, &["signer_threads"], 2.into());
             set(ca, &["expected_sign_rate"], 20000.0.into());
@@ -185,7 +219,7 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, DrillError> {
         let csrs = p256_csrs(64)?;
         let mut levels = Vec::new();
         for &concurrency in &opts.concurrency {
-            levels.push(level(&target, pid, &csrs, concurrency, opts.duration, expected).await);
+            levels.push(level(&target, pid, &csrs, concurrency, opts.duration, expected, postgres).await);
             let l = levels.last().expect("just pushed");
             eprintln!(
                 "  {backend} c={concurrency}: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {:.0} µs CPU per {what}, {} database rows written",
@@ -197,7 +231,11 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, DrillError> {
             );
         }
         let peak_rss = process_usage(pid).map(|u| u.1).unwrap_or(0);
-        Ok(BenchReport { backend, refusals: opts.refusals, levels, peak_rss, ceiling_per_second, ceiling_cpu })
+        let idle = match opts.idle_connections {
+            0 => None,
+            n => Some(beside_idle_connections(&target, pid, &csrs, n, opts.duration, expected, postgres).await?),
+        };
+        Ok(BenchReport { backend, refusals: opts.refusals, levels, peak_rss, idle, ceiling_per_second, ceiling_cpu })
     })
 }
 
@@ -209,6 +247,92 @@ async fn rows(target: &Target) -> Option<i64> {
     crate::drill::evidence::Evidence::read(target.db.as_ref(), |e| e.count(ROWS)).await.ok()
 }
 
+/// c=64 beside idle keep-alive connections: how many were opened, how many the engine still
+/// held at the end, and the level measured meanwhile.
+#[derive(Debug, Clone)]
+pub struct IdleLevel {
+    pub opened: usize,
+    pub still_open: usize,
+    pub level: Level,
+    /// The engine's resident memory with them open.
+    pub rss: u64,
+}
+
+/// Open `n` connections, one `GET /healthz` on each (so each is an HTTP keep-alive connection
+/// the engine holds), measure c=64 while they stay idle, then ask each once more.
+async fn beside_idle_connections(
+    target: &Target,
+    pid: u32,
+    csrs: &[Arc<String>],
+    n: usize,
+    length: Duration,
+    expected: &'static [u16],
+    postgres: bool,
+) -> Result<IdleLevel, DrillError> {
+    let addr: std::net::SocketAddr = target
+        .base
+        .trim_start_matches("http://")
+        .parse()
+        .map_err(|e| DrillError::Setup(format!("the engine's address {}: {e}", target.base)))?;
+    if !addr.ip().is_loopback() {
+        return Err(DrillError::Setup("idle connections only to loopback".into()));
+    }
+    eprintln!("  opening {n} idle keep-alive connections…");
+    let opened = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<std::net::TcpStream>> {
+        let mut conns = Vec::with_capacity(n);
+        for _ in 0..n {
+            let conn = std::net::TcpStream::connect(addr)?;
+            conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+            if ask_health(&conn) {
+                conns.push(conn);
+            }
+        }
+        Ok(conns)
+    })
+    .await
+    .map_err(|e| DrillError::Setup(e.to_string()))??;
+    let count = opened.len();
+    let level = level(target, pid, csrs, 64, length, expected, postgres).await;
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024;
+    let still_open = tokio::task::spawn_blocking(move || opened.iter().filter(|c| ask_health(c)).count())
+        .await
+        .map_err(|e| DrillError::Setup(e.to_string()))?;
+    Ok(IdleLevel { opened: count, still_open, level, rss })
+}
+
+/// One `GET /healthz` on a kept-alive connection: answered 200 (and the connection kept).
+fn ask_health(mut conn: &std::net::TcpStream) -> bool {
+    use std::io::{Read, Write};
+    if conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: castellum\r\n\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 1024];
+    let mut got = Vec::new();
+    // The answer is small: read until its headers and body are in.
+    while let Ok(k) = conn.read(&mut buf) {
+        if k == 0 {
+            return false;
+        }
+        got.extend_from_slice(&buf[..k]);
+        let text = String::from_utf8_lossy(&got);
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= length {
+                return head.starts_with("HTTP/1.1 200");
+            }
+        }
+    }
+    false
+}
+
 async fn level(
     target: &Target,
     pid: u32,
@@ -216,6 +340,7 @@ async fn level(
     concurrency: usize,
     length: Duration,
     expected: &'static [u16],
+    postgres: bool,
 ) -> Level {
     let rows_before = rows(target).await;
     let run = |length: Duration| {
@@ -263,11 +388,13 @@ async fn level(
     let _ = run(Duration::from_secs(1)).await; // warm-up
     let before = process_usage(pid).map(|u| u.0).unwrap_or_default();
     let client_before = process_usage(std::process::id()).map(|u| u.0).unwrap_or_default();
+    let postgres_before = postgres.then(postgres_cpu).flatten();
     let started = Instant::now();
     let (mut latencies, errors) = run(length).await;
     let elapsed = started.elapsed();
     let cpu = process_usage(pid).map(|u| u.0).unwrap_or_default().saturating_sub(before);
     let client_cpu = process_usage(std::process::id()).map(|u| u.0).unwrap_or_default().saturating_sub(client_before);
+    let postgres_cpu = postgres_before.zip(postgres_cpu()).map(|(before, after)| after.saturating_sub(before));
     let issued = latencies.len() as u64;
     Level {
         concurrency,
@@ -279,6 +406,7 @@ async fn level(
         p99: percentile(&mut latencies, 0.99),
         cpu_per_issuance: cpu / issued.max(1) as u32,
         client_cpu_per_issuance: client_cpu / issued.max(1) as u32,
+        postgres_cpu_per_issuance: postgres_cpu.map(|cpu| cpu / issued.max(1) as u32),
         rows_written: rows(target).await.zip(rows_before).map(|(after, before)| after - before),
     }
 }
@@ -287,14 +415,22 @@ impl BenchReport {
     /// The Markdown table docs/PERFORMANCE.md records.
     pub fn markdown(&self) -> String {
         let (done, what) = if self.refusals { ("refused", "refusal") } else { ("issued", "issuance") };
+        let postgres = self.levels.iter().any(|l| l.postgres_cpu_per_issuance.is_some());
+        let pg_header = if postgres { format!(" PostgreSQL CPU per {what} |") } else { String::new() };
+        let pg_rule = if postgres { "---|" } else { "" };
         let mut out = format!(
-            "| backend | concurrency | {done}/s | share of crypto ceiling | p50 | p90 | p99 | engine CPU per {what} | × raw crypto CPU | load generator CPU per {what} | database rows written | errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+            "| backend | concurrency | {done}/s | share of crypto ceiling | p50 | p90 | p99 | engine CPU per {what} | × raw crypto CPU |{pg_header} load generator CPU per {what} | database rows written | errors |\n|---|---|---|---|---|---|---|---|---|{pg_rule}---|---|---|\n"
         );
-        for l in &self.levels {
+        let mut row = |l: &Level, label: String| {
+            let pg = match (postgres, l.postgres_cpu_per_issuance) {
+                (false, _) => String::new(),
+                (true, Some(cpu)) => format!(" {:.0} µs |", cpu.as_secs_f64() * 1e6),
+                (true, None) => " ? |".to_string(),
+            };
             out.push_str(&format!(
-                "| {} | {} | {:.0} | {:.0}% | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} µs | {:.1}× | {:.0} µs | {} | {} |\n",
+                "| {} | {} | {:.0} | {:.0}% | {:.2} ms | {:.2} ms | {:.2} ms | {:.0} µs | {:.1}× |{pg} {:.0} µs | {} | {} |\n",
                 self.backend,
-                l.concurrency,
+                label,
                 l.per_second,
                 100.0 * l.per_second / self.ceiling_per_second,
                 l.p50.as_secs_f64() * 1e3,
@@ -306,6 +442,12 @@ impl BenchReport {
                 l.rows_written.map_or("?".to_string(), |n| n.to_string()),
                 l.errors
             ));
+        };
+        for l in &self.levels {
+            row(l, l.concurrency.to_string());
+        }
+        if let Some(idle) = &self.idle {
+            row(&idle.level, format!("64 + {} idle", idle.opened));
         }
         out.push_str(&format!(
             "\nCrypto ceiling: {:.0} issuances/s on all cores ({:.0} µs of CPU each). Engine peak RSS: {:.1} MB.\n",
@@ -313,6 +455,17 @@ impl BenchReport {
             self.ceiling_cpu.as_secs_f64() * 1e6,
             self.peak_rss as f64 / 1e6
         ));
+        if let Some(idle) = &self.idle {
+            let plain = self.levels.iter().find(|l| l.concurrency == 64).map(|l| l.per_second);
+            out.push_str(&format!(
+                "Beside {} idle keep-alive connections ({} still open after the level, engine RSS {:.1} MB): c=64 at {:.0}/s{}.\n",
+                idle.opened,
+                idle.still_open,
+                idle.rss as f64 / 1e6,
+                idle.level.per_second,
+                plain.map_or(String::new(), |p| format!(", {:.0}% of c=64 without them", 100.0 * idle.level.per_second / p))
+            ));
+        }
         out
     }
 }

@@ -110,7 +110,7 @@ enum Command {
         /// Run on a fresh database on this PostgreSQL server instead of SQLite.
         #[arg(long, value_name = "URL")]
         postgres: Option<String>,
-        #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+        #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
         concurrency: Vec<usize>,
         /// Measured time per concurrency level.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
@@ -122,6 +122,14 @@ enum Command {
         /// Measure refusals instead: the same load against a disabled CA.
         #[arg(long)]
         refusals: bool,
+        /// After the levels, open this many keep-alive connections (one request each, then
+        /// idle, as a load balancer keeps them) and measure c=64 again beside them (0: skip).
+        #[arg(long, default_value_t = 5000)]
+        idle_connections: usize,
+        /// Benchmark this castellum binary's engine instead of this one's (an older build, to
+        /// compare two builds in one run).
+        #[arg(long, value_name = "BINARY")]
+        engine: Option<PathBuf>,
     },
     /// A retry storm against engines on this machine: requests at a fixed rate, whatever they
     /// are answered (no back-off), then a JSON report of the answers on stdout. Loopback only,
@@ -223,8 +231,17 @@ fn main() -> ExitCode {
                 engine,
             })
         }
-        Command::Bench { postgres, concurrency, duration, keys_dev, out, refusals } => {
-            bench(castellum::bench::BenchOptions { postgres, concurrency, duration, keys_dev, out, refusals })
+        Command::Bench { postgres, concurrency, duration, keys_dev, out, refusals, idle_connections, engine } => {
+            bench(castellum::bench::BenchOptions {
+                postgres,
+                concurrency,
+                duration,
+                keys_dev,
+                out,
+                refusals,
+                idle_connections,
+                engine,
+            })
         }
         Command::Storm { urls, profiles, csrs, api_key, rate, duration, in_flight, max_requests } => {
             if profiles.len() != csrs.len() {

@@ -1,15 +1,16 @@
 //! The write-ahead issuance pipeline for one job, run by its CA's cell:
-//! prepare (signer) → record the serial and TBS (store) → sign (signer; deadline re-checked)
-//! → record the certificate, its request and the audit event (store) → reply.
-//! No certificate can exist that the database does not know.
+//! prepare (build and lint the TBS, on the cell's thread) → record the serial and TBS (store) →
+//! sign (signer; deadline re-checked) → record the certificate, its request and the audit event
+//! (the signer hands it to the store) → reply. No certificate can exist that the database does
+//! not know.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
 
 use super::job::{Caller, Job};
-use super::signer::{Prepare, Sign, Signer};
+use super::signer::{NotIssued, Sign, Signer};
 use super::store::StoreHandle;
 use crate::config::{Sabotage, Sabotages};
 use crate::db::models::{CertificateRow, IdentityRow, NewAuditEvent};
@@ -18,7 +19,7 @@ use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::pki::identity::IdentityDraft;
 use crate::pki::Lane;
-use crate::pki::{cert_pem, now_ms, CaMaterial};
+use crate::pki::{cert_pem, now_ms, tbs, CaMaterial};
 use crate::states::{CertState, IdentityState, RequestMode, RequestState};
 use crate::types::IssuedCertificate;
 
@@ -34,10 +35,6 @@ pub struct Pipeline {
     pub sabotage: Sabotages,
 }
 
-fn mailbox_gone(_: MailboxError) -> EngineError {
-    EngineError::ShuttingDown
-}
-
 impl Pipeline {
     pub async fn run(&self, job: &Job) -> Result<IssuedCertificate, EngineError> {
         let p = self;
@@ -49,11 +46,11 @@ impl Pipeline {
                 reason: format!("key unavailable: {reason}"),
             });
         }
-        let prepared = p
-            .signer
-            .send(Prepare { profile: job.profile.clone(), csr: job.csr.clone(), names: job.names.clone() })
-            .await
-            .map_err(mailbox_gone)??;
+        // 6 µs of CPU: cheaper here than a round trip to the signer's thread.
+        let prepared = super::catch_panic("cell", || {
+            tbs::prepare(&p.ca, &job.profile, &job.csr, &job.names, SystemTime::now())
+        })
+        .unwrap_or_else(|panic| Err(EngineError::Internal(format!("certificate preparation panicked: {panic}"))))?;
         let serial = prepared.serial_hex.clone();
         tracing::debug!(serial = %serial, "recording the certificate before signing");
         p.store
@@ -83,50 +80,35 @@ impl Pipeline {
             true => job.deadline + Duration::from_secs(3600),
             false => job.deadline,
         };
-        let signed = p.signer.send(Sign { tbs: prepared.tbs, deadline }).await.map_err(mailbox_gone)?;
-        let cert_der = match signed {
+        let identity =
+            job.identity.as_ref().map(|draft| Box::new(identity_row(job, draft, &serial, prepared.not_after_ms)));
+        let mut audit = Box::new(issue_event(p, job, &serial, identity.as_deref()));
+        let request_id = job.caller.request_id().map(String::from);
+        let record_serial = serial.clone();
+        // Made on the signer's thread, the moment the certificate exists.
+        let record = Box::new(move |cert_der: &[u8]| {
+            let at = now_ms();
+            audit.at = at;
+            WriteOp::CertificateIssued {
+                serial: record_serial,
+                cert_der: cert_der.to_vec(),
+                at,
+                request_id,
+                audit,
+                identity,
+            }
+        });
+        let (reply, signed) = tokio::sync::oneshot::channel();
+        // The signer's queue holds at most the cell's in-flight jobs (it never sends more).
+        p.signer.do_send(Sign { tbs: prepared.tbs, deadline, store: p.store.clone(), record, reply });
+        let cert_der = match signed.await.map_err(|_| EngineError::ShuttingDown)? {
             Ok(der) => der,
-            Err(e) => {
+            Err(NotIssued::Unsigned(e)) => {
                 p.store.write_detached(WriteOp::CertificateAbandoned { serial });
                 return Err(e);
             }
+            Err(NotIssued::Unrecorded(e)) => return Err(e),
         };
-        let issued_at = now_ms();
-        let identity =
-            job.identity.as_ref().map(|draft| Box::new(identity_row(job, draft, &serial, prepared.not_after_ms)));
-        let audit = match &identity {
-            Some(row) => NewAuditEvent {
-                at: issued_at,
-                instance: p.instance.to_string(),
-                actor: job.client.clone(),
-                action: "identity.create".into(),
-                target: row.id.clone(),
-                outcome: "issued".into(),
-                detail: format!(
-                    "ca={} profile={} serial={serial} key={} max_uses={}",
-                    p.ca.id, job.profile.id, row.key_type, row.max_uses
-                ),
-            },
-            None => NewAuditEvent {
-                at: issued_at,
-                instance: p.instance.to_string(),
-                actor: job.client.clone(),
-                action: "certificate.issue".into(),
-                target: serial.clone(),
-                outcome: "issued".into(),
-                detail: format!("ca={} profile={}", p.ca.id, job.profile.id),
-            },
-        };
-        p.store
-            .write(WriteOp::CertificateIssued {
-                serial: serial.clone(),
-                cert_der: cert_der.clone(),
-                at: issued_at,
-                request_id: job.caller.request_id().map(String::from),
-                audit: Box::new(audit),
-                identity,
-            })
-            .await?;
         Ok(IssuedCertificate {
             serial,
             ca: p.ca.id.clone(),
@@ -165,6 +147,35 @@ impl Pipeline {
             at: now_ms(),
             claimed_until: None,
         });
+    }
+}
+
+/// The audit event of an issuance: a certificate, or an identity with its certificate.
+/// Its time is set when the certificate is signed.
+fn issue_event(p: &Pipeline, job: &Job, serial: &str, identity: Option<&IdentityRow>) -> NewAuditEvent {
+    let at = 0;
+    match identity {
+        Some(row) => NewAuditEvent {
+            at,
+            instance: p.instance.to_string(),
+            actor: job.client.clone(),
+            action: "identity.create".into(),
+            target: row.id.clone(),
+            outcome: "issued".into(),
+            detail: format!(
+                "ca={} profile={} serial={serial} key={} max_uses={}",
+                p.ca.id, job.profile.id, row.key_type, row.max_uses
+            ),
+        },
+        None => NewAuditEvent {
+            at,
+            instance: p.instance.to_string(),
+            actor: job.client.clone(),
+            action: "certificate.issue".into(),
+            target: serial.to_string(),
+            outcome: "issued".into(),
+            detail: format!("ca={} profile={}", p.ca.id, job.profile.id),
+        },
     }
 }
 
@@ -425,8 +436,7 @@ mod tests {
     }
 
     #[test]
-    fn a_closed_mailbox_means_shutting_down_and_a_deadline_retries_after_a_second() {
-        assert_eq!(mailbox_gone(MailboxError::Closed), EngineError::ShuttingDown);
+    fn a_deadline_retries_after_a_second() {
         match deadline_exceeded() {
             EngineError::DeadlineExceeded { retry_after } => assert_eq!(retry_after, Duration::from_secs(1)),
             other => panic!("{other:?}"),

@@ -1,19 +1,23 @@
 //! The Signer: one CA's key, on threads of its own (CPU-bound work never runs on an event loop).
-//! It builds the TBS from the profile, lints it, and — after the Store has recorded the TBS —
-//! signs it. A panic is caught and answered as a signer failure; the thread lives on.
+//! It signs linted TBS bytes the Store has recorded, and hands the certificate straight to the
+//! Store; whoever waits hears from the Store's worker once the certificate is committed. A panic
+//! is caught and answered as a signer failure; the thread lives on.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
+use tokio::sync::oneshot;
+
 use super::gauges::CellGauges;
 use super::job::FINISH_MARGIN;
+use super::store::StoreHandle;
+use crate::db::writes::WriteOp;
 use crate::error::EngineError;
 use crate::metrics::{self, Metrics};
-use crate::pki::profile::ApprovedNames;
-use crate::pki::{tbs, CaMaterial, CheckedCsr, LintedTbs, PreparedCert, Profile};
+use crate::pki::{tbs, CaMaterial, LintedTbs};
 
 pub struct Signer {
     pub ca: Arc<CaMaterial>,
@@ -35,44 +39,62 @@ impl Actor for Signer {
     type Context = SyncContext<Self>;
 }
 
-/// Build and lint the to-be-signed certificate.
+/// Sign recorded, linted TBS bytes, unless the deadline has passed; then record the certificate
+/// (`record` makes the write from its DER) and answer `reply` with the DER once it is committed.
 #[derive(Message)]
-#[rtype(result = "Result<PreparedCert, EngineError>")]
-pub struct Prepare {
-    pub profile: Arc<Profile>,
-    pub csr: Arc<CheckedCsr>,
-    pub names: Arc<ApprovedNames>,
-}
-
-/// Sign recorded, linted TBS bytes, unless the deadline has passed.
-#[derive(Message)]
-#[rtype(result = "Result<Vec<u8>, EngineError>")]
+#[rtype(result = "()")]
 pub struct Sign {
     pub tbs: LintedTbs,
     pub deadline: Instant,
+    pub store: StoreHandle,
+    pub record: Record,
+    pub reply: oneshot::Sender<Result<Vec<u8>, NotIssued>>,
 }
 
-impl Handler<Prepare> for Signer {
-    type Result = Result<PreparedCert, EngineError>;
+/// Makes the write that records a certificate from its DER.
+pub type Record = Box<dyn FnOnce(&[u8]) -> WriteOp + Send>;
 
-    fn handle(&mut self, msg: Prepare, _: &mut Self::Context) -> Self::Result {
-        super::catch_panic("signer", || tbs::prepare(&self.ca, &msg.profile, &msg.csr, &msg.names, SystemTime::now()))
-            .unwrap_or_else(|panic| {
-                self.metrics.worker_panics.get_or_create(&metrics::ca(&self.ca.id)).inc();
-                Err(EngineError::Internal(format!("certificate preparation panicked: {panic}")))
-            })
-    }
+/// Why a [`Sign`] ended without a recorded certificate.
+#[derive(Debug)]
+pub enum NotIssued {
+    /// Nothing was signed (the deadline passed, or the key failed): the write-ahead record
+    /// can be abandoned.
+    Unsigned(EngineError),
+    /// Signed, but the store did not commit the certificate: its record stays `signing`.
+    Unrecorded(EngineError),
 }
 
 impl Handler<Sign> for Signer {
-    type Result = Result<Vec<u8>, EngineError>;
+    type Result = ();
 
-    fn handle(&mut self, msg: Sign, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Sign, _: &mut Self::Context) {
         if let Some(latency) = self.faults.sign_latency {
             std::thread::sleep(latency);
         }
+        // Nobody waits for this certificate any more (its cell crashed and its caller was told
+        // so): nothing is signed.
+        if msg.reply.is_closed() {
+            return;
+        }
+        match self.sign(&msg.tbs, msg.deadline) {
+            Ok(der) => {
+                let reply = msg.reply;
+                let write = (msg.record)(&der);
+                msg.store.write_then(write, move |committed| {
+                    let _ = reply.send(committed.map(|_| der).map_err(NotIssued::Unrecorded));
+                });
+            }
+            Err(e) => {
+                let _ = msg.reply.send(Err(NotIssued::Unsigned(e)));
+            }
+        }
+    }
+}
+
+impl Signer {
+    fn sign(&self, tbs: &LintedTbs, deadline: Instant) -> Result<Vec<u8>, EngineError> {
         // The last check before the key is used: a caller that has given up gets nothing signed.
-        if Instant::now() + FINISH_MARGIN >= msg.deadline {
+        if Instant::now() + FINISH_MARGIN >= deadline {
             self.metrics.expired_in_queue.get_or_create(&metrics::ca(&self.ca.id)).inc();
             return Err(EngineError::DeadlineExceeded { retry_after: std::time::Duration::from_secs(1) });
         }
@@ -82,7 +104,7 @@ impl Handler<Sign> for Signer {
         let started = Instant::now();
         let result = super::catch_panic("signer", || {
             super::injected_panic(&self.gauges.injected_signer_panics, "signer");
-            tbs::sign(&self.ca, &msg.tbs)
+            tbs::sign(&self.ca, tbs)
         })
         .unwrap_or_else(|panic| {
             self.metrics.worker_panics.get_or_create(&metrics::ca(&self.ca.id)).inc();

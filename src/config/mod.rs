@@ -150,11 +150,21 @@ pub struct HttpConfig {
     pub max_body_bytes: usize,
     /// actix-web worker threads (0: one per core).
     pub workers: usize,
+    /// How long an idle keep-alive connection is kept. Longer than a load balancer's own idle
+    /// timeout (often 60 s), so the balancer, not the engine, closes it: an engine closing
+    /// first races the balancer's next request on that connection.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: "127.0.0.1:8080".into(), max_body_bytes: 64 * 1024, workers: 0 }
+        HttpConfig {
+            listen: "127.0.0.1:8080".into(),
+            max_body_bytes: 64 * 1024,
+            workers: 0,
+            keep_alive: Duration::from_secs(75),
+        }
     }
 }
 

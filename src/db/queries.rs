@@ -53,16 +53,11 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
         // A request answered with a certificate, its own or (coalesced) another request's.
         let mut issued_requests: Vec<(&String, &String, i64)> = Vec::new();
         let mut identity_uses = Vec::new();
+        let mut issued = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             match op {
                 WriteOp::CertificateIssued { serial, cert_der, at, request_id, .. } => {
-                    diesel::update(certificates::table.find(serial))
-                        .set((
-                            certificates::state.eq(CertState::Issued),
-                            certificates::cert_der.eq(Some(cert_der)),
-                            certificates::issued_at.eq(Some(*at)),
-                        ))
-                        .execute(c)?;
+                    issued.push(Issued { serial, cert_der, at: *at });
                     if let Some(id) = request_id {
                         issued_requests.push((id, serial, *at));
                     }
@@ -98,6 +93,7 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                 WriteOp::InsertRequest(_) | WriteOp::WriteAhead(_) | WriteOp::Audit(_) => {}
             }
         }
+        c.mark_issued(&issued)?;
         // In identity order: two instances' batches lock the same rows in the same order, so
         // they can wait for each other but never deadlock.
         identity_uses.sort_by_key(|(_, id, ..)| id.as_str());
@@ -120,6 +116,59 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
         }
         Ok(outcomes)
     }))
+}
+
+/// A certificate signed: its record leaves `signing`.
+struct Issued<'a> {
+    serial: &'a String,
+    cert_der: &'a Vec<u8>,
+    at: i64,
+}
+
+/// Record a batch's signed certificates. SQLite runs in-process: a statement per certificate,
+/// prepared once, costs no round trip. On PostgreSQL a statement per certificate is a round
+/// trip and an executor start each (a third of the server's CPU per issuance): one statement
+/// joins the batch's arrays instead.
+trait MarkIssued {
+    fn mark_issued(&mut self, issued: &[Issued<'_>]) -> QueryResult<()>;
+}
+
+impl MarkIssued for diesel::SqliteConnection {
+    fn mark_issued(&mut self, issued: &[Issued<'_>]) -> QueryResult<()> {
+        for cert in issued {
+            diesel::update(certificates::table.find(cert.serial))
+                .set((
+                    certificates::state.eq(CertState::Issued),
+                    certificates::cert_der.eq(Some(cert.cert_der)),
+                    certificates::issued_at.eq(Some(cert.at)),
+                ))
+                .execute(self)?;
+        }
+        Ok(())
+    }
+}
+
+impl MarkIssued for diesel::PgConnection {
+    fn mark_issued(&mut self, issued: &[Issued<'_>]) -> QueryResult<()> {
+        use diesel::sql_types::{Array, BigInt, Binary, Text};
+        if issued.is_empty() {
+            return Ok(());
+        }
+        let serials: Vec<&str> = issued.iter().map(|c| c.serial.as_str()).collect();
+        let ders: Vec<&[u8]> = issued.iter().map(|c| c.cert_der.as_slice()).collect();
+        let ats: Vec<i64> = issued.iter().map(|c| c.at).collect();
+        diesel::sql_query(
+            "UPDATE certificates SET state = $1, cert_der = u.cert_der, issued_at = u.issued_at \
+             FROM unnest($2::text[], $3::bytea[], $4::int8[]) AS u(serial, cert_der, issued_at) \
+             WHERE certificates.serial = u.serial",
+        )
+        .bind::<Text, _>(CertState::Issued.as_str())
+        .bind::<Array<Text>, _>(serials)
+        .bind::<Array<Binary>, _>(ders)
+        .bind::<Array<BigInt>, _>(ats)
+        .execute(self)
+        .map(|_| ())
+    }
 }
 
 pub fn load_certificate(conn: &mut DbConn, serial: &str) -> Result<Option<CertificateRow>, DbError> {

@@ -23,7 +23,7 @@ use crate::actors::history::History;
 use crate::actors::intake::{Catalog, Intake};
 use crate::actors::registry::{self, Registry, RegistryChanged, SharedSnapshot, Snapshot};
 use crate::actors::resumer::Resumer;
-use crate::actors::store::{StoreFront, StoreHandle};
+use crate::actors::store::StoreHandle;
 use crate::actors::supervisor::{CellFactory, CellSupervisor};
 use crate::audit::{AuditLog, AuditWriter, RefusalLedger};
 use crate::config::{Config, ConfigProblem, Sabotage, Sabotages};
@@ -119,7 +119,7 @@ impl Engine {
         let instance: Arc<str> = config.instance_id().into();
         let shared = Arc::new(ArcSwap::from_pointee(snapshot));
 
-        let store = StoreFront::start(
+        let store = StoreHandle::start(
             pools.issuance.clone(),
             config.store.max_batch,
             config.store.max_pending,

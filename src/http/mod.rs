@@ -51,6 +51,7 @@ pub fn routes(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
 pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<SocketAddr>)> {
     let max_body = engine.config().http.max_body_bytes;
     let workers = engine.config().http.workers;
+    let keep_alive = engine.config().http.keep_alive;
     let data = web::Data::new(engine);
     let mut http = HttpServer::new(move || {
         App::new()
@@ -59,6 +60,7 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
             .configure(|cfg| routes(cfg, max_body))
             .default_service(web::to(|| async { Err::<actix_web::HttpResponse, _>(Problem(EngineError::NotFound)) }))
     })
+    .keep_alive(keep_alive)
     .shutdown_timeout(10);
     if workers > 0 {
         http = http.workers(workers);
