@@ -44,9 +44,7 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                 | WriteOp::UseIdentity { .. } => {}
             }
         }
-        if !ahead.is_empty() {
-            diesel::insert_into(certificates::table).values(&ahead).execute(c)?;
-        }
+        c.insert_rows(&ahead)?;
         if !new_identities.is_empty() {
             diesel::insert_into(identities::table).values(&new_identities).execute(c)?;
         }
@@ -111,12 +109,43 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                 ))
                 .execute(c)?;
         }
-        if !audit.is_empty() {
-            diesel::insert_into(audit_log::table).values(&audit).execute(c)?;
-        }
+        c.insert_rows(&audit)?;
         Ok(outcomes)
     }))
 }
+
+/// Insert a batch's rows of one table. SQLite: a statement per row, prepared once and kept by
+/// diesel (a many-row statement has a different text for every batch size, so it is parsed
+/// again each time: 3% of the engine's CPU at c=64). PostgreSQL: one many-row statement, one
+/// round trip.
+trait InsertRows<T> {
+    fn insert_rows(&mut self, rows: &[T]) -> QueryResult<()>;
+}
+
+macro_rules! insert_rows {
+    ($row:ty, $table:path) => {
+        impl InsertRows<$row> for diesel::SqliteConnection {
+            fn insert_rows(&mut self, rows: &[$row]) -> QueryResult<()> {
+                for row in rows {
+                    diesel::insert_into($table).values(row).execute(self)?;
+                }
+                Ok(())
+            }
+        }
+
+        impl InsertRows<$row> for diesel::PgConnection {
+            fn insert_rows(&mut self, rows: &[$row]) -> QueryResult<()> {
+                if !rows.is_empty() {
+                    diesel::insert_into($table).values(rows).execute(self)?;
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+insert_rows!(CertificateRow, certificates::table);
+insert_rows!(NewAuditEvent, audit_log::table);
 
 /// A certificate signed: its record leaves `signing`.
 struct Issued<'a> {
