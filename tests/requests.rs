@@ -172,3 +172,37 @@ async fn write_ahead_records_orphaned_by_a_crash_are_abandoned() {
     assert_eq!(recent.state, "signing", "a recent write-ahead record may still be signed");
     engine.shutdown().await;
 }
+
+/// A burst of concurrent issuances is committed in group batches (on PostgreSQL, batches of
+/// three certificates or more in one joined statement): every certificate answered is stored as
+/// issued, byte for byte, and nothing else is.
+async fn a_burst_is_stored_exactly_as_answered(db: TestDb) {
+    let server = TestServer::start(dev_config(&db)).await;
+    let csrs: Vec<String> = (0..48).map(|i| csr(Key::P256, &[&format!("burst-{i}.example.test")])).collect();
+    let calls = csrs.iter().map(|csr| server.issue(DEMO_KEY, "tls-server-p256", csr).send());
+    let mut answered = Vec::new();
+    for response in futures_util::future::join_all(calls).await {
+        let response = response.unwrap();
+        assert_eq!(response.status(), 201);
+        let body: serde_json::Value = response.json().await.unwrap();
+        let pem = body["certificate"].as_str().unwrap();
+        let der = openssl::x509::X509::from_pem(pem.as_bytes()).unwrap().to_der().unwrap();
+        answered.push(format!("{} issued {}", body["serial"].as_str().unwrap(), hex::encode(der)));
+    }
+    let der_hex = if db.postgres { "encode(cert_der, 'hex')" } else { "lower(hex(cert_der))" };
+    let mut stored = sql::texts(&db, &format!("SELECT serial || ' ' || state || ' ' || {der_hex} AS s FROM certificates"));
+    answered.sort();
+    stored.sort();
+    assert_eq!(stored, answered);
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn sqlite_a_burst_is_stored_exactly_as_answered() {
+    a_burst_is_stored_exactly_as_answered(TestDb::sqlite()).await;
+}
+
+#[actix_rt::test]
+async fn postgres_a_burst_is_stored_exactly_as_answered() {
+    a_burst_is_stored_exactly_as_answered(TestDb::postgres()).await;
+}
