@@ -190,7 +190,8 @@ async fn a_burst_is_stored_exactly_as_answered(db: TestDb) {
         answered.push(format!("{} issued {}", body["serial"].as_str().unwrap(), hex::encode(der)));
     }
     let der_hex = if db.postgres { "encode(cert_der, 'hex')" } else { "lower(hex(cert_der))" };
-    let mut stored = sql::texts(&db, &format!("SELECT serial || ' ' || state || ' ' || {der_hex} AS s FROM certificates"));
+    let mut stored =
+        sql::texts(&db, &format!("SELECT serial || ' ' || state || ' ' || {der_hex} AS s FROM certificates"));
     answered.sort();
     stored.sort();
     assert_eq!(stored, answered);
