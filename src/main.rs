@@ -130,6 +130,10 @@ enum Command {
         /// compare two builds in one run).
         #[arg(long, value_name = "BINARY")]
         engine: Option<PathBuf>,
+        /// Generate this many issued certificates (with their audit rows) in the database before
+        /// the levels, in bulk, to measure issuance beside a CA's history (0: empty database).
+        #[arg(long, default_value_t = 0)]
+        prefill: u64,
     },
     /// A retry storm against engines on this machine: requests at a fixed rate, whatever they
     /// are answered (no back-off), then a JSON report of the answers on stdout. Loopback only,
@@ -231,18 +235,27 @@ fn main() -> ExitCode {
                 engine,
             })
         }
-        Command::Bench { postgres, concurrency, duration, keys_dev, out, refusals, idle_connections, engine } => {
-            bench(castellum::bench::BenchOptions {
-                postgres,
-                concurrency,
-                duration,
-                keys_dev,
-                out,
-                refusals,
-                idle_connections,
-                engine,
-            })
-        }
+        Command::Bench {
+            postgres,
+            concurrency,
+            duration,
+            keys_dev,
+            out,
+            refusals,
+            idle_connections,
+            engine,
+            prefill,
+        } => bench(castellum::bench::BenchOptions {
+            postgres,
+            concurrency,
+            duration,
+            keys_dev,
+            out,
+            refusals,
+            idle_connections,
+            engine,
+            prefill,
+        }),
         Command::Storm { urls, profiles, csrs, api_key, rate, duration, in_flight, max_requests } => {
             if profiles.len() != csrs.len() {
                 eprintln!(

@@ -14,7 +14,10 @@ use crate::drill::load::percentile;
 use crate::drill::target::{ca_entry, set, DrillDb, Target};
 use crate::drill::DrillError;
 use crate::pki::KeyType;
-use crate::pki::{csr, tbs, CaMaterial, Profile};
+use crate::pki::{csr, tbs, CaMaterial, LintedTbs, Profile};
+
+mod prefill;
+pub use prefill::Prefilled;
 
 pub struct BenchOptions {
     pub postgres: Option<String>,
@@ -29,6 +32,8 @@ pub struct BenchOptions {
     pub idle_connections: usize,
     /// The castellum binary whose engine is measured (default: this one).
     pub engine: Option<PathBuf>,
+    /// Issued certificates generated in the database before the levels (0: an empty database).
+    pub prefill: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -110,7 +115,9 @@ fn p256_csrs(n: usize) -> Result<Vec<Arc<String>>, DrillError> {
 }
 
 /// Issuances per second the machine's cores can do if all they did was the crypto.
-pub fn crypto_ceiling(keys_dev: &Path, length: Duration) -> Result<(f64, Duration), DrillError> {
+/// The ceiling's and the prefill's material: the dev CA `ica-p256`, one linted TBS for its
+/// P-256 profile, and the CSR it was made from.
+fn sample(keys_dev: &Path) -> Result<(Arc<CaMaterial>, LintedTbs, Arc<String>), DrillError> {
     let config = Config::load(Some(&keys_dev.join("castellum.toml"))).map_err(|e| DrillError::Setup(e.to_string()))?;
     let ca_cfg = config.cas.iter().find(|c| c.id == "ica-p256").ok_or(DrillError::Setup("no ica-p256".into()))?;
     let ca = Arc::new(CaMaterial::load(ca_cfg).map_err(|e| DrillError::Setup(e.to_string()))?);
@@ -120,12 +127,23 @@ pub fn crypto_ceiling(keys_dev: &Path, length: Duration) -> Result<(f64, Duratio
     let pem = p256_csrs(1)?.remove(0);
     let checked = csr::check_csr_pem(&pem).map_err(|e| DrillError::Setup(e.to_string()))?;
     let names = profile.approve(&checked).map_err(|e| DrillError::Setup(e.to_string()))?;
+    let tbs = tbs::prepare(&ca, &profile, &checked, &names, SystemTime::now())
+        .map_err(|e| DrillError::Setup(e.to_string()))?
+        .tbs;
+    Ok((ca, tbs, pem))
+}
+
+/// A certificate as the engine issues it: its TBS bytes and its DER.
+fn sample_certificate(keys_dev: &Path) -> Result<(Vec<u8>, Vec<u8>), DrillError> {
+    let (ca, tbs, _) = sample(keys_dev)?;
+    let cert = tbs::sign(&ca, &tbs).map_err(|e| DrillError::Setup(e.to_string()))?;
+    Ok((tbs.der().to_vec(), cert))
+}
+
+pub fn crypto_ceiling(keys_dev: &Path, length: Duration) -> Result<(f64, Duration), DrillError> {
+    let (ca, tbs, pem) = sample(keys_dev)?;
     // One linted TBS, shared by every thread: the ceiling is the signature, not the build.
-    let tbs = Arc::new(
-        tbs::prepare(&ca, &profile, &checked, &names, SystemTime::now())
-            .map_err(|e| DrillError::Setup(e.to_string()))?
-            .tbs,
-    );
+    let tbs = Arc::new(tbs);
     let der = csr::pem_to_der(&pem).map_err(|e| DrillError::Setup(e.to_string()))?;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let done = Arc::new(AtomicU64::new(0));
@@ -170,6 +188,10 @@ pub struct BenchReport {
     pub peak_rss: u64,
     /// c=64 measured again beside idle keep-alive connections.
     pub idle: Option<IdleLevel>,
+    /// What the database held before the levels, when prefilled.
+    pub prefilled: Option<Prefilled>,
+    /// The database's size on disk at the end.
+    pub stored_bytes: Option<u64>,
     pub ceiling_per_second: f64,
     pub ceiling_cpu: Duration,
 }
@@ -178,8 +200,9 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, DrillError> {
     eprintln!("measuring the crypto ceiling (P-256 CSR verification + P-256 signature, all cores)…");
     let (ceiling_per_second, ceiling_cpu) = crypto_ceiling(&opts.keys_dev, Duration::from_secs(3))?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(async move {
-        let dir = opts.out.join(format!("bench-{}", std::process::id()));
+    let dir = opts.out.join(format!("bench-{}", std::process::id()));
+    let sqlite_file = dir.join("bench.db");
+    let report = runtime.block_on(async move {
         std::fs::create_dir_all(&dir)?;
         let db = match &opts.postgres {
             Some(url) => DrillDb::postgres(url, None)?,
@@ -203,6 +226,14 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, DrillError> {
         })
         .await?;
         let pid = target.pid().ok_or(DrillError::Setup("no engine process".into()))?;
+        let prefilled = match (opts.prefill, target.db.as_ref()) {
+            (0, _) | (_, None) => None,
+            (n, Some(db)) => {
+                eprintln!("prefilling {n} issued certificates…");
+                let (tbs, cert) = sample_certificate(&opts.keys_dev)?;
+                Some(tokio::task::block_in_place(|| prefill::prefill(db, n as i64, &tbs, &cert))?)
+            }
+        };
         // Refusals: the CA is disabled, so every request is answered 409 (or, past the client's
         // retry budget, 429) by intake, before any CSR work.
         let expected: &[u16] = if opts.refusals {
@@ -235,8 +266,24 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, DrillError> {
             0 => None,
             n => Some(beside_idle_connections(&target, pid, &csrs, n, opts.duration, expected, postgres).await?),
         };
-        Ok(BenchReport { backend, refusals: opts.refusals, levels, peak_rss, idle, ceiling_per_second, ceiling_cpu })
-    })
+        let stored_bytes = target.db.as_ref().and_then(prefill::size);
+        Ok(BenchReport {
+            backend,
+            refusals: opts.refusals,
+            levels,
+            peak_rss,
+            idle,
+            prefilled,
+            stored_bytes,
+            ceiling_per_second,
+            ceiling_cpu,
+        })
+    });
+    // A bench's database is thrown away (a prefilled one is gigabytes).
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", sqlite_file.display()));
+    }
+    report
 }
 
 /// Every row of the tables a request can write.
@@ -455,6 +502,18 @@ impl BenchReport {
             self.ceiling_cpu.as_secs_f64() * 1e6,
             self.peak_rss as f64 / 1e6
         ));
+        if let Some(p) = &self.prefilled {
+            out.push_str(&format!(
+                "Prefilled with {} issued certificates (and their audit rows) in {:.0} s: {:.2} GB on disk, {:.0} bytes per stored certificate.\n",
+                p.certificates,
+                p.took.as_secs_f64(),
+                p.bytes as f64 / 1e9,
+                p.bytes as f64 / p.certificates.max(1) as f64
+            ));
+        }
+        if let Some(bytes) = self.stored_bytes {
+            out.push_str(&format!("Database size at the end: {:.2} GB.\n", bytes as f64 / 1e9));
+        }
         if let Some(idle) = &self.idle {
             let plain = self.levels.iter().find(|l| l.concurrency == 64).map(|l| l.per_second);
             out.push_str(&format!(

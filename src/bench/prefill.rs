@@ -1,0 +1,151 @@
+//! `castellum bench --prefill N`: a database that already holds N issued certificates (and
+//! their audit rows), generated in bulk by the database itself — `INSERT … SELECT` over a
+//! generated series, in transactions of [`CHUNK`] rows — rather than issued one by one, so the
+//! bench can measure whether issuance slows down as a CA's history grows.
+//!
+//! Every generated row has the size of a real one: the TBS and certificate bytes are those of a
+//! certificate the engine issued, and each serial is 20 pseudo-random bytes in hex, like the
+//! engine's, so the primary key grows the way it does in production (at random places, not at
+//! its end). The audit rows belong to an instance of their own (`prefill`), whose chain the
+//! engine neither seals nor verifies.
+
+use std::time::{Duration, Instant};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Binary, Text};
+
+use crate::drill::target::DrillDb;
+use crate::drill::DrillError;
+
+/// Rows per transaction: large enough to amortise the commits, small enough to show progress.
+const CHUNK: i64 = 100_000;
+
+/// What a prefill left in the database.
+#[derive(Debug, Clone)]
+pub struct Prefilled {
+    pub certificates: i64,
+    pub took: Duration,
+    /// The database's size on disk afterwards (SQLite file, or `pg_database_size`).
+    pub bytes: u64,
+}
+
+/// Insert `n` issued certificates and one audit row each, with `tbs` and `cert` as every row's
+/// bytes; progress on stderr.
+pub fn prefill(db: &DrillDb, n: i64, tbs: &[u8], cert: &[u8]) -> Result<Prefilled, DrillError> {
+    let started = Instant::now();
+    let salt = uuid::Uuid::new_v4().simple().to_string();
+    let now = crate::pki::now_ms();
+    let fail = |e: diesel::result::Error| DrillError::Setup(format!("prefill: {e}"));
+    let mut done = 0;
+    match db {
+        DrillDb::Sqlite(path) => {
+            let mut c = SqliteConnection::establish(&path.display().to_string())
+                .map_err(|e| DrillError::Setup(format!("prefill: {e}")))?;
+            c.batch_execute("PRAGMA busy_timeout = 10000; PRAGMA synchronous = NORMAL;").map_err(fail)?;
+            while done < n {
+                let upto = (done + CHUNK).min(n);
+                c.transaction(|c| {
+                    diesel::sql_query(SQLITE_CERTIFICATES)
+                        .bind::<BigInt, _>(done + 1)
+                        .bind::<BigInt, _>(upto)
+                        .bind::<Binary, _>(tbs)
+                        .bind::<Binary, _>(cert)
+                        .bind::<BigInt, _>(now)
+                        .execute(c)?;
+                    diesel::sql_query(SQLITE_AUDIT)
+                        .bind::<BigInt, _>(done + 1)
+                        .bind::<BigInt, _>(upto)
+                        .bind::<BigInt, _>(now)
+                        .execute(c)
+                })
+                .map_err(fail)?;
+                done = upto;
+                progress(done, n, started);
+            }
+            c.batch_execute("PRAGMA wal_checkpoint(TRUNCATE);").map_err(fail)?;
+        }
+        DrillDb::Postgres { .. } => {
+            let mut c = PgConnection::establish(&db.url()).map_err(|e| DrillError::Setup(format!("prefill: {e}")))?;
+            while done < n {
+                let upto = (done + CHUNK).min(n);
+                c.transaction(|c| {
+                    diesel::sql_query(POSTGRES_CERTIFICATES)
+                        .bind::<BigInt, _>(done + 1)
+                        .bind::<BigInt, _>(upto)
+                        .bind::<Binary, _>(tbs)
+                        .bind::<Binary, _>(cert)
+                        .bind::<BigInt, _>(now)
+                        .bind::<Text, _>(&salt)
+                        .execute(c)?;
+                    diesel::sql_query(POSTGRES_AUDIT)
+                        .bind::<BigInt, _>(done + 1)
+                        .bind::<BigInt, _>(upto)
+                        .bind::<BigInt, _>(now)
+                        .bind::<Text, _>(&salt)
+                        .execute(c)
+                })
+                .map_err(fail)?;
+                done = upto;
+                progress(done, n, started);
+            }
+            c.batch_execute("ANALYZE certificates; ANALYZE audit_log;").map_err(fail)?;
+        }
+    }
+    Ok(Prefilled { certificates: n, took: started.elapsed(), bytes: size(db).unwrap_or(0) })
+}
+
+fn progress(done: i64, n: i64, started: Instant) {
+    let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
+    let left = (n - done) as f64 / rate.max(1.0);
+    eprintln!("  prefilled {done} of {n} certificates ({rate:.0}/s, about {left:.0} s left)");
+}
+
+/// The database's size on disk.
+pub fn size(db: &DrillDb) -> Option<u64> {
+    match db {
+        DrillDb::Sqlite(path) => {
+            let file = |suffix: &str| std::fs::metadata(format!("{}{suffix}", path.display())).map(|m| m.len()).ok();
+            Some(file("")? + file("-wal").unwrap_or(0))
+        }
+        DrillDb::Postgres { .. } => {
+            #[derive(QueryableByName)]
+            struct Size {
+                #[diesel(sql_type = BigInt)]
+                bytes: i64,
+            }
+            let mut c = PgConnection::establish(&db.url()).ok()?;
+            let size: Size =
+                diesel::sql_query("SELECT pg_database_size(current_database()) AS bytes").get_result(&mut c).ok()?;
+            u64::try_from(size.bytes).ok()
+        }
+    }
+}
+
+const SQLITE_CERTIFICATES: &str = "\
+    WITH RECURSIVE n(i) AS (SELECT ?1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2) \
+    INSERT INTO certificates (serial, ca_id, profile, client, request_id, state, tbs_der, cert_der, \
+                              not_before, not_after, created_at, issued_at) \
+    SELECT lower(hex(randomblob(20))), 'ica-p256', 'tls-server-p256', 'prefill', NULL, 'issued', ?3, ?4, \
+           ?5 - 86400000 + i, ?5 + 7776000000, ?5 - 86400000 + i, ?5 - 86400000 + i FROM n";
+
+const SQLITE_AUDIT: &str = "\
+    WITH RECURSIVE n(i) AS (SELECT ?1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2) \
+    INSERT INTO audit_log (at, instance, actor, action, target, outcome, detail, count) \
+    SELECT ?3 - 86400000 + i, 'prefill', 'prefill', 'certificate.issue', lower(hex(randomblob(20))), 'issued', \
+           'ca=ica-p256 profile=tls-server-p256', 1 FROM n";
+
+const POSTGRES_CERTIFICATES: &str = "\
+    INSERT INTO certificates (serial, ca_id, profile, client, request_id, state, tbs_der, cert_der, \
+                              not_before, not_after, created_at, issued_at) \
+    SELECT substr(encode(sha256(convert_to($6 || i::text, 'UTF8')), 'hex'), 1, 40), 'ica-p256', \
+           'tls-server-p256', 'prefill', NULL, 'issued', $3, $4, \
+           $5 - 86400000 + i, $5 + 7776000000, $5 - 86400000 + i, $5 - 86400000 + i \
+    FROM generate_series($1::int8, $2::int8) AS i";
+
+const POSTGRES_AUDIT: &str = "\
+    INSERT INTO audit_log (at, instance, actor, action, target, outcome, detail, count) \
+    SELECT $3 - 86400000 + i, 'prefill', 'prefill', 'certificate.issue', \
+           substr(encode(sha256(convert_to($4 || i::text, 'UTF8')), 'hex'), 1, 40), 'issued', \
+           'ca=ica-p256 profile=tls-server-p256', 1 \
+    FROM generate_series($1::int8, $2::int8) AS i";
