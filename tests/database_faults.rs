@@ -38,14 +38,15 @@ async fn postgres_a_connection_limited_role_is_never_exceeded_under_a_20x_burst(
             }
         })
     };
-    // Normal load: 10 clients. The burst: 200 at once, each issuing twice.
+    // Normal load: 10 clients. The burst: 200 at once, each issuing eight times (twice was over in
+    // 43 samples once the engine got faster: the sampler must see the burst, not its tail).
     let csr = Arc::new(csr(Key::P256, &["burst.example.test"]));
     let clients: Vec<_> = (0..200)
         .map(|i| {
             let (server, csr) = (server.clone(), csr.clone());
             actix_rt::spawn(async move {
                 let mut out = Vec::new();
-                for _ in 0..2 {
+                for _ in 0..8 {
                     let started = Instant::now();
                     let resp = if i % 5 == 0 {
                         server.http.get(server.url("/readyz")).send().await.unwrap()
@@ -64,6 +65,7 @@ async fn postgres_a_connection_limited_role_is_never_exceeded_under_a_20x_burst(
 
     let peak = peak.load(Ordering::Relaxed);
     let samples = samples.load(Ordering::Relaxed);
+    eprintln!("the sampler ran {samples} times during the burst; peak {peak} connections");
     assert!(samples >= 50, "the sampler ran {samples} times");
     assert!(peak > 0 && peak <= i64::from(BUDGET), "peak {peak} connections for a budget of {BUDGET}");
     for (status, took) in &results {
