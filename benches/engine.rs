@@ -16,7 +16,7 @@ fn write_ahead_rows(n: usize) -> Vec<WriteOp> {
     (0..n)
         .map(|_| {
             WriteOp::WriteAhead(Box::new(CertificateRow {
-                serial: hex::encode(castellum::pki::tbs::random_serial()),
+                serial: hex::encode(castellum::pki::tbs::new_serial()),
                 ca_id: "ica-p256".into(),
                 profile: "tls-server-p256".into(),
                 client: "demo".into(),

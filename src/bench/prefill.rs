@@ -4,9 +4,9 @@
 //! bench can measure whether issuance slows down as a CA's history grows.
 //!
 //! Every generated row has the size of a real one: the TBS and certificate bytes are those of a
-//! certificate the engine issued, and each serial is 20 pseudo-random bytes in hex, like the
-//! engine's, so the primary key grows the way it does in production (at random places, not at
-//! its end). The audit rows belong to an instance of their own (`prefill`), whose chain the
+//! certificate the engine issued, and each serial has the engine's form (`0x01`, the issuance
+//! time in milliseconds, random octets: `tbs::new_serial`), with times in the day before now, so
+//! the primary key holds what a CA's history would. The audit rows belong to an instance of their own (`prefill`), whose chain the
 //! engine neither seals nor verifies.
 
 use std::time::{Duration, Instant};
@@ -126,7 +126,8 @@ const SQLITE_CERTIFICATES: &str = "\
     WITH RECURSIVE n(i) AS (SELECT ?1 UNION ALL SELECT i + 1 FROM n WHERE i < ?2) \
     INSERT INTO certificates (serial, ca_id, profile, client, request_id, state, tbs_der, cert_der, \
                               not_before, not_after, created_at, issued_at) \
-    SELECT lower(hex(randomblob(20))), 'ica-p256', 'tls-server-p256', 'prefill', NULL, 'issued', ?3, ?4, \
+    SELECT '01' || printf('%012x', ?5 - 86400000 + i) || lower(hex(randomblob(13))), \
+           'ica-p256', 'tls-server-p256', 'prefill', NULL, 'issued', ?3, ?4, \
            ?5 - 86400000 + i, ?5 + 7776000000, ?5 - 86400000 + i, ?5 - 86400000 + i FROM n";
 
 const SQLITE_AUDIT: &str = "\
@@ -138,7 +139,8 @@ const SQLITE_AUDIT: &str = "\
 const POSTGRES_CERTIFICATES: &str = "\
     INSERT INTO certificates (serial, ca_id, profile, client, request_id, state, tbs_der, cert_der, \
                               not_before, not_after, created_at, issued_at) \
-    SELECT substr(encode(sha256(convert_to($6 || i::text, 'UTF8')), 'hex'), 1, 40), 'ica-p256', \
+    SELECT '01' || lpad(to_hex($5 - 86400000 + i), 12, '0') \
+           || substr(encode(sha256(convert_to($6 || i::text, 'UTF8')), 'hex'), 1, 26), 'ica-p256', \
            'tls-server-p256', 'prefill', NULL, 'issued', $3, $4, \
            $5 - 86400000 + i, $5 + 7776000000, $5 - 86400000 + i, $5 - 86400000 + i \
     FROM generate_series($1::int8, $2::int8) AS i";

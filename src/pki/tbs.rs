@@ -59,12 +59,19 @@ fn internal(what: &str) -> impl Fn(der::Error) -> EngineError + '_ {
     move |e| EngineError::Internal(format!("{what}: {e}"))
 }
 
-/// 20 random bytes, first byte in 0x01..=0x7f: a positive INTEGER of exactly 20 octets,
-/// at least 150 bits of entropy, never needing a sign-padding byte.
-pub fn random_serial() -> [u8; 20] {
+/// A new serial, 20 octets: `0x01` (a positive INTEGER of exactly 20 octets, never needing a
+/// sign-padding byte), the time in milliseconds (6 octets, big-endian), then 13 octets from the
+/// OS CSPRNG (104 bits; the Baseline Requirements ask for at least 64, and for serials that are
+/// not sequential, which the random tail makes them). Serials grow with time, so a new
+/// certificate's row goes to the end of the certificates table's primary key rather than to a
+/// random page of it: with fully random serials an issuance read and dirtied a random index page,
+/// and at 10 million stored certificates SQLite issued a quarter as fast as on an empty database.
+pub fn new_serial() -> [u8; 20] {
     let mut serial = [0u8; 20];
-    openssl::rand::rand_bytes(&mut serial).expect("the OS random generator works");
-    serial[0] = (serial[0] & 0x7f).max(1);
+    openssl::rand::rand_bytes(&mut serial[7..]).expect("the OS random generator works");
+    serial[0] = 0x01;
+    let ms = u64::try_from(super::now_ms()).unwrap_or(0);
+    serial[1..7].copy_from_slice(&ms.to_be_bytes()[2..]);
     serial
 }
 
@@ -148,7 +155,7 @@ pub fn prepare(
     names: &ApprovedNames,
     now: SystemTime,
 ) -> Result<PreparedCert, EngineError> {
-    let serial = random_serial();
+    let serial = new_serial();
     let not_before = now - profile.backdate;
     let not_after = not_before + profile.validity;
     let spki = SubjectPublicKeyInfoOwned::from_der(&csr.spki_der).map_err(internal("public key"))?;
@@ -472,13 +479,20 @@ mod tests {
     }
 
     #[test]
-    fn serials_are_positive_20_octet_integers_and_never_repeat() {
+    fn serials_are_positive_20_octet_integers_that_never_repeat_and_grow_with_time() {
         let mut seen = std::collections::HashSet::new();
+        let first = new_serial();
         for _ in 0..2000 {
-            let s = random_serial();
+            let s = new_serial();
             assert!((1..=0x7f).contains(&s[0]), "{s:?}");
             assert!(seen.insert(s), "a serial came twice");
+            assert!(s[..7] >= first[..7], "the time prefix never goes back");
         }
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(new_serial() > first, "a later serial sorts after an earlier one");
+        // The random tail: 13 octets that differ between serials of the same millisecond.
+        let (a, b) = (new_serial(), new_serial());
+        assert_ne!(a[7..], b[7..]);
     }
 
     #[test]
