@@ -37,41 +37,35 @@ pub fn prefill(db: &DrillDb, n: i64, tbs: &[u8], cert: &[u8]) -> Result<Prefille
     let salt = uuid::Uuid::new_v4().simple().to_string();
     let now = crate::pki::now_ms();
     let fail = |e: diesel::result::Error| DrillError::Setup(format!("prefill: {e}"));
-    let mut done = 0;
     match db {
         DrillDb::Sqlite(path) => {
             let mut c = SqliteConnection::establish(&path.display().to_string())
                 .map_err(|e| DrillError::Setup(format!("prefill: {e}")))?;
             c.batch_execute("PRAGMA busy_timeout = 10000; PRAGMA synchronous = NORMAL;").map_err(fail)?;
-            while done < n {
-                let upto = (done + CHUNK).min(n);
+            in_chunks(n, started, |from, upto| {
                 c.transaction(|c| {
                     diesel::sql_query(SQLITE_CERTIFICATES)
-                        .bind::<BigInt, _>(done + 1)
+                        .bind::<BigInt, _>(from)
                         .bind::<BigInt, _>(upto)
                         .bind::<Binary, _>(tbs)
                         .bind::<Binary, _>(cert)
                         .bind::<BigInt, _>(now)
                         .execute(c)?;
                     diesel::sql_query(SQLITE_AUDIT)
-                        .bind::<BigInt, _>(done + 1)
+                        .bind::<BigInt, _>(from)
                         .bind::<BigInt, _>(upto)
                         .bind::<BigInt, _>(now)
                         .execute(c)
                 })
-                .map_err(fail)?;
-                done = upto;
-                progress(done, n, started);
-            }
+            })?;
             c.batch_execute("PRAGMA wal_checkpoint(TRUNCATE);").map_err(fail)?;
         }
         DrillDb::Postgres { .. } => {
             let mut c = PgConnection::establish(&db.url()).map_err(|e| DrillError::Setup(format!("prefill: {e}")))?;
-            while done < n {
-                let upto = (done + CHUNK).min(n);
+            in_chunks(n, started, |from, upto| {
                 c.transaction(|c| {
                     diesel::sql_query(POSTGRES_CERTIFICATES)
-                        .bind::<BigInt, _>(done + 1)
+                        .bind::<BigInt, _>(from)
                         .bind::<BigInt, _>(upto)
                         .bind::<Binary, _>(tbs)
                         .bind::<Binary, _>(cert)
@@ -79,20 +73,33 @@ pub fn prefill(db: &DrillDb, n: i64, tbs: &[u8], cert: &[u8]) -> Result<Prefille
                         .bind::<Text, _>(&salt)
                         .execute(c)?;
                     diesel::sql_query(POSTGRES_AUDIT)
-                        .bind::<BigInt, _>(done + 1)
+                        .bind::<BigInt, _>(from)
                         .bind::<BigInt, _>(upto)
                         .bind::<BigInt, _>(now)
                         .bind::<Text, _>(&salt)
                         .execute(c)
                 })
-                .map_err(fail)?;
-                done = upto;
-                progress(done, n, started);
-            }
+            })?;
             c.batch_execute("ANALYZE certificates; ANALYZE audit_log;").map_err(fail)?;
         }
     }
     Ok(Prefilled { certificates: n, took: started.elapsed(), bytes: size(db).unwrap_or(0) })
+}
+
+/// Rows 1..=n in transactions of [`CHUNK`] (`chunk(from, upto)`, both inclusive), with progress.
+fn in_chunks(
+    n: i64,
+    started: Instant,
+    mut chunk: impl FnMut(i64, i64) -> QueryResult<usize>,
+) -> Result<(), DrillError> {
+    let mut done = 0;
+    while done < n {
+        let upto = (done + CHUNK).min(n);
+        chunk(done + 1, upto).map_err(|e| DrillError::Setup(format!("prefill: {e}")))?;
+        done = upto;
+        progress(done, n, started);
+    }
+    Ok(())
 }
 
 fn progress(done: i64, n: i64, started: Instant) {
