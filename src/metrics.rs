@@ -66,6 +66,9 @@ pub struct Metrics {
     pub store_batch_size: Histogram,
     pub store_commit_seconds: Histogram,
     pub store_pending: Gauge,
+    /// Writes made without waiting (`write_detached`) that the store refused: counted, not
+    /// logged, because they come at the rate of the failures that cause them.
+    pub store_dropped: Counter,
     pub registry_version: Gauge,
     pub async_resumed: Counter,
     /// Identity keys handed out, by kind and source (`pool`: pre-generated, `on-demand`).
@@ -120,6 +123,7 @@ impl Metrics {
             store_batch_size: batch_histogram(),
             store_commit_seconds: latency_histogram(),
             store_pending: Gauge::default(),
+            store_dropped: Counter::default(),
             registry_version: Gauge::default(),
             async_resumed: Counter::default(),
             identity_keys: Family::default(),
@@ -200,6 +204,11 @@ impl Metrics {
             r.register("store_batch_size", "Writes per group commit", m.store_batch_size.clone());
             r.register("store_commit_seconds", "Time of one group commit", m.store_commit_seconds.clone());
             r.register("store_pending", "Writes waiting for a store worker", m.store_pending.clone());
+            r.register(
+                "store_dropped_writes",
+                "Writes sent without waiting that the store refused (full, shutting down or database down)",
+                m.store_dropped.clone(),
+            );
             r.register("registry_version", "Registry version this instance serves", m.registry_version.clone());
             r.register(
                 "async_resumed",

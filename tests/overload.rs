@@ -68,12 +68,16 @@ async fn a_full_ca_queue_answers_ca_overloaded_at_once_and_stores_nothing() {
 
 /// The store's bound is `store.max_pending` writes waiting for a worker. The test holds SQLite's
 /// write lock, so the only store worker is stuck on its first write; 2 more wait; of 12 callers
-/// the other 9 are refused `store-overloaded` at once. Released, the 3 admitted are issued.
+/// the other 9 are refused `store-overloaded` at once. Released, the 3 admitted are issued: a
+/// signed certificate's hand-over to the store is never refused for the full queue.
 #[actix_rt::test]
 async fn a_full_store_answers_store_overloaded_and_stores_nothing() {
     let db = TestDb::sqlite();
     let mut config = dev_config(&db);
     config.store.max_pending = 2;
+    // One write per batch, so exactly one is held in the worker (with more, the worker may take
+    // two waiting write-ahead records as one batch and a fourth caller finds room).
+    config.store.max_batch = 1;
     assert_eq!(config.database.pools.issuance.max_size, 1, "one store worker");
     let server = Arc::new(TestServer::start(config).await);
     let warm = answer_of(server.issue(DEMO_KEY, "tls-server-p256", &csr(Key::P256, &["warm.example.test"]))).await;
@@ -83,17 +87,27 @@ async fn a_full_store_answers_store_overloaded_and_stores_nothing() {
     lock.execute("PRAGMA busy_timeout = 5000; BEGIN IMMEDIATE;");
     let names: Vec<String> = (0..12).map(|i| format!("s{i}.example.test")).collect();
     let answered = Arc::new(AtomicUsize::new(0));
-    let calls: Vec<_> = names
-        .iter()
-        .map(|name| {
-            let (server, csr, answered) = (server.clone(), csr(Key::P256, &[name]), answered.clone());
-            actix_rt::spawn(async move {
-                let a = answer_of(server.issue(DEMO_KEY, "tls-server-p256", &csr)).await;
-                answered.fetch_add(1, Ordering::SeqCst);
-                a
-            })
+    let call = |name: &String| {
+        let (server, csr, answered) = (server.clone(), csr(Key::P256, &[name]), answered.clone());
+        actix_rt::spawn(async move {
+            let a = answer_of(server.issue(DEMO_KEY, "tls-server-p256", &csr)).await;
+            answered.fetch_add(1, Ordering::SeqCst);
+            a
         })
-        .collect();
+    };
+    // The first caller's write-ahead record goes alone, and the others only once the worker holds
+    // it: sent together, two could be waiting before the worker takes the first.
+    let mut calls = vec![call(&names[0])];
+    let first_sent = Instant::now();
+    loop {
+        let status = server.engine.admin_status().await.expect("admin status");
+        if status.store.is_some_and(|s| s.batches_in_flight == 1) {
+            break;
+        }
+        assert!(first_sent.elapsed() < Duration::from_secs(1), "the worker never took the first write");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    calls.extend(names[1..].iter().map(call));
     // Hold the lock until the refusals are in (or 1.5 s, below the engine's 2 s busy_timeout).
     let locked_at = Instant::now();
     while answered.load(Ordering::SeqCst) < 9 && locked_at.elapsed() < Duration::from_millis(1500) {

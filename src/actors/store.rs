@@ -105,7 +105,11 @@ impl Shared {
     /// unavailable (fail fast rather than queue behind a probe).
     fn push(&self, op: WriteOp, ack: Option<Ack>) {
         let mut q = self.lock();
-        let refusal = if q.pending.len() >= self.max_pending {
+        // A hand-over (`Ack::Then`) finishes work the store already admitted: refused for a full
+        // queue, its signature would be thrown away. Hand-overs are few (at most the signers'
+        // jobs in flight), so the queue stays bounded without counting them.
+        let admitting_new_work = !matches!(ack, Some(Ack::Then(_)));
+        let refusal = if admitting_new_work && q.pending.len() >= self.max_pending {
             Some(EngineError::StoreOverloaded)
         } else if q.closed {
             Some(EngineError::ShuttingDown)
@@ -118,7 +122,10 @@ impl Shared {
             drop(q);
             match ack {
                 Some(ack) => ack.send(Err(err)),
-                None => tracing::warn!(error = %err, "an audit event was dropped: the store refused it"),
+                // No log here: this is the refusal path, at the rate of whatever fails.
+                None => {
+                    self.metrics.store_dropped.inc();
+                }
             }
             return;
         }
@@ -232,7 +239,8 @@ impl StoreHandle {
         rx.await.unwrap_or(Err(EngineError::ShuttingDown))
     }
 
-    /// Write, and run `then` on the worker's thread with the outcome (or the refusal).
+    /// Write, and run `then` on the worker's thread with the outcome (or the refusal). For the
+    /// second write of admitted work (the signer's certificate): never refused for a full queue.
     pub fn write_then(&self, op: WriteOp, then: impl FnOnce(Result<WriteOutcome, EngineError>) + Send + 'static) {
         self.shared.push(op, Some(Ack::Then(Box::new(then))));
     }
@@ -253,8 +261,9 @@ impl StoreHandle {
         })
     }
 
-    /// Write without waiting (audit events of refused requests). Dropped, and logged, when the
-    /// store is saturated: a flood of bad requests must not crowd out issuance.
+    /// Write without waiting (a request's failure, an abandoned write-ahead record, an audit
+    /// event). Dropped and counted (`castellum_store_dropped_writes_total`) when the store
+    /// refuses it: a flood of failures must not crowd out issuance, nor the log.
     pub fn write_detached(&self, op: WriteOp) {
         self.shared.push(op, None);
     }
@@ -435,6 +444,13 @@ pub(crate) mod tests {
         let (store, path, _) = store(&dir, 1, 8, 0);
         assert_eq!(store.write(write_ahead(&"a".repeat(40))).await.unwrap_err(), EngineError::StoreOverloaded);
         assert_eq!(certificates(&path), 0);
+        // The hand-over of work already admitted (a signed certificate) is not new work: taken.
+        let (tx, rx) = oneshot::channel();
+        store.write_then(write_ahead(&"h".repeat(40)), move |outcome| {
+            let _ = tx.send(outcome);
+        });
+        assert!(matches!(rx.await.unwrap(), Ok(WriteOutcome::Done)));
+        assert_eq!(certificates(&path), 1);
     }
 
     #[actix_rt::test]
@@ -452,7 +468,7 @@ pub(crate) mod tests {
     #[actix_rt::test]
     async fn after_the_database_is_found_down_writes_are_refused_at_once_for_a_while() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, path, _) = store(&dir, 1, 8, 1000);
+        let (store, path, metrics) = store(&dir, 1, 8, 1000);
         // The database goes away: its file is locked by another connection in an open write
         // transaction, so checkouts wait out busy_timeout and commits fail as unavailable.
         let mut blocker = lock(&path);
@@ -462,6 +478,9 @@ pub(crate) mod tests {
         let started = Instant::now();
         assert_eq!(store.write(write_ahead(&"e".repeat(40))).await.unwrap_err(), EngineError::DatabaseUnavailable);
         assert!(started.elapsed() < Duration::from_millis(100), "refused without a commit attempt");
+        // A write nobody waits for is dropped and counted (no log line per refusal).
+        store.write_detached(write_ahead(&"g".repeat(40)));
+        assert_eq!(metrics.store_dropped.get(), 1);
         blocker.batch_execute("ROLLBACK").unwrap();
         std::thread::sleep(DATABASE_DOWN_BACKOFF);
         assert!(matches!(store.write(write_ahead(&"f".repeat(40))).await, Ok(WriteOutcome::Done)));
