@@ -30,6 +30,7 @@ fn write_ahead_rows(n: usize) -> Vec<WriteOp> {
                 issued_at: None,
                 revoked_at: None,
                 revocation_reason: None,
+                crl_shard: None,
             }))
         })
         .collect()

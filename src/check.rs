@@ -54,6 +54,7 @@ pub fn check_config(config: &Config) -> (Vec<ConfigProblem>, HashMap<String, CaM
     check_database(config, &mut p);
     check_lanes(config, &mut p);
     check_audit(config, &mut p);
+    check_crl(config, &mut p);
     if config.cas.is_empty() {
         p.add("cas", "no CA is configured");
     }
@@ -119,6 +120,17 @@ fn check_cas(config: &Config, p: &mut Problems) -> HashMap<String, CaMaterial> {
                         ),
                     );
                 }
+            }
+        }
+        if !(1..=1024).contains(&ca.crl_shards) {
+            p.add(format!("{at}.crl_shards"), "must be between 1 and 1024");
+        }
+        if let Some(url) = &ca.base_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) || url.ends_with('/') || !url.is_ascii() {
+                p.add(
+                    format!("{at}.base_url"),
+                    format!("{url:?} is not an http:// or https:// URL without a trailing slash"),
+                );
             }
         }
         let key_in_dev_dir = ca.key_file.components().any(|c| c.as_os_str() == "keys-dev");
@@ -189,6 +201,11 @@ fn check_profiles(config: &Config, cas: &HashMap<String, CaMaterial>, p: &mut Pr
         }
         if profile.allowed_keys.is_empty() && profile.identity.is_none() {
             p.add(format!("{at}.allowed_keys"), "at least one key type is required");
+        }
+        for (j, oid) in profile.policies.iter().enumerate() {
+            if oid.parse::<const_oid::ObjectIdentifier>().is_err() {
+                p.add(format!("{at}.policies[{j}]"), format!("{oid:?} is not an object identifier"));
+            }
         }
         if profile.min_rsa_bits < 2048 {
             p.add(format!("{at}.min_rsa_bits"), "RSA keys below 2048 bits are never accepted");
@@ -428,6 +445,20 @@ fn check_lanes(config: &Config, p: &mut Problems) {
     }
     if config.http.max_body_bytes < 4096 {
         p.add("http.max_body_bytes", "must be at least 4096 bytes (a CSR does not fit otherwise)");
+    }
+}
+
+fn check_crl(config: &Config, p: &mut Problems) {
+    let crl = &config.crl;
+    if crl.delay < Duration::from_millis(200) {
+        p.add("crl.delay", "must be at least 200ms");
+    }
+    // Baseline Requirements 4.9.7: nextUpdate at most ten days after thisUpdate.
+    if crl.validity < Duration::from_secs(60) || crl.validity > Duration::from_secs(10 * 86_400) {
+        p.add("crl.validity", "must be between 1 minute and 10 days (Baseline Requirements 4.9.7)");
+    }
+    if crl.lease < Duration::from_secs(1) {
+        p.add("crl.lease", "must be at least 1s");
     }
 }
 

@@ -33,6 +33,18 @@ enum AdminAction {
     CaState { ca: String, state: String },
     /// Feed a CA's parked requests back at its resubmit rate.
     Resubmit { ca: String },
+    /// Revoke one certificate (any RFC 5280 reason: keyCompromise, cACompromise, superseded, ...).
+    Revoke {
+        serial: String,
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+    },
+    /// Revoke every issued certificate of a CA (disable the CA first to stop new ones).
+    RevokeCa {
+        ca: String,
+        #[arg(long, default_value = "cACompromise")]
+        reason: String,
+    },
     /// Close a CA's circuit breaker.
     ResetBreaker { ca: String },
     /// Enable or disable a profile.
@@ -443,6 +455,25 @@ fn admin(admin_url: &str, token: &str, action: &AdminAction) -> ExitCode {
             cli::call(admin_url, token, "POST", &format!("/admin/v1/cas/{ca}/resubmit"), None)
                 .map(|v| format!("resubmitting {} parked requests of {ca}", v["resubmitting"]))
         }
+        AdminAction::Revoke { serial, reason } => cli::call(
+            admin_url,
+            token,
+            "POST",
+            &format!("/admin/v1/certificates/{serial}/revoke"),
+            Some(serde_json::json!({ "reason": reason })),
+        )
+        .map(|v| match v["newly_revoked"].as_bool() {
+            Some(true) => format!("{serial} revoked ({})", v["reason"].as_str().unwrap_or(reason)),
+            _ => format!("{serial} was already revoked ({}); the first revocation stands", s_of(&v["reason"])),
+        }),
+        AdminAction::RevokeCa { ca, reason } => cli::call(
+            admin_url,
+            token,
+            "POST",
+            &format!("/admin/v1/cas/{ca}/revoke-all"),
+            Some(serde_json::json!({ "reason": reason })),
+        )
+        .map(|v| format!("{} certificates of {ca} revoked ({reason})", v["revoked"])),
         AdminAction::ResetBreaker { ca } => {
             cli::call(admin_url, token, "POST", &format!("/admin/v1/cas/{ca}/breaker/reset"), None)
                 .map(|_| format!("breaker of {ca} closed"))
@@ -530,4 +561,8 @@ mod tokio {
     pub async fn signal_ctrl_c() -> std::io::Result<()> {
         actix_web::rt::signal::ctrl_c().await
     }
+}
+
+fn s_of(v: &serde_json::Value) -> String {
+    v.as_str().map(String::from).unwrap_or_else(|| v.to_string())
 }

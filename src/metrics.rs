@@ -69,6 +69,10 @@ pub struct Metrics {
     /// Writes made without waiting (`write_detached`) that the store refused: counted, not
     /// logged, because they come at the rate of the failures that cause them.
     pub store_dropped: Counter,
+    /// CRLs made and stored by this instance, per CA.
+    pub crls_published: Family<Labels, Counter>,
+    /// CRLs due that could not be made (key unavailable, database), per CA.
+    pub crl_failures: Family<Labels, Counter>,
     pub registry_version: Gauge,
     pub async_resumed: Counter,
     /// Identity keys handed out, by kind and source (`pool`: pre-generated, `on-demand`).
@@ -124,6 +128,8 @@ impl Metrics {
             store_commit_seconds: latency_histogram(),
             store_pending: Gauge::default(),
             store_dropped: Counter::default(),
+            crls_published: Family::default(),
+            crl_failures: Family::default(),
             registry_version: Gauge::default(),
             async_resumed: Counter::default(),
             identity_keys: Family::default(),
@@ -209,6 +215,8 @@ impl Metrics {
                 "Writes sent without waiting that the store refused (full, shutting down or database down)",
                 m.store_dropped.clone(),
             );
+            r.register("crls_published", "CRLs made and stored by this instance", m.crls_published.clone());
+            r.register("crl_failures", "CRLs due that could not be made", m.crl_failures.clone());
             r.register("registry_version", "Registry version this instance serves", m.registry_version.clone());
             r.register(
                 "async_resumed",

@@ -192,8 +192,11 @@ stored_state! {
     CertState {
         /// Recorded before signing (write-ahead); becomes `issued` or `abandoned`.
         Signing = "signing",
+        /// Signed and recorded; may become `revoked`.
         Issued = "issued",
         Abandoned = "abandoned",
+        /// Taken back: on its CRL shard until it expires, and `revoked` in OCSP. Final.
+        Revoked = "revoked",
     }
 }
 

@@ -90,6 +90,26 @@ pub struct CertificateRecord {
     pub not_before: i64,
     pub not_after: i64,
     pub issued_at: Option<i64>,
+    /// Set once the certificate is revoked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revocation: Option<RevocationInfo>,
+}
+
+/// When and why a certificate was revoked (the first revocation stands).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RevocationInfo {
+    pub revoked_at: i64,
+    pub reason: crate::pki::RevocationReason,
+}
+
+/// The answer to a revocation: the certificate's revocation, and whether this call made it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RevocationOutcome {
+    pub serial: String,
+    #[serde(flatten)]
+    pub revocation: RevocationInfo,
+    /// False when it was already revoked: the first time and reason stand, nothing was written.
+    pub newly_revoked: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -25,7 +25,8 @@ struct Case {
     ca: &'static str,
     key: Key,
     names: &'static [&'static str],
-    /// RFC 2253: CN = the CSR's common name (the first DNS name here), none when the CSR has none.
+    /// RFC 2253: CN = the CSR's common name (the first DNS name here), none when the CSR has none
+    /// or the profile leaves it out (the TLS server profiles: DV certificates name no CN).
     subject: &'static str,
     validity: Duration,
     key_usage: &'static [&'static str],
@@ -48,7 +49,7 @@ const CASES: &[Case] = &[
         ca: "ica-p256",
         key: Key::P256,
         names: &["www.example.test", "api.example.test", "ip:192.0.2.10"],
-        subject: "CN=www.example.test",
+        subject: "",
         validity: Duration::from_secs(30 * 86_400),
         key_usage: DS,
         extended_key_usage: SERVER,
@@ -59,7 +60,7 @@ const CASES: &[Case] = &[
         ca: "ica-p256",
         key: Key::P384,
         names: &["p384-key.example.test"],
-        subject: "CN=p384-key.example.test",
+        subject: "",
         validity: Duration::from_secs(30 * 86_400),
         key_usage: DS,
         extended_key_usage: SERVER,
@@ -70,7 +71,7 @@ const CASES: &[Case] = &[
         ca: "ica-p256",
         key: Key::Rsa(2048),
         names: &["rsa-key.example.test", "ip:2001:db8::1"],
-        subject: "CN=rsa-key.example.test",
+        subject: "",
         validity: Duration::from_secs(30 * 86_400),
         key_usage: DS_KE,
         extended_key_usage: SERVER,
@@ -81,7 +82,7 @@ const CASES: &[Case] = &[
         ca: "ica-p256",
         key: Key::Ed25519,
         names: &["ed25519-key.example.test"],
-        subject: "CN=ed25519-key.example.test",
+        subject: "",
         validity: Duration::from_secs(30 * 86_400),
         key_usage: DS,
         extended_key_usage: SERVER,
@@ -92,7 +93,7 @@ const CASES: &[Case] = &[
         ca: "ica-p384",
         key: Key::P384,
         names: &["p384.example.test"],
-        subject: "CN=p384.example.test",
+        subject: "",
         validity: Duration::from_secs(30 * 86_400),
         key_usage: DS,
         extended_key_usage: SERVER,
@@ -103,7 +104,7 @@ const CASES: &[Case] = &[
         ca: "ica-p384",
         key: Key::P256,
         names: &["p256-key.example.test", "second.p256-key.example.test"],
-        subject: "CN=p256-key.example.test",
+        subject: "",
         validity: Duration::from_secs(30 * 86_400),
         key_usage: DS,
         extended_key_usage: SERVER,
@@ -114,7 +115,7 @@ const CASES: &[Case] = &[
         ca: "ica-rsa3072",
         key: Key::Rsa(2048),
         names: &["rsa.example.test"],
-        subject: "CN=rsa.example.test",
+        subject: "",
         validity: Duration::from_secs(30 * 86_400),
         key_usage: DS_KE,
         extended_key_usage: SERVER,
@@ -125,7 +126,7 @@ const CASES: &[Case] = &[
         ca: "ica-rsa3072",
         key: Key::P256,
         names: &["p256-on-rsa.example.test"],
-        subject: "CN=p256-on-rsa.example.test",
+        subject: "",
         validity: Duration::from_secs(30 * 86_400),
         key_usage: DS,
         extended_key_usage: SERVER,
@@ -226,8 +227,17 @@ async fn every_profile_and_key_type_issues(db: TestDb) {
         let pem = body["certificate"].as_str().unwrap();
         assert_eq!(body["chain"].as_array().unwrap().len(), 2, "issuing CA + root");
         let text = openssl_text(dir.path(), pem);
-        for needle in ["X509v3 Subject Key Identifier", "X509v3 Authority Key Identifier"] {
-            assert!(text.contains(needle), "{profile}: {needle} missing:\n{text}");
+        assert!(text.contains("X509v3 Authority Key Identifier"), "{profile}: AKI missing:\n{text}");
+        // The TLS server profiles leave the SKI out (Baseline Requirements 7.1.2.7.6: not
+        // recommended in subscriber certificates); the others carry it.
+        let tls_server = profile.starts_with("tls-server");
+        assert_eq!(text.contains("X509v3 Subject Key Identifier"), !tls_server, "{profile}:\n{text}");
+        if tls_server {
+            // And they point relying parties to their CRL shard and their CA's certificate.
+            let crl = format!("URI:http://127.0.0.1:8080/crl/{}/", case.ca);
+            let ca_issuers = format!("CA Issuers - URI:http://127.0.0.1:8080/ca/{}.der", case.ca);
+            assert!(text.contains(&crl) && text.contains(&ca_issuers), "{profile}:\n{text}");
+            assert!(text.contains("Policy: 2.23.140.1.2.1"), "{profile}: the DV policy:\n{text}");
         }
 
         let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap();
@@ -307,7 +317,8 @@ async fn csr_from_the_openssl_command_line_issues() {
         ca: "ica-p256".into(),
         csr: csr.clone(),
         names: strings(&["demo.example.test"]),
-        subject: "CN=demo.example.test".into(),
+        // The TLS server profiles leave the common name out (DV, Baseline Requirements).
+        subject: "".into(),
         validity: Duration::from_secs(30 * 86_400),
         backdate: BACKDATE,
         key_usage: strings(DS),
@@ -369,7 +380,7 @@ const JUDGED: Case = Case {
     ca: "ica-p256",
     key: Key::P256,
     names: &["judge-a.example.test", "judge-b.example.test"],
-    subject: "CN=judge-a.example.test",
+    subject: "",
     validity: Duration::from_secs(30 * 86_400),
     key_usage: DS,
     extended_key_usage: SERVER,

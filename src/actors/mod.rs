@@ -17,6 +17,7 @@
 pub mod breaker;
 pub mod cell;
 pub mod coalescer;
+pub mod crl_publisher;
 pub mod gauges;
 pub mod history;
 pub mod intake;

@@ -69,6 +69,7 @@ impl Pipeline {
                 issued_at: None,
                 revoked_at: None,
                 revocation_reason: None,
+                crl_shard: Some(prepared.crl_shard as i32),
             })))
             .await?;
 

@@ -325,6 +325,7 @@ pub(crate) mod tests {
             issued_at: None,
             revoked_at: None,
             revocation_reason: None,
+            crl_shard: None,
         }))
     }
 

@@ -156,6 +156,37 @@ async fn reset_breaker(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    reason: crate::pki::RevocationReason,
+}
+
+/// Revoke any certificate, with any RFC 5280 reason (idempotent: the first revocation stands).
+#[post("/admin/v1/certificates/{serial}/revoke")]
+async fn revoke_certificate(
+    req: HttpRequest,
+    engine: web::Data<Engine>,
+    serial: web::Path<String>,
+    body: web::Json<RevokeBody>,
+) -> Result<HttpResponse, Problem> {
+    let who = who(&req);
+    Ok(HttpResponse::Ok().json(engine.admin_revoke(&who, &serial, body.reason).await?))
+}
+
+/// Revoke every issued certificate of a CA (a destroyed or compromised CA).
+#[post("/admin/v1/cas/{ca}/revoke-all")]
+async fn revoke_ca(
+    req: HttpRequest,
+    engine: web::Data<Engine>,
+    ca: web::Path<String>,
+    body: web::Json<RevokeBody>,
+) -> Result<HttpResponse, Problem> {
+    let who = who(&req);
+    let revoked = engine.revoke_ca(&who, &ca, body.reason).await?;
+    Ok(HttpResponse::Ok().json(serde_json::json!({ "ca": ca.as_str(), "revoked": revoked, "reason": body.reason })))
+}
+
+#[derive(Deserialize)]
 struct ProfileStateBody {
     enabled: bool,
 }
@@ -205,6 +236,8 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(resubmit)
         .service(reset_breaker)
         .service(profile_state)
+        .service(revoke_certificate)
+        .service(revoke_ca)
         .service(leak)
         .service(console_page)
         .service(console_script);

@@ -40,6 +40,7 @@ pub struct Config {
     pub backoff: BackoffConfig,
     pub async_requests: AsyncConfig,
     pub identities: IdentitiesConfig,
+    pub crl: CrlConfig,
     pub cas: Vec<CaConfig>,
     pub profiles: Vec<ProfileConfig>,
     pub clients: Vec<ClientConfig>,
@@ -134,6 +135,7 @@ impl Default for Config {
             backoff: BackoffConfig::default(),
             async_requests: AsyncConfig::default(),
             identities: IdentitiesConfig::default(),
+            crl: CrlConfig::default(),
             cas: Vec::new(),
             profiles: Vec::new(),
             clients: Vec::new(),
@@ -412,6 +414,41 @@ impl Default for AuditConfig {
     }
 }
 
+/// Certificate revocation lists: one per CA and shard, made by one instance at a time and served
+/// by every instance from the database.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CrlConfig {
+    /// A revocation is on its shard's CRL within this time.
+    #[serde(with = "humantime_serde")]
+    pub delay: Duration,
+    /// thisUpdate to nextUpdate (the Baseline Requirements allow at most 10 days; 7 by default).
+    /// A CRL is made again when half of this has passed, revoked or not.
+    #[serde(with = "humantime_serde")]
+    pub validity: Duration,
+    /// How long an instance owns a shard's generation once it starts; another instance may take
+    /// it over after that (a crashed generator).
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+}
+
+impl Default for CrlConfig {
+    fn default() -> Self {
+        CrlConfig {
+            delay: Duration::from_secs(60),
+            validity: Duration::from_secs(7 * 86_400),
+            lease: Duration::from_secs(30),
+        }
+    }
+}
+
+impl CrlConfig {
+    /// How often the generator looks for stale shards: often enough to meet `delay`.
+    pub fn poll_interval(&self) -> Duration {
+        (self.delay / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
@@ -542,6 +579,15 @@ pub struct CaConfig {
     /// Fault injection for drills and tests; refused unless `mode = "dev"`.
     #[serde(default)]
     pub fault: FaultConfig,
+    /// Where relying parties reach this CA through castellum (`http://crl.example.com`, no
+    /// trailing slash): certificates name its CRL (`{base_url}/crl/{id}/{shard}.crl`) and its
+    /// certificate (`{base_url}/ca/{id}.der`). None: certificates carry neither.
+    #[serde(default)]
+    pub base_url: Option<String>,
+    /// How many CRLs this CA's revocations are split into; a certificate's shard is chosen at
+    /// issuance and never changes. Raising it later is safe (old certificates keep theirs).
+    #[serde(default = "default_crl_shards")]
+    pub crl_shards: u32,
 }
 
 /// A CA's circuit breaker: only that CA's signer failures count.
@@ -614,6 +660,9 @@ fn default_signer_threads() -> usize {
 fn default_sign_rate() -> f64 {
     1000.0
 }
+fn default_crl_shards() -> u32 {
+    4
+}
 fn default_resubmit_rate() -> u32 {
     100
 }
@@ -663,6 +712,18 @@ pub struct ProfileConfig {
     /// This profile issues disposable identities (`POST /v1/identities`), not CSRs.
     #[serde(default)]
     pub identity: Option<IdentityPolicy>,
+    /// Certificate policy OIDs the certificates assert (for TLS server certificates, the CA/B
+    /// Forum's reserved `2.23.140.1.2.1` (DV) or `2.23.140.1.2.2` (OV)).
+    #[serde(default)]
+    pub policies: Vec<String>,
+    /// Leave the common name out of the subject (the Baseline Requirements discourage it in DV
+    /// certificates; the names are in the subjectAltName).
+    #[serde(default)]
+    pub omit_common_name: bool,
+    /// Leave out the subject key identifier (not recommended in subscriber certificates by the
+    /// Baseline Requirements since SC-062).
+    #[serde(default)]
+    pub omit_subject_key_id: bool,
 }
 
 /// A disposable identity: the key the engine generates, how long it lives, how often it signs,

@@ -10,6 +10,7 @@ pub mod identities;
 pub mod migrate;
 pub mod models;
 pub mod queries;
+pub mod revocation;
 pub mod schema;
 pub mod writes;
 

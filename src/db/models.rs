@@ -2,7 +2,7 @@
 
 use diesel::prelude::*;
 
-use super::schema::{audit_log, certificates, identities, requests};
+use super::schema::{audit_log, certificates, crl_shards, identities, requests};
 use crate::states::{CertState, IdentityState, RequestMode, RequestState};
 
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
@@ -46,6 +46,8 @@ pub struct CertificateRow {
     pub issued_at: Option<i64>,
     pub revoked_at: Option<i64>,
     pub revocation_reason: Option<i32>,
+    /// The CRL shard its distribution point names (none before revocation existed: shard 0).
+    pub crl_shard: Option<i32>,
 }
 
 /// A disposable identity. `sealed_key` is the private key sealed under the KEK (never plaintext);
@@ -136,4 +138,25 @@ pub struct AuditEvent {
     /// How many refusals this row stands for (1 for a single event).
     pub count: i64,
     pub first_at: Option<i64>,
+}
+
+/// One CRL shard of a CA: its latest CRL and the bookkeeping of who makes the next one.
+#[derive(Debug, Clone, Queryable, Selectable)]
+#[diesel(table_name = crl_shards)]
+pub struct CrlShardRow {
+    pub ca_id: String,
+    pub shard: i32,
+    pub crl_number: i64,
+    pub this_update: Option<i64>,
+    pub next_update: Option<i64>,
+    #[diesel(select_expression = crl_shards::der.is_not_null())]
+    #[diesel(select_expression_type = diesel::dsl::IsNotNull<crl_shards::der>)]
+    pub has_crl: bool,
+    /// When a revocation on this shard made its CRL stale (cleared when a CRL is stored).
+    pub stale_since: Option<i64>,
+    /// Bumped by every revocation on the shard: a CRL made from entries read after revision R
+    /// clears `stale_since` only if the revision is still R.
+    pub revision: i64,
+    pub lease_owner: Option<String>,
+    pub lease_until: Option<i64>,
 }

@@ -73,6 +73,22 @@ diesel::table! {
         issued_at -> Nullable<BigInt>,
         revoked_at -> Nullable<BigInt>,
         revocation_reason -> Nullable<Integer>,
+        crl_shard -> Nullable<Integer>,
+    }
+}
+
+diesel::table! {
+    crl_shards (ca_id, shard) {
+        ca_id -> Text,
+        shard -> Integer,
+        crl_number -> BigInt,
+        this_update -> Nullable<BigInt>,
+        next_update -> Nullable<BigInt>,
+        der -> Nullable<Binary>,
+        stale_since -> Nullable<BigInt>,
+        revision -> BigInt,
+        lease_owner -> Nullable<Text>,
+        lease_until -> Nullable<BigInt>,
     }
 }
 

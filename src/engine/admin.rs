@@ -21,7 +21,7 @@ use crate::states::{CaState, ProfileState};
 impl Engine {
     /// Run blocking work on the admin pool: the operator's capacity, which issuance, the audit
     /// writer and a retry storm cannot take.
-    async fn on_admin_pool<T: Send + 'static>(
+    pub(super) async fn on_admin_pool<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut DbConn) -> Result<T, DbError> + Send + 'static,
     ) -> Result<T, EngineError> {

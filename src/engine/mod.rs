@@ -5,6 +5,7 @@ pub mod admin;
 pub mod identity;
 mod identity_services;
 mod issue;
+mod revocation;
 /// The types an embedding application exchanges with the engine (defined in [`crate::types`]).
 pub use crate::types;
 
@@ -18,6 +19,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
 use crate::actors::cell::{self, CellSlot, CellStatus};
+use crate::actors::crl_publisher::CrlPublisher;
 use crate::actors::gauges::CellGauges;
 use crate::actors::history::History;
 use crate::actors::intake::{Catalog, Intake};
@@ -30,7 +32,7 @@ use crate::config::{Config, ConfigProblem, Sabotage, Sabotages};
 use crate::db::{migrate, queries, Backend, DbConn, Pools};
 use crate::error::{DbError, EngineError};
 use crate::metrics::Metrics;
-use crate::pki::CaMaterial;
+use crate::pki::{CaMaterial, RevocationReason};
 use crate::states::CaState;
 use crate::types::*;
 
@@ -100,6 +102,7 @@ struct Inner {
     _supervisor: Addr<CellSupervisor>,
     registry: Addr<Registry>,
     resumer: Addr<Resumer>,
+    _crl_publisher: Addr<CrlPublisher>,
     stop_listener: Arc<AtomicBool>,
     /// Key pool, vault and sweeper, when a key-encryption key is configured.
     identities: Option<identity_services::IdentityServices>,
@@ -163,6 +166,14 @@ impl Engine {
             metrics.clone(),
         )
         .start();
+        let crl_publisher = CrlPublisher::new(
+            Arc::new(catalog.cas.clone()),
+            pools.control.clone(),
+            instance.clone(),
+            config.crl.clone(),
+            metrics.clone(),
+        )
+        .start();
         let identities = start_identities(&config, &pools, &instance, &metrics)?;
         watch_connection_holds(&config, &pools, &metrics, stop_listener.clone());
         tracing::info!(instance = %instance, cas = config.cas.len(), profiles = config.profiles.len(), "engine started");
@@ -190,6 +201,7 @@ impl Engine {
                 _supervisor: supervisor,
                 registry,
                 resumer,
+                _crl_publisher: crl_publisher,
                 stop_listener,
                 identities,
             }),
@@ -313,6 +325,10 @@ impl Engine {
             not_before: row.not_before,
             not_after: row.not_after,
             issued_at: row.issued_at,
+            revocation: match (row.revoked_at, row.revocation_reason.and_then(RevocationReason::from_code)) {
+                (Some(revoked_at), Some(reason)) => Some(RevocationInfo { revoked_at, reason }),
+                _ => None,
+            },
         })
     }
 

@@ -6,6 +6,7 @@ pub mod certificates;
 pub mod identities;
 pub mod ops;
 pub mod problem;
+pub mod revocation;
 
 use std::net::SocketAddr;
 
@@ -39,6 +40,9 @@ pub fn routes(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
         .service(certificates::certificate)
         .service(certificates::request_status)
         .service(certificates::cas)
+        .service(revocation::revoke)
+        .service(revocation::crl)
+        .service(revocation::ca_certificate)
         .service(identities::create)
         .service(identities::show)
         .service(identities::sign)

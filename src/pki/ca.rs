@@ -76,6 +76,21 @@ pub struct CaMaterial {
     pub is_dev: bool,
     /// PEM of this CA's certificate followed by the chain (what clients get as `chain`).
     pub chain_pem: Vec<String>,
+    /// Where relying parties reach this CA's CRLs and certificate (`CaConfig::base_url`).
+    pub base_url: Option<String>,
+    pub crl_shards: u32,
+}
+
+impl CaMaterial {
+    /// The URL of a CRL shard: in the certificates on it, and in its Issuing Distribution Point.
+    pub fn crl_url(&self, shard: u32) -> Option<String> {
+        self.base_url.as_ref().map(|base| format!("{base}/crl/{}/{shard}.crl", self.id))
+    }
+
+    /// The URL of this CA's certificate (AIA caIssuers).
+    pub fn ca_issuers_url(&self) -> Option<String> {
+        self.base_url.as_ref().map(|base| format!("{base}/ca/{}.der", self.id))
+    }
 }
 
 impl std::fmt::Debug for CaMaterial {
@@ -180,6 +195,8 @@ impl CaMaterial {
             not_after,
             is_dev,
             chain_pem,
+            base_url: cfg.base_url.clone(),
+            crl_shards: cfg.crl_shards.max(1),
         })
     }
 }

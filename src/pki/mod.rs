@@ -2,6 +2,7 @@
 //! to-be-signed certificate, linting it, and signing it (Boulder's lint-then-sign).
 
 pub mod ca;
+pub mod crl;
 pub mod csr;
 pub mod devpki;
 pub mod identity;
@@ -17,7 +18,7 @@ pub use csr::CheckedCsr;
 pub use load_error::{CaFile, CaLoadError};
 pub use profile::Profile;
 pub use tbs::{LintedTbs, PreparedCert};
-pub use vocabulary::{ExtendedKeyUsageName, KeyType, KeyUsageName, Lane, RsaSignatureScheme};
+pub use vocabulary::{ExtendedKeyUsageName, KeyType, KeyUsageName, Lane, RevocationReason, RsaSignatureScheme};
 
 /// Milliseconds since the Unix epoch: the one time unit the database and the engine use.
 pub fn unix_ms(t: std::time::SystemTime) -> i64 {

@@ -22,6 +22,10 @@ pub struct Profile {
     pub names: NamePolicy,
     /// Set for profiles that issue disposable identities (the engine makes the key).
     pub identity: Option<IdentityPolicy>,
+    /// Certificate policies asserted (invalid OIDs are `check-config` errors, never reach here).
+    pub policies: Vec<const_oid::ObjectIdentifier>,
+    pub omit_common_name: bool,
+    pub omit_subject_key_id: bool,
 }
 
 /// What the profile approved of a CSR: the names and the subject to issue.
@@ -50,6 +54,9 @@ impl Profile {
             min_rsa_bits: cfg.min_rsa_bits.max(2048),
             names,
             identity: cfg.identity.clone(),
+            policies: cfg.policies.iter().filter_map(|oid| oid.parse().ok()).collect(),
+            omit_common_name: cfg.omit_common_name,
+            omit_subject_key_id: cfg.omit_subject_key_id,
         }
     }
 

@@ -14,10 +14,13 @@ use der::{Any, Decode, Encode, Header, Length, Tag};
 use openssl::sign::Signer;
 use x509_cert::attr::AttributeTypeAndValue;
 use x509_cert::certificate::{TbsCertificate, Version};
+use x509_cert::ext::pkix::certpolicy::PolicyInformation;
+use x509_cert::ext::pkix::crl::dp::DistributionPoint;
+use x509_cert::ext::pkix::name::DistributionPointName;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{
-    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName,
-    SubjectKeyIdentifier,
+    AccessDescription, AuthorityInfoAccessSyntax, AuthorityKeyIdentifier, BasicConstraints, CertificatePolicies,
+    CrlDistributionPoints, ExtendedKeyUsage, KeyUsage, KeyUsages, SubjectAltName, SubjectKeyIdentifier,
 };
 use x509_cert::ext::Extension;
 use x509_cert::name::{Name, RdnSequence, RelativeDistinguishedName};
@@ -35,6 +38,8 @@ use crate::error::EngineError;
 #[derive(Debug)]
 pub struct PreparedCert {
     pub serial_hex: String,
+    /// The CRL shard the certificate names (and will be listed on if revoked).
+    pub crl_shard: u32,
     pub tbs: LintedTbs,
     pub not_before_ms: i64,
     pub not_after_ms: i64,
@@ -55,7 +60,7 @@ impl LintedTbs {
     }
 }
 
-fn internal(what: &str) -> impl Fn(der::Error) -> EngineError + '_ {
+pub(crate) fn internal(what: &str) -> impl Fn(der::Error) -> EngineError + '_ {
     move |e| EngineError::Internal(format!("{what}: {e}"))
 }
 
@@ -75,7 +80,17 @@ pub fn new_serial() -> [u8; 20] {
     serial
 }
 
-fn extension<T: AssociatedOid + Encode>(value: &T, critical: bool) -> Result<Extension, EngineError> {
+/// The CRL shard of a new certificate: from the serial's random tail, so shards fill evenly.
+pub fn crl_shard_of(serial: &[u8; 20], shards: u32) -> u32 {
+    u32::from(serial[19]) % shards.max(1)
+}
+
+/// A URI as a GeneralName (CRL distribution points, authority information access).
+pub(crate) fn uri(url: &str) -> Result<GeneralName, EngineError> {
+    Ok(GeneralName::UniformResourceIdentifier(Ia5String::new(url).map_err(internal("URI"))?))
+}
+
+pub(crate) fn extension<T: AssociatedOid + Encode>(value: &T, critical: bool) -> Result<Extension, EngineError> {
     let der = value.to_der().map_err(internal("extension"))?;
     Ok(Extension { extn_id: T::OID, critical, extn_value: OctetString::new(der).map_err(internal("extension"))? })
 }
@@ -140,7 +155,7 @@ fn general_name(name: &SanName) -> Result<GeneralName, EngineError> {
 }
 
 /// RFC 5280 4.1.2.5: UTCTime through 2049, GeneralizedTime from 2050.
-fn rfc5280_time(t: SystemTime) -> Result<Time, EngineError> {
+pub(crate) fn rfc5280_time(t: SystemTime) -> Result<Time, EngineError> {
     match UtcTime::from_system_time(t) {
         Ok(utc) => Ok(Time::UtcTime(utc)),
         Err(_) => Ok(Time::GeneralTime(GeneralizedTime::from_system_time(t).map_err(internal("time"))?)),
@@ -156,10 +171,15 @@ pub fn prepare(
     now: SystemTime,
 ) -> Result<PreparedCert, EngineError> {
     let serial = new_serial();
+    let crl_shard = crl_shard_of(&serial, ca.crl_shards);
     let not_before = now - profile.backdate;
     let not_after = not_before + profile.validity;
     let spki = SubjectPublicKeyInfoOwned::from_der(&csr.spki_der).map_err(internal("public key"))?;
-    let subject = subject_name(names)?;
+    let subject = if profile.omit_common_name {
+        subject_name(&ApprovedNames { common_name: None, ..names.clone() })?
+    } else {
+        subject_name(names)?
+    };
     let issuer = Name::from_der(&ca.subject_der).map_err(internal("issuer"))?;
     let signature = AlgorithmIdentifierOwned::from_der(ca.signature_algorithm.algorithm_identifier_der())
         .map_err(internal("signature algorithm"))?;
@@ -174,7 +194,10 @@ pub fn prepare(
         let ekus = profile.extended_key_usage.iter().map(|e| eku_oid(*e)).collect();
         extensions.push(extension(&ExtendedKeyUsage(ekus), false)?);
     }
-    extensions.push(extension(&SubjectKeyIdentifier(OctetString::new(ski.to_vec()).map_err(internal("SKI"))?), false)?);
+    if !profile.omit_subject_key_id {
+        extensions
+            .push(extension(&SubjectKeyIdentifier(OctetString::new(ski.to_vec()).map_err(internal("SKI"))?), false)?);
+    }
     extensions.push(extension(
         &AuthorityKeyIdentifier {
             key_identifier: Some(OctetString::new(ca.subject_key_id.clone()).map_err(internal("AKI"))?),
@@ -183,6 +206,24 @@ pub fn prepare(
         },
         false,
     )?);
+    if let (Some(crl), Some(ca_issuers)) = (ca.crl_url(crl_shard), ca.ca_issuers_url()) {
+        let point = DistributionPoint {
+            distribution_point: Some(DistributionPointName::FullName(vec![uri(&crl)?])),
+            reasons: None,
+            crl_issuer: None,
+        };
+        extensions.push(extension(&CrlDistributionPoints(vec![point]), false)?);
+        let issuers = AccessDescription { access_method: oids::ID_AD_CA_ISSUERS, access_location: uri(&ca_issuers)? };
+        extensions.push(extension(&AuthorityInfoAccessSyntax(vec![issuers]), false)?);
+    }
+    if !profile.policies.is_empty() {
+        let policies = profile
+            .policies
+            .iter()
+            .map(|oid| PolicyInformation { policy_identifier: *oid, policy_qualifiers: None })
+            .collect();
+        extensions.push(extension(&CertificatePolicies(policies), false)?);
+    }
     // RFC 5280 4.2.1.6: with an empty subject the subjectAltName must be critical. An identity
     // named by its subject alone (no email) has none.
     if !sans.is_empty() {
@@ -204,6 +245,7 @@ pub fn prepare(
     lint(&tbs, ca, now)?;
     Ok(PreparedCert {
         serial_hex: hex::encode(serial),
+        crl_shard,
         tbs: LintedTbs { der: tbs.to_der().map_err(internal("TBS"))? },
         not_before_ms: super::unix_ms(not_before),
         not_after_ms: super::unix_ms(not_after),
@@ -266,6 +308,13 @@ pub fn lint(tbs: &TbsCertificate, ca: &CaMaterial, now: SystemTime) -> Result<()
 /// Sign linted TBS bytes with the CA key and assemble the certificate's DER.
 pub fn sign(ca: &CaMaterial, tbs: &LintedTbs) -> Result<Vec<u8>, EngineError> {
     let tbs_der = tbs.der();
+    let signature = signature(ca, tbs_der)?;
+    assemble(tbs_der, ca.signature_algorithm.algorithm_identifier_der(), &signature)
+}
+
+/// The CA key's signature over `tbs_der` (a TBSCertificate or a TBSCertList): the one place a CA
+/// key signs, whatever it signs.
+pub(crate) fn signature(ca: &CaMaterial, tbs_der: &[u8]) -> Result<Vec<u8>, EngineError> {
     let signer_failure = |reason: String| EngineError::SignerFailure { ca: ca.id.clone(), reason };
     let signature = ca
         .key
@@ -281,11 +330,12 @@ pub fn sign(ca: &CaMaterial, tbs: &LintedTbs) -> Result<Vec<u8>, EngineError> {
         })
         .map_err(signer_failure)?
         .map_err(|e| signer_failure(e.to_string()))?;
-    assemble(tbs_der, ca.signature_algorithm.algorithm_identifier_der(), &signature)
+    Ok(signature)
 }
 
 /// Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue BIT STRING }
-fn assemble(tbs_der: &[u8], algorithm_der: &[u8], signature: &[u8]) -> Result<Vec<u8>, EngineError> {
+/// (a CertificateList has the same shape).
+pub(crate) fn assemble(tbs_der: &[u8], algorithm_der: &[u8], signature: &[u8]) -> Result<Vec<u8>, EngineError> {
     let bits =
         BitString::from_bytes(signature).map_err(internal("signature"))?.to_der().map_err(internal("signature"))?;
     let body_len = tbs_der.len() + algorithm_der.len() + bits.len();
@@ -413,7 +463,22 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
-        assert_eq!(exts.len(), 6);
+        // The dev CA has a base URL: its CRL shard and its certificate are named.
+        let crl = format!("http://127.0.0.1:8080/crl/ica-p256/{}.crl", prepared.crl_shard);
+        match find("2.5.29.31").parsed_extension() {
+            ParsedExtension::CRLDistributionPoints(points) => {
+                assert!(format!("{:?}", points.points).contains(&crl), "{points:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(prepared.crl_shard, u32::from(serial[19]) % 4, "the shard comes from the serial's random tail");
+        match find("1.3.6.1.5.5.7.1.1").parsed_extension() {
+            ParsedExtension::AuthorityInfoAccess(aia) => {
+                assert!(format!("{aia:?}").contains("http://127.0.0.1:8080/ca/ica-p256.der"), "{aia:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(exts.len(), 8);
     }
 
     #[test]

@@ -81,3 +81,79 @@ pub enum RsaSignatureScheme {
     /// RSASSA-PSS, MGF1 with the digest's hash, salt as long as the digest.
     Pss,
 }
+
+/// Why a certificate was revoked: RFC 5280 5.3.1's CRLReason, named as the RFC names it (the
+/// API's `reason`). `removeFromCRL` (delta CRLs only) and `certificateHold` (forbidden by the
+/// Baseline Requirements) are not offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum RevocationReason {
+    Unspecified,
+    KeyCompromise,
+    #[serde(rename = "cACompromise")]
+    CaCompromise,
+    AffiliationChanged,
+    Superseded,
+    CessationOfOperation,
+    PrivilegeWithdrawn,
+    #[serde(rename = "aACompromise")]
+    AaCompromise,
+}
+
+impl RevocationReason {
+    pub const ALL: [RevocationReason; 8] = [
+        Self::Unspecified,
+        Self::KeyCompromise,
+        Self::CaCompromise,
+        Self::AffiliationChanged,
+        Self::Superseded,
+        Self::CessationOfOperation,
+        Self::PrivilegeWithdrawn,
+        Self::AaCompromise,
+    ];
+
+    /// The CRLReason code (stored, and written into CRL entries and OCSP answers).
+    pub const fn code(self) -> i32 {
+        match self {
+            Self::Unspecified => 0,
+            Self::KeyCompromise => 1,
+            Self::CaCompromise => 2,
+            Self::AffiliationChanged => 3,
+            Self::Superseded => 4,
+            Self::CessationOfOperation => 5,
+            Self::PrivilegeWithdrawn => 9,
+            Self::AaCompromise => 10,
+        }
+    }
+
+    pub fn from_code(code: i32) -> Option<RevocationReason> {
+        Self::ALL.into_iter().find(|r| r.code() == code)
+    }
+
+    /// The name the API and the RFC use.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Unspecified => "unspecified",
+            Self::KeyCompromise => "keyCompromise",
+            Self::CaCompromise => "cACompromise",
+            Self::AffiliationChanged => "affiliationChanged",
+            Self::Superseded => "superseded",
+            Self::CessationOfOperation => "cessationOfOperation",
+            Self::PrivilegeWithdrawn => "privilegeWithdrawn",
+            Self::AaCompromise => "aACompromise",
+        }
+    }
+
+    /// The reasons a subscriber may give for its own certificate (Baseline Requirements
+    /// 4.9.1.1 and 7.2.2: the others are the CA's to assert).
+    pub const fn subscriber_may_give(self) -> bool {
+        matches!(
+            self,
+            Self::Unspecified
+                | Self::KeyCompromise
+                | Self::Superseded
+                | Self::CessationOfOperation
+                | Self::AffiliationChanged
+        )
+    }
+}

@@ -1,0 +1,81 @@
+//! Revocation over HTTP: a client revokes its own certificate; relying parties fetch CRLs and
+//! the CAs' certificates (no authentication: they are public, and named in every certificate).
+
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{get, post, web, HttpRequest, HttpResponse};
+use serde::Deserialize;
+
+use super::auth::AuthenticatedJson;
+use super::problem::Problem;
+use crate::engine::Engine;
+use crate::error::EngineError;
+use crate::pki::{now_ms, RevocationReason};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeBody {
+    /// RFC 5280's name of the reason; `unspecified` when absent.
+    #[serde(default = "unspecified")]
+    pub reason: RevocationReason,
+}
+
+fn unspecified() -> RevocationReason {
+    RevocationReason::Unspecified
+}
+
+/// Revoke one of the client's certificates: `200` with its revocation, whether made now or
+/// earlier (the first time and reason stand; `newly_revoked` says which).
+#[post("/v1/certificates/{serial}/revoke")]
+pub async fn revoke(
+    request: AuthenticatedJson<RevokeBody>,
+    engine: web::Data<Engine>,
+    serial: web::Path<String>,
+) -> Result<HttpResponse, Problem> {
+    let AuthenticatedJson { client, body } = request;
+    let outcome = engine.revoke(&client, &serial, body.reason).await?;
+    Ok(HttpResponse::Ok().json(outcome))
+}
+
+/// `GET /crl/{ca}/{shard}.crl`: the shard's latest CRL (DER), cacheable until its nextUpdate.
+#[get("/crl/{ca}/{file}")]
+pub async fn crl(
+    engine: web::Data<Engine>,
+    path: web::Path<(String, String)>,
+    req: HttpRequest,
+) -> Result<HttpResponse, Problem> {
+    let (ca, file) = path.into_inner();
+    let shard = file.strip_suffix(".crl").and_then(|n| n.parse::<u32>().ok()).ok_or(Problem(EngineError::NotFound))?;
+    let (number, next_update, der) = engine.crl(&ca, shard).await?;
+    let etag = format!("\"{ca}-{shard}-{number}\"");
+    let max_age = Duration::from_millis((next_update - now_ms()).max(0) as u64).as_secs();
+    let cache = format!("public, max-age={max_age}, no-transform");
+    let matches = req
+        .headers()
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|tag| tag.trim() == etag || tag.trim() == "*"));
+    if matches {
+        return Ok(HttpResponse::NotModified()
+            .insert_header((header::ETAG, etag))
+            .insert_header((header::CACHE_CONTROL, cache))
+            .finish());
+    }
+    Ok(HttpResponse::Ok()
+        .content_type("application/pkix-crl")
+        .insert_header((header::ETAG, etag))
+        .insert_header((header::CACHE_CONTROL, cache))
+        .body(der))
+}
+
+/// `GET /ca/{ca}.der`: the CA's certificate (the caIssuers URL of what it issues).
+#[get("/ca/{file}")]
+pub async fn ca_certificate(engine: web::Data<Engine>, file: web::Path<String>) -> Result<HttpResponse, Problem> {
+    let ca = file.strip_suffix(".der").ok_or(Problem(EngineError::NotFound))?;
+    let der = engine.ca_certificate(ca).ok_or(Problem(EngineError::NotFound))?;
+    Ok(HttpResponse::Ok()
+        .content_type("application/pkix-cert")
+        .insert_header((header::CACHE_CONTROL, "public, max-age=86400"))
+        .body(der))
+}

@@ -1,0 +1,422 @@
+//! Revocation end to end over real HTTP: a client revokes its own certificate, an operator any
+//! certificate or a whole CA's population; the CRLs castellum publishes are judged by the openssl
+//! command line (`verify -crl_check`, `crl -verify`) and pkilint (`lint_crl`, BR profile), and
+//! the TLS server certificates that point to them by pkilint's BR linter
+//! (`lint_cabf_serverauth_cert`). On SQLite and on PostgreSQL, where two instances share the
+//! database and a revocation through one is on the other's CRL.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use castellum::config::Config;
+use common::*;
+use serde_json::{json, Value};
+
+/// What certificates name as the CA's base URL in these tests; the test maps it onto the
+/// server's ephemeral port.
+const BASE_URL: &str = "http://pki.castellum.test";
+
+/// The dev configuration with a CRL made again within 1 s of a revocation.
+fn config(db: &TestDb) -> Config {
+    let mut config = dev_config(db);
+    config.crl.delay = Duration::from_secs(1);
+    for ca in &mut config.cas {
+        ca.base_url = Some(BASE_URL.into());
+    }
+    config
+}
+
+async fn issue_ok(server: &TestServer, key: &str, profile: &str, name: &str) -> Value {
+    let response = server.issue(key, profile, &csr(Key::P256, &[name])).send().await.unwrap();
+    assert_eq!(response.status(), 201);
+    response.json().await.unwrap()
+}
+
+async fn revoke(server: &TestServer, key: &str, serial: &str, body: Value) -> (u16, Value) {
+    let response = server
+        .http
+        .post(server.url(&format!("/v1/certificates/{serial}/revoke")))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+}
+
+async fn admin_post(server: &TestServer, path: &str, body: Value) -> (u16, Value) {
+    let response = server
+        .http
+        .post(format!("{}{path}", server.admin_base))
+        .bearer_auth(ADMIN_TOKEN)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.json().await.unwrap_or(Value::Null))
+}
+
+/// The CRL distribution point a certificate names, read by openssl (not the engine).
+fn crl_url_of(dir: &Path, cert_pem: &str) -> String {
+    let text = openssl_text(dir, cert_pem);
+    let url = text
+        .lines()
+        .map(str::trim)
+        .find_map(|l| l.strip_prefix("URI:").filter(|u| u.ends_with(".crl")))
+        .unwrap_or_else(|| panic!("no CRL distribution point in:\n{text}"));
+    assert!(url.starts_with(BASE_URL), "{url}");
+    url.to_string()
+}
+
+/// Fetch a CRL by the URL a certificate names, from this server.
+async fn fetch_crl(server: &TestServer, url: &str) -> reqwest::Response {
+    server.http.get(server.url(url.trim_start_matches(BASE_URL))).send().await.unwrap()
+}
+
+/// `openssl crl -text` of a DER CRL, and the file (PEM) it was written to.
+fn crl_text(dir: &Path, der: &[u8], name: &str) -> (String, PathBuf) {
+    let der_file = dir.join(format!("{name}.der"));
+    let pem_file = dir.join(format!("{name}.pem"));
+    std::fs::write(&der_file, der).unwrap();
+    let (ok, out) =
+        run(Command::new("openssl").args(["crl", "-inform", "DER", "-in"]).arg(&der_file).arg("-out").arg(&pem_file));
+    assert!(ok, "openssl cannot read the CRL: {out}");
+    let (ok, text) = run(Command::new("openssl").args(["crl", "-noout", "-text", "-in"]).arg(&pem_file));
+    assert!(ok, "{text}");
+    (text, pem_file)
+}
+
+/// The CRL number openssl reads.
+fn crl_number(text: &str) -> u64 {
+    let mut lines = text.lines().map(str::trim);
+    lines.find(|l| l.starts_with("X509v3 CRL Number"));
+    lines.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no CRL number in:\n{text}"))
+}
+
+/// Wait until the CRL at `url` lists `serial` (upper-case hex, as openssl prints it).
+async fn wait_listed(server: &TestServer, dir: &Path, url: &str, serial: &str, within: Duration) -> (String, PathBuf) {
+    let started = Instant::now();
+    loop {
+        let response = fetch_crl(server, url).await;
+        if response.status() == 200 {
+            let (text, file) = crl_text(dir, &response.bytes().await.unwrap(), "waited");
+            if text.contains(&serial.to_ascii_uppercase()) {
+                return (text, file);
+            }
+        }
+        assert!(started.elapsed() < within, "{serial} not on {url} within {within:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `openssl verify -crl_check` of a leaf with its CA's CRL.
+fn verify_with_crl(dir: &Path, leaf_pem: &str, ca: &str, crl_pem: &Path) -> (bool, String) {
+    let leaf = dir.join("verified.pem");
+    std::fs::write(&leaf, leaf_pem).unwrap();
+    run(Command::new("openssl")
+        .args(["verify", "-crl_check", "-CRLfile"])
+        .arg(crl_pem)
+        .arg("-CAfile")
+        .arg(dev_keys().join("root.crt"))
+        .arg("-untrusted")
+        .arg(dev_keys().join(format!("{ca}.crt")))
+        .arg(&leaf))
+}
+
+/// `openssl crl -verify`: the CRL's signature checks against its CA.
+fn crl_signature_verifies(dir: &Path, crl_pem: &Path, ca: &str) -> (bool, String) {
+    let chain = dir.join("crl-chain.pem");
+    let mut pem = std::fs::read(dev_keys().join(format!("{ca}.crt"))).unwrap();
+    pem.extend(std::fs::read(dev_keys().join("root.crt")).unwrap());
+    std::fs::write(&chain, pem).unwrap();
+    run(Command::new("openssl").args(["crl", "-noout", "-verify", "-in"]).arg(crl_pem).arg("-CAfile").arg(&chain))
+}
+
+/// pkilint's CRL linter, BR profile: every finding at WARNING or above (empty when clean).
+fn lint_crl(crl_pem: &Path) -> String {
+    let (ok, out) = run(Command::new("lint_crl").args(["lint", "-t", "CRL", "-p", "BR", "-s", "WARNING"]).arg(crl_pem));
+    if ok && out.trim().is_empty() {
+        String::new()
+    } else {
+        format!("lint_crl (ok: {ok}): {out}")
+    }
+}
+
+/// pkilint's CA/B Forum TLS server certificate linter: the finding codes at WARNING or above.
+fn br_findings(dir: &Path, cert_pem: &str) -> Vec<String> {
+    let leaf = dir.join("br.pem");
+    std::fs::write(&leaf, cert_pem).unwrap();
+    let (_, out) =
+        run(Command::new("lint_cabf_serverauth_cert").args(["lint", "-d", "-s", "WARNING", "-f", "JSON"]).arg(&leaf));
+    let report: Value = serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("no JSON from pkilint: {out}"));
+    let mut codes: Vec<String> = report["results"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r["finding_descriptions"].as_array().cloned().unwrap_or_default())
+        .map(|f| f["code"].as_str().unwrap_or("?").to_string())
+        .collect();
+    codes.sort();
+    codes.dedup();
+    codes
+}
+
+async fn a_client_revokes_its_own_certificate_and_openssl_sees_it_on_the_crl(db: TestDb) {
+    let server = TestServer::start(config(&db)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let revoked = issue_ok(&server, DEMO_KEY, "tls-server-p256", "gone.example.test").await;
+    let kept = issue_ok(&server, DEMO_KEY, "tls-server-p256", "kept.example.test").await;
+    let serial = revoked["serial"].as_str().unwrap();
+    let url = crl_url_of(dir.path(), revoked["certificate"].as_str().unwrap());
+
+    // The shard's CRL exists before anything is revoked; remember its number.
+    let started = Instant::now();
+    let before = loop {
+        let response = fetch_crl(&server, &url).await;
+        if response.status() == 200 {
+            assert_eq!(response.headers()["content-type"], "application/pkix-crl");
+            break crl_number(&crl_text(dir.path(), &response.bytes().await.unwrap(), "before").0);
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "no CRL at {url}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // Bad input changes nothing: another client's serial, a reason only the CA asserts, an
+    // unknown reason.
+    assert_eq!(revoke(&server, OTHER_KEY, serial, json!({ "reason": "keyCompromise" })).await.0, 404);
+    assert_eq!(revoke(&server, DEMO_KEY, serial, json!({ "reason": "cACompromise" })).await.0, 403);
+    assert_eq!(revoke(&server, DEMO_KEY, serial, json!({ "reason": "whimsy" })).await.0, 400);
+    assert_eq!(revoke(&server, DEMO_KEY, "not-hex", json!({})).await.0, 404);
+    let state = |s: &str| sql::count(&db, &format!("SELECT count(*) AS n FROM certificates WHERE state = '{s}'"));
+    assert_eq!(state("revoked"), 0, "refused revocations changed nothing");
+
+    let (status, first) = revoke(&server, DEMO_KEY, serial, json!({ "reason": "keyCompromise" })).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!((first["reason"].as_str(), first["newly_revoked"].as_bool()), (Some("keyCompromise"), Some(true)));
+    // Durable before answered: the row says so on the test's own connection, with its audit row.
+    assert_eq!(state("revoked"), 1);
+    let audited = sql::count(
+        &db,
+        &format!("SELECT count(*) AS n FROM audit_log WHERE action = 'certificate.revoke' AND target = '{serial}' AND outcome = 'keyCompromise' AND actor = 'demo'"),
+    );
+    assert_eq!(audited, 1);
+    // Idempotent: the first reason and time stand.
+    let (status, again) = revoke(&server, DEMO_KEY, serial, json!({ "reason": "superseded" })).await;
+    assert_eq!(status, 200);
+    assert_eq!(again["newly_revoked"], false);
+    assert_eq!((&again["reason"], &again["revoked_at"]), (&first["reason"], &first["revoked_at"]));
+    let shown: Value = server
+        .http
+        .get(server.url(&format!("/v1/certificates/{serial}")))
+        .bearer_auth(DEMO_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(shown["state"], "revoked");
+    assert_eq!(shown["revocation"]["reason"], "keyCompromise");
+
+    // On the shard's CRL within the configured delay (1 s; 3 s allowed for a loaded machine).
+    let (text, crl_pem) = wait_listed(&server, dir.path(), &url, serial, Duration::from_secs(3)).await;
+    assert!(crl_number(&text) > before, "the CRL number grew: {before} → {}\n{text}", crl_number(&text));
+    assert!(text.contains("Key Compromise"), "the entry carries its reason:\n{text}");
+    assert!(text.contains(&format!("URI:{url}")), "its Issuing Distribution Point names its URL:\n{text}");
+    let (ok, out) = verify_with_crl(dir.path(), revoked["certificate"].as_str().unwrap(), "ica-p256", &crl_pem);
+    assert!(!ok && out.contains("certificate revoked"), "openssl must refuse the revoked certificate: {out}");
+    let (ok, out) = crl_signature_verifies(dir.path(), &crl_pem, "ica-p256");
+    assert!(ok && out.contains("verify OK"), "{out}");
+    assert_eq!(lint_crl(&crl_pem), "");
+
+    // The certificate kept passes with its own shard's CRL.
+    let kept_url = crl_url_of(dir.path(), kept["certificate"].as_str().unwrap());
+    let kept_crl = fetch_crl(&server, &kept_url).await.bytes().await.unwrap();
+    let (_, kept_pem) = crl_text(dir.path(), &kept_crl, "kept");
+    let (ok, out) = verify_with_crl(dir.path(), kept["certificate"].as_str().unwrap(), "ica-p256", &kept_pem);
+    assert!(ok, "a good certificate passes -crl_check: {out}");
+    server.stop().await;
+}
+
+#[actix_rt::test]
+async fn sqlite_a_client_revokes_its_own_certificate_and_openssl_sees_it_on_the_crl() {
+    a_client_revokes_its_own_certificate_and_openssl_sees_it_on_the_crl(TestDb::sqlite()).await;
+}
+
+#[actix_rt::test]
+async fn postgres_a_client_revokes_its_own_certificate_and_openssl_sees_it_on_the_crl() {
+    a_client_revokes_its_own_certificate_and_openssl_sees_it_on_the_crl(TestDb::postgres()).await;
+}
+
+/// An operator revokes a whole CA's population (the destroyed CA of incident 003) in one call,
+/// and any single certificate with a reason only the CA may assert; other CAs are untouched.
+#[actix_rt::test]
+async fn an_operator_revokes_a_whole_ca_and_its_crls_list_every_certificate() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(config(&db)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut issued = Vec::new();
+    for i in 0..24 {
+        issued.push(issue_ok(&server, DEMO_KEY, "tls-server-p256", &format!("h{i}.example.test")).await);
+    }
+    let spared = issue_ok(&server, DEMO_KEY, "tls-server-p384", "spared.example.test").await;
+    let single = issue_ok(&server, DEMO_KEY, "tls-server-p384", "single.example.test").await;
+
+    let (status, body) =
+        admin_post(&server, "/admin/v1/cas/nope/revoke-all", json!({ "reason": "cACompromise" })).await;
+    assert_eq!(status, 404, "{body}");
+    let (status, body) =
+        admin_post(&server, "/admin/v1/cas/ica-p256/revoke-all", json!({ "reason": "cACompromise" })).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["revoked"], 24);
+    let serial = single["serial"].as_str().unwrap();
+    let (status, body) = admin_post(
+        &server,
+        &format!("/admin/v1/certificates/{serial}/revoke"),
+        json!({ "reason": "privilegeWithdrawn" }),
+    )
+    .await;
+    assert_eq!((status, body["reason"].as_str()), (200, Some("privilegeWithdrawn")), "{body}");
+
+    let count = |sql: &str| sql::count(&db, sql);
+    assert_eq!(count("SELECT count(*) AS n FROM certificates WHERE ca_id = 'ica-p256' AND state = 'revoked' AND revocation_reason = 2"), 24);
+    assert_eq!(count("SELECT count(*) AS n FROM certificates WHERE ca_id = 'ica-p384' AND state = 'revoked'"), 1);
+    assert_eq!(
+        count(&format!(
+            "SELECT count(*) AS n FROM certificates WHERE serial = '{}' AND state = 'issued'",
+            spared["serial"].as_str().unwrap()
+        )),
+        1
+    );
+    assert!(
+        count("SELECT count(*) AS n FROM audit_log WHERE action = 'certificate.revoke' AND target = 'ica-p256'") >= 1
+    );
+
+    // Every certificate is on the CRL its distribution point names, signed by its CA.
+    for cert in &issued {
+        let url = crl_url_of(dir.path(), cert["certificate"].as_str().unwrap());
+        let (text, pem) =
+            wait_listed(&server, dir.path(), &url, cert["serial"].as_str().unwrap(), Duration::from_secs(3)).await;
+        assert!(text.contains("CA Compromise"), "{text}");
+        let (ok, out) = verify_with_crl(dir.path(), cert["certificate"].as_str().unwrap(), "ica-p256", &pem);
+        assert!(!ok && out.contains("certificate revoked"), "{out}");
+    }
+    let url = crl_url_of(dir.path(), single["certificate"].as_str().unwrap());
+    let (_, pem) = wait_listed(&server, dir.path(), &url, serial, Duration::from_secs(3)).await;
+    let (ok, out) = crl_signature_verifies(dir.path(), &pem, "ica-p384");
+    assert!(ok, "{out}");
+    assert_eq!(lint_crl(&pem), "");
+    server.stop().await;
+}
+
+/// A CRL is cacheable until its nextUpdate and revalidates by ETag; shards that do not exist,
+/// and CAs that do not, are 404.
+#[actix_rt::test]
+async fn a_crl_is_served_with_its_etag_and_cache_lifetime() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(config(&db)).await;
+    let started = Instant::now();
+    let response = loop {
+        let response = server.http.get(server.url("/crl/ica-p384/0.crl")).send().await.unwrap();
+        if response.status() == 200 {
+            break response;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let etag = response.headers()["etag"].to_str().unwrap().to_string();
+    let cache = response.headers()["cache-control"].to_str().unwrap().to_string();
+    let max_age: u64 = cache.split("max-age=").nth(1).and_then(|s| s.split(',').next()).unwrap().parse().unwrap();
+    assert!(max_age > 6 * 86_400 && max_age <= 7 * 86_400, "{cache}");
+    let again = server.http.get(server.url("/crl/ica-p384/0.crl")).header("if-none-match", &etag).send().await.unwrap();
+    assert_eq!(again.status(), 304);
+    for missing in ["/crl/ica-p384/4.crl", "/crl/nope/0.crl", "/crl/ica-p384/x.crl", "/ca/nope.der"] {
+        assert_eq!(server.http.get(server.url(missing)).send().await.unwrap().status(), 404, "{missing}");
+    }
+    let ca = server.http.get(server.url("/ca/ica-p384.der")).send().await.unwrap();
+    assert_eq!(ca.headers()["content-type"], "application/pkix-cert");
+    assert_eq!(
+        ca.bytes().await.unwrap().to_vec(),
+        openssl::x509::X509::from_pem(&std::fs::read(dev_keys().join("ica-p384.crt")).unwrap())
+            .unwrap()
+            .to_der()
+            .unwrap()
+    );
+    server.stop().await;
+}
+
+/// Every TLS server profile of the dev configuration passes pkilint's CA/B Forum linter but for
+/// the internal names the dev configuration uses by design (`.test`); the judge is shown to
+/// catch the certificates castellum issued before (no CRL, no AIA, no policy, SKI, CN).
+#[actix_rt::test]
+async fn tls_server_certificates_pass_the_br_linter_and_the_judge_catches_the_old_ones() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(config(&db)).await;
+    let dir = tempfile::tempdir().unwrap();
+    for profile in ["tls-server-p256", "tls-server-p384", "tls-server-rsa"] {
+        let cert = issue_ok(&server, DEMO_KEY, profile, "www.example.test").await;
+        let findings = br_findings(dir.path(), cert["certificate"].as_str().unwrap());
+        assert_eq!(findings, vec!["cabf.internal_domain_name".to_string()], "{profile}");
+    }
+    server.stop().await;
+
+    // The control: the profile as it was (no base URL, policies, SKI and CN as before).
+    let db = TestDb::sqlite();
+    let mut old = config(&db);
+    for ca in &mut old.cas {
+        ca.base_url = None;
+    }
+    for p in &mut old.profiles {
+        (p.policies, p.omit_common_name, p.omit_subject_key_id) = (Vec::new(), false, false);
+    }
+    let server = TestServer::start(old).await;
+    let cert = issue_ok(&server, DEMO_KEY, "tls-server-p256", "www.example.test").await;
+    let findings = br_findings(dir.path(), cert["certificate"].as_str().unwrap());
+    for expected in [
+        "cabf.serverauth.subscriber.revocation_information_absent",
+        "cabf.serverauth.subscriber.authority_info_access_extension_absent",
+        "cabf.serverauth.subscriber.certificate_policies_extension_absent",
+    ] {
+        assert!(
+            findings.iter().any(|f| f.contains(expected.rsplit('.').next().unwrap())),
+            "{expected} not in {findings:?}"
+        );
+    }
+    server.stop().await;
+}
+
+/// Two instances on one PostgreSQL database: a revocation through one is on the CRL the other
+/// serves within the configured delay, and the CRL number keeps growing whichever makes it.
+#[actix_rt::test]
+async fn postgres_a_revocation_through_one_instance_is_on_the_others_crl() {
+    let db = TestDb::postgres();
+    let a = TestServer::start(config(&db)).await;
+    let b = TestServer::start(config(&db)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = issue_ok(&a, DEMO_KEY, "tls-server-p256", "two.example.test").await;
+    let serial = cert["serial"].as_str().unwrap();
+    let url = crl_url_of(dir.path(), cert["certificate"].as_str().unwrap());
+    let (status, _) = revoke(&a, DEMO_KEY, serial, json!({ "reason": "superseded" })).await;
+    assert_eq!(status, 200);
+    let (text, pem) = wait_listed(&b, dir.path(), &url, serial, Duration::from_secs(3)).await;
+    let first = crl_number(&text);
+    let (ok, out) = verify_with_crl(dir.path(), cert["certificate"].as_str().unwrap(), "ica-p256", &pem);
+    assert!(!ok && out.contains("certificate revoked"), "{out}");
+
+    // A second revocation on the same shard through the other instance: a later number.
+    let shard_mate = loop {
+        let c = issue_ok(&b, DEMO_KEY, "tls-server-p256", "mate.example.test").await;
+        if crl_url_of(dir.path(), c["certificate"].as_str().unwrap()) == url {
+            break c;
+        }
+    };
+    let mate = shard_mate["serial"].as_str().unwrap();
+    assert_eq!(revoke(&b, DEMO_KEY, mate, json!({})).await.0, 200);
+    let (text, _) = wait_listed(&a, dir.path(), &url, mate, Duration::from_secs(3)).await;
+    assert!(crl_number(&text) > first, "{first} then {}", crl_number(&text));
+    a.stop().await;
+    b.stop().await;
+}
