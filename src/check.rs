@@ -455,7 +455,7 @@ fn check_crl(config: &Config, p: &mut Problems) {
     }
     // Baseline Requirements 4.9.7: nextUpdate at most ten days after thisUpdate.
     if crl.validity < Duration::from_secs(60) || crl.validity > Duration::from_secs(10 * 86_400) {
-        p.add("crl.validity", "must be between 1 minute and 10 days (Baseline Requirements 4.9.7)");
+        p.add("crl.validity", "must be at least 1 minute and at most ten days (Baseline Requirements 4.9.7)");
     }
     if crl.lease < Duration::from_secs(1) {
         p.add("crl.lease", "must be at least 1s");

@@ -267,3 +267,20 @@ fn the_audit_writers_settings_are_checked() {
     assert_flags(&with("[audit]\ncheckpoint_file = \"/tmp\""), "audit.checkpoint_file", "is a folder");
     assert!(problems_of(&with("[audit]\ncheckpoint_file = \"/tmp/castellum-heads.jsonl\"")).is_empty());
 }
+
+#[test]
+fn revocation_settings_are_checked() {
+    let with = |section: &str| format!("{}\n{section}", dev_config_text());
+    assert_flags(&with("[crl]\nvalidity = \"11d\""), "crl.validity", "at most ten days");
+    assert_flags(&with("[crl]\ndelay = \"10ms\""), "crl.delay", "at least 200ms");
+    assert_flags(&with("[crl]\nlease = \"0s\""), "crl.lease", "at least 1s");
+    let text = dev_config_text();
+    let shards = text.replacen("expected_sign_rate = 4000.0", "expected_sign_rate = 4000.0\ncrl_shards = 0", 1);
+    assert_flags(&shards, "cas[0].crl_shards", "between 1 and 1024");
+    let trailing = text.replacen("base_url = \"http://127.0.0.1:8080\"", "base_url = \"http://127.0.0.1:8080/\"", 1);
+    assert_flags(&trailing, "cas[0].base_url", "without a trailing slash");
+    let scheme = text.replacen("base_url = \"http://127.0.0.1:8080\"", "base_url = \"ldap://crl\"", 1);
+    assert_flags(&scheme, "cas[0].base_url", "not an http:// or https:// URL");
+    let policy = text.replacen("policies = [\"2.23.140.1.2.1\"]", "policies = [\"dv\"]", 1);
+    assert_flags(&policy, "profiles[0].policies[0]", "not an object identifier");
+}

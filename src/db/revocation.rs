@@ -109,40 +109,35 @@ pub fn revoke(
 
 /// Revoke up to `limit` issued certificates of `ca` in one transaction (a CA's whole population
 /// is revoked by calling this until it returns 0, so no transaction holds the database long).
-/// Returns how many were revoked; audits the chunk as one event.
+/// Marks every one of the CA's `shards` stale; returns how many were revoked; audits the chunk
+/// as one event. The UPDATE comes first, so on SQLite the transaction takes the write lock at
+/// once (waiting its turn) rather than upgrading a read and failing if a commit came between.
 pub fn revoke_chunk_of_ca(
     conn: &mut DbConn,
     ca: &str,
+    shards: u32,
     revocation: Revocation,
     limit: i64,
     audit: impl Fn(usize) -> NewAuditEvent,
 ) -> Result<usize, DbError> {
     Ok(with_conn!(conn, |c| c.transaction(|c| {
-        let chunk: Vec<(String, Option<i32>)> = certificates::table
-            .filter(certificates::ca_id.eq(ca))
-            .filter(certificates::state.eq(CertState::Issued))
-            .select((certificates::serial, certificates::crl_shard))
-            .limit(limit)
-            .load(c)?;
-        if chunk.is_empty() {
+        let issued = diesel::alias!(certificates as issued);
+        let chunk = issued
+            .filter(issued.field(certificates::ca_id).eq(ca))
+            .filter(issued.field(certificates::state).eq(CertState::Issued))
+            .select(issued.field(certificates::serial))
+            .limit(limit);
+        let changed = diesel::update(certificates::table.filter(certificates::serial.eq_any(chunk)))
+            .set((
+                certificates::state.eq(CertState::Revoked),
+                certificates::revoked_at.eq(revocation.at),
+                certificates::revocation_reason.eq(revocation.reason),
+            ))
+            .execute(c)?;
+        if changed == 0 {
             return diesel::result::QueryResult::Ok(0);
         }
-        let serials: Vec<&str> = chunk.iter().map(|(s, _)| s.as_str()).collect();
-        let changed = diesel::update(
-            certificates::table
-                .filter(certificates::serial.eq_any(&serials))
-                .filter(certificates::state.eq(CertState::Issued)),
-        )
-        .set((
-            certificates::state.eq(CertState::Revoked),
-            certificates::revoked_at.eq(revocation.at),
-            certificates::revocation_reason.eq(revocation.reason),
-        ))
-        .execute(c)?;
-        let mut shards: Vec<i32> = chunk.iter().map(|(_, s)| s.unwrap_or(0)).collect();
-        shards.sort_unstable();
-        shards.dedup();
-        for shard in shards {
+        for shard in 0..shards as i32 {
             mark_stale!(c, ca, shard, revocation.at);
         }
         diesel::insert_into(audit_log::table).values(&audit(changed)).execute(c)?;

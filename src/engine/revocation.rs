@@ -12,7 +12,13 @@ use crate::types::{Client, RevocationInfo, RevocationOutcome};
 
 /// Certificates revoked per transaction when a whole CA is revoked: each chunk is one short
 /// write, so issuance on other CAs (and the CA's own CRL generation) is never held up long.
-const REVOKE_CA_CHUNK: i64 = 1000;
+const REVOKE_CA_CHUNK: i64 = 500;
+
+/// Between chunks the revocation pauses at least as long as the chunk took (and never less
+/// than this): on SQLite, a writer that takes the lock again at once starves the issuance Store,
+/// whose busy handler sleeps and retries (measured: issuance on another CA failed with
+/// `database unavailable` while back-to-back chunks ran).
+const REVOKE_CA_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
 
 /// A serial as the API accepts it: hex, at most 20 octets, compared lower-case.
 fn normalize_serial(serial: &str) -> Result<String, EngineError> {
@@ -94,18 +100,20 @@ impl Engine {
     /// how many were revoked. Certificates issued while it runs are revoked too, up to the
     /// moment it finds none left (disable the CA first to stop new ones).
     pub async fn revoke_ca(&self, actor: &str, ca: &str, reason: RevocationReason) -> Result<usize, EngineError> {
-        if !self.inner.catalog.cas.contains_key(ca) {
+        let Some(shards) = self.inner.catalog.cas.get(ca).map(|m| m.crl_shards) else {
             return Err(EngineError::NotFound);
-        }
+        };
         let at = now_ms();
         let mut total = 0;
         loop {
             let (ca_id, engine, actor) = (ca.to_string(), self.clone(), actor.to_string());
+            let started = std::time::Instant::now();
             let revoked = self
                 .on_admin_pool(move |conn| {
                     revocation::revoke_chunk_of_ca(
                         conn,
                         &ca_id,
+                        shards,
                         Revocation { at, reason: reason.code() },
                         REVOKE_CA_CHUNK,
                         |n| engine.revocation_audit(&actor, &ca_id, reason, format!("{n} certificates of the CA")),
@@ -117,6 +125,7 @@ impl Engine {
             }
             total += revoked;
             tracing::info!(ca, revoked = total, "revoking the CA's certificates");
+            tokio::time::sleep(started.elapsed().max(REVOKE_CA_PAUSE)).await;
         }
         Ok(total)
     }
