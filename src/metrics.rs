@@ -73,6 +73,9 @@ pub struct Metrics {
     pub crls_published: Family<Labels, Counter>,
     /// CRLs due that could not be made (key unavailable, database), per CA.
     pub crl_failures: Family<Labels, Counter>,
+    /// Seconds until each CA's current OCSP responder certificate expires (updated every look).
+    pub ocsp_responder_seconds_left: Family<Labels, Gauge>,
+    pub ocsp_renewal_failures: Family<Labels, Counter>,
     pub registry_version: Gauge,
     pub async_resumed: Counter,
     /// Identity keys handed out, by kind and source (`pool`: pre-generated, `on-demand`).
@@ -130,6 +133,8 @@ impl Metrics {
             store_dropped: Counter::default(),
             crls_published: Family::default(),
             crl_failures: Family::default(),
+            ocsp_responder_seconds_left: Family::default(),
+            ocsp_renewal_failures: Family::default(),
             registry_version: Gauge::default(),
             async_resumed: Counter::default(),
             identity_keys: Family::default(),
@@ -217,6 +222,16 @@ impl Metrics {
             );
             r.register("crls_published", "CRLs made and stored by this instance", m.crls_published.clone());
             r.register("crl_failures", "CRLs due that could not be made", m.crl_failures.clone());
+            r.register(
+                "ocsp_responder_valid_seconds",
+                "Seconds until each CA's OCSP responder certificate expires",
+                m.ocsp_responder_seconds_left.clone(),
+            );
+            r.register(
+                "ocsp_renewal_failures",
+                "Failed renewals of a CA's OCSP responder certificate",
+                m.ocsp_renewal_failures.clone(),
+            );
             r.register("registry_version", "Registry version this instance serves", m.registry_version.clone());
             r.register(
                 "async_resumed",

@@ -19,13 +19,19 @@ use serde_json::{json, Value};
 /// server's ephemeral port.
 const BASE_URL: &str = "http://pki.castellum.test";
 
-/// The dev configuration with a CRL made again within 1 s of a revocation.
+/// The dev configuration with a CRL made again within 1 s of a revocation, and OCSP on for
+/// ica-p256 (its responder certificate issued with the dev `ocsp-renewal` profile).
 fn config(db: &TestDb) -> Config {
     let mut config = dev_config(db);
     config.crl.delay = Duration::from_secs(1);
     for ca in &mut config.cas {
         ca.base_url = Some(BASE_URL.into());
     }
+    ca_of(&mut config, "ica-p256").ocsp = Some(castellum::config::OcspConfig {
+        responder_profile: "ocsp-renewal".into(),
+        responder_name: "ocsp.ica-p256.example.test".into(),
+        response_validity: Duration::from_secs(86_400),
+    });
     config
 }
 
@@ -271,7 +277,11 @@ async fn an_operator_revokes_a_whole_ca_and_its_crls_list_every_certificate() {
     let (status, body) =
         admin_post(&server, "/admin/v1/cas/ica-p256/revoke-all", json!({ "reason": "cACompromise" })).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["revoked"], 24);
+    // The 24, and the CA's OCSP responder certificate(s) castellum issued itself.
+    let responders =
+        sql::count(&db, "SELECT count(*) AS n FROM certificates WHERE profile = 'ocsp-renewal' AND state = 'revoked'");
+    assert!(responders >= 1, "the responder certificate is the CA's too");
+    assert_eq!(body["revoked"], 24 + responders);
     let serial = single["serial"].as_str().unwrap();
     let (status, body) = admin_post(
         &server,
@@ -282,7 +292,10 @@ async fn an_operator_revokes_a_whole_ca_and_its_crls_list_every_certificate() {
     assert_eq!((status, body["reason"].as_str()), (200, Some("privilegeWithdrawn")), "{body}");
 
     let count = |sql: &str| sql::count(&db, sql);
-    assert_eq!(count("SELECT count(*) AS n FROM certificates WHERE ca_id = 'ica-p256' AND state = 'revoked' AND revocation_reason = 2"), 24);
+    assert_eq!(
+        count("SELECT count(*) AS n FROM certificates WHERE ca_id = 'ica-p256' AND state = 'revoked' AND revocation_reason = 2"),
+        24 + responders
+    );
     assert_eq!(count("SELECT count(*) AS n FROM certificates WHERE ca_id = 'ica-p384' AND state = 'revoked'"), 1);
     assert_eq!(
         count(&format!(
@@ -417,6 +430,138 @@ async fn postgres_a_revocation_through_one_instance_is_on_the_others_crl() {
     assert_eq!(revoke(&b, DEMO_KEY, mate, json!({})).await.0, 200);
     let (text, _) = wait_listed(&a, dir.path(), &url, mate, Duration::from_secs(3)).await;
     assert!(crl_number(&text) > first, "{first} then {}", crl_number(&text));
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Wait until the CA has an OCSP responder (its certificate is issued through the CA's cell
+/// shortly after start).
+async fn wait_for_responder(server: &TestServer) {
+    let started = Instant::now();
+    loop {
+        let readiness: Value = server.http.get(server.url("/readyz")).send().await.unwrap().json().await.unwrap();
+        let warnings = readiness["warnings"].as_array().cloned().unwrap_or_default();
+        if !warnings.iter().any(|w| w.as_str().unwrap_or("").contains("OCSP responder")) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no OCSP responder: {readiness}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// `openssl ocsp` against the engine: its verdict line and the whole output.
+fn openssl_ocsp(dir: &Path, server: &TestServer, cert_pem: &str, ca: &str) -> (String, String) {
+    let leaf = dir.join("ocsp-leaf.pem");
+    std::fs::write(&leaf, cert_pem).unwrap();
+    let chain = dir.join("ocsp-chain.pem");
+    let mut pem = std::fs::read(dev_keys().join(format!("{ca}.crt"))).unwrap();
+    pem.extend(std::fs::read(dev_keys().join("root.crt")).unwrap());
+    std::fs::write(&chain, pem).unwrap();
+    let (_, out) = run(Command::new("openssl")
+        .args(["ocsp", "-issuer"])
+        .arg(dev_keys().join(format!("{ca}.crt")))
+        .arg("-cert")
+        .arg(&leaf)
+        .arg("-url")
+        .arg(server.url("/ocsp"))
+        .arg("-CAfile")
+        .arg(&chain)
+        .arg("-respout")
+        .arg(dir.join("response.der"))
+        .arg("-resp_text"));
+    let verdict = out
+        .lines()
+        .find(|l| l.starts_with(&*leaf.display().to_string()))
+        .map(|l| l.rsplit(": ").next().unwrap_or("").trim().to_string())
+        .unwrap_or_default();
+    (verdict, out)
+}
+
+/// OCSP: `openssl ocsp` says good, then revoked (with its reason) after revocation; the response
+/// verifies against the CA through the delegated responder castellum issued itself; `-respin`
+/// reads the cached response back; pkilint's OCSP linter finds nothing; a malformed request gets
+/// `malformedRequest`, an issuer castellum does not serve `unauthorized` (unsigned OCSP statuses).
+async fn ocsp_answers_good_then_revoked(db: TestDb) {
+    let server = TestServer::start(config(&db)).await;
+    let dir = tempfile::tempdir().unwrap();
+    wait_for_responder(&server).await;
+    let cert = issue_ok(&server, DEMO_KEY, "tls-server-p256", "ocsp-me.example.test").await;
+    let pem = cert["certificate"].as_str().unwrap();
+    assert!(openssl_text(dir.path(), pem).contains(&format!("OCSP - URI:{BASE_URL}/ocsp")), "AIA names the responder");
+
+    let (verdict, out) = openssl_ocsp(dir.path(), &server, pem, "ica-p256");
+    assert_eq!(verdict, "good", "{out}");
+    assert!(out.contains("Response verify OK"), "{out}");
+    assert!(out.contains("OCSP No Check"), "the responder certificate says nocheck:\n{out}");
+    assert!(out.contains("OCSP Signing"), "and is for OCSP signing:\n{out}");
+    // Read back from what was saved (what a stapling server does).
+    let (ok, again) = run(Command::new("openssl")
+        .args(["ocsp", "-respin"])
+        .arg(dir.path().join("response.der"))
+        .args(["-resp_text", "-noverify"]));
+    assert!(ok && again.contains("Cert Status: good"), "{again}");
+    let (ok, lint) = run(Command::new("lint_ocsp_response").args(["lint"]).arg(dir.path().join("response.der")));
+    assert!(ok && lint.trim().is_empty(), "lint_ocsp_response: {lint}");
+
+    let serial = cert["serial"].as_str().unwrap();
+    assert_eq!(revoke(&server, DEMO_KEY, serial, json!({ "reason": "keyCompromise" })).await.0, 200);
+    let (verdict, out) = openssl_ocsp(dir.path(), &server, pem, "ica-p256");
+    assert_eq!(verdict, "revoked", "{out}");
+    assert!(out.contains("Reason: keyCompromise"), "{out}");
+    let (ok, lint) = run(Command::new("lint_ocsp_response").args(["lint"]).arg(dir.path().join("response.der")));
+    assert!(ok && lint.trim().is_empty(), "lint_ocsp_response: {lint}");
+
+    // Unsigned statuses: malformed bytes; an issuer castellum does not answer for (ica-p384 has
+    // no [cas.ocsp]).
+    let garbage = server.http.post(server.url("/ocsp")).body(vec![0x30, 0x03, 0x01, 0x01]).send().await.unwrap();
+    assert_eq!(garbage.headers()["content-type"], "application/ocsp-response");
+    let status = |der: &[u8]| x509_ocsp_status(der);
+    assert_eq!(status(&garbage.bytes().await.unwrap()), 1, "malformedRequest");
+    let other = issue_ok(&server, DEMO_KEY, "tls-server-p384", "p384.example.test").await;
+    let (verdict, out) = openssl_ocsp(dir.path(), &server, other["certificate"].as_str().unwrap(), "ica-p384");
+    assert!(out.contains("unauthorized"), "{verdict}: {out}");
+    server.stop().await;
+}
+
+/// The responseStatus of an OCSPResponse: SEQUENCE { ENUMERATED status, ... }.
+fn x509_ocsp_status(der: &[u8]) -> u8 {
+    assert_eq!((der[0], der[2], der[3]), (0x30, 0x0a, 0x01), "an OCSPResponse: {der:02x?}");
+    der[4]
+}
+
+#[actix_rt::test]
+async fn sqlite_ocsp_answers_good_then_revoked() {
+    ocsp_answers_good_then_revoked(TestDb::sqlite()).await;
+}
+
+#[actix_rt::test]
+async fn postgres_ocsp_answers_good_then_revoked() {
+    ocsp_answers_good_then_revoked(TestDb::postgres()).await;
+}
+
+/// Two instances on PostgreSQL: a revocation through one is in the other's OCSP answer within
+/// the CRL delay, although the other had the good answer cached.
+#[actix_rt::test]
+async fn postgres_a_revocation_through_one_instance_is_in_the_others_ocsp_answers() {
+    let db = TestDb::postgres();
+    let a = TestServer::start(config(&db)).await;
+    let b = TestServer::start(config(&db)).await;
+    let dir = tempfile::tempdir().unwrap();
+    wait_for_responder(&a).await;
+    wait_for_responder(&b).await;
+    let cert = issue_ok(&a, DEMO_KEY, "tls-server-p256", "cached.example.test").await;
+    let pem = cert["certificate"].as_str().unwrap();
+    assert_eq!(openssl_ocsp(dir.path(), &b, pem, "ica-p256").0, "good");
+    assert_eq!(revoke(&a, DEMO_KEY, cert["serial"].as_str().unwrap(), json!({})).await.0, 200);
+    let started = Instant::now();
+    loop {
+        let (verdict, out) = openssl_ocsp(dir.path(), &b, pem, "ica-p256");
+        if verdict == "revoked" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "still {verdict} after 3 s: {out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     a.stop().await;
     b.stop().await;
 }

@@ -24,12 +24,17 @@ use crate::metrics::Metrics;
 use crate::pki::crl::{sign_crl, CrlContents, CrlEntry};
 use crate::pki::{now_ms, CaMaterial, RevocationReason};
 
+/// Called with the shards' bookkeeping at every look.
+pub type ShardWatcher = Arc<dyn Fn(&[CrlShardRow]) + Send + Sync>;
+
 pub struct CrlPublisher {
     cas: Arc<HashMap<String, Arc<CaMaterial>>>,
     control: DbPool,
     instance: Arc<str>,
     config: CrlConfig,
     metrics: Arc<Metrics>,
+    /// Told of every look's shards (the OCSP cache drops answers on a shard revoked elsewhere).
+    on_look: ShardWatcher,
     busy: bool,
     /// The last failure per (CA, shard), so a failing shard is logged when its failure changes,
     /// not at every look.
@@ -51,8 +56,9 @@ impl CrlPublisher {
         instance: Arc<str>,
         config: CrlConfig,
         metrics: Arc<Metrics>,
+        on_look: ShardWatcher,
     ) -> CrlPublisher {
-        CrlPublisher { cas, control, instance, config, metrics, busy: false, failing: HashMap::new() }
+        CrlPublisher { cas, control, instance, config, metrics, on_look, busy: false, failing: HashMap::new() }
     }
 
     fn look(&mut self, ctx: &mut Context<Self>) {
@@ -60,9 +66,9 @@ impl CrlPublisher {
             return;
         }
         self.busy = true;
-        let (cas, pool, instance, config) =
-            (self.cas.clone(), self.control.clone(), self.instance.clone(), self.config.clone());
-        let work = actix_web::rt::task::spawn_blocking(move || publish_due(&cas, &pool, &instance, &config));
+        let (cas, pool, instance, config, ocsp) =
+            (self.cas.clone(), self.control.clone(), self.instance.clone(), self.config.clone(), self.on_look.clone());
+        let work = actix_web::rt::task::spawn_blocking(move || publish_due(&cas, &pool, &instance, &config, &*ocsp));
         ctx.spawn(work.into_actor(self).map(|result, act, _| {
             act.busy = false;
             match result {
@@ -129,12 +135,14 @@ fn publish_due(
     pool: &DbPool,
     instance: &str,
     config: &CrlConfig,
+    on_look: &(dyn Fn(&[CrlShardRow]) + Send + Sync),
 ) -> Result<Round, DbError> {
     let mut conn = pool.get()?;
     let now = now_ms();
     let validity_ms = config.validity.as_millis() as i64;
     let mut round = Round::default();
     let shards = revocation::shards(&mut conn)?;
+    on_look(&shards);
     for ca in cas.values() {
         // Shards added since start (more configured) get their rows at the next look.
         if shards.iter().filter(|r| r.ca_id == ca.id).count() < ca.crl_shards as usize {

@@ -588,6 +588,25 @@ pub struct CaConfig {
     /// issuance and never changes. Raising it later is safe (old certificates keep theirs).
     #[serde(default = "default_crl_shards")]
     pub crl_shards: u32,
+    /// OCSP for this CA (the Baseline Requirements made it optional; CRLs are always made).
+    #[serde(default)]
+    pub ocsp: Option<OcspConfig>,
+}
+
+/// A CA's OCSP responder: castellum issues its certificate through the CA's own cell and renews
+/// it before it expires; answers are served at `{base_url}/ocsp`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OcspConfig {
+    /// The profile the responder certificate is issued with: this CA's, on the background lane,
+    /// with `extended_key_usage = ["ocsp_signing"]` and `ocsp_no_check = true`.
+    pub responder_profile: String,
+    /// The DNS name the responder certificate carries (the profile's name policy must allow it).
+    pub responder_name: String,
+    /// thisUpdate to nextUpdate of an answer (Baseline Requirements: 8 hours to 10 days); an
+    /// answer is signed again once half of it has passed.
+    #[serde(default = "default_ocsp_validity", with = "humantime_serde")]
+    pub response_validity: Duration,
 }
 
 /// A CA's circuit breaker: only that CA's signer failures count.
@@ -660,6 +679,9 @@ fn default_signer_threads() -> usize {
 fn default_sign_rate() -> f64 {
     1000.0
 }
+fn default_ocsp_validity() -> Duration {
+    Duration::from_secs(86_400)
+}
 fn default_crl_shards() -> u32 {
     4
 }
@@ -724,6 +746,9 @@ pub struct ProfileConfig {
     /// Baseline Requirements since SC-062).
     #[serde(default)]
     pub omit_subject_key_id: bool,
+    /// Add `id-pkix-ocsp-nocheck` (RFC 6960 4.2.2.2.1): for OCSP responder certificates.
+    #[serde(default)]
+    pub ocsp_no_check: bool,
 }
 
 /// A disposable identity: the key the engine generates, how long it lives, how often it signs,

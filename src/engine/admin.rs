@@ -197,7 +197,8 @@ impl Engine {
         let stale_after = self.inner.config.registry.stale_after.as_millis() as i64;
         // The console must keep answering when the control pool is exhausted (that is when it is
         // needed most): what needs the database is left out, and said so.
-        let mut warnings = Vec::new();
+        // OCSP responders missing or past their renewal point (also in /readyz's warnings).
+        let mut warnings = self.inner.ocsp.warnings();
         let ca_ids: Vec<String> = self.inner.catalog.cas.keys().cloned().collect();
         let read = move |conn: &mut crate::db::DbConn| {
             let parked: Result<Vec<(String, i64)>, crate::error::DbError> =

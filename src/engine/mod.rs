@@ -5,9 +5,11 @@ pub mod admin;
 pub mod identity;
 mod identity_services;
 mod issue;
+mod ocsp;
 mod revocation;
 /// The types an embedding application exchanges with the engine (defined in [`crate::types`]).
 pub use crate::types;
+pub use ocsp::{OcspAnswer, OcspService};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,6 +105,8 @@ struct Inner {
     registry: Addr<Registry>,
     resumer: Addr<Resumer>,
     _crl_publisher: Addr<CrlPublisher>,
+    /// OCSP responders and their cached answers.
+    ocsp: Arc<ocsp::OcspService>,
     stop_listener: Arc<AtomicBool>,
     /// Key pool, vault and sweeper, when a key-encryption key is configured.
     identities: Option<identity_services::IdentityServices>,
@@ -166,12 +170,18 @@ impl Engine {
             metrics.clone(),
         )
         .start();
+        let ocsp =
+            Arc::new(ocsp::OcspService::new(&catalog.cas, &config.cas).map_err(|e| StartError::Task(e.to_string()))?);
         let crl_publisher = CrlPublisher::new(
             Arc::new(catalog.cas.clone()),
             pools.control.clone(),
             instance.clone(),
             config.crl.clone(),
             metrics.clone(),
+            {
+                let ocsp = ocsp.clone();
+                Arc::new(move |shards: &[crate::db::models::CrlShardRow]| ocsp.shards_seen(shards))
+            },
         )
         .start();
         let identities = start_identities(&config, &pools, &instance, &metrics)?;
@@ -202,12 +212,14 @@ impl Engine {
                 registry,
                 resumer,
                 _crl_publisher: crl_publisher,
+                ocsp,
                 stop_listener,
                 identities,
             }),
         };
         engine.publish_tree_periodically();
         engine.record_history_periodically();
+        engine.renew_ocsp_responders_periodically();
         Ok(engine)
     }
 
@@ -410,7 +422,8 @@ impl Engine {
         if self.inner.shutting_down.load(Ordering::Relaxed) {
             reasons.push("shutting down".into());
         }
-        let (pools, warnings) = self.pool_readiness();
+        let (pools, mut warnings) = self.pool_readiness();
+        warnings.extend(self.inner.ocsp.warnings());
         Readiness {
             ready: reasons.is_empty(),
             database,

@@ -75,6 +75,7 @@ impl Engine {
         })
         .await?
         .ok_or(EngineError::NotFound)?;
+        self.inner.ocsp.forget(&serial);
         outcome(serial, stored)
     }
 
@@ -93,6 +94,7 @@ impl Engine {
             .on_admin_pool(move |conn| revocation::revoke(conn, &target, Revoker::Admin, revocation, &audit))
             .await?
             .ok_or(EngineError::NotFound)?;
+        self.inner.ocsp.forget(&serial);
         outcome(serial, stored)
     }
 

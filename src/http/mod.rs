@@ -43,6 +43,8 @@ pub fn routes(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
         .service(revocation::revoke)
         .service(revocation::crl)
         .service(revocation::ca_certificate)
+        .service(revocation::ocsp_post)
+        .service(revocation::ocsp_get)
         .service(identities::create)
         .service(identities::show)
         .service(identities::sign)

@@ -79,3 +79,68 @@ pub async fn ca_certificate(engine: web::Data<Engine>, file: web::Path<String>) 
         .insert_header((header::CACHE_CONTROL, "public, max-age=86400"))
         .body(der))
 }
+
+/// The largest OCSP request read (a request for one certificate is ~80 bytes; signed ones with
+/// certificates a few KiB).
+const MAX_OCSP_REQUEST: usize = 16 * 1024;
+
+fn ocsp_response(answer: crate::engine::OcspAnswer, cacheable: bool) -> HttpResponse {
+    let mut response = HttpResponse::Ok();
+    response.content_type("application/ocsp-response");
+    // RFC 5019 5: a GET answer may be cached until its nextUpdate.
+    match answer.max_age {
+        Some(age) if cacheable => {
+            response.insert_header((header::CACHE_CONTROL, format!("public, max-age={}, no-transform", age.as_secs())))
+        }
+        _ => response.insert_header((header::CACHE_CONTROL, "no-cache")),
+    };
+    response.body(answer.der)
+}
+
+/// `POST /ocsp` (RFC 6960 appendix A): the DER request is the body. Every answer is `200` with
+/// an OCSPResponse: OCSP clients read its status, not HTTP's.
+#[post("/ocsp")]
+pub async fn ocsp_post(engine: web::Data<Engine>, body: web::Bytes) -> HttpResponse {
+    if body.len() > MAX_OCSP_REQUEST {
+        return ocsp_response(
+            crate::engine::OcspAnswer {
+                der: web::Bytes::from(crate::pki::ocsp::Unanswerable::Malformed.response()),
+                max_age: None,
+            },
+            false,
+        );
+    }
+    ocsp_response(engine.ocsp(&body).await, false)
+}
+
+/// `GET /ocsp/{base64 of the DER request}` (RFC 5019: URL-encoded; standard base64 may hold `/`).
+#[get("/ocsp/{request:.*}")]
+pub async fn ocsp_get(engine: web::Data<Engine>, req: HttpRequest) -> HttpResponse {
+    use base64::Engine as _;
+    let raw = req.match_info().get("request").unwrap_or_default();
+    let decoded = percent_decode(raw);
+    let der = base64::engine::general_purpose::STANDARD.decode(decoded.trim()).unwrap_or_default();
+    ocsp_response(engine.ocsp(&der).await, true)
+}
+
+/// `%2B` → `+` and the like (actix hands the path over still encoded where it must).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], bytes.get(i + 1..i + 3)) {
+            (b'%', Some(hex)) => match u8::from_str_radix(std::str::from_utf8(hex).unwrap_or("zz"), 16) {
+                Ok(b) => {
+                    out.push(b);
+                    i += 3;
+                    continue;
+                }
+                Err(_) => out.push(b'%'),
+            },
+            (b, _) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}

@@ -79,12 +79,19 @@ pub struct CaMaterial {
     /// Where relying parties reach this CA's CRLs and certificate (`CaConfig::base_url`).
     pub base_url: Option<String>,
     pub crl_shards: u32,
+    /// This CA answers OCSP (at `{base_url}/ocsp`).
+    pub ocsp: bool,
 }
 
 impl CaMaterial {
     /// The URL of a CRL shard: in the certificates on it, and in its Issuing Distribution Point.
     pub fn crl_url(&self, shard: u32) -> Option<String> {
         self.base_url.as_ref().map(|base| format!("{base}/crl/{}/{shard}.crl", self.id))
+    }
+
+    /// The URL of this CA's OCSP responder (AIA ocsp), when it answers OCSP.
+    pub fn ocsp_url(&self) -> Option<String> {
+        self.base_url.as_ref().filter(|_| self.ocsp).map(|base| format!("{base}/ocsp"))
     }
 
     /// The URL of this CA's certificate (AIA caIssuers).
@@ -197,6 +204,7 @@ impl CaMaterial {
             chain_pem,
             base_url: cfg.base_url.clone(),
             crl_shards: cfg.crl_shards.max(1),
+            ocsp: cfg.ocsp.is_some(),
         })
     }
 }

@@ -26,6 +26,7 @@ pub struct Profile {
     pub policies: Vec<const_oid::ObjectIdentifier>,
     pub omit_common_name: bool,
     pub omit_subject_key_id: bool,
+    pub ocsp_no_check: bool,
 }
 
 /// What the profile approved of a CSR: the names and the subject to issue.
@@ -57,6 +58,7 @@ impl Profile {
             policies: cfg.policies.iter().filter_map(|oid| oid.parse().ok()).collect(),
             omit_common_name: cfg.omit_common_name,
             omit_subject_key_id: cfg.omit_subject_key_id,
+            ocsp_no_check: cfg.ocsp_no_check,
         }
     }
 

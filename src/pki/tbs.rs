@@ -213,8 +213,21 @@ pub fn prepare(
             crl_issuer: None,
         };
         extensions.push(extension(&CrlDistributionPoints(vec![point]), false)?);
-        let issuers = AccessDescription { access_method: oids::ID_AD_CA_ISSUERS, access_location: uri(&ca_issuers)? };
-        extensions.push(extension(&AuthorityInfoAccessSyntax(vec![issuers]), false)?);
+        let mut access = Vec::new();
+        if let Some(ocsp) = ca.ocsp_url() {
+            access.push(AccessDescription { access_method: oids::ID_AD_OCSP, access_location: uri(&ocsp)? });
+        }
+        access.push(AccessDescription { access_method: oids::ID_AD_CA_ISSUERS, access_location: uri(&ca_issuers)? });
+        extensions.push(extension(&AuthorityInfoAccessSyntax(access), false)?);
+    }
+    if profile.ocsp_no_check {
+        let no_check = Extension {
+            extn_id: const_oid::db::rfc6960::ID_PKIX_OCSP_NOCHECK,
+            critical: false,
+            extn_value: OctetString::new(der::asn1::Null.to_der().map_err(internal("nocheck"))?)
+                .map_err(internal("nocheck"))?,
+        };
+        extensions.push(no_check);
     }
     if !profile.policies.is_empty() {
         let policies = profile
