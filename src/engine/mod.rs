@@ -6,10 +6,11 @@ pub mod identity;
 mod identity_services;
 mod issue;
 mod ocsp;
+mod ocsp_cache;
 mod revocation;
 /// The types an embedding application exchanges with the engine (defined in [`crate::types`]).
 pub use crate::types;
-pub use ocsp::{OcspAnswer, OcspService};
+pub use ocsp_cache::{OcspAnswer, OcspService};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -106,7 +107,7 @@ struct Inner {
     resumer: Addr<Resumer>,
     _crl_publisher: Addr<CrlPublisher>,
     /// OCSP responders and their cached answers.
-    ocsp: Arc<ocsp::OcspService>,
+    ocsp: Arc<ocsp_cache::OcspService>,
     stop_listener: Arc<AtomicBool>,
     /// Key pool, vault and sweeper, when a key-encryption key is configured.
     identities: Option<identity_services::IdentityServices>,
@@ -170,8 +171,9 @@ impl Engine {
             metrics.clone(),
         )
         .start();
-        let ocsp =
-            Arc::new(ocsp::OcspService::new(&catalog.cas, &config.cas).map_err(|e| StartError::Task(e.to_string()))?);
+        let ocsp = Arc::new(
+            ocsp_cache::OcspService::new(&catalog.cas, &config.cas).map_err(|e| StartError::Task(e.to_string()))?,
+        );
         let crl_publisher = CrlPublisher::new(
             Arc::new(catalog.cas.clone()),
             pools.control.clone(),
