@@ -63,6 +63,18 @@ pub fn revoke(
     revocation: Revocation,
     audit: &NewAuditEvent,
 ) -> Result<Option<RevokeOutcome>, DbError> {
+    // A plain read first: a refusal (no such serial, another client's) takes no write lock, so a
+    // flood of them cannot hold up the Store on SQLite.
+    let owner = with_conn!(conn, |c| certificates::table
+        .find(serial)
+        .select(certificates::client)
+        .first::<String>(c)
+        .optional())?;
+    match (owner, by) {
+        (None, _) => return Ok(None),
+        (Some(owner), Revoker::Owner(asker)) if owner != asker => return Ok(None),
+        _ => {}
+    }
     Ok(with_conn!(conn, |c| c.transaction(|c| {
         // The change first, conditional on `issued` (and the owner): of two concurrent
         // revocations exactly one changes the row, and the other reads the first one's.

@@ -113,6 +113,16 @@ struct Inner {
     identities: Option<identity_services::IdentityServices>,
 }
 
+/// A serial as the API accepts it: hex, at most 20 octets, compared lower-case; anything else
+/// names no certificate (`404`, without a database read).
+fn normalize_serial(serial: &str) -> Result<String, EngineError> {
+    let serial = serial.to_ascii_lowercase();
+    if serial.is_empty() || serial.len() > 40 || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(EngineError::NotFound);
+    }
+    Ok(serial)
+}
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, StartError> {
     actix_web::rt::task::spawn_blocking(f).await.map_err(|e| StartError::Task(e.to_string()))
 }
@@ -319,10 +329,7 @@ impl Engine {
     }
 
     pub async fn certificate(&self, client: &Client, serial: &str) -> Result<CertificateRecord, EngineError> {
-        let serial = serial.to_ascii_lowercase();
-        if serial.len() > 64 || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(EngineError::NotFound);
-        }
+        let serial = normalize_serial(serial)?;
         let row = self.read(move |c| queries::load_certificate(c, &serial)).await?.ok_or(EngineError::NotFound)?;
         // Another client's certificate is indistinguishable from none at all.
         if row.client != client.name {

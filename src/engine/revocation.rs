@@ -3,7 +3,7 @@
 //! population (a destroyed CA, as in incident 003). Each revocation is committed, with its audit
 //! row and its shard's stale mark, before it is answered; the CRL publisher does the rest.
 
-use super::Engine;
+use super::{normalize_serial, Engine};
 use crate::db::models::NewAuditEvent;
 use crate::db::revocation::{self, Revocation, RevokeOutcome, Revoker};
 use crate::error::EngineError;
@@ -19,15 +19,6 @@ const REVOKE_CA_CHUNK: i64 = 500;
 /// whose busy handler sleeps and retries (measured: issuance on another CA failed with
 /// `database unavailable` while back-to-back chunks ran).
 const REVOKE_CA_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
-
-/// A serial as the API accepts it: hex, at most 20 octets, compared lower-case.
-fn normalize_serial(serial: &str) -> Result<String, EngineError> {
-    let serial = serial.to_ascii_lowercase();
-    if serial.is_empty() || serial.len() > 40 || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(EngineError::NotFound);
-    }
-    Ok(serial)
-}
 
 fn outcome(serial: String, stored: RevokeOutcome) -> Result<RevocationOutcome, EngineError> {
     let (revocation, newly_revoked) = match stored {

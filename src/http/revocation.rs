@@ -118,29 +118,7 @@ pub async fn ocsp_post(engine: web::Data<Engine>, body: web::Bytes) -> HttpRespo
 pub async fn ocsp_get(engine: web::Data<Engine>, req: HttpRequest) -> HttpResponse {
     use base64::Engine as _;
     let raw = req.match_info().get("request").unwrap_or_default();
-    let decoded = percent_decode(raw);
+    let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
     let der = base64::engine::general_purpose::STANDARD.decode(decoded.trim()).unwrap_or_default();
     ocsp_response(engine.ocsp(&der).await, true)
-}
-
-/// `%2B` → `+` and the like (actix hands the path over still encoded where it must).
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match (bytes[i], bytes.get(i + 1..i + 3)) {
-            (b'%', Some(hex)) => match u8::from_str_radix(std::str::from_utf8(hex).unwrap_or("zz"), 16) {
-                Ok(b) => {
-                    out.push(b);
-                    i += 3;
-                    continue;
-                }
-                Err(_) => out.push(b'%'),
-            },
-            (b, _) => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

@@ -44,7 +44,8 @@ pub struct CrlContents<'a> {
     pub entries: &'a [CrlEntry],
 }
 
-fn crl_reason(reason: RevocationReason) -> CrlReason {
+/// The x509-cert form of a reason (CRL entries and OCSP answers).
+pub(crate) fn crl_reason(reason: RevocationReason) -> CrlReason {
     match reason {
         RevocationReason::Unspecified => CrlReason::Unspecified,
         RevocationReason::KeyCompromise => CrlReason::KeyCompromise,

@@ -11,7 +11,6 @@ use der::asn1::{BitString, GeneralizedTime, OctetString};
 use der::{Decode, Encode};
 use openssl::pkey::{PKey, Private};
 use openssl::sign::Signer;
-use x509_cert::ext::pkix::CrlReason;
 use x509_cert::serial_number::SerialNumber;
 use x509_cert::spki::AlgorithmIdentifierOwned;
 use x509_cert::Certificate;
@@ -21,6 +20,7 @@ use x509_ocsp::{
 };
 
 use super::ca::CaMaterial;
+use super::crl::crl_reason;
 use super::vocabulary::RevocationReason;
 use crate::error::EngineError;
 
@@ -163,19 +163,6 @@ fn generalized(t: SystemTime) -> Result<OcspGeneralizedTime, EngineError> {
     // Whole seconds: DER GeneralizedTime carries no fraction here.
     let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
     Ok(OcspGeneralizedTime(GeneralizedTime::from_unix_duration(Duration::from_secs(secs)).map_err(internal("time"))?))
-}
-
-fn crl_reason(reason: RevocationReason) -> CrlReason {
-    match reason {
-        RevocationReason::Unspecified => CrlReason::Unspecified,
-        RevocationReason::KeyCompromise => CrlReason::KeyCompromise,
-        RevocationReason::CaCompromise => CrlReason::CaCompromise,
-        RevocationReason::AffiliationChanged => CrlReason::AffiliationChanged,
-        RevocationReason::Superseded => CrlReason::Superseded,
-        RevocationReason::CessationOfOperation => CrlReason::CessationOfOperation,
-        RevocationReason::PrivilegeWithdrawn => CrlReason::PrivilegeWithdrawn,
-        RevocationReason::AaCompromise => CrlReason::AaCompromise,
-    }
 }
 
 /// Sign the answer to `question`: a successful OCSPResponse (DER) valid from `this_update` to
