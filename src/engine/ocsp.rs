@@ -8,9 +8,11 @@
 //!   renewing at once never slow interactive issuance. It is renewed once two thirds of its
 //!   validity have passed; a CA whose renewal keeps failing keeps answering with its current
 //!   responder until it expires, and readiness and metrics say so from the renewal point on.
-//! - **Answers.** Signed once and cached (per serial), so answering a known question costs no
-//!   signature, no database read and no write; signed again once half their validity has passed,
-//!   never valid past their responder. A revocation here evicts its serial at once; one made by
+//! - **Answers.** Signed at the first question about a serial and cached (per serial and issuer
+//!   hash algorithm), so answering it again costs no signature, no database read and no write;
+//!   signed again in the background before half their validity has passed (and after a responder
+//!   renewal), never valid past their responder, and served while valid even if the database is
+//!   down. A revocation here evicts its serial at once; one made by
 //!   another instance evicts its shard's answers when the CRL publisher sees the shard's
 //!   revision move (within `crl.delay` / 4).
 
@@ -20,13 +22,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use actix_web::web::Bytes;
 
 use super::ocsp_cache::{
-    max_age, renewal_due, responder_request, unix_ms, Cached, OcspAnswer, OcspCa, MAX_CACHED, RENEWAL_LOOK,
+    max_age, renewal_due, responder_request, unix_ms, AnswerKey, Cached, OcspAnswer, OcspCa, REFRESH_PER_LOOK,
+    RENEWAL_LOOK,
 };
 use super::Engine;
+use crate::db::models::CertificateRow;
 use crate::db::queries;
 use crate::error::EngineError;
 use crate::metrics::Metrics;
-use crate::pki::ocsp::{read_request, sign_answer, Responder, Status, Unanswerable};
+use crate::pki::ocsp::{read_request, sign_answer, Question, Responder, Status, Unanswerable};
 use crate::pki::{now_ms, RevocationReason};
 use crate::states::CertState;
 use crate::types::{Client, IssueRequest};
@@ -46,19 +50,33 @@ impl Engine {
         let question = read_request(request)?;
         let (id, ca) =
             service.cas.iter().find(|(_, ca)| ca.hashes.matches(&question)).ok_or(Unanswerable::Unauthorized)?;
-        let serial = question.serial_hex();
-        let now = now_ms();
-        if let Some(hit) = service.cache.read().unwrap_or_else(|e| e.into_inner()).get(&serial) {
-            if now < hit.refresh_at && hit.ca == *id {
-                return Ok(OcspAnswer { der: hit.der.clone(), max_age: max_age(hit.next_update, now) });
-            }
+        let key = AnswerKey::of(&question);
+        if let Some(answer) = service.cached(&key, id, now_ms()) {
+            return Ok(answer);
         }
+        // Not asked before (or evicted by a revocation): read its status and sign, once.
+        let generation = service.generation();
+        let (status, shard) = self.status_of(id, &key.serial).await.map_err(|_| Unanswerable::TryLater)?;
+        self.sign_and_keep(id, ca, generation, key, question, status, shard)
+    }
+
+    /// Sign an answer with the CA's current responder and cache it.
+    #[allow(clippy::too_many_arguments)]
+    fn sign_and_keep(
+        &self,
+        id: &str,
+        ca: &OcspCa,
+        generation: u64,
+        key: AnswerKey,
+        question: Question,
+        status: Status,
+        shard: i32,
+    ) -> Result<OcspAnswer, Unanswerable> {
         let responder = ca.responder.load_full().ok_or(Unanswerable::TryLater)?;
-        if responder.not_after <= SystemTime::now() {
+        let this_update = SystemTime::now();
+        if responder.not_after <= this_update {
             return Err(Unanswerable::TryLater);
         }
-        let (status, shard) = self.status_of(id, &serial).await.map_err(|_| Unanswerable::TryLater)?;
-        let this_update = SystemTime::now();
         let next_update = (this_update + ca.config.response_validity).min(responder.not_after);
         let der = sign_answer(&responder, &question, status, this_update, next_update).map_err(|e| {
             tracing::warn!(ca = %id, error = %e, "could not sign an OCSP answer");
@@ -66,12 +84,41 @@ impl Engine {
         })?;
         let der = Bytes::from(der);
         let (this_ms, next_ms) = (unix_ms(this_update), unix_ms(next_update));
-        let mut cache = service.cache.write().unwrap_or_else(|e| e.into_inner());
-        if cache.len() < MAX_CACHED || cache.contains_key(&serial) {
-            let refresh_at = this_ms + (next_ms - this_ms) / 2;
-            cache.insert(serial, Cached { der: der.clone(), refresh_at, next_update: next_ms, ca: id.clone(), shard });
+        let refresh_at = this_ms + (next_ms - this_ms) / 2;
+        let cached = Cached { der: der.clone(), question, refresh_at, next_update: next_ms, ca: id.to_string(), shard };
+        self.inner.ocsp.keep(generation, key, cached);
+        Ok(OcspAnswer { der, max_age: max_age(next_ms, this_ms) })
+    }
+
+    /// Sign again, in the background, the cached answers whose half validity comes before the
+    /// next look: a question never waits for a signature once its serial has been asked about.
+    async fn refresh_due_answers(&self) {
+        let service = &self.inner.ocsp;
+        let by = now_ms() + RENEWAL_LOOK.as_millis() as i64;
+        let due = service.due(by, REFRESH_PER_LOOK);
+        if due.is_empty() {
+            return;
         }
-        Ok(OcspAnswer { der, max_age: max_age(next_ms, now) })
+        let generation = service.generation();
+        let serials: Vec<String> = due.iter().map(|(key, _, _)| key.serial.clone()).collect();
+        let rows = self
+            .read(move |c| serials.iter().map(|s| queries::load_certificate(c, s)).collect::<Result<Vec<_>, _>>())
+            .await;
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                // They stay cached and valid until their nextUpdate; the next look tries again.
+                tracing::warn!(error = %e, due = due.len(), "could not read statuses to refresh OCSP answers");
+                return;
+            }
+        };
+        for ((key, question, id), row) in due.into_iter().zip(rows) {
+            let Some(ca) = service.cas.get(&id) else { continue };
+            let (status, shard) = status_from_row(&id, row);
+            if self.sign_and_keep(&id, ca, generation, key, question, status, shard).is_err() {
+                break;
+            }
+        }
     }
 
     /// What the database says of a serial under `ca`, and its CRL shard.
@@ -81,26 +128,7 @@ impl Engine {
         }
         let key = serial.to_string();
         let row = self.read(move |c| queries::load_certificate(c, &key)).await?;
-        Ok(match row {
-            Some(row) if row.ca_id == ca => {
-                let shard = row.crl_shard.unwrap_or(0);
-                match row.state {
-                    CertState::Issued => (Status::Good, shard),
-                    CertState::Revoked => (
-                        Status::Revoked {
-                            at: UNIX_EPOCH + Duration::from_millis(row.revoked_at.unwrap_or(0).max(0) as u64),
-                            reason: row
-                                .revocation_reason
-                                .and_then(RevocationReason::from_code)
-                                .unwrap_or(RevocationReason::Unspecified),
-                        },
-                        shard,
-                    ),
-                    CertState::Signing | CertState::Abandoned => (Status::Unknown, shard),
-                }
-            }
-            _ => (Status::Unknown, -1),
-        })
+        Ok(status_from_row(ca, row))
     }
 
     /// Keep every OCSP CA's responder certificate current, until the engine stops.
@@ -116,6 +144,7 @@ impl Engine {
                 for id in engine.inner.ocsp.cas.keys() {
                     engine.renew_responder_if_due(id).await;
                 }
+                engine.refresh_due_answers().await;
             }
         });
     }
@@ -137,8 +166,8 @@ impl Engine {
                 metrics.ocsp_responder_seconds_left.get_or_create(&crate::metrics::ca(id)).set(left.as_secs() as i64);
                 ca.responder.store(Some(Arc::new(responder)));
                 *ca.renewal_error.write().unwrap_or_else(|e| e.into_inner()) = None;
-                // Answers signed by the previous responder are signed again at the next question.
-                self.inner.ocsp.cache.write().unwrap_or_else(|e| e.into_inner()).retain(|_, c| c.ca != id);
+                // Answers signed by the previous responder are signed again in the background.
+                self.inner.ocsp.refresh_all_of(id);
                 tracing::info!(ca = id, expires_in_s = left.as_secs(), "OCSP responder certificate issued");
             }
             Err(e) => {
@@ -163,5 +192,28 @@ impl Engine {
             .and_then(|c| c.to_der())
             .map_err(|e| EngineError::Internal(format!("responder certificate: {e}")))?;
         Responder::new(key, der)
+    }
+}
+
+/// A certificate's OCSP status under `ca` (unknown if it is another CA's, or was never finished),
+/// and its CRL shard.
+fn status_from_row(ca: &str, row: Option<CertificateRow>) -> (Status, i32) {
+    match row {
+        Some(row) if row.ca_id == ca => {
+            let shard = row.crl_shard.unwrap_or(0);
+            let status = match row.state {
+                CertState::Issued => Status::Good,
+                CertState::Revoked => Status::Revoked {
+                    at: UNIX_EPOCH + Duration::from_millis(row.revoked_at.unwrap_or(0).max(0) as u64),
+                    reason: row
+                        .revocation_reason
+                        .and_then(RevocationReason::from_code)
+                        .unwrap_or(RevocationReason::Unspecified),
+                },
+                CertState::Signing | CertState::Abandoned => Status::Unknown,
+            };
+            (status, shard)
+        }
+        _ => (Status::Unknown, -1),
     }
 }

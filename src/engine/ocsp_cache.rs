@@ -3,6 +3,7 @@
 //! What it is for: `engine::ocsp`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,15 +13,33 @@ use arc_swap::ArcSwapOption;
 use crate::config::OcspConfig;
 use crate::db::models::CrlShardRow;
 use crate::error::EngineError;
-use crate::pki::ocsp::{IssuerHashes, Responder};
+use crate::pki::ocsp::{IssuerHashes, Question, Responder};
 use crate::pki::CaMaterial;
 
 /// Answers kept at most; beyond this, answers are signed and not kept (a flood of questions about
 /// random serials cannot grow memory).
-pub(super) const MAX_CACHED: usize = 200_000;
+const MAX_CACHED: usize = 200_000;
 
-/// How often each instance looks at its responders.
+/// How often each instance looks at its responders and at answers nearing half their validity.
 pub(super) const RENEWAL_LOOK: Duration = Duration::from_secs(15);
+
+/// Answers signed again per look at most: a responder renewal makes every answer of its CA due at
+/// once, and they stay valid (signed by the previous responder) while this paces them.
+pub(super) const REFRESH_PER_LOOK: usize = 2_000;
+
+/// What an answer is cached under: the serial and the hash algorithm of the question's CertID (the
+/// answer repeats the question's CertID, and a client matches it hash by hash).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(super) struct AnswerKey {
+    pub(super) serial: String,
+    pub(super) sha256: bool,
+}
+
+impl AnswerKey {
+    pub(super) fn of(question: &Question) -> AnswerKey {
+        AnswerKey { serial: question.serial_hex(), sha256: question.uses_sha256() }
+    }
+}
 
 pub(super) struct OcspCa {
     pub(super) hashes: IssuerHashes,
@@ -32,7 +51,10 @@ pub(super) struct OcspCa {
 
 pub(super) struct Cached {
     pub(super) der: Bytes,
-    /// When it is signed again (half its validity).
+    /// The question it answers, to sign it again.
+    pub(super) question: Question,
+    /// When it is signed again in the background (half its validity); it is served until
+    /// `next_update`, so a database outage does not stop answers that are still valid.
     pub(super) refresh_at: i64,
     pub(super) next_update: i64,
     pub(super) ca: String,
@@ -42,7 +64,10 @@ pub(super) struct Cached {
 /// The OCSP responders and their answers.
 pub struct OcspService {
     pub(super) cas: HashMap<String, OcspCa>,
-    pub(super) cache: RwLock<HashMap<String, Cached>>,
+    cache: RwLock<HashMap<AnswerKey, Cached>>,
+    /// Moves on every eviction: an answer signed from a status read before an eviction is not
+    /// cached (it may say `good` of a certificate revoked meanwhile).
+    evictions: AtomicU64,
     /// Each shard's revision as last seen (revocations elsewhere move it).
     revisions: RwLock<HashMap<(String, i32), i64>>,
 }
@@ -71,12 +96,75 @@ impl OcspService {
                 },
             );
         }
-        Ok(OcspService { cas: out, cache: RwLock::new(HashMap::new()), revisions: RwLock::new(HashMap::new()) })
+        Ok(OcspService {
+            cas: out,
+            cache: RwLock::new(HashMap::new()),
+            evictions: AtomicU64::new(0),
+            revisions: RwLock::new(HashMap::new()),
+        })
     }
 
-    /// A revocation made here: its answer is signed again at the next question.
+    /// A cached answer still valid at `now` (ms).
+    pub(super) fn cached(&self, key: &AnswerKey, ca: &str, now: i64) -> Option<OcspAnswer> {
+        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+        let hit = cache.get(key).filter(|hit| now < hit.next_update && hit.ca == ca)?;
+        Some(OcspAnswer { der: hit.der.clone(), max_age: max_age(hit.next_update, now) })
+    }
+
+    /// The eviction count, read before a status is: pass it to [`Self::keep`].
+    pub(super) fn generation(&self) -> u64 {
+        self.evictions.load(Ordering::Acquire)
+    }
+
+    /// Cache an answer, unless something was evicted since `generation` was read (its status may
+    /// be older than the eviction) or the cache is full of other answers.
+    pub(super) fn keep(&self, generation: u64, key: AnswerKey, answer: Cached) {
+        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        if self.evictions.load(Ordering::Acquire) != generation {
+            return;
+        }
+        if cache.len() < MAX_CACHED || cache.contains_key(&key) {
+            cache.insert(key, answer);
+        }
+    }
+
+    /// Up to `limit` answers to sign again: those whose refresh point is before `by` (ms).
+    pub(super) fn due(&self, by: i64, limit: usize) -> Vec<(AnswerKey, Question, String)> {
+        let cache = self.cache.read().unwrap_or_else(|e| e.into_inner());
+        cache
+            .iter()
+            .filter(|(_, c)| c.refresh_at <= by)
+            .take(limit)
+            .map(|(k, c)| (k.clone(), c.question.clone(), c.ca.clone()))
+            .collect()
+    }
+
+    /// A new responder for `ca`: its answers are signed again in the background (they stay valid
+    /// meanwhile: never past the previous responder's expiry).
+    pub(super) fn refresh_all_of(&self, ca: &str) {
+        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        cache.values_mut().filter(|c| c.ca == ca).for_each(|c| c.refresh_at = 0);
+    }
+
+    /// How many answers are cached (the console shows it).
+    pub fn cached_count(&self) -> usize {
+        self.cache.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// A revocation made here: its answers are signed again at the next question.
     pub fn forget(&self, serial: &str) {
-        self.cache.write().unwrap_or_else(|e| e.into_inner()).remove(serial);
+        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        self.evictions.fetch_add(1, Ordering::AcqRel);
+        for sha256 in [false, true] {
+            cache.remove(&AnswerKey { serial: serial.to_string(), sha256 });
+        }
+    }
+
+    /// A whole CA's population revoked here: all its answers go.
+    pub fn forget_ca(&self, ca: &str) {
+        let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+        self.evictions.fetch_add(1, Ordering::AcqRel);
+        cache.retain(|_, c| c.ca != ca);
     }
 
     /// The CRL publisher's view of the shards: answers on a shard whose revision moved are dropped.
@@ -93,6 +181,7 @@ impl OcspService {
         }
         if !moved.is_empty() {
             let mut cache = self.cache.write().unwrap_or_else(|e| e.into_inner());
+            self.evictions.fetch_add(1, Ordering::AcqRel);
             cache.retain(|_, c| !moved.iter().any(|(ca, shard)| *ca == c.ca && *shard == c.shard));
         }
     }

@@ -117,6 +117,7 @@ impl Engine {
                 break;
             }
             total += revoked;
+            self.inner.ocsp.forget_ca(ca);
             tracing::info!(ca, revoked = total, "revoking the CA's certificates");
             tokio::time::sleep(started.elapsed().max(REVOKE_CA_PAUSE)).await;
         }

@@ -70,6 +70,11 @@ impl Question {
     pub fn serial_hex(&self) -> String {
         hex::encode(self.cert_id.serial_number.as_bytes())
     }
+
+    /// Whether the question names its issuer by SHA-256 hashes (else SHA-1).
+    pub fn uses_sha256(&self) -> bool {
+        self.cert_id.hash_algorithm.oid == ID_SHA_256
+    }
 }
 
 /// Read an OCSP request (DER): exactly one certificate, SHA-1 or SHA-256 issuer hashes.
