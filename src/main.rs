@@ -146,6 +146,10 @@ enum Command {
         /// the levels, in bulk, to measure issuance beside a CA's history (0: empty database).
         #[arg(long, default_value_t = 0)]
         prefill: u64,
+        /// Measure OCSP instead: answers from the cache at each concurrency, beside a control
+        /// (`GET /healthz`) at the same concurrency in the same run.
+        #[arg(long, conflicts_with_all = ["refusals", "prefill"])]
+        ocsp: bool,
     },
     /// A retry storm against engines on this machine: requests at a fixed rate, whatever they
     /// are answered (no back-off), then a JSON report of the answers on stdout. Loopback only,
@@ -257,17 +261,21 @@ fn main() -> ExitCode {
             idle_connections,
             engine,
             prefill,
-        } => bench(castellum::bench::BenchOptions {
-            postgres,
-            concurrency,
-            duration,
-            keys_dev,
-            out,
-            refusals,
-            idle_connections,
-            engine,
-            prefill,
-        }),
+            ocsp,
+        } => bench(
+            castellum::bench::BenchOptions {
+                postgres,
+                concurrency,
+                duration,
+                keys_dev,
+                out,
+                refusals,
+                idle_connections,
+                engine,
+                prefill,
+            },
+            ocsp,
+        ),
         Command::Storm { urls, profiles, csrs, api_key, rate, duration, in_flight, max_requests } => {
             if profiles.len() != csrs.len() {
                 eprintln!(
@@ -419,7 +427,19 @@ fn storm(plan: &castellum::drill::storm::StormPlan) -> ExitCode {
     }
 }
 
-fn bench(opts: castellum::bench::BenchOptions) -> ExitCode {
+fn bench(opts: castellum::bench::BenchOptions, ocsp: bool) -> ExitCode {
+    if ocsp {
+        return match castellum::bench::run_ocsp(opts) {
+            Ok(report) => {
+                println!("{}", report.markdown());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("bench failed: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     match castellum::bench::run(opts) {
         Ok(report) => {
             println!("{}", report.markdown());

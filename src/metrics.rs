@@ -76,6 +76,8 @@ pub struct Metrics {
     /// Seconds until each CA's current OCSP responder certificate expires (updated every look).
     pub ocsp_responder_seconds_left: Family<Labels, Gauge>,
     pub ocsp_renewal_failures: Family<Labels, Counter>,
+    /// OCSP answers signed (first questions and background refreshes; a cached answer is not).
+    pub ocsp_signatures: Counter,
     pub registry_version: Gauge,
     pub async_resumed: Counter,
     /// Identity keys handed out, by kind and source (`pool`: pre-generated, `on-demand`).
@@ -135,6 +137,7 @@ impl Metrics {
             crl_failures: Family::default(),
             ocsp_responder_seconds_left: Family::default(),
             ocsp_renewal_failures: Family::default(),
+            ocsp_signatures: Counter::default(),
             registry_version: Gauge::default(),
             async_resumed: Counter::default(),
             identity_keys: Family::default(),
@@ -231,6 +234,11 @@ impl Metrics {
                 "ocsp_renewal_failures",
                 "Failed renewals of a CA's OCSP responder certificate",
                 m.ocsp_renewal_failures.clone(),
+            );
+            r.register(
+                "ocsp_signatures",
+                "OCSP answers signed (a first question or a refresh; answers from the cache are not)",
+                m.ocsp_signatures.clone(),
             );
             r.register("registry_version", "Registry version this instance serves", m.registry_version.clone());
             r.register(

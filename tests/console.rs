@@ -175,3 +175,92 @@ async fn the_console_charts_a_storm_as_it_happens() {
     assert!(rate > 0.0, "refusals/s shown during the storm: {refusals:?}");
     std::sync::Arc::into_inner(server).expect("storm done").stop().await;
 }
+
+/// The console's revocation view, driven in Chromium: one certificate revoked by serial with a
+/// reason (the engine and the audit log say so, and its CA's count moves), a whole-CA revocation
+/// refused while its confirmation is mistyped and done once it is typed right (every certificate
+/// of that CA revoked, as the database counts them), the shards' CRLs made again, and the OCSP
+/// responder shown.
+#[actix_rt::test]
+async fn a_browser_revokes_a_certificate_and_a_whole_ca_from_the_console() {
+    browser_dir();
+    let db = TestDb::sqlite();
+    let mut config = dev_config(&db);
+    config.crl.delay = std::time::Duration::from_secs(1);
+    ca_of(&mut config, "ica-p256").ocsp = Some(castellum::config::OcspConfig {
+        responder_profile: "ocsp-renewal".into(),
+        responder_name: "ocsp.ica-p256.example.test".into(),
+        response_validity: std::time::Duration::from_secs(86_400),
+    });
+    let server = TestServer::start(config).await;
+    let one = server.issue(DEMO_KEY, "tls-server-p256", &csr(Key::P256, &["one.example.test"])).send().await.unwrap();
+    assert_eq!(one.status(), 201);
+    let serial = one.json::<serde_json::Value>().await.unwrap()["serial"].as_str().unwrap().to_string();
+    for i in 0..3 {
+        let r =
+            server.issue(DEMO_KEY, "tls-server-p384", &csr(Key::P256, &[&format!("p{i}.example.test")])).send().await;
+        assert_eq!(r.unwrap().status(), 201);
+    }
+    let p384_issued =
+        sql::count(&db, "SELECT count(*) AS n FROM certificates WHERE ca_id = 'ica-p384' AND state = 'issued'");
+    assert_eq!(p384_issued, 3);
+    let out = tempfile::tempdir().unwrap();
+    let args = vec![
+        server.admin_base.clone().into(),
+        ADMIN_TOKEN.into(),
+        serial.clone().into(),
+        "ica-p256".into(),
+        "ica-p384".into(),
+        out.path().join("revocation.png").into_os_string(),
+    ];
+    let seen = run_browser_script("revocation.mjs", args).await;
+    assert_eq!(seen["errors"], serde_json::json!([]), "no script error on the page");
+    assert!(seen["responder"].as_str().unwrap().starts_with("expires in "), "{seen}");
+
+    // One certificate, by serial: the engine has it revoked with the reason chosen, audited as the admin.
+    let shown = seen["revokedOne"].as_str().unwrap();
+    assert!(shown.contains(&serial) && shown.contains("keyCompromise"), "{shown}");
+    let cert: serde_json::Value = server
+        .http
+        .get(server.url(&format!("/v1/certificates/{serial}")))
+        .bearer_auth(DEMO_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        (cert["state"].as_str(), cert["revocation"]["reason"].as_str()),
+        (Some("revoked"), Some("keyCompromise"))
+    );
+    let audit = sql::audit(&db);
+    assert!(
+        audit.iter().any(|a| a.actor == "dev-admin" && a.action == "certificate.revoke" && a.target == serial),
+        "{audit:?}"
+    );
+
+    // The whole CA: refused while mistyped, then every certificate of it.
+    assert!(seen["mistyped"].as_str().unwrap().contains("not confirmed"), "{seen}");
+    assert!(
+        seen["dialogs"].as_array().unwrap().iter().any(|d| d.as_str().unwrap().contains("Type ica-p384")),
+        "{seen}"
+    );
+    assert_eq!(seen["revokedAll"].as_str(), Some("3 certificates of ica-p384 revoked (cessationOfOperation)"));
+    let revoked = |ca: &str| {
+        sql::count(&db, &format!("SELECT count(*) AS n FROM certificates WHERE ca_id = '{ca}' AND state = 'revoked'"))
+    };
+    assert_eq!((revoked("ica-p256"), revoked("ica-p384")), (1, 3));
+    let counts: Vec<(String, i64)> = seen["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c[0].as_str().unwrap().to_string(), c[1].as_i64().unwrap()))
+        .collect();
+    assert!(counts.contains(&("ica-p256".into(), 1)) && counts.contains(&("ica-p384".into(), 3)), "{counts:?}");
+    // Every CA's shards are listed, each with the CRL the database holds.
+    let shards = seen["shards"].as_array().unwrap();
+    let in_db = sql::count(&db, "SELECT count(*) AS n FROM crl_shards");
+    assert_eq!(shards.len() as i64, in_db, "{shards:?}");
+    server.stop().await;
+}

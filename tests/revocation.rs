@@ -451,6 +451,12 @@ async fn wait_for_responder(server: &TestServer) {
 
 /// `openssl ocsp` against the engine: its verdict line and the whole output.
 fn openssl_ocsp(dir: &Path, server: &TestServer, cert_pem: &str, ca: &str) -> (String, String) {
+    openssl_ocsp_with(dir, cert_pem, ca, "-sha1", &["-url", &server.url("/ocsp"), "-respout", "response.der"])
+}
+
+/// `openssl ocsp -issuer CA DIGEST -cert LEAF -CAfile CHAIN -resp_text ARGS`, run in `dir` (DIGEST
+/// hashes the issuer in the question's CertID): its verdict line for the leaf and the whole output.
+fn openssl_ocsp_with(dir: &Path, cert_pem: &str, ca: &str, digest: &str, args: &[&str]) -> (String, String) {
     let leaf = dir.join("ocsp-leaf.pem");
     std::fs::write(&leaf, cert_pem).unwrap();
     let chain = dir.join("ocsp-chain.pem");
@@ -458,17 +464,16 @@ fn openssl_ocsp(dir: &Path, server: &TestServer, cert_pem: &str, ca: &str) -> (S
     pem.extend(std::fs::read(dev_keys().join("root.crt")).unwrap());
     std::fs::write(&chain, pem).unwrap();
     let (_, out) = run(Command::new("openssl")
+        .current_dir(dir)
         .args(["ocsp", "-issuer"])
         .arg(dev_keys().join(format!("{ca}.crt")))
+        .arg(digest)
         .arg("-cert")
         .arg(&leaf)
-        .arg("-url")
-        .arg(server.url("/ocsp"))
         .arg("-CAfile")
         .arg(&chain)
-        .arg("-respout")
-        .arg(dir.join("response.der"))
-        .arg("-resp_text"));
+        .arg("-resp_text")
+        .args(args));
     let verdict = out
         .lines()
         .find(|l| l.starts_with(&*leaf.display().to_string()))
@@ -564,4 +569,159 @@ async fn postgres_a_revocation_through_one_instance_is_in_the_others_ocsp_answer
     }
     a.stop().await;
     b.stop().await;
+}
+
+/// RFC 5019's GET form and SHA-256 CertIDs: a question asked by `GET /ocsp/{base64}` (the request
+/// openssl wrote, base64 then URL-encoded) is answered, cacheably, and openssl verifies the saved
+/// answer; a SHA-256 question about a serial already answered for a SHA-1 one gets an answer that
+/// names it the SHA-256 way (openssl matches the CertID hash by hash).
+#[actix_rt::test]
+async fn ocsp_answers_the_get_form_and_sha256_questions() {
+    use base64::Engine as _;
+    let db = TestDb::sqlite();
+    let server = TestServer::start(config(&db)).await;
+    let dir = tempfile::tempdir().unwrap();
+    wait_for_responder(&server).await;
+    let cert = issue_ok(&server, DEMO_KEY, "tls-server-p256", "get-form.example.test").await;
+    let pem = cert["certificate"].as_str().unwrap();
+    assert_eq!(openssl_ocsp(dir.path(), &server, pem, "ica-p256").0, "good");
+    let url = server.url("/ocsp");
+    let (verdict, out) = openssl_ocsp_with(dir.path(), pem, "ica-p256", "-sha256", &["-url", &url]);
+    assert_eq!(verdict, "good", "a SHA-256 question after a SHA-1 one:\n{out}");
+    assert!(out.contains("Response verify OK"), "{out}");
+
+    let (ok, out) = run(Command::new("openssl")
+        .current_dir(dir.path())
+        .args(["ocsp", "-issuer"])
+        .arg(dev_keys().join("ica-p256.crt"))
+        .args(["-cert", "ocsp-leaf.pem", "-no_nonce", "-reqout", "request.der"]));
+    assert!(ok, "{out}");
+    let request = std::fs::read(dir.path().join("request.der")).unwrap();
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&request);
+    let path: String = percent_encoding::utf8_percent_encode(&b64, percent_encoding::NON_ALPHANUMERIC).to_string();
+    let response = server.http.get(server.url(&format!("/ocsp/{path}"))).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/ocsp-response");
+    let cache = response.headers()["cache-control"].to_str().unwrap().to_string();
+    let max_age: u64 = cache.split("max-age=").nth(1).and_then(|v| v.split(',').next()?.trim().parse().ok()).unwrap();
+    assert!(max_age > 3600 && max_age <= 86_400, "cacheable up to its nextUpdate: {cache}");
+    std::fs::write(dir.path().join("got.der"), response.bytes().await.unwrap()).unwrap();
+    let (verdict, out) = openssl_ocsp_with(dir.path(), pem, "ica-p256", "-sha1", &["-respin", "got.der"]);
+    assert_eq!(verdict, "good", "{out}");
+    assert!(out.contains("Response verify OK"), "{out}");
+    // Not base64: an OCSP malformedRequest, not a problem document.
+    let bad = server.http.get(server.url("/ocsp/%%%not-base64")).send().await.unwrap();
+    assert_eq!(x509_ocsp_status(&bad.bytes().await.unwrap()), 1, "malformedRequest");
+    server.stop().await;
+}
+
+/// The responder profile's validity in `renewal_failure` (renewal due at two thirds of it).
+const SHORT_RESPONDER: Duration = Duration::from_secs(18);
+
+/// Incident 003's failing renewal: a CA whose responder renewal fails (its profile disabled)
+/// keeps answering with its current responder, while readiness, the admin status and the metrics
+/// say so before it expires; once it has expired, answers are `tryLater` (never signed by an
+/// expired responder); once renewal works again, they are good again.
+#[actix_rt::test]
+async fn a_failing_responder_renewal_keeps_answering_and_says_so_until_the_responder_expires() {
+    let db = TestDb::sqlite();
+    let mut config = config(&db);
+    let profile = config.profiles.iter_mut().find(|p| p.id == "ocsp-renewal").unwrap();
+    (profile.validity, profile.backdate) = (SHORT_RESPONDER, Duration::ZERO);
+    let server = TestServer::start(config).await;
+    let dir = tempfile::tempdir().unwrap();
+    wait_for_responder(&server).await;
+    let started = Instant::now();
+    let cert = issue_ok(&server, DEMO_KEY, "tls-server-p256", "renewal.example.test").await;
+    let pem = cert["certificate"].as_str().unwrap();
+    assert_eq!(openssl_ocsp(dir.path(), &server, pem, "ica-p256").0, "good");
+    server.engine.set_profile_state("test-operator", "ocsp-renewal", false).await.unwrap();
+
+    // The renewal point (12 s) passes and the next look (every 15 s) fails to renew.
+    let warning = loop {
+        let readiness: Value = server.http.get(server.url("/readyz")).send().await.unwrap().json().await.unwrap();
+        let warnings = readiness["warnings"].as_array().cloned().unwrap_or_default();
+        let found = warnings.iter().filter_map(|w| w.as_str()).find_map(|w| {
+            (w.contains("CA ica-p256: OCSP responder certificate expires in") && w.contains("renewal failing"))
+                .then(|| w.to_string())
+        });
+        if let Some(w) = found {
+            break w;
+        }
+        assert!(started.elapsed() < SHORT_RESPONDER, "no warning before the responder expired: {readiness}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(warning.contains("disabled"), "the failure names its cause: {warning}");
+    let admin: Value = server
+        .http
+        .get(format!("{}/admin/v1/status", server.admin_base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(admin["warnings"].as_array().unwrap().iter().any(|w| w.as_str() == Some(&warning)), "{admin}");
+    let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let value = |family: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(family) && l.contains("ica-p256"))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{family} missing:\n{metrics}"))
+    };
+    assert!(value("castellum_ocsp_renewal_failures_total") >= 1.0, "{metrics}");
+    let left = value("castellum_ocsp_responder_valid_seconds");
+    assert!(left > 0.0 && left < SHORT_RESPONDER.as_secs_f64() / 3.0 + 1.0, "{left} s left");
+    // Still answering, with the responder it has.
+    let (verdict, out) = openssl_ocsp(dir.path(), &server, pem, "ica-p256");
+    assert_eq!(verdict, "good", "{out}");
+    assert!(out.contains("Response verify OK"), "{out}");
+
+    // Expired: no answer is signed or served past the responder.
+    tokio::time::sleep(SHORT_RESPONDER.saturating_sub(started.elapsed()) + Duration::from_secs(1)).await;
+    let (_, out) = openssl_ocsp(dir.path(), &server, pem, "ica-p256");
+    assert!(out.to_lowercase().contains("trylater"), "after the responder expired:\n{out}");
+
+    // Renewal works again at the next look.
+    server.engine.set_profile_state("test-operator", "ocsp-renewal", true).await.unwrap();
+    let renewed = Instant::now();
+    loop {
+        let (verdict, out) = openssl_ocsp(dir.path(), &server, pem, "ica-p256");
+        if verdict == "good" {
+            assert!(out.contains("Response verify OK"), "{out}");
+            break;
+        }
+        assert!(renewed.elapsed() < Duration::from_secs(20), "not renewed: {out}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    server.stop().await;
+}
+
+/// An entry stays on its CRL until its certificate has expired, then leaves at the CRL's next
+/// issue (Baseline Requirements 4.10.1), judged by what `openssl crl` lists.
+#[actix_rt::test]
+async fn an_expired_certificate_leaves_the_crl() {
+    let db = TestDb::sqlite();
+    let mut config = config(&db);
+    ca_of(&mut config, "ica-p256").crl_shards = 1;
+    let short = config.profiles.iter_mut().find(|p| p.id == "tls-server-p256").unwrap();
+    short.validity = short.backdate + Duration::from_secs(3);
+    let server = TestServer::start(config).await;
+    let dir = tempfile::tempdir().unwrap();
+    let expiring = issue_ok(&server, DEMO_KEY, "tls-server-p256", "expiring.example.test").await;
+    let serial = expiring["serial"].as_str().unwrap();
+    let url = crl_url_of(dir.path(), expiring["certificate"].as_str().unwrap());
+    assert_eq!(revoke(&server, DEMO_KEY, serial, json!({ "reason": "superseded" })).await.0, 200);
+    wait_listed(&server, dir.path(), &url, serial, Duration::from_secs(5)).await;
+
+    tokio::time::sleep(Duration::from_secs(4)).await; // it has expired
+    let later = issue_ok(&server, DEMO_KEY, "tls-server-p256", "later.example.test").await;
+    let later_serial = later["serial"].as_str().unwrap();
+    assert_eq!(crl_url_of(dir.path(), later["certificate"].as_str().unwrap()), url, "one shard");
+    assert_eq!(revoke(&server, DEMO_KEY, later_serial, json!({})).await.0, 200);
+    let (text, _) = wait_listed(&server, dir.path(), &url, later_serial, Duration::from_secs(5)).await;
+    assert!(!text.to_uppercase().contains(&serial.to_uppercase()), "the expired entry is gone:\n{text}");
+    server.stop().await;
 }

@@ -169,11 +169,92 @@ function render(status) {
       enable ? "Enable" : "Disable")));
   }));
 
+  renderRevocation(status.revocation, now);
+
   document.getElementById("audit").replaceChildren(...status.audit.slice(0, 20).map((a) =>
     el("tr", {}, el("td", {}, when(a.at)), el("td", {}, a.instance), el("td", {}, a.actor), el("td", {}, a.action),
       el("td", {}, a.target), el("td", {}, a.outcome), el("td", { class: "small" }, a.detail))));
 
   state.previous = { at: now, cells: status.cells };
+}
+
+// RFC 5280 reasons an operator may give (certificateHold and removeFromCRL are not offered).
+const REASONS = ["unspecified", "keyCompromise", "cACompromise", "affiliationChanged", "superseded",
+  "cessationOfOperation", "privilegeWithdrawn", "aACompromise"];
+
+function reasonSelect(select) {
+  if (select.options.length === 0) select.replaceChildren(...REASONS.map((r) => el("option", { value: r }, r)));
+  return select;
+}
+
+function renderRevocation(revocation, now) {
+  if (!revocation) return;
+  const revoked = Object.fromEntries(revocation.revoked);
+  const responders = Object.fromEntries(revocation.responders.map((r) => [r.ca, r]));
+  const cas = [...new Set(revocation.shards.map((s) => s.ca))].sort();
+  const responderText = (r) => {
+    if (!r) return "off";
+    if (r.expires_at === null) return `no certificate yet${r.renewal_error ? ` · renewal failing: ${r.renewal_error}` : ""}`;
+    const left = r.expires_at - now;
+    const text = left <= 0 ? "EXPIRED" : `expires in ${ago(left)}`;
+    const due = r.renewal_due_at <= now ? " · renewal due" : "";
+    return `${text}${due}${r.renewal_error ? ` · renewal failing: ${r.renewal_error}` : ""}`;
+  };
+  document.getElementById("revocation-cas").replaceChildren(...cas.map((ca) => {
+    const all = el("button", { "data-action": "revoke-all", "data-ca": ca, onclick: () => revokeAll(ca) }, "Revoke all…");
+    return el("tr", { "data-ca": ca }, el("td", {}, ca), el("td", { "data-field": "revoked" }, revoked[ca] || 0),
+      el("td", { "data-field": "responder" }, responderText(responders[ca])), el("td", {}, all));
+  }));
+  document.getElementById("crl-shards").replaceChildren(...revocation.shards.map((s) => {
+    const state = s.crl_number === 0 ? badge("stale") : s.stale_since !== null ? badge("stale") : badge("ok");
+    if (s.stale_since !== null) state.textContent = `waiting ${ago(now - s.stale_since)}`;
+    else if (s.crl_number === 0) state.textContent = "none yet";
+    else state.textContent = "current";
+    return el("tr", { "data-ca": s.ca, "data-shard": s.shard }, el("td", {}, s.ca), el("td", {}, s.shard),
+      el("td", { "data-field": "crl-number" }, s.crl_number),
+      el("td", {}, s.this_update ? when(s.this_update) : "—"), el("td", {}, s.next_update ? new Date(s.next_update).toLocaleString() : "—"),
+      el("td", {}, state), el("td", {}, s.made_by || "—"));
+  }));
+  document.getElementById("revoke-one").dataset.cached = revocation.cached_answers;
+}
+
+// Revoking every certificate of a CA cannot be undone: the operator types the CA's id.
+async function revokeAll(ca) {
+  const typed = window.prompt(`Revoke EVERY certificate ${ca} issued? Type ${ca} to confirm.`);
+  if (typed === null) return;
+  const shown = document.getElementById("lever-error");
+  if (typed.trim() !== ca) {
+    shown.textContent = `Revoke all of ${ca}: not confirmed (typed ${JSON.stringify(typed)})`;
+    return;
+  }
+  const reason = document.getElementById("revoke-reason").value || "cessationOfOperation";
+  try {
+    const done = await api("POST", `/admin/v1/cas/${encodeURIComponent(ca)}/revoke-all`, { reason });
+    document.getElementById("revoke-result").textContent = `${done.revoked} certificates of ${ca} revoked (${done.reason})`;
+    shown.textContent = "";
+    await refresh();
+  } catch (e) {
+    shown.textContent = `Revoke all of ${ca} failed: ${e.message}`;
+  }
+}
+
+async function revokeOne() {
+  const serial = document.getElementById("revoke-serial").value.trim();
+  const reason = document.getElementById("revoke-reason").value;
+  const result = document.getElementById("revoke-result");
+  if (!serial) {
+    result.textContent = "enter a serial";
+    return;
+  }
+  if (!window.confirm(`Revoke certificate ${serial} (${reason})?`)) return;
+  try {
+    const done = await api("POST", `/admin/v1/certificates/${encodeURIComponent(serial)}/revoke`, { reason });
+    result.textContent = `${done.serial} revoked at ${new Date(done.revoked_at).toLocaleString()} (${done.reason})` +
+      (done.newly_revoked ? "" : " — it already was: the first revocation stands");
+    await refresh();
+  } catch (e) {
+    result.textContent = `revoking ${serial} failed: ${e.message}`;
+  }
 }
 
 async function refresh() {
@@ -189,6 +270,8 @@ async function refresh() {
   }
 }
 
+reasonSelect(document.getElementById("revoke-reason"));
+document.getElementById("revoke-button").addEventListener("click", revokeOne);
 document.getElementById("sign-in").addEventListener("click", () => {
   state.token = document.getElementById("token").value.trim();
   sessionStorage.setItem("castellum-admin-token", state.token);

@@ -16,7 +16,9 @@ use crate::drill::DrillError;
 use crate::pki::KeyType;
 use crate::pki::{csr, tbs, CaMaterial, LintedTbs, Profile};
 
+mod ocsp;
 mod prefill;
+pub use ocsp::OcspReport;
 pub use prefill::Prefilled;
 
 pub struct BenchOptions {
@@ -55,7 +57,7 @@ pub struct Level {
 }
 
 /// (utime + stime, peak RSS bytes) of a process, from /proc.
-fn process_usage(pid: u32) -> Option<(Duration, u64)> {
+pub(super) fn process_usage(pid: u32) -> Option<(Duration, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
     // SAFETY: sysconf has no preconditions.
@@ -88,7 +90,7 @@ fn postgres_cpu() -> Option<Duration> {
     found.then(|| Duration::from_secs_f64(total / ticks))
 }
 
-fn p256_csrs(n: usize) -> Result<Vec<Arc<String>>, DrillError> {
+pub(super) fn p256_csrs(n: usize) -> Result<Vec<Arc<String>>, DrillError> {
     (0..n)
         .map(|i| {
             let key =
@@ -117,7 +119,7 @@ fn p256_csrs(n: usize) -> Result<Vec<Arc<String>>, DrillError> {
 /// Issuances per second the machine's cores can do if all they did was the crypto.
 /// The ceiling's and the prefill's material: the dev CA `ica-p256`, one linted TBS for its
 /// P-256 profile, and the CSR it was made from.
-fn sample(keys_dev: &Path) -> Result<(Arc<CaMaterial>, LintedTbs, Arc<String>), DrillError> {
+pub(super) fn sample(keys_dev: &Path) -> Result<(Arc<CaMaterial>, LintedTbs, Arc<String>), DrillError> {
     let config = Config::load(Some(&keys_dev.join("castellum.toml"))).map_err(|e| DrillError::Setup(e.to_string()))?;
     let ca_cfg = config.cas.iter().find(|c| c.id == "ica-p256").ok_or(DrillError::Setup("no ica-p256".into()))?;
     let ca = Arc::new(CaMaterial::load(ca_cfg).map_err(|e| DrillError::Setup(e.to_string()))?);
@@ -286,11 +288,45 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, DrillError> {
     report
 }
 
+/// `castellum bench --ocsp`: OCSP answers from the cache at each concurrency, beside a control
+/// (see `ocsp`), against an engine with OCSP on for ica-p256.
+pub fn run_ocsp(opts: BenchOptions) -> Result<OcspReport, DrillError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let dir = opts.out.join(format!("bench-ocsp-{}", std::process::id()));
+    let sqlite_file = dir.join("bench.db");
+    let report = runtime.block_on(async {
+        std::fs::create_dir_all(&dir)?;
+        let db = match &opts.postgres {
+            Some(url) => DrillDb::postgres(url, None)?,
+            None => DrillDb::Sqlite(sqlite_file.clone()),
+        };
+        let backend = if opts.postgres.is_some() { "PostgreSQL" } else { "SQLite" }.to_string();
+        let engine = match &opts.engine {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()?,
+        };
+        let mut target = Target::start(&engine, &opts.keys_dev, &dir.join("engine"), db, |c| {
+            let ca = ca_entry(c, "ica-p256");
+            set(ca, &["ocsp", "responder_profile"], "ocsp-renewal".into());
+            set(ca, &["ocsp", "responder_name"], "ocsp.ica-p256.example.test".into());
+        })
+        .await?;
+        let pid = target.pid().ok_or(DrillError::Setup("no engine process".into()))?;
+        let report = ocsp::run(&target, pid, &opts.keys_dev, backend, &opts.concurrency, opts.duration).await;
+        target.stop();
+        report
+    });
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", sqlite_file.display()));
+    }
+    report
+}
+
 /// Every row of the tables a request can write.
 const ROWS: &str = "SELECT (SELECT count(*) FROM audit_log) + (SELECT count(*) FROM requests) \
                     + (SELECT count(*) FROM certificates) AS n";
 
-async fn rows(target: &Target) -> Option<i64> {
+pub(super) async fn rows(target: &Target) -> Option<i64> {
     crate::drill::evidence::Evidence::read(target.db.as_ref(), |e| e.count(ROWS)).await.ok()
 }
 

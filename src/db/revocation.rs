@@ -171,6 +171,16 @@ pub fn shards(conn: &mut DbConn) -> Result<Vec<CrlShardRow>, DbError> {
     Ok(with_conn!(conn, |c| crl_shards::table.select(CrlShardRow::as_select()).load(c))?)
 }
 
+/// How many revoked certificates each CA's CRLs list (not expired before `now`).
+pub fn revoked_counts(conn: &mut DbConn, now: i64) -> Result<Vec<(String, i64)>, DbError> {
+    Ok(with_conn!(conn, |c| certificates::table
+        .filter(certificates::revoked_at.is_not_null())
+        .filter(certificates::not_after.ge(now))
+        .group_by(certificates::ca_id)
+        .select((certificates::ca_id, diesel::dsl::count_star()))
+        .load(c))?)
+}
+
 /// Take the lease to generate a shard's CRL: free, expired, or already ours. True if taken.
 pub fn take_lease(conn: &mut DbConn, ca: &str, shard: i32, me: &str, now: i64, until: i64) -> Result<bool, DbError> {
     let taken = with_conn!(conn, |c| diesel::update(crl_shards::table.find((ca, shard)).filter(

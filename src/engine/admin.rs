@@ -13,6 +13,7 @@ use crate::actors::registry::{self, Apply};
 use crate::actors::resumer::Resubmit;
 use crate::db::models::AuditEvent;
 use crate::db::queries::{self, StateChange};
+use crate::db::revocation;
 use crate::db::DbConn;
 use crate::error::{DbError, EngineError};
 use crate::pki::now_ms;
@@ -204,14 +205,15 @@ impl Engine {
             let parked: Result<Vec<(String, i64)>, crate::error::DbError> =
                 ca_ids.iter().map(|ca| Ok((ca.clone(), queries::count_parked(conn, ca)?))).collect();
             let chains = crate::audit::chain::heads(conn)?;
-            Ok((queries::instances(conn)?, queries::recent_audit(conn, 50)?, parked?, chains))
+            let revocation = (revocation::shards(conn)?, revocation::revoked_counts(conn, now_ms())?);
+            Ok((queries::instances(conn)?, queries::recent_audit(conn, 50)?, parked?, chains, revocation))
         };
-        let (instances, audit, parked, audit_chains) = match self.on_admin_pool(read).await {
+        let (instances, audit, parked, audit_chains, (shards, revoked)) = match self.on_admin_pool(read).await {
             Ok(found) => found,
             Err(e) if self.inner.sabotage.has(crate::config::Sabotage::BrittleConsole) => return Err(e),
             Err(e) => {
                 warnings.push(format!("cluster view, parked counts and audit log unavailable: {e} (admin pool)"));
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new())
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new(), (Vec::new(), Vec::new()))
             }
         };
         let mut cells = self.cell_status().await;
@@ -250,6 +252,12 @@ impl Engine {
             refusals: self.inner.audit.recent_refusals(),
             audit_chains,
             audit_verified: self.inner.audit.last_verification(),
+            revocation: RevocationStatus {
+                revoked,
+                shards: shards.into_iter().map(ShardStatus::from).collect(),
+                responders: self.inner.ocsp.responders(),
+                cached_answers: self.inner.ocsp.cached_count(),
+            },
             warnings,
         })
     }
@@ -323,8 +331,50 @@ pub struct AdminStatus {
     pub audit_chains: Vec<crate::audit::chain::Head>,
     /// When this instance last verified its own chain (every `audit.verify_interval`).
     pub audit_verified: Option<crate::audit::chain::Verification>,
+    pub revocation: RevocationStatus,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+}
+
+/// Revocation as the console shows it: what the CRLs list, each shard's latest CRL, and this
+/// instance's OCSP responders.
+#[derive(Debug, Clone, Serialize)]
+pub struct RevocationStatus {
+    /// Per CA: revoked certificates not yet expired (its CRLs' entries).
+    pub revoked: Vec<(String, i64)>,
+    pub shards: Vec<ShardStatus>,
+    pub responders: Vec<super::ocsp_cache::ResponderStatus>,
+    /// OCSP answers this instance holds signed.
+    pub cached_answers: usize,
+}
+
+/// One CRL shard (times in Unix ms).
+#[derive(Debug, Clone, Serialize)]
+pub struct ShardStatus {
+    pub ca: String,
+    pub shard: i32,
+    /// The latest CRL's number (0: none yet).
+    pub crl_number: i64,
+    pub this_update: Option<i64>,
+    pub next_update: Option<i64>,
+    /// Since when a revocation has been waiting for the next CRL.
+    pub stale_since: Option<i64>,
+    /// The instance that last held the lease to make it.
+    pub made_by: Option<String>,
+}
+
+impl From<crate::db::models::CrlShardRow> for ShardStatus {
+    fn from(row: crate::db::models::CrlShardRow) -> Self {
+        ShardStatus {
+            ca: row.ca_id,
+            shard: row.shard,
+            crl_number: row.crl_number,
+            this_update: row.this_update,
+            next_update: row.next_update,
+            stale_since: row.stale_since,
+            made_by: row.lease_owner,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]

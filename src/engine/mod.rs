@@ -10,7 +10,7 @@ mod ocsp_cache;
 mod revocation;
 /// The types an embedding application exchanges with the engine (defined in [`crate::types`]).
 pub use crate::types;
-pub use ocsp_cache::{OcspAnswer, OcspService};
+pub use ocsp_cache::{OcspAnswer, OcspService, ResponderStatus};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

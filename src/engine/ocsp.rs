@@ -82,6 +82,7 @@ impl Engine {
             tracing::warn!(ca = %id, error = %e, "could not sign an OCSP answer");
             Unanswerable::TryLater
         })?;
+        self.inner.metrics.ocsp_signatures.inc();
         let der = Bytes::from(der);
         let (this_ms, next_ms) = (unix_ms(this_update), unix_ms(next_update));
         let refresh_at = this_ms + (next_ms - this_ms) / 2;

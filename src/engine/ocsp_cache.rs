@@ -186,6 +186,25 @@ impl OcspService {
         }
     }
 
+    /// Each OCSP CA's responder, for the console.
+    pub fn responders(&self) -> Vec<ResponderStatus> {
+        let mut out: Vec<ResponderStatus> = self
+            .cas
+            .iter()
+            .map(|(id, ca)| {
+                let responder = ca.responder.load_full();
+                ResponderStatus {
+                    ca: id.clone(),
+                    expires_at: responder.as_ref().map(|r| unix_ms(r.not_after)),
+                    renewal_due_at: responder.as_ref().map(|r| unix_ms(renewal_point(r))),
+                    renewal_error: ca.renewal_error.read().unwrap_or_else(|e| e.into_inner()).clone(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.ca.cmp(&b.ca));
+        out
+    }
+
     /// Warnings for readiness and the console: responders missing, or past their renewal point.
     pub fn warnings(&self) -> Vec<String> {
         let now = SystemTime::now();
@@ -207,10 +226,25 @@ impl OcspService {
     }
 }
 
+/// A CA's OCSP responder as the console shows it (times in Unix ms).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ResponderStatus {
+    pub ca: String,
+    /// None: no responder certificate yet.
+    pub expires_at: Option<i64>,
+    pub renewal_due_at: Option<i64>,
+    /// The last renewal's failure, until one succeeds.
+    pub renewal_error: Option<String>,
+}
+
 /// Renew once two thirds of the responder's validity have passed.
 pub(super) fn renewal_due(r: &Responder, now: SystemTime) -> bool {
+    now >= renewal_point(r)
+}
+
+fn renewal_point(r: &Responder) -> SystemTime {
     let life = r.not_after.duration_since(r.not_before).unwrap_or_default();
-    now >= r.not_before + life * 2 / 3
+    r.not_before + life * 2 / 3
 }
 
 pub(super) fn unix_ms(t: SystemTime) -> i64 {

@@ -217,6 +217,39 @@ pub fn sign_answer(
     OcspResponse::successful(basic).map_err(internal("response"))?.to_der().map_err(internal("response"))
 }
 
+impl Question {
+    /// The question as an OCSP request (DER), unsigned and without a nonce, as RFC 5019 clients
+    /// send it.
+    pub fn request_der(&self) -> Result<Vec<u8>, EngineError> {
+        let request = OcspRequest {
+            tbs_request: x509_ocsp::TbsRequest {
+                version: Default::default(),
+                requestor_name: None,
+                request_list: vec![x509_ocsp::Request {
+                    req_cert: self.cert_id.clone(),
+                    single_request_extensions: None,
+                }],
+                request_extensions: None,
+            },
+            optional_signature: None,
+        };
+        request.to_der().map_err(internal("request"))
+    }
+}
+
+/// What a (successful, basic) OCSP response says of its one certificate; None if it is not one.
+pub fn answered_status(der: &[u8]) -> Option<&'static str> {
+    let response = OcspResponse::from_der(der).ok()?;
+    let bytes = response.response_bytes?;
+    let basic = BasicOcspResponse::from_der(bytes.response.as_bytes()).ok()?;
+    let [single] = basic.tbs_response_data.responses.as_slice() else { return None };
+    Some(match single.cert_status {
+        CertStatus::Good(_) => "good",
+        CertStatus::Revoked(_) => "revoked",
+        CertStatus::Unknown(_) => "unknown",
+    })
+}
+
 /// A question about `serial` under `ca` (tests and the benchmark ask as a client would).
 pub fn question_for(ca: &CaMaterial, serial: &[u8]) -> Result<Question, EngineError> {
     let cert = Certificate::from_der(&ca.cert_der).map_err(internal("CA certificate"))?;

@@ -1,0 +1,349 @@
+//! `castellum bench --ocsp`: OCSP answers from the cache, over HTTP on loopback, against an engine
+//! in its own process, beside a control measured in the same run at the same concurrency: `GET
+//! /healthz`, the same HTTP stack answering without any work. The engine and the load generator
+//! share the machine's cores, so the control says what the machine's HTTP path can do at all.
+//!
+//! Before the load: certificates issued through the API, a tenth revoked, and every question
+//! asked once (signed and cached; each answer is checked to say good or revoked as it should).
+//! During the load, the engine's OCSP signature counter and the database's rows must not move.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+
+use super::{p256_csrs, process_usage, rows, sample};
+use crate::drill::load::percentile;
+use crate::drill::target::Target;
+use crate::drill::DrillError;
+use crate::pki::ocsp::{answered_status, question_for};
+
+/// One load: answers per second, latency, CPU per answer (engine and load generator).
+#[derive(Debug, Clone)]
+pub struct Load {
+    pub answered: u64,
+    pub errors: u64,
+    pub per_second: f64,
+    pub p50: Duration,
+    pub p99: Duration,
+    pub engine_cpu_per_answer: Duration,
+    pub client_cpu_per_answer: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct OcspLevel {
+    pub concurrency: usize,
+    /// `GET /healthz` at the same concurrency, just before.
+    pub control: Load,
+    pub ocsp: Load,
+    /// OCSP signatures the engine made while the OCSP load ran (0: every answer from the cache).
+    pub signatures: u64,
+    /// Database rows added while it ran.
+    pub rows_written: Option<i64>,
+}
+
+pub struct OcspReport {
+    pub backend: String,
+    pub certificates: usize,
+    pub revoked: usize,
+    pub levels: Vec<OcspLevel>,
+    pub peak_rss: u64,
+}
+
+/// Certificates issued (and asked about) before the load.
+const CERTIFICATES: usize = 2_000;
+
+pub(super) async fn run(
+    target: &Target,
+    pid: u32,
+    keys_dev: &std::path::Path,
+    backend: String,
+    concurrency: &[usize],
+    length: Duration,
+) -> Result<OcspReport, DrillError> {
+    let addr: SocketAddr = target
+        .base
+        .trim_start_matches("http://")
+        .parse()
+        .map_err(|e| DrillError::Setup(format!("the engine's address {}: {e}", target.base)))?;
+    if !addr.ip().is_loopback() {
+        return Err(DrillError::Setup("the OCSP benchmark only loads loopback".into()));
+    }
+    wait_for_responder(target).await?;
+    eprintln!("issuing {CERTIFICATES} certificates and revoking a tenth of them…");
+    let serials = issue(target, CERTIFICATES).await?;
+    let revoked: Vec<&String> = serials.iter().step_by(10).collect();
+    for serial in &revoked {
+        let status = target
+            .http
+            .post(format!("{}/v1/certificates/{serial}/revoke", target.base))
+            .bearer_auth(&target.api_key)
+            .json(&serde_json::json!({ "reason": "superseded" }))
+            .send()
+            .await
+            .map_err(|e| DrillError::Setup(format!("revoke: {e}")))?
+            .status();
+        if status != 200 {
+            return Err(DrillError::Setup(format!("revoking {serial}: {status}")));
+        }
+    }
+    let (ca, _, _) = sample(keys_dev)?;
+    let requests: Vec<Bytes> = serials
+        .iter()
+        .map(|s| {
+            let serial = hex::decode(s).map_err(|e| DrillError::Setup(format!("serial {s}: {e}")))?;
+            let question = question_for(&ca, &serial).map_err(|e| DrillError::Setup(e.to_string()))?;
+            question.request_der().map(Bytes::from).map_err(|e| DrillError::Setup(e.to_string()))
+        })
+        .collect::<Result<_, _>>()?;
+    let requests = Arc::new(requests);
+
+    // Every question once: signed and cached, and each answer says what it should.
+    let mut said = (0usize, 0usize);
+    for (i, body) in requests.iter().enumerate() {
+        let der = target
+            .http
+            .post(format!("{}/ocsp", target.base))
+            .header("content-type", "application/ocsp-request")
+            .body(body.to_vec())
+            .send()
+            .await
+            .map_err(|e| DrillError::Setup(format!("OCSP: {e}")))?
+            .bytes()
+            .await
+            .map_err(|e| DrillError::Setup(format!("OCSP: {e}")))?;
+        let expected = if i % 10 == 0 { "revoked" } else { "good" };
+        match answered_status(&der) {
+            Some(s) if s == expected => {
+                if expected == "good" {
+                    said.0 += 1
+                } else {
+                    said.1 += 1
+                }
+            }
+            other => {
+                return Err(DrillError::Setup(format!("serial {} answered {other:?}, not {expected}", serials[i])))
+            }
+        }
+    }
+    eprintln!("  every question answered once: {} good, {} revoked", said.0, said.1);
+
+    let mut levels = Vec::new();
+    for &c in concurrency {
+        let healthz: Arc<dyn Fn(usize) -> Request<Full<Bytes>> + Send + Sync> = Arc::new(|_| {
+            Request::get("/healthz").header("host", "127.0.0.1").body(Full::new(Bytes::new())).expect("a valid request")
+        });
+        let control = measure(addr, pid, c, length, healthz, |status, _| status == 200).await?;
+        let signatures_before = signatures(target).await?;
+        let rows_before = rows(target).await;
+        let bodies = requests.clone();
+        let ocsp: Arc<dyn Fn(usize) -> Request<Full<Bytes>> + Send + Sync> = Arc::new(move |i| {
+            Request::post("/ocsp")
+                .header("host", "127.0.0.1")
+                .header("content-type", "application/ocsp-request")
+                .body(Full::new(bodies[i % bodies.len()].clone()))
+                .expect("a valid request")
+        });
+        // A successful OCSPResponse: SEQUENCE { ENUMERATED 0, ... }.
+        let answered = |status: u16, body: &[u8]| status == 200 && body.get(2..5) == Some(&[0x0a, 0x01, 0x00]);
+        let ocsp = measure(addr, pid, c, length, ocsp, answered).await?;
+        let signatures = signatures(target).await?.saturating_sub(signatures_before);
+        let rows_written = rows(target).await.zip(rows_before).map(|(after, before)| after - before);
+        eprintln!(
+            "  c={c}: OCSP {:.0}/s (p99 {:.2} ms), control GET /healthz {:.0}/s (p99 {:.2} ms); {signatures} signatures, {} rows written",
+            ocsp.per_second,
+            ocsp.p99.as_secs_f64() * 1e3,
+            control.per_second,
+            control.p99.as_secs_f64() * 1e3,
+            rows_written.map_or("?".into(), |n| n.to_string()),
+        );
+        levels.push(OcspLevel { concurrency: c, control, ocsp, signatures, rows_written });
+    }
+    let peak_rss = process_usage(pid).map(|u| u.1).unwrap_or(0);
+    Ok(OcspReport { backend, certificates: serials.len(), revoked: revoked.len(), levels, peak_rss })
+}
+
+/// Until the engine's readiness no longer warns that a responder is missing.
+async fn wait_for_responder(target: &Target) -> Result<(), DrillError> {
+    let started = Instant::now();
+    loop {
+        let readiness: serde_json::Value = target
+            .http
+            .get(format!("{}/readyz", target.base))
+            .send()
+            .await
+            .map_err(|e| DrillError::Setup(format!("readyz: {e}")))?
+            .json()
+            .await
+            .unwrap_or_default();
+        let warnings = readiness["warnings"].as_array().cloned().unwrap_or_default();
+        if !warnings.iter().any(|w| w.as_str().unwrap_or("").contains("OCSP responder")) {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            return Err(DrillError::Setup(format!("no OCSP responder after 30 s: {readiness}")));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Issue `n` certificates of ica-p256 through the API, 16 at a time; their serials in order.
+async fn issue(target: &Target, n: usize) -> Result<Vec<String>, DrillError> {
+    let csrs = p256_csrs(16)?;
+    let mut serials = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(16) {
+        let calls = chunk.iter().map(|&i| {
+            let (http, base, key, csr) =
+                (target.http.clone(), target.base.clone(), target.api_key.clone(), csrs[i % 16].clone());
+            async move {
+                let r = http
+                    .post(format!("{base}/v1/certificates"))
+                    .bearer_auth(key)
+                    .json(&serde_json::json!({"profile": "tls-server-p256", "csr": csr.as_str()}))
+                    .send()
+                    .await
+                    .map_err(|e| DrillError::Setup(format!("issue: {e}")))?;
+                if r.status() != 201 {
+                    return Err(DrillError::Setup(format!("issue: {}", r.status())));
+                }
+                let body: serde_json::Value = r.json().await.map_err(|e| DrillError::Setup(format!("issue: {e}")))?;
+                body["serial"].as_str().map(str::to_string).ok_or(DrillError::Setup("no serial".into()))
+            }
+        });
+        for serial in futures_util::future::join_all(calls).await {
+            serials.push(serial?);
+        }
+    }
+    Ok(serials)
+}
+
+/// The engine's OCSP signature counter, from its metrics.
+async fn signatures(target: &Target) -> Result<u64, DrillError> {
+    let metrics = target.metrics().await?;
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("castellum_ocsp_signatures_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+        .ok_or(DrillError::Setup("castellum_ocsp_signatures_total missing from /metrics".into()))
+}
+
+/// `concurrency` keep-alive connections, each sending `request(i)` and waiting for its answer,
+/// for one second of warm-up and then `length`; answers `ok` does not accept count as errors.
+async fn measure(
+    addr: SocketAddr,
+    pid: u32,
+    concurrency: usize,
+    length: Duration,
+    request: Arc<dyn Fn(usize) -> Request<Full<Bytes>> + Send + Sync>,
+    ok: fn(u16, &[u8]) -> bool,
+) -> Result<Load, DrillError> {
+    let _ = drive(addr, concurrency, Duration::from_secs(1), request.clone(), ok).await?;
+    let engine_before = process_usage(pid).map(|u| u.0).unwrap_or_default();
+    let client_before = process_usage(std::process::id()).map(|u| u.0).unwrap_or_default();
+    let started = Instant::now();
+    let (mut latencies, errors) = drive(addr, concurrency, length, request, ok).await?;
+    let elapsed = started.elapsed();
+    let engine = process_usage(pid).map(|u| u.0).unwrap_or_default().saturating_sub(engine_before);
+    let client = process_usage(std::process::id()).map(|u| u.0).unwrap_or_default().saturating_sub(client_before);
+    let answered = latencies.len() as u64;
+    Ok(Load {
+        answered,
+        errors,
+        per_second: answered as f64 / elapsed.as_secs_f64(),
+        p50: percentile(&mut latencies, 0.50),
+        p99: percentile(&mut latencies, 0.99),
+        engine_cpu_per_answer: engine / answered.max(1) as u32,
+        client_cpu_per_answer: client / answered.max(1) as u32,
+    })
+}
+
+/// The closed loop itself: latencies of accepted answers, and the count of the rest.
+async fn drive(
+    addr: SocketAddr,
+    concurrency: usize,
+    length: Duration,
+    request: Arc<dyn Fn(usize) -> Request<Full<Bytes>> + Send + Sync>,
+    ok: fn(u16, &[u8]) -> bool,
+) -> Result<(Vec<Duration>, u64), DrillError> {
+    let until = Instant::now() + length;
+    let workers: Vec<_> = (0..concurrency)
+        .map(|w| {
+            let request = request.clone();
+            tokio::spawn(async move {
+                let stream = tokio::net::TcpStream::connect(addr).await?;
+                stream.set_nodelay(true)?;
+                let (mut sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
+                tokio::spawn(connection);
+                let (mut latencies, mut errors, mut i) = (Vec::new(), 0u64, w);
+                while Instant::now() < until {
+                    let sent = Instant::now();
+                    let answer = async {
+                        sender.ready().await?;
+                        let response = sender.send_request(request(i)).await?;
+                        let status = response.status().as_u16();
+                        let body = response.into_body().collect().await?.to_bytes();
+                        Ok::<_, hyper::Error>((status, body))
+                    };
+                    match answer.await {
+                        Ok((status, body)) if ok(status, &body) => latencies.push(sent.elapsed()),
+                        Ok(_) => errors += 1,
+                        Err(_) => {
+                            errors += 1;
+                            break; // the connection is gone
+                        }
+                    }
+                    i += concurrency;
+                }
+                Ok::<_, std::io::Error>((latencies, errors))
+            })
+        })
+        .collect();
+    let (mut all, mut errors) = (Vec::new(), 0);
+    for worker in workers {
+        let (latencies, e) = worker.await.map_err(|e| DrillError::Setup(e.to_string()))??;
+        all.extend(latencies);
+        errors += e;
+    }
+    Ok((all, errors))
+}
+
+impl OcspReport {
+    /// The Markdown table docs/PERFORMANCE.md records.
+    pub fn markdown(&self) -> String {
+        let mut out = String::from(
+            "| backend | concurrency | what | answers/s | p50 | p99 | engine CPU per answer | load generator CPU per answer | OCSP signatures | database rows written | errors |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        );
+        for l in &self.levels {
+            let row = |what: &str, load: &Load, signatures: String, rows: String| {
+                format!(
+                    "| {} | {} | {what} | {:.0} | {:.2} ms | {:.2} ms | {:.1} µs | {:.1} µs | {signatures} | {rows} | {} |\n",
+                    self.backend,
+                    l.concurrency,
+                    load.per_second,
+                    load.p50.as_secs_f64() * 1e3,
+                    load.p99.as_secs_f64() * 1e3,
+                    load.engine_cpu_per_answer.as_secs_f64() * 1e6,
+                    load.client_cpu_per_answer.as_secs_f64() * 1e6,
+                    load.errors
+                )
+            };
+            out.push_str(&row("control: GET /healthz", &l.control, "–".into(), "–".into()));
+            let rows = l.rows_written.map_or("?".to_string(), |n| n.to_string());
+            out.push_str(&row("POST /ocsp, cached", &l.ocsp, l.signatures.to_string(), rows));
+        }
+        out.push_str(&format!(
+            "\n{} certificates of ica-p256 asked about in turn ({} revoked), each asked once before the load. OCSP at {:.0}% of the control's rate. Engine peak RSS: {:.1} MB.\n",
+            self.certificates,
+            self.revoked,
+            self.levels.last().map_or(0.0, |l| 100.0 * l.ocsp.per_second / l.control.per_second.max(1.0)),
+            self.peak_rss as f64 / 1e6
+        ));
+        out
+    }
+}
