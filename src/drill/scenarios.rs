@@ -432,6 +432,10 @@ async fn wait_settled(session: &Session) -> Result<(), DrillError> {
     Ok(())
 }
 
+/// Answers of the healthy CA's interactive stream before the fault without which its baseline
+/// judges nothing.
+const MIN_BASELINE: usize = 20;
+
 /// Incident 003's promises, judged on the clients' answers (`f`) and the database (`db`).
 fn queues_promises(f: &QueuesFigures, db: &QueuesEvidence, op: &OperatorLog, parked_ids: &[String]) -> Vec<Promise> {
     let (parked_issued, parked_issued_early) = db.parked_issued;
@@ -463,8 +467,13 @@ fn queues_promises(f: &QueuesFigures, db: &QueuesEvidence, op: &OperatorLog, par
         ),
         Promise::new(
             "no global back-off: the healthy CA's issuance rate stays within 25% of its baseline",
-            f.rate_base > 0.0 && f.rate_fault >= 0.75 * f.rate_base,
-            format!("ica-p256 issued {:.0}/s before the fault, {:.0}/s during it", f.rate_base, f.rate_fault),
+            // A baseline of a handful of answers (the machine busy elsewhere while it ran) cannot
+            // show a back-off: a sabotaged engine was once judged "held" on 3.
+            f.n_base >= MIN_BASELINE && f.rate_fault >= 0.75 * f.rate_base,
+            format!(
+                "ica-p256 issued {:.0}/s before the fault ({} answers; at least {MIN_BASELINE} needed to judge), {:.0}/s during it",
+                f.rate_base, f.n_base, f.rate_fault
+            ),
         ),
         Promise::new(
             "background work for valid CAs keeps at least half its baseline rate",
