@@ -7,19 +7,19 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use crate::config::Config;
 use crate::drill::load::percentile;
 use crate::drill::target::{ca_entry, set, DrillDb, Target};
 use crate::drill::DrillError;
-use crate::pki::KeyType;
-use crate::pki::{csr, tbs, CaMaterial, LintedTbs, Profile};
+use crate::pki::{csr, tbs};
 
 mod ocsp;
 mod prefill;
+mod support;
 pub use ocsp::OcspReport;
 pub use prefill::Prefilled;
+use support::{p256_csrs, process_usage, rows, sample};
 
 pub struct BenchOptions {
     pub postgres: Option<String>,
@@ -56,18 +56,6 @@ pub struct Level {
     pub rows_written: Option<i64>,
 }
 
-/// (utime + stime, peak RSS bytes) of a process, from /proc.
-pub(super) fn process_usage(pid: u32) -> Option<(Duration, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let cpu = (fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?) / ticks;
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let hwm_kb: u64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some((Duration::from_secs_f64(cpu), hwm_kb * 1024))
-}
-
 /// CPU time of every PostgreSQL process on this machine (`comm` = postgres): their own time and
 /// that of the children they reaped, so a backend that exited mid-level still counts.
 fn postgres_cpu() -> Option<Duration> {
@@ -90,51 +78,6 @@ fn postgres_cpu() -> Option<Duration> {
     found.then(|| Duration::from_secs_f64(total / ticks))
 }
 
-pub(super) fn p256_csrs(n: usize) -> Result<Vec<Arc<String>>, DrillError> {
-    (0..n)
-        .map(|i| {
-            let key =
-                crate::pki::devpki::generate_key(KeyType::EcdsaP256).map_err(|e| DrillError::Setup(e.to_string()))?;
-            let build = || -> Result<String, openssl::error::ErrorStack> {
-                let mut req = openssl::x509::X509ReqBuilder::new()?;
-                let mut name = openssl::x509::X509NameBuilder::new()?;
-                name.append_entry_by_text("CN", &format!("bench{i}.example.test"))?;
-                req.set_subject_name(&name.build())?;
-                req.set_pubkey(&key)?;
-                let mut exts = openssl::stack::Stack::new()?;
-                exts.push(
-                    openssl::x509::extension::SubjectAlternativeName::new()
-                        .dns(&format!("bench{i}.example.test"))
-                        .build(&req.x509v3_context(None))?,
-                )?;
-                req.add_extensions(&exts)?;
-                req.sign(&key, openssl::hash::MessageDigest::sha256())?;
-                Ok(String::from_utf8_lossy(&req.build().to_pem()?).into_owned())
-            };
-            build().map(Arc::new).map_err(|e| DrillError::Setup(e.to_string()))
-        })
-        .collect()
-}
-
-/// Issuances per second the machine's cores can do if all they did was the crypto.
-/// The ceiling's and the prefill's material: the dev CA `ica-p256`, one linted TBS for its
-/// P-256 profile, and the CSR it was made from.
-pub(super) fn sample(keys_dev: &Path) -> Result<(Arc<CaMaterial>, LintedTbs, Arc<String>), DrillError> {
-    let config = Config::load(Some(&keys_dev.join("castellum.toml"))).map_err(|e| DrillError::Setup(e.to_string()))?;
-    let ca_cfg = config.cas.iter().find(|c| c.id == "ica-p256").ok_or(DrillError::Setup("no ica-p256".into()))?;
-    let ca = Arc::new(CaMaterial::load(ca_cfg).map_err(|e| DrillError::Setup(e.to_string()))?);
-    let profile = Profile::from_config(
-        config.profiles.iter().find(|p| p.ca == "ica-p256").ok_or(DrillError::Setup("no profile".into()))?,
-    );
-    let pem = p256_csrs(1)?.remove(0);
-    let checked = csr::check_csr_pem(&pem).map_err(|e| DrillError::Setup(e.to_string()))?;
-    let names = profile.approve(&checked).map_err(|e| DrillError::Setup(e.to_string()))?;
-    let tbs = tbs::prepare(&ca, &profile, &checked, &names, SystemTime::now())
-        .map_err(|e| DrillError::Setup(e.to_string()))?
-        .tbs;
-    Ok((ca, tbs, pem))
-}
-
 /// A certificate as the engine issues it: its TBS bytes and its DER.
 fn sample_certificate(keys_dev: &Path) -> Result<(Vec<u8>, Vec<u8>), DrillError> {
     let (ca, tbs, _) = sample(keys_dev)?;
@@ -142,6 +85,7 @@ fn sample_certificate(keys_dev: &Path) -> Result<(Vec<u8>, Vec<u8>), DrillError>
     Ok((tbs.der().to_vec(), cert))
 }
 
+/// Issuances per second the machine's cores can do if all they did was the crypto.
 pub fn crypto_ceiling(keys_dev: &Path, length: Duration) -> Result<(f64, Duration), DrillError> {
     let (ca, tbs, pem) = sample(keys_dev)?;
     // One linted TBS, shared by every thread: the ceiling is the signature, not the build.
@@ -320,14 +264,6 @@ pub fn run_ocsp(opts: BenchOptions) -> Result<OcspReport, DrillError> {
         let _ = std::fs::remove_file(format!("{}{suffix}", sqlite_file.display()));
     }
     report
-}
-
-/// Every row of the tables a request can write.
-const ROWS: &str = "SELECT (SELECT count(*) FROM audit_log) + (SELECT count(*) FROM requests) \
-                    + (SELECT count(*) FROM certificates) AS n";
-
-pub(super) async fn rows(target: &Target) -> Option<i64> {
-    crate::drill::evidence::Evidence::read(target.db.as_ref(), |e| e.count(ROWS)).await.ok()
 }
 
 /// c=64 beside idle keep-alive connections: how many were opened, how many the engine still

@@ -16,7 +16,7 @@ use hyper::body::Bytes;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 
-use super::{p256_csrs, process_usage, rows, sample};
+use super::support::{p256_csrs, process_usage, rows, sample};
 use crate::drill::load::percentile;
 use crate::drill::target::Target;
 use crate::drill::DrillError;
