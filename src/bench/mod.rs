@@ -253,6 +253,7 @@ pub fn run_ocsp(opts: BenchOptions) -> Result<OcspReport, DrillError> {
             let ca = ca_entry(c, "ica-p256");
             set(ca, &["ocsp", "responder_profile"], "ocsp-renewal".into());
             set(ca, &["ocsp", "responder_name"], "ocsp.ica-p256.example.test".into());
+            set(c, &["crl", "delay"], "1s".into());
         })
         .await?;
         let pid = target.pid().ok_or(DrillError::Setup("no engine process".into()))?;
