@@ -571,7 +571,8 @@ async fn postgres_a_revocation_through_one_instance_is_in_the_others_ocsp_answer
     b.stop().await;
 }
 
-/// RFC 5019's GET form and SHA-256 CertIDs: a question asked by `GET /ocsp/{base64}` (the request
+/// Pre-signed answers, RFC 5019's GET form and SHA-256 CertIDs: a certificate's answer is signed
+/// when it is issued, so its first question costs no signature; a question asked by `GET /ocsp/{base64}` (the request
 /// openssl wrote, base64 then URL-encoded) is answered, cacheably, and openssl verifies the saved
 /// answer; a SHA-256 question about a serial already answered for a SHA-1 one gets an answer that
 /// names it the SHA-256 way (openssl matches the CertID hash by hash).
@@ -582,13 +583,23 @@ async fn ocsp_answers_the_get_form_and_sha256_questions() {
     let server = TestServer::start(config(&db)).await;
     let dir = tempfile::tempdir().unwrap();
     wait_for_responder(&server).await;
+    let before = ocsp_signatures(&server).await;
     let cert = issue_ok(&server, DEMO_KEY, "tls-server-p256", "get-form.example.test").await;
     let pem = cert["certificate"].as_str().unwrap();
+    // Pre-signed at issuance (off the request's path): one signature, and the first question
+    // costs none.
+    let started = Instant::now();
+    while ocsp_signatures(&server).await < before + 1.0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "not pre-signed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(openssl_ocsp(dir.path(), &server, pem, "ica-p256").0, "good");
+    assert_eq!(ocsp_signatures(&server).await, before + 1.0, "the first question was answered from the cache");
     let url = server.url("/ocsp");
     let (verdict, out) = openssl_ocsp_with(dir.path(), pem, "ica-p256", "-sha256", &["-url", &url]);
     assert_eq!(verdict, "good", "a SHA-256 question after a SHA-1 one:\n{out}");
     assert!(out.contains("Response verify OK"), "{out}");
+    assert_eq!(ocsp_signatures(&server).await, before + 2.0, "a SHA-256 question is signed at its first ask");
 
     let (ok, out) = run(Command::new("openssl")
         .current_dir(dir.path())
@@ -613,6 +624,16 @@ async fn ocsp_answers_the_get_form_and_sha256_questions() {
     let bad = server.http.get(server.url("/ocsp/%%%not-base64")).send().await.unwrap();
     assert_eq!(x509_ocsp_status(&bad.bytes().await.unwrap()), 1, "malformedRequest");
     server.stop().await;
+}
+
+/// `castellum_ocsp_signatures_total`, from the engine's metrics.
+async fn ocsp_signatures(server: &TestServer) -> f64 {
+    let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("castellum_ocsp_signatures_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("castellum_ocsp_signatures_total missing:\n{metrics}"))
 }
 
 /// The responder profile's validity in `renewal_failure` (renewal due at two thirds of it).

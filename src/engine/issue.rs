@@ -33,8 +33,9 @@ impl Engine {
         let result = self.sabotaged_overload(result, started).await;
         drop(stray);
         self.count(result.as_ref().map(|_| "issued"), started);
-        if let Err(e) = &result {
-            self.refused(client, Action::Issue, &req.profile, e);
+        match &result {
+            Ok(issued) => self.presign_ocsp(issued),
+            Err(e) => self.refused(client, Action::Issue, &req.profile, e),
         }
         result
     }

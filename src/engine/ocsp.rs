@@ -8,7 +8,8 @@
 //!   renewing at once never slow interactive issuance. It is renewed once two thirds of its
 //!   validity have passed; a CA whose renewal keeps failing keeps answering with its current
 //!   responder until it expires, and readiness and metrics say so from the renewal point on.
-//! - **Answers.** Signed at the first question about a serial and cached (per serial and issuer
+//! - **Answers.** Signed when this instance issues the certificate (synchronously), or else at
+//!   the first question about a serial, and cached (per serial and issuer
 //!   hash algorithm), so answering it again costs no signature, no database read and no write;
 //!   signed again in the background before half their validity has passed (and after a responder
 //!   renewal), never valid past their responder, and served while valid even if the database is
@@ -30,10 +31,11 @@ use crate::db::models::CertificateRow;
 use crate::db::queries;
 use crate::error::EngineError;
 use crate::metrics::Metrics;
-use crate::pki::ocsp::{read_request, sign_answer, Question, Responder, Status, Unanswerable};
+use crate::pki::ocsp::{question_for, read_request, sign_answer, Question, Responder, Status, Unanswerable};
+use crate::pki::tbs::crl_shard_of;
 use crate::pki::{now_ms, RevocationReason};
 use crate::states::CertState;
-use crate::types::{Client, IssueRequest};
+use crate::types::{Client, IssueRequest, IssuedCertificate};
 
 impl Engine {
     /// Answer an OCSP request (DER): always an OCSPResponse, signed or one of the unsigned
@@ -58,6 +60,30 @@ impl Engine {
         let generation = service.generation();
         let (status, shard) = self.status_of(id, &key.serial).await.map_err(|_| Unanswerable::TryLater)?;
         self.sign_and_keep(id, ca, generation, key, question, status, shard)
+    }
+
+    /// A certificate this instance has just issued synchronously, by a CA with OCSP on: its `good`
+    /// answer is signed now, off the request's path, so the first question about it costs no
+    /// signature either. Pre-signed as RFC 5019 clients ask (SHA-1 CertID); other instances, a
+    /// SHA-256 question, and certificates issued asynchronously are signed at their first question.
+    pub(super) fn presign_ocsp(&self, issued: &IssuedCertificate) {
+        let Some(ca) = self.inner.ocsp.cas.get(&issued.ca) else { return };
+        if issued.profile == ca.config.responder_profile || ca.responder.load().is_none() {
+            return;
+        }
+        let Some(material) = self.inner.catalog.cas.get(&issued.ca) else { return };
+        let Ok(serial) = hex::decode(&issued.serial) else { return };
+        let Ok(fixed) = <[u8; 20]>::try_from(serial.as_slice()) else { return };
+        let shard = crl_shard_of(&fixed, material.crl_shards) as i32;
+        let Ok(question) = question_for(material, &serial) else { return };
+        // Read now: a revocation before the answer is kept bumps it, and the answer is dropped.
+        let generation = self.inner.ocsp.generation();
+        let (engine, id) = (self.clone(), issued.ca.clone());
+        actix_web::rt::spawn(async move {
+            let Some(ca) = engine.inner.ocsp.cas.get(&id) else { return };
+            let key = AnswerKey::of(&question);
+            let _ = engine.sign_and_keep(&id, ca, generation, key, question, Status::Good, shard);
+        });
     }
 
     /// Sign an answer with the CA's current responder and cache it.
