@@ -150,6 +150,9 @@ enum Command {
         /// (`GET /healthz`) at the same concurrency in the same run.
         #[arg(long, conflicts_with_all = ["refusals", "prefill"])]
         ocsp: bool,
+        /// With `--ocsp`: measure the same loads with wrk as well (apt-get install wrk).
+        #[arg(long, requires = "ocsp")]
+        wrk: bool,
     },
     /// A retry storm against engines on this machine: requests at a fixed rate, whatever they
     /// are answered (no back-off), then a JSON report of the answers on stdout. Loopback only,
@@ -262,6 +265,7 @@ fn main() -> ExitCode {
             engine,
             prefill,
             ocsp,
+            wrk,
         } => bench(
             castellum::bench::BenchOptions {
                 postgres,
@@ -273,6 +277,7 @@ fn main() -> ExitCode {
                 idle_connections,
                 engine,
                 prefill,
+                wrk,
             },
             ocsp,
         ),

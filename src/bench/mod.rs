@@ -36,6 +36,8 @@ pub struct BenchOptions {
     pub engine: Option<PathBuf>,
     /// Issued certificates generated in the database before the levels (0: an empty database).
     pub prefill: u64,
+    /// With `--ocsp`: measure the same loads with wrk too.
+    pub wrk: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -257,7 +259,9 @@ pub fn run_ocsp(opts: BenchOptions) -> Result<OcspReport, DrillError> {
         })
         .await?;
         let pid = target.pid().ok_or(DrillError::Setup("no engine process".into()))?;
-        let report = ocsp::run(&target, pid, &opts.keys_dev, backend, &opts.concurrency, opts.duration).await;
+        let wrk = opts.wrk.then(|| dir.join("wrk"));
+        let report =
+            ocsp::run(&target, pid, &opts.keys_dev, backend, &opts.concurrency, opts.duration, wrk.as_deref()).await;
         target.stop();
         report
     });

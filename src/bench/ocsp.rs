@@ -46,11 +46,29 @@ pub struct OcspLevel {
     pub rows_written: Option<i64>,
 }
 
+/// The same two loads measured by wrk (a C load generator: less of the shared cores than the
+/// built-in one, and its own latency histogram), when `--wrk` asks for it.
+#[derive(Debug, Clone)]
+pub struct WrkLevel {
+    pub concurrency: usize,
+    pub control: WrkLoad,
+    pub ocsp: WrkLoad,
+}
+
+#[derive(Debug, Clone)]
+pub struct WrkLoad {
+    pub per_second: f64,
+    pub p50: String,
+    pub p99: String,
+    pub errors: String,
+}
+
 pub struct OcspReport {
     pub backend: String,
     pub certificates: usize,
     pub revoked: usize,
     pub levels: Vec<OcspLevel>,
+    pub wrk: Vec<WrkLevel>,
     pub peak_rss: u64,
 }
 
@@ -64,6 +82,7 @@ pub(super) async fn run(
     backend: String,
     concurrency: &[usize],
     length: Duration,
+    wrk: Option<&std::path::Path>,
 ) -> Result<OcspReport, DrillError> {
     let addr: SocketAddr = target
         .base
@@ -165,8 +184,88 @@ pub(super) async fn run(
         );
         levels.push(OcspLevel { concurrency: c, control, ocsp, signatures, rows_written });
     }
+    let mut wrk_levels = Vec::new();
+    if let Some(dir) = wrk {
+        for &c in concurrency {
+            let control = run_wrk(dir, &target.base, "/healthz", None, c, length).await?;
+            let ocsp = run_wrk(dir, &target.base, "/ocsp", Some(&requests), c, length).await?;
+            eprintln!(
+                "  wrk c={c}: OCSP {:.0}/s (p99 {}), control {:.0}/s (p99 {})",
+                ocsp.per_second, ocsp.p99, control.per_second, control.p99
+            );
+            wrk_levels.push(WrkLevel { concurrency: c, control, ocsp });
+        }
+    }
     let peak_rss = process_usage(pid).map(|u| u.1).unwrap_or(0);
-    Ok(OcspReport { backend, certificates: serials.len(), revoked: revoked.len(), levels, peak_rss })
+    Ok(OcspReport { backend, certificates: serials.len(), revoked: revoked.len(), levels, wrk: wrk_levels, peak_rss })
+}
+
+/// What wrk runs: `GET /healthz`, or `POST` of each request body in turn (read from a file of
+/// hex lines, one per request).
+const WRK_SCRIPT: &str = r#"
+local bodies, i = {}, 0
+function init(args)
+  if args[1] then
+    for line in io.lines(args[1]) do
+      bodies[#bodies + 1] = (line:gsub("..", function(h) return string.char(tonumber(h, 16)) end))
+    end
+  end
+end
+function request()
+  if #bodies == 0 then return wrk.format("GET", wrk.path) end
+  i = i % #bodies + 1
+  return wrk.format("POST", wrk.path, { ["Content-Type"] = "application/ocsp-request" }, bodies[i])
+end
+function response(status, headers, body)
+  if status ~= 200 then wrk.thread:stop() end
+end
+"#;
+
+/// `wrk -t2 -cC -dD --latency -s script URL [-- bodies]`: its rate, p50, p99 and error line.
+async fn run_wrk(
+    dir: &std::path::Path,
+    base: &str,
+    path: &str,
+    bodies: Option<&[Bytes]>,
+    concurrency: usize,
+    length: Duration,
+) -> Result<WrkLoad, DrillError> {
+    std::fs::create_dir_all(dir)?;
+    let script = dir.join("ocsp.lua");
+    std::fs::write(&script, WRK_SCRIPT)?;
+    let mut cmd = std::process::Command::new("wrk");
+    cmd.args(["-t2", &format!("-c{concurrency}"), &format!("-d{}s", length.as_secs().max(1)), "--latency", "-s"])
+        .arg(&script)
+        .arg(format!("{base}{path}"));
+    if let Some(bodies) = bodies {
+        let file = dir.join("requests.hex");
+        let lines: Vec<String> = bodies.iter().map(hex::encode).collect();
+        std::fs::write(&file, lines.join("\n") + "\n")?;
+        cmd.arg("--").arg(&file);
+    }
+    let output = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .map_err(|e| DrillError::Setup(e.to_string()))?
+        .map_err(|e| DrillError::Setup(format!("wrk (apt-get install wrk): {e}")))?;
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    if !output.status.success() {
+        return Err(DrillError::Setup(format!("wrk failed: {text}{}", String::from_utf8_lossy(&output.stderr))));
+    }
+    let field =
+        |prefix: &str| text.lines().map(str::trim).find_map(|l| l.strip_prefix(prefix)).map(|v| v.trim().to_string());
+    let per_second = field("Requests/sec:").and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    let errors = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("Non-2xx") || l.starts_with("Socket errors"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Ok(WrkLoad {
+        per_second,
+        p50: field("50%").unwrap_or_default(),
+        p99: field("99%").unwrap_or_default(),
+        errors: if errors.is_empty() { "none".into() } else { errors },
+    })
 }
 
 /// A successful OCSPResponse: SEQUENCE { ENUMERATED 0, ... } (the SEQUENCE's length in short or
@@ -346,6 +445,17 @@ impl OcspReport {
             out.push_str(&row("control: GET /healthz", &l.control, "–".into(), "–".into()));
             let rows = l.rows_written.map_or("?".to_string(), |n| n.to_string());
             out.push_str(&row("POST /ocsp, cached", &l.ocsp, l.signatures.to_string(), rows));
+        }
+        if !self.wrk.is_empty() {
+            out.push_str("\nThe same loads by wrk (`-t2`, `--latency`):\n\n| concurrency | what | answers/s | p50 | p99 | errors |\n|---|---|---|---|---|---|\n");
+            for w in &self.wrk {
+                for (what, load) in [("control: GET /healthz", &w.control), ("POST /ocsp, cached", &w.ocsp)] {
+                    out.push_str(&format!(
+                        "| {} | {what} | {:.0} | {} | {} | {} |\n",
+                        w.concurrency, load.per_second, load.p50, load.p99, load.errors
+                    ));
+                }
+            }
         }
         out.push_str(&format!(
             "\n{} certificates of ica-p256 asked about in turn ({} revoked), each asked once before the load. OCSP at {:.0}% of the control's rate. Engine peak RSS: {:.1} MB.\n",
