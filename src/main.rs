@@ -433,21 +433,13 @@ fn storm(plan: &castellum::drill::storm::StormPlan) -> ExitCode {
 }
 
 fn bench(opts: castellum::bench::BenchOptions, ocsp: bool) -> ExitCode {
-    if ocsp {
-        return match castellum::bench::run_ocsp(opts) {
-            Ok(report) => {
-                println!("{}", report.markdown());
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("bench failed: {e}");
-                ExitCode::from(2)
-            }
-        };
-    }
-    match castellum::bench::run(opts) {
-        Ok(report) => {
-            println!("{}", report.markdown());
+    let report = match ocsp {
+        true => castellum::bench::run_ocsp(opts).map(|r| r.markdown()),
+        false => castellum::bench::run(opts).map(|r| r.markdown()),
+    };
+    match report {
+        Ok(markdown) => {
+            println!("{markdown}");
             ExitCode::SUCCESS
         }
         Err(e) => {

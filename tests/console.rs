@@ -220,16 +220,7 @@ async fn a_browser_revokes_a_certificate_and_a_whole_ca_from_the_console() {
     // One certificate, by serial: the engine has it revoked with the reason chosen, audited as the admin.
     let shown = seen["revokedOne"].as_str().unwrap();
     assert!(shown.contains(&serial) && shown.contains("keyCompromise"), "{shown}");
-    let cert: serde_json::Value = server
-        .http
-        .get(server.url(&format!("/v1/certificates/{serial}")))
-        .bearer_auth(DEMO_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cert = certificate(&server, &serial).await;
     assert_eq!(
         (cert["state"].as_str(), cert["revocation"]["reason"].as_str()),
         (Some("revoked"), Some("keyCompromise"))

@@ -214,16 +214,7 @@ async fn a_client_revokes_its_own_certificate_and_openssl_sees_it_on_the_crl(db:
     assert_eq!(status, 200);
     assert_eq!(again["newly_revoked"], false);
     assert_eq!((&again["reason"], &again["revoked_at"]), (&first["reason"], &first["revoked_at"]));
-    let shown: Value = server
-        .http
-        .get(server.url(&format!("/v1/certificates/{serial}")))
-        .bearer_auth(DEMO_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let shown = certificate(&server, serial).await;
     assert_eq!(shown["state"], "revoked");
     assert_eq!(shown["revocation"]["reason"], "keyCompromise");
 
@@ -583,23 +574,31 @@ async fn ocsp_answers_the_get_form_and_sha256_questions() {
     let server = TestServer::start(config(&db)).await;
     let dir = tempfile::tempdir().unwrap();
     wait_for_responder(&server).await;
-    let before = ocsp_signatures(&server).await;
+    let before = metric(&server, "castellum_ocsp_signatures_total", "").await;
     let cert = issue_ok(&server, DEMO_KEY, "tls-server-p256", "get-form.example.test").await;
     let pem = cert["certificate"].as_str().unwrap();
     // Pre-signed at issuance (off the request's path): one signature, and the first question
     // costs none.
     let started = Instant::now();
-    while ocsp_signatures(&server).await < before + 1.0 {
+    while metric(&server, "castellum_ocsp_signatures_total", "").await < before + 1.0 {
         assert!(started.elapsed() < Duration::from_secs(5), "not pre-signed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(openssl_ocsp(dir.path(), &server, pem, "ica-p256").0, "good");
-    assert_eq!(ocsp_signatures(&server).await, before + 1.0, "the first question was answered from the cache");
+    assert_eq!(
+        metric(&server, "castellum_ocsp_signatures_total", "").await,
+        before + 1.0,
+        "the first question was answered from the cache"
+    );
     let url = server.url("/ocsp");
     let (verdict, out) = openssl_ocsp_with(dir.path(), pem, "ica-p256", "-sha256", &["-url", &url]);
     assert_eq!(verdict, "good", "a SHA-256 question after a SHA-1 one:\n{out}");
     assert!(out.contains("Response verify OK"), "{out}");
-    assert_eq!(ocsp_signatures(&server).await, before + 2.0, "a SHA-256 question is signed at its first ask");
+    assert_eq!(
+        metric(&server, "castellum_ocsp_signatures_total", "").await,
+        before + 2.0,
+        "a SHA-256 question is signed at its first ask"
+    );
 
     let (ok, out) = run(Command::new("openssl")
         .current_dir(dir.path())
@@ -624,16 +623,6 @@ async fn ocsp_answers_the_get_form_and_sha256_questions() {
     let bad = server.http.get(server.url("/ocsp/%%%not-base64")).send().await.unwrap();
     assert_eq!(x509_ocsp_status(&bad.bytes().await.unwrap()), 1, "malformedRequest");
     server.stop().await;
-}
-
-/// `castellum_ocsp_signatures_total`, from the engine's metrics.
-async fn ocsp_signatures(server: &TestServer) -> f64 {
-    let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("castellum_ocsp_signatures_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("castellum_ocsp_signatures_total missing:\n{metrics}"))
 }
 
 /// The responder profile's validity in `renewal_failure` (renewal due at two thirds of it).
@@ -673,27 +662,10 @@ async fn a_failing_responder_renewal_keeps_answering_and_says_so_until_the_respo
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
     assert!(warning.contains("disabled"), "the failure names its cause: {warning}");
-    let admin: Value = server
-        .http
-        .get(format!("{}/admin/v1/status", server.admin_base))
-        .bearer_auth(ADMIN_TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let admin = admin_status(&server).await;
     assert!(admin["warnings"].as_array().unwrap().iter().any(|w| w.as_str() == Some(&warning)), "{admin}");
-    let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    let value = |family: &str| -> f64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(family) && l.contains("ica-p256"))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-            .unwrap_or_else(|| panic!("{family} missing:\n{metrics}"))
-    };
-    assert!(value("castellum_ocsp_renewal_failures_total") >= 1.0, "{metrics}");
-    let left = value("castellum_ocsp_responder_valid_seconds");
+    assert!(metric(&server, "castellum_ocsp_renewal_failures_total", "ica-p256").await >= 1.0);
+    let left = metric(&server, "castellum_ocsp_responder_valid_seconds", "ica-p256").await;
     assert!(left > 0.0 && left < SHORT_RESPONDER.as_secs_f64() / 3.0 + 1.0, "{left} s left");
     // Still answering, with the responder it has.
     let (verdict, out) = openssl_ocsp(dir.path(), &server, pem, "ica-p256");

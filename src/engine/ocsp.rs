@@ -31,7 +31,7 @@ use crate::db::models::CertificateRow;
 use crate::db::queries;
 use crate::error::EngineError;
 use crate::metrics::Metrics;
-use crate::pki::ocsp::{question_for, read_request, sign_answer, Question, Responder, Status, Unanswerable};
+use crate::pki::ocsp::{read_request, sign_answer, Question, Responder, Status, Unanswerable};
 use crate::pki::tbs::crl_shard_of;
 use crate::pki::{now_ms, RevocationReason};
 use crate::states::CertState;
@@ -75,7 +75,8 @@ impl Engine {
         let Ok(serial) = hex::decode(&issued.serial) else { return };
         let Ok(fixed) = <[u8; 20]>::try_from(serial.as_slice()) else { return };
         let shard = crl_shard_of(&fixed, material.crl_shards) as i32;
-        let Ok(question) = question_for(material, &serial) else { return };
+        // The issuer's hashes were computed once, at start-up: no certificate parsing here.
+        let Ok(question) = ca.hashes.question(&serial) else { return };
         // Read now: a revocation before the answer is kept bumps it, and the answer is dropped.
         let generation = self.inner.ocsp.generation();
         let (engine, id) = (self.clone(), issued.ca.clone());

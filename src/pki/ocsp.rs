@@ -75,6 +75,24 @@ impl Question {
     pub fn uses_sha256(&self) -> bool {
         self.cert_id.hash_algorithm.oid == ID_SHA_256
     }
+
+    /// The question as an OCSP request (DER), unsigned and without a nonce, as RFC 5019 clients
+    /// send it.
+    pub fn request_der(&self) -> Result<Vec<u8>, EngineError> {
+        let request = OcspRequest {
+            tbs_request: x509_ocsp::TbsRequest {
+                version: Default::default(),
+                requestor_name: None,
+                request_list: vec![x509_ocsp::Request {
+                    req_cert: self.cert_id.clone(),
+                    single_request_extensions: None,
+                }],
+                request_extensions: None,
+            },
+            optional_signature: None,
+        };
+        request.to_der().map_err(internal("request"))
+    }
 }
 
 /// Read an OCSP request (DER): exactly one certificate, SHA-1 or SHA-256 issuer hashes.
@@ -102,6 +120,18 @@ impl IssuerHashes {
         Ok(IssuerHashes {
             sha1: (openssl::sha::sha1(&ca.subject_der).to_vec(), openssl::sha::sha1(key).to_vec()),
             sha256: (openssl::sha::sha256(&ca.subject_der).to_vec(), openssl::sha::sha256(key).to_vec()),
+        })
+    }
+
+    /// A question about `serial` naming this issuer by its SHA-1 hashes (RFC 5019's profile).
+    pub fn question(&self, serial: &[u8]) -> Result<Question, EngineError> {
+        Ok(Question {
+            cert_id: CertId {
+                hash_algorithm: AlgorithmIdentifierOwned { oid: ID_SHA_1, parameters: Some(der::asn1::Null.into()) },
+                issuer_name_hash: OctetString::new(self.sha1.0.clone()).map_err(internal("name hash"))?,
+                issuer_key_hash: OctetString::new(self.sha1.1.clone()).map_err(internal("key hash"))?,
+                serial_number: SerialNumber::new(serial).map_err(internal("serial"))?,
+            },
         })
     }
 
@@ -217,26 +247,6 @@ pub fn sign_answer(
     OcspResponse::successful(basic).map_err(internal("response"))?.to_der().map_err(internal("response"))
 }
 
-impl Question {
-    /// The question as an OCSP request (DER), unsigned and without a nonce, as RFC 5019 clients
-    /// send it.
-    pub fn request_der(&self) -> Result<Vec<u8>, EngineError> {
-        let request = OcspRequest {
-            tbs_request: x509_ocsp::TbsRequest {
-                version: Default::default(),
-                requestor_name: None,
-                request_list: vec![x509_ocsp::Request {
-                    req_cert: self.cert_id.clone(),
-                    single_request_extensions: None,
-                }],
-                request_extensions: None,
-            },
-            optional_signature: None,
-        };
-        request.to_der().map_err(internal("request"))
-    }
-}
-
 /// What a (successful, basic) OCSP response says of its one certificate; None if it is not one.
 pub fn answered_status(der: &[u8]) -> Option<&'static str> {
     let response = OcspResponse::from_der(der).ok()?;
@@ -250,17 +260,7 @@ pub fn answered_status(der: &[u8]) -> Option<&'static str> {
     })
 }
 
-/// A question about `serial` under `ca` (tests and the benchmark ask as a client would).
+/// A question about `serial` under `ca`, as RFC 5019 clients ask it (SHA-1 CertID).
 pub fn question_for(ca: &CaMaterial, serial: &[u8]) -> Result<Question, EngineError> {
-    let cert = Certificate::from_der(&ca.cert_der).map_err(internal("CA certificate"))?;
-    let key = cert.tbs_certificate.subject_public_key_info.subject_public_key.raw_bytes();
-    Ok(Question {
-        cert_id: CertId {
-            hash_algorithm: AlgorithmIdentifierOwned { oid: ID_SHA_1, parameters: Some(der::asn1::Null.into()) },
-            issuer_name_hash: OctetString::new(openssl::sha::sha1(&ca.subject_der).to_vec())
-                .map_err(internal("name hash"))?,
-            issuer_key_hash: OctetString::new(openssl::sha::sha1(key).to_vec()).map_err(internal("key hash"))?,
-            serial_number: SerialNumber::new(serial).map_err(internal("serial"))?,
-        },
-    })
+    IssuerHashes::of(ca)?.question(serial)
 }

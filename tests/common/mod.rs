@@ -456,6 +456,22 @@ impl Drop for EngineProcess {
     }
 }
 
+/// `GET /v1/certificates/{serial}` as the demo client.
+pub async fn certificate(server: &TestServer, serial: &str) -> serde_json::Value {
+    let url = server.url(&format!("/v1/certificates/{serial}"));
+    server.http.get(url).bearer_auth(DEMO_KEY).send().await.unwrap().json().await.unwrap()
+}
+
+/// A sample's value in the engine's `/metrics`: the first line of `family` whose labels contain
+/// `labels` (`""` for any).
+pub async fn metric(server: &TestServer, family: &str, labels: &str) -> f64 {
+    let text = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.split([' ', '{']).next() == Some(family) && l.contains(labels))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{family} ({labels}) missing from /metrics:\n{text}"))
+}
+
 /// `GET /admin/v1/status` with the dev admin token.
 pub async fn admin_status(server: &TestServer) -> serde_json::Value {
     server
