@@ -153,6 +153,10 @@ enum Command {
         /// With `--ocsp`: measure the same loads with wrk as well (apt-get install wrk).
         #[arg(long, requires = "ocsp")]
         wrk: bool,
+        /// With `--ocsp`: measure each concurrency at this fixed total rate too (requests per
+        /// second), its latency counted from when each request was due.
+        #[arg(long, requires = "ocsp", value_parser = clap::value_parser!(u32).range(1..=200_000))]
+        rate: Option<u32>,
     },
     /// A retry storm against engines on this machine: requests at a fixed rate, whatever they
     /// are answered (no back-off), then a JSON report of the answers on stdout. Loopback only,
@@ -266,6 +270,7 @@ fn main() -> ExitCode {
             prefill,
             ocsp,
             wrk,
+            rate,
         } => bench(
             castellum::bench::BenchOptions {
                 postgres,
@@ -278,6 +283,7 @@ fn main() -> ExitCode {
                 engine,
                 prefill,
                 wrk,
+                rate,
             },
             ocsp,
         ),

@@ -413,3 +413,35 @@ fn bench_prefills_measures_and_cleans_up_on_sqlite() {
 fn bench_prefills_measures_and_cleans_up_on_postgres() {
     bench_prefills_measures_and_cleans_up(true);
 }
+
+/// `castellum bench --ocsp`, shortest form: in a closed loop and at a fixed rate, every answer
+/// comes from the cache (no signature, no row written, no error), and the paced load keeps its
+/// rate.
+#[test]
+fn bench_ocsp_answers_from_the_cache_closed_and_paced() {
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = castellum();
+    cmd.args(["bench", "--ocsp", "--concurrency", "4", "--rate", "400", "--duration", "2s", "--keys-dev"])
+        .arg(dev_keys())
+        .arg("--out")
+        .arg(out.path());
+    let (code, stdout, stderr) = output(&mut cmd);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stderr.contains("every question answered once: 1800 good, 200 revoked"), "{stderr}");
+    for load in ["closed loop", "400/s"] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| SQLite | 4 | {load} | POST /ocsp, cached |")))
+            .unwrap_or_else(|| panic!("no {load} OCSP row in\n{stdout}"));
+        assert!(row.trim_end().ends_with("| 0 | 0 | 0 |"), "no signature, row or error during the load: {row}");
+        let answers: f64 = row.split('|').nth(5).and_then(|n| n.trim().parse().ok()).unwrap();
+        if load == "400/s" {
+            assert!((320.0..=480.0).contains(&answers), "the paced load keeps its rate: {row}");
+        } else {
+            assert!(answers > 400.0, "a closed loop outruns 400/s: {row}");
+        }
+    }
+    let left: Vec<PathBuf> =
+        walk(out.path()).into_iter().filter(|p| p.to_string_lossy().contains("bench.db")).collect();
+    assert!(left.is_empty(), "the bench's database is removed: {left:?}");
+}

@@ -239,7 +239,7 @@ impl Intake {
     }
     /// The client holding this bearer API key.
     pub fn authenticate(&self, api_key: &str) -> Result<Arc<Client>, EngineError> {
-        let digest = openssl::sha::sha256(api_key.as_bytes());
+        let digest = crate::pki::sha256(api_key.as_bytes());
         self.catalog.clients_by_key.get(&digest).cloned().ok_or(EngineError::Unauthorized)
     }
 

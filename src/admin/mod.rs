@@ -89,7 +89,7 @@ fn check(req: &HttpRequest, changes_state: bool) -> Result<String, Problem> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .ok_or(Problem(EngineError::Unauthorized))?;
-    tokens.0.get(&openssl::sha::sha256(token.trim().as_bytes())).cloned().ok_or(Problem(EngineError::Unauthorized))
+    tokens.0.get(&crate::pki::sha256(token.trim().as_bytes())).cloned().ok_or(Problem(EngineError::Unauthorized))
 }
 
 const CONSOLE_FILES: &[&str] = &["/admin", "/admin/", "/admin/console.js"];

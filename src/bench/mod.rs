@@ -38,6 +38,8 @@ pub struct BenchOptions {
     pub prefill: u64,
     /// With `--ocsp`: measure the same loads with wrk too.
     pub wrk: bool,
+    /// With `--ocsp`: measure each concurrency at this fixed total rate too (requests per second).
+    pub rate: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -260,8 +262,14 @@ pub fn run_ocsp(opts: BenchOptions) -> Result<OcspReport, DrillError> {
         .await?;
         let pid = target.pid().ok_or(DrillError::Setup("no engine process".into()))?;
         let wrk = opts.wrk.then(|| dir.join("wrk"));
-        let report =
-            ocsp::run(&target, pid, &opts.keys_dev, backend, &opts.concurrency, opts.duration, wrk.as_deref()).await;
+        let report = ocsp::run(
+            &target,
+            pid,
+            &opts.keys_dev,
+            backend,
+            ocsp::Loads { concurrency: &opts.concurrency, rate: opts.rate, length: opts.duration, wrk: wrk.as_deref() },
+        )
+        .await;
         target.stop();
         report
     });

@@ -30,6 +30,8 @@ pub struct Load {
     pub per_second: f64,
     pub p50: Duration,
     pub p99: Duration,
+    /// At a fixed rate: the p99 counted from when each request was due (see `Sample`).
+    pub p99_from_schedule: Duration,
     pub engine_cpu_per_answer: Duration,
     pub client_cpu_per_answer: Duration,
 }
@@ -37,6 +39,7 @@ pub struct Load {
 #[derive(Debug, Clone)]
 pub struct OcspLevel {
     pub concurrency: usize,
+    pub pace: Pace,
     /// `GET /healthz` at the same concurrency, just before.
     pub control: Load,
     pub ocsp: Load,
@@ -75,15 +78,23 @@ pub struct OcspReport {
 /// Certificates issued (and asked about) before the load.
 const CERTIFICATES: usize = 2_000;
 
+/// What to measure: each concurrency for `length`, in a closed loop and (with a rate) at that
+/// fixed total rate; with `wrk` (its working folder), the closed loops by wrk too.
+pub(super) struct Loads<'a> {
+    pub concurrency: &'a [usize],
+    pub rate: Option<u32>,
+    pub length: Duration,
+    pub wrk: Option<&'a std::path::Path>,
+}
+
 pub(super) async fn run(
     target: &Target,
     pid: u32,
     keys_dev: &std::path::Path,
     backend: String,
-    concurrency: &[usize],
-    length: Duration,
-    wrk: Option<&std::path::Path>,
+    loads: Loads<'_>,
 ) -> Result<OcspReport, DrillError> {
+    let Loads { concurrency, rate, length, wrk } = loads;
     let addr: SocketAddr = target
         .base
         .trim_start_matches("http://")
@@ -154,12 +165,15 @@ pub(super) async fn run(
     }
     eprintln!("  every question answered once: {} good, {} revoked", said.0, said.1);
 
+    // Each concurrency in a closed loop, then (with `--rate`) at that fixed rate.
+    let paces = std::iter::once(Pace::Closed).chain(rate.map(Pace::Rate));
+    let loads: Vec<(usize, Pace)> = paces.flat_map(|pace| concurrency.iter().map(move |&c| (c, pace))).collect();
     let mut levels = Vec::new();
-    for &c in concurrency {
+    for (c, pace) in loads {
         let healthz: Arc<dyn Fn(usize) -> Request<Full<Bytes>> + Send + Sync> = Arc::new(|_| {
             Request::get("/healthz").header("host", "127.0.0.1").body(Full::new(Bytes::new())).expect("a valid request")
         });
-        let control = measure(addr, pid, c, length, healthz, |status, _| status == 200).await?;
+        let control = measure(addr, pid, c, length, pace, healthz, |status, _| status == 200).await?;
         let signatures_before = signatures(target).await?;
         let rows_before = rows(target).await;
         let bodies = requests.clone();
@@ -171,18 +185,21 @@ pub(super) async fn run(
                 .expect("a valid request")
         });
         let answered = |status: u16, body: &[u8]| status == 200 && successful(body);
-        let ocsp = measure(addr, pid, c, length, ocsp, answered).await?;
+        let ocsp = measure(addr, pid, c, length, pace, ocsp, answered).await?;
         let signatures = signatures(target).await?.saturating_sub(signatures_before);
         let rows_written = rows(target).await.zip(rows_before).map(|(after, before)| after - before);
         eprintln!(
-            "  c={c}: OCSP {:.0}/s (p99 {:.2} ms), control GET /healthz {:.0}/s (p99 {:.2} ms); {signatures} signatures, {} rows written",
+            "  c={c}, {}: OCSP {:.0}/s (p99 {:.2} ms, from schedule {:.2} ms), control GET /healthz {:.0}/s (p99 {:.2} ms, from schedule {:.2} ms); {signatures} signatures, {} rows written",
+            pace.describe(),
             ocsp.per_second,
             ocsp.p99.as_secs_f64() * 1e3,
+            ocsp.p99_from_schedule.as_secs_f64() * 1e3,
             control.per_second,
             control.p99.as_secs_f64() * 1e3,
+            control.p99_from_schedule.as_secs_f64() * 1e3,
             rows_written.map_or("?".into(), |n| n.to_string()),
         );
-        levels.push(OcspLevel { concurrency: c, control, ocsp, signatures, rows_written });
+        levels.push(OcspLevel { concurrency: c, pace, control, ocsp, signatures, rows_written });
     }
     let mut wrk_levels = Vec::new();
     if let Some(dir) = wrk {
@@ -348,38 +365,77 @@ async fn measure(
     pid: u32,
     concurrency: usize,
     length: Duration,
+    pace: Pace,
     request: Arc<dyn Fn(usize) -> Request<Full<Bytes>> + Send + Sync>,
     ok: fn(u16, &[u8]) -> bool,
 ) -> Result<Load, DrillError> {
-    let _ = drive(addr, concurrency, Duration::from_secs(1), request.clone(), ok).await?;
+    let _ = drive(addr, concurrency, Duration::from_secs(1), pace, request.clone(), ok).await?;
     let engine_before = process_usage(pid).map(|u| u.0).unwrap_or_default();
     let client_before = process_usage(std::process::id()).map(|u| u.0).unwrap_or_default();
     let started = Instant::now();
-    let (mut latencies, errors) = drive(addr, concurrency, length, request, ok).await?;
+    let (samples, errors) = drive(addr, concurrency, length, pace, request, ok).await?;
     let elapsed = started.elapsed();
     let engine = process_usage(pid).map(|u| u.0).unwrap_or_default().saturating_sub(engine_before);
     let client = process_usage(std::process::id()).map(|u| u.0).unwrap_or_default().saturating_sub(client_before);
-    let answered = latencies.len() as u64;
+    let answered = samples.len() as u64;
+    let mut service: Vec<Duration> = samples.iter().map(|s| s.service).collect();
+    let mut from_schedule: Vec<Duration> = samples.iter().map(|s| s.from_schedule).collect();
     Ok(Load {
         answered,
         errors,
         per_second: answered as f64 / elapsed.as_secs_f64(),
-        p50: percentile(&mut latencies, 0.50),
-        p99: percentile(&mut latencies, 0.99),
+        p50: percentile(&mut service, 0.50),
+        p99: percentile(&mut service, 0.99),
+        p99_from_schedule: percentile(&mut from_schedule, 0.99),
         engine_cpu_per_answer: engine / answered.max(1) as u32,
         client_cpu_per_answer: client / answered.max(1) as u32,
     })
 }
 
-/// The closed loop itself: latencies of accepted answers, and the count of the rest.
+/// How the load's connections send: each as soon as its last answer came (a closed loop, the
+/// most the machine can do), or each on a schedule that adds up to a total rate (an open loop:
+/// latency at a given load, not at saturation).
+#[derive(Debug, Clone, Copy)]
+pub enum Pace {
+    Closed,
+    Rate(u32),
+}
+
+impl Pace {
+    fn describe(self) -> String {
+        match self {
+            Pace::Closed => "closed loop".into(),
+            Pace::Rate(rate) => format!("{rate}/s"),
+        }
+    }
+}
+
+/// One accepted answer: from its send to its answer, and from when the schedule said to send it
+/// (a connection that fell behind sends late, and that wait is the server's doing: counting it
+/// avoids coordinated omission). Equal in a closed loop.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    service: Duration,
+    from_schedule: Duration,
+}
+
+/// The load itself: a sample per accepted answer, and the count of the rest.
 async fn drive(
     addr: SocketAddr,
     concurrency: usize,
     length: Duration,
+    pace: Pace,
     request: Arc<dyn Fn(usize) -> Request<Full<Bytes>> + Send + Sync>,
     ok: fn(u16, &[u8]) -> bool,
-) -> Result<(Vec<Duration>, u64), DrillError> {
-    let until = Instant::now() + length;
+) -> Result<(Vec<Sample>, u64), DrillError> {
+    let start = Instant::now();
+    let until = start + length;
+    // Connection `w` sends its k-th request at start + (k·c + w)/rate: the connections' schedules
+    // interleave evenly.
+    let slot = match pace {
+        Pace::Closed => None,
+        Pace::Rate(rate) => Some(Duration::from_secs_f64(1.0 / f64::from(rate.max(1)))),
+    };
     let workers: Vec<_> = (0..concurrency)
         .map(|w| {
             let request = request.clone();
@@ -389,8 +445,18 @@ async fn drive(
                 let (mut sender, connection) =
                     hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
                 tokio::spawn(connection);
-                let (mut latencies, mut errors, mut i) = (Vec::new(), 0u64, w);
-                while Instant::now() < until {
+                let (mut samples, mut errors, mut i) = (Vec::new(), 0u64, w);
+                loop {
+                    let scheduled = match slot {
+                        Some(slot) => start + slot * i as u32,
+                        None => Instant::now(),
+                    };
+                    if scheduled >= until {
+                        break;
+                    }
+                    if slot.is_some() {
+                        tokio::time::sleep_until(scheduled.into()).await;
+                    }
                     let sent = Instant::now();
                     let answer = async {
                         sender.ready().await?;
@@ -400,7 +466,9 @@ async fn drive(
                         Ok::<_, hyper::Error>((status, body))
                     };
                     match answer.await {
-                        Ok((status, body)) if ok(status, &body) => latencies.push(sent.elapsed()),
+                        Ok((status, body)) if ok(status, &body) => {
+                            samples.push(Sample { service: sent.elapsed(), from_schedule: scheduled.elapsed() })
+                        }
                         Ok(_) => errors += 1,
                         Err(_) => {
                             errors += 1;
@@ -409,14 +477,14 @@ async fn drive(
                     }
                     i += concurrency;
                 }
-                Ok::<_, std::io::Error>((latencies, errors))
+                Ok::<_, std::io::Error>((samples, errors))
             })
         })
         .collect();
     let (mut all, mut errors) = (Vec::new(), 0);
     for worker in workers {
-        let (latencies, e) = worker.await.map_err(|e| DrillError::Setup(e.to_string()))??;
-        all.extend(latencies);
+        let (samples, e) = worker.await.map_err(|e| DrillError::Setup(e.to_string()))??;
+        all.extend(samples);
         errors += e;
     }
     Ok((all, errors))
@@ -426,14 +494,19 @@ impl OcspReport {
     /// The Markdown table docs/PERFORMANCE.md records.
     pub fn markdown(&self) -> String {
         let mut out = String::from(
-            "| backend | concurrency | what | answers/s | p50 | p99 | engine CPU per answer | load generator CPU per answer | OCSP signatures | database rows written | errors |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+            "| backend | concurrency | load | what | answers/s | p50 | p99 | p99 from schedule | engine CPU per answer | load generator CPU per answer | OCSP signatures | database rows written | errors |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for l in &self.levels {
             let row = |what: &str, load: &Load, signatures: String, rows: String| {
+                let from_schedule = match l.pace {
+                    Pace::Closed => "–".to_string(),
+                    Pace::Rate(_) => format!("{:.2} ms", load.p99_from_schedule.as_secs_f64() * 1e3),
+                };
                 format!(
-                    "| {} | {} | {what} | {:.0} | {:.2} ms | {:.2} ms | {:.1} µs | {:.1} µs | {signatures} | {rows} | {} |\n",
+                    "| {} | {} | {} | {what} | {:.0} | {:.2} ms | {:.2} ms | {from_schedule} | {:.1} µs | {:.1} µs | {signatures} | {rows} | {} |\n",
                     self.backend,
                     l.concurrency,
+                    l.pace.describe(),
                     load.per_second,
                     load.p50.as_secs_f64() * 1e3,
                     load.p99.as_secs_f64() * 1e3,
@@ -458,10 +531,13 @@ impl OcspReport {
             }
         }
         out.push_str(&format!(
-            "\n{} certificates of ica-p256 asked about in turn ({} revoked), each asked once before the load. OCSP at {:.0}% of the control's rate. Engine peak RSS: {:.1} MB.\n",
+            "\n{} certificates of ica-p256 asked about in turn ({} revoked), each asked once before the load. In a closed loop, OCSP at {:.0}% of the control's rate at the highest concurrency. Engine peak RSS: {:.1} MB.\n",
             self.certificates,
             self.revoked,
-            self.levels.last().map_or(0.0, |l| 100.0 * l.ocsp.per_second / l.control.per_second.max(1.0)),
+            self.levels
+                .iter()
+                .rfind(|l| matches!(l.pace, Pace::Closed))
+                .map_or(0.0, |l| 100.0 * l.ocsp.per_second / l.control.per_second.max(1.0)),
             self.peak_rss as f64 / 1e6
         ));
         out
