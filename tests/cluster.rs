@@ -219,3 +219,70 @@ async fn an_instance_that_stops_heartbeating_is_shown_stale() {
     assert!(last_beat <= killed_ms, "nothing heartbeats for the dead instance: {last_beat} > {killed_ms}");
     survivor.stop().await;
 }
+
+/// kill -9 in the middle of a synchronous request with an `Idempotency-Key` (issue 15): that
+/// attempt died without answering anyone, so it must not fix the key's result. The client's
+/// retries on the other instance get a certificate once the dead attempt is past its deadline,
+/// every later retry gets the same serial, and the database holds exactly one issued certificate
+/// for the request.
+#[actix_rt::test]
+async fn a_keyed_request_whose_instance_was_killed_is_issued_by_a_retry_on_another() {
+    let db = TestDb::postgres();
+    let survivor = TestServer::start(dev_config(&db)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("castellum.toml");
+    // The victim stalls each interactive signature 7 s after its write-ahead (a defect on purpose,
+    // dev mode only), so the kill lands in the middle of the attempt.
+    let victim_config = format!("sabotage = [\"slow-interactive-signing\"]\n{}", dev_config_text());
+    std::fs::write(&config_path, victim_config).unwrap();
+    let env = [("CASTELLUM_DATABASE__URL", db.url.as_str())];
+    let mut victim = EngineProcess::start(&config_path, &env, Stdio::null(), Stdio::null()).await;
+
+    let key = "kill-9-then-retry";
+    let body = serde_json::json!({"profile": "tls-server-p256", "csr": csr(Key::P256, &["retried.example.test"])});
+    let http = reqwest::Client::new();
+    let attempt = |base: &str| {
+        http.post(format!("{base}/v1/certificates")).bearer_auth(DEMO_KEY).header("Idempotency-Key", key).json(&body)
+    };
+    let of_the_key = format!("request_id IN (SELECT id FROM requests WHERE idempotency_key = '{key}')");
+    let first = tokio::spawn(attempt(&victim.base).send());
+    let signing = format!("SELECT count(*) AS n FROM certificates WHERE state = 'signing' AND {of_the_key}");
+    eventually(Duration::from_secs(10), "the first attempt's write-ahead", || {
+        (sql::count(&db, &signing) == 1).then_some(())
+    })
+    .await;
+    victim.kill();
+    let first = first.await.unwrap();
+    assert!(first.is_err(), "the killed instance answered the first attempt: {first:?}");
+
+    // The client retries through the other instance, as through a load balancer.
+    let started = Instant::now();
+    let mut refusals = Vec::new();
+    let serial = loop {
+        let response = attempt(&survivor.base).send().await.unwrap();
+        let status = response.status().as_u16();
+        let answer: serde_json::Value = response.json().await.unwrap_or_default();
+        if status == 201 {
+            break answer["serial"].as_str().expect("a serial").to_string();
+        }
+        refusals.push(format!("{status} {}", answer["type"].as_str().unwrap_or("")));
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no certificate for the key after 20 s of retries; answered: {refusals:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    // The dead attempt's deadline (6 s) and the grace (2 s) bound how long that took.
+    assert!(started.elapsed() < Duration::from_secs(12), "issued only after {:?}", started.elapsed());
+    for _ in 0..3 {
+        let response = attempt(&survivor.base).send().await.unwrap();
+        assert_eq!(response.status(), 201, "a replay");
+        let answer: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(answer["serial"], serial.as_str(), "every retry gets the same certificate");
+    }
+    let issued = format!("SELECT count(*) AS n FROM certificates WHERE state = 'issued' AND {of_the_key}");
+    assert_eq!(sql::count(&db, &issued), 1, "one certificate issued for the key");
+    let signed_by_the_dead = sql::count(&db, &format!("SELECT count(*) AS n FROM certificates WHERE serial <> '{serial}' AND cert_der IS NOT NULL AND {of_the_key}"));
+    assert_eq!(signed_by_the_dead, 0, "the killed attempt signed nothing");
+    survivor.stop().await;
+}

@@ -255,6 +255,38 @@ pub fn claim_request(
     Ok(n == 1)
 }
 
+/// Take over a synchronous request whose attempt ended without an answer: still pending (its
+/// instance died) or expired, and past its expiry before `expired_before`. It becomes pending
+/// again, claimed by `instance` until `until`, which is also its new expiry (so the one retry
+/// that wins is the only one: the others no longer match). `false`: not such a request now.
+pub fn retake_abandoned_request(
+    conn: &mut DbConn,
+    id: &str,
+    instance: &str,
+    now: i64,
+    until: i64,
+    expired_before: i64,
+) -> Result<bool, DbError> {
+    let n = with_conn!(conn, |c| diesel::update(
+        requests::table
+            .filter(requests::id.eq(id))
+            .filter(requests::mode.eq(RequestMode::Sync))
+            .filter(requests::state.eq_any([RequestState::Pending, RequestState::Expired]))
+            .filter(requests::expires_at.lt(expired_before))
+    )
+    .set((
+        requests::state.eq(RequestState::Pending),
+        requests::claimed_by.eq(Some(instance)),
+        requests::claimed_until.eq(Some(until)),
+        requests::expires_at.eq(until),
+        requests::error_type.eq(None::<String>),
+        requests::error_detail.eq(None::<String>),
+        requests::updated_at.eq(now),
+    ))
+    .execute(c))?;
+    Ok(n == 1)
+}
+
 /// Claim several pending requests in one transaction (one commit); returns those won.
 pub fn claim_requests(
     conn: &mut DbConn,

@@ -22,6 +22,10 @@ use crate::types::*;
 
 /// How often a retry waiting on an earlier attempt looks at its state.
 const IDEMPOTENT_POLL: Duration = Duration::from_millis(25);
+/// How long past its deadline a synchronous attempt may still record a certificate: the signer
+/// refuses work past its deadline, and a signature made just before it is committed in the
+/// Store's next batch, which gives up after SQLite's `busy_timeout` (2 s) at worst.
+const ABANDONED_GRACE_MS: i64 = 2_000;
 const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 impl Engine {
@@ -166,10 +170,41 @@ impl Engine {
             span.record("request_id", row.id.as_str());
             match row.state {
                 RequestState::Issued => return Ok((self.issued_certificate_of(&row).await?, Provenance::Replayed)),
-                RequestState::Failed | RequestState::Expired => return Err(recorded_error(&row)),
-                RequestState::Pending | RequestState::Retryable | RequestState::Parked => {}
+                RequestState::Failed => return Err(recorded_error(&row)),
+                // An asynchronous request's expiry is its result: it was never going to be issued.
+                RequestState::Expired if row.mode == RequestMode::Async => return Err(recorded_error(&row)),
+                RequestState::Expired | RequestState::Pending | RequestState::Retryable | RequestState::Parked => {}
             }
             let now = now_ms();
+            // A synchronous attempt that ended without an answer (its instance died with it, or
+            // its deadline passed) is not the key's result: a key replays results, not transient
+            // failures. Once the attempt is past its deadline and the grace, it can no longer
+            // produce a certificate, and this retry starts a new one.
+            if row.mode == RequestMode::Sync
+                && matches!(row.state, RequestState::Pending | RequestState::Expired)
+                && row.expires_at + ABANDONED_GRACE_MS < now
+            {
+                let (id, instance, until) = (row.id.clone(), self.inner.instance.to_string(), deadline_ms(deadline));
+                let won = self
+                    .read(move |conn| {
+                        queries::retake_abandoned_request(conn, &id, &instance, now, until, now - ABANDONED_GRACE_MS)
+                    })
+                    .await?;
+                if won {
+                    let issued = self.run_sync(client, admitted, Some(row.id), span).await?;
+                    return Ok((issued, Provenance::Fresh));
+                }
+                continue; // another retry took it over first: follow that attempt
+            }
+            if row.state == RequestState::Expired {
+                // Within the grace: a signature made just before the deadline may still be
+                // committing.
+                if Instant::now() + IDEMPOTENT_POLL >= deadline {
+                    return Err(recorded_error(&row));
+                }
+                tokio::time::sleep(IDEMPOTENT_POLL).await;
+                continue;
+            }
             let claim_lapsed = row.claimed_until.is_none_or(|t| t < now);
             if row.state == RequestState::Retryable || claim_lapsed {
                 let (id, instance, until) = (row.id.clone(), self.inner.instance.to_string(), deadline_ms(deadline));
