@@ -552,9 +552,21 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     }
     let handle = server.handle();
     let stopper = engine.clone();
+    let mut signals = StopSignals::new()?;
     actix_web::rt::spawn(async move {
-        let _ = tokio::signal_ctrl_c().await;
-        tracing::info!("stopping: draining requests");
+        signals.next().await;
+        // First the load balancer stops sending (readiness 503), while everything is served.
+        let grace = stopper.config().http.drain_grace;
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "stopping: draining (/readyz answers 503, requests still served)"
+        );
+        stopper.begin_drain();
+        if actix_web::rt::time::timeout(grace, signals.next()).await.is_ok() {
+            tracing::info!("stopping: a second signal ends the drain early");
+        }
+        // Then no new connection; requests in flight get their answers.
+        tracing::info!("stopping: listener closed, finishing requests in flight");
         handle.stop(true).await;
         if let Some(admin) = admin {
             admin.stop(true).await;
@@ -564,6 +576,25 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     server.await?;
     engine.shutdown().await;
     Ok(())
+}
+
+/// SIGTERM (what service managers and orchestrators send) and SIGINT (Ctrl-C), as one stream.
+struct StopSignals {
+    term: actix_web::rt::signal::unix::Signal,
+    int: actix_web::rt::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> std::io::Result<StopSignals> {
+        use actix_web::rt::signal::unix::{signal, SignalKind};
+        Ok(StopSignals { term: signal(SignalKind::terminate())?, int: signal(SignalKind::interrupt())? })
+    }
+
+    async fn next(&mut self) {
+        let (term, int) = (self.term.recv(), self.int.recv());
+        futures_util::pin_mut!(term, int);
+        futures_util::future::select(term, int).await;
+    }
 }
 
 fn print_sample(addr: &std::net::SocketAddr) {
@@ -578,12 +609,6 @@ Try it (dev mode; the sample client's API key is dev-key-demo):
     --data "{{\"profile\":\"tls-server-p256\",\"csr\":\"$(awk '{{printf "%s\\n", $0}}' /tmp/demo.csr)\"}}"
 "#
     );
-}
-
-mod tokio {
-    pub async fn signal_ctrl_c() -> std::io::Result<()> {
-        actix_web::rt::signal::ctrl_c().await
-    }
 }
 
 fn s_of(v: &serde_json::Value) -> String {

@@ -286,3 +286,80 @@ async fn a_keyed_request_whose_instance_was_killed_is_issued_by_a_retry_on_anoth
     assert_eq!(signed_by_the_dead, 0, "the killed attempt signed nothing");
     survivor.stop().await;
 }
+
+/// A graceful stop a load balancer can follow (issue 15): on SIGTERM, `/readyz` answers 503
+/// "draining" at once while requests are still served for the configured grace; then the
+/// listener closes, the instance hands back its claims on unfinished asynchronous requests, and
+/// it exits 0.
+#[actix_rt::test]
+async fn sigterm_drains_first_then_stops_cleanly() {
+    let db = TestDb::postgres();
+    let mut config: toml::Table = toml::from_str(&dev_config_text()).unwrap();
+    let grace = Duration::from_millis(1500);
+    // A slow signer taking one job at a time on ica-p256: most asynchronous work is unfinished at
+    // the stop; the lease is long, so only a hand-back frees it.
+    let cas = config["cas"].as_array_mut().unwrap();
+    let p256 = cas.iter_mut().find(|c| c["id"].as_str() == Some("ica-p256")).unwrap().as_table_mut().unwrap();
+    p256.insert("fault".into(), toml::toml! { sign_latency = "1s" }.into());
+    p256.entry("queue")
+        .or_insert(toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .unwrap()
+        .insert("in_flight".into(), 1.into());
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("castellum.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let env = [
+        ("CASTELLUM_DATABASE__URL", db.url.as_str()),
+        ("CASTELLUM_HTTP__DRAIN_GRACE", "1500ms"),
+        ("CASTELLUM_ASYNC_REQUESTS__LEASE", "300s"),
+    ];
+    let mut engine = EngineProcess::start(&config_path, &env, Stdio::null(), Stdio::null()).await;
+    let http = reqwest::Client::new();
+    let issue = |profile: &str, name: &str, respond_async: bool| {
+        let request = http
+            .post(format!("{}/v1/certificates", engine.base))
+            .bearer_auth(DEMO_KEY)
+            .json(&serde_json::json!({"profile": profile, "csr": csr(Key::P256, &[name])}));
+        if respond_async {
+            request.header("Prefer", "respond-async")
+        } else {
+            request
+        }
+    };
+    for i in 0..4 {
+        let accepted = issue("ocsp-renewal", &format!("drain{i}.example.test"), true).send().await.unwrap();
+        assert_eq!(accepted.status(), 202);
+    }
+    let ready = http.get(format!("{}/readyz", engine.base)).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+
+    engine.terminate();
+    let signalled = Instant::now();
+    // Readiness flips first...
+    loop {
+        let ready = http.get(format!("{}/readyz", engine.base)).send().await.expect("still listening");
+        if ready.status() == 503 {
+            let body: serde_json::Value = ready.json().await.unwrap();
+            assert!(body["reasons"].to_string().contains("draining"), "{body}");
+            break;
+        }
+        assert!(signalled.elapsed() < Duration::from_millis(500), "/readyz still 200 after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // ...while requests are still served, until the grace ends.
+    let during = issue("tls-server-p384", "during-the-drain.example.test", false).send().await.unwrap();
+    assert_eq!(during.status(), 201, "served while draining");
+    assert!(signalled.elapsed() < grace, "the drain's answers came within the grace");
+
+    let status = engine.wait_exit(Duration::from_secs(20)).expect("the instance exits after the drain");
+    assert!(status.success(), "a graceful stop exits 0: {status}");
+    assert!(signalled.elapsed() >= grace, "it served the whole grace before stopping: {:?}", signalled.elapsed());
+    assert!(http.get(format!("{}/readyz", engine.base)).send().await.is_err(), "the listener is closed");
+    let requests = sql::requests(&db, "1 = 1");
+    let pending: Vec<_> = requests.iter().filter(|r| r.state == "pending").collect();
+    assert!(!pending.is_empty(), "some asynchronous work was unfinished at the stop: {requests:?}");
+    for r in pending {
+        assert_eq!((r.claimed_by.as_deref(), r.claimed_until), (None, None), "claim handed back: {r:?}");
+    }
+}

@@ -268,6 +268,8 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
             .default_service(web::to(|| async { Err::<HttpResponse, _>(Problem(EngineError::NotFound)) }))
     })
     .workers(1)
+    // The binary stops it, after the API's drain (see `serve`).
+    .disable_signals()
     .shutdown_timeout(5)
     .bind(listen)?;
     let addrs = http.addrs();

@@ -157,6 +157,11 @@ pub struct HttpConfig {
     /// first races the balancer's next request on that connection.
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
+    /// On SIGTERM or SIGINT, how long `/readyz` answers 503 (draining) while everything is still
+    /// served, before the listener closes: at least the load balancer's `fall × inter`, so it has
+    /// stopped sending by then. A second signal ends it early.
+    #[serde(with = "humantime_serde")]
+    pub drain_grace: Duration,
 }
 
 impl Default for HttpConfig {
@@ -166,6 +171,7 @@ impl Default for HttpConfig {
             max_body_bytes: 64 * 1024,
             workers: 0,
             keep_alive: Duration::from_secs(75),
+            drain_grace: Duration::from_secs(2),
         }
     }
 }

@@ -7,6 +7,7 @@ mod identity_services;
 mod issue;
 mod ocsp;
 mod ocsp_cache;
+mod probe;
 mod revocation;
 /// The types an embedding application exchanges with the engine (defined in [`crate::types`]).
 pub use crate::types;
@@ -69,6 +70,18 @@ async fn on_pool<T: Send + 'static>(
 /// How often current database holds are scanned for leaks.
 const HOLD_SCAN_INTERVAL: Duration = Duration::from_millis(500);
 
+/// Where an engine is in its life; it only moves forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Phase {
+    Serving = 0,
+    /// Stopping soon: still serving everything, while `/readyz` tells load balancers to send
+    /// elsewhere.
+    Draining = 1,
+    /// Refusing new work, finishing what it holds.
+    Stopping = 2,
+}
+
 /// A running engine. Cheap to clone; every clone talks to the same actors.
 #[derive(Clone)]
 pub struct Engine {
@@ -91,8 +104,11 @@ struct Inner {
     read_permits: Arc<Semaphore>,
     /// Pool counters at the previous readiness check, to report what happened since.
     readiness_seen: std::sync::Mutex<HashMap<&'static str, (u64, u64)>>,
+    /// What the background probe last found of the database (readiness never waits on it).
+    database_probe: probe::DatabaseProbe,
     started_at: i64,
-    shutting_down: AtomicBool,
+    /// Serving, draining or stopping: a [`Phase`] (as its `u8`), which only moves forward.
+    phase: std::sync::atomic::AtomicU8,
     /// Dev-only deliberate defects, fixed at start (empty outside dev mode).
     sabotage: Sabotages,
     /// Set by the first overload refusal; read only by [`Sabotage::StickyOverload`].
@@ -204,6 +220,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 read_permits: Arc::new(Semaphore::new(2 * pools.status.max_size as usize)),
                 readiness_seen: std::sync::Mutex::new(HashMap::new()),
+                database_probe: probe::DatabaseProbe::new(crate::pki::now_ms()),
                 started_at: crate::pki::now_ms(),
                 config,
                 instance,
@@ -216,7 +233,7 @@ impl Engine {
                 history: History::default(),
                 pools,
                 metrics,
-                shutting_down: AtomicBool::new(false),
+                phase: std::sync::atomic::AtomicU8::new(Phase::Serving as u8),
                 sabotage,
                 overload_latched: AtomicBool::new(false),
                 arbiters,
@@ -229,6 +246,7 @@ impl Engine {
                 identities,
             }),
         };
+        engine.probe_database_periodically();
         engine.publish_tree_periodically();
         engine.record_history_periodically();
         engine.renew_ocsp_responders_periodically();
@@ -245,6 +263,22 @@ impl Engine {
                 tick.tick().await;
                 let gauges = engine.inner.cells.iter().map(|(ca, slot)| (ca, slot.gauges.as_ref()));
                 engine.inner.history.sample(gauges, &engine.inner.audit.refusals_by_ca());
+            }
+        });
+    }
+
+    /// The database probe readiness answers from: one `SELECT 1` at a time, every
+    /// [`probe::PROBE_EVERY`] (a probe waiting on a frozen database is bounded by the status
+    /// read's own deadline, and readiness sees its answer grow old meanwhile).
+    fn probe_database_periodically(&self) {
+        let engine = self.clone();
+        actix_web::rt::spawn(async move {
+            let mut tick = tokio::time::interval(probe::PROBE_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !engine.is_shutting_down() {
+                tick.tick().await;
+                let result = engine.read(queries::ping).await;
+                engine.inner.database_probe.record(result, crate::pki::now_ms());
             }
         });
     }
@@ -394,14 +428,10 @@ impl Engine {
     /// For `/readyz`: database reachable, registry loaded, at least one CA serving.
     pub async fn readiness(&self) -> Readiness {
         let mut reasons = Vec::new();
-        let database = match tokio::time::timeout(Duration::from_secs(2), self.read(queries::ping)).await {
-            Ok(Ok(())) => "ok".to_string(),
-            Ok(Err(e)) => {
-                reasons.push(format!("database: {e}"));
-                "unavailable".into()
-            }
-            Err(_) => {
-                reasons.push("database: no answer within 2s".into());
+        let database = match self.inner.database_probe.verdict(crate::pki::now_ms()) {
+            Ok(()) => "ok".to_string(),
+            Err(why) => {
+                reasons.push(why);
                 "unavailable".into()
             }
         };
@@ -428,8 +458,10 @@ impl Engine {
         if serving == 0 {
             reasons.push("no CA is serving".into());
         }
-        if self.inner.shutting_down.load(Ordering::Relaxed) {
-            reasons.push("shutting down".into());
+        match self.phase() {
+            Phase::Serving => {}
+            Phase::Draining => reasons.push("draining: this instance is stopping and still serves meanwhile".into()),
+            Phase::Stopping => reasons.push("shutting down".into()),
         }
         let (pools, mut warnings) = self.pool_readiness();
         warnings.extend(self.inner.ocsp.warnings());
@@ -500,7 +532,7 @@ impl Engine {
     /// Stop taking work, let every cell finish what it holds (bounded by the longest lane
     /// deadline), give back claims on pending asynchronous requests, and stop the cells.
     pub async fn shutdown(&self) {
-        if self.inner.shutting_down.swap(true, Ordering::SeqCst) {
+        if self.inner.phase.swap(Phase::Stopping as u8, Ordering::SeqCst) == Phase::Stopping as u8 {
             return;
         }
         let limit =
@@ -544,7 +576,22 @@ impl Engine {
     }
 
     pub fn is_shutting_down(&self) -> bool {
-        self.inner.shutting_down.load(Ordering::Relaxed)
+        self.phase() == Phase::Stopping
+    }
+
+    /// Tell load balancers to stop sending (`/readyz` answers 503, "draining") while every
+    /// request is still served: the first step of a graceful stop, before [`Engine::shutdown`].
+    pub fn begin_drain(&self) {
+        let serving = Phase::Serving as u8;
+        let _ = self.inner.phase.compare_exchange(serving, Phase::Draining as u8, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    pub fn phase(&self) -> Phase {
+        match self.inner.phase.load(Ordering::Relaxed) {
+            0 => Phase::Serving,
+            1 => Phase::Draining,
+            _ => Phase::Stopping,
+        }
     }
 }
 

@@ -58,6 +58,11 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
     let max_body = engine.config().http.max_body_bytes;
     let workers = engine.config().http.workers;
     let keep_alive = engine.config().http.keep_alive;
+    // A graceful stop lets an interactive request in flight reach its answer (none waits past
+    // the lane's deadline). Not the background lane's minutes: its work is durable (claims are
+    // handed back and another instance takes it up), and idle keep-alive connections would hold
+    // the stop that long too.
+    let in_flight_limit = engine.config().lanes.interactive.max_deadline.as_secs() + 1;
     let data = web::Data::new(engine);
     let mut http = HttpServer::new(move || {
         App::new()
@@ -67,7 +72,9 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
             .default_service(web::to(|| async { Err::<actix_web::HttpResponse, _>(Problem(EngineError::NotFound)) }))
     })
     .keep_alive(keep_alive)
-    .shutdown_timeout(10);
+    // The binary decides when to stop (it drains first): actix must not stop on a signal itself.
+    .disable_signals()
+    .shutdown_timeout(in_flight_limit);
     if workers > 0 {
         http = http.workers(workers);
     }

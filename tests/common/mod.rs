@@ -443,6 +443,24 @@ impl EngineProcess {
         engine
     }
 
+    /// SIGTERM, as a service manager stops it.
+    pub fn terminate(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success(), "kill -TERM");
+    }
+
+    /// Its exit status, once it has exited (at most `limit` from now).
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let started = std::time::Instant::now();
+        while started.elapsed() < limit {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
     /// SIGKILL: no drain, no claim released, no checkpoint.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
