@@ -255,11 +255,12 @@ pub fn claim_request(
     Ok(n == 1)
 }
 
-/// Take over a synchronous request whose attempt ended without an answer: still pending (its
-/// instance died) or expired, and past its expiry before `expired_before`. It becomes pending
-/// again, claimed by `instance` until `until`, which is also its new expiry (so the one retry
-/// that wins is the only one: the others no longer match). `false`: not such a request now.
-pub fn retake_abandoned_request(
+/// Take over a synchronous request whose last attempt is over: recorded retryable, or still
+/// pending (its instance died) or expired and past its expiry before `expired_before`. It becomes
+/// pending again, claimed by `instance`, with `until` as its new expiry, so the one retry that
+/// wins is the only one (the others no longer match) and the next takeover waits for this attempt
+/// to be past `until` too. `false`: not such a request now.
+pub fn retake_request(
     conn: &mut DbConn,
     id: &str,
     instance: &str,
@@ -267,12 +268,11 @@ pub fn retake_abandoned_request(
     until: i64,
     expired_before: i64,
 ) -> Result<bool, DbError> {
+    let over = requests::state.eq(RequestState::Retryable).or(requests::state
+        .eq_any([RequestState::Pending, RequestState::Expired])
+        .and(requests::expires_at.lt(expired_before)));
     let n = with_conn!(conn, |c| diesel::update(
-        requests::table
-            .filter(requests::id.eq(id))
-            .filter(requests::mode.eq(RequestMode::Sync))
-            .filter(requests::state.eq_any([RequestState::Pending, RequestState::Expired]))
-            .filter(requests::expires_at.lt(expired_before))
+        requests::table.filter(requests::id.eq(id)).filter(requests::mode.eq(RequestMode::Sync)).filter(over)
     )
     .set((
         requests::state.eq(RequestState::Pending),

@@ -176,31 +176,34 @@ impl Engine {
                 RequestState::Expired | RequestState::Pending | RequestState::Retryable | RequestState::Parked => {}
             }
             let now = now_ms();
-            // A synchronous attempt that ended without an answer (its instance died with it, or
-            // its deadline passed) is not the key's result: a key replays results, not transient
-            // failures. Once the attempt is past its deadline and the grace, it can no longer
-            // produce a certificate, and this retry starts a new one.
-            if row.mode == RequestMode::Sync
-                && matches!(row.state, RequestState::Pending | RequestState::Expired)
-                && row.expires_at + ABANDONED_GRACE_MS < now
-            {
-                let (id, instance, until) = (row.id.clone(), self.inner.instance.to_string(), deadline_ms(deadline));
-                let won = self
-                    .read(move |conn| {
-                        queries::retake_abandoned_request(conn, &id, &instance, now, until, now - ABANDONED_GRACE_MS)
-                    })
-                    .await?;
-                if won {
-                    let issued = self.run_sync(client, admitted, Some(row.id), span).await?;
-                    return Ok((issued, Provenance::Fresh));
+            if row.mode == RequestMode::Sync {
+                // This retry takes the request over when its last attempt is over: it failed for a
+                // passing reason (recorded retryable), or it ended without an answer (its
+                // instance died with it, or its deadline passed) and is past its deadline and the
+                // grace, when it can no longer produce a certificate. A key replays results, not
+                // transient failures.
+                let abandoned = matches!(row.state, RequestState::Pending | RequestState::Expired)
+                    && row.expires_at + ABANDONED_GRACE_MS < now;
+                if row.state == RequestState::Retryable || abandoned {
+                    let (id, instance, until) =
+                        (row.id.clone(), self.inner.instance.to_string(), deadline_ms(deadline));
+                    let expired_before = now - ABANDONED_GRACE_MS;
+                    let won = self
+                        .read(move |conn| queries::retake_request(conn, &id, &instance, now, until, expired_before))
+                        .await?;
+                    if won {
+                        let issued = self.run_sync(client, admitted, Some(row.id), span).await?;
+                        return Ok((issued, Provenance::Fresh));
+                    }
+                    continue; // another retry took it over first: follow that attempt
                 }
-                continue; // another retry took it over first: follow that attempt
-            }
-            if row.state == RequestState::Expired {
-                // Within the grace: a signature made just before the deadline may still be
-                // committing.
+                // An attempt is under way, or within its grace (a signature made just before
+                // its deadline may still be committing): wait for its outcome.
                 if Instant::now() + IDEMPOTENT_POLL >= deadline {
-                    return Err(recorded_error(&row));
+                    return Err(match row.state {
+                        RequestState::Expired => recorded_error(&row),
+                        _ => EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) },
+                    });
                 }
                 tokio::time::sleep(IDEMPOTENT_POLL).await;
                 continue;

@@ -58,11 +58,10 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
     let max_body = engine.config().http.max_body_bytes;
     let workers = engine.config().http.workers;
     let keep_alive = engine.config().http.keep_alive;
-    // A graceful stop lets an interactive request in flight reach its answer (none waits past
-    // the lane's deadline). Not the background lane's minutes: its work is durable (claims are
-    // handed back and another instance takes it up), and idle keep-alive connections would hold
-    // the stop that long too.
-    let in_flight_limit = engine.config().lanes.interactive.max_deadline.as_secs() + 1;
+    // A graceful stop lets every request in flight reach its answer, which none waits for past
+    // its lane's deadline (idle keep-alive connections are closed at once, not waited for).
+    let lanes = &engine.config().lanes;
+    let in_flight_limit = lanes.interactive.max_deadline.max(lanes.background.max_deadline).as_secs() + 1;
     let data = web::Data::new(engine);
     let mut http = HttpServer::new(move || {
         App::new()
