@@ -13,14 +13,10 @@ use crate::pki::{csr, tbs, CaMaterial, LintedTbs, Profile};
 
 /// (utime + stime, peak RSS bytes) of a process, from /proc.
 pub(super) fn process_usage(pid: u32) -> Option<(Duration, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let cpu = (fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?) / ticks;
+    let cpu = crate::drill::target::process_cpu(pid)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let hwm_kb: u64 = status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some((Duration::from_secs_f64(cpu), hwm_kb * 1024))
+    Some((cpu, hwm_kb * 1024))
 }
 
 pub(super) fn p256_csrs(n: usize) -> Result<Vec<Arc<String>>, DrillError> {

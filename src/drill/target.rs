@@ -256,12 +256,11 @@ impl Target {
         let started = Instant::now();
         let mut quiet_windows = 0;
         while quiet_windows < 2 && started.elapsed() < limit {
-            let before = cpu_ticks(pid);
+            let before = process_cpu(pid);
             tokio::time::sleep(Duration::from_millis(250)).await;
-            let used = cpu_ticks(pid).zip(before).map(|(after, before)| after.saturating_sub(before));
-            // Clock ticks are 10 ms: 5 of them in 250 ms is a fifth of a core.
+            let used = process_cpu(pid).zip(before).map(|(after, before)| after.saturating_sub(before));
             quiet_windows = match used {
-                Some(ticks) if ticks < 5 => quiet_windows + 1,
+                Some(cpu) if cpu < Duration::from_millis(50) => quiet_windows + 1,
                 Some(_) => 0,
                 None => return, // no /proc: nothing to wait for
             };
@@ -385,11 +384,14 @@ impl Drop for Target {
     }
 }
 
-/// User + system CPU of a process so far, in clock ticks (from /proc).
-fn cpu_ticks(pid: u32) -> Option<u64> {
+/// User + system CPU a process has used so far (from /proc; the benchmarks read it too).
+pub(crate) fn process_cpu(pid: u32) -> Option<Duration> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-    Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let cpu = (fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?) / ticks;
+    Some(Duration::from_secs_f64(cpu))
 }
 
 fn client() -> Result<reqwest::Client, DrillError> {
