@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, SystemTime};
 
 use crate::config::{Config, ConfigProblem, Mode, PoolConfig};
+use crate::db::server_limits::ServerLimits;
 use crate::pki::ca::{allowed_in_mode, CaMaterial};
 
 /// A pool's checkout wait must stay well below the shortest deadline: at most this fraction.
@@ -374,19 +375,13 @@ fn check_database(config: &Config, p: &mut Problems) {
     }
     if is_pg {
         let budget = db.server_max_connections.saturating_sub(db.reserved_connections);
-        let wanted = db.instances * pools.total_max();
+        let wanted = connections_needed(config, db.instances);
         if wanted > budget {
             p.add(
                 "database.pools",
                 format!(
-                    "{} instances × {} connections (issuance {} + control {} + status {} + admin {} + audit {}) = {wanted}, more than server_max_connections {} − reserved_connections {} = {budget}",
-                    db.instances,
-                    pools.total_max(),
-                    pools.issuance.max_size,
-                    pools.control.max_size,
-                    pools.status.max_size,
-                    pools.admin.max_size,
-                    pools.audit.max_size,
+                    "{} = {wanted}, more than server_max_connections {} − reserved_connections {} = {budget}",
+                    pools_sum(config, db.instances),
                     db.server_max_connections,
                     db.reserved_connections
                 ),
@@ -402,6 +397,66 @@ fn check_database(config: &Config, p: &mut Problems) {
             p.add("database.statement_timeout", "must be shorter than the shortest lane deadline");
         }
     }
+}
+
+/// Connections `instances` instances may hold at once: each one's pools, no more (the
+/// registry's LISTEN connection is one of the control pool's, the audit writer has a pool of its
+/// own, and the migration connection at start-up is closed before the pools open).
+pub fn connections_needed(config: &Config, instances: u32) -> u32 {
+    instances * config.database.pools.total_max()
+}
+
+fn pools_sum(config: &Config, instances: u32) -> String {
+    let pools = &config.database.pools;
+    format!(
+        "{instances} instance(s) × {} connections (issuance {} + control {}, the registry's LISTEN among them, + status {} + admin {} + audit {})",
+        pools.total_max(),
+        pools.issuance.max_size,
+        pools.control.max_size,
+        pools.status.max_size,
+        pools.admin.max_size,
+        pools.audit.max_size,
+    )
+}
+
+/// The connection budget against what the PostgreSQL server itself reports: its
+/// `max_connections` less its reserved slots, and the role's and the database's own limits, less
+/// `database.reserved_connections` left to other clients. A problem when the instances could
+/// open more; a warning when the configuration's `server_max_connections` is not the server's.
+/// Returns the problems and a line saying how the budget was reckoned.
+pub fn check_server_budget(config: &Config, server: &ServerLimits) -> (Vec<ConfigProblem>, String) {
+    let mut p = Problems(Vec::new());
+    let db = &config.database;
+    let wanted = connections_needed(config, db.instances);
+    let open = server.open_to_roles();
+    let mut limits = vec![(
+        open.saturating_sub(db.reserved_connections),
+        format!(
+            "max_connections {} − superuser_reserved_connections {} − reserved_connections {} − database.reserved_connections {}",
+            server.max_connections,
+            server.superuser_reserved_connections,
+            server.reserved_connections,
+            db.reserved_connections
+        ),
+    )];
+    if let Ok(role) = u32::try_from(server.role_limit) {
+        limits.push((role.saturating_sub(db.reserved_connections), format!("the role's CONNECTION LIMIT {role} − database.reserved_connections {}", db.reserved_connections)));
+    }
+    if let Ok(database) = u32::try_from(server.database_limit) {
+        limits.push((database.saturating_sub(db.reserved_connections), format!("the database's CONNECTION LIMIT {database} − database.reserved_connections {}", db.reserved_connections)));
+    }
+    let (budget, why) = limits.into_iter().min_by_key(|(n, _)| *n).unwrap_or_default();
+    let line = format!("{} = {wanted}, of {budget} the server allows ({why}, read from the server)", pools_sum(config, db.instances));
+    if wanted > budget {
+        p.add("database.pools", format!("{} = {wanted}, more than the server allows: {why} = {budget}", pools_sum(config, db.instances)));
+    }
+    if u32::try_from(server.max_connections).ok() != Some(db.server_max_connections) {
+        p.warn(
+            "database.server_max_connections",
+            format!("is {}, the server's max_connections is {}: the server's is what counts", db.server_max_connections, server.max_connections),
+        );
+    }
+    (p.0, line)
 }
 
 fn check_pool(config: &Config, at: &str, pool: &PoolConfig, p: &mut Problems) {

@@ -74,6 +74,10 @@ enum Command {
         /// With --expected-rate: how long one request holds a connection.
         #[arg(long, default_value = "5ms", value_parser = humantime::parse_duration)]
         hold: std::time::Duration,
+        /// How many instances will share the database (instead of `database.instances`); on
+        /// PostgreSQL their pools are checked against the limits the server itself reports.
+        #[arg(long)]
+        instances: Option<u32>,
     },
     /// Run pending database migrations.
     Migrate,
@@ -84,7 +88,8 @@ enum Command {
     },
     /// Replay an incident against an engine and report whether it held its promises.
     Drill {
-        /// issuance-queues-2020, connection-surge-2024, pool-leak-2023, pool-too-small-2024 (or --list).
+        /// issuance-queues-2020, connection-surge-2024, pool-leak-2023, pool-too-small-2024,
+        /// lb-rolling-restart, lb-kill-9 (or --list).
         name: Option<String>,
         #[arg(long)]
         list: bool,
@@ -116,6 +121,9 @@ enum Command {
         /// build with this drill).
         #[arg(long, value_name = "BINARY")]
         engine: Option<PathBuf>,
+        /// The HAProxy configuration the lb-* drills put in front of their instances.
+        #[arg(long, default_value = "deploy/haproxy.cfg")]
+        haproxy_config: PathBuf,
     },
     /// Benchmark end-to-end issuance against the machine's crypto ceiling (use a release build).
     Bench {
@@ -217,9 +225,15 @@ fn main() -> ExitCode {
     castellum::telemetry::init(cli.log_json);
     let config = cli.config.as_deref();
     match cli.command {
-        Command::CheckConfig { expected_rate, hold } => {
-            load(config).map_or_else(|code| code, |c| check(&c, expected_rate, hold))
-        }
+        Command::CheckConfig { expected_rate, hold, instances } => load(config).map_or_else(
+            |code| code,
+            |mut c| {
+                if let Some(n) = instances {
+                    c.database.instances = n;
+                }
+                check(&c, expected_rate, hold)
+            },
+        ),
         Command::Migrate => load(config).map_or_else(|code| code, |c| migrate(&c)),
         Command::DevPki { out } => dev_pki(&out),
         Command::Drill {
@@ -235,6 +249,7 @@ fn main() -> ExitCode {
             out,
             sabotage,
             engine,
+            haproxy_config,
         } => {
             let Some(name) = name.filter(|_| !list) else {
                 for (name, what) in castellum::drill::DRILLS {
@@ -256,6 +271,7 @@ fn main() -> ExitCode {
                 command,
                 sabotage,
                 engine,
+                haproxy_config,
             })
         }
         Command::Bench {
@@ -334,6 +350,19 @@ fn check(config: &Config, expected_rate: Option<f64>, hold: std::time::Duration)
     let (mut problems, _) = check_config(config);
     if let Some(rate) = expected_rate {
         problems.extend(castellum::check::check_capacity(config, rate, hold));
+    }
+    if config.database.is_postgres() {
+        match castellum::db::server_limits::ServerLimits::read(&config.database.url) {
+            Ok(server) => {
+                let (found, budget) = castellum::check::check_server_budget(config, &server);
+                println!("connection budget: {budget}");
+                problems.extend(found);
+            }
+            // Checking a configuration away from its database is legitimate: say what was not.
+            Err(e) => eprintln!(
+                "  warning: the server's connection limits could not be read ({e}): judged against database.server_max_connections only"
+            ),
+        }
     }
     let (warnings, problems): (Vec<_>, Vec<_>) = problems.into_iter().partition(|p| p.warning);
     for w in &warnings {
@@ -555,6 +584,15 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let mut signals = StopSignals::new()?;
     actix_web::rt::spawn(async move {
         signals.next().await;
+        if stopper.config().sabotage.contains(&castellum::config::Sabotage::StopWithoutDrain) {
+            tracing::warn!("stopping at once, without draining (sabotage stop-without-drain)");
+            handle.stop(false).await;
+            if let Some(admin) = admin {
+                admin.stop(false).await;
+            }
+            stopper.shutdown().await;
+            return;
+        }
         // First the load balancer stops sending (readiness 503), while everything is served.
         let grace = stopper.config().http.drain_grace;
         tracing::info!(

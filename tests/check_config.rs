@@ -120,8 +120,84 @@ fn a_pool_budget_over_the_servers_connections() {
     assert_flags(
         &text,
         "database.pools",
-        "(issuance 1 + control 2 + status 4 + admin 1 + audit 1) = 36, more than server_max_connections 30 − reserved_connections 5 = 25",
+        "(issuance 1 + control 2, the registry's LISTEN among them, + status 4 + admin 1 + audit 1) = 36, more than server_max_connections 30 − reserved_connections 5 = 25",
     );
+}
+
+/// `check-config --config FILE ARGS…` on `text`: exit code and everything printed.
+fn check_config_with(text: &str, args: &[&str]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_castellum"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .args(args)
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// A setting as the server reports it, read with `psql` (not castellum's own query).
+fn server_setting(name: &str) -> u32 {
+    let out = std::process::Command::new("psql")
+        .args([&format!("{}/postgres", postgres_admin_url()), "-qtAc", &format!("SHOW {name}")])
+        .output()
+        .expect("psql runs");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or_else(|_| panic!("SHOW {name}: {out:?}"))
+}
+
+fn on_postgres(url: &str, database_lines: &str) -> String {
+    dev_config_text().replacen("url = \"sqlite://castellum-dev.db\"", &format!("url = \"{url}\"\n{database_lines}"), 1)
+}
+
+/// `check-config --instances N` (issue 15) reads the server's own limits: N instances of the dev
+/// pools (9 connections each) fit in `max_connections` less the server's reserved slots and
+/// `database.reserved_connections`; one more instance does not, and the refusal names the
+/// server's figures. The figures are read with psql here.
+#[test]
+fn instances_are_checked_against_the_servers_own_limits() {
+    let db = TestDb::postgres();
+    let text = on_postgres(&db.url, "reserved_connections = 10");
+    let (max, superuser) = (server_setting("max_connections"), server_setting("superuser_reserved_connections"));
+    let budget = max - superuser - 10;
+    let fits = budget / 9;
+
+    let (code, out) = check_config_with(&text, &["--instances", &fits.to_string()]);
+    assert_eq!(code, Some(0), "{fits} instances fit in {budget}: {out}");
+    assert!(out.contains(&format!("= {}, of {budget} the server allows", fits * 9)), "{out}");
+
+    let (code, out) = check_config_with(&text, &["--instances", &(fits + 1).to_string()]);
+    assert_eq!(code, Some(1), "{} instances do not fit in {budget}: {out}", fits + 1);
+    assert!(
+        out.contains(&format!(
+            "= {}, more than the server allows: max_connections {max} − superuser_reserved_connections {superuser}",
+            (fits + 1) * 9
+        )),
+        "{out}"
+    );
+}
+
+/// A role's own CONNECTION LIMIT is the budget when it is the tightest: 2 instances (18) fit in
+/// a limit of 20, 3 (27) do not, whatever max_connections says.
+#[test]
+fn a_roles_connection_limit_bounds_the_instances() {
+    let db = TestDb::postgres();
+    let role = format!("castellum_check_{}", uuid::Uuid::new_v4().simple());
+    let admin = format!("{}/postgres", postgres_admin_url());
+    let psql = |sql: &str| {
+        let out = std::process::Command::new("psql").args([&admin, "-qtAc", sql]).output().unwrap();
+        assert!(out.status.success(), "{sql}: {out:?}");
+    };
+    psql(&format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT 20"));
+    let url = db.url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
+    let text = on_postgres(&url, "reserved_connections = 0");
+    let two = check_config_with(&text, &["--instances", "2"]);
+    let three = check_config_with(&text, &["--instances", "3"]);
+    psql(&format!("DROP ROLE {role}"));
+    assert_eq!(two.0, Some(0), "{}", two.1);
+    assert_eq!(three.0, Some(1), "{}", three.1);
+    assert!(three.1.contains("= 27, more than the server allows: the role's CONNECTION LIMIT 20"), "{}", three.1);
 }
 
 #[test]

@@ -7,8 +7,7 @@ use common::*;
 
 fn drill(name: &str, postgres: bool) {
     let out = tempfile::tempdir().unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_castellum"));
-    cmd.args(["drill", name, "--short", "--keys-dev"]).arg(dev_keys()).arg("--out").arg(out.path());
+    let mut cmd = drill_command(name, out.path());
     if postgres {
         cmd.args(["--postgres", &postgres_admin_url()]);
     }
@@ -17,7 +16,11 @@ fn drill(name: &str, postgres: bool) {
     assert!(output.status.success(), "{name}: {stdout}\n{}", String::from_utf8_lossy(&output.stderr));
     assert!(stdout.contains("every promise held"), "{stdout}");
     let report = std::fs::read_dir(out.path()).unwrap().next().expect("a report folder").unwrap().path();
-    for file in ["summary.md", "series.csv", "chart.svg", "engine/engine.log"] {
+    let logs: &[&str] = match name.starts_with("lb-") {
+        true => &["castellum-1/engine.log", "castellum-2/engine.log", "castellum-3/engine.log", "haproxy.log"],
+        false => &["engine/engine.log"],
+    };
+    for file in ["summary.md", "series.csv", "chart.svg"].iter().chain(logs) {
         assert!(report.join(file).exists(), "{name}: {file} missing");
     }
     let svg = std::fs::read_to_string(report.join("chart.svg")).unwrap();
@@ -31,6 +34,41 @@ fn drill(name: &str, postgres: bool) {
         }
         assert!(svg.contains("retry storm"), "the chart draws the storm");
     }
+}
+
+/// `castellum drill NAME --short` with the dev keys and the shipped HAProxy configuration.
+fn drill_command(name: &str, out: &std::path::Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_castellum"));
+    cmd.args(["drill", name, "--short", "--keys-dev"]).arg(dev_keys()).arg("--out").arg(out);
+    cmd.arg("--haproxy-config").arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy.cfg"));
+    cmd
+}
+
+/// Issue 15: three instances behind HAProxy, each restarted in turn under mixed load.
+#[test]
+fn lb_rolling_restart_on_postgres() {
+    drill("lb-rolling-restart", true);
+}
+
+/// Issue 15: three instances behind HAProxy, one killed with SIGKILL under load and started again.
+#[test]
+fn lb_kill_9_on_postgres() {
+    drill("lb-kill-9", true);
+}
+
+#[test]
+fn lb_rolling_restart_catches_a_stop_without_drain() {
+    sabotaged_drill("lb-rolling-restart", true, &["stop-without-drain"], &["zero failed requests", "on SIGTERM HAProxy takes"]);
+}
+
+#[test]
+fn lb_kill_9_catches_keyed_failures_that_stick() {
+    sabotaged_drill(
+        "lb-kill-9",
+        true,
+        &["sticky-keyed-failures"],
+        &["a client retrying with its Idempotency-Key gets exactly one certificate"],
+    );
 }
 
 #[test]
@@ -85,8 +123,7 @@ fn connection_surge_needs_postgres_and_says_so() {
 /// verdicts would prove nothing.
 fn sabotaged_drill(name: &str, postgres: bool, defects: &[&str], failing: &[&str]) -> String {
     let out = tempfile::tempdir().unwrap();
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_castellum"));
-    cmd.args(["drill", name, "--short", "--keys-dev"]).arg(dev_keys()).arg("--out").arg(out.path());
+    let mut cmd = drill_command(name, out.path());
     for defect in defects {
         cmd.args(["--sabotage", defect]);
     }

@@ -107,6 +107,13 @@ pub enum Sabotage {
     /// the CA's state and its breaker: every refusal of a broken or disabled CA costs a
     /// signature verification, and a retry storm becomes CPU work (incident 003).
     CsrBeforeState,
+    /// On SIGTERM the instance stops at once: `/readyz` never says it is draining, and the
+    /// requests in flight are dropped unanswered (what issue 15 found behind a load balancer).
+    StopWithoutDrain,
+    /// A synchronous attempt that ended without an answer (its instance died, its deadline
+    /// passed) fixes its `Idempotency-Key`'s result: every retry waits on it and is answered
+    /// `503` (what issue 15 found after a kill -9).
+    StickyKeyedFailures,
 }
 
 /// The defects an engine is built with: empty unless `mode = "dev"`. Copied into every component

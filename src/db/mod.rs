@@ -12,6 +12,7 @@ pub mod models;
 pub mod queries;
 pub mod revocation;
 pub mod schema;
+pub mod server_limits;
 pub mod writes;
 
 use std::sync::Arc;

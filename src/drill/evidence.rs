@@ -132,6 +132,33 @@ impl Evidence {
     }
 }
 
+impl Evidence {
+    /// Of these requests: how many are issued, and how many issued certificates name them.
+    pub fn issued_requests_and_certificates(&mut self, ids: &[String]) -> Result<(i64, i64), DrillError> {
+        if ids.is_empty() {
+            return Ok((0, 0));
+        }
+        let list = quoted(ids.iter().map(String::as_str))?;
+        Ok((
+            self.count(&format!("SELECT count(*) AS n FROM requests WHERE id IN ({list}) AND state = 'issued'"))?,
+            self.count(&format!(
+                "SELECT count(*) AS n FROM certificates WHERE request_id IN ({list}) AND state = 'issued'"
+            ))?,
+        ))
+    }
+
+    /// Issued certificates for the requests made with these idempotency keys.
+    pub fn certificates_of_keys(&mut self, keys: &[String]) -> Result<i64, DrillError> {
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let list = quoted(keys.iter().map(String::as_str))?;
+        self.count(&format!(
+            "SELECT count(*) AS n FROM certificates c JOIN requests r ON c.request_id = r.id WHERE r.idempotency_key IN ({list}) AND c.state = 'issued'"
+        ))
+    }
+}
+
 /// A SQL list of quoted identifiers; anything but ids (letters, digits, '-', '_') is refused.
 fn quoted<'a>(items: impl IntoIterator<Item = &'a str>) -> Result<String, DrillError> {
     let mut out = Vec::new();

@@ -41,9 +41,14 @@ pub struct Sample {
     pub latency: Duration,
     /// For `202`: the request id, to follow it later.
     pub request_id: Option<String>,
-    pub retry_after: bool,
+    /// The answer's `Retry-After`, if it had one.
+    pub retry_after: Option<Duration>,
     /// For an error answer: its problem `type` and `detail` (what the client was told).
     pub problem: Option<Problem>,
+    /// The request's `Idempotency-Key` (keyed streams).
+    pub idempotency_key: Option<Arc<str>>,
+    /// For a keyed issuance answered `2xx`: the certificate's serial.
+    pub serial: Option<String>,
 }
 
 /// The problem details of an error answer, as the client read them.
@@ -60,24 +65,35 @@ impl Sample {
     }
 }
 
+/// What one request of a stream asks.
+#[derive(Clone)]
+pub enum Call {
+    /// `POST /v1/certificates`: this profile, this CSR.
+    Issue { profile: String, csr: Arc<String> },
+    /// `POST path` with this JSON body (an identity, a signature).
+    Post { path: String, body: Arc<serde_json::Value> },
+    /// `GET path` (read traffic).
+    Get(String),
+}
+
 /// A kind of traffic: who sends what, how many at once, when.
 #[derive(Clone)]
 pub struct Stream {
     pub label: &'static str,
-    pub profile: String,
-    pub csr: Arc<String>,
+    pub call: Call,
     pub workers: usize,
     /// Pause between one worker's requests.
     pub pause: Duration,
     pub respond_async: bool,
     pub wait: Option<u64>,
-    /// Client retries after a `503`/`429` (as the incident's clients did).
+    /// Client retries after a `503`/`429` (as the incident's clients did); for a keyed stream,
+    /// also after no answer or a `502` (its instance died under it).
     pub retries: u32,
+    /// Each request carries an `Idempotency-Key` of its own, the same on each of its retries.
+    pub keyed: bool,
     /// Active between these offsets from the start.
     pub from: Duration,
     pub until: Duration,
-    /// `GET` this path instead of issuing (read traffic).
-    pub get: Option<String>,
 }
 
 impl Stream {
@@ -89,21 +105,37 @@ impl Stream {
         from: Duration,
         until: Duration,
     ) -> Stream {
+        Stream::of(label, Call::Issue { profile: profile.to_string(), csr }, workers, from, until)
+    }
+
+    pub fn of(label: &'static str, call: Call, workers: usize, from: Duration, until: Duration) -> Stream {
         Stream {
             label,
-            profile: profile.to_string(),
-            csr,
+            call,
             workers,
             pause: Duration::ZERO,
             respond_async: false,
             wait: None,
             retries: 0,
+            keyed: false,
             from,
             until,
-            get: None,
+        }
+    }
+
+    /// Whether a client of this stream tries `sample`'s request again.
+    fn retries_after(&self, sample: &Sample) -> bool {
+        match sample.kind {
+            Kind::Unavailable503 | Kind::Limited429 => true,
+            Kind::NoAnswer => self.keyed,
+            Kind::Other => self.keyed && sample.status == 502,
+            Kind::Success | Kind::Refused409 => false,
         }
     }
 }
+
+/// How long a client goes on retrying one request before it gives up.
+const RETRY_PATIENCE: Duration = Duration::from_secs(20);
 
 /// Run every stream's workers until their windows end or `max_requests` have been sent.
 pub async fn run(
@@ -124,17 +156,27 @@ pub async fn run(
             handles.push(tokio::spawn(async move {
                 tokio::time::sleep_until((start + stream.from).into()).await;
                 while start.elapsed() < stream.until && sent.fetch_add(1, Ordering::Relaxed) < max_requests {
-                    let mut attempt = 0;
+                    let idempotency_key: Option<Arc<str>> =
+                        stream.keyed.then(|| uuid::Uuid::new_v4().simple().to_string().into());
+                    let (mut attempt, first_attempt) = (0, Instant::now());
                     loop {
-                        let sample = one(&http, &base, &key, &stream, index, start).await;
-                        let retry =
-                            matches!(sample.kind, Kind::Unavailable503 | Kind::Limited429) && attempt < stream.retries;
+                        let sample = one(&http, &base, &key, &stream, index, start, idempotency_key.clone()).await;
+                        let retry = stream.retries_after(&sample)
+                            && attempt < stream.retries
+                            && first_attempt.elapsed() < RETRY_PATIENCE;
+                        // A keyed client follows Retry-After (at most 2 s); the incidents' clients
+                        // came back after 200 ms whatever they were told.
+                        let pause = match (stream.keyed, sample.retry_after) {
+                            (true, Some(after)) => after.min(Duration::from_secs(2)),
+                            _ => Duration::from_millis(200),
+                        };
                         let _ = samples.send(sample);
-                        if !retry || start.elapsed() >= stream.until {
+                        // A keyed client carries on past the stream's window: it wants its answer.
+                        if !retry || (!stream.keyed && start.elapsed() >= stream.until) {
                             break;
                         }
                         attempt += 1;
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        tokio::time::sleep(pause).await;
                     }
                     if !stream.pause.is_zero() {
                         tokio::time::sleep(stream.pause).await;
@@ -148,53 +190,69 @@ pub async fn run(
     }
 }
 
-async fn one(http: &reqwest::Client, base: &str, key: &str, stream: &Stream, index: usize, start: Instant) -> Sample {
+async fn one(
+    http: &reqwest::Client,
+    base: &str,
+    key: &str,
+    stream: &Stream,
+    index: usize,
+    start: Instant,
+    idempotency_key: Option<Arc<str>>,
+) -> Sample {
     let sent = Instant::now();
-    let request = match &stream.get {
-        Some(path) => http.get(format!("{base}{path}")).bearer_auth(key),
-        None => {
-            let mut r = http
-                .post(format!("{base}/v1/certificates"))
-                .bearer_auth(key)
-                .json(&serde_json::json!({ "profile": stream.profile, "csr": stream.csr.as_str() }));
-            if stream.respond_async {
-                r = r.header("prefer", "respond-async");
-            } else if let Some(wait) = stream.wait {
-                r = r.header("prefer", format!("wait={wait}"));
-            }
-            r
-        }
-    };
-    let (kind, status, request_id, retry_after, problem) = match request.send().await {
-        Ok(resp) => {
-            let status = resp.status().as_u16();
-            let retry_after = resp.headers().contains_key("retry-after");
-            let (mut id, mut problem) = (None, None);
-            if status == 202 {
-                let body = resp.json::<serde_json::Value>().await.ok();
-                id = body.and_then(|v| v["request_id"].as_str().map(String::from));
-            } else if status >= 400 {
-                problem = resp.json::<serde_json::Value>().await.ok().map(|v| Problem {
-                    kind: v["type"].as_str().unwrap_or_default().to_string(),
-                    detail: v["detail"].as_str().unwrap_or_default().to_string(),
-                });
-            } else {
-                let _ = resp.bytes().await;
-            }
-            (Kind::of(status), status, id, retry_after, problem)
-        }
-        Err(_) => (Kind::NoAnswer, 0, None, false, None),
-    };
-    Sample {
+    let mut request = match &stream.call {
+        Call::Get(path) => http.get(format!("{base}{path}")),
+        Call::Post { path, body } => http.post(format!("{base}{path}")).json(body.as_ref()),
+        Call::Issue { profile, csr } => http
+            .post(format!("{base}/v1/certificates"))
+            .json(&serde_json::json!({ "profile": profile, "csr": csr.as_str() })),
+    }
+    .bearer_auth(key);
+    if stream.respond_async {
+        request = request.header("prefer", "respond-async");
+    } else if let Some(wait) = stream.wait {
+        request = request.header("prefer", format!("wait={wait}"));
+    }
+    if let Some(k) = &idempotency_key {
+        request = request.header("idempotency-key", k.as_ref());
+    }
+    let (kind, status, retry_after) = (Kind::NoAnswer, 0, None);
+    let mut sample = Sample {
         at: sent.duration_since(start),
         stream: index,
         kind,
         status,
-        latency: sent.elapsed(),
-        request_id,
+        latency: Duration::ZERO,
+        request_id: None,
         retry_after,
-        problem,
+        problem: None,
+        idempotency_key,
+        serial: None,
+    };
+    if let Ok(resp) = request.send().await {
+        sample.status = resp.status().as_u16();
+        sample.kind = Kind::of(sample.status);
+        sample.retry_after = resp
+            .headers()
+            .get("retry-after")
+            .map(|v| Duration::from_secs(v.to_str().ok().and_then(|v| v.parse().ok()).unwrap_or(1)));
+        if sample.status == 202 {
+            let body = resp.json::<serde_json::Value>().await.ok();
+            sample.request_id = body.and_then(|v| v["request_id"].as_str().map(String::from));
+        } else if sample.status >= 400 {
+            sample.problem = resp.json::<serde_json::Value>().await.ok().map(|v| Problem {
+                kind: v["type"].as_str().unwrap_or_default().to_string(),
+                detail: v["detail"].as_str().unwrap_or_default().to_string(),
+            });
+        } else if sample.idempotency_key.is_some() {
+            let body = resp.json::<serde_json::Value>().await.ok();
+            sample.serial = body.and_then(|v| v["serial"].as_str().map(String::from));
+        } else if resp.bytes().await.is_err() {
+            sample.kind = Kind::NoAnswer;
+        }
     }
+    sample.latency = sent.elapsed();
+    sample
 }
 
 /// Percentile of a set of durations (sorted in place).

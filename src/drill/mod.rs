@@ -6,6 +6,8 @@
 
 mod error;
 pub mod evidence;
+pub mod haproxy;
+mod lb;
 pub mod load;
 pub mod report;
 mod scenarios;
@@ -33,6 +35,11 @@ pub const DRILLS: &[(&str, &str)] = &[
     ("connection-surge-2024", "incident 000: a 20x surge of clients against a connection-limited PostgreSQL role"),
     ("pool-leak-2023", "incident 001: a component holds database connections longer than it should"),
     ("pool-too-small-2024", "incident 002: a pool too small for the offered load"),
+    (
+        "lb-rolling-restart",
+        "issue 15: three instances behind HAProxy under mixed load, each restarted in turn (SIGTERM, start again)",
+    ),
+    ("lb-kill-9", "issue 15: three instances behind HAProxy under mixed load, one killed with SIGKILL, then started again"),
 ];
 
 #[derive(Debug, Clone)]
@@ -58,6 +65,8 @@ pub struct DrillOptions {
     /// The `castellum` binary whose `serve` the drill starts (default: this one), to measure an
     /// earlier build with the same drill.
     pub engine: Option<PathBuf>,
+    /// The HAProxy configuration the load-balancer drills run (`deploy/haproxy.cfg`).
+    pub haproxy_config: PathBuf,
 }
 
 /// One promise the engine made, whether it held, and the figures that say so.

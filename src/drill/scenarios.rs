@@ -11,18 +11,18 @@ use openssl::x509::extension::SubjectAlternativeName;
 use openssl::x509::{X509NameBuilder, X509ReqBuilder};
 
 use super::evidence::Evidence;
-use super::load::{Kind, Stream};
+use super::load::{Call, Kind, Stream};
 use super::storm::{StormPlan, StormProcess, StormReport};
 use super::target::{ca_entry, set, DrillDb, Target};
 use super::{stream_stats, DrillError, DrillOptions, Outcome, Promise, Session};
 use crate::pki::devpki::generate_key;
 use crate::pki::KeyType;
 
-fn s(secs: f64) -> Duration {
+pub(super) fn s(secs: f64) -> Duration {
     Duration::from_secs_f64(secs)
 }
 
-fn csr(kind: KeyType, name: &str) -> Result<Arc<String>, DrillError> {
+pub(super) fn csr(kind: KeyType, name: &str) -> Result<Arc<String>, DrillError> {
     let key: PKey<Private> = generate_key(kind).map_err(|e| DrillError::Setup(e.to_string()))?;
     let build = || -> Result<String, openssl::error::ErrorStack> {
         let mut req = X509ReqBuilder::new()?;
@@ -62,21 +62,30 @@ async fn target(
             Target::existing(url, &admin, &opts.admin_token, &opts.api_key).await
         }
         None => {
-            for defect in &opts.sabotage {
-                serde_json::from_value::<crate::config::Sabotage>(defect.as_str().into())
-                    .map_err(|_| DrillError::Unsupported(format!("unknown --sabotage {defect:?}")))?;
-            }
-            let sabotage: Vec<toml::Value> = opts.sabotage.iter().map(|d| d.as_str().into()).collect();
-            let engine = match &opts.engine {
-                Some(engine) => engine.clone(),
-                None => std::env::current_exe()?,
-            };
-            Target::start(&engine, &opts.keys_dev, &dir.join("engine"), db, |c| {
+            let sabotage = sabotage(opts)?;
+            Target::start(&engine(opts)?, &opts.keys_dev, &dir.join("engine"), db, |c| {
                 edit(c);
                 set(c, &["sabotage"], toml::Value::Array(sabotage));
             })
             .await
         }
+    }
+}
+
+/// The `--sabotage` defects as the configuration's `sabotage` array; an unknown one is refused.
+pub(super) fn sabotage(opts: &DrillOptions) -> Result<Vec<toml::Value>, DrillError> {
+    for defect in &opts.sabotage {
+        serde_json::from_value::<crate::config::Sabotage>(defect.as_str().into())
+            .map_err(|_| DrillError::Unsupported(format!("unknown --sabotage {defect:?}")))?;
+    }
+    Ok(opts.sabotage.iter().map(|d| d.as_str().into()).collect())
+}
+
+/// The `castellum` binary whose engine the drill starts (`--engine`, or this one).
+pub(super) fn engine(opts: &DrillOptions) -> Result<std::path::PathBuf, DrillError> {
+    match &opts.engine {
+        Some(engine) => Ok(engine.clone()),
+        None => Ok(std::env::current_exe()?),
     }
 }
 
@@ -111,11 +120,13 @@ pub async fn run(opts: &DrillOptions, dir: &Path) -> Result<Outcome, DrillError>
         "connection-surge-2024" => connection_surge(opts, dir).await,
         "pool-leak-2023" => pool_leak(opts, dir).await,
         "pool-too-small-2024" => pool_too_small(opts, dir).await,
+        "lb-rolling-restart" => super::lb::run(opts, dir, super::lb::Fault::RollingRestart).await,
+        "lb-kill-9" => super::lb::run(opts, dir, super::lb::Fault::Kill9).await,
         other => Err(super::unknown_drill(other)),
     }
 }
 
-fn finish(session: Session, promises: Vec<Promise>) -> Outcome {
+pub(super) fn finish(session: Session, promises: Vec<Promise>) -> Outcome {
     let marks = session.marks();
     let length = session.length;
     let recording = std::mem::take(&mut *session.recording());
@@ -883,11 +894,7 @@ async fn pool_leak(opts: &DrillOptions, dir: &Path) -> Result<Outcome, DrillErro
     .await?;
     let streams = vec![
         Stream::issue("identities", "tls-server-p256", csr(KeyType::EcdsaP256, "leak.example.test")?, 3, s(0.0), end),
-        Stream {
-            get: Some("/readyz".into()),
-            pause: s(0.2),
-            ..Stream::issue("health", "", Arc::default(), 1, s(0.0), end)
-        },
+        Stream { pause: s(0.2), ..Stream::of("health", Call::Get("/readyz".into()), 1, s(0.0), end) },
     ];
     let session = Session::new(target, end);
     let load = session.drive(streams, 2_000_000);
@@ -1046,10 +1053,7 @@ async fn pool_too_small(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dril
     let serial = first["serial"].as_str().unwrap_or_default().to_string();
     let streams = vec![
         Stream::issue("identities", "tls-server-p256", identity, 2, s(0.0), end),
-        Stream {
-            get: Some(format!("/v1/certificates/{serial}")),
-            ..Stream::issue("reads", "", Arc::default(), 16, surge, end)
-        },
+        Stream::of("reads", Call::Get(format!("/v1/certificates/{serial}")), 16, surge, end),
     ];
     let session = Session::new(target, end);
     let load = session.drive(streams, 2_000_000);
@@ -1082,7 +1086,7 @@ async fn pool_too_small(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dril
     let (errors, errors_503_retry) = {
         let rec = session.recording();
         let errors: Vec<_> = rec.samples.iter().filter(|s| s.kind != Kind::Success).collect();
-        (errors.len(), errors.iter().filter(|s| s.kind == Kind::Unavailable503 && s.retry_after).count())
+        (errors.len(), errors.iter().filter(|s| s.kind == Kind::Unavailable503 && s.retry_after.is_some()).count())
     };
     // The status pool's own figures: checkouts that waited, and ones that timed out or were refused.
     let waited = metric(&metrics, "castellum_db_pool_wait_seconds_count{pool=\"status\"}").unwrap_or(0.0);

@@ -155,7 +155,7 @@ pub struct Target {
     pub http: reqwest::Client,
 }
 
-fn free_port() -> Result<u16, DrillError> {
+pub(crate) fn free_port() -> Result<u16, DrillError> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -215,21 +215,17 @@ impl Target {
         let (port, admin_port) = (free_port()?, free_port()?);
         set(&mut config, &["http", "listen"], format!("127.0.0.1:{port}").into());
         set(&mut config, &["admin", "listen"], format!("127.0.0.1:{admin_port}").into());
-        // No load balancer in front of a drill's engine: a stop needs no draining.
-        set(&mut config, &["http", "drain_grace"], "0s".into());
+        // No load balancer in front of a drill's engine unless the drill says so: a stop needs
+        // no draining.
+        let http = config.get("http").and_then(toml::Value::as_table);
+        if !http.is_some_and(|h| h.contains_key("drain_grace")) {
+            set(&mut config, &["http", "drain_grace"], "0s".into());
+        }
         let config_path = key_dir.join("castellum.toml");
         std::fs::write(&config_path, toml::to_string_pretty(&config).map_err(|e| DrillError::Setup(e.to_string()))?)?;
         let log = workdir.join("engine.log");
-        let log_file = std::fs::File::create(&log)?;
-        let child = Command::new(engine)
-            .args(["serve", "--config"])
-            .arg(&config_path)
-            .env_remove("CASTELLUM_CONFIG")
-            .stdout(Stdio::from(log_file.try_clone()?))
-            .stderr(Stdio::from(log_file))
-            .spawn()
-            .map_err(|e| DrillError::Setup(format!("starting {}: {e}", engine.display())))?;
-        let target = Target {
+        std::fs::File::create(&log)?;
+        let mut target = Target {
             base: format!("http://127.0.0.1:{port}"),
             admin: format!("http://127.0.0.1:{admin_port}"),
             admin_token: "dev-admin-token".into(),
@@ -237,14 +233,74 @@ impl Target {
             key_dir: Some(key_dir),
             log: Some(log),
             db,
-            child: Some(child),
+            child: None,
             engine: Some(engine.to_path_buf()),
             config: Some(config),
             http: client()?,
         };
+        target.spawn()?;
         target.wait_ready(Duration::from_secs(60)).await?;
         target.wait_quiet(Duration::from_secs(20)).await;
         Ok(target)
+    }
+
+    /// Start this target's engine process, its output appended to its log.
+    fn spawn(&mut self) -> Result<(), DrillError> {
+        let (Some(engine), Some(key_dir), Some(log)) = (&self.engine, &self.key_dir, &self.log) else {
+            return Err(DrillError::Unsupported("only an engine the drill started can be started again".into()));
+        };
+        let log_file = std::fs::OpenOptions::new().append(true).create(true).open(log)?;
+        let child = Command::new(engine)
+            .args(["serve", "--config"])
+            .arg(key_dir.join("castellum.toml"))
+            .env_remove("CASTELLUM_CONFIG")
+            .stdout(Stdio::from(log_file.try_clone()?))
+            .stderr(Stdio::from(log_file))
+            .spawn()
+            .map_err(|e| DrillError::Setup(format!("starting {}: {e}", engine.display())))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Start the engine again after it stopped, on the same ports, configuration and database,
+    /// and wait until it is ready: what an operator's service manager does after a restart.
+    pub async fn restart(&mut self) -> Result<(), DrillError> {
+        if self.child.is_some() {
+            return Err(DrillError::Setup(format!("the engine at {} is still running", self.base)));
+        }
+        self.spawn()?;
+        self.wait_ready(Duration::from_secs(60)).await
+    }
+
+    /// SIGTERM, then wait up to `limit` for the process to exit: its exit status (`None` if it
+    /// had to be killed) and how long it took.
+    pub async fn terminate(&mut self, limit: Duration) -> (Option<std::process::ExitStatus>, Duration) {
+        let started = Instant::now();
+        let Some(mut child) = self.child.take() else { return (None, Duration::ZERO) };
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        while started.elapsed() < limit {
+            if let Ok(Some(status)) = child.try_wait() {
+                return (Some(status), started.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        (None, started.elapsed())
+    }
+
+    /// SIGKILL: the process dies at once, with whatever it had in flight.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The `[http] listen` address (`127.0.0.1:PORT`).
+    pub fn listen(&self) -> &str {
+        self.base.trim_start_matches("http://")
     }
 
     /// Until the engine has finished its start-up work (the identity key stock generated, OCSP

@@ -183,7 +183,8 @@ impl Engine {
                 // grace, when it can no longer produce a certificate. A key replays results, not
                 // transient failures.
                 let abandoned = matches!(row.state, RequestState::Pending | RequestState::Expired)
-                    && row.expires_at + ABANDONED_GRACE_MS < now;
+                    && row.expires_at + ABANDONED_GRACE_MS < now
+                    && !self.inner.sabotage.has(Sabotage::StickyKeyedFailures);
                 if row.state == RequestState::Retryable || abandoned {
                     let (id, instance, until) =
                         (row.id.clone(), self.inner.instance.to_string(), deadline_ms(deadline));

@@ -1,0 +1,126 @@
+//! The shipped load-balancer deployment (`deploy/haproxy.cfg`, issue 15): HAProxy itself accepts
+//! it (and refuses a broken copy), its numbers agree with castellum's configuration, and run in
+//! front of a real engine it passes castellum's refusals through with their `Retry-After`, and
+//! answers `503` with `Retry-After` itself when no instance is up.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use castellum::drill::haproxy::{self, Haproxy};
+use common::*;
+
+fn shipped() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy.cfg")
+}
+
+/// A copy of the shipped configuration (and its error pages) with `edit` applied.
+fn copy_with(edit: impl FnOnce(String) -> String) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(shipped()).unwrap();
+    std::fs::create_dir(dir.path().join("errors")).unwrap();
+    let errors = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/errors/503.http");
+    std::fs::copy(errors, dir.path().join("errors/503.http")).unwrap();
+    let path = dir.path().join("haproxy.cfg");
+    std::fs::write(&path, edit(text)).unwrap();
+    (dir, path)
+}
+
+#[test]
+fn haproxy_accepts_the_shipped_configuration_and_refuses_a_broken_one() {
+    haproxy::check(&shipped()).expect("haproxy -c accepts deploy/haproxy.cfg");
+    // The judge can fail: a health check expecting nothing HAProxy knows is refused.
+    let (_dir, broken) = copy_with(|t| t.replace("http-check expect status 200", "http-check expect stauts 200"));
+    assert!(haproxy::check(&broken).is_err(), "haproxy -c refuses a broken copy");
+    let (_dir, missing_page) = copy_with(|t| t.replace("errors/503.http", "errors/none.http"));
+    assert!(haproxy::check(&missing_page).is_err(), "haproxy -c refuses a missing error page");
+}
+
+/// A duration as HAProxy writes it (`500ms`, `6m`, `2s`).
+fn haproxy_duration(text: &str) -> Duration {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (n, unit) = text.split_at(split);
+    let n: u64 = n.parse().unwrap_or_else(|_| panic!("a duration: {text}"));
+    match unit {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(60 * n),
+        other => panic!("unit {other} in {text}"),
+    }
+}
+
+/// The word after `key` on the line holding it, in the shipped file (comments left out).
+fn setting(text: &str, key: &str) -> String {
+    text.lines()
+        .map(|l| l.split('#').next().unwrap_or_default())
+        .find_map(|l| {
+            let words: Vec<&str> = l.split_whitespace().collect();
+            let at = words.windows(key.split(' ').count()).position(|w| w.join(" ") == key)?;
+            words.get(at + key.split(' ').count()).map(|w| w.to_string())
+        })
+        .unwrap_or_else(|| panic!("{key} in deploy/haproxy.cfg"))
+}
+
+/// What deploy/README.md's table says must agree: the drain outlasts HAProxy's `fall × inter` plus
+/// one check's timeout; HAProxy's server timeout outlasts the longest synchronous wait; the
+/// readiness check has room for `/readyz`'s 250 ms bound; the health check is `GET /readyz`.
+#[test]
+fn the_shipped_numbers_agree_with_castellums_configuration() {
+    let text = std::fs::read_to_string(shipped()).unwrap();
+    let config = castellum::config::Config::from_toml(&dev_config_text(), &dev_keys()).unwrap();
+    let inter = haproxy_duration(&setting(&text, "inter"));
+    let fall: u32 = setting(&text, "fall").parse().unwrap();
+    let check_timeout = haproxy_duration(&setting(&text, "timeout check"));
+    let server_timeout = haproxy_duration(&setting(&text, "timeout server"));
+    assert!(
+        config.http.drain_grace >= inter * fall + check_timeout,
+        "drain_grace {:?} < fall {fall} × inter {inter:?} + timeout check {check_timeout:?}",
+        config.http.drain_grace
+    );
+    let longest = config.lanes.interactive.max_deadline.max(config.lanes.background.max_deadline);
+    assert!(server_timeout > longest, "timeout server {server_timeout:?} ≤ the longest deadline {longest:?}");
+    assert!(check_timeout > Duration::from_millis(250), "timeout check {check_timeout:?} leaves /readyz no room");
+    assert_eq!(setting(&text, "option httpchk"), "GET");
+    assert_eq!(setting(&text, "http-check expect"), "status");
+    assert_eq!(setting(&text, "http-check expect status"), "200");
+    let page = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/errors/503.http")).unwrap();
+    assert!(page.starts_with("HTTP/1.1 503") && page.contains("\r\nRetry-After: 1\r\n"), "{page}");
+}
+
+/// Through HAProxy running the shipped file: castellum's own refusal (a parked CA) arrives with
+/// its status, problem type and `Retry-After`; with the instance gone, HAProxy takes it out and
+/// answers `503` with `Retry-After` and a problem document itself.
+#[actix_rt::test]
+async fn retry_after_reaches_the_client_whoever_answers() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(dev_config(&db)).await;
+    let instance = server.base.trim_start_matches("http://").to_string();
+    // The other two servers of the file point at a port nobody listens on.
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let lb = Haproxy::start(&shipped(), &[&instance, &nobody, &nobody], log.path()).await.expect("haproxy starts");
+    lb.wait_for(0, |s| s.is_up(), Duration::from_secs(10)).await.expect("HAProxy has the instance up");
+    server.engine.set_ca_state("test-operator", "ica-p256", "parked").await.unwrap();
+    let http = reqwest::Client::new();
+    let body = serde_json::json!({ "profile": "tls-server-p256", "csr": csr(Key::P256, &["lb.example.test"]) });
+    let refused = http
+        .post(format!("{}/v1/certificates", lb.base))
+        .bearer_auth(DEMO_KEY)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    assert!(refused.headers().contains_key("retry-after"), "{:?}", refused.headers());
+    let problem: serde_json::Value = refused.json().await.unwrap();
+    assert!(problem["type"].as_str().unwrap().starts_with("urn:castellum:problem:"), "{problem}");
+
+    server.stop().await;
+    lb.wait_for(0, |s| s.is_down(), Duration::from_secs(10)).await.expect("HAProxy takes the stopped instance out");
+    let none = http.get(format!("{}/v1/cas", lb.base)).bearer_auth(DEMO_KEY).send().await.unwrap();
+    assert_eq!(none.status(), 503);
+    assert_eq!(none.headers()["retry-after"], "1");
+    let problem: serde_json::Value = none.json().await.unwrap();
+    assert_eq!(problem["type"], "urn:castellum:problem:no-instance-available", "{problem}");
+}
