@@ -440,20 +440,38 @@ pub fn check_server_budget(config: &Config, server: &ServerLimits) -> (Vec<Confi
         ),
     )];
     if let Ok(role) = u32::try_from(server.role_limit) {
-        limits.push((role.saturating_sub(db.reserved_connections), format!("the role's CONNECTION LIMIT {role} − database.reserved_connections {}", db.reserved_connections)));
+        limits.push((
+            role.saturating_sub(db.reserved_connections),
+            format!("the role's CONNECTION LIMIT {role} − database.reserved_connections {}", db.reserved_connections),
+        ));
     }
     if let Ok(database) = u32::try_from(server.database_limit) {
-        limits.push((database.saturating_sub(db.reserved_connections), format!("the database's CONNECTION LIMIT {database} − database.reserved_connections {}", db.reserved_connections)));
+        limits.push((
+            database.saturating_sub(db.reserved_connections),
+            format!(
+                "the database's CONNECTION LIMIT {database} − database.reserved_connections {}",
+                db.reserved_connections
+            ),
+        ));
     }
     let (budget, why) = limits.into_iter().min_by_key(|(n, _)| *n).unwrap_or_default();
-    let line = format!("{} = {wanted}, of {budget} the server allows ({why}, read from the server)", pools_sum(config, db.instances));
+    let line = format!(
+        "{} = {wanted}, of {budget} the server allows ({why}, read from the server)",
+        pools_sum(config, db.instances)
+    );
     if wanted > budget {
-        p.add("database.pools", format!("{} = {wanted}, more than the server allows: {why} = {budget}", pools_sum(config, db.instances)));
+        p.add(
+            "database.pools",
+            format!("{} = {wanted}, more than the server allows: {why} = {budget}", pools_sum(config, db.instances)),
+        );
     }
     if u32::try_from(server.max_connections).ok() != Some(db.server_max_connections) {
         p.warn(
             "database.server_max_connections",
-            format!("is {}, the server's max_connections is {}: the server's is what counts", db.server_max_connections, server.max_connections),
+            format!(
+                "is {}, the server's max_connections is {}: the server's is what counts",
+                db.server_max_connections, server.max_connections
+            ),
         );
     }
     (p.0, line)

@@ -104,13 +104,8 @@ async fn retry_after_reaches_the_client_whoever_answers() {
     server.engine.set_ca_state("test-operator", "ica-p256", "parked").await.unwrap();
     let http = reqwest::Client::new();
     let body = serde_json::json!({ "profile": "tls-server-p256", "csr": csr(Key::P256, &["lb.example.test"]) });
-    let refused = http
-        .post(format!("{}/v1/certificates", lb.base))
-        .bearer_auth(DEMO_KEY)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let refused =
+        http.post(format!("{}/v1/certificates", lb.base)).bearer_auth(DEMO_KEY).json(&body).send().await.unwrap();
     assert_eq!(refused.status(), 503);
     assert!(refused.headers().contains_key("retry-after"), "{:?}", refused.headers());
     let problem: serde_json::Value = refused.json().await.unwrap();

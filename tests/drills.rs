@@ -58,7 +58,12 @@ fn lb_kill_9_on_postgres() {
 
 #[test]
 fn lb_rolling_restart_catches_a_stop_without_drain() {
-    sabotaged_drill("lb-rolling-restart", true, &["stop-without-drain"], &["zero failed requests", "on SIGTERM HAProxy takes"]);
+    sabotaged_drill(
+        "lb-rolling-restart",
+        true,
+        &["stop-without-drain"],
+        &["zero failed requests", "on SIGTERM HAProxy takes"],
+    );
 }
 
 #[test]

@@ -158,7 +158,11 @@ fn streams(p256: &Arc<String>, p384: &Arc<String>, ed: &Arc<String>, serial: &st
         // 0: synchronous issuance, no key: a failure is final for its client.
         Stream::issue("sync-p256", "tls-server-p256", p256.clone(), 3, zero, until),
         // 1: synchronous issuance with an Idempotency-Key, retried until answered.
-        Stream { keyed: true, retries: 100, ..Stream::issue("keyed-p384", "tls-server-p384", p384.clone(), 6, zero, until) },
+        Stream {
+            keyed: true,
+            retries: 100,
+            ..Stream::issue("keyed-p384", "tls-server-p384", p384.clone(), 6, zero, until)
+        },
         // 2: asynchronous issuance (accepted, issued later by whichever instance).
         Stream {
             respond_async: true,
@@ -215,10 +219,11 @@ async fn watch_connections(probe: Option<PgProbe>, peak: Arc<Mutex<i64>>) {
     let admin = Arc::new(Mutex::new(None));
     loop {
         let (pg, admin) = (probe.clone(), admin.clone());
-        let count = tokio::task::spawn_blocking(move || pg.connections(&mut admin.lock().unwrap_or_else(|e| e.into_inner())))
-            .await
-            .ok()
-            .flatten();
+        let count =
+            tokio::task::spawn_blocking(move || pg.connections(&mut admin.lock().unwrap_or_else(|e| e.into_inner())))
+                .await
+                .ok()
+                .flatten();
         if let Some(n) = count {
             let mut peak = peak.lock().unwrap_or_else(|e| e.into_inner());
             *peak = (*peak).max(n);
@@ -228,7 +233,12 @@ async fn watch_connections(probe: Option<PgProbe>, peak: Arc<Mutex<i64>>) {
 }
 
 /// Stop `target` (SIGTERM, or SIGKILL when `kill`) while watching HAProxy take it out.
-async fn stop_watched(lb: &Haproxy, index: usize, target: &mut Target, kill: bool) -> (Option<Duration>, Duration, Option<std::process::ExitStatus>) {
+async fn stop_watched(
+    lb: &Haproxy,
+    index: usize,
+    target: &mut Target,
+    kill: bool,
+) -> (Option<Duration>, Duration, Option<std::process::ExitStatus>) {
     let signalled = Instant::now();
     let watch_down = lb.wait_for(index, |s| s.is_down(), Duration::from_secs(30));
     let stop = async {
@@ -269,7 +279,12 @@ async fn rolling_restart(session: &Session, lb: &Haproxy, instances: &mut [Targe
     Ok(cycles)
 }
 
-async fn kill_9(session: &Session, lb: &Haproxy, instances: &mut [Target], dead_for: Duration) -> Result<Vec<Cycle>, DrillError> {
+async fn kill_9(
+    session: &Session,
+    lb: &Haproxy,
+    instances: &mut [Target],
+    dead_for: Duration,
+) -> Result<Vec<Cycle>, DrillError> {
     let index = 1;
     session.mark("SIGKILL castellum-2");
     let (down_after, exited_after, exit) = stop_watched(lb, index, &mut instances[index], true).await;
@@ -338,9 +353,9 @@ async fn judge(
                     )
                 })
                 .collect();
-            let held = cycles.iter().all(|c| {
-                c.exit.is_some_and(|e| e.success()) && c.down_after.is_some_and(|d| d <= c.exited_after)
-            });
+            let held = cycles
+                .iter()
+                .all(|c| c.exit.is_some_and(|e| e.success()) && c.down_after.is_some_and(|d| d <= c.exited_after));
             promises.push(Promise::new(
                 "on SIGTERM HAProxy takes the instance out before it stops serving, and it exits 0",
                 held && cycles.len() == INSTANCES,

@@ -39,7 +39,10 @@ pub const DRILLS: &[(&str, &str)] = &[
         "lb-rolling-restart",
         "issue 15: three instances behind HAProxy under mixed load, each restarted in turn (SIGTERM, start again)",
     ),
-    ("lb-kill-9", "issue 15: three instances behind HAProxy under mixed load, one killed with SIGKILL, then started again"),
+    (
+        "lb-kill-9",
+        "issue 15: three instances behind HAProxy under mixed load, one killed with SIGKILL, then started again",
+    ),
 ];
 
 #[derive(Debug, Clone)]
