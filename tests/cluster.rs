@@ -289,8 +289,8 @@ async fn a_keyed_request_whose_instance_was_killed_is_issued_by_a_retry_on_anoth
 
 /// A graceful stop a load balancer can follow (issue 15): on SIGTERM, `/readyz` answers 503
 /// "draining" at once while requests are still served for the configured grace; then the
-/// listener closes, the instance hands back its claims on unfinished asynchronous requests, and
-/// it exits 0.
+/// listener closes, a request in flight at that moment still gets its certificate, the instance
+/// hands back its claims on unfinished asynchronous requests, and it exits 0.
 #[actix_rt::test]
 async fn sigterm_drains_first_then_stops_cleanly() {
     let db = TestDb::postgres();
@@ -351,8 +351,23 @@ async fn sigterm_drains_first_then_stops_cleanly() {
     let during = issue("tls-server-p384", "during-the-drain.example.test", false).send().await.unwrap();
     assert_eq!(during.status(), 201, "served while draining");
     assert!(signalled.elapsed() < grace, "the drain's answers came within the grace");
+    // A request still in flight when the listener closes gets its answer: on ica-p256 (1 s per
+    // signature, one at a time) sent 200 ms before the grace ends, it is answered after.
+    tokio::time::sleep_until((signalled + grace - Duration::from_millis(200)).into()).await;
+    let in_flight = issue("tls-server-p256", "in-flight-at-close.example.test", false).send();
+    let in_flight = actix_rt::spawn(async move {
+        let answer = in_flight.await.map(|r| r.status().as_u16());
+        (answer, signalled.elapsed())
+    });
 
-    let status = engine.wait_exit(Duration::from_secs(20)).expect("the instance exits after the drain");
+    let status = engine.wait_exit(Duration::from_secs(20)).await.expect("the instance exits after the drain");
+    let (answer, answered_at) = in_flight.await.unwrap();
+    assert_eq!(
+        answer.as_ref().ok(),
+        Some(&201),
+        "the request in flight at the close was answered: {answer:?} at {answered_at:?}"
+    );
+    assert!(answered_at > grace, "it really was in flight when the listener closed: answered at {answered_at:?}");
     assert!(status.success(), "a graceful stop exits 0: {status}");
     assert!(signalled.elapsed() >= grace, "it served the whole grace before stopping: {:?}", signalled.elapsed());
     assert!(http.get(format!("{}/readyz", engine.base)).send().await.is_err(), "the listener is closed");

@@ -73,6 +73,8 @@ fn the_shipped_numbers_agree_with_castellums_configuration() {
     let fall: u32 = setting(&text, "fall").parse().unwrap();
     let check_timeout = haproxy_duration(&setting(&text, "timeout check"));
     let server_timeout = haproxy_duration(&setting(&text, "timeout server"));
+    // What the load-balancer drills judge the take-out of a dead instance against.
+    assert_eq!((inter, fall, check_timeout), (haproxy::CHECK_INTER, haproxy::CHECK_FALL, haproxy::CHECK_TIMEOUT));
     assert!(
         config.http.drain_grace >= inter * fall + check_timeout,
         "drain_grace {:?} < fall {fall} × inter {inter:?} + timeout check {check_timeout:?}",

@@ -38,9 +38,13 @@ fn drill(name: &str, postgres: bool) {
 
 /// `castellum drill NAME --short` with the dev keys and the shipped HAProxy configuration.
 fn drill_command(name: &str, out: &std::path::Path) -> std::process::Command {
+    drill_command_with(name, out, &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy.cfg"))
+}
+
+fn drill_command_with(name: &str, out: &std::path::Path, haproxy: &std::path::Path) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_castellum"));
     cmd.args(["drill", name, "--short", "--keys-dev"]).arg(dev_keys()).arg("--out").arg(out);
-    cmd.arg("--haproxy-config").arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy.cfg"));
+    cmd.arg("--haproxy-config").arg(haproxy);
     cmd
 }
 
@@ -73,6 +77,37 @@ fn lb_kill_9_catches_keyed_failures_that_stick() {
         true,
         &["sticky-keyed-failures"],
         &["a client retrying with its Idempotency-Key gets exactly one certificate"],
+    );
+}
+
+/// The deployment broken as well as the engine: HAProxy given `fall 10` (a dead instance is
+/// taken out after ~2.7 s, not within the shipped file's fall × inter) and no retry of a refused
+/// connection on another instance (leastconn then sends thousands of requests to the dead one:
+/// 503s), and instances that open a connection of their own per synchronous request, outside
+/// their pools.
+#[test]
+fn lb_kill_9_catches_a_slow_take_out_and_connections_outside_the_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let text = std::fs::read_to_string(deploy.join("haproxy.cfg")).unwrap();
+    assert!(text.contains(" fall 2 "), "the shipped file's fall");
+    std::fs::create_dir(dir.path().join("errors")).unwrap();
+    std::fs::copy(deploy.join("errors/503.http"), dir.path().join("errors/503.http")).unwrap();
+    let slow = dir.path().join("haproxy.cfg");
+    let broken = text.replace(" fall 2 ", " fall 10 ").replace("    retries 2\n", "    retries 0\n");
+    let broken: String =
+        broken.lines().filter(|l| !l.contains("option redispatch")).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&slow, broken).unwrap();
+    sabotaged_drill_with(
+        "lb-kill-9",
+        true,
+        &["connection-per-request"],
+        Some(&slow),
+        &[
+            "HAProxy stops sending to the killed instance",
+            "only the requests in flight on the killed instance fail",
+            "the instances stay within the connection budget",
+        ],
     );
 }
 
@@ -127,8 +162,22 @@ fn connection_surge_needs_postgres_and_says_so() {
 /// (a promise failed) with every promise in `failing` marked FAIL. Without this, a drill's
 /// verdicts would prove nothing.
 fn sabotaged_drill(name: &str, postgres: bool, defects: &[&str], failing: &[&str]) -> String {
+    sabotaged_drill_with(name, postgres, defects, None, failing)
+}
+
+/// [`sabotaged_drill`] with another HAProxy configuration (a broken deployment file).
+fn sabotaged_drill_with(
+    name: &str,
+    postgres: bool,
+    defects: &[&str],
+    haproxy: Option<&std::path::Path>,
+    failing: &[&str],
+) -> String {
     let out = tempfile::tempdir().unwrap();
-    let mut cmd = drill_command(name, out.path());
+    let mut cmd = match haproxy {
+        Some(file) => drill_command_with(name, out.path(), file),
+        None => drill_command(name, out.path()),
+    };
     for defect in defects {
         cmd.args(["--sabotage", defect]);
     }

@@ -10,6 +10,13 @@ use std::time::{Duration, Instant};
 use super::target::free_port;
 use super::DrillError;
 
+/// The shipped `deploy/haproxy.cfg`'s health checks (`tests/deploy.rs` holds the file to them):
+/// a server is taken out after `fall` failed checks `inter` apart, each allowed `timeout check`.
+/// The drills judge against these, whatever file they are given.
+pub const CHECK_INTER: Duration = Duration::from_millis(500);
+pub const CHECK_FALL: u32 = 2;
+pub const CHECK_TIMEOUT: Duration = Duration::from_millis(400);
+
 /// The instances' backend in `deploy/haproxy.cfg`.
 const BACKEND: &str = "instances";
 

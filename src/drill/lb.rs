@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::evidence::Evidence;
-use super::haproxy::Haproxy;
+use super::haproxy::{Haproxy, CHECK_FALL, CHECK_INTER, CHECK_TIMEOUT};
 use super::load::{Call, Kind, Sample, Stream};
 use super::scenarios::{csr, engine, finish, s, sabotage};
 use super::target::{set, DrillDb, PgProbe, Target};
@@ -20,11 +20,6 @@ use super::{DrillError, DrillOptions, Outcome, Promise, Session};
 use crate::pki::KeyType;
 
 const INSTANCES: usize = 3;
-
-/// From `deploy/haproxy.cfg`: a server is taken out after `fall` failed checks `inter` apart.
-const CHECK_INTER: Duration = Duration::from_millis(500);
-const CHECK_FALL: u32 = 2;
-const CHECK_TIMEOUT: Duration = Duration::from_millis(400);
 
 /// The instances' drain: longer than HAProxy's `fall × inter` plus a check's timeout.
 const DRAIN_GRACE: Duration = Duration::from_secs(2);

@@ -219,7 +219,11 @@ pub fn run(opts: DrillOptions) -> Result<bool, DrillError> {
         let dir = opts.out.join(format!("{}-{}", opts.name, chrono_stamp()));
         std::fs::create_dir_all(&dir)?;
         eprintln!("drill {} ({}) — report in {}", opts.name, if opts.short { "short" } else { "full" }, dir.display());
-        let outcome = scenarios::run(&opts, &dir).await?;
+        let outcome = match opts.name.as_str() {
+            "lb-rolling-restart" => lb::run(&opts, &dir, lb::Fault::RollingRestart).await?,
+            "lb-kill-9" => lb::run(&opts, &dir, lb::Fault::Kill9).await?,
+            _ => scenarios::run(&opts, &dir).await?,
+        };
         let points = outcome.recording.points(outcome.length);
         report::write(&dir, &opts.name, &opts.command, &outcome.promises, &points, &outcome.marks)?;
         let held = outcome.promises.iter().all(|p| p.held);

@@ -120,8 +120,6 @@ pub async fn run(opts: &DrillOptions, dir: &Path) -> Result<Outcome, DrillError>
         "connection-surge-2024" => connection_surge(opts, dir).await,
         "pool-leak-2023" => pool_leak(opts, dir).await,
         "pool-too-small-2024" => pool_too_small(opts, dir).await,
-        "lb-rolling-restart" => super::lb::run(opts, dir, super::lb::Fault::RollingRestart).await,
-        "lb-kill-9" => super::lb::run(opts, dir, super::lb::Fault::Kill9).await,
         other => Err(super::unknown_drill(other)),
     }
 }

@@ -449,14 +449,15 @@ impl EngineProcess {
         assert!(status.success(), "kill -TERM");
     }
 
-    /// Its exit status, once it has exited (at most `limit` from now).
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+    /// Its exit status, once it has exited (at most `limit` from now). Asynchronous, so that the
+    /// test's own requests in flight go on meanwhile.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
         let started = std::time::Instant::now();
         while started.elapsed() < limit {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return Some(status);
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         None
     }
