@@ -134,7 +134,25 @@ fn check_cas(config: &Config, p: &mut Problems) -> HashMap<String, CaMaterial> {
                 );
             }
         }
-        let key_in_dev_dir = ca.key_file.components().any(|c| c.as_os_str() == "keys-dev");
+        match (&ca.key_file, &ca.key) {
+            (Some(_), Some(_)) => p.add(format!("{at}.key"), "give key_file or [cas.key] pkcs11, not both"),
+            (None, None) => p.add(format!("{at}.key_file"), "no key: give key_file or [cas.key] pkcs11"),
+            _ => {}
+        }
+        if let Some(token) = ca.key.as_ref().map(|k| &k.pkcs11) {
+            if token.pin.is_some() && config.mode != Mode::Dev {
+                p.add(
+                    format!("{at}.key.pkcs11.pin"),
+                    "an inline PIN is refused unless mode = \"dev\": use pin_file or pin_env",
+                );
+            }
+            if [token.pin.is_some(), token.pin_file.is_some(), token.pin_env.is_some()].iter().filter(|x| **x).count()
+                > 1
+            {
+                p.add(format!("{at}.key.pkcs11"), "give one of pin_file, pin_env and pin");
+            }
+        }
+        let key_in_dev_dir = ca.key_file.as_ref().is_some_and(|f| f.components().any(|c| c.as_os_str() == "keys-dev"));
         if key_in_dev_dir && config.mode != Mode::Dev {
             p.add(
                 format!("{at}.key_file"),
@@ -403,7 +421,8 @@ fn check_database(config: &Config, p: &mut Problems) {
 /// registry's LISTEN connection is one of the control pool's, the audit writer has a pool of its
 /// own, and the migration connection at start-up is closed before the pools open).
 pub fn connections_needed(config: &Config, instances: u32) -> u32 {
-    instances * config.database.pools.total_max()
+    // Saturating: N comes from the command line, and a wrapped product would pass.
+    instances.saturating_mul(config.database.pools.total_max())
 }
 
 fn pools_sum(config: &Config, instances: u32) -> String {

@@ -584,7 +584,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let mut signals = StopSignals::new()?;
     actix_web::rt::spawn(async move {
         signals.next().await;
-        if stopper.config().sabotage.contains(&castellum::config::Sabotage::StopWithoutDrain) {
+        if stopper.config().sabotaged(castellum::config::Sabotage::StopWithoutDrain) {
             tracing::warn!("stopping at once, without draining (sabotage stop-without-drain)");
             handle.stop(false).await;
             if let Some(admin) = admin {

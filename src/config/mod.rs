@@ -560,8 +560,12 @@ impl std::fmt::Debug for IdentitiesConfig {
 pub struct CaConfig {
     pub id: String,
     pub cert_file: PathBuf,
-    /// PKCS#8 private key, encrypted (PEM `ENCRYPTED PRIVATE KEY`).
-    pub key_file: PathBuf,
+    /// PKCS#8 private key, encrypted (PEM `ENCRYPTED PRIVATE KEY`); or `key` for a token.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The key on a PKCS#11 token instead of a file: `[cas.key] pkcs11 = { … }`.
+    #[serde(default)]
+    pub key: Option<CaKeyConfig>,
     /// Certificates above this CA, nearest first, ending with the root.
     #[serde(default)]
     pub chain_files: Vec<PathBuf>,
@@ -622,6 +626,48 @@ pub struct OcspConfig {
     pub response_validity: Duration,
 }
 
+/// Where a CA's key is when it is not a key file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaKeyConfig {
+    /// On a PKCS#11 token: the key never leaves it.
+    pub pkcs11: Pkcs11KeyConfig,
+}
+
+/// A key on a PKCS#11 token, found by the token's and the key's labels.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11KeyConfig {
+    /// The PKCS#11 module (`/usr/lib/softhsm/libsofthsm2.so` for SoftHSM2).
+    pub module: PathBuf,
+    pub token_label: String,
+    /// The private key's `CKA_LABEL`.
+    pub key_label: String,
+    /// A file holding the user PIN (first line).
+    #[serde(default)]
+    pub pin_file: Option<PathBuf>,
+    /// Name of an environment variable holding the user PIN.
+    #[serde(default)]
+    pub pin_env: Option<String>,
+    /// The PIN written inline: allowed only in dev mode.
+    #[serde(default)]
+    pub pin: Option<String>,
+}
+
+impl std::fmt::Debug for Pkcs11KeyConfig {
+    // The PIN must never reach a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11KeyConfig")
+            .field("module", &self.module)
+            .field("token_label", &self.token_label)
+            .field("key_label", &self.key_label)
+            .field("pin_file", &self.pin_file)
+            .field("pin_env", &self.pin_env)
+            .field("pin", &self.pin.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
 /// A CA's circuit breaker: only that CA's signer failures count.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -679,6 +725,7 @@ impl std::fmt::Debug for CaConfig {
             .field("id", &self.id)
             .field("cert_file", &self.cert_file)
             .field("key_file", &self.key_file)
+            .field("key", &self.key)
             .field("key_passphrase", &self.key_passphrase.as_ref().map(|_| "<redacted>"))
             .field("key_passphrase_env", &self.key_passphrase_env)
             .field("key_passphrase_file", &self.key_passphrase_file)
@@ -965,7 +1012,12 @@ impl Config {
         }
         for ca in &mut self.cas {
             fix(&mut ca.cert_file);
-            fix(&mut ca.key_file);
+            if let Some(f) = ca.key_file.as_mut() {
+                fix(f);
+            }
+            if let Some(f) = ca.key.as_mut().and_then(|k| k.pkcs11.pin_file.as_mut()) {
+                fix(f);
+            }
             ca.chain_files.iter_mut().for_each(fix);
             if let Some(f) = ca.key_passphrase_file.as_mut() {
                 fix(f);

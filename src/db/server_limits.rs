@@ -27,8 +27,9 @@ pub struct ServerLimits {
 impl ServerLimits {
     /// Read them over one short-lived connection of the configured role.
     pub fn read(url: &str) -> Result<ServerLimits, DbError> {
-        let url = super::postgres_url_with_timeout(url);
-        let mut conn = PgConnection::establish(&url).map_err(|e| DbError::Pool(e.to_string()))?;
+        let with_timeout = super::postgres_url_with_timeout(url);
+        let mut conn =
+            PgConnection::establish(&with_timeout).map_err(|e| DbError::Pool(without_password(url, &e.to_string())))?;
         Ok(diesel::sql_query(
             "SELECT current_setting('max_connections')::int AS max_connections, \
              current_setting('superuser_reserved_connections')::int AS superuser_reserved_connections, \
@@ -43,5 +44,28 @@ impl ServerLimits {
     pub fn open_to_roles(&self) -> u32 {
         let open = self.max_connections - self.superuser_reserved_connections - self.reserved_connections;
         open.max(0) as u32
+    }
+}
+
+/// `message` with the URL's password, if it has one, replaced: libpq repeats a malformed URL
+/// whole in its errors, and check-config prints them.
+fn without_password(url: &str, message: &str) -> String {
+    let userinfo = url.split_once("://").and_then(|(_, rest)| rest.split_once('@')).map(|(info, _)| info);
+    match userinfo.and_then(|info| info.split_once(':')).map(|(_, password)| password) {
+        Some(password) if !password.is_empty() => message.replace(password, "<redacted>"),
+        _ => message.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_password;
+
+    #[test]
+    fn a_password_never_reaches_the_message() {
+        let url = "postgres://castellum:s3cret@db:5432/castellum";
+        let said = without_password(url, &format!("invalid URI: \"{url}\""));
+        assert!(!said.contains("s3cret") && said.contains("<redacted>"), "{said}");
+        assert_eq!(without_password("postgres://castellum@db/c", "refused"), "refused");
     }
 }

@@ -167,7 +167,7 @@ pub async fn run(
                         // A keyed client follows Retry-After (at most 2 s); the incidents' clients
                         // came back after 200 ms whatever they were told.
                         let pause = match (stream.keyed, sample.retry_after) {
-                            (true, Some(after)) => after.min(Duration::from_secs(2)),
+                            (true, Some(after)) => after.clamp(Duration::from_millis(200), Duration::from_secs(2)),
                             _ => Duration::from_millis(200),
                         };
                         let _ = samples.send(sample);
@@ -247,6 +247,10 @@ async fn one(
         } else if sample.idempotency_key.is_some() {
             let body = resp.json::<serde_json::Value>().await.ok();
             sample.serial = body.and_then(|v| v["serial"].as_str().map(String::from));
+            if sample.serial.is_none() {
+                // A certificate the client could not read is no answer: it asks again.
+                sample.kind = Kind::NoAnswer;
+            }
         } else if resp.bytes().await.is_err() {
             sample.kind = Kind::NoAnswer;
         }

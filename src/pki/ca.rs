@@ -158,7 +158,6 @@ impl CaMaterial {
         }
         let public = cert.public_key().map_err(invalid_cert)?;
         let key_type = key_type_of(&public).ok_or_else(|| invalid_cert("unsupported CA key type"))?;
-        let (key, key_error) = KeyHandle::load(cfg, public);
         let signature_algorithm = match key_type {
             KeyType::EcdsaP256 => SignatureAlgorithm::EcdsaSha256,
             KeyType::EcdsaP384 => SignatureAlgorithm::EcdsaSha384,
@@ -166,6 +165,7 @@ impl CaMaterial {
             KeyType::Rsa => SignatureAlgorithm::RsaSha256,
             KeyType::Ed25519 => SignatureAlgorithm::Ed25519,
         };
+        let (key, key_error) = KeyHandle::load(cfg, public, signature_algorithm);
         verify_chain(&cert, &chain)?;
         let is_ca = {
             let der = cert.to_der().map_err(invalid_cert)?;

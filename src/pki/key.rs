@@ -1,17 +1,23 @@
-//! A CA's private key behind a handle that can lose it: the software-key equivalent of an HSM
-//! session. The key is read from its (encrypted) file at start-up and re-checked by the CA's
-//! cell every half second: a key file that disappears makes the key unavailable (signatures
-//! fail, and only this CA's breaker sees it); when it comes back, and still matches the CA
-//! certificate, it is loaded again. `destroy` (a retired CA) drops it for good.
+//! A CA's private key behind a handle that can lose it. The key is a passphrase-protected file
+//! read into memory, or a key on a PKCS#11 token that never leaves it ([`super::token`]).
+//! `sign` is the one place a CA key signs, whatever it signs. The CA's cell calls `refresh`
+//! every half second, off its event loop: a key file that disappears makes the key unavailable
+//! (signatures fail, and only this CA's breaker sees it), and when it comes back, and still
+//! matches the CA certificate, it is loaded again; a token that is lost (removed, its session or
+//! login gone) makes the key unavailable the same way, and is opened and logged into again once
+//! it answers. `destroy` (a retired CA) drops the key for good.
 
 use std::path::PathBuf;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use openssl::pkey::{PKey, Private, Public};
+use openssl::sign::{Signer, Verifier};
 
+use super::ca::SignatureAlgorithm;
 use super::load_error::{CaFile, CaLoadError};
-use crate::config::CaConfig;
+use super::token::TokenKey;
+use crate::config::{CaConfig, Pkcs11KeyConfig};
 
 /// The passphrase protecting a CA key, from wherever the configuration says.
 pub fn passphrase(cfg: &CaConfig) -> Result<String, CaLoadError> {
@@ -27,15 +33,43 @@ pub fn passphrase(cfg: &CaConfig) -> Result<String, CaLoadError> {
     cfg.key_passphrase.clone().ok_or(CaLoadError::NoPassphrase)
 }
 
+/// The PIN of a CA's token, from wherever the configuration says.
+pub fn pin(cfg: &Pkcs11KeyConfig) -> Result<String, CaLoadError> {
+    let source = |reason: String| CaLoadError::PinSource(reason);
+    if let Some(var) = &cfg.pin_env {
+        return std::env::var(var).map_err(|_| source(format!("environment variable {var} is not set")));
+    }
+    if let Some(file) = &cfg.pin_file {
+        let text = std::fs::read_to_string(file).map_err(|e| source(format!("{}: {e}", file.display())))?;
+        return Ok(text.lines().next().unwrap_or_default().to_string());
+    }
+    cfg.pin.clone().ok_or(CaLoadError::NoPin)
+}
+
+/// The key, ready to sign: cheap to clone out of the handle's lock, so that a slow signature
+/// (a token) never holds the lock.
+#[derive(Clone)]
+enum SigningKey {
+    File(PKey<Private>),
+    Token(Arc<TokenKey>),
+}
+
 enum KeyState {
-    Available { key: PKey<Private>, stamp: Option<(SystemTime, u64)> },
-    Unavailable { reason: String },
+    /// `stamp`: the key file's modification time and length when it was read (files only).
+    Available {
+        key: SigningKey,
+        stamp: Option<(SystemTime, u64)>,
+    },
+    Unavailable {
+        reason: String,
+    },
     Destroyed,
 }
 
 pub struct KeyHandle {
     config: CaConfig,
     public: PKey<Public>,
+    algorithm: SignatureAlgorithm,
     state: RwLock<KeyState>,
 }
 
@@ -54,10 +88,15 @@ fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
 impl KeyHandle {
     /// Load the key; a key that cannot be loaded leaves the handle unavailable (the CA starts in
     /// a failed state) and is reported as the error.
-    pub fn load(config: &CaConfig, public: PKey<Public>) -> (KeyHandle, Option<CaLoadError>) {
+    pub fn load(
+        config: &CaConfig,
+        public: PKey<Public>,
+        algorithm: SignatureAlgorithm,
+    ) -> (KeyHandle, Option<CaLoadError>) {
         let handle = KeyHandle {
             config: config.clone(),
             public,
+            algorithm,
             state: RwLock::new(KeyState::Unavailable { reason: "not loaded yet".into() }),
         };
         let error = handle.try_load().err();
@@ -73,8 +112,15 @@ impl KeyHandle {
     }
 
     fn try_load(&self) -> Result<(), CaLoadError> {
+        match (&self.config.key, &self.config.key_file) {
+            (Some(key), _) => self.open_token(&key.pkcs11),
+            (None, Some(path)) => self.read_file(path),
+            (None, None) => Err(CaLoadError::NoKey),
+        }
+    }
+
+    fn read_file(&self, path: &PathBuf) -> Result<(), CaLoadError> {
         let pass = passphrase(&self.config)?;
-        let path = &self.config.key_file;
         let pem = std::fs::read(path).map_err(|e| CaLoadError::Read {
             file: CaFile::Key,
             path: path.display().to_string(),
@@ -87,16 +133,55 @@ impl KeyHandle {
                 reason: "the private key does not match the CA certificate".into(),
             });
         }
-        self.set(KeyState::Available { key, stamp: stamp(path) });
+        self.set(KeyState::Available { key: SigningKey::File(key), stamp: stamp(path) });
         Ok(())
     }
 
-    /// Sign with the key, or say why it is unavailable.
-    pub fn with_key<T>(&self, f: impl FnOnce(&PKey<Private>) -> T) -> Result<T, String> {
-        match &*self.state.read().unwrap_or_else(|e| e.into_inner()) {
-            KeyState::Available { key, .. } => Ok(f(key)),
-            KeyState::Unavailable { reason } => Err(format!("key unavailable: {reason}")),
-            KeyState::Destroyed => Err("key destroyed".into()),
+    /// Open the token and prove the key is the CA certificate's: a signature by the token that
+    /// the certificate's public key verifies.
+    fn open_token(&self, config: &Pkcs11KeyConfig) -> Result<(), CaLoadError> {
+        let pin = pin(config)?;
+        let token = TokenKey::open(config, pin.into()).map_err(CaLoadError::Token)?;
+        let challenge = b"castellum: does this token key belong to the CA certificate?";
+        let signature = token.sign(self.algorithm, challenge).map_err(CaLoadError::Token)?;
+        if !verifies(&self.public, self.algorithm, challenge, &signature).unwrap_or(false) {
+            return Err(CaLoadError::Invalid {
+                file: CaFile::Token,
+                reason: format!(
+                    "the key labelled {:?} on token {:?} does not match the CA certificate",
+                    config.key_label, config.token_label
+                ),
+            });
+        }
+        self.set(KeyState::Available { key: SigningKey::Token(Arc::new(token)), stamp: None });
+        Ok(())
+    }
+
+    /// The key's signature over `data`, in the encoding X.509 carries, or why there is none. A
+    /// token found lost makes the key unavailable until `refresh` opens it again.
+    pub fn sign(&self, data: &[u8]) -> Result<Vec<u8>, String> {
+        let key = match &*self.state.read().unwrap_or_else(|e| e.into_inner()) {
+            KeyState::Available { key, .. } => key.clone(),
+            KeyState::Unavailable { reason } => return Err(format!("key unavailable: {reason}")),
+            KeyState::Destroyed => return Err("key destroyed".into()),
+        };
+        match key {
+            SigningKey::File(key) => software_signature(&key, self.algorithm, data).map_err(|e| e.to_string()),
+            SigningKey::Token(token) => token.sign(self.algorithm, data).map_err(|e| {
+                if e.is_lost() {
+                    self.lose_token(&token, e.to_string());
+                }
+                e.to_string()
+            }),
+        }
+    }
+
+    /// Mark the key unavailable, if `token` is still the one in use (another thread may already
+    /// have opened a new one).
+    fn lose_token(&self, token: &Arc<TokenKey>, reason: String) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        if matches!(&*state, KeyState::Available { key: SigningKey::Token(t), .. } if Arc::ptr_eq(t, token)) {
+            *state = KeyState::Unavailable { reason };
         }
     }
 
@@ -112,15 +197,27 @@ impl KeyHandle {
         }
     }
 
-    /// Look at the key file again (blocking I/O: run it off the event loop).
+    /// Look at the key again (blocking I/O, and a token may be slow: run it off the event loop).
     pub fn refresh(&self) -> Option<KeyChange> {
-        let path = &self.config.key_file;
-        let current = stamp(path);
         let (available, known) = match &*self.state.read().unwrap_or_else(|e| e.into_inner()) {
             KeyState::Destroyed => return None,
             KeyState::Available { stamp, .. } => (true, *stamp),
             KeyState::Unavailable { .. } => (false, None),
         };
+        let Some(path) = self.config.key_file.as_ref().filter(|_| self.config.key.is_none()) else {
+            // A token: nothing to watch while it signs; once lost, try to open it again.
+            if available {
+                return None;
+            }
+            return match self.try_load() {
+                Ok(()) => Some(KeyChange::Restored),
+                Err(e) => {
+                    self.set(KeyState::Unavailable { reason: e.to_string() });
+                    None
+                }
+            };
+        };
+        let current = stamp(path);
         match current {
             None if available => {
                 let reason = format!("key file {} is gone", path.display());
@@ -143,5 +240,38 @@ impl KeyHandle {
     /// Destroy the key in memory (openssl frees it with cleansing); it is never reloaded.
     pub fn destroy(&self) {
         self.set(KeyState::Destroyed);
+    }
+}
+
+/// A signature by a key in memory.
+fn software_signature(
+    key: &PKey<Private>,
+    algorithm: SignatureAlgorithm,
+    data: &[u8],
+) -> Result<Vec<u8>, openssl::error::ErrorStack> {
+    match algorithm.digest() {
+        Some(md) => {
+            let mut signer = Signer::new(md, key)?;
+            signer.update(data)?;
+            signer.sign_to_vec()
+        }
+        None => Signer::new_without_digest(key)?.sign_oneshot_to_vec(data),
+    }
+}
+
+/// Whether `public` verifies `signature` over `data` with `algorithm`.
+fn verifies(
+    public: &PKey<Public>,
+    algorithm: SignatureAlgorithm,
+    data: &[u8],
+    signature: &[u8],
+) -> Result<bool, openssl::error::ErrorStack> {
+    match algorithm.digest() {
+        Some(md) => {
+            let mut verifier = Verifier::new(md, public)?;
+            verifier.update(data)?;
+            verifier.verify(signature)
+        }
+        None => Verifier::new_without_digest(public)?.verify_oneshot(signature, data),
     }
 }

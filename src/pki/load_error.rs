@@ -8,6 +8,10 @@ pub enum CaFile {
     Chain,
     Key,
     Passphrase,
+    /// `[cas.key] pkcs11`: the module, token or key label.
+    Token,
+    /// The token's PIN source.
+    Pin,
 }
 
 impl CaFile {
@@ -18,6 +22,8 @@ impl CaFile {
             CaFile::Chain => "chain_files",
             CaFile::Key => "key_file",
             CaFile::Passphrase => "key_passphrase",
+            CaFile::Token => "key.pkcs11",
+            CaFile::Pin => "key.pkcs11.pin_file",
         }
     }
 }
@@ -34,6 +40,14 @@ pub enum CaLoadError {
     NoPassphrase,
     #[error("passphrase source unavailable: {0}")]
     PassphraseSource(String),
+    #[error("neither key_file nor [cas.key] pkcs11 is configured")]
+    NoKey,
+    #[error("no PIN configured (key.pkcs11.pin_env or key.pkcs11.pin_file)")]
+    NoPin,
+    #[error("PIN source unavailable: {0}")]
+    PinSource(String),
+    #[error("{0}")]
+    Token(#[from] super::token::TokenError),
 }
 
 impl CaLoadError {
@@ -43,12 +57,22 @@ impl CaLoadError {
             CaLoadError::Read { file, .. } | CaLoadError::Invalid { file, .. } => *file,
             CaLoadError::KeyDecrypt => CaFile::Key,
             CaLoadError::NoPassphrase | CaLoadError::PassphraseSource(_) => CaFile::Passphrase,
+            CaLoadError::NoKey => CaFile::Key,
+            CaLoadError::NoPin | CaLoadError::PinSource(_) => CaFile::Pin,
+            CaLoadError::Token(_) => CaFile::Token,
         }
     }
 
     /// A key that is there but wrong (it does not match its certificate) is a misconfiguration;
     /// every other key error may be an outage the CA recovers from when the key comes back.
     pub fn is_misconfiguration(&self) -> bool {
-        matches!(self, CaLoadError::Invalid { .. })
+        use super::token::TokenError;
+        match self {
+            CaLoadError::Invalid { .. } | CaLoadError::NoKey => true,
+            // A wrong label or PIN is the configuration's; a token or module that does not
+            // answer may be an outage.
+            CaLoadError::Token(e) => matches!(e, TokenError::NoKey { .. } | TokenError::PinRefused { .. }),
+            _ => false,
+        }
     }
 }

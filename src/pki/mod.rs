@@ -12,6 +12,7 @@ pub mod load_error;
 pub mod ocsp;
 pub mod profile;
 pub mod tbs;
+pub mod token;
 pub mod vocabulary;
 
 pub use ca::CaMaterial;

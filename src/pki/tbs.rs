@@ -11,7 +11,6 @@ use const_oid::db::rfc5280 as oids;
 use const_oid::AssociatedOid;
 use der::asn1::{BitString, GeneralizedTime, Ia5String, OctetString, SetOfVec, UtcTime, Utf8StringRef};
 use der::{Any, Decode, Encode, Header, Length, Tag};
-use openssl::sign::Signer;
 use x509_cert::attr::AttributeTypeAndValue;
 use x509_cert::certificate::{TbsCertificate, Version};
 use x509_cert::ext::pkix::certpolicy::PolicyInformation;
@@ -329,21 +328,7 @@ pub fn sign(ca: &CaMaterial, tbs: &LintedTbs) -> Result<Vec<u8>, EngineError> {
 /// key signs, whatever it signs.
 pub(crate) fn signature(ca: &CaMaterial, tbs_der: &[u8]) -> Result<Vec<u8>, EngineError> {
     let signer_failure = |reason: String| EngineError::SignerFailure { ca: ca.id.clone(), reason };
-    let signature = ca
-        .key
-        .with_key(|key| -> Result<Vec<u8>, openssl::error::ErrorStack> {
-            match ca.signature_algorithm.digest() {
-                Some(md) => {
-                    let mut signer = Signer::new(md, key)?;
-                    signer.update(tbs_der)?;
-                    signer.sign_to_vec()
-                }
-                None => Signer::new_without_digest(key)?.sign_oneshot_to_vec(tbs_der),
-            }
-        })
-        .map_err(signer_failure)?
-        .map_err(|e| signer_failure(e.to_string()))?;
-    Ok(signature)
+    ca.key.sign(tbs_der).map_err(signer_failure)
 }
 
 /// Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue BIT STRING }
