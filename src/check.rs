@@ -92,6 +92,9 @@ fn check_cas(config: &Config, p: &mut Problems) -> HashMap<String, CaMaterial> {
         if ca.fault.is_active() && config.mode != Mode::Dev {
             p.add(format!("{at}.fault"), "fault injection is refused unless mode = \"dev\"");
         }
+        if ca.sign_timeout.is_zero() {
+            p.add(format!("{at}.sign_timeout"), "must be positive");
+        }
         if ca.signer_threads == 0 {
             p.add(format!("{at}.signer_threads"), "must be at least 1");
         }

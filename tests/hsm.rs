@@ -10,6 +10,8 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use castellum::check::check_config;
 use castellum::config::Config;
@@ -176,4 +178,241 @@ fn an_inline_pin_is_refused_outside_dev_mode() {
             .any(|p| p.starts_with("cas[0].key.pkcs11.pin: ") && p.contains("refused unless mode = \"dev\"")),
         "{problems:#?}"
     );
+}
+
+fn p99(latencies: &mut [Duration]) -> Duration {
+    latencies.sort();
+    latencies[((latencies.len() as f64 * 0.99).ceil() as usize).saturating_sub(1)]
+}
+
+/// For `length`: 4 clients issue from `healthy` one request after another while 8 clients flood
+/// `flood`; the healthy clients' latencies and statuses, and the flood's statuses and problems.
+async fn phase(
+    server: &Arc<TestServer>,
+    healthy: &'static str,
+    flood: &'static str,
+    length: Duration,
+) -> (Vec<Duration>, Vec<u16>, Vec<(u16, String)>) {
+    let csr_pem = Arc::new(csr(Key::P256, &["phase.example.test"]));
+    let until = Instant::now() + length;
+    let clients = |n: usize, profile: &'static str| -> Vec<_> {
+        (0..n)
+            .map(|_| {
+                let (server, csr_pem) = (server.clone(), csr_pem.clone());
+                actix_rt::spawn(async move {
+                    let mut out = Vec::new();
+                    while Instant::now() < until {
+                        let started = Instant::now();
+                        let answer = server.issue(DEMO_KEY, profile, &csr_pem).send().await.unwrap();
+                        let status = answer.status().as_u16();
+                        let body = answer.text().await.unwrap_or_default();
+                        out.push((started.elapsed(), status, body));
+                    }
+                    out
+                })
+            })
+            .collect()
+    };
+    let (healthy, flood) = (clients(4, healthy), clients(8, flood));
+    let healthy: Vec<_> = futures_util::future::join_all(healthy).await.into_iter().flat_map(|r| r.unwrap()).collect();
+    let flood: Vec<_> = futures_util::future::join_all(flood).await.into_iter().flat_map(|r| r.unwrap()).collect();
+    (
+        healthy.iter().map(|(l, ..)| *l).collect(),
+        healthy.iter().map(|(_, s, _)| *s).collect(),
+        flood.into_iter().map(|(_, s, body)| (s, body)).collect(),
+    )
+}
+
+/// A second token, `castellum-dev-2`, holding ica-p384's key; the directory SoftHSM keeps it in.
+fn second_token(token: &Path) -> PathBuf {
+    let tokens = token.join("tokens");
+    let before: Vec<_> = std::fs::read_dir(&tokens).unwrap().map(|e| e.unwrap().path()).collect();
+    let pin = std::fs::read_to_string(dev_keys().join("pkcs11-dev-pin")).unwrap().trim().to_string();
+    let run = |cmd: &mut Command| {
+        let out = cmd.env("SOFTHSM2_CONF", token.join("softhsm2.conf")).output().unwrap();
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(Command::new("softhsm2-util").args([
+        "--init-token",
+        "--free",
+        "--label",
+        "castellum-dev-2",
+        "--pin",
+        &pin,
+        "--so-pin",
+        "so-pin-2",
+    ]));
+    import_p384(token);
+    std::fs::read_dir(&tokens)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| !before.contains(p))
+        .expect("the new token's directory")
+}
+
+/// ica-p384's key imported onto `castellum-dev-2` (by another process, as an operator would).
+fn import_p384(token: &Path) {
+    let pin = std::fs::read_to_string(dev_keys().join("pkcs11-dev-pin")).unwrap().trim().to_string();
+    let run = |cmd: &mut Command| {
+        let out = cmd.env("SOFTHSM2_CONF", token.join("softhsm2.conf")).output().unwrap();
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    let pem = token.join("p384.pem");
+    run(Command::new("openssl")
+        .args(["pkey", "-passin", "pass:castellum-dev-only", "-in"])
+        .arg(dev_keys().join("ica-p384.key"))
+        .arg("-out")
+        .arg(&pem));
+    run(Command::new("softhsm2-util").arg("--import").arg(&pem).args([
+        "--token",
+        "castellum-dev-2",
+        "--label",
+        "ica-p384",
+        "--id",
+        "02",
+        "--pin",
+        &pin,
+    ]));
+    std::fs::remove_file(&pem).unwrap();
+}
+
+fn breaker_open(answer: &(u16, String)) -> bool {
+    answer.0 == 503 && answer.1.contains("ca-unavailable") && answer.1.contains("circuit breaker open")
+}
+
+/// A CA whose key goes away from its token (the key's objects moved out of SoftHSM's storage)
+/// fails alone: its own
+/// clients are refused by its open breaker, another CA on another token keeps 100% success and
+/// its p99 within 2× of a control phase in which the flood is refused at intake; once the key is
+/// imported onto the token again, it is found in the background and the CA issues without a
+/// restart.
+#[actix_rt::test]
+async fn a_token_that_goes_away_fails_its_ca_alone_and_comes_back() {
+    let token = dev_token();
+    let token_2 = second_token(token.path());
+    let text = on_token(&[("ica-p256", "ica-p256"), ("ica-p384", "ica-p384")], &dev_pin_file());
+    let mut config: toml::Table = toml::from_str(&text).unwrap();
+    for ca in config["cas"].as_array_mut().unwrap() {
+        let ca = ca.as_table_mut().unwrap();
+        if ca["id"].as_str() == Some("ica-p384") {
+            ca["key"]["pkcs11"].as_table_mut().unwrap().insert("token_label".into(), "castellum-dev-2".into());
+            ca.insert("breaker".into(), toml::toml! { open_for = "1s" }.into());
+        }
+    }
+    let db = TestDb::sqlite();
+    let mut config = config_from(&toml::to_string(&config).unwrap(), &db);
+    config.backoff.retries_per_second = 0;
+    let server = Arc::new(TestServer::start(config).await);
+    let length = Duration::from_secs(3);
+
+    server.engine.set_ca_state("test", "ica-p384", "parked").await.unwrap();
+    let (mut base, base_statuses, _) = phase(&server, "tls-server-p256", "tls-server-p384", length).await;
+    assert!(base_statuses.iter().all(|s| *s == 201), "control: {base_statuses:?}");
+    server.engine.set_ca_state("test", "ica-p384", "enabled").await.unwrap();
+    let flood_csr = csr(Key::P256, &["flood.example.test"]);
+    assert_eq!(server.issue(DEMO_KEY, "tls-server-p384", &flood_csr).send().await.unwrap().status(), 201);
+
+    // The key's objects disappear from the token's storage (the token itself stays: SoftHSM only
+    // sees tokens present when the module is initialised).
+    let away = token.path().join("objects-away");
+    std::fs::create_dir(&away).unwrap();
+    let objects: Vec<PathBuf> = std::fs::read_dir(&token_2)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        // The key pair's object files; the token's own object and its generation file stay.
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "object" || e == "lock")
+                && !p.ends_with("token.object")
+                && !p.ends_with("token.lock")
+        })
+        .collect();
+    assert!(!objects.is_empty(), "the key's objects in {}", token_2.display());
+    for object in &objects {
+        std::fs::rename(object, away.join(object.file_name().unwrap())).unwrap();
+    }
+    let started = Instant::now();
+    loop {
+        let answer = server.issue(DEMO_KEY, "tls-server-p384", &flood_csr).send().await.unwrap();
+        let status = answer.status().as_u16();
+        if breaker_open(&(status, answer.text().await.unwrap_or_default())) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "ica-p384's breaker did not open with its token gone");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (mut fault, statuses, flood) = phase(&server, "tls-server-p256", "tls-server-p384", length).await;
+    assert!(statuses.iter().all(|s| *s == 201), "the other CA keeps 100% success: {statuses:?}");
+    let (p99_base, p99_fault) = (p99(&mut base), p99(&mut fault));
+    eprintln!("healthy CA: {} requests in the control (p99 {p99_base:?}), {} with the token gone (p99 {p99_fault:?}); flood: {} answered", base.len(), fault.len(), flood.len());
+    assert!(p99_fault <= p99_base * 2, "p99 {p99_fault:?} with the token gone vs {p99_base:?} in the control");
+    assert!(flood.iter().all(|a| a.0 == 503), "the failing CA answers 503");
+
+    // An operator puts the key back on the token (SoftHSM notices objects another process adds).
+    import_p384(token.path());
+    let started = Instant::now();
+    loop {
+        let answer = server.issue(DEMO_KEY, "tls-server-p384", &flood_csr).send().await.unwrap();
+        if answer.status() == 201 {
+            break;
+        }
+        let said = answer.text().await.unwrap_or_default();
+        assert!(started.elapsed() < Duration::from_secs(10), "ica-p384 did not recover once its key was back: {said}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Arc::try_unwrap(server).ok().expect("no other owner").stop().await;
+}
+
+/// A token that hangs (a dev-only stall inside each of ica-p384's key operations, longer than its
+/// `sign_timeout`): each signature fails at the timeout, the CA's breaker opens, and another CA on
+/// the same token keeps 100% success and its p99 within 2× of the control phase.
+#[actix_rt::test]
+async fn a_hung_token_times_out_and_fails_its_ca_alone() {
+    let _token = dev_token();
+    let text = on_token(&[("ica-p256", "ica-p256"), ("ica-p384", "ica-p384")], &dev_pin_file());
+    let mut config: toml::Table = toml::from_str(&text).unwrap();
+    for ca in config["cas"].as_array_mut().unwrap() {
+        let ca = ca.as_table_mut().unwrap();
+        if ca["id"].as_str() == Some("ica-p384") {
+            ca.insert("sign_timeout".into(), "300ms".into());
+            ca.insert("signer_threads".into(), 4.into());
+            ca.insert("fault".into(), toml::toml! { key_stall = "3s" }.into());
+            ca.insert("breaker".into(), toml::toml! { consecutive_failures = 3 open_for = "1s" }.into());
+        }
+    }
+    let db = TestDb::sqlite();
+    let mut config = config_from(&toml::to_string(&config).unwrap(), &db);
+    config.backoff.retries_per_second = 0;
+    let server = Arc::new(TestServer::start(config).await);
+    let length = Duration::from_secs(3);
+
+    server.engine.set_ca_state("test", "ica-p384", "parked").await.unwrap();
+    let (mut base, base_statuses, _) = phase(&server, "tls-server-p256", "tls-server-p384", length).await;
+    assert!(base_statuses.iter().all(|s| *s == 201), "control: {base_statuses:?}");
+    server.engine.set_ca_state("test", "ica-p384", "enabled").await.unwrap();
+
+    let flood_csr = csr(Key::P256, &["flood.example.test"]);
+    let started = Instant::now();
+    let mut timed_out = 0;
+    loop {
+        let answer = server.issue(DEMO_KEY, "tls-server-p384", &flood_csr).send().await.unwrap();
+        let said = (answer.status().as_u16(), answer.text().await.unwrap_or_default());
+        timed_out += usize::from(said.1.contains("no signature within 300 ms"));
+        if breaker_open(&said) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "ica-p384's breaker did not open: {said:?}");
+    }
+    assert!(timed_out > 0, "a signature was failed at the timeout");
+    let (mut fault, statuses, flood) = phase(&server, "tls-server-p256", "tls-server-p384", length).await;
+    assert!(statuses.iter().all(|s| *s == 201), "the other CA keeps 100% success: {statuses:?}");
+    let (p99_base, p99_fault) = (p99(&mut base), p99(&mut fault));
+    eprintln!(
+        "healthy CA: {} requests in the control (p99 {p99_base:?}), {} with the token hung (p99 {p99_fault:?}); flood: {} answered",
+        base.len(),
+        fault.len(),
+        flood.len()
+    );
+    assert!(p99_fault <= p99_base * 2, "p99 {p99_fault:?} with the token hung vs {p99_base:?} in the control");
+    assert!(flood.iter().all(|a| a.0 == 503), "the hung CA answers 503");
+    Arc::try_unwrap(server).ok().expect("no other owner").stop().await;
 }

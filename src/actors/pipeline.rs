@@ -33,6 +33,9 @@ pub struct Pipeline {
     pub instance: Arc<str>,
     /// Dev-only deliberate defects (see [`Sabotage`]).
     pub sabotage: Sabotages,
+    /// A signature not back within this time counts as this CA's signer failing (a hung token):
+    /// `cas[].sign_timeout`.
+    pub sign_timeout: std::time::Duration,
 }
 
 impl Pipeline {
@@ -100,9 +103,32 @@ impl Pipeline {
             }
         });
         let (reply, signed) = tokio::sync::oneshot::channel();
+        let (started, key_operation) = tokio::sync::oneshot::channel();
         // The signer's queue holds at most the cell's in-flight jobs (it never sends more).
-        p.signer.do_send(Sign { tbs: prepared.tbs, deadline, store: p.store.clone(), record, reply });
-        let cert_der = match signed.await.map_err(|_| EngineError::ShuttingDown)? {
+        p.signer.do_send(Sign { tbs: prepared.tbs, deadline, store: p.store.clone(), record, started, reply });
+        // Waiting for a signer thread is the queue's business (deadlines bound it); the time
+        // the key itself takes is counted from when the operation starts.
+        if tokio::time::timeout_at(deadline.into(), key_operation).await.is_err() {
+            // No signer thread free before the deadline (they may all be hung on the token).
+            // Nobody waits for the reply now, so the signer will not sign it.
+            p.store.write_detached(WriteOp::CertificateAbandoned { serial });
+            return Err(super::job::deadline_exceeded());
+        }
+        // A key operation that does not end (a hung token) fails this signature, so that the
+        // CA's breaker sees it; its thread is one of this CA's own, and whatever it signs later
+        // is dropped unrecorded (nobody waits for it any more). The timeout also covers the
+        // commit that follows the signature, which the Store bounds far below it.
+        let answered = match tokio::time::timeout(p.sign_timeout, signed).await {
+            Ok(answered) => answered,
+            Err(_) => {
+                p.store.write_detached(WriteOp::CertificateAbandoned { serial });
+                return Err(EngineError::SignerFailure {
+                    ca: p.ca.id.clone(),
+                    reason: format!("no signature within {} ms", p.sign_timeout.as_millis()),
+                });
+            }
+        };
+        let cert_der = match answered.map_err(|_| EngineError::ShuttingDown)? {
             Ok(der) => der,
             Err(NotIssued::Unsigned(e)) => {
                 p.store.write_detached(WriteOp::CertificateAbandoned { serial });
@@ -258,8 +284,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, path, _) = store(&dir, 1, 8, 1000);
         let sabotage = Config { mode: crate::config::Mode::Dev, sabotage: sabotage.to_vec(), ..Config::default() };
-        let pipeline =
-            Pipeline { ca, signer, store, metrics, instance: "test-1".into(), sabotage: sabotage.sabotages() };
+        let pipeline = Pipeline {
+            ca,
+            signer,
+            store,
+            metrics,
+            instance: "test-1".into(),
+            sabotage: sabotage.sabotages(),
+            sign_timeout: std::time::Duration::from_secs(2),
+        };
         Fixture { pipeline, path, _dir: dir }
     }
 
@@ -369,7 +402,7 @@ mod tests {
 
     #[actix_rt::test]
     async fn a_failed_signature_leaves_its_record_abandoned() {
-        let f = fixture(Faults { sign_latency: None, failure_rate: 1.0 }, &[]);
+        let f = fixture(Faults { failure_rate: 1.0, ..Faults::default() }, &[]);
         assert!(matches!(
             f.pipeline.run(&job("interactive", in_secs(6), None)).await,
             Err(EngineError::SignerFailure { .. })
@@ -382,11 +415,11 @@ mod tests {
 
     #[actix_rt::test]
     async fn nothing_is_signed_after_the_deadline_unless_deadlines_are_sabotaged() {
-        let f = fixture(Faults { sign_latency: Some(Duration::from_millis(300)), failure_rate: 0.0 }, &[]);
+        let f = fixture(Faults { sign_latency: Some(Duration::from_millis(300)), ..Faults::default() }, &[]);
         let soon = Instant::now() + Duration::from_millis(200);
         assert_eq!(f.pipeline.run(&job("interactive", soon, None)).await.unwrap_err().slug(), "deadline-exceeded");
         let f = fixture(
-            Faults { sign_latency: Some(Duration::from_millis(300)), failure_rate: 0.0 },
+            Faults { sign_latency: Some(Duration::from_millis(300)), ..Faults::default() },
             &[Sabotage::IgnoreDeadlines],
         );
         let soon = Instant::now() + Duration::from_millis(200);

@@ -31,7 +31,10 @@ pub struct Signer {
 /// Fault injection for drills and tests (dev mode only): a slow or failing signer, for real.
 #[derive(Debug, Clone, Default)]
 pub struct Faults {
+    /// Before the signature starts (a slow signer: it queues the CA's work).
     pub sign_latency: Option<Duration>,
+    /// Inside the key operation (a hung token): what `cas[].sign_timeout` judges.
+    pub key_stall: Option<Duration>,
     pub failure_rate: f64,
 }
 
@@ -48,6 +51,8 @@ pub struct Sign {
     pub deadline: Instant,
     pub store: StoreHandle,
     pub record: Record,
+    /// Told when the key operation starts (the time it may take is counted from there).
+    pub started: oneshot::Sender<()>,
     pub reply: oneshot::Sender<Result<Vec<u8>, NotIssued>>,
 }
 
@@ -76,6 +81,7 @@ impl Handler<Sign> for Signer {
         if msg.reply.is_closed() {
             return;
         }
+        let _ = msg.started.send(());
         match self.sign(&msg.tbs, msg.deadline) {
             // Looked at again: the cell may have crashed while the key worked. The signature is
             // dropped unrecorded; its write-ahead record stays `signing` until the resumer's
@@ -108,6 +114,9 @@ impl Signer {
         let started = Instant::now();
         let result = super::catch_panic("signer", || {
             super::injected_panic(&self.gauges.injected_signer_panics, "signer");
+            if let Some(stall) = self.faults.key_stall {
+                std::thread::sleep(stall);
+            }
             tbs::sign(&self.ca, tbs)
         })
         .unwrap_or_else(|panic| {

@@ -44,7 +44,11 @@ impl CellFactory {
             store: self.store.clone(),
             metrics: self.metrics.clone(),
             instance: self.instance.clone(),
-            faults: Faults { sign_latency: cfg.fault.sign_latency, failure_rate: cfg.fault.failure_rate },
+            faults: Faults {
+                sign_latency: cfg.fault.sign_latency,
+                key_stall: cfg.fault.key_stall,
+                failure_rate: cfg.fault.failure_rate,
+            },
             initial_state: self.snapshot.load().ca_state(ca).unwrap_or(CaState::Disabled),
             gauges,
             sabotage: self.config.sabotages(),

@@ -580,6 +580,10 @@ pub struct CaConfig {
     pub key_passphrase_file: Option<PathBuf>,
     #[serde(default = "default_signer_threads")]
     pub signer_threads: usize,
+    /// A signature not back within this time counts as a failure of this CA's signer (its
+    /// breaker sees it): a hung token fails its CA, quickly, and no other.
+    #[serde(default = "default_sign_timeout", with = "humantime_serde")]
+    pub sign_timeout: Duration,
     #[serde(default)]
     pub queue: CellQueueConfig,
     /// Signatures per second this CA sustains (measure with `castellum bench`); used to check
@@ -710,11 +714,14 @@ pub struct FaultConfig {
     pub sign_latency: Option<Duration>,
     /// Share of this CA's signatures that fail (0.0 to 1.0), as a broken HSM would.
     pub failure_rate: f64,
+    /// A stall inside each key operation of this CA (a hung token), judged by `sign_timeout`.
+    #[serde(with = "humantime_serde")]
+    pub key_stall: Option<Duration>,
 }
 
 impl FaultConfig {
     pub fn is_active(&self) -> bool {
-        self.sign_latency.is_some() || self.failure_rate > 0.0
+        self.sign_latency.is_some() || self.key_stall.is_some() || self.failure_rate > 0.0
     }
 }
 
@@ -735,6 +742,9 @@ impl std::fmt::Debug for CaConfig {
 
 fn default_signer_threads() -> usize {
     1
+}
+fn default_sign_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 fn default_sign_rate() -> f64 {
     1000.0

@@ -63,6 +63,9 @@ fn is_lost(rv: RvError) -> bool {
             | RvError::UserNotLoggedIn
             | RvError::CryptokiNotInitialized
             | RvError::GeneralError
+            // The key object itself went away (its token's storage changed under it).
+            | RvError::KeyHandleInvalid
+            | RvError::ObjectHandleInvalid
     )
 }
 

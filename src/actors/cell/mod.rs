@@ -129,7 +129,7 @@ impl CaCell {
         });
         let spacing = Duration::from_secs_f64(1.0 / cfg.expected_sign_rate.max(1.0));
         gauges.completion_spacing_us.store(spacing.as_micros() as u64, Ordering::Relaxed);
-        let pipeline = Pipeline { ca, signer, store, metrics, instance, sabotage };
+        let pipeline = Pipeline { ca, signer, store, metrics, instance, sabotage, sign_timeout: cfg.sign_timeout };
         let (queue, breaker_cfg, cell_gauges) = (cfg.queue.clone(), cfg.breaker.clone(), gauges);
         let arbiter = Arbiter::new();
         // The mailbox is sized before the cell exists: sized in `started`, which runs later on
