@@ -12,48 +12,11 @@ use openssl::x509::{X509StoreContext, X509};
 use super::key::KeyHandle;
 use super::load_error::{CaFile, CaLoadError};
 use super::vocabulary::KeyType;
+use super::vocabulary::SignatureAlgorithm;
 use crate::config::{CaConfig, Mode};
 
 /// The organisation name every dev PKI certificate carries; a chain ending in it is a dev chain.
 pub const DEV_PKI_ORGANIZATION: &str = "castellum development PKI - NOT FOR PRODUCTION";
-
-/// Signature algorithms castellum signs with, one per CA key type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SignatureAlgorithm {
-    EcdsaSha256,
-    EcdsaSha384,
-    EcdsaSha512,
-    RsaSha256,
-    Ed25519,
-}
-
-impl SignatureAlgorithm {
-    /// DER of the AlgorithmIdentifier (RFC 5758, RFC 4055, RFC 8410).
-    pub fn algorithm_identifier_der(self) -> &'static [u8] {
-        match self {
-            // ecdsa-with-SHA256, no parameters
-            Self::EcdsaSha256 => &[0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02],
-            Self::EcdsaSha384 => &[0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x03],
-            Self::EcdsaSha512 => &[0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x04],
-            // sha256WithRSAEncryption, NULL parameters
-            Self::RsaSha256 => {
-                &[0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b, 0x05, 0x00]
-            }
-            // id-Ed25519, absent parameters
-            Self::Ed25519 => &[0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70],
-        }
-    }
-
-    pub fn digest(self) -> Option<openssl::hash::MessageDigest> {
-        use openssl::hash::MessageDigest;
-        match self {
-            Self::EcdsaSha256 | Self::RsaSha256 => Some(MessageDigest::sha256()),
-            Self::EcdsaSha384 => Some(MessageDigest::sha384()),
-            Self::EcdsaSha512 => Some(MessageDigest::sha512()),
-            Self::Ed25519 => None,
-        }
-    }
-}
 
 /// One CA's certificate, chain and key, checked.
 pub struct CaMaterial {

@@ -14,9 +14,9 @@ use std::time::SystemTime;
 use openssl::pkey::{PKey, Private, Public};
 use openssl::sign::{Signer, Verifier};
 
-use super::ca::SignatureAlgorithm;
 use super::load_error::{CaFile, CaLoadError};
 use super::token::TokenKey;
+use super::vocabulary::SignatureAlgorithm;
 use crate::config::{CaConfig, Pkcs11KeyConfig};
 
 /// The passphrase protecting a CA key, from wherever the configuration says.

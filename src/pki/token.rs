@@ -21,7 +21,7 @@ use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 
-use super::ca::SignatureAlgorithm;
+use super::vocabulary::SignatureAlgorithm;
 use crate::config::Pkcs11KeyConfig;
 
 /// Why a token could not be used.
