@@ -223,25 +223,23 @@ async fn phase(
     )
 }
 
+/// The dev token's user PIN.
+fn dev_pin() -> String {
+    std::fs::read_to_string(dev_keys().join("pkcs11-dev-pin")).unwrap().trim().to_string()
+}
+
+/// Run `cmd` against the token at `token` (its SoftHSM configuration); it must succeed.
+fn on_softhsm(token: &Path, cmd: &mut Command) {
+    let out = cmd.env("SOFTHSM2_CONF", token.join("softhsm2.conf")).output().unwrap();
+    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 /// A second token, `castellum-dev-2`, holding ica-p384's key; the directory SoftHSM keeps it in.
 fn second_token(token: &Path) -> PathBuf {
     let tokens = token.join("tokens");
     let before: Vec<_> = std::fs::read_dir(&tokens).unwrap().map(|e| e.unwrap().path()).collect();
-    let pin = std::fs::read_to_string(dev_keys().join("pkcs11-dev-pin")).unwrap().trim().to_string();
-    let run = |cmd: &mut Command| {
-        let out = cmd.env("SOFTHSM2_CONF", token.join("softhsm2.conf")).output().unwrap();
-        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
-    run(Command::new("softhsm2-util").args([
-        "--init-token",
-        "--free",
-        "--label",
-        "castellum-dev-2",
-        "--pin",
-        &pin,
-        "--so-pin",
-        "so-pin-2",
-    ]));
+    let init = ["--init-token", "--free", "--label", "castellum-dev-2", "--pin", &dev_pin(), "--so-pin", "so-pin-2"];
+    on_softhsm(token, Command::new("softhsm2-util").args(init));
     import_p384(token);
     std::fs::read_dir(&tokens)
         .unwrap()
@@ -252,29 +250,39 @@ fn second_token(token: &Path) -> PathBuf {
 
 /// ica-p384's key imported onto `castellum-dev-2` (by another process, as an operator would).
 fn import_p384(token: &Path) {
-    let pin = std::fs::read_to_string(dev_keys().join("pkcs11-dev-pin")).unwrap().trim().to_string();
-    let run = |cmd: &mut Command| {
-        let out = cmd.env("SOFTHSM2_CONF", token.join("softhsm2.conf")).output().unwrap();
-        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
     let pem = token.join("p384.pem");
-    run(Command::new("openssl")
-        .args(["pkey", "-passin", "pass:castellum-dev-only", "-in"])
-        .arg(dev_keys().join("ica-p384.key"))
-        .arg("-out")
-        .arg(&pem));
-    run(Command::new("softhsm2-util").arg("--import").arg(&pem).args([
-        "--token",
-        "castellum-dev-2",
-        "--label",
-        "ica-p384",
-        "--id",
-        "02",
-        "--pin",
-        &pin,
-    ]));
+    on_softhsm(
+        token,
+        Command::new("openssl")
+            .args(["pkey", "-passin", "pass:castellum-dev-only", "-in"])
+            .arg(dev_keys().join("ica-p384.key"))
+            .arg("-out")
+            .arg(&pem),
+    );
+    let import = ["--token", "castellum-dev-2", "--label", "ica-p384", "--id", "02", "--pin", &dev_pin()];
+    on_softhsm(token, Command::new("softhsm2-util").arg("--import").arg(&pem).args(import));
     std::fs::remove_file(&pem).unwrap();
 }
+
+/// ica-p256 and ica-p384 on tokens, ica-p384's entry changed by `edit`, started; then the control
+/// phase: ica-p384 parked (its flood refused at intake), the healthy clients' latencies, all 201.
+async fn start_with_control(edit_p384: impl FnOnce(&mut toml::Table)) -> (TestDb, Arc<TestServer>, Vec<Duration>) {
+    let text = on_token(&[("ica-p256", "ica-p256"), ("ica-p384", "ica-p384")], &dev_pin_file());
+    let mut config: toml::Table = toml::from_str(&text).unwrap();
+    let p384 = config["cas"].as_array_mut().unwrap().iter_mut().find(|ca| ca["id"].as_str() == Some("ica-p384"));
+    edit_p384(p384.unwrap().as_table_mut().unwrap());
+    let db = TestDb::sqlite();
+    let mut config = config_from(&toml::to_string(&config).unwrap(), &db);
+    config.backoff.retries_per_second = 0;
+    let server = Arc::new(TestServer::start(config).await);
+    server.engine.set_ca_state("test", "ica-p384", "parked").await.unwrap();
+    let (base, base_statuses, _) = phase(&server, "tls-server-p256", "tls-server-p384", PHASE).await;
+    assert!(base_statuses.iter().all(|s| *s == 201), "control: {base_statuses:?}");
+    server.engine.set_ca_state("test", "ica-p384", "enabled").await.unwrap();
+    (db, server, base)
+}
+
+const PHASE: Duration = Duration::from_secs(3);
 
 fn breaker_open(answer: &(u16, String)) -> bool {
     answer.0 == 503 && answer.1.contains("ca-unavailable") && answer.1.contains("circuit breaker open")
@@ -290,25 +298,11 @@ fn breaker_open(answer: &(u16, String)) -> bool {
 async fn a_token_that_goes_away_fails_its_ca_alone_and_comes_back() {
     let token = dev_token();
     let token_2 = second_token(token.path());
-    let text = on_token(&[("ica-p256", "ica-p256"), ("ica-p384", "ica-p384")], &dev_pin_file());
-    let mut config: toml::Table = toml::from_str(&text).unwrap();
-    for ca in config["cas"].as_array_mut().unwrap() {
-        let ca = ca.as_table_mut().unwrap();
-        if ca["id"].as_str() == Some("ica-p384") {
-            ca["key"]["pkcs11"].as_table_mut().unwrap().insert("token_label".into(), "castellum-dev-2".into());
-            ca.insert("breaker".into(), toml::toml! { open_for = "1s" }.into());
-        }
-    }
-    let db = TestDb::sqlite();
-    let mut config = config_from(&toml::to_string(&config).unwrap(), &db);
-    config.backoff.retries_per_second = 0;
-    let server = Arc::new(TestServer::start(config).await);
-    let length = Duration::from_secs(3);
-
-    server.engine.set_ca_state("test", "ica-p384", "parked").await.unwrap();
-    let (mut base, base_statuses, _) = phase(&server, "tls-server-p256", "tls-server-p384", length).await;
-    assert!(base_statuses.iter().all(|s| *s == 201), "control: {base_statuses:?}");
-    server.engine.set_ca_state("test", "ica-p384", "enabled").await.unwrap();
+    let (_db, server, mut base) = start_with_control(|p384| {
+        p384["key"]["pkcs11"].as_table_mut().unwrap().insert("token_label".into(), "castellum-dev-2".into());
+        p384.insert("breaker".into(), toml::toml! { open_for = "1s" }.into());
+    })
+    .await;
     let flood_csr = csr(Key::P256, &["flood.example.test"]);
     assert_eq!(server.issue(DEMO_KEY, "tls-server-p384", &flood_csr).send().await.unwrap().status(), 201);
 
@@ -340,7 +334,7 @@ async fn a_token_that_goes_away_fails_its_ca_alone_and_comes_back() {
         assert!(started.elapsed() < Duration::from_secs(10), "ica-p384's breaker did not open with its token gone");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (mut fault, statuses, flood) = phase(&server, "tls-server-p256", "tls-server-p384", length).await;
+    let (mut fault, statuses, flood) = phase(&server, "tls-server-p256", "tls-server-p384", PHASE).await;
     assert!(statuses.iter().all(|s| *s == 201), "the other CA keeps 100% success: {statuses:?}");
     let (p99_base, p99_fault) = (p99(&mut base), p99(&mut fault));
     eprintln!("healthy CA: {} requests in the control (p99 {p99_base:?}), {} with the token gone (p99 {p99_fault:?}); flood: {} answered", base.len(), fault.len(), flood.len());
@@ -368,27 +362,13 @@ async fn a_token_that_goes_away_fails_its_ca_alone_and_comes_back() {
 #[actix_rt::test]
 async fn a_hung_token_times_out_and_fails_its_ca_alone() {
     let _token = dev_token();
-    let text = on_token(&[("ica-p256", "ica-p256"), ("ica-p384", "ica-p384")], &dev_pin_file());
-    let mut config: toml::Table = toml::from_str(&text).unwrap();
-    for ca in config["cas"].as_array_mut().unwrap() {
-        let ca = ca.as_table_mut().unwrap();
-        if ca["id"].as_str() == Some("ica-p384") {
-            ca.insert("sign_timeout".into(), "300ms".into());
-            ca.insert("signer_threads".into(), 4.into());
-            ca.insert("fault".into(), toml::toml! { key_stall = "3s" }.into());
-            ca.insert("breaker".into(), toml::toml! { consecutive_failures = 3 open_for = "1s" }.into());
-        }
-    }
-    let db = TestDb::sqlite();
-    let mut config = config_from(&toml::to_string(&config).unwrap(), &db);
-    config.backoff.retries_per_second = 0;
-    let server = Arc::new(TestServer::start(config).await);
-    let length = Duration::from_secs(3);
-
-    server.engine.set_ca_state("test", "ica-p384", "parked").await.unwrap();
-    let (mut base, base_statuses, _) = phase(&server, "tls-server-p256", "tls-server-p384", length).await;
-    assert!(base_statuses.iter().all(|s| *s == 201), "control: {base_statuses:?}");
-    server.engine.set_ca_state("test", "ica-p384", "enabled").await.unwrap();
+    let (_db, server, mut base) = start_with_control(|p384| {
+        p384.insert("sign_timeout".into(), "300ms".into());
+        p384.insert("signer_threads".into(), 4.into());
+        p384.insert("fault".into(), toml::toml! { key_stall = "3s" }.into());
+        p384.insert("breaker".into(), toml::toml! { consecutive_failures = 3 open_for = "1s" }.into());
+    })
+    .await;
 
     let flood_csr = csr(Key::P256, &["flood.example.test"]);
     let started = Instant::now();
@@ -403,7 +383,7 @@ async fn a_hung_token_times_out_and_fails_its_ca_alone() {
         assert!(started.elapsed() < Duration::from_secs(10), "ica-p384's breaker did not open: {said:?}");
     }
     assert!(timed_out > 0, "a signature was failed at the timeout");
-    let (mut fault, statuses, flood) = phase(&server, "tls-server-p256", "tls-server-p384", length).await;
+    let (mut fault, statuses, flood) = phase(&server, "tls-server-p256", "tls-server-p384", PHASE).await;
     assert!(statuses.iter().all(|s| *s == 201), "the other CA keeps 100% success: {statuses:?}");
     let (p99_base, p99_fault) = (p99(&mut base), p99(&mut fault));
     eprintln!(
