@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 use crate::config::{Config, ConfigProblem, Mode, PoolConfig};
 use crate::db::server_limits::ServerLimits;
 use crate::pki::ca::{allowed_in_mode, CaMaterial};
+use crate::pki::vocabulary::{KeyType, RsaSignatureScheme};
 
 /// A pool's checkout wait must stay well below the shortest deadline: at most this fraction.
 const POOL_TIMEOUT_DEADLINE_FRACTION: u32 = 4;
@@ -177,6 +178,12 @@ fn check_cas(config: &Config, p: &mut Problems) -> HashMap<String, CaMaterial> {
                     } else {
                         p.key_unavailable(field, e.to_string());
                     }
+                }
+                if ca.rsa_signature == RsaSignatureScheme::Pss && material.key_type != KeyType::Rsa {
+                    p.add(
+                        format!("{at}.rsa_signature"),
+                        format!("\"pss\" is for RSA keys; this CA's key is {}", material.key_type.as_str()),
+                    );
                 }
                 if material.not_after <= SystemTime::now() {
                     p.add(format!("{at}.cert_file"), "the CA certificate has expired");

@@ -124,6 +124,10 @@ enum Command {
         /// The HAProxy configuration the lb-* drills put in front of their instances.
         #[arg(long, default_value = "deploy/haproxy.cfg")]
         haproxy_config: PathBuf,
+        /// issuance-queues-2020 only: every CA key on a SoftHSM token (the failing CAs' on a
+        /// token of their own, whose storage the fault takes away) instead of key files.
+        #[arg(long)]
+        keys_on_token: bool,
     },
     /// Benchmark end-to-end issuance against the machine's crypto ceiling (use a release build).
     Bench {
@@ -158,6 +162,10 @@ enum Command {
         /// (`GET /healthz`) at the same concurrency in the same run.
         #[arg(long, conflicts_with_all = ["refusals", "prefill"])]
         ocsp: bool,
+        /// Measure a CA key on a SoftHSM2 token against the same key in memory (P-256 and
+        /// RSA-3072): signatures/s, and issuances/s at each concurrency.
+        #[arg(long, conflicts_with_all = ["refusals", "prefill", "ocsp", "postgres"])]
+        token: bool,
         /// With `--ocsp`: measure the same loads with wrk as well (apt-get install wrk).
         #[arg(long, requires = "ocsp")]
         wrk: bool,
@@ -250,6 +258,7 @@ fn main() -> ExitCode {
             sabotage,
             engine,
             haproxy_config,
+            keys_on_token,
         } => {
             let Some(name) = name.filter(|_| !list) else {
                 for (name, what) in castellum::drill::DRILLS {
@@ -272,6 +281,7 @@ fn main() -> ExitCode {
                 sabotage,
                 engine,
                 haproxy_config,
+                keys_on_token,
             })
         }
         Command::Bench {
@@ -285,6 +295,7 @@ fn main() -> ExitCode {
             engine,
             prefill,
             ocsp,
+            token,
             wrk,
             rate,
         } => bench(
@@ -301,7 +312,11 @@ fn main() -> ExitCode {
                 wrk,
                 rate,
             },
-            ocsp,
+            match (ocsp, token) {
+                (true, _) => BenchKind::Ocsp,
+                (_, true) => BenchKind::Token,
+                _ => BenchKind::Issuance,
+            },
         ),
         Command::Storm { urls, profiles, csrs, api_key, rate, duration, in_flight, max_requests } => {
             if profiles.len() != csrs.len() {
@@ -467,10 +482,18 @@ fn storm(plan: &castellum::drill::storm::StormPlan) -> ExitCode {
     }
 }
 
-fn bench(opts: castellum::bench::BenchOptions, ocsp: bool) -> ExitCode {
-    let report = match ocsp {
-        true => castellum::bench::run_ocsp(opts).map(|r| r.markdown()),
-        false => castellum::bench::run(opts).map(|r| r.markdown()),
+/// What `castellum bench` measures.
+enum BenchKind {
+    Issuance,
+    Ocsp,
+    Token,
+}
+
+fn bench(opts: castellum::bench::BenchOptions, kind: BenchKind) -> ExitCode {
+    let report = match kind {
+        BenchKind::Ocsp => castellum::bench::run_ocsp(opts).map(|r| r.markdown()),
+        BenchKind::Token => castellum::bench::run_token(opts).map(|r| r.markdown()),
+        BenchKind::Issuance => castellum::bench::run(opts).map(|r| r.markdown()),
     };
     match report {
         Ok(markdown) => {

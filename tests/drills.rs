@@ -6,8 +6,14 @@ mod common;
 use common::*;
 
 fn drill(name: &str, postgres: bool) {
+    drill_with(name, postgres, &[]);
+}
+
+/// [`drill`] with more arguments.
+fn drill_with(name: &str, postgres: bool, args: &[&str]) {
     let out = tempfile::tempdir().unwrap();
     let mut cmd = drill_command(name, out.path());
+    cmd.args(args);
     if postgres {
         cmd.args(["--postgres", &postgres_admin_url()]);
     }
@@ -103,6 +109,7 @@ fn lb_kill_9_catches_a_slow_take_out_and_connections_outside_the_budget() {
         true,
         &["connection-per-request"],
         Some(&slow),
+        &[],
         &[
             "HAProxy stops sending to the killed instance",
             "only the requests in flight on the killed instance fail",
@@ -114,6 +121,13 @@ fn lb_kill_9_catches_a_slow_take_out_and_connections_outside_the_budget() {
 #[test]
 fn issuance_queues_2020_on_sqlite() {
     drill("issuance-queues-2020", false);
+}
+
+/// Issue 17: every CA key on a SoftHSM token; the fault is the failing CAs' token losing its
+/// storage.
+#[test]
+fn issuance_queues_2020_with_keys_on_token() {
+    drill_with("issuance-queues-2020", false, &["--keys-on-token"]);
 }
 
 #[test]
@@ -162,7 +176,7 @@ fn connection_surge_needs_postgres_and_says_so() {
 /// (a promise failed) with every promise in `failing` marked FAIL. Without this, a drill's
 /// verdicts would prove nothing.
 fn sabotaged_drill(name: &str, postgres: bool, defects: &[&str], failing: &[&str]) -> String {
-    sabotaged_drill_with(name, postgres, defects, None, failing)
+    sabotaged_drill_with(name, postgres, defects, None, &[], failing)
 }
 
 /// [`sabotaged_drill`] with another HAProxy configuration (a broken deployment file).
@@ -171,6 +185,7 @@ fn sabotaged_drill_with(
     postgres: bool,
     defects: &[&str],
     haproxy: Option<&std::path::Path>,
+    args: &[&str],
     failing: &[&str],
 ) -> String {
     let out = tempfile::tempdir().unwrap();
@@ -178,6 +193,7 @@ fn sabotaged_drill_with(
         Some(file) => drill_command_with(name, out.path(), file),
         None => drill_command(name, out.path()),
     };
+    cmd.args(args);
     for defect in defects {
         cmd.args(["--sabotage", defect]);
     }
@@ -216,6 +232,19 @@ fn issuance_queues_2020_catches_a_global_back_off() {
         false,
         &["global-back-off"],
         &["healthy CA keeps 100% success", "only the failing CAs' breakers open", "no global back-off"],
+    );
+}
+
+/// With the fault coming from a token, the drill still catches the incident's global back-off.
+#[test]
+fn issuance_queues_2020_with_keys_on_token_catches_a_global_back_off() {
+    sabotaged_drill_with(
+        "issuance-queues-2020",
+        false,
+        &["global-back-off"],
+        None,
+        &["--keys-on-token"],
+        &["healthy CA keeps 100% success", "no global back-off"],
     );
 }
 

@@ -141,35 +141,6 @@ fn crl_signature_verifies(dir: &Path, crl_pem: &Path, ca: &str) -> (bool, String
     run(Command::new("openssl").args(["crl", "-noout", "-verify", "-in"]).arg(crl_pem).arg("-CAfile").arg(&chain))
 }
 
-/// pkilint's CRL linter, BR profile: every finding at WARNING or above (empty when clean).
-fn lint_crl(crl_pem: &Path) -> String {
-    let (ok, out) = run(Command::new("lint_crl").args(["lint", "-t", "CRL", "-p", "BR", "-s", "WARNING"]).arg(crl_pem));
-    if ok && out.trim().is_empty() {
-        String::new()
-    } else {
-        format!("lint_crl (ok: {ok}): {out}")
-    }
-}
-
-/// pkilint's CA/B Forum TLS server certificate linter: the finding codes at WARNING or above.
-fn br_findings(dir: &Path, cert_pem: &str) -> Vec<String> {
-    let leaf = dir.join("br.pem");
-    std::fs::write(&leaf, cert_pem).unwrap();
-    let (_, out) =
-        run(Command::new("lint_cabf_serverauth_cert").args(["lint", "-d", "-s", "WARNING", "-f", "JSON"]).arg(&leaf));
-    let report: Value = serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("no JSON from pkilint: {out}"));
-    let mut codes: Vec<String> = report["results"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|r| r["finding_descriptions"].as_array().cloned().unwrap_or_default())
-        .map(|f| f["code"].as_str().unwrap_or("?").to_string())
-        .collect();
-    codes.sort();
-    codes.dedup();
-    codes
-}
-
 async fn a_client_revokes_its_own_certificate_and_openssl_sees_it_on_the_crl(db: TestDb) {
     let server = TestServer::start(config(&db)).await;
     let dir = tempfile::tempdir().unwrap();

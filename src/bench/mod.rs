@@ -17,9 +17,11 @@ use crate::pki::{csr, tbs};
 mod ocsp;
 mod prefill;
 mod support;
+mod token;
 pub use ocsp::OcspReport;
 pub use prefill::Prefilled;
 use support::{p256_csrs, process_usage, rows, sample};
+pub use token::{run as run_token, TokenReport};
 
 pub struct BenchOptions {
     pub postgres: Option<String>,
@@ -164,7 +166,7 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, DrillError> {
             Some(path) => path.clone(),
             None => std::env::current_exe()?,
         };
-        let target = Target::start(&engine, &opts.keys_dev, &dir.join("engine"), db, |c| {
+        let target = Target::start(&engine, &opts.keys_dev, &dir.join("engine"), db, Vec::new(), |c| {
             let ca = ca_entry(c, "ica-p256");
             set(ca, &["signer_threads"], 2.into());
             set(ca, &["expected_sign_rate"], 20000.0.into());
@@ -200,7 +202,7 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, DrillError> {
         let csrs = p256_csrs(64)?;
         let mut levels = Vec::new();
         for &concurrency in &opts.concurrency {
-            levels.push(level(&target, pid, &csrs, concurrency, opts.duration, expected, postgres).await);
+            levels.push(level(&target, pid, &csrs, P256_PROFILE, concurrency, opts.duration, expected, postgres).await);
             let l = levels.last().expect("just pushed");
             eprintln!(
                 "  {backend} c={concurrency}: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {:.0} µs CPU per {what}, {} database rows written",
@@ -253,7 +255,7 @@ pub fn run_ocsp(opts: BenchOptions) -> Result<OcspReport, DrillError> {
             Some(path) => path.clone(),
             None => std::env::current_exe()?,
         };
-        let mut target = Target::start(&engine, &opts.keys_dev, &dir.join("engine"), db, |c| {
+        let mut target = Target::start(&engine, &opts.keys_dev, &dir.join("engine"), db, Vec::new(), |c| {
             let ca = ca_entry(c, "ica-p256");
             set(ca, &["ocsp", "responder_profile"], "ocsp-renewal".into());
             set(ca, &["ocsp", "responder_name"], "ocsp.ica-p256.example.test".into());
@@ -324,7 +326,7 @@ async fn beside_idle_connections(
     .await
     .map_err(|e| DrillError::Setup(e.to_string()))??;
     let count = opened.len();
-    let level = level(target, pid, csrs, 64, length, expected, postgres).await;
+    let level = level(target, pid, csrs, P256_PROFILE, 64, length, expected, postgres).await;
     let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse::<u64>().ok())
@@ -365,10 +367,16 @@ fn ask_health(mut conn: &std::net::TcpStream) -> bool {
     false
 }
 
+/// The profile the issuance bench asks for (ica-p256's).
+const P256_PROFILE: &str = "tls-server-p256";
+
+/// One concurrency level: `concurrency` clients asking `profile` for certificates for `length`.
+#[allow(clippy::too_many_arguments)]
 async fn level(
     target: &Target,
     pid: u32,
     csrs: &[Arc<String>],
+    profile: &'static str,
     concurrency: usize,
     length: Duration,
     expected: &'static [u16],
@@ -390,7 +398,7 @@ async fn level(
                         let resp = http
                             .post(format!("{base}/v1/certificates"))
                             .bearer_auth(&key)
-                            .json(&serde_json::json!({"profile": "tls-server-p256", "csr": csr.as_str()}))
+                            .json(&serde_json::json!({"profile": profile, "csr": csr.as_str()}))
                             .send()
                             .await;
                         match resp {

@@ -578,6 +578,10 @@ pub struct CaConfig {
     /// A file holding the passphrase (first line).
     #[serde(default)]
     pub key_passphrase_file: Option<PathBuf>,
+    /// How an RSA CA key signs: `pkcs1` (RSASSA-PKCS1-v1_5, the default) or `pss` (RSASSA-PSS,
+    /// SHA-256, MGF1-SHA-256, 32-byte salt). Only for RSA keys.
+    #[serde(default)]
+    pub rsa_signature: RsaSignatureScheme,
     #[serde(default = "default_signer_threads")]
     pub signer_threads: usize,
     /// A signature not back within this time counts as a failure of this CA's signer (its

@@ -71,7 +71,7 @@ pub async fn run(opts: &DrillOptions, dir: &Path, fault: Fault) -> Result<Outcom
 
     let db = DrillDb::postgres(postgres, None)?;
     let sabotage = sabotage(opts)?;
-    let mut first = Target::start(&engine(opts)?, &opts.keys_dev, &dir.join("castellum-1"), db, |c| {
+    let mut first = Target::start(&engine(opts)?, &opts.keys_dev, &dir.join("castellum-1"), db, Vec::new(), |c| {
         set(c, &["instance_id"], "castellum-1".into());
         set(c, &["http", "drain_grace"], format!("{}ms", DRAIN_GRACE.as_millis()).into());
         set(c, &["database", "instances"], (INSTANCES as i64).into());

@@ -14,6 +14,7 @@ mod scenarios;
 pub mod series;
 pub mod storm;
 pub mod target;
+pub mod token;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -70,6 +71,8 @@ pub struct DrillOptions {
     pub engine: Option<PathBuf>,
     /// The HAProxy configuration the load-balancer drills run (`deploy/haproxy.cfg`).
     pub haproxy_config: PathBuf,
+    /// CA keys on SoftHSM tokens instead of key files (issuance-queues-2020).
+    pub keys_on_token: bool,
 }
 
 /// One promise the engine made, whether it held, and the figures that say so.
@@ -219,6 +222,9 @@ pub fn run(opts: DrillOptions) -> Result<bool, DrillError> {
         let dir = opts.out.join(format!("{}-{}", opts.name, chrono_stamp()));
         std::fs::create_dir_all(&dir)?;
         eprintln!("drill {} ({}) — report in {}", opts.name, if opts.short { "short" } else { "full" }, dir.display());
+        if opts.keys_on_token && opts.name != "issuance-queues-2020" {
+            return Err(DrillError::Unsupported("--keys-on-token is for issuance-queues-2020".into()));
+        }
         let outcome = match opts.name.as_str() {
             "lb-rolling-restart" => lb::run(&opts, &dir, lb::Fault::RollingRestart).await?,
             "lb-kill-9" => lb::run(&opts, &dir, lb::Fault::Kill9).await?,

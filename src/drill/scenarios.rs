@@ -14,6 +14,7 @@ use super::evidence::Evidence;
 use super::load::{Call, Kind, Stream};
 use super::storm::{StormPlan, StormProcess, StormReport};
 use super::target::{ca_entry, set, DrillDb, Target};
+use super::token::DrillTokens;
 use super::{stream_stats, DrillError, DrillOptions, Outcome, Promise, Session};
 use crate::pki::devpki::generate_key;
 use crate::pki::KeyType;
@@ -51,6 +52,7 @@ async fn target(
     opts: &DrillOptions,
     dir: &Path,
     db: DrillDb,
+    env: Vec<(&'static str, std::path::PathBuf)>,
     edit: impl FnOnce(&mut toml::Table),
 ) -> Result<Target, DrillError> {
     match &opts.url {
@@ -63,7 +65,7 @@ async fn target(
         }
         None => {
             let sabotage = sabotage(opts)?;
-            Target::start(&engine(opts)?, &opts.keys_dev, &dir.join("engine"), db, |c| {
+            Target::start(&engine(opts)?, &opts.keys_dev, &dir.join("engine"), db, env, |c| {
                 edit(c);
                 set(c, &["sabotage"], toml::Value::Array(sabotage));
             })
@@ -143,7 +145,11 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
         ));
     }
     let t = QueuesTimeline::for_options(opts);
-    let primary = queues_target(opts, dir).await?;
+    let tokens = match opts.keys_on_token {
+        true => Some(DrillTokens::create(&opts.keys_dev, &dir.join("tokens"), FAILING_TOKEN, &FAILING)?),
+        false => None,
+    };
+    let primary = queues_target(opts, dir, tokens.as_ref()).await?;
     // On PostgreSQL a second instance shares the database, as behind a load balancer: the storm
     // hits both, and the disable made on one must reach the other.
     let peer = match opts.postgres {
@@ -160,7 +166,7 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
     let streams = queues_streams(t.end)?;
     let mut session = Session::new(primary, t.end);
     let load = session.drive(streams, 2_000_000);
-    let operator = queues_operator(&session, peer.as_ref(), &t, dir, &storm_requests);
+    let operator = queues_operator(&session, peer.as_ref(), tokens.as_ref(), &t, dir, &storm_requests);
     let (_, operator) = tokio::join!(load, operator);
     // Judged from when the park and both disables had been applied, not from when they were
     // scheduled.
@@ -192,6 +198,7 @@ async fn issuance_queues(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dri
     db.storm_rows = Evidence::read(session.target.db.as_ref(), |e| e.rows_of_client(STORM_CLIENT)).await?;
     session.recording().storms = op.storms.iter().map(|(started, report)| (*started, report.clone())).collect();
     let mut promises = queues_promises(&f, &db, &op, &parked_ids);
+    promises.extend(op.token_fault.as_ref().map(token_promise));
     promises.extend(storm_promises(&f, &db, &op));
     Ok(finish(session, promises))
 }
@@ -249,11 +256,16 @@ const STORM_KEY: &str = "drill-storm-key";
 const STORM_RATE: u32 = 6_000;
 
 /// The engine of the incident-003 drill: renewal profiles on three more CAs, short breakers on
-/// the two that lose their keys, and a client that will retry without back-off.
-async fn queues_target(opts: &DrillOptions, dir: &Path) -> Result<Target, DrillError> {
+/// the two that lose their keys, and a client that will retry without back-off; with `tokens`,
+/// every CA key on a token.
+async fn queues_target(opts: &DrillOptions, dir: &Path, tokens: Option<&DrillTokens>) -> Result<Target, DrillError> {
     let db = database(opts, dir, None)?;
     let postgres = opts.postgres.is_some();
-    target(opts, dir, db, |c| {
+    let env = tokens.map(|t| vec![("SOFTHSM2_CONF", t.conf.clone())]).unwrap_or_default();
+    target(opts, dir, db, env, |c| {
+        if let Some(tokens) = tokens {
+            tokens.configure(c);
+        }
         if postgres {
             // Two store workers, as a PostgreSQL deployment runs: one slow commit (a checkpoint
             // of the shared server) must not hold every write behind it.
@@ -351,6 +363,18 @@ struct OperatorLog {
     /// The storm against the broken CAs, then the control storm: when each started, and its
     /// report.
     storms: Vec<(Duration, StormReport)>,
+    /// With CA keys on tokens: what each engine's console said of each CA's key after the fault.
+    token_fault: Option<TokenFault>,
+}
+
+/// What the consoles said of the CA keys once the failing token's storage was gone.
+struct TokenFault {
+    label: String,
+    /// Per engine and failing CA: how long until its key was shown unavailable, and why.
+    failing: Vec<(&'static str, Option<(Duration, String)>)>,
+    /// Per engine and healthy CA (on the other token, the same module): why its key could not
+    /// sign, if it could not.
+    healthy: Vec<(&'static str, Option<String>)>,
 }
 
 /// The fault and the operators' answer to it: two CAs lose their keys, a healthy one is parked,
@@ -359,18 +383,42 @@ struct OperatorLog {
 async fn queues_operator(
     session: &Session,
     peer: Option<&Target>,
+    tokens: Option<&DrillTokens>,
     t: &QueuesTimeline,
     dir: &Path,
     storm_requests: &[(String, String)],
 ) -> Result<OperatorLog, DrillError> {
     let engines: Vec<&Target> = std::iter::once(&session.target).chain(peer).collect();
     session.at(t.fault).await;
-    for engine in &engines {
-        for ca in FAILING {
-            engine.destroy_key(ca)?;
+    let token_fault = match tokens {
+        None => {
+            for engine in &engines {
+                for ca in FAILING {
+                    engine.destroy_key(ca)?;
+                }
+            }
+            session.mark("fault: keys of ica-p384 and ica-rsa3072 destroyed");
+            None
         }
-    }
-    session.mark("fault: keys of ica-p384 and ica-rsa3072 destroyed");
+        Some(tokens) => {
+            // One token, shared by every engine: its storage goes away once for all of them.
+            let moved = tokens.take_keys_away()?;
+            session.mark(format!(
+                "fault: token {} (keys of ica-p384 and ica-rsa3072) loses its storage ({moved} files)",
+                tokens.failing_label
+            ));
+            let (mut failing, mut healthy) = (Vec::new(), Vec::new());
+            for engine in &engines {
+                for ca in FAILING {
+                    failing.push((ca, engine.key_unavailable(ca, s(0.4 * t.k)).await));
+                }
+                for ca in HEALTHY {
+                    healthy.push((ca, engine.key_unavailable(ca, Duration::ZERO).await.map(|(_, why)| why)));
+                }
+            }
+            Some(TokenFault { label: tokens.failing_label.clone(), failing, healthy })
+        }
+    };
     session.at(t.fault + s(0.5 * t.k)).await;
     session.target.admin_post("/admin/v1/cas/ica-ed25519/state", serde_json::json!({"state": "parked"})).await?;
     session.mark("operator parks ica-ed25519");
@@ -429,6 +477,7 @@ async fn queues_operator(
         levers,
         reached,
         storms: vec![storm, control],
+        token_fault,
     })
 }
 
@@ -531,6 +580,35 @@ fn queues_promises(f: &QueuesFigures, db: &QueuesEvidence, op: &OperatorLog, par
 
 /// The two CAs whose keys the incident-003 drill destroys.
 const FAILING: [&str; 2] = ["ica-p384", "ica-rsa3072"];
+/// The CAs that keep their keys.
+const HEALTHY: [&str; 2] = ["ica-p256", "ica-ed25519"];
+/// With `--keys-on-token`, the token the failing CAs' keys are on.
+const FAILING_TOKEN: &str = "castellum-drill-failing";
+
+/// With CA keys on tokens: the token's failure reached its own CAs' keys (each console says why,
+/// naming the token) and no other CA's key on the same module.
+fn token_promise(fault: &TokenFault) -> Promise {
+    let lost = |l: &Option<(Duration, String)>| l.as_ref().is_some_and(|(_, why)| why.contains(&fault.label));
+    let failing: Vec<String> = fault
+        .failing
+        .iter()
+        .map(|(ca, l)| match l {
+            Some((after, why)) => format!("{ca} unavailable {} ms after the fault ({why})", after.as_millis()),
+            None => format!("{ca} still signing"),
+        })
+        .collect();
+    let healthy_lost: Vec<String> =
+        fault.healthy.iter().filter_map(|(ca, why)| why.as_ref().map(|w| format!("{ca}: {w}"))).collect();
+    Promise::new(
+        "the token's failure takes its own CAs' keys and no other CA's",
+        fault.failing.iter().all(|(_, l)| lost(l)) && healthy_lost.is_empty(),
+        format!(
+            "{}; ica-p256 and ica-ed25519 (another token, the same module): {}",
+            failing.join("; "),
+            if healthy_lost.is_empty() { "keys loaded".to_string() } else { healthy_lost.join("; ") }
+        ),
+    )
+}
 
 /// What the incident-003 drill reads from the database after the load.
 struct QueuesEvidence {
@@ -758,7 +836,7 @@ async fn connection_surge(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dr
     // The role may open more than the budget: PostgreSQL must not be what keeps the engine inside
     // it, or an engine that overshoots would pass.
     let db = database(opts, dir, Some(budget + ROLE_HEADROOM))?;
-    let target = target(opts, dir, db, |c| {
+    let target = target(opts, dir, db, Vec::new(), |c| {
         set(c, &["database", "server_max_connections"], i64::from(budget).into());
         set(c, &["database", "reserved_connections"], 0.into());
         // A queue sized for normal load, so the surge really is excess and must be shed.
@@ -885,7 +963,7 @@ async fn pool_leak(opts: &DrillOptions, dir: &Path) -> Result<Outcome, DrillErro
     // The leak takes every free control connection, one per `every`. On PostgreSQL the registry's
     // LISTEN holds one for good: one more keeps two free, as SQLite's pool of two has.
     let (control, leaked) = if opts.postgres.is_some() { (3, 2) } else { (2, 2) };
-    let target = target(opts, dir, db, |c| {
+    let target = target(opts, dir, db, Vec::new(), |c| {
         set(c, &["database", "slow_hold_threshold"], format!("{}ms", threshold.as_millis()).into());
         set(c, &["database", "pools", "control", "max_size"], control.into());
     })
@@ -1013,7 +1091,7 @@ async fn pool_too_small(opts: &DrillOptions, dir: &Path) -> Result<Outcome, Dril
     let k = if opts.short { 1.0 } else { 3.0 };
     let (surge, end) = (s(2.0 * k), s(8.0 * k));
     let db = database(opts, dir, None)?;
-    let target = target(opts, dir, db, |c| {
+    let target = target(opts, dir, db, Vec::new(), |c| {
         set(c, &["database", "pools", "status", "max_size"], 1.into());
         set(c, &["database", "pools", "status", "min_idle"], 1.into());
         set(c, &["database", "pools", "status", "connection_timeout"], "250ms".into());

@@ -152,6 +152,8 @@ pub struct Target {
     /// The binary and configuration it was started with (engines the drill started).
     engine: Option<PathBuf>,
     config: Option<toml::Table>,
+    /// Environment the engine process gets besides the drill's own (a token's `SOFTHSM2_CONF`).
+    env: Vec<(&'static str, PathBuf)>,
     pub http: reqwest::Client,
 }
 
@@ -172,12 +174,13 @@ fn copy_dir(from: &Path, to: &Path) -> Result<(), DrillError> {
 
 impl Target {
     /// Start `engine serve` (the `castellum` binary) with the dev configuration from `keys_dev`,
-    /// changed by `edit`.
+    /// changed by `edit`, with `env` in its environment.
     pub async fn start(
         engine: &Path,
         keys_dev: &Path,
         workdir: &Path,
         db: DrillDb,
+        env: Vec<(&'static str, PathBuf)>,
         edit: impl FnOnce(&mut toml::Table),
     ) -> Result<Target, DrillError> {
         let key_dir = workdir.join("keys");
@@ -187,7 +190,7 @@ impl Target {
         set(&mut config, &["database", "url"], db.url().into());
         set(&mut config, &["instance_id"], "drill".into());
         edit(&mut config);
-        Target::launch(engine, workdir, key_dir, config, Some(db)).await
+        Target::launch(engine, workdir, key_dir, config, Some(db), env).await
     }
 
     /// A second instance of this engine, on the same database with the same configuration, its
@@ -200,7 +203,7 @@ impl Target {
         copy_dir(own_keys, &key_dir)?;
         let mut config = config.clone();
         set(&mut config, &["instance_id"], instance_id.into());
-        Target::launch(engine, workdir, key_dir, config, None).await
+        Target::launch(engine, workdir, key_dir, config, None, self.env.clone()).await
     }
 
     /// Run `engine serve` with `config` (given free loopback ports) from `key_dir`; `db` is the
@@ -211,6 +214,7 @@ impl Target {
         key_dir: PathBuf,
         mut config: toml::Table,
         db: Option<DrillDb>,
+        env: Vec<(&'static str, PathBuf)>,
     ) -> Result<Target, DrillError> {
         let (port, admin_port) = (free_port()?, free_port()?);
         set(&mut config, &["http", "listen"], format!("127.0.0.1:{port}").into());
@@ -236,6 +240,7 @@ impl Target {
             child: None,
             engine: Some(engine.to_path_buf()),
             config: Some(config),
+            env,
             http: client()?,
         };
         target.spawn()?;
@@ -254,6 +259,7 @@ impl Target {
             .args(["serve", "--config"])
             .arg(key_dir.join("castellum.toml"))
             .env_remove("CASTELLUM_CONFIG")
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .stdout(Stdio::from(log_file.try_clone()?))
             .stderr(Stdio::from(log_file))
             .spawn()
@@ -336,6 +342,7 @@ impl Target {
             child: None,
             engine: None,
             config: None,
+            env: Vec::new(),
             http: client()?,
         };
         target.wait_ready(Duration::from_secs(10)).await?;
@@ -393,6 +400,26 @@ impl Target {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         None
+    }
+
+    /// How long until this engine's console says `ca`'s key cannot sign, and why; `None` if it
+    /// does not within `limit`.
+    pub async fn key_unavailable(&self, ca: &str, limit: Duration) -> Option<(Duration, String)> {
+        let asked = Instant::now();
+        loop {
+            let status = self.http.get(format!("{}/admin/v1/status", self.admin)).bearer_auth(&self.admin_token);
+            if let Ok(answer) = status.send().await {
+                let v: serde_json::Value = answer.json().await.unwrap_or_default();
+                let cell = v["cells"].as_array().into_iter().flatten().find(|c| c["ca"] == ca);
+                if let Some(reason) = cell.and_then(|c| c["key_unavailable"].as_str()) {
+                    return Some((asked.elapsed(), reason.to_string()));
+                }
+            }
+            if asked.elapsed() > limit {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn metrics(&self) -> Result<String, DrillError> {

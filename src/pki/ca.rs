@@ -121,13 +121,7 @@ impl CaMaterial {
         }
         let public = cert.public_key().map_err(invalid_cert)?;
         let key_type = key_type_of(&public).ok_or_else(|| invalid_cert("unsupported CA key type"))?;
-        let signature_algorithm = match key_type {
-            KeyType::EcdsaP256 => SignatureAlgorithm::EcdsaSha256,
-            KeyType::EcdsaP384 => SignatureAlgorithm::EcdsaSha384,
-            KeyType::EcdsaP521 => SignatureAlgorithm::EcdsaSha512,
-            KeyType::Rsa => SignatureAlgorithm::RsaSha256,
-            KeyType::Ed25519 => SignatureAlgorithm::Ed25519,
-        };
+        let signature_algorithm = SignatureAlgorithm::for_key(key_type, cfg.rsa_signature);
         let (key, key_error) = KeyHandle::load(cfg, public, signature_algorithm);
         verify_chain(&cert, &chain)?;
         let is_ca = {

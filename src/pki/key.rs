@@ -12,7 +12,8 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use openssl::pkey::{PKey, Private, Public};
-use openssl::sign::{Signer, Verifier};
+use openssl::rsa::Padding;
+use openssl::sign::{RsaPssSaltlen, Signer, Verifier};
 
 use super::load_error::{CaFile, CaLoadError};
 use super::token::TokenKey;
@@ -181,6 +182,8 @@ impl KeyHandle {
     fn lose_token(&self, token: &Arc<TokenKey>, reason: String) {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         if matches!(&*state, KeyState::Available { key: SigningKey::Token(t), .. } if Arc::ptr_eq(t, token)) {
+            // Once per loss: every later signature is refused before it reaches the token.
+            tracing::error!(ca = %self.config.id, reason = %reason, "CA key unavailable");
             *state = KeyState::Unavailable { reason };
         }
     }
@@ -252,6 +255,11 @@ fn software_signature(
     match algorithm.digest() {
         Some(md) => {
             let mut signer = Signer::new(md, key)?;
+            if algorithm == SignatureAlgorithm::RsaPssSha256 {
+                signer.set_rsa_padding(Padding::PKCS1_PSS)?;
+                signer.set_rsa_mgf1_md(md)?;
+                signer.set_rsa_pss_saltlen(RsaPssSaltlen::DIGEST_LENGTH)?;
+            }
             signer.update(data)?;
             signer.sign_to_vec()
         }
@@ -269,6 +277,11 @@ fn verifies(
     match algorithm.digest() {
         Some(md) => {
             let mut verifier = Verifier::new(md, public)?;
+            if algorithm == SignatureAlgorithm::RsaPssSha256 {
+                verifier.set_rsa_padding(Padding::PKCS1_PSS)?;
+                verifier.set_rsa_mgf1_md(md)?;
+                verifier.set_rsa_pss_saltlen(RsaPssSaltlen::DIGEST_LENGTH)?;
+            }
             verifier.update(data)?;
             verifier.verify(signature)
         }

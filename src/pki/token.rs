@@ -15,7 +15,8 @@ use std::sync::{Mutex, OnceLock};
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
-use cryptoki::mechanism::Mechanism;
+use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
+use cryptoki::mechanism::{Mechanism, MechanismType};
 use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
@@ -148,6 +149,13 @@ impl TokenKey {
             }
             SignatureAlgorithm::RsaSha256 => {
                 session.sign(&Mechanism::Sha256RsaPkcs, self.key, data).map_err(|e| rv_error(&self.token, "C_Sign", e))
+            }
+            SignatureAlgorithm::RsaPssSha256 => {
+                let params =
+                    PkcsPssParams { hash_alg: MechanismType::SHA256, mgf: PkcsMgfType::MGF1_SHA256, s_len: 32.into() };
+                session
+                    .sign(&Mechanism::Sha256RsaPkcsPss(params), self.key, data)
+                    .map_err(|e| rv_error(&self.token, "C_Sign", e))
             }
             SignatureAlgorithm::Ed25519 => session
                 .sign(&Mechanism::Eddsa(EddsaParams::new(EddsaSignatureScheme::Pure)), self.key, data)

@@ -165,10 +165,25 @@ pub enum SignatureAlgorithm {
     EcdsaSha384,
     EcdsaSha512,
     RsaSha256,
+    /// RSASSA-PSS with SHA-256, MGF1-SHA-256 and a 32-byte salt (the one PSS encoding the
+    /// Baseline Requirements 7.1.3.2.1 allow with SHA-256).
+    RsaPssSha256,
     Ed25519,
 }
 
 impl SignatureAlgorithm {
+    /// The algorithm a CA key of `key_type` signs with (`rsa` names the RSA scheme).
+    pub fn for_key(key_type: KeyType, rsa: RsaSignatureScheme) -> SignatureAlgorithm {
+        match (key_type, rsa) {
+            (KeyType::EcdsaP256, _) => Self::EcdsaSha256,
+            (KeyType::EcdsaP384, _) => Self::EcdsaSha384,
+            (KeyType::EcdsaP521, _) => Self::EcdsaSha512,
+            (KeyType::Rsa, RsaSignatureScheme::Pkcs1) => Self::RsaSha256,
+            (KeyType::Rsa, RsaSignatureScheme::Pss) => Self::RsaPssSha256,
+            (KeyType::Ed25519, _) => Self::Ed25519,
+        }
+    }
+
     /// DER of the AlgorithmIdentifier (RFC 5758, RFC 4055, RFC 8410).
     pub fn algorithm_identifier_der(self) -> &'static [u8] {
         match self {
@@ -180,6 +195,13 @@ impl SignatureAlgorithm {
             Self::RsaSha256 => {
                 &[0x30, 0x0d, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0b, 0x05, 0x00]
             }
+            // id-RSASSA-PSS with SHA-256, MGF1-SHA-256, salt 32: the Baseline Requirements' bytes
+            Self::RsaPssSha256 => &[
+                0x30, 0x41, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a, 0x30, 0x34, 0xa0, 0x0f,
+                0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0xa1, 0x1c,
+                0x30, 0x1a, 0x06, 0x09, 0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x08, 0x30, 0x0d, 0x06, 0x09,
+                0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05, 0x00, 0xa2, 0x03, 0x02, 0x01, 0x20,
+            ],
             // id-Ed25519, absent parameters
             Self::Ed25519 => &[0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70],
         }
@@ -188,7 +210,7 @@ impl SignatureAlgorithm {
     pub fn digest(self) -> Option<openssl::hash::MessageDigest> {
         use openssl::hash::MessageDigest;
         match self {
-            Self::EcdsaSha256 | Self::RsaSha256 => Some(MessageDigest::sha256()),
+            Self::EcdsaSha256 | Self::RsaSha256 | Self::RsaPssSha256 => Some(MessageDigest::sha256()),
             Self::EcdsaSha384 => Some(MessageDigest::sha384()),
             Self::EcdsaSha512 => Some(MessageDigest::sha512()),
             Self::Ed25519 => None,

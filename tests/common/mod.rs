@@ -265,6 +265,36 @@ pub fn pkilint_findings(dir: &Path, leaf_pem: &str, ca_id: &str) -> String {
     }
 }
 
+/// pkilint's CRL linter, BR profile: every finding at WARNING or above (empty when clean).
+pub fn lint_crl(crl_pem: &Path) -> String {
+    let (ok, out) = run(Command::new("lint_crl").args(["lint", "-t", "CRL", "-p", "BR", "-s", "WARNING"]).arg(crl_pem));
+    if ok && out.trim().is_empty() {
+        String::new()
+    } else {
+        format!("lint_crl (ok: {ok}): {out}")
+    }
+}
+
+/// pkilint's CA/B Forum TLS server certificate linter: the finding codes at WARNING or above.
+pub fn br_findings(dir: &Path, cert_pem: &str) -> Vec<String> {
+    let leaf = dir.join("br.pem");
+    std::fs::write(&leaf, cert_pem).unwrap();
+    let (_, out) =
+        run(Command::new("lint_cabf_serverauth_cert").args(["lint", "-d", "-s", "WARNING", "-f", "JSON"]).arg(&leaf));
+    let report: serde_json::Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|_| panic!("no JSON from pkilint: {out}"));
+    let mut codes: Vec<String> = report["results"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|r| r["finding_descriptions"].as_array().cloned().unwrap_or_default())
+        .map(|f| f["code"].as_str().unwrap_or("?").to_string())
+        .collect();
+    codes.sort();
+    codes.dedup();
+    codes
+}
+
 /// (certificate rows, request rows), counted with raw SQL on a connection of the test's own.
 pub fn counts(db: &TestDb) -> (i64, i64) {
     (sql::count(db, "SELECT count(*) AS n FROM certificates"), sql::count(db, "SELECT count(*) AS n FROM requests"))

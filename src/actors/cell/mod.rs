@@ -523,6 +523,7 @@ impl Handler<GetStatus> for CaCell {
             state: CellState::Running(self.ca_state),
             breaker: self.breaker.state().name().to_string(),
             key_available: self.pipeline.ca.key.is_available(),
+            key_unavailable: self.pipeline.ca.key.unavailable_reason(),
             interactive_queued: self.lanes.depths().0,
             background_queued: self.lanes.depths().1,
             interactive_oldest_ms: oldest(Lane::Interactive),

@@ -35,6 +35,8 @@ pub struct CellStatus {
     pub state: CellState,
     pub breaker: String,
     pub key_available: bool,
+    /// Why the key cannot sign (a file gone, a token lost), when it cannot.
+    pub key_unavailable: Option<String>,
     pub interactive_queued: usize,
     pub background_queued: usize,
     /// Age of the oldest job waiting in each lane (ms).
@@ -63,6 +65,7 @@ impl CellStatus {
             state: CellState::Down,
             breaker: "unknown".into(),
             key_available: false,
+            key_unavailable: None,
             interactive_queued: 0,
             background_queued: 0,
             interactive_oldest_ms: 0,
