@@ -402,6 +402,18 @@ async fn a_token_that_goes_away_fails_its_ca_alone_and_comes_back() {
     for object in &objects {
         std::fs::rename(object, away.join(object.file_name().unwrap())).unwrap();
     }
+    // Before any client meets it, the CA's key check finds the key gone and the console says why.
+    let started = Instant::now();
+    let reason = loop {
+        let status = admin_status(&server).await;
+        if let Some(reason) = cell_in(&status, "ica-p384").and_then(|c| c["key_unavailable"].as_str().map(String::from))
+        {
+            break reason;
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "the console still shows ica-p384's key loaded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(reason.contains("castellum-dev-2"), "{reason}");
     let started = Instant::now();
     loop {
         let answer = server.issue(DEMO_KEY, "tls-server-p384", &flood_csr).send().await.unwrap();

@@ -371,10 +371,10 @@ struct OperatorLog {
 struct TokenFault {
     label: String,
     /// Per engine and failing CA: how long until its key was shown unavailable, and why.
-    failing: Vec<(&'static str, Option<(Duration, String)>)>,
+    failing: Vec<(String, Option<(Duration, String)>)>,
     /// Per engine and healthy CA (on the other token, the same module): why its key could not
     /// sign, if it could not.
-    healthy: Vec<(&'static str, Option<String>)>,
+    healthy: Vec<(String, Option<String>)>,
 }
 
 /// The fault and the operators' answer to it: two CAs lose their keys, a healthy one is parked,
@@ -408,12 +408,17 @@ async fn queues_operator(
                 tokens.failing_label
             ));
             let (mut failing, mut healthy) = (Vec::new(), Vec::new());
-            for engine in &engines {
+            for (i, engine) in engines.iter().enumerate() {
+                // The second instance (on PostgreSQL) signs nothing for them: its probe finds it.
+                let on = if i == 0 { "" } else { " on the other instance" };
                 for ca in FAILING {
-                    failing.push((ca, engine.key_unavailable(ca, s(0.4 * t.k)).await));
+                    failing.push((format!("{ca}{on}"), engine.key_unavailable(ca, s(t.k)).await));
                 }
                 for ca in HEALTHY {
-                    healthy.push((ca, engine.key_unavailable(ca, Duration::ZERO).await.map(|(_, why)| why)));
+                    healthy.push((
+                        format!("{ca}{on}"),
+                        engine.key_unavailable(ca, Duration::ZERO).await.map(|(_, why)| why),
+                    ));
                 }
             }
             Some(TokenFault { label: tokens.failing_label.clone(), failing, healthy })

@@ -4,8 +4,8 @@
 //! every half second, off its event loop: a key file that disappears makes the key unavailable
 //! (signatures fail, and only this CA's breaker sees it), and when it comes back, and still
 //! matches the CA certificate, it is loaded again; a token that is lost (removed, its session or
-//! login gone) makes the key unavailable the same way, and is opened and logged into again once
-//! it answers. `destroy` (a retired CA) drops the key for good.
+//! login gone), whether a signature or the refresh's probe finds it so, makes the key unavailable
+//! the same way, and is opened and logged into again once it answers. `destroy` (a retired CA) drops the key for good.
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -169,8 +169,9 @@ impl KeyHandle {
         match key {
             SigningKey::File(key) => software_signature(&key, self.algorithm, data).map_err(|e| e.to_string()),
             SigningKey::Token(token) => token.sign(self.algorithm, data).map_err(|e| {
-                if e.is_lost() {
-                    self.lose_token(&token, e.to_string());
+                if e.is_lost() && self.lose_token(&token, e.to_string()) {
+                    // Once per loss: every later signature is refused before it reaches the token.
+                    tracing::error!(ca = %self.config.id, reason = %e, "CA key unavailable");
                 }
                 e.to_string()
             }),
@@ -178,14 +179,14 @@ impl KeyHandle {
     }
 
     /// Mark the key unavailable, if `token` is still the one in use (another thread may already
-    /// have opened a new one).
-    fn lose_token(&self, token: &Arc<TokenKey>, reason: String) {
+    /// have opened a new one); whether it was.
+    fn lose_token(&self, token: &Arc<TokenKey>, reason: String) -> bool {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
-        if matches!(&*state, KeyState::Available { key: SigningKey::Token(t), .. } if Arc::ptr_eq(t, token)) {
-            // Once per loss: every later signature is refused before it reaches the token.
-            tracing::error!(ca = %self.config.id, reason = %reason, "CA key unavailable");
+        let in_use = matches!(&*state, KeyState::Available { key: SigningKey::Token(t), .. } if Arc::ptr_eq(t, token));
+        if in_use {
             *state = KeyState::Unavailable { reason };
         }
+        in_use
     }
 
     pub fn is_available(&self) -> bool {
@@ -202,13 +203,24 @@ impl KeyHandle {
 
     /// Look at the key again (blocking I/O, and a token may be slow: run it off the event loop).
     pub fn refresh(&self) -> Option<KeyChange> {
-        let (available, known) = match &*self.state.read().unwrap_or_else(|e| e.into_inner()) {
+        let (available, known, token) = match &*self.state.read().unwrap_or_else(|e| e.into_inner()) {
             KeyState::Destroyed => return None,
-            KeyState::Available { stamp, .. } => (true, *stamp),
-            KeyState::Unavailable { .. } => (false, None),
+            KeyState::Available { stamp, key } => {
+                (true, *stamp, if let SigningKey::Token(t) = key { Some(t.clone()) } else { None })
+            }
+            KeyState::Unavailable { .. } => (false, None, None),
         };
         let Some(path) = self.config.key_file.as_ref().filter(|_| self.config.key.is_none()) else {
-            // A token: nothing to watch while it signs; once lost, try to open it again.
+            // A token: while it signs, ask it whether it is still there (so a loss shows before a
+            // client meets it); once lost, try to open it again.
+            if let Some(token) = token {
+                return match token.probe() {
+                    Err(e) if e.is_lost() && self.lose_token(&token, e.to_string()) => {
+                        Some(KeyChange::Lost(e.to_string()))
+                    }
+                    _ => None,
+                };
+            }
             if available {
                 return None;
             }

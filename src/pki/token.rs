@@ -17,7 +17,7 @@ use cryptoki::error::{Error as CkError, RvError};
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
 use cryptoki::mechanism::rsa::{PkcsMgfType, PkcsPssParams};
 use cryptoki::mechanism::{Mechanism, MechanismType};
-use cryptoki::object::{Attribute, ObjectClass, ObjectHandle};
+use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
@@ -167,6 +167,27 @@ impl TokenKey {
             _ => self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(session),
         }
         signed
+    }
+
+    /// Whether the token, the login and the key are still there, without signing: one attribute
+    /// of the key read on a session (an idle one when there is one). A call that fails only
+    /// because the token is busy is not a loss.
+    pub fn probe(&self) -> Result<(), TokenError> {
+        let session = self.session()?;
+        let read = session.get_attributes(self.key, &[AttributeType::Label]);
+        match read {
+            Err(e) => {
+                let e = rv_error(&self.token, "C_GetAttributeValue", e);
+                if !e.is_lost() {
+                    self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(session);
+                }
+                Err(e)
+            }
+            Ok(_) => {
+                self.idle.lock().unwrap_or_else(|e| e.into_inner()).push(session);
+                Ok(())
+            }
+        }
     }
 
     /// An idle logged-in session, or a new one (the login is the token's, shared by its sessions).
