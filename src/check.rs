@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use crate::config::{Config, ConfigProblem, Mode, PoolConfig};
 use crate::db::server_limits::ServerLimits;
 use crate::pki::ca::{allowed_in_mode, CaMaterial};
-use crate::pki::vocabulary::{KeyType, RsaSignatureScheme};
+use crate::pki::vocabulary::{ExtendedKeyUsageName, KeyType, RsaSignatureScheme};
 
 /// A pool's checkout wait must stay well below the shortest deadline: at most this fraction.
 const POOL_TIMEOUT_DEADLINE_FRACTION: u32 = 4;
@@ -251,12 +251,26 @@ fn check_profiles(config: &Config, cas: &HashMap<String, CaMaterial>, p: &mut Pr
                 p.add(format!("{at}.names.dns_suffixes[{j}]"), format!("{s:?} is not a DNS name"));
             }
         }
+        if n.ip && n.ip_ranges.is_empty() {
+            p.add(
+                format!("{at}.names.ip_ranges"),
+                "ip = true needs the address ranges it allows (CIDR, e.g. [\"192.0.2.0/24\"]); none are allowed by default",
+            );
+        }
+        // Baseline Requirements 6.1.5: RSA and ECDSA keys only in TLS server certificates.
+        let tls_server = profile.extended_key_usage.contains(&ExtendedKeyUsageName::ServerAuth);
+        if tls_server && profile.allowed_keys.contains(&KeyType::Ed25519) {
+            p.add(
+                format!("{at}.allowed_keys"),
+                "ed25519 keys are not allowed in TLS server certificates (Baseline Requirements 6.1.5: RSA and ECDSA only)",
+            );
+        }
     }
 }
 
 /// Identity profiles, and the key-encryption key every identity key is sealed under.
 fn check_identities(config: &Config, p: &mut Problems) {
-    use crate::pki::{KeyType, Lane, RsaSignatureScheme};
+    use crate::pki::Lane;
     let mut any = false;
     for (i, profile) in config.profiles.iter().enumerate() {
         let Some(policy) = &profile.identity else { continue };
@@ -372,6 +386,11 @@ fn check_clients(config: &Config, p: &mut Problems) {
         for (j, profile) in client.profiles.iter().enumerate() {
             if !profiles.contains(profile.as_str()) {
                 p.add(format!("{at}.profiles[{j}]"), format!("no profile named {profile:?}"));
+            }
+        }
+        for (j, s) in client.names.dns_suffixes.iter().enumerate() {
+            if !crate::pki::csr::is_valid_dns_name(s.trim_start_matches('.')) {
+                p.add(format!("{at}.names.dns_suffixes[{j}]"), format!("{s:?} is not a DNS name"));
             }
         }
     }

@@ -12,6 +12,8 @@ use crate::states::{CertState, IdentityState, RequestState};
 pub struct Client {
     pub name: String,
     pub profiles: std::collections::HashSet<String>,
+    /// The names it may request, within its profiles' policies.
+    pub names: crate::pki::names::ClientNames,
 }
 
 /// A request to issue a certificate from a CSR.

@@ -53,12 +53,15 @@ fn csr_with_raw_dns_name(name: &str) -> String {
     pem("CERTIFICATE REQUEST", &req.to_der().unwrap())
 }
 
+#[derive(Default)]
 struct Case {
     name: &'static str,
     key: Option<&'static str>,
     body: serde_json::Value,
     status: u16,
     problem: &'static str,
+    /// What the problem's detail must say (the offending name, …); empty: not checked.
+    says: &'static str,
 }
 
 fn corpus() -> Vec<Case> {
@@ -75,6 +78,7 @@ fn corpus() -> Vec<Case> {
             body: body("tls-server-p256", "hello, CA"),
             status: 400,
             problem: "malformed-csr",
+            ..Default::default()
         },
         Case {
             name: "truncated DER",
@@ -82,6 +86,7 @@ fn corpus() -> Vec<Case> {
             body: body("tls-server-p256", &truncated),
             status: 400,
             problem: "malformed-csr",
+            ..Default::default()
         },
         Case {
             name: "signature does not verify",
@@ -89,6 +94,7 @@ fn corpus() -> Vec<Case> {
             body: body("tls-server-p256", &pem("CERTIFICATE REQUEST", &bad_signature)),
             status: 400,
             problem: "bad-csr-signature",
+            ..Default::default()
         },
         Case {
             name: "RSA-1024",
@@ -96,6 +102,7 @@ fn corpus() -> Vec<Case> {
             body: body("tls-server-rsa", &csr(Key::Rsa(1024), &["rsa.example.test"])),
             status: 422,
             problem: "weak-key",
+            ..Default::default()
         },
         Case {
             name: "SHA-1 signature",
@@ -103,6 +110,7 @@ fn corpus() -> Vec<Case> {
             body: body("tls-server-rsa", &csr_with(&key(Key::Rsa(2048)), &["rsa.example.test"], MessageDigest::sha1())),
             status: 422,
             problem: "weak-signature-algorithm",
+            ..Default::default()
         },
         Case {
             name: "unknown profile",
@@ -110,6 +118,7 @@ fn corpus() -> Vec<Case> {
             body: body("no-such-profile", &good),
             status: 404,
             problem: "unknown-profile",
+            ..Default::default()
         },
         Case {
             name: "profile not allowed",
@@ -117,6 +126,7 @@ fn corpus() -> Vec<Case> {
             body: body("tls-server-p384", &good),
             status: 403,
             problem: "forbidden-profile",
+            ..Default::default()
         },
         Case {
             name: "SAN outside the profile's policy",
@@ -124,6 +134,7 @@ fn corpus() -> Vec<Case> {
             body: body("tls-server-p256", &csr(Key::P256, &["www.evil.example"])),
             status: 422,
             problem: "policy-violation",
+            ..Default::default()
         },
         Case {
             name: "NUL inside a DNS name",
@@ -131,6 +142,7 @@ fn corpus() -> Vec<Case> {
             body: body("tls-server-p256", &csr_with_raw_dns_name("www.example.test\0.evil.example")),
             status: 422,
             problem: "policy-violation",
+            ..Default::default()
         },
         Case {
             name: "key type the profile does not allow",
@@ -138,6 +150,73 @@ fn corpus() -> Vec<Case> {
             body: body("tls-server-p384", &csr(Key::Ed25519, &["x.example.test"])),
             status: 422,
             problem: "policy-violation",
+            ..Default::default()
+        },
+        // Issue 16: strict input.
+        Case {
+            name: "text before the PEM block",
+            key: Some(DEMO_KEY),
+            body: body("tls-server-p256", &format!("hello\n{good}")),
+            status: 400,
+            problem: "malformed-csr",
+            says: "must start with -----BEGIN CERTIFICATE REQUEST-----",
+        },
+        Case {
+            name: "trailing garbage after the PEM block",
+            key: Some(DEMO_KEY),
+            body: body("tls-server-p256", &format!("{good}garbage")),
+            status: 400,
+            problem: "malformed-csr",
+            says: "text after the PEM block",
+        },
+        Case {
+            name: "a second CSR after the first",
+            key: Some(DEMO_KEY),
+            body: body("tls-server-p256", &format!("{good}{}", csr(Key::P256, &["second.example.test"]))),
+            status: 400,
+            problem: "malformed-csr",
+            says: "text after the PEM block",
+        },
+        Case {
+            name: "invalid punycode",
+            key: Some(DEMO_KEY),
+            body: body("tls-server-p256", &csr(Key::P256, &["xn--zz.example.test"])),
+            status: 422,
+            problem: "policy-violation",
+            says: "xn--zz.example.test",
+        },
+        Case {
+            name: "Ed25519 key on a TLS server profile",
+            key: Some(DEMO_KEY),
+            body: body("tls-server-p256", &csr(Key::Ed25519, &["ed.example.test"])),
+            status: 422,
+            problem: "policy-violation",
+            says: "not allowed by profile",
+        },
+        // Issue 16: names per client.
+        Case {
+            name: "another client's domain",
+            key: Some(OTHER_KEY),
+            body: body("tls-server-p256", &csr(Key::P256, &["demo.example.test"])),
+            status: 422,
+            problem: "policy-violation",
+            says: "demo.example.test is outside the names client \"other\" may request",
+        },
+        Case {
+            name: "an IP address the profile allows but the client may not request",
+            key: Some(OTHER_KEY),
+            body: body("tls-server-p256", &csr(Key::P256, &["a.other.example.test", "ip:192.0.2.10"])),
+            status: 422,
+            problem: "policy-violation",
+            says: "192.0.2.10 is outside the names client \"other\" may request",
+        },
+        Case {
+            name: "an IP address outside the profile's ranges",
+            key: Some(DEMO_KEY),
+            body: body("tls-server-p256", &csr(Key::P256, &["a.example.test", "ip:8.8.8.8"])),
+            status: 422,
+            problem: "policy-violation",
+            says: "IP address 8.8.8.8 is outside the ranges profile",
         },
         Case {
             name: "oversized body",
@@ -145,6 +224,7 @@ fn corpus() -> Vec<Case> {
             body: body("tls-server-p256", &"A".repeat(200 * 1024)),
             status: 413,
             problem: "payload-too-large",
+            ..Default::default()
         },
         Case {
             name: "JSON missing a field",
@@ -152,6 +232,7 @@ fn corpus() -> Vec<Case> {
             body: serde_json::json!({ "profile": "x" }),
             status: 400,
             problem: "malformed-request",
+            ..Default::default()
         },
         Case {
             name: "missing API key",
@@ -159,6 +240,7 @@ fn corpus() -> Vec<Case> {
             body: body("tls-server-p256", &good),
             status: 401,
             problem: "unauthorized",
+            ..Default::default()
         },
         Case {
             name: "wrong API key",
@@ -166,6 +248,7 @@ fn corpus() -> Vec<Case> {
             body: body("tls-server-p256", &good),
             status: 401,
             problem: "unauthorized",
+            ..Default::default()
         },
     ]
 }
@@ -186,6 +269,8 @@ async fn bad_input_is_refused_and_stores_nothing(db: TestDb) {
         assert_eq!(content_type.as_deref(), Some("application/problem+json"), "{}", case.name);
         assert_eq!(body["type"], format!("urn:castellum:problem:{}", case.problem), "{}: {body}", case.name);
         assert_eq!(body["status"], case.status, "{}", case.name);
+        let detail = body["detail"].as_str().unwrap_or_default();
+        assert!(detail.contains(case.says), "{}: the detail should say {:?}: {body}", case.name, case.says);
         // The same bad input asked asynchronously is refused the same way, before anything is stored.
         let mut req =
             server.http.post(server.url("/v1/certificates")).header("prefer", "respond-async").json(&case.body);

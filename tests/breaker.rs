@@ -118,9 +118,10 @@ async fn refusals_deadlines_and_bad_requests_never_open_the_breaker() {
         }
     }
     // A client over its rate (1/s, burst 1): 429.
+    let theirs = csr(Key::P256, &["good.other.example.test"]);
     let mut limited = 0;
     for _ in 0..20 {
-        let a = answer_of(server.issue(OTHER_KEY, "tls-server-p256", &good)).await;
+        let a = answer_of(server.issue(OTHER_KEY, "tls-server-p256", &theirs)).await;
         assert!(a.status == 201 || a.status == 429, "{a:?}");
         limited += usize::from(a.status == 429);
         seen.push(a);

@@ -211,6 +211,28 @@ fn a_profile_outliving_its_ca() {
     assert_flags(&text, "profiles[0].validity", "would outlive CA \"ica-p256\"");
 }
 
+/// Issue 16: IP names need explicit ranges, the Baseline Requirements' key types on TLS server
+/// profiles, clients' DNS suffixes, and a CIDR that is not one.
+#[test]
+fn names_and_key_types_a_ca_must_not_allow() {
+    let ranges = "ip_ranges = [\"192.0.2.0/24\", \"2001:db8::/32\"]\n";
+    let text = dev_config_text().replacen(ranges, "", 1);
+    assert_flags(&text, "profiles[0].names.ip_ranges", "ip = true needs the address ranges");
+    let text = dev_config_text().replacen(
+        "allowed_keys = [\"ecdsa-p256\", \"ecdsa-p384\", \"rsa\"]",
+        "allowed_keys = [\"ecdsa-p256\", \"ed25519\"]",
+        1,
+    );
+    assert_flags(&text, "profiles[0].allowed_keys", "ed25519 keys are not allowed in TLS server certificates");
+    let text =
+        dev_config_text().replacen("dns_suffixes = [\"other.example.test\"]", "dns_suffixes = [\"not a name\"]", 1);
+    assert_flags(&text, "clients[1].names.dns_suffixes[0]", "is not a DNS name");
+    let bad_cidr = dev_config_text().replacen("192.0.2.0/24", "192.0.2.0/33", 1);
+    let (code, out) = check_config_binary(&bad_cidr);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("ip_ranges"), "{out}");
+}
+
 #[test]
 fn an_unknown_key_is_named() {
     let text = dev_config_text().replacen("[http]", "[http]\nlisten_port = 1", 1);

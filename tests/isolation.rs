@@ -220,7 +220,7 @@ async fn over_its_rate_a_client_gets_429_and_an_overloaded_ca_503() {
     assert!(text.contains(other_profiles), "the dev configuration's client `other` changed");
     let text = text.replacen(other_profiles, &format!("{other_profiles}\nrate = {{ per_second = 1, burst = 2 }}"), 1);
     let server = TestServer::start(config_from(&text, &db)).await;
-    let csr = csr(Key::P256, &["rate.example.test"]);
+    let csr = csr(Key::P256, &["rate.other.example.test"]);
     // Ten at once: the burst of 2 passes, plus what the rate of 1/s refills while they are
     // answered; the rest are 429 with Retry-After.
     let started = Instant::now();

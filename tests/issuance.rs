@@ -78,17 +78,6 @@ const CASES: &[Case] = &[
         purpose: Some("sslserver"),
     },
     Case {
-        profile: "tls-server-p256",
-        ca: "ica-p256",
-        key: Key::Ed25519,
-        names: &["ed25519-key.example.test"],
-        subject: "",
-        validity: Duration::from_secs(30 * 86_400),
-        key_usage: DS,
-        extended_key_usage: SERVER,
-        purpose: Some("sslserver"),
-    },
-    Case {
         profile: "tls-server-p384",
         ca: "ica-p384",
         key: Key::P384,

@@ -34,7 +34,7 @@ async fn concurrent_retries_issue_once(db: TestDb) {
     assert_eq!(counts(&db).0, 1);
     // Keys are per client: another client's identical key is its own request.
     let mine = server
-        .issue(OTHER_KEY, "tls-server-p256", &common::csr(Key::P256, &["o.example.test"]))
+        .issue(OTHER_KEY, "tls-server-p256", &common::csr(Key::P256, &["o.other.example.test"]))
         .header("idempotency-key", "order-42")
         .send()
         .await

@@ -21,6 +21,7 @@ use super::retry_budget::RetryBudget;
 use crate::config::{Config, LanesConfig, Sabotage, Sabotages};
 use crate::error::EngineError;
 use crate::pki::identity::{self, IdentitySubject};
+use crate::pki::names::ClientNames;
 use crate::pki::profile::ApprovedNames;
 use crate::pki::Lane;
 use crate::pki::{csr, CaMaterial, CheckedCsr, Profile};
@@ -41,7 +42,11 @@ impl Catalog {
         let mut clients_by_key = HashMap::new();
         let mut clients_by_name = HashMap::new();
         for c in &config.clients {
-            let client = Arc::new(Client { name: c.name.clone(), profiles: c.profiles.iter().cloned().collect() });
+            let client = Arc::new(Client {
+                name: c.name.clone(),
+                profiles: c.profiles.iter().cloned().collect(),
+                names: ClientNames::from_config(&c.names),
+            });
             let mut key = [0u8; 32];
             if hex::decode_to_slice(c.api_key_sha256.to_ascii_lowercase(), &mut key).is_ok() {
                 clients_by_key.insert(key, client.clone());
@@ -329,6 +334,7 @@ impl Intake {
             Approval::Pending(body) => body.approve(&profile)?,
             Approval::Done(approved) => approved,
         };
+        client.names.check(&client.name, &names.sans)?;
         let deadline = match route {
             Route::Sync { wait } => self.deadline(&profile, wait),
             // Never signed past its max age (when the resumer marks it expired).

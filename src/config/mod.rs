@@ -881,6 +881,9 @@ pub struct NamePolicy {
     /// A DNS name must equal one of these or end with `.` + one of them. Empty: any.
     pub dns_suffixes: Vec<String>,
     pub ip: bool,
+    /// With `ip = true`, the address ranges allowed (CIDR); an address outside them is refused.
+    /// `check-config` refuses `ip = true` without them.
+    pub ip_ranges: Vec<ipnet::IpNet>,
     pub email: bool,
     /// At least one name is required, at most this many.
     pub max_names: usize,
@@ -890,7 +893,15 @@ pub struct NamePolicy {
 
 impl Default for NamePolicy {
     fn default() -> Self {
-        NamePolicy { dns: true, dns_suffixes: Vec::new(), ip: false, email: false, max_names: 100, subject_cn: true }
+        NamePolicy {
+            dns: true,
+            dns_suffixes: Vec::new(),
+            ip: false,
+            ip_ranges: Vec::new(),
+            email: false,
+            max_names: 100,
+            subject_cn: true,
+        }
     }
 }
 
@@ -904,6 +915,21 @@ pub struct ClientConfig {
     /// The client's own rate (GCRA); over it, requests get `429` with `Retry-After`.
     #[serde(default)]
     pub rate: Option<RateConfig>,
+    /// The names this client may request, within what each profile allows.
+    #[serde(default)]
+    pub names: ClientNamePolicy,
+}
+
+/// The names a client may request, intersected with the profile's (issue 16): one client cannot
+/// obtain a certificate for another's domain.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientNamePolicy {
+    /// A DNS name (or an email address's domain) must equal one of these or end with `.` + one
+    /// of them. Empty: whatever the profile allows.
+    pub dns_suffixes: Vec<String>,
+    /// The IP addresses this client may request (CIDR). Empty (the default): none.
+    pub ip_ranges: Vec<ipnet::IpNet>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -212,6 +212,8 @@ impl Engine {
         let client = Client {
             name: "castellum-ocsp".into(),
             profiles: std::iter::once(ca.config.responder_profile.clone()).collect(),
+            // The responder's name is the operator's (`responder_name`), within its profile.
+            names: Default::default(),
         };
         let request =
             IssueRequest { profile: ca.config.responder_profile.clone(), csr_pem, wait: None, idempotency_key: None };

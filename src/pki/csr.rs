@@ -75,10 +75,23 @@ fn check_signature_algorithm(oid: &str) -> Result<(), EngineError> {
     }
 }
 
-/// PEM (`CERTIFICATE REQUEST`) to DER.
+/// PEM (`CERTIFICATE REQUEST`) to DER: exactly one PEM block, with nothing but whitespace
+/// around it (text before it, trailing garbage or a second CSR after it are refused, not
+/// ignored).
 pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, EngineError> {
-    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem.trim_start().as_bytes())
+    let text = pem.trim();
+    if !text.starts_with("-----BEGIN ") {
+        return Err(EngineError::MalformedCsr(
+            "not a PEM-encoded CSR: it must start with -----BEGIN CERTIFICATE REQUEST-----".into(),
+        ));
+    }
+    let (rest, parsed) = x509_parser::pem::parse_x509_pem(text.as_bytes())
         .map_err(|_| EngineError::MalformedCsr("not a PEM-encoded CSR".into()))?;
+    if !rest.iter().all(u8::is_ascii_whitespace) {
+        return Err(EngineError::MalformedCsr(
+            "text after the PEM block: send exactly one CERTIFICATE REQUEST per request".into(),
+        ));
+    }
     if parsed.label != "CERTIFICATE REQUEST" && parsed.label != "NEW CERTIFICATE REQUEST" {
         return Err(EngineError::MalformedCsr(format!(
             "PEM label is {:?}, expected CERTIFICATE REQUEST",
@@ -256,13 +269,26 @@ pub fn is_valid_dns_name(name: &str) -> bool {
     if name.is_empty() || name.len() > 253 || name.ends_with('.') {
         return false;
     }
-    name.split('.').all(|label| {
+    let ldh = name.split('.').all(|label| {
         !label.is_empty()
             && label.len() <= 63
             && !label.starts_with('-')
             && !label.ends_with('-')
             && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    })
+    });
+    ldh && (!has_a_label(name) || is_canonical_idn(name))
+}
+
+/// Whether a label is an IDNA A-label (`xn--…`, Punycode).
+fn has_a_label(name: &str) -> bool {
+    name.split('.').any(|label| label.len() >= 4 && label[..4].eq_ignore_ascii_case("xn--"))
+}
+
+/// An internationalised name is what UTS-46 (the `idna` crate, strict) makes of itself: invalid
+/// Punycode (`xn--zz`), an A-label that decodes to disallowed code points, or one not in its
+/// canonical form are refused.
+fn is_canonical_idn(name: &str) -> bool {
+    matches!(idna::domain_to_ascii_strict(name), Ok(ascii) if ascii.eq_ignore_ascii_case(name))
 }
 
 pub fn is_valid_email(addr: &str) -> bool {
@@ -287,6 +313,13 @@ pub(crate) mod tests {
         assert!(!is_valid_dns_name("-a.example"));
         assert!(!is_valid_dns_name(""));
         assert!(!is_valid_dns_name("a..b"));
+        // Internationalised names: A-labels must be valid, canonical Punycode (UTS-46).
+        assert!(is_valid_dns_name("xn--bcher-kva.example")); // bücher
+        assert!(is_valid_dns_name("XN--BCHER-KVA.example"));
+        assert!(!is_valid_dns_name("xn--zz.example.test"));
+        assert!(!is_valid_dns_name("xn--.example"));
+        assert!(!is_valid_dns_name("xn--a.example")); // decodes to U+0080, disallowed
+        assert!(!is_valid_dns_name("xn--Bcher-kva-.example"));
     }
 
     #[test]
@@ -430,6 +463,18 @@ pub(crate) mod tests {
         assert_eq!(pem_to_der(&pem("NEW CERTIFICATE REQUEST")).unwrap(), der);
         assert!(pem_to_der(&pem("CERTIFICATE")).unwrap_err().to_string().contains("expected CERTIFICATE REQUEST"));
         assert_eq!(check_csr_pem(&pem("CERTIFICATE REQUEST")).unwrap().names, [SanName::Dns("p.test".into())]);
+        // Exactly one block, whitespace aside.
+        let one = pem("CERTIFICATE REQUEST");
+        assert_eq!(pem_to_der(&format!("\n\t{one}\n\n")).unwrap(), der);
+        for (bad, why) in [
+            (format!("hello\n{one}"), "must start with -----BEGIN"),
+            (format!("{one}trailing garbage"), "text after the PEM block"),
+            (format!("{one}{one}"), "text after the PEM block"),
+        ] {
+            let e = pem_to_der(&bad).unwrap_err();
+            assert!(e.to_string().contains(why), "{bad:?}: {e}");
+            assert_eq!(e.slug(), "malformed-csr");
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod identity;
 pub mod kek;
 pub mod key;
 pub mod load_error;
+pub mod names;
 pub mod ocsp;
 pub mod profile;
 pub mod tbs;

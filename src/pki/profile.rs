@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use super::csr::{is_valid_dns_name, is_valid_email, CheckedCsr, SanName};
+use super::names::{normalize_suffix, within_suffixes};
 use super::vocabulary::{ExtendedKeyUsageName, KeyType, KeyUsageName, Lane};
 use crate::config::{IdentityPolicy, NamePolicy, ProfileConfig};
 use crate::error::EngineError;
@@ -41,8 +42,7 @@ pub struct ApprovedNames {
 impl Profile {
     pub fn from_config(cfg: &ProfileConfig) -> Profile {
         let mut names = cfg.names.clone();
-        names.dns_suffixes =
-            names.dns_suffixes.iter().map(|s| s.trim_start_matches('.').to_ascii_lowercase()).collect();
+        names.dns_suffixes = names.dns_suffixes.iter().map(|s| normalize_suffix(s)).collect();
         Profile {
             id: cfg.id.clone(),
             ca: cfg.ca.clone(),
@@ -143,7 +143,7 @@ impl Profile {
                     return refuse(format!("{:?} is not a valid DNS name", d.escape_debug().to_string()));
                 }
                 let suffixes = &self.names.dns_suffixes;
-                let allowed = suffixes.is_empty() || suffixes.iter().any(|s| d == s || d.ends_with(&format!(".{s}")));
+                let allowed = suffixes.is_empty() || within_suffixes(d, suffixes);
                 if !allowed {
                     return refuse(format!("{d:?} is outside the DNS names profile {:?} allows", self.id));
                 }
@@ -152,6 +152,9 @@ impl Profile {
             SanName::Ip(ip) => {
                 if !self.names.ip {
                     return refuse(format!("IP address {ip} is not allowed by profile {:?}", self.id));
+                }
+                if !self.names.ip_ranges.iter().any(|range| range.contains(ip)) {
+                    return refuse(format!("IP address {ip} is outside the ranges profile {:?} allows", self.id));
                 }
                 Ok(())
             }
@@ -263,10 +266,16 @@ mod tests {
         assert!(refusal(&none, &csr(None, std::slice::from_ref(&email))).contains("email addresses are not allowed"));
         let all = profile(|c| {
             c.names.ip = true;
+            c.names.ip_ranges = vec!["192.0.2.0/24".parse().unwrap()];
             c.names.email = true;
         });
         let got = all.approve(&csr(None, &[ip.clone(), email.clone()])).unwrap();
         assert_eq!(got.sans, vec![ip, email]);
+        for outside in ["8.8.8.8", "::1", "10.0.0.1"] {
+            let outside = SanName::Ip(outside.parse().unwrap());
+            let why = refusal(&all, &csr(None, &[outside.clone()]));
+            assert!(why.contains(&format!("IP address {outside} is outside the ranges profile")), "{why}");
+        }
         assert!(refusal(&all, &csr(None, &[SanName::Email("not an address".into())])).contains("not a valid email"));
         assert!(refusal(&all, &csr(None, &[dns("bad_name!.example.test")])).contains("not a valid DNS name"));
     }
