@@ -404,6 +404,37 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         .unwrap_or_default()
 }
 
+/// Issue 17: `castellum bench --token` measures each key on a SoftHSM token beside the same key in
+/// memory, issues through both without an error, and leaves no token or database behind.
+#[test]
+fn bench_token_measures_softhsm_beside_the_key_in_memory() {
+    let out = tempfile::tempdir().unwrap();
+    let mut cmd = castellum();
+    cmd.args(["bench", "--token", "--concurrency", "2", "--duration", "1s", "--keys-dev"])
+        .arg(dev_keys())
+        .arg("--out")
+        .arg(out.path());
+    let (code, stdout, stderr) = output(&mut cmd);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    for (key, store) in [
+        ("P-256", "in memory (key file)"),
+        ("P-256", "SoftHSM2 token"),
+        ("RSA-3072", "in memory (key file)"),
+        ("RSA-3072", "SoftHSM2 token"),
+    ] {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {key} | {store} |")))
+            .unwrap_or_else(|| panic!("no row for {key} {store}: {stdout}"));
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let signatures: f64 = cells[3].parse().unwrap_or_else(|_| panic!("signatures/s in {row}"));
+        let issued: f64 = cells[6].parse().unwrap_or_else(|_| panic!("issuances/s in {row}"));
+        assert!(signatures > 10.0 && issued > 10.0, "{row}");
+        assert_eq!(cells[10], "0", "no errors: {row}");
+    }
+    assert!(walk(out.path()).is_empty(), "the bench's tokens and databases are removed: {:?}", walk(out.path()));
+}
+
 #[test]
 fn bench_prefills_measures_and_cleans_up_on_sqlite() {
     bench_prefills_measures_and_cleans_up(false);

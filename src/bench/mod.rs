@@ -7,21 +7,23 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::drill::load::percentile;
 use crate::drill::target::{ca_entry, set, DrillDb, Target};
 use crate::drill::DrillError;
 use crate::pki::{csr, tbs};
 
+mod level;
 mod ocsp;
 mod prefill;
 mod support;
 mod token;
+pub use level::Level;
+use level::{level, P256_PROFILE};
 pub use ocsp::OcspReport;
 pub use prefill::Prefilled;
-use support::{p256_csrs, process_usage, rows, sample};
-pub use token::{run as run_token, TokenReport};
+use support::{p256_csrs, process_usage, sample};
+pub use token::TokenReport;
 
 pub struct BenchOptions {
     pub postgres: Option<String>,
@@ -42,46 +44,6 @@ pub struct BenchOptions {
     pub wrk: bool,
     /// With `--ocsp`: measure each concurrency at this fixed total rate too (requests per second).
     pub rate: Option<u32>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Level {
-    pub concurrency: usize,
-    pub issued: u64,
-    pub errors: u64,
-    pub per_second: f64,
-    pub p50: Duration,
-    pub p90: Duration,
-    pub p99: Duration,
-    pub cpu_per_issuance: Duration,
-    /// CPU PostgreSQL's processes spent per issuance (on PostgreSQL only).
-    pub postgres_cpu_per_issuance: Option<Duration>,
-    /// CPU the load generator itself spent per issuance (it shares the machine's cores).
-    pub client_cpu_per_issuance: Duration,
-    /// Rows added to the database while this level ran (warm-up included).
-    pub rows_written: Option<i64>,
-}
-
-/// CPU time of every PostgreSQL process on this machine (`comm` = postgres): their own time and
-/// that of the children they reaped, so a backend that exited mid-level still counts.
-fn postgres_cpu() -> Option<Duration> {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let mut total = 0.0;
-    let mut found = false;
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let path = entry.path();
-        if !std::fs::read_to_string(path.join("comm")).is_ok_and(|c| c.trim() == "postgres") {
-            continue;
-        }
-        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else { continue };
-        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // utime, stime, cutime, cstime (fields 14–17 of stat; 11–14 after the command).
-        total += fields.get(11..15).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
-        found = true;
-    }
-    found.then(|| Duration::from_secs_f64(total / ticks))
 }
 
 /// A certificate as the engine issues it: its TBS bytes and its DER.
@@ -281,6 +243,11 @@ pub fn run_ocsp(opts: BenchOptions) -> Result<OcspReport, DrillError> {
     report
 }
 
+/// `castellum bench --token`: a CA key on a SoftHSM token against the same key in memory.
+pub fn run_token(opts: BenchOptions) -> Result<TokenReport, DrillError> {
+    token::run(&opts.keys_dev, &opts.out, &opts.concurrency, opts.duration, opts.engine.as_deref())
+}
+
 /// c=64 beside idle keep-alive connections: how many were opened, how many the engine still
 /// held at the end, and the level measured meanwhile.
 #[derive(Debug, Clone)]
@@ -365,90 +332,6 @@ fn ask_health(mut conn: &std::net::TcpStream) -> bool {
         }
     }
     false
-}
-
-/// The profile the issuance bench asks for (ica-p256's).
-const P256_PROFILE: &str = "tls-server-p256";
-
-/// One concurrency level: `concurrency` clients asking `profile` for certificates for `length`.
-#[allow(clippy::too_many_arguments)]
-async fn level(
-    target: &Target,
-    pid: u32,
-    csrs: &[Arc<String>],
-    profile: &'static str,
-    concurrency: usize,
-    length: Duration,
-    expected: &'static [u16],
-    postgres: bool,
-) -> Level {
-    let rows_before = rows(target).await;
-    let run = |length: Duration| {
-        let until = Instant::now() + length;
-        let workers: Vec<_> = (0..concurrency)
-            .map(|w| {
-                let (http, base, key) = (target.http.clone(), target.base.clone(), target.api_key.clone());
-                let csrs: Vec<Arc<String>> = csrs.to_vec();
-                tokio::spawn(async move {
-                    let (mut latencies, mut errors, mut i) = (Vec::new(), 0u64, w);
-                    while Instant::now() < until {
-                        let csr = &csrs[i % csrs.len()];
-                        i += concurrency;
-                        let sent = Instant::now();
-                        let resp = http
-                            .post(format!("{base}/v1/certificates"))
-                            .bearer_auth(&key)
-                            .json(&serde_json::json!({"profile": profile, "csr": csr.as_str()}))
-                            .send()
-                            .await;
-                        match resp {
-                            Ok(r) if expected.contains(&r.status().as_u16()) => {
-                                let _ = r.bytes().await;
-                                latencies.push(sent.elapsed());
-                            }
-                            _ => errors += 1,
-                        }
-                    }
-                    (latencies, errors)
-                })
-            })
-            .collect();
-        async move {
-            let mut all = Vec::new();
-            let mut errors = 0;
-            for w in workers {
-                if let Ok((l, e)) = w.await {
-                    all.extend(l);
-                    errors += e;
-                }
-            }
-            (all, errors)
-        }
-    };
-    let _ = run(Duration::from_secs(1)).await; // warm-up
-    let before = process_usage(pid).map(|u| u.0).unwrap_or_default();
-    let client_before = process_usage(std::process::id()).map(|u| u.0).unwrap_or_default();
-    let postgres_before = postgres.then(postgres_cpu).flatten();
-    let started = Instant::now();
-    let (mut latencies, errors) = run(length).await;
-    let elapsed = started.elapsed();
-    let cpu = process_usage(pid).map(|u| u.0).unwrap_or_default().saturating_sub(before);
-    let client_cpu = process_usage(std::process::id()).map(|u| u.0).unwrap_or_default().saturating_sub(client_before);
-    let postgres_cpu = postgres_before.zip(postgres_cpu()).map(|(before, after)| after.saturating_sub(before));
-    let issued = latencies.len() as u64;
-    Level {
-        concurrency,
-        issued,
-        errors,
-        per_second: issued as f64 / elapsed.as_secs_f64(),
-        p50: percentile(&mut latencies, 0.50),
-        p90: percentile(&mut latencies, 0.90),
-        p99: percentile(&mut latencies, 0.99),
-        cpu_per_issuance: cpu / issued.max(1) as u32,
-        client_cpu_per_issuance: client_cpu / issued.max(1) as u32,
-        postgres_cpu_per_issuance: postgres_cpu.map(|cpu| cpu / issued.max(1) as u32),
-        rows_written: rows(target).await.zip(rows_before).map(|(after, before)| after - before),
-    }
 }
 
 impl BenchReport {

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::level::{level, Level};
 use super::support::{p256_csrs, process_usage};
-use super::{level, Level};
 use crate::config::{CaKeyConfig, Config, Pkcs11KeyConfig};
 use crate::drill::target::{ca_entry, set, DrillDb, Target};
 use crate::drill::token::{dev_token, keys_on_tokens, DEV_TOKEN, SOFTHSM_MODULE};
@@ -50,29 +50,40 @@ pub struct TokenRow {
 pub struct TokenReport {
     pub cores: usize,
     pub signed_bytes: usize,
+    /// How long each signature measure ran.
+    pub signing: Duration,
     pub rows: Vec<TokenRow>,
 }
 
 /// What each signature in the signature measure signs: the size of a typical TBS certificate.
 const SIGNED_BYTES: usize = 1_000;
 
-pub fn run(opts: super::BenchOptions) -> Result<TokenReport, DrillError> {
-    let dir = opts.out.join(format!("bench-token-{}", std::process::id()));
+/// Measure in `out` with the dev PKI in `keys_dev`, each issuance level for `length`, against
+/// `engine`'s `serve` (default: this binary).
+pub fn run(
+    keys_dev: &Path,
+    out: &Path,
+    concurrency: &[usize],
+    length: Duration,
+    engine: Option<&Path>,
+) -> Result<TokenReport, DrillError> {
+    let dir = out.join(format!("bench-token-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let conf = dev_token(&opts.keys_dev, &dir.join("tokens"))?;
+    let conf = dev_token(keys_dev, &dir.join("tokens"))?;
     // This process signs through the token too (the signature measure). Set before any thread
     // of this process starts: SoftHSM reads it when the module is initialised.
     std::env::set_var("SOFTHSM2_CONF", &conf);
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let config =
-        Config::load(Some(&opts.keys_dev.join("castellum.toml"))).map_err(|e| DrillError::Setup(e.to_string()))?;
+    let config = Config::load(Some(&keys_dev.join("castellum.toml"))).map_err(|e| DrillError::Setup(e.to_string()))?;
+    // 3 s per signature measure, or the levels' length when it is shorter (a quick run).
+    let signing = length.min(Duration::from_secs(3));
     let mut rows = Vec::new();
     for (ca, key, _) in KEYS {
         for store in [KeyStore::Memory, KeyStore::SoftHsm] {
-            let material = Arc::new(material(&config, ca, store, &opts.keys_dev)?);
+            let material = Arc::new(material(&config, ca, store, keys_dev)?);
             eprintln!("signatures, {key} {}…", store.name());
-            let one_thread = signatures_per_second(&material, 1, Duration::from_secs(3));
-            let all_cores = signatures_per_second(&material, cores, Duration::from_secs(3));
+            let one_thread = signatures_per_second(&material, 1, signing);
+            let all_cores = signatures_per_second(&material, cores, signing);
             eprintln!("  {one_thread:.0}/s on one thread, {all_cores:.0}/s on {cores}");
             rows.push(TokenRow { key, store, one_thread, all_cores, issuance: Vec::new() });
         }
@@ -80,8 +91,8 @@ pub fn run(opts: super::BenchOptions) -> Result<TokenReport, DrillError> {
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
-        let engine = match &opts.engine {
-            Some(path) => path.clone(),
+        let engine = match engine {
+            Some(path) => path.to_path_buf(),
             None => std::env::current_exe()?,
         };
         let csrs = p256_csrs(64)?;
@@ -92,7 +103,7 @@ pub fn run(opts: super::BenchOptions) -> Result<TokenReport, DrillError> {
                 KeyStore::Memory => Vec::new(),
                 KeyStore::SoftHsm => vec![("SOFTHSM2_CONF", conf.clone())],
             };
-            let mut target = Target::start(&engine, &opts.keys_dev, &workdir, db, env, |c| {
+            let mut target = Target::start(&engine, keys_dev, &workdir, db, env, |c| {
                 if store == KeyStore::SoftHsm {
                     keys_on_tokens(c, |_| DEV_TOKEN);
                 }
@@ -108,8 +119,8 @@ pub fn run(opts: super::BenchOptions) -> Result<TokenReport, DrillError> {
             let pid = target.pid().ok_or(DrillError::Setup("no engine process".into()))?;
             for (ca, key, profile) in KEYS {
                 let row = rows.iter_mut().find(|r| r.key == key && r.store == store).expect("a row per key and store");
-                for &concurrency in &opts.concurrency {
-                    let l = level(&target, pid, &csrs, profile, concurrency, opts.duration, &[201], false).await;
+                for &concurrency in concurrency {
+                    let l = level(&target, pid, &csrs, profile, concurrency, length, &[201], false).await;
                     eprintln!(
                         "  issuance, {key} ({ca}) {} c={concurrency}: {:.0}/s, p99 {:.2} ms, {} errors",
                         store.name(),
@@ -128,7 +139,7 @@ pub fn run(opts: super::BenchOptions) -> Result<TokenReport, DrillError> {
         Ok::<_, DrillError>(())
     })?;
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(TokenReport { cores, signed_bytes: SIGNED_BYTES, rows })
+    Ok(TokenReport { cores, signed_bytes: SIGNED_BYTES, signing, rows })
 }
 
 /// The dev CA `ca` with its key in `store` (the dev token for SoftHSM).
@@ -207,10 +218,10 @@ impl TokenReport {
             }
         }
         out += &format!(
-            "\nSignatures: `KeyHandle::sign` over {} bytes in a loop for 3 s per row. Issuance: `POST /v1/certificates` \
+            "\nSignatures: `KeyHandle::sign` over {} bytes in a loop for {:?} per row. Issuance: `POST /v1/certificates` \
              (P-256 CSRs) over loopback against an engine in its own process on SQLite, ica-p256 and ica-rsa3072 with 2 \
              signer threads; the load generator shares the cores.\n",
-            self.signed_bytes
+            self.signed_bytes, self.signing
         );
         out
     }

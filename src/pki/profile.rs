@@ -273,7 +273,7 @@ mod tests {
         assert_eq!(got.sans, vec![ip, email]);
         for outside in ["8.8.8.8", "::1", "10.0.0.1"] {
             let outside = SanName::Ip(outside.parse().unwrap());
-            let why = refusal(&all, &csr(None, &[outside.clone()]));
+            let why = refusal(&all, &csr(None, std::slice::from_ref(&outside)));
             assert!(why.contains(&format!("IP address {outside} is outside the ranges profile")), "{why}");
         }
         assert!(refusal(&all, &csr(None, &[SanName::Email("not an address".into())])).contains("not a valid email"));
