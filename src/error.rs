@@ -46,6 +46,15 @@ pub enum EngineError {
     IdentitySignerBusy,
     #[error("client is over its rate limit")]
     RateLimited { retry_after: Duration },
+    /// The body did not arrive within `http.body_timeout` (the connection is closed).
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
+    /// This source address holds more connections than `http.connections_per_source`.
+    #[error("too many connections from this address")]
+    TooManyConnections { retry_after: Duration },
+    /// This source address failed authentication more than `http.auth_failures` allows.
+    #[error("too many failed authentications from this address")]
+    TooManyFailedAuthentications { retry_after: Duration },
     #[error("this client keeps retrying CA {ca:?}, which is refusing its work: back off")]
     TooManyRetries { ca: String, retry_after: Duration },
     #[error("CA {ca:?} cannot take more work now: {reason}")]
@@ -69,7 +78,7 @@ pub enum EngineError {
 impl EngineError {
     /// Every slug [`EngineError::slug`] can return, in declaration order: counters indexed by
     /// reason (refusal tallies, outcome metrics) are sized from it.
-    pub const SLUGS: [&'static str; 29] = [
+    pub const SLUGS: [&'static str; 32] = [
         "malformed-request",
         "payload-too-large",
         "malformed-csr",
@@ -90,6 +99,9 @@ impl EngineError {
         "bad-digest",
         "identity-signer-busy",
         "rate-limited",
+        "request-timeout",
+        "too-many-connections",
+        "too-many-failed-authentications",
         "too-many-retries",
         "ca-overloaded",
         "ca-unavailable",
@@ -131,6 +143,9 @@ impl EngineError {
             BadDigest(_) => "bad-digest",
             IdentitySignerBusy => "identity-signer-busy",
             RateLimited { .. } => "rate-limited",
+            BodyTimeout(_) => "request-timeout",
+            TooManyConnections { .. } => "too-many-connections",
+            TooManyFailedAuthentications { .. } => "too-many-failed-authentications",
             TooManyRetries { .. } => "too-many-retries",
             CaOverloaded { .. } => "ca-overloaded",
             CaUnavailable { .. } => "ca-unavailable",
@@ -155,10 +170,14 @@ impl EngineError {
             ForbiddenProfile(_) | Forbidden(_) => 403,
             UnknownProfile(_) | NotFound => 404,
             ProfileDisabled(_) | CaDisabled(_) | Conflict(_) => 409,
+            BodyTimeout(_) => 408,
             Gone(_) => 410,
             PayloadTooLarge => 413,
             WeakKey(_) | WeakSignatureAlgorithm(_) | PolicyViolation(_) | IdempotencyKeyReuse | BadDigest(_) => 422,
-            RateLimited { .. } | TooManyRetries { .. } => 429,
+            RateLimited { .. }
+            | TooManyRetries { .. }
+            | TooManyConnections { .. }
+            | TooManyFailedAuthentications { .. } => 429,
             Internal(_) => 500,
             CaOverloaded { .. }
             | CaUnavailable { .. }
@@ -176,6 +195,8 @@ impl EngineError {
         use EngineError::*;
         match self {
             RateLimited { retry_after }
+            | TooManyConnections { retry_after }
+            | TooManyFailedAuthentications { retry_after }
             | TooManyRetries { retry_after, .. }
             | CaOverloaded { retry_after, .. }
             | CaUnavailable { retry_after, .. }
@@ -190,7 +211,14 @@ impl EngineError {
     /// request can never succeed) rather than about the engine's state at the time.
     pub fn is_permanent(&self) -> bool {
         self.http_status() < 500
-            && !matches!(self, EngineError::RateLimited { .. } | EngineError::TooManyRetries { .. })
+            && !matches!(
+                self,
+                EngineError::RateLimited { .. }
+                    | EngineError::TooManyRetries { .. }
+                    | EngineError::TooManyConnections { .. }
+                    | EngineError::TooManyFailedAuthentications { .. }
+                    | EngineError::BodyTimeout(_)
+            )
     }
 
     /// Rebuild an error recorded in the database (request state) from its slug and detail.

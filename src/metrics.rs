@@ -82,6 +82,11 @@ pub struct Metrics {
     pub async_resumed: Counter,
     /// Identity keys handed out, by kind and source (`pool`: pre-generated, `on-demand`).
     pub identity_keys: Family<Labels, Counter>,
+    /// Failed authentications, by listener (`api`, `admin`).
+    pub auth_failures: Family<Labels, Counter>,
+    /// Requests refused for their source address, by listener and reason (`connections`,
+    /// `auth_failures`, `body_timeout`).
+    pub source_refusals: Family<Labels, Counter>,
     /// Pre-generated identity keys in stock, by kind.
     pub identity_key_pool: Family<Labels, Gauge>,
     /// Identities destroyed, by reason (`used`, `expired`).
@@ -141,6 +146,8 @@ impl Metrics {
             registry_version: Gauge::default(),
             async_resumed: Counter::default(),
             identity_keys: Family::default(),
+            auth_failures: Family::default(),
+            source_refusals: Family::default(),
             identity_key_pool: Family::default(),
             identities_destroyed: Family::default(),
             identity_sweeps: Counter::default(),
@@ -247,6 +254,12 @@ impl Metrics {
                 m.async_resumed.clone(),
             );
             r.register("identity_keys", "Identity keys handed out, by kind and source", m.identity_keys.clone());
+            r.register("auth_failures", "Failed authentications, by listener", m.auth_failures.clone());
+            r.register(
+                "source_refusals",
+                "Requests refused for their source address, by listener and reason",
+                m.source_refusals.clone(),
+            );
             r.register("identity_key_pool", "Pre-generated identity keys in stock", m.identity_key_pool.clone());
             r.register("identities_destroyed", "Identities destroyed, by reason", m.identities_destroyed.clone());
             r.register("identity_sweeps", "Runs of the expired-identity sweep", m.identity_sweeps.clone());

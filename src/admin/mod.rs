@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use crate::engine::Engine;
 use crate::error::EngineError;
+use crate::http::bounds::SourceBounds;
 use crate::http::problem::Problem;
 
 /// Admin token hashes → admin names.
@@ -83,13 +84,12 @@ fn check(req: &HttpRequest, changes_state: bool) -> Result<String, Problem> {
         }
     }
     let tokens = req.app_data::<AdminTokens>().ok_or(Problem(EngineError::Internal("no admin tokens".into())))?;
-    let token = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(Problem(EngineError::Unauthorized))?;
-    tokens.0.get(&crate::pki::sha256(token.trim().as_bytes())).cloned().ok_or(Problem(EngineError::Unauthorized))
+    let name = crate::http::auth::bearer(req).and_then(|token| tokens.0.get(&crate::pki::sha256(token.as_bytes())));
+    name.cloned().ok_or_else(|| {
+        // Counted against the source address, as on the API listener.
+        let bounds = req.app_data::<web::Data<SourceBounds>>();
+        Problem(bounds.map_or(EngineError::Unauthorized, |b| b.auth_failed(req.peer_addr().map(|a| a.ip()))))
+    })
 }
 
 const CONSOLE_FILES: &[&str] = &["/admin", "/admin/", "/admin/console.js"];
@@ -229,7 +229,12 @@ async fn leak(req: HttpRequest, engine: web::Data<Engine>, body: web::Json<LeakB
 pub fn routes(cfg: &mut web::ServiceConfig) {
     let json = web::JsonConfig::default()
         .limit(16 * 1024)
-        .error_handler(|err, _| Problem(EngineError::MalformedRequest(err.to_string())).into());
+        .error_handler(|err, req| match err {
+            actix_web::error::JsonPayloadError::Payload(e) if crate::http::bounds::is_body_timeout(&e) => {
+                Problem(crate::http::body_timeout(req)).into()
+            }
+            other => Problem(EngineError::MalformedRequest(other.to_string())).into(),
+        });
     cfg.app_data(json)
         .service(status)
         .service(ca_state)
@@ -257,16 +262,22 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
         })
         .collect();
     let tokens = AdminTokens(Arc::new(tokens));
+    let bounds = SourceBounds::new("admin", &engine.config().http, engine.shared_metrics());
+    let counted = bounds.clone();
     let data = web::Data::new(engine);
     let http = HttpServer::new(move || {
+        let bounds = web::Data::from(bounds.clone());
         App::new()
             .app_data(data.clone())
             .app_data(tokens.clone())
+            .app_data(bounds.clone())
             .configure(routes)
             .wrap(actix_web::middleware::from_fn(guard))
+            .wrap_fn(move |req, service| crate::http::bounded(&bounds, req, service))
             .wrap(tracing_actix_web::TracingLogger::<crate::http::problem::RequestSpan>::new())
             .default_service(web::to(|| async { Err::<HttpResponse, _>(Problem(EngineError::NotFound)) }))
     })
+    .on_connect(move |connection, extensions| counted.on_connect(connection, extensions))
     .workers(1)
     // The binary stops it, after the API's drain (see `serve`).
     .disable_signals()

@@ -134,6 +134,8 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, DrillError> {
             set(ca, &["expected_sign_rate"], 20000.0.into());
             set(ca, &["queue", "in_flight"], 256.into());
             set(ca, &["queue", "interactive_capacity"], 4096.into());
+            // The idle keep-alive connections all come from this address.
+            set(c, &["http", "connections_per_source"], 100_000.into());
             if postgres {
                 set(c, &["database", "pools", "issuance", "max_size"], 2.into());
             }

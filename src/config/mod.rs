@@ -169,6 +169,18 @@ pub struct HttpConfig {
     /// stopped sending by then. A second signal ends it early.
     #[serde(with = "humantime_serde")]
     pub drain_grace: Duration,
+    /// A request body must have arrived this long after its headers, or the request is answered
+    /// `408` and its connection closed (a client that declares a body and never sends it would
+    /// otherwise hold its connection forever).
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Connections one source address may hold open; a request on one over it is answered `429`
+    /// and its connection closed. Behind a load balancer every connection comes from the
+    /// balancer's address: set it above the balancer's own limit.
+    pub connections_per_source: u32,
+    /// Failed authentications one source address may make (a burst, refilled at a rate) before
+    /// its failures are answered `429` with `Retry-After`; a valid key is never held back.
+    pub auth_failures: RateConfig,
 }
 
 impl Default for HttpConfig {
@@ -179,6 +191,9 @@ impl Default for HttpConfig {
             workers: 0,
             keep_alive: Duration::from_secs(75),
             drain_grace: Duration::from_secs(2),
+            body_timeout: Duration::from_secs(10),
+            connections_per_source: 1024,
+            auth_failures: RateConfig { per_second: 2, burst: 20 },
         }
     }
 }

@@ -315,6 +315,11 @@ impl Engine {
         &self.inner.metrics
     }
 
+    /// The metrics, for a part that outlives a borrow of the handle (a listener's bounds).
+    pub fn shared_metrics(&self) -> Arc<Metrics> {
+        self.inner.metrics.clone()
+    }
+
     /// The client holding this bearer API key.
     pub fn authenticate(&self, api_key: &str) -> Result<Arc<Client>, EngineError> {
         self.inner.intake.authenticate(api_key)

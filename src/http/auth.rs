@@ -8,6 +8,7 @@ use futures_util::future::LocalBoxFuture;
 use futures_util::{FutureExt as _, StreamExt as _};
 use serde::de::DeserializeOwned;
 
+use super::bounds::SourceBounds;
 use super::problem::Problem;
 use crate::engine::Engine;
 use crate::error::EngineError;
@@ -25,16 +26,21 @@ impl FromRequest for Authenticated {
     }
 }
 
-/// The client whose bearer key the request carries.
+/// The client whose bearer key the request carries. A failure counts against the request's
+/// source address (`429` once it fails too often; a valid key is never held back).
 fn authenticate(req: &HttpRequest) -> Result<Authenticated, EngineError> {
     let engine = req.app_data::<web::Data<Engine>>().ok_or(EngineError::Internal("no engine".into()))?;
-    let value = req.headers().get(actix_web::http::header::AUTHORIZATION).ok_or(EngineError::Unauthorized)?;
-    let token = value
-        .to_str()
-        .ok()
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .ok_or(EngineError::Unauthorized)?;
-    engine.authenticate(token.trim()).map(Authenticated)
+    let found = bearer(req).ok_or(EngineError::Unauthorized).and_then(|key| engine.authenticate(key));
+    found.map(Authenticated).map_err(|e| match (e, req.app_data::<web::Data<SourceBounds>>()) {
+        (EngineError::Unauthorized, Some(bounds)) => bounds.auth_failed(req.peer_addr().map(|a| a.ip())),
+        (e, _) => e,
+    })
+}
+
+/// The bearer token of a request's `Authorization` header.
+pub fn bearer(req: &HttpRequest) -> Option<&str> {
+    let value = req.headers().get(actix_web::http::header::AUTHORIZATION)?.to_str().ok()?;
+    value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).map(str::trim)
 }
 
 /// A refused request's body up to this size is read and thrown away before the refusal is

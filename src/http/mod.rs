@@ -2,6 +2,7 @@
 //! logic: every route calls one method of the engine's handle.
 
 pub mod auth;
+pub mod bounds;
 pub mod certificates;
 pub mod identities;
 pub mod ops;
@@ -16,15 +17,39 @@ use actix_web::{web, App, HttpServer};
 
 use crate::engine::Engine;
 use crate::error::EngineError;
+use bounds::SourceBounds;
 use problem::Problem;
+
+/// Run `service` on `req` within its source's bounds ([`SourceBounds::guard`]).
+pub fn bounded<S, B>(
+    bounds: &SourceBounds,
+    req: actix_web::dev::ServiceRequest,
+    service: &S,
+) -> futures_util::future::LocalBoxFuture<'static, Result<actix_web::dev::ServiceResponse, actix_web::Error>>
+where
+    S: actix_web::dev::Service<
+        actix_web::dev::ServiceRequest,
+        Response = actix_web::dev::ServiceResponse<B>,
+        Error = actix_web::Error,
+    >,
+    S::Future: 'static,
+    B: actix_web::body::MessageBody + 'static,
+{
+    use futures_util::FutureExt as _;
+    match bounds.guard(req) {
+        Ok(req) => service.call(req).map(|r| r.map(|r| r.map_into_boxed_body())).boxed_local(),
+        Err(refused) => std::future::ready(Ok(refused)).boxed_local(),
+    }
+}
 
 /// Register the API's routes (an embedding application can mount them in its own App).
 pub fn routes(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
-    let json = web::JsonConfig::default().limit(max_body_bytes).error_handler(|err, _req| {
+    let json = web::JsonConfig::default().limit(max_body_bytes).error_handler(|err, req| {
         let e = match err {
             JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => {
                 EngineError::PayloadTooLarge
             }
+            JsonPayloadError::Payload(e) if bounds::is_body_timeout(&e) => body_timeout(req),
             JsonPayloadError::ContentType => {
                 EngineError::MalformedRequest("Content-Type must be application/json".into())
             }
@@ -53,6 +78,12 @@ pub fn routes(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
         .service(ops::metrics);
 }
 
+/// The error for a body cut off by its listener's `body_timeout`.
+pub fn body_timeout(req: &actix_web::HttpRequest) -> EngineError {
+    let bounds = req.app_data::<web::Data<SourceBounds>>();
+    EngineError::BodyTimeout(bounds.map(|b| b.body_timeout()).unwrap_or_default())
+}
+
 /// Bind the API on `listen`; returns the server (to run or stop) and the bound addresses.
 pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<SocketAddr>)> {
     let max_body = engine.config().http.max_body_bytes;
@@ -62,14 +93,20 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
     // its lane's deadline (idle keep-alive connections are closed at once, not waited for).
     let lanes = &engine.config().lanes;
     let in_flight_limit = lanes.interactive.max_deadline.max(lanes.background.max_deadline).as_secs() + 1;
+    let bounds = SourceBounds::new("api", &engine.config().http, engine.shared_metrics());
+    let counted = bounds.clone();
     let data = web::Data::new(engine);
     let mut http = HttpServer::new(move || {
+        let bounds = web::Data::from(bounds.clone());
         App::new()
             .app_data(data.clone())
+            .app_data(bounds.clone())
+            .wrap_fn(move |req, service| bounded(&bounds, req, service))
             .wrap(tracing_actix_web::TracingLogger::<problem::RequestSpan>::new())
             .configure(|cfg| routes(cfg, max_body))
             .default_service(web::to(|| async { Err::<actix_web::HttpResponse, _>(Problem(EngineError::NotFound)) }))
     })
+    .on_connect(move |connection, extensions| counted.on_connect(connection, extensions))
     .keep_alive(keep_alive)
     // The binary decides when to stop (it drains first): actix must not stop on a signal itself.
     .disable_signals()

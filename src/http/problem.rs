@@ -48,6 +48,10 @@ impl ResponseError for Problem {
             let jittered = secs + rand::rng().random_range(0..=secs);
             resp.insert_header((header::RETRY_AFTER, jittered.to_string()));
         }
+        // A body that never came, or a source over its connections: the connection is not kept.
+        if matches!(self.0, EngineError::BodyTimeout(_) | EngineError::TooManyConnections { .. }) {
+            resp.force_close();
+        }
         if matches!(self.0, EngineError::Unauthorized) {
             resp.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
         }

@@ -100,15 +100,23 @@ fn ocsp_response(answer: crate::engine::OcspAnswer, cacheable: bool) -> HttpResp
 /// `POST /ocsp` (RFC 6960 appendix A): the DER request is the body. Every answer is `200` with
 /// an OCSPResponse: OCSP clients read its status, not HTTP's.
 #[post("/ocsp")]
-pub async fn ocsp_post(engine: web::Data<Engine>, body: web::Bytes) -> HttpResponse {
-    if body.len() > MAX_OCSP_REQUEST {
-        return ocsp_response(
-            crate::engine::OcspAnswer {
-                der: web::Bytes::from(crate::pki::ocsp::Unanswerable::Malformed.response()),
-                max_age: None,
-            },
-            false,
-        );
+pub async fn ocsp_post(engine: web::Data<Engine>, req: HttpRequest, mut payload: web::Payload) -> HttpResponse {
+    use futures_util::StreamExt as _;
+    let malformed = || crate::engine::OcspAnswer {
+        der: web::Bytes::from(crate::pki::ocsp::Unanswerable::Malformed.response()),
+        max_age: None,
+    };
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        match chunk {
+            Ok(chunk) if body.len() + chunk.len() <= MAX_OCSP_REQUEST => body.extend_from_slice(&chunk),
+            Ok(_) => return ocsp_response(malformed(), false),
+            // A body that never came is a client's problem at the HTTP level: 408, closed.
+            Err(e) if super::bounds::is_body_timeout(&e) => {
+                return actix_web::ResponseError::error_response(&Problem(super::body_timeout(&req)))
+            }
+            Err(_) => return ocsp_response(malformed(), false),
+        }
     }
     ocsp_response(engine.ocsp(&body).await, false)
 }
