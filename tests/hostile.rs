@@ -73,7 +73,10 @@ async fn slow_bodies_are_answered_408_and_closed_while_others_are_served() {
         assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
         assert!(answer.contains("urn:castellum:problem:request-timeout"), "{answer}");
     }
-    eprintln!("{} slow connections answered 408 and closed within {closed_after:?}; {served} issued meanwhile", answers.len());
+    eprintln!(
+        "{} slow connections answered 408 and closed within {closed_after:?}; {served} issued meanwhile",
+        answers.len()
+    );
     drop(slow);
     let started = Instant::now();
     loop {
@@ -158,9 +161,9 @@ async fn a_wrong_key_flood_gets_429_and_does_not_slow_a_valid_client() {
             let started = Instant::now();
             let (mut refused, mut throttled, mut with_retry_after) = (0, 0, 0);
             while started.elapsed() < Duration::from_millis(2500) {
-                let answers = futures_util::future::join_all((0..8).map(|_| {
-                    server.http.get(server.url("/v1/cas")).bearer_auth("wrong-key").send()
-                }))
+                let answers = futures_util::future::join_all(
+                    (0..8).map(|_| server.http.get(server.url("/v1/cas")).bearer_auth("wrong-key").send()),
+                )
                 .await;
                 for answer in answers.into_iter().map(Result::unwrap) {
                     match answer.status().as_u16() {

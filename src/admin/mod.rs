@@ -227,14 +227,12 @@ async fn leak(req: HttpRequest, engine: web::Data<Engine>, body: web::Json<LeakB
 
 /// Register the admin routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    let json = web::JsonConfig::default()
-        .limit(16 * 1024)
-        .error_handler(|err, req| match err {
-            actix_web::error::JsonPayloadError::Payload(e) if crate::http::bounds::is_body_timeout(&e) => {
-                Problem(crate::http::body_timeout(req)).into()
-            }
-            other => Problem(EngineError::MalformedRequest(other.to_string())).into(),
-        });
+    let json = web::JsonConfig::default().limit(16 * 1024).error_handler(|err, req| match err {
+        actix_web::error::JsonPayloadError::Payload(e) if crate::http::bounds::is_body_timeout(&e) => {
+            Problem(crate::http::body_timeout(req)).into()
+        }
+        other => Problem(EngineError::MalformedRequest(other.to_string())).into(),
+    });
     cfg.app_data(json)
         .service(status)
         .service(ca_state)

@@ -14,9 +14,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use actix_web::dev::{Extensions, Payload, ServiceRequest, ServiceResponse};
-use actix_web::HttpMessage as _;
 use actix_web::error::PayloadError;
 use actix_web::web::Bytes;
+use actix_web::HttpMessage as _;
 use futures_util::Stream;
 use governor::clock::{Clock, DefaultClock};
 
@@ -38,6 +38,14 @@ pub struct SourceBounds {
     seen_failures: AtomicU64,
     log_lines: governor::DefaultDirectRateLimiter,
     metrics: Arc<Metrics>,
+}
+
+/// What [`SourceBounds::guard`] made of a request.
+pub enum Guarded {
+    /// On to the routes (its body, if any, bounded in time).
+    Pass(ServiceRequest),
+    /// Answered here.
+    Refused(ServiceResponse),
 }
 
 /// A connection's place in its source's count, released when the connection closes (it lives in
@@ -127,19 +135,17 @@ impl SourceBounds {
         }
     }
 
-
     /// The middleware both listeners wrap: a request on a connection over its source's limit is
     /// refused; a request with a body gets it cut off `body_timeout` after its headers.
-    pub fn guard(&self, mut req: ServiceRequest) -> Result<ServiceRequest, ServiceResponse> {
+    pub fn guard(&self, mut req: ServiceRequest) -> Guarded {
         if let Err(e) = self.check_connection(req.request().conn_data::<SourceConnection>()) {
-            let response = req.error_response(Problem(e));
-            return Err(response);
+            return Guarded::Refused(req.error_response(Problem(e)));
         }
         if has_body(req.headers()) {
             let body = req.take_payload();
             req.set_payload(self.bounded_body(body));
         }
-        Ok(req)
+        Guarded::Pass(req)
     }
 
     /// The request's body, cut off `body_timeout` after this moment.

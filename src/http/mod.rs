@@ -37,8 +37,8 @@ where
 {
     use futures_util::FutureExt as _;
     match bounds.guard(req) {
-        Ok(req) => service.call(req).map(|r| r.map(|r| r.map_into_boxed_body())).boxed_local(),
-        Err(refused) => std::future::ready(Ok(refused)).boxed_local(),
+        bounds::Guarded::Pass(req) => service.call(req).map(|r| r.map(|r| r.map_into_boxed_body())).boxed_local(),
+        bounds::Guarded::Refused(refused) => std::future::ready(Ok(refused)).boxed_local(),
     }
 }
 
