@@ -388,3 +388,21 @@ async fn a_wrong_key_with_a_body_that_never_comes_is_answered() {
     assert!(answer.1 < std::time::Duration::from_secs(5), "answered after {:?}", answer.1);
     server.stop().await;
 }
+
+/// Issue 16: API answers (a certificate, a problem) are never stored by a cache nor sniffed; the
+/// routes meant for caches (a CA certificate, CRLs) keep their own `Cache-Control`.
+#[actix_rt::test]
+async fn api_answers_are_not_cached_or_sniffed() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(dev_config(&db)).await;
+    let issued = server.issue(DEMO_KEY, "tls-server-p256", &csr(Key::P256, &["h.example.test"])).send().await.unwrap();
+    let refused = server.issue("not-a-key", "tls-server-p256", "x").send().await.unwrap();
+    for (what, answer) in [("201", &issued), ("401", &refused)] {
+        let header = |name: &str| answer.headers().get(name).map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(header("cache-control").as_deref(), Some("no-store"), "{what}");
+        assert_eq!(header("x-content-type-options").as_deref(), Some("nosniff"), "{what}");
+    }
+    let ca = server.http.get(server.url("/ca/ica-p256.der")).send().await.unwrap();
+    assert_eq!(ca.headers()["cache-control"], "public, max-age=86400");
+    server.stop().await;
+}

@@ -102,6 +102,13 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
             .app_data(data.clone())
             .app_data(bounds.clone())
             .wrap_fn(move |req, service| bounded(&bounds, req, service))
+            // Answers carry keys' certificates and clients' requests: never stored by a cache
+            // unless a route says otherwise (CRLs, OCSP, CA certificates), never sniffed.
+            .wrap(
+                actix_web::middleware::DefaultHeaders::new()
+                    .add((actix_web::http::header::CACHE_CONTROL, "no-store"))
+                    .add((actix_web::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff")),
+            )
             .wrap(tracing_actix_web::TracingLogger::<problem::RequestSpan>::new())
             .configure(|cfg| routes(cfg, max_body))
             .default_service(web::to(|| async { Err::<actix_web::HttpResponse, _>(Problem(EngineError::NotFound)) }))
