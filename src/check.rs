@@ -567,6 +567,15 @@ fn check_lanes(config: &Config, p: &mut Problems) {
     if config.http.max_body_bytes < 4096 {
         p.add("http.max_body_bytes", "must be at least 4096 bytes (a CSR does not fit otherwise)");
     }
+    if config.http.body_timeout < Duration::from_millis(100) {
+        p.add("http.body_timeout", "must be at least 100ms (a body that never comes is cut off after it)");
+    }
+    if config.http.connections_per_source == 0 {
+        p.add("http.connections_per_source", "must be at least 1 (0 would refuse every request)");
+    }
+    if config.http.auth_failures.per_second == 0 || config.http.auth_failures.burst == 0 {
+        p.add("http.auth_failures", "per_second and burst must be at least 1");
+    }
 }
 
 fn check_crl(config: &Config, p: &mut Problems) {

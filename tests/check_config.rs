@@ -227,6 +227,14 @@ fn names_and_key_types_a_ca_must_not_allow() {
     let text =
         dev_config_text().replacen("dns_suffixes = [\"other.example.test\"]", "dns_suffixes = [\"not a name\"]", 1);
     assert_flags(&text, "clients[1].names.dns_suffixes[0]", "is not a DNS name");
+    for (setting, path) in [
+        ("body_timeout = \"0s\"", "http.body_timeout"),
+        ("connections_per_source = 0", "http.connections_per_source"),
+        ("auth_failures = { per_second = 0, burst = 5 }", "http.auth_failures"),
+    ] {
+        let text = dev_config_text().replacen("[http]", &format!("[http]\n{setting}"), 1);
+        assert_flags(&text, path, "must be");
+    }
     let bad_cidr = dev_config_text().replacen("192.0.2.0/24", "192.0.2.0/33", 1);
     let (code, out) = check_config_binary(&bad_cidr);
     assert_eq!(code, Some(2), "{out}");

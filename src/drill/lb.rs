@@ -15,7 +15,7 @@ use super::evidence::Evidence;
 use super::haproxy::{Haproxy, CHECK_FALL, CHECK_INTER, CHECK_TIMEOUT};
 use super::load::{Call, Kind, Sample, Stream};
 use super::scenarios::{csr, engine, finish, s, sabotage};
-use super::target::{set, DrillDb, PgProbe, Target};
+use super::target::{ca_entry, set, DrillDb, PgProbe, Target};
 use super::{DrillError, DrillOptions, Outcome, Promise, Session};
 use crate::pki::KeyType;
 
@@ -81,6 +81,12 @@ pub async fn run(opts: &DrillOptions, dir: &Path, fault: Fault) -> Result<Outcom
         set(c, &["registry", "poll_interval"], "250ms".into());
         set(c, &["registry", "stale_after"], "2s".into());
         set(c, &["sabotage"], toml::Value::Array(sabotage));
+        // The keyed clients' CA spends a few milliseconds between an attempt's write-ahead record
+        // and its signature, so that a kill lands on keyed attempts already recorded (what
+        // `sticky-keyed-failures` mishandles): without it, one run in several killed none.
+        let p384 = ca_entry(c, "ica-p384");
+        set(p384, &["signer_threads"], 4.into());
+        set(p384, &["fault", "sign_latency"], "3ms".into());
     })
     .await?;
     let db = first.db.take().ok_or(DrillError::Setup("the first instance owns the database".into()))?;

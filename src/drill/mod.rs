@@ -222,8 +222,10 @@ pub fn run(opts: DrillOptions) -> Result<bool, DrillError> {
         let dir = opts.out.join(format!("{}-{}", opts.name, chrono_stamp()));
         std::fs::create_dir_all(&dir)?;
         eprintln!("drill {} ({}) — report in {}", opts.name, if opts.short { "short" } else { "full" }, dir.display());
-        if opts.keys_on_token && opts.name != "issuance-queues-2020" {
-            return Err(DrillError::Unsupported("--keys-on-token is for issuance-queues-2020".into()));
+        if opts.keys_on_token && (opts.name != "issuance-queues-2020" || opts.url.is_some()) {
+            return Err(DrillError::Unsupported(
+                "--keys-on-token is for issuance-queues-2020 on an engine the drill starts (not --url)".into(),
+            ));
         }
         let outcome = match opts.name.as_str() {
             "lb-rolling-restart" => lb::run(&opts, &dir, lb::Fault::RollingRestart).await?,

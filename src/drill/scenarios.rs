@@ -390,7 +390,7 @@ async fn queues_operator(
 ) -> Result<OperatorLog, DrillError> {
     let engines: Vec<&Target> = std::iter::once(&session.target).chain(peer).collect();
     session.at(t.fault).await;
-    let token_fault = match tokens {
+    let mut token_fault = match tokens {
         None => {
             for engine in &engines {
                 for ca in FAILING {
@@ -402,26 +402,21 @@ async fn queues_operator(
         }
         Some(tokens) => {
             // One token, shared by every engine: its storage goes away once for all of them.
+            let fault_at = Instant::now();
             let moved = tokens.take_keys_away()?;
             session.mark(format!(
                 "fault: token {} (keys of ica-p384 and ica-rsa3072) loses its storage ({moved} files)",
                 tokens.failing_label
             ));
-            let (mut failing, mut healthy) = (Vec::new(), Vec::new());
+            let mut failing = Vec::new();
             for (i, engine) in engines.iter().enumerate() {
                 // The second instance (on PostgreSQL) signs nothing for them: its probe finds it.
                 let on = if i == 0 { "" } else { " on the other instance" };
                 for ca in FAILING {
-                    failing.push((format!("{ca}{on}"), engine.key_unavailable(ca, s(t.k)).await));
-                }
-                for ca in HEALTHY {
-                    healthy.push((
-                        format!("{ca}{on}"),
-                        engine.key_unavailable(ca, Duration::ZERO).await.map(|(_, why)| why),
-                    ));
+                    failing.push((format!("{ca}{on}"), engine.key_unavailable(ca, fault_at, s(t.k)).await));
                 }
             }
-            Some(TokenFault { label: tokens.failing_label.clone(), failing, healthy })
+            Some(TokenFault { label: tokens.failing_label.clone(), failing, healthy: Vec::new() })
         }
     };
     session.at(t.fault + s(0.5 * t.k)).await;
@@ -443,6 +438,17 @@ async fn queues_operator(
     session.mark(format!("storm: the broken CAs' clients retry at {STORM_RATE}/s, no back-off"));
 
     session.at(t.disabled).await;
+    // Seconds into the fault (many key checks later): the healthy CAs' keys, on another token of
+    // the same module, must still sign.
+    if let Some(fault) = token_fault.as_mut() {
+        for (i, engine) in engines.iter().enumerate() {
+            let on = if i == 0 { "" } else { " on the other instance" };
+            for ca in HEALTHY {
+                let lost = engine.key_unavailable(ca, Instant::now(), Duration::ZERO).await.map(|(_, why)| why);
+                fault.healthy.push((format!("{ca}{on}"), lost));
+            }
+        }
+    }
     let (mut levers, mut reached) = (Vec::new(), Vec::new());
     let other = peer.unwrap_or(&session.target);
     for ca in FAILING {
@@ -608,7 +614,7 @@ fn token_promise(fault: &TokenFault) -> Promise {
         "the token's failure takes its own CAs' keys and no other CA's",
         fault.failing.iter().all(|(_, l)| lost(l)) && healthy_lost.is_empty(),
         format!(
-            "{}; ica-p256 and ica-ed25519 (another token, the same module): {}",
+            "{}; ica-p256 and ica-ed25519 (another token, the same module) at the disable: {}",
             failing.join("; "),
             if healthy_lost.is_empty() { "keys loaded".to_string() } else { healthy_lost.join("; ") }
         ),

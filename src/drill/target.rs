@@ -402,20 +402,19 @@ impl Target {
         None
     }
 
-    /// How long until this engine's console says `ca`'s key cannot sign, and why; `None` if it
-    /// does not within `limit`.
-    pub async fn key_unavailable(&self, ca: &str, limit: Duration) -> Option<(Duration, String)> {
-        let asked = Instant::now();
+    /// How long after `since` this engine's console says `ca`'s key cannot sign, and why; `None`
+    /// if it does not before `limit` has passed since then (it is asked at least once).
+    pub async fn key_unavailable(&self, ca: &str, since: Instant, limit: Duration) -> Option<(Duration, String)> {
         loop {
             let status = self.http.get(format!("{}/admin/v1/status", self.admin)).bearer_auth(&self.admin_token);
             if let Ok(answer) = status.send().await {
                 let v: serde_json::Value = answer.json().await.unwrap_or_default();
                 let cell = v["cells"].as_array().into_iter().flatten().find(|c| c["ca"] == ca);
                 if let Some(reason) = cell.and_then(|c| c["key_unavailable"].as_str()) {
-                    return Some((asked.elapsed(), reason.to_string()));
+                    return Some((since.elapsed(), reason.to_string()));
                 }
             }
-            if asked.elapsed() > limit {
+            if since.elapsed() > limit {
                 return None;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

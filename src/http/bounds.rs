@@ -24,6 +24,7 @@ use super::problem::Problem;
 use crate::config::HttpConfig;
 use crate::error::EngineError;
 use crate::metrics::Metrics;
+use prometheus_client::metrics::counter::Counter;
 
 /// One listener's bounds, shared by its workers.
 pub struct SourceBounds {
@@ -37,7 +38,11 @@ pub struct SourceBounds {
     unlogged_failures: AtomicU64,
     seen_failures: AtomicU64,
     log_lines: governor::DefaultDirectRateLimiter,
-    metrics: Arc<Metrics>,
+    /// The counters, found once (a refusal then costs an atomic add).
+    failures_counter: Counter,
+    over_connections: Counter,
+    over_auth_failures: Counter,
+    body_timeouts: Counter,
 }
 
 /// What [`SourceBounds::guard`] made of a request.
@@ -74,6 +79,13 @@ impl SourceBounds {
         let per_second = NonZeroU32::new(config.auth_failures.per_second).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(config.auth_failures.burst).unwrap_or(NonZeroU32::MIN);
         let one_per_10s = governor::Quota::with_period(Duration::from_secs(10)).expect("a positive period");
+        // One statement each: a family's guard lives to the end of its statement, and a second
+        // get_or_create on the same family while it lives would wait for it forever.
+        let refusals = |why| metrics.source_refusals.get_or_create(&reason(listener, why)).clone();
+        let failures_counter = metrics.auth_failures.get_or_create(&listener_label(listener)).clone();
+        let over_connections = refusals("connections");
+        let over_auth_failures = refusals("auth_failures");
+        let body_timeouts = refusals("body_timeout");
         Arc::new(SourceBounds {
             listener,
             body_timeout: config.body_timeout,
@@ -83,20 +95,23 @@ impl SourceBounds {
             unlogged_failures: AtomicU64::new(0),
             seen_failures: AtomicU64::new(0),
             log_lines: governor::RateLimiter::direct(one_per_10s),
-            metrics,
+            failures_counter,
+            over_connections,
+            over_auth_failures,
+            body_timeouts,
         })
     }
 
     /// `HttpServer::on_connect`: count the connection against its source address.
     pub fn on_connect(self: &Arc<Self>, connection: &dyn Any, extensions: &mut Extensions) {
-        let Some(ip) = peer_ip(connection) else { return };
+        let Some(ip) = peer_ip(connection).map(source) else { return };
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let n = open.entry(ip).or_insert(0);
         *n += 1;
         let over_limit = *n > self.connections_per_source;
         drop(open);
         if over_limit {
-            self.metrics.source_refusals.get_or_create(&reason(self.listener, "connections")).inc();
+            self.over_connections.inc();
         }
         extensions.insert(SourceConnection { bounds: self.clone(), ip, over_limit });
     }
@@ -112,7 +127,7 @@ impl SourceBounds {
     /// A failed authentication from `ip`: counted, and once the source is over its burst,
     /// answered `429` instead of `401` until it slows down.
     pub fn auth_failed(&self, ip: Option<IpAddr>) -> EngineError {
-        self.metrics.auth_failures.get_or_create(&listener(self.listener)).inc();
+        self.failures_counter.inc();
         let seen = self.seen_failures.fetch_add(1, Ordering::Relaxed) + 1;
         self.unlogged_failures.fetch_add(1, Ordering::Relaxed);
         if self.log_lines.check().is_ok() {
@@ -124,11 +139,11 @@ impl SourceBounds {
         if seen % 4096 == 0 {
             self.auth_failures.retain_recent();
         }
-        let Some(ip) = ip else { return EngineError::Unauthorized };
+        let Some(ip) = ip.map(source) else { return EngineError::Unauthorized };
         match self.auth_failures.check_key(&ip) {
             Ok(()) => EngineError::Unauthorized,
             Err(not_until) => {
-                self.metrics.source_refusals.get_or_create(&reason(self.listener, "auth_failures")).inc();
+                self.over_auth_failures.inc();
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
                 EngineError::TooManyFailedAuthentications { retry_after: wait.max(Duration::from_secs(1)) }
             }
@@ -150,8 +165,9 @@ impl SourceBounds {
 
     /// The request's body, cut off `body_timeout` after this moment.
     pub fn bounded_body(&self, payload: Payload) -> Payload {
-        let deadline = actix_web::rt::time::sleep(self.body_timeout);
-        Payload::Stream { payload: Box::pin(TimedBody { inner: payload, deadline: Box::pin(deadline) }) }
+        let deadline = Box::pin(actix_web::rt::time::sleep(self.body_timeout));
+        let timeouts = self.body_timeouts.clone();
+        Payload::Stream { payload: Box::pin(TimedBody { inner: payload, deadline, timeouts, fired: false }) }
     }
 
     pub fn body_timeout(&self) -> Duration {
@@ -172,7 +188,19 @@ fn peer_ip(connection: &dyn Any) -> Option<IpAddr> {
     tcp.peer_addr().ok().map(|a| a.ip())
 }
 
-fn listener(name: &'static str) -> Vec<(&'static str, String)> {
+/// The source a bound counts: an IPv4 address (IPv4-mapped IPv6 included), or an IPv6 address's
+/// /64 (one subscriber's prefix: rotating addresses within it escapes nothing).
+fn source(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        },
+        v4 => v4,
+    }
+}
+
+fn listener_label(name: &'static str) -> Vec<(&'static str, String)> {
     vec![("listener", name.to_string())]
 }
 
@@ -180,10 +208,12 @@ fn reason(name: &'static str, why: &'static str) -> Vec<(&'static str, String)> 
     vec![("listener", name.to_string()), ("reason", why.to_string())]
 }
 
-/// A request body that fails with a timeout once its deadline passes.
+/// A request body that fails with a timeout once its deadline passes, and ends there.
 struct TimedBody {
     inner: Payload,
     deadline: Pin<Box<actix_web::rt::time::Sleep>>,
+    timeouts: Counter,
+    fired: bool,
 }
 
 /// The I/O error kind a body cut off by its deadline carries, for the extractors' error handlers.
@@ -193,14 +223,19 @@ impl Stream for TimedBody {
     type Item = Result<Bytes, PayloadError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.fired {
+            return Poll::Ready(None);
+        }
         if let Poll::Ready(item) = Pin::new(&mut self.inner).poll_next(cx) {
             return Poll::Ready(item);
         }
         match self.deadline.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Some(Err(PayloadError::Io(std::io::Error::new(
-                BODY_TIMEOUT,
-                "the request body did not arrive in time",
-            ))))),
+            Poll::Ready(()) => {
+                self.fired = true;
+                self.timeouts.inc();
+                let late = std::io::Error::new(BODY_TIMEOUT, "the request body did not arrive in time");
+                Poll::Ready(Some(Err(PayloadError::Io(late))))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -209,4 +244,19 @@ impl Stream for TimedBody {
 /// Whether a payload error is [`TimedBody`]'s.
 pub fn is_body_timeout(e: &PayloadError) -> bool {
     matches!(e, PayloadError::Io(io) if io.kind() == BODY_TIMEOUT)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_source_is_an_ipv4_address_or_an_ipv6_prefix() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(source(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source(ip("2001:db8:1:2:aaaa:bbbb:cccc:dddd")), ip("2001:db8:1:2::"));
+        assert_eq!(source(ip("2001:db8:1:2::1")), source(ip("2001:db8:1:2:ffff::9")));
+        assert_ne!(source(ip("2001:db8:1:2::1")), source(ip("2001:db8:1:3::1")));
+    }
 }

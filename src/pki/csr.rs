@@ -92,6 +92,13 @@ pub fn pem_to_der(pem: &str) -> Result<Vec<u8>, EngineError> {
             "text after the PEM block: send exactly one CERTIFICATE REQUEST per request".into(),
         ));
     }
+    // The parser reads its boundary lines loosely (text after a marker, an END label that is not
+    // the BEGIN one): they must be exactly the encapsulation boundaries of RFC 7468.
+    let (begin, end) = (format!("-----BEGIN {}-----", parsed.label), format!("-----END {}-----", parsed.label));
+    let mut lines = text.lines().map(str::trim_end);
+    if lines.next() != Some(begin.as_str()) || lines.next_back() != Some(end.as_str()) {
+        return Err(EngineError::MalformedCsr(format!("the PEM block must be framed by {begin} and {end}")));
+    }
     if parsed.label != "CERTIFICATE REQUEST" && parsed.label != "NEW CERTIFICATE REQUEST" {
         return Err(EngineError::MalformedCsr(format!(
             "PEM label is {:?}, expected CERTIFICATE REQUEST",
@@ -280,15 +287,21 @@ pub fn is_valid_dns_name(name: &str) -> bool {
 }
 
 /// Whether a label is an IDNA A-label (`xn--…`, Punycode).
-fn has_a_label(name: &str) -> bool {
-    name.split('.').any(|label| label.len() >= 4 && label[..4].eq_ignore_ascii_case("xn--"))
+fn is_a_label(label: &str) -> bool {
+    label.len() >= 4 && label[..4].eq_ignore_ascii_case("xn--")
 }
 
-/// An internationalised name is what UTS-46 (the `idna` crate, strict) makes of itself: invalid
-/// Punycode (`xn--zz`), an A-label that decodes to disallowed code points, or one not in its
-/// canonical form are refused.
+fn has_a_label(name: &str) -> bool {
+    name.split('.').any(is_a_label)
+}
+
+/// Each A-label is what UTS-46 (the `idna` crate, strict) makes of itself: invalid Punycode
+/// (`xn--zz`), one that decodes to disallowed code points, or one not in its canonical form is
+/// refused. Only A-labels are judged so: the other labels follow the LDH rule alone.
 fn is_canonical_idn(name: &str) -> bool {
-    matches!(idna::domain_to_ascii_strict(name), Ok(ascii) if ascii.eq_ignore_ascii_case(name))
+    name.split('.')
+        .filter(|l| is_a_label(l))
+        .all(|label| matches!(idna::domain_to_ascii_strict(label), Ok(ascii) if ascii.eq_ignore_ascii_case(label)))
 }
 
 pub fn is_valid_email(addr: &str) -> bool {
@@ -317,9 +330,12 @@ pub(crate) mod tests {
         assert!(is_valid_dns_name("xn--bcher-kva.example")); // bücher
         assert!(is_valid_dns_name("XN--BCHER-KVA.example"));
         assert!(!is_valid_dns_name("xn--zz.example.test"));
-        assert!(!is_valid_dns_name("xn--.example"));
         assert!(!is_valid_dns_name("xn--a.example")); // decodes to U+0080, disallowed
-        assert!(!is_valid_dns_name("xn--Bcher-kva-.example"));
+        assert!(!is_valid_dns_name("a.xn--zz.example"));
+        // The A-labels alone are judged by UTS-46: a hyphenated LDH label beside one is as
+        // acceptable as on its own.
+        assert!(is_valid_dns_name("xn--bcher-kva.ab--cd.example"));
+        assert!(is_valid_dns_name("ab--cd.example"));
     }
 
     #[test]
@@ -470,6 +486,8 @@ pub(crate) mod tests {
             (format!("hello\n{one}"), "must start with -----BEGIN"),
             (format!("{one}trailing garbage"), "text after the PEM block"),
             (format!("{one}{one}"), "text after the PEM block"),
+            (one.replace("-----\n", "-----garbage\n"), "must be framed by"),
+            (one.replace("-----END CERTIFICATE REQUEST-----", "-----END FOO-----"), "must be framed by"),
         ] {
             let e = pem_to_der(&bad).unwrap_err();
             assert!(e.to_string().contains(why), "{bad:?}: {e}");
