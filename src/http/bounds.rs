@@ -117,7 +117,7 @@ impl SourceBounds {
     }
 
     /// A request on a connection over its source's limit is refused (and the connection closed).
-    pub fn check_connection(&self, connection: Option<&SourceConnection>) -> Result<(), EngineError> {
+    fn check_connection(&self, connection: Option<&SourceConnection>) -> Result<(), EngineError> {
         match connection {
             Some(c) if c.over_limit => Err(EngineError::TooManyConnections { retry_after: Duration::from_secs(1) }),
             _ => Ok(()),

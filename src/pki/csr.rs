@@ -283,7 +283,7 @@ pub fn is_valid_dns_name(name: &str) -> bool {
             && !label.ends_with('-')
             && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     });
-    ldh && (!has_a_label(name) || is_canonical_idn(name))
+    ldh && is_canonical_idn(name)
 }
 
 /// Whether a label is an IDNA A-label (`xn--…`, Punycode).
@@ -291,13 +291,10 @@ fn is_a_label(label: &str) -> bool {
     label.len() >= 4 && label[..4].eq_ignore_ascii_case("xn--")
 }
 
-fn has_a_label(name: &str) -> bool {
-    name.split('.').any(is_a_label)
-}
-
 /// Each A-label is what UTS-46 (the `idna` crate, strict) makes of itself: invalid Punycode
 /// (`xn--zz`), one that decodes to disallowed code points, or one not in its canonical form is
-/// refused. Only A-labels are judged so: the other labels follow the LDH rule alone.
+/// refused. Only A-labels are judged so (a name without one passes at once): the other labels
+/// follow the LDH rule alone.
 fn is_canonical_idn(name: &str) -> bool {
     name.split('.')
         .filter(|l| is_a_label(l))
