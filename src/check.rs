@@ -53,6 +53,7 @@ pub fn check_config(config: &Config) -> (Vec<ConfigProblem>, HashMap<String, CaM
     check_identities(config, &mut p);
     check_clients(config, &mut p);
     check_admin(config, &mut p);
+    check_tls(config, &mut p);
     check_database(config, &mut p);
     check_lanes(config, &mut p);
     check_audit(config, &mut p);
@@ -363,17 +364,70 @@ fn check_admin(config: &Config, p: &mut Problems) {
     }
 }
 
+/// TLS files load (certificate, matching key, client CAs), and listeners off loopback speak
+/// TLS in production: bearer keys and admin tokens must not cross a network in clear.
+fn check_tls(config: &Config, p: &mut Problems) {
+    let production = config.mode != Mode::Dev;
+    let listeners = [
+        ("http", "API", &config.http.listen, config.http.tls.as_ref()),
+        ("admin", "admin", &config.admin.listen, config.admin.tls.as_ref()),
+    ];
+    for (at, what, listen, tls) in listeners {
+        if listen.is_empty() {
+            continue;
+        }
+        match tls {
+            Some(files) => {
+                if files.reload_interval.is_zero() {
+                    p.add(format!("{at}.tls.reload_interval"), "must be positive");
+                }
+                if at == "admin" && files.client_ca.is_some() {
+                    p.add("admin.tls.client_ca", "admins authenticate by token; client certificates are for API clients");
+                }
+                if let Err(e) = crate::http::tls::check_files(files) {
+                    p.add(format!("{at}.tls"), e.to_string());
+                }
+            }
+            None if production && !is_loopback(listen) => {
+                let message = format!("the {what} listener {listen} is not on loopback and has no TLS: its bearer credentials would cross the network in clear");
+                if at == "admin" {
+                    p.add(format!("{at}.tls"), message);
+                } else {
+                    p.warn(format!("{at}.tls"), format!("{message} (unless a balancer on a private network terminates TLS)"));
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+/// Whether every address `listen` can mean is a loopback address (`localhost` counts).
+fn is_loopback(listen: &str) -> bool {
+    use std::net::ToSocketAddrs as _;
+    match listen.to_socket_addrs() {
+        Ok(addrs) => {
+            let addrs: Vec<_> = addrs.collect();
+            !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback())
+        }
+        Err(_) => false,
+    }
+}
+
 fn check_clients(config: &Config, p: &mut Problems) {
     let profiles: HashSet<&str> = config.profiles.iter().map(|x| x.id.as_str()).collect();
     let mut names = HashSet::new();
     let mut keys = HashSet::new();
+    let mut certificate_names = HashSet::new();
+    let mtls = config.http.tls.as_ref().and_then(|t| t.client_ca.as_ref());
     for (i, client) in config.clients.iter().enumerate() {
         let at = format!("clients[{i}]");
         if !names.insert(client.name.clone()) {
             p.add(format!("{at}.name"), format!("duplicate client name {:?}", client.name));
         }
         let hash = client.api_key_sha256.to_ascii_lowercase();
-        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if hash.is_empty() && !client.certificate_names.is_empty() {
+            // Authenticated by its client certificate alone.
+        } else if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
             p.add(format!("{at}.api_key_sha256"), "must be 64 hex digits (castellum hash-key prints it)");
         } else if !keys.insert(hash) {
             p.add(format!("{at}.api_key_sha256"), "two clients share one API key");
@@ -386,6 +440,16 @@ fn check_clients(config: &Config, p: &mut Problems) {
         for (j, profile) in client.profiles.iter().enumerate() {
             if !profiles.contains(profile.as_str()) {
                 p.add(format!("{at}.profiles[{j}]"), format!("no profile named {profile:?}"));
+            }
+        }
+        for (j, name) in client.certificate_names.iter().enumerate() {
+            let at = format!("{at}.certificate_names[{j}]");
+            if name.trim().is_empty() {
+                p.add(at, "must not be empty");
+            } else if !certificate_names.insert(name.to_ascii_lowercase()) {
+                p.add(at, format!("{name:?} authenticates two clients"));
+            } else if mtls.is_none() {
+                p.add(at, "no client certificate is asked for: set http.tls.client_ca");
             }
         }
         for (j, s) in client.names.dns_suffixes.iter().enumerate() {

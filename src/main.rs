@@ -202,10 +202,20 @@ enum Command {
     },
     /// The admin API from the command line (status, and the console's levers).
     Admin {
-        #[arg(long, default_value = "http://127.0.0.1:8081", env = "CASTELLUM_ADMIN_URL")]
-        admin_url: String,
+        /// The admin API's URL. Default: the configuration's admin listener (with `-c`), else
+        /// http://127.0.0.1:8081.
+        #[arg(long, env = "CASTELLUM_ADMIN_URL")]
+        admin_url: Option<String>,
+        /// The admin token. A command line is visible to the machine's other users: prefer the
+        /// environment or --token-file.
         #[arg(long, env = "CASTELLUM_ADMIN_TOKEN", hide_env_values = true)]
-        token: String,
+        token: Option<String>,
+        /// A file holding the admin token (its first line).
+        #[arg(long, env = "CASTELLUM_ADMIN_TOKEN_FILE", conflicts_with = "token")]
+        token_file: Option<PathBuf>,
+        /// PEM certificates of the CAs that issued an https admin listener's certificate.
+        #[arg(long, env = "CASTELLUM_ADMIN_CACERT")]
+        cacert: Option<PathBuf>,
         #[command(subcommand)]
         action: AdminAction,
     },
@@ -341,7 +351,15 @@ fn main() -> ExitCode {
                 castellum::drill::storm::StormPlan { urls, api_key, requests, rate, duration, in_flight, max_requests };
             storm(&plan)
         }
-        Command::Admin { admin_url, token, action } => admin(&admin_url, &token, &action),
+        Command::Admin { admin_url, token, token_file, cacert, action } => {
+            match admin_target(config.as_deref(), admin_url, token, token_file, cacert) {
+                Ok(target) => admin(&target, &action),
+                Err(e) => {
+                    eprintln!("admin: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Audit { action: AuditAction::Verify } => load(config).map_or_else(|code| code, |c| audit_verify(&c)),
         Command::HashKey { key } => {
             println!("{}", hex::encode(openssl::sha::sha256(key.as_bytes())));
@@ -507,11 +525,47 @@ fn bench(opts: castellum::bench::BenchOptions, kind: BenchKind) -> ExitCode {
     }
 }
 
+/// Where `castellum admin` calls and with which token: the URL given, or the configuration's
+/// admin listener (an unspecified address reached on loopback); the token given, or read from a file.
+fn admin_target(
+    config: Option<&std::path::Path>,
+    url: Option<String>,
+    token: Option<String>,
+    token_file: Option<PathBuf>,
+    cacert: Option<PathBuf>,
+) -> Result<castellum::admin::cli::AdminTarget, String> {
+    let url = match (url, config) {
+        (Some(url), _) => url,
+        (None, Some(path)) => {
+            let config = Config::load(Some(path)).map_err(|e| format!("{}: {e}", path.display()))?;
+            castellum::admin::cli::url_of(&config.admin).ok_or("the configuration has no admin listener")?
+        }
+        (None, None) => "http://127.0.0.1:8081".into(),
+    };
+    let token = match (token, token_file) {
+        (Some(token), _) => token,
+        (None, Some(file)) => std::fs::read_to_string(&file)
+            .map_err(|e| format!("--token-file {}: {e}", file.display()))?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        (None, None) => return Err("no admin token: give --token, CASTELLUM_ADMIN_TOKEN or --token-file".into()),
+    };
+    if token.is_empty() {
+        return Err("the admin token is empty".into());
+    }
+    let cacert = cacert.map(|p| std::fs::read(&p).map_err(|e| format!("--cacert {}: {e}", p.display()))).transpose()?;
+    Ok(castellum::admin::cli::AdminTarget { url, token, cacert })
+}
+
 /// `castellum admin`: one lever of the admin API, over HTTP.
-fn admin(admin_url: &str, token: &str, action: &AdminAction) -> ExitCode {
+fn admin(target: &castellum::admin::cli::AdminTarget, action: &AdminAction) -> ExitCode {
     use castellum::admin::cli;
     let result = match action {
-        AdminAction::Status { json } => cli::call(admin_url, token, "GET", "/admin/v1/status", None).map(|v| {
+        AdminAction::Status { json } => cli::call(
+            target, "GET", "/admin/v1/status", None).map(|v| {
             if *json {
                 serde_json::to_string_pretty(&v).unwrap_or_default()
             } else {
@@ -519,20 +573,19 @@ fn admin(admin_url: &str, token: &str, action: &AdminAction) -> ExitCode {
             }
         }),
         AdminAction::CaState { ca, state } => cli::call(
-            admin_url,
-            token,
+            target,
             "POST",
             &format!("/admin/v1/cas/{ca}/state"),
             Some(serde_json::json!({ "state": state })),
         )
         .map(|v| format!("{ca} is {state} (registry version {})", v["registry_version"])),
         AdminAction::Resubmit { ca } => {
-            cli::call(admin_url, token, "POST", &format!("/admin/v1/cas/{ca}/resubmit"), None)
+            cli::call(
+            target, "POST", &format!("/admin/v1/cas/{ca}/resubmit"), None)
                 .map(|v| format!("resubmitting {} parked requests of {ca}", v["resubmitting"]))
         }
         AdminAction::Revoke { serial, reason } => cli::call(
-            admin_url,
-            token,
+            target,
             "POST",
             &format!("/admin/v1/certificates/{serial}/revoke"),
             Some(serde_json::json!({ "reason": reason })),
@@ -542,20 +595,19 @@ fn admin(admin_url: &str, token: &str, action: &AdminAction) -> ExitCode {
             _ => format!("{serial} was already revoked ({}); the first revocation stands", s_of(&v["reason"])),
         }),
         AdminAction::RevokeCa { ca, reason } => cli::call(
-            admin_url,
-            token,
+            target,
             "POST",
             &format!("/admin/v1/cas/{ca}/revoke-all"),
             Some(serde_json::json!({ "reason": reason })),
         )
         .map(|v| format!("{} certificates of {ca} revoked ({reason})", v["revoked"])),
         AdminAction::ResetBreaker { ca } => {
-            cli::call(admin_url, token, "POST", &format!("/admin/v1/cas/{ca}/breaker/reset"), None)
+            cli::call(
+            target, "POST", &format!("/admin/v1/cas/{ca}/breaker/reset"), None)
                 .map(|_| format!("breaker of {ca} closed"))
         }
         AdminAction::Profile { profile, action } => cli::call(
-            admin_url,
-            token,
+            target,
             "POST",
             &format!("/admin/v1/profiles/{profile}/state"),
             Some(serde_json::json!({ "enabled": action == "enable" })),
@@ -582,8 +634,9 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         other => other.to_string(),
     })?;
     let (server, addrs) = castellum::http::server(engine.clone(), &listen)?;
+    let scheme = |tls: bool| if tls { "https" } else { "http" };
     for addr in &addrs {
-        println!("castellum listening on http://{addr}");
+        println!("castellum listening on {}://{addr}", scheme(engine.config().http.tls.is_some()));
     }
     let admin_listen = engine.config().admin.listen.clone();
     let admin = if admin_listen.is_empty() {
@@ -591,13 +644,13 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     } else {
         let (admin, admin_addrs) = castellum::admin::server(engine.clone(), &admin_listen)?;
         for addr in &admin_addrs {
-            println!("admin console on http://{addr}/admin");
+            println!("admin console on {}://{addr}/admin", scheme(engine.config().admin.tls.is_some()));
         }
         let handle = admin.handle();
         actix_web::rt::spawn(admin);
         Some(handle)
     };
-    if dev {
+    if dev && engine.config().http.tls.is_none() {
         if let Some(addr) = addrs.first() {
             print_sample(addr);
         }

@@ -87,6 +87,11 @@ pub struct Metrics {
     /// Requests refused for their source address, by listener and reason (`connections`,
     /// `auth_failures`, `body_timeout`).
     pub source_refusals: Family<Labels, Counter>,
+    /// TLS file reloads by listener and outcome (`loaded`, `refused`: changed files that did
+    /// not load, the previous certificate kept).
+    pub tls_reloads: Family<Labels, Counter>,
+    /// When each listener's TLS certificate expires (Unix seconds), to alert before it does.
+    pub tls_certificate_not_after: Family<Labels, Gauge>,
     /// Pre-generated identity keys in stock, by kind.
     pub identity_key_pool: Family<Labels, Gauge>,
     /// Identities destroyed, by reason (`used`, `expired`).
@@ -148,6 +153,8 @@ impl Metrics {
             identity_keys: Family::default(),
             auth_failures: Family::default(),
             source_refusals: Family::default(),
+            tls_reloads: Family::default(),
+            tls_certificate_not_after: Family::default(),
             identity_key_pool: Family::default(),
             identities_destroyed: Family::default(),
             identity_sweeps: Counter::default(),
@@ -259,6 +266,12 @@ impl Metrics {
                 "source_refusals",
                 "Requests refused for their source address, by listener and reason",
                 m.source_refusals.clone(),
+            );
+            r.register("tls_reloads", "TLS certificate reloads, by listener and outcome", m.tls_reloads.clone());
+            r.register(
+                "tls_certificate_not_after",
+                "When each listener's TLS certificate expires (Unix seconds)",
+                m.tls_certificate_not_after.clone(),
             );
             r.register("identity_key_pool", "Pre-generated identity keys in stock", m.identity_key_pool.clone());
             r.register("identities_destroyed", "Identities destroyed, by reason", m.identities_destroyed.clone());

@@ -32,6 +32,8 @@ use crate::types::Client;
 pub struct Catalog {
     pub profiles: HashMap<String, Arc<Profile>>,
     pub clients_by_key: HashMap<[u8; 32], Arc<Client>>,
+    /// Clients by the names their TLS client certificates carry (`certificate_names`).
+    pub clients_by_certificate_name: HashMap<String, Arc<Client>>,
     pub clients_by_name: HashMap<String, Arc<Client>>,
     pub cas: HashMap<String, Arc<CaMaterial>>,
 }
@@ -41,6 +43,7 @@ impl Catalog {
         let profiles = config.profiles.iter().map(|p| (p.id.clone(), Arc::new(Profile::from_config(p)))).collect();
         let mut clients_by_key = HashMap::new();
         let mut clients_by_name = HashMap::new();
+        let mut clients_by_certificate_name = HashMap::new();
         for c in &config.clients {
             let client = Arc::new(Client {
                 name: c.name.clone(),
@@ -51,10 +54,13 @@ impl Catalog {
             if hex::decode_to_slice(c.api_key_sha256.to_ascii_lowercase(), &mut key).is_ok() {
                 clients_by_key.insert(key, client.clone());
             }
+            for name in &c.certificate_names {
+                clients_by_certificate_name.insert(name.to_ascii_lowercase(), client.clone());
+            }
             clients_by_name.insert(c.name.clone(), client);
         }
         let cas = cas.into_iter().map(|(id, m)| (id, Arc::new(m))).collect();
-        Catalog { profiles, clients_by_key, clients_by_name, cas }
+        Catalog { profiles, clients_by_key, clients_by_certificate_name, clients_by_name, cas }
     }
 }
 
@@ -246,6 +252,16 @@ impl Intake {
     pub fn authenticate(&self, api_key: &str) -> Result<Arc<Client>, EngineError> {
         let digest = crate::pki::sha256(api_key.as_bytes());
         self.catalog.clients_by_key.get(&digest).cloned().ok_or(EngineError::Unauthorized)
+    }
+
+    /// The client a verified TLS client certificate with these names authenticates: the first
+    /// name configured for a client (names are unique across clients: `check-config`).
+    pub fn authenticate_certificate(&self, names: &[String]) -> Result<Arc<Client>, EngineError> {
+        names
+            .iter()
+            .find_map(|n| self.catalog.clients_by_certificate_name.get(&n.to_ascii_lowercase()))
+            .cloned()
+            .ok_or(EngineError::Unauthorized)
     }
 
     /// Which profile, may this client use it, are it and its CA taking this kind of work.

@@ -13,28 +13,53 @@ pub enum CliError {
     Refused { status: u16, detail: String },
 }
 
+/// Where the admin API is and how to call it.
+pub struct AdminTarget {
+    pub url: String,
+    pub token: String,
+    /// PEM CA certificates that verify an https listener (the system's roots are not used).
+    pub cacert: Option<Vec<u8>>,
+}
+
+/// The URL of a configuration's admin listener, as reached from this machine: an unspecified
+/// address (`0.0.0.0`, `[::]`) is reached on loopback. `None`: no admin listener.
+pub fn url_of(admin: &crate::config::AdminConfig) -> Option<String> {
+    if admin.listen.is_empty() {
+        return None;
+    }
+    let scheme = if admin.tls.is_some() { "https" } else { "http" };
+    let host = match admin.listen.parse::<std::net::SocketAddr>() {
+        Ok(a) if a.ip().is_unspecified() => match a {
+            std::net::SocketAddr::V4(a) => format!("127.0.0.1:{}", a.port()),
+            std::net::SocketAddr::V6(a) => format!("[::1]:{}", a.port()),
+        },
+        _ => admin.listen.clone(),
+    };
+    Some(format!("{scheme}://{host}"))
+}
+
 /// One call to the admin API; the JSON answer.
-pub fn call(base: &str, token: &str, method: &str, path: &str, body: Option<Value>) -> Result<Value, CliError> {
-    let url = format!("{}{path}", base.trim_end_matches('/'));
+pub fn call(target: &AdminTarget, method: &str, path: &str, body: Option<Value>) -> Result<Value, CliError> {
+    let url = format!("{}{path}", target.url.trim_end_matches('/'));
+    let unreachable = |reason: String| CliError::Unreachable { url: url.clone(), reason };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| CliError::Unreachable { url: url.clone(), reason: e.to_string() })?;
+        .map_err(|e| unreachable(e.to_string()))?;
     runtime.block_on(async {
         // An admin listener that accepts but never answers must not hang the operator's shell.
-        let http = reqwest::Client::builder()
-            .timeout(std::time::Duration::from_secs(10))
-            .build()
-            .map_err(|e| CliError::Unreachable { url: url.clone(), reason: e.to_string() })?;
+        let mut http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10));
+        if let Some(pem) = &target.cacert {
+            for cert in reqwest::Certificate::from_pem_bundle(pem).map_err(|e| unreachable(format!("--cacert: {e}")))? {
+                http = http.add_root_certificate(cert);
+            }
+        }
+        let http = http.build().map_err(|e| unreachable(e.to_string()))?;
         let request = match method {
             "GET" => http.get(&url),
             _ => http.post(&url).json(&body.unwrap_or(Value::Object(Default::default()))),
         };
-        let response = request
-            .bearer_auth(token)
-            .send()
-            .await
-            .map_err(|e| CliError::Unreachable { url: url.clone(), reason: e.to_string() })?;
+        let response = request.bearer_auth(&target.token).send().await.map_err(|e| unreachable(error_chain(&e)))?;
         let status = response.status().as_u16();
         let json: Value = response.json().await.unwrap_or(Value::Null);
         if status >= 400 {
@@ -42,6 +67,18 @@ pub fn call(base: &str, token: &str, method: &str, path: &str, body: Option<Valu
         }
         Ok(json)
     })
+}
+
+/// An error with its causes (reqwest's own message omits why a TLS handshake failed).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 fn table(out: &mut String, headers: &[&str], rows: Vec<Vec<String>>) {

@@ -260,6 +260,7 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
         })
         .collect();
     let tokens = AdminTokens(Arc::new(tokens));
+    let tls = crate::http::listener_tls("admin", engine.config().admin.tls.as_ref(), &engine)?;
     let bounds = SourceBounds::new("admin", &engine.config().http, engine.shared_metrics());
     let counted = bounds.clone();
     let data = web::Data::new(engine);
@@ -279,8 +280,11 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
     .workers(1)
     // The binary stops it, after the API's drain (see `serve`).
     .disable_signals()
-    .shutdown_timeout(5)
-    .bind(listen)?;
+    .shutdown_timeout(5);
+    let http = match tls {
+        Some(tls) => http.bind_rustls_0_23(listen, tls)?,
+        None => http.bind(listen)?,
+    };
     let addrs = http.addrs();
     Ok((http.run(), addrs))
 }

@@ -181,6 +181,30 @@ pub struct HttpConfig {
     /// Failed authentications one source address may make (a burst, refilled at a rate) before
     /// its failures are answered `429` with `Retry-After`; a valid key is never held back.
     pub auth_failures: RateConfig,
+    /// TLS on the API listener; absent: plain HTTP (for loopback, or behind a terminating
+    /// balancer on a private network).
+    pub tls: Option<TlsConfig>,
+}
+
+/// A listener's TLS: its certificate and key files, reloaded when they change.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM: the listener's certificate first, then the intermediates to send with it.
+    pub certificate: PathBuf,
+    /// PEM: its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM: the CAs whose client certificates authenticate API clients (mutual TLS; see
+    /// `clients[].certificate_names`). Absent: no client certificate is asked for.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// How often the files are read for a change (a rotation needs no restart).
+    #[serde(default = "default_tls_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+fn default_tls_reload_interval() -> Duration {
+    Duration::from_secs(5)
 }
 
 impl Default for HttpConfig {
@@ -194,6 +218,7 @@ impl Default for HttpConfig {
             body_timeout: Duration::from_secs(10),
             connections_per_source: 1024,
             auth_failures: RateConfig { per_second: 2, burst: 20 },
+            tls: None,
         }
     }
 }
@@ -209,11 +234,18 @@ pub struct AdminConfig {
     /// console; 60 points are kept.
     #[serde(with = "humantime_serde")]
     pub history_interval: Duration,
+    /// TLS on the admin listener (required off loopback in production: `check-config`).
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        AdminConfig { listen: "127.0.0.1:8081".into(), tokens: Vec::new(), history_interval: Duration::from_secs(5) }
+        AdminConfig {
+            listen: "127.0.0.1:8081".into(),
+            tokens: Vec::new(),
+            history_interval: Duration::from_secs(5),
+            tls: None,
+        }
     }
 }
 
@@ -924,12 +956,19 @@ impl Default for NamePolicy {
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
     pub name: String,
-    /// Hex SHA-256 of the client's bearer API key (`castellum hash-key` prints it).
+    /// Hex SHA-256 of the client's bearer API key (`castellum hash-key` prints it). Empty: the
+    /// client authenticates by its TLS client certificate alone (`certificate_names`).
+    #[serde(default)]
     pub api_key_sha256: String,
     pub profiles: Vec<String>,
     /// The client's own rate (GCRA); over it, requests get `429` with `Retry-After`.
     #[serde(default)]
     pub rate: Option<RateConfig>,
+    /// Mutual TLS: a client certificate verified against `http.tls.client_ca` whose
+    /// subjectAltName (DNS name or URI) or common name is one of these authenticates this client
+    /// on a request without a bearer key. `api_key_sha256` may then be empty.
+    #[serde(default)]
+    pub certificate_names: Vec<String>,
     /// The names this client may request, within what each profile allows.
     #[serde(default)]
     pub names: ClientNamePolicy,
@@ -1017,7 +1056,8 @@ impl ConfigError {
 /// `CASTELLUM_*` variables that belong to the command line (`--config`, the admin, drill and
 /// storm commands' token, keys and URL) or to the test harness, not to the configuration: read as
 /// configuration keys they would be refused as unknown fields.
-const COMMAND_LINE_VARIABLES: &[&str] = &["config", "admin_token", "admin_url", "api_key", "storm_api_key", "test_pg"];
+const COMMAND_LINE_VARIABLES: &[&str] =
+    &["config", "admin_token", "admin_token_file", "admin_url", "admin_cacert", "api_key", "storm_api_key", "test_pg"];
 
 impl Config {
     /// Is this deliberate defect built in? (Only ever true in dev mode.)

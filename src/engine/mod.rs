@@ -325,6 +325,11 @@ impl Engine {
         self.inner.intake.authenticate(api_key)
     }
 
+    /// The client a verified TLS client certificate authenticates, by the certificate's names.
+    pub fn authenticate_certificate(&self, names: &[String]) -> Result<Arc<Client>, EngineError> {
+        self.inner.intake.authenticate_certificate(names)
+    }
+
     /// A configured client by name, for applications that authenticate callers themselves.
     pub fn client(&self, name: &str) -> Option<Arc<Client>> {
         self.inner.catalog.clients_by_name.get(name).cloned()

@@ -1,4 +1,5 @@
-//! Bearer API keys: `Authorization: Bearer <key>`; keys are compared by their SHA-256.
+//! Who a request is from: a bearer API key (`Authorization: Bearer <key>`, compared by its
+//! SHA-256), or else the verified TLS client certificate of its connection, by its names.
 
 use std::future::{ready, Ready};
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use serde::de::DeserializeOwned;
 
 use super::bounds::SourceBounds;
 use super::problem::Problem;
+use super::tls::ClientCertificate;
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::types::Client;
@@ -26,11 +28,16 @@ impl FromRequest for Authenticated {
     }
 }
 
-/// The client whose bearer key the request carries. A failure counts against the request's
-/// source address (`429` once it fails too often; a valid key is never held back).
+/// The client whose bearer key the request carries or, without one, whose name its connection's
+/// client certificate carries. A failure counts against the request's source address (`429`
+/// once it fails too often; a valid key is never held back).
 fn authenticate(req: &HttpRequest) -> Result<Authenticated, EngineError> {
     let engine = req.app_data::<web::Data<Engine>>().ok_or(EngineError::Internal("no engine".into()))?;
-    let found = bearer(req).ok_or(EngineError::Unauthorized).and_then(|key| engine.authenticate(key));
+    let found = match (bearer(req), req.conn_data::<ClientCertificate>()) {
+        (Some(key), _) => engine.authenticate(key),
+        (None, Some(cert)) => engine.authenticate_certificate(&cert.names),
+        (None, None) => Err(EngineError::Unauthorized),
+    };
     found.map(Authenticated).map_err(|e| match (e, req.app_data::<web::Data<SourceBounds>>()) {
         (EngineError::Unauthorized, Some(bounds)) => bounds.auth_failed(req.peer_addr().map(|a| a.ip())),
         (e, _) => e,

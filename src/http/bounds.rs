@@ -184,7 +184,7 @@ fn has_body(headers: &actix_web::http::header::HeaderMap) -> bool {
 
 /// The peer address of a plain TCP connection (the only kind the listeners accept today).
 fn peer_ip(connection: &dyn Any) -> Option<IpAddr> {
-    let tcp = connection.downcast_ref::<actix_web::rt::net::TcpStream>()?;
+    let tcp = super::tls::tcp_stream(connection)?;
     tcp.peer_addr().ok().map(|a| a.ip())
 }
 

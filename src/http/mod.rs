@@ -8,6 +8,7 @@ pub mod identities;
 pub mod ops;
 pub mod problem;
 pub mod revocation;
+pub mod tls;
 
 use std::net::SocketAddr;
 
@@ -84,8 +85,20 @@ pub fn body_timeout(req: &actix_web::HttpRequest) -> EngineError {
     EngineError::BodyTimeout(bounds.map(|b| b.body_timeout()).unwrap_or_default())
 }
 
+/// Load a listener's TLS files (when configured) as an I/O error for the caller that binds.
+pub fn listener_tls(
+    listener: &'static str,
+    tls: Option<&crate::config::TlsConfig>,
+    engine: &Engine,
+) -> std::io::Result<Option<rustls::ServerConfig>> {
+    tls.map(|files| tls::ListenerTls::start(listener, files, engine.shared_metrics().as_ref()))
+        .transpose()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{listener} TLS: {e}")))
+}
+
 /// Bind the API on `listen`; returns the server (to run or stop) and the bound addresses.
 pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<SocketAddr>)> {
+    let tls = listener_tls("api", engine.config().http.tls.as_ref(), &engine)?;
     let max_body = engine.config().http.max_body_bytes;
     let workers = engine.config().http.workers;
     let keep_alive = engine.config().http.keep_alive;
@@ -113,7 +126,10 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
             .configure(|cfg| routes(cfg, max_body))
             .default_service(web::to(|| async { Err::<actix_web::HttpResponse, _>(Problem(EngineError::NotFound)) }))
     })
-    .on_connect(move |connection, extensions| counted.on_connect(connection, extensions))
+    .on_connect(move |connection, extensions| {
+        counted.on_connect(connection, extensions);
+        tls::on_connect(connection, extensions);
+    })
     .keep_alive(keep_alive)
     // The binary decides when to stop (it drains first): actix must not stop on a signal itself.
     .disable_signals()
@@ -121,7 +137,10 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
     if workers > 0 {
         http = http.workers(workers);
     }
-    let http = http.bind(listen)?;
+    let http = match tls {
+        Some(tls) => http.bind_rustls_0_23(listen, tls)?,
+        None => http.bind(listen)?,
+    };
     let addrs = http.addrs();
     Ok((http.run(), addrs))
 }

@@ -126,6 +126,14 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: Config) -> TestServer {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client");
+        TestServer::start_with(config, http).await
+    }
+
+    /// Start it with the test's own HTTP client (one that trusts a TLS listener's CA).
+    pub async fn start_with(config: Config, http: reqwest::Client) -> TestServer {
+        let scheme = |tls: bool| if tls { "https" } else { "http" };
+        let (api_scheme, admin_scheme) = (scheme(config.http.tls.is_some()), scheme(config.admin.tls.is_some()));
         let engine = Engine::start(config).await.expect("engine starts");
         let (server, addrs) = castellum::http::server(engine.clone(), "127.0.0.1:0").expect("bind loopback");
         let handle = server.handle();
@@ -133,11 +141,10 @@ impl TestServer {
         let (admin, admin_addrs) = castellum::admin::server(engine.clone(), "127.0.0.1:0").expect("bind admin");
         let admin_handle = admin.handle();
         actix_rt::spawn(admin);
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("http client");
         TestServer {
             engine,
-            base: format!("http://{}", addrs[0]),
-            admin_base: format!("http://{}", admin_addrs[0]),
+            base: format!("{api_scheme}://{}", addrs[0]),
+            admin_base: format!("{admin_scheme}://{}", admin_addrs[0]),
             http,
             handle,
             admin_handle,
