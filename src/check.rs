@@ -382,10 +382,16 @@ fn check_tls(config: &Config, p: &mut Problems) {
                     p.add(format!("{at}.tls.reload_interval"), "must be positive");
                 }
                 if at == "admin" && files.client_ca.is_some() {
-                    p.add("admin.tls.client_ca", "admins authenticate by token; client certificates are for API clients");
+                    p.add(
+                        "admin.tls.client_ca",
+                        "admins authenticate by token; client certificates are for API clients",
+                    );
                 }
                 if let Err(e) = crate::http::tls::check_files(files) {
                     p.add(format!("{at}.tls"), e.to_string());
+                }
+                if production && readable_by_others(&files.key) {
+                    p.warn(format!("{at}.tls.key"), "the key file is readable by other users (chmod 600)");
                 }
             }
             None if production && !is_loopback(listen) => {
@@ -393,12 +399,21 @@ fn check_tls(config: &Config, p: &mut Problems) {
                 if at == "admin" {
                     p.add(format!("{at}.tls"), message);
                 } else {
-                    p.warn(format!("{at}.tls"), format!("{message} (unless a balancer on a private network terminates TLS)"));
+                    p.warn(
+                        format!("{at}.tls"),
+                        format!("{message} (unless a balancer on a private network terminates TLS)"),
+                    );
                 }
             }
             None => {}
         }
     }
+}
+
+/// Whether a file's permissions let users other than its owner read it.
+fn readable_by_others(path: &std::path::Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
 }
 
 /// Whether every address `listen` can mean is a loopback address (`localhost` counts).

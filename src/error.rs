@@ -20,7 +20,7 @@ pub enum EngineError {
     WeakSignatureAlgorithm(String),
     #[error("policy violation: {0}")]
     PolicyViolation(String),
-    #[error("missing or invalid API key")]
+    #[error("missing or invalid credentials (API key or client certificate)")]
     Unauthorized,
     #[error("forbidden: {0}")]
     Forbidden(String),

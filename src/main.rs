@@ -352,7 +352,7 @@ fn main() -> ExitCode {
             storm(&plan)
         }
         Command::Admin { admin_url, token, token_file, cacert, action } => {
-            match admin_target(config.as_deref(), admin_url, token, token_file, cacert) {
+            match admin_target(config, admin_url, token, token_file, cacert) {
                 Ok(target) => admin(&target, &action),
                 Err(e) => {
                     eprintln!("admin: {e}");
@@ -564,26 +564,19 @@ fn admin_target(
 fn admin(target: &castellum::admin::cli::AdminTarget, action: &AdminAction) -> ExitCode {
     use castellum::admin::cli;
     let result = match action {
-        AdminAction::Status { json } => cli::call(
-            target, "GET", "/admin/v1/status", None).map(|v| {
+        AdminAction::Status { json } => cli::call(target, "GET", "/admin/v1/status", None).map(|v| {
             if *json {
                 serde_json::to_string_pretty(&v).unwrap_or_default()
             } else {
                 cli::render_status(&v)
             }
         }),
-        AdminAction::CaState { ca, state } => cli::call(
-            target,
-            "POST",
-            &format!("/admin/v1/cas/{ca}/state"),
-            Some(serde_json::json!({ "state": state })),
-        )
-        .map(|v| format!("{ca} is {state} (registry version {})", v["registry_version"])),
-        AdminAction::Resubmit { ca } => {
-            cli::call(
-            target, "POST", &format!("/admin/v1/cas/{ca}/resubmit"), None)
-                .map(|v| format!("resubmitting {} parked requests of {ca}", v["resubmitting"]))
+        AdminAction::CaState { ca, state } => {
+            cli::call(target, "POST", &format!("/admin/v1/cas/{ca}/state"), Some(serde_json::json!({ "state": state })))
+                .map(|v| format!("{ca} is {state} (registry version {})", v["registry_version"]))
         }
+        AdminAction::Resubmit { ca } => cli::call(target, "POST", &format!("/admin/v1/cas/{ca}/resubmit"), None)
+            .map(|v| format!("resubmitting {} parked requests of {ca}", v["resubmitting"])),
         AdminAction::Revoke { serial, reason } => cli::call(
             target,
             "POST",
@@ -602,8 +595,7 @@ fn admin(target: &castellum::admin::cli::AdminTarget, action: &AdminAction) -> E
         )
         .map(|v| format!("{} certificates of {ca} revoked ({reason})", v["revoked"])),
         AdminAction::ResetBreaker { ca } => {
-            cli::call(
-            target, "POST", &format!("/admin/v1/cas/{ca}/breaker/reset"), None)
+            cli::call(target, "POST", &format!("/admin/v1/cas/{ca}/breaker/reset"), None)
                 .map(|_| format!("breaker of {ca} closed"))
         }
         AdminAction::Profile { profile, action } => cli::call(

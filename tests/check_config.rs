@@ -382,3 +382,71 @@ fn revocation_settings_are_checked() {
     let policy = text.replacen("policies = [\"2.23.140.1.2.1\"]", "policies = [\"dv\"]", 1);
     assert_flags(&policy, "profiles[0].policies[0]", "not an object identifier");
 }
+
+/// Listeners off loopback in production: the admin listener without TLS is refused, the API
+/// listener without TLS is warned about (a balancer on a private network may terminate TLS);
+/// on loopback, or in dev mode, neither is flagged.
+#[test]
+fn listeners_off_loopback_need_tls_in_production() {
+    let production = dev_config_text().replace("mode = \"dev\"", "mode = \"production\"");
+    let open = production
+        .replace("listen = \"127.0.0.1:8081\"", "listen = \"0.0.0.0:8081\"")
+        .replace("listen = \"127.0.0.1:8080\"", "listen = \"0.0.0.0:8080\"");
+    assert_flags(&open, "admin.tls", "not on loopback and has no TLS");
+    assert_flags(&open, "warning: http.tls", "not on loopback and has no TLS");
+    let flagged = |text: &str| problems_of(text).iter().filter(|p| p.contains(".tls")).cloned().collect::<Vec<_>>();
+    assert!(flagged(&production).is_empty(), "{:?}", flagged(&production));
+    let dev_open = open.replace("mode = \"production\"", "mode = \"dev\"");
+    assert!(flagged(&dev_open).is_empty(), "{:?}", flagged(&dev_open));
+}
+
+/// TLS files are loaded by check-config: a missing file, a key of another certificate, client
+/// certificate names without a client CA, a client CA on the admin listener.
+#[test]
+fn tls_files_and_client_certificates_are_checked() {
+    // Two listener certificates with their keys, made by the openssl command line.
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["one", "two"] {
+        let (ok, out) = run(std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+            .args(["-subj", &format!("/CN={name}"), "-keyout"])
+            .arg(dir.path().join(format!("{name}.key")))
+            .arg("-out")
+            .arg(dir.path().join(format!("{name}.crt"))));
+        assert!(ok, "{out}");
+    }
+    let keys = dir.path().to_path_buf();
+    let tls = |cert: &str, key: &str, extra: &str| {
+        let listener = format!(
+            "[http.tls]\ncertificate = \"{}\"\nkey = \"{}\"\n{extra}\n",
+            keys.join(cert).display(),
+            keys.join(key).display()
+        );
+        dev_config_text().replacen("[admin]", &format!("{listener}\n[admin]"), 1)
+    };
+    let good = tls("one.crt", "one.key", "");
+    assert!(problems_of(&good).iter().all(|p| !p.contains("tls")), "{:?}", problems_of(&good));
+    assert_flags(&tls("one.crt", "two.key", ""), "http.tls", "does not match");
+    assert_flags(&tls("missing.crt", "one.key", ""), "http.tls", "missing.crt");
+    assert_flags(&tls("one.crt", "one.key", "reload_interval = \"0s\""), "http.tls.reload_interval", "positive");
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(keys.join("one.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let production = good.replace("mode = \"dev\"", "mode = \"production\"");
+    assert_flags(&production, "warning: http.tls.key", "readable by other users");
+    let cert_only = dev_config_text().replace(
+        "[[clients]]\nname = \"other\"",
+        "[[clients]]\nname = \"robot\"\ncertificate_names = [\"robot.example.test\"]\nprofiles = []\n\n[[clients]]\nname = \"other\"",
+    );
+    assert_flags(&cert_only, "clients[1].certificate_names[0]", "set http.tls.client_ca");
+    let admin_ca = dev_config_text().replacen(
+        "[database]",
+        &format!(
+            "[admin.tls]\ncertificate = \"{}\"\nkey = \"{}\"\nclient_ca = \"{}\"\n\n[database]",
+            keys.join("one.crt").display(),
+            keys.join("one.key").display(),
+            dev_keys().join("root.crt").display()
+        ),
+        1,
+    );
+    assert_flags(&admin_ca, "admin.tls.client_ca", "admins authenticate by token");
+}

@@ -7,8 +7,8 @@
 mod common;
 
 use std::path::PathBuf;
-use tokio::process::Command;
 use std::time::{Duration, Instant};
+use tokio::process::Command;
 
 use castellum::config::TlsConfig;
 use common::*;
@@ -191,27 +191,31 @@ async fn both_listeners_speak_tls_that_curl_verifies() {
 
     let (ok, out) = curl(&["--cacert", &ca, &server.url("/v1/cas"), "-H", "Authorization: Bearer dev-key-demo"]).await;
     assert!(ok && out.contains("ica-p256"), "{out}");
-    let (ok, out) = curl(&["--cacert", &ca, "-o", "/dev/null", "-w", "%{http_code}", &format!("{}/admin", server.admin_base)]).await;
+    let (ok, out) =
+        curl(&["--cacert", &ca, "-o", "/dev/null", "-w", "%{http_code}", &format!("{}/admin", server.admin_base)])
+            .await;
     assert!(ok && out == "200", "{out}");
     // A client that does not trust the listener's CA is refused by its own TLS check.
     let (ok, out) = curl(&[&server.url("/healthz")]).await;
     assert!(!ok && out.contains("certificate"), "{out}");
     // Plain HTTP to a TLS listener gets no HTTP answer.
-    let (ok, out) = curl(&["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{}/healthz", addr_of(&server.base))]).await;
+    let (ok, out) =
+        curl(&["-o", "/dev/null", "-w", "%{http_code}", &format!("http://{}/healthz", addr_of(&server.base))]).await;
     assert!(!ok || out == "000", "{out}");
     assert!(pki.served_subject(&addr_of(&server.admin_base)).await.contains("castellum api"));
 
     // `castellum admin -c`: the admin address from the configuration, the token from a file.
     let port = addr_of(&server.admin_base).rsplit(':').next().unwrap().to_string();
     let config_file = pki.path("castellum.toml");
-    let text = dev_config_text().replace("listen = \"127.0.0.1:8081\"", &format!("listen = \"0.0.0.0:{port}\"")).replace(
-        "\n[database]",
-        &format!(
-            "\n[admin.tls]\ncertificate = \"{}\"\nkey = \"{}\"\n\n[database]",
-            pki.path("cert.pem").display(),
-            pki.path("key.pem").display()
-        ),
-    );
+    let text =
+        dev_config_text().replace("listen = \"127.0.0.1:8081\"", &format!("listen = \"0.0.0.0:{port}\"")).replace(
+            "\n[database]",
+            &format!(
+                "\n[admin.tls]\ncertificate = \"{}\"\nkey = \"{}\"\n\n[database]",
+                pki.path("cert.pem").display(),
+                pki.path("key.pem").display()
+            ),
+        );
     std::fs::write(&config_file, text).unwrap();
     std::fs::write(pki.path("token"), "dev-admin-token\n").unwrap();
     let admin = |extra: &[&str]| {
@@ -348,9 +352,39 @@ async fn client_certificates_authenticate_a_configured_client() {
     // Refused in the handshake: an unknown CA's certificate, an expired one, a server one.
     let stranger_ca = make("stranger CA", &[], Usage::Ca, now() - DAY, now() + DAY, None);
     let refused = [
-        ("unknown CA", make("robot.example.test", &["DNS:robot.example.test"], Usage::Client, now() - 60, now() + DAY, Some(&stranger_ca))),
-        ("expired", make("robot.example.test", &["DNS:robot.example.test"], Usage::Client, now() - 3 * DAY, now() - DAY, Some(&pki.ca))),
-        ("server only", make("robot.example.test", &["DNS:robot.example.test"], Usage::Server, now() - 60, now() + DAY, Some(&pki.ca))),
+        (
+            "unknown CA",
+            make(
+                "robot.example.test",
+                &["DNS:robot.example.test"],
+                Usage::Client,
+                now() - 60,
+                now() + DAY,
+                Some(&stranger_ca),
+            ),
+        ),
+        (
+            "expired",
+            make(
+                "robot.example.test",
+                &["DNS:robot.example.test"],
+                Usage::Client,
+                now() - 3 * DAY,
+                now() - DAY,
+                Some(&pki.ca),
+            ),
+        ),
+        (
+            "server only",
+            make(
+                "robot.example.test",
+                &["DNS:robot.example.test"],
+                Usage::Server,
+                now() - 60,
+                now() + DAY,
+                Some(&pki.ca),
+            ),
+        ),
     ];
     for (why, cert) in &refused {
         pki.write("bad.pem", &cert.cert.to_pem().unwrap());
@@ -359,7 +393,14 @@ async fn client_certificates_authenticate_a_configured_client() {
         assert!(!ok && !out.ends_with("201"), "{why}: {out}");
     }
     // Valid, but no client has its name.
-    let nobody = make("nobody.example.test", &["DNS:nobody.example.test"], Usage::Client, now() - 60, now() + DAY, Some(&pki.ca));
+    let nobody = make(
+        "nobody.example.test",
+        &["DNS:nobody.example.test"],
+        Usage::Client,
+        now() - 60,
+        now() + DAY,
+        Some(&pki.ca),
+    );
     pki.write("nobody.pem", &nobody.cert.to_pem().unwrap());
     pki.write("nobody.key", &nobody.key.private_key_to_pem_pkcs8().unwrap());
     let (ok, out) = with_cert("nobody.pem", "nobody.key", &[]).await;

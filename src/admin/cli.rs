@@ -42,10 +42,8 @@ pub fn url_of(admin: &crate::config::AdminConfig) -> Option<String> {
 pub fn call(target: &AdminTarget, method: &str, path: &str, body: Option<Value>) -> Result<Value, CliError> {
     let url = format!("{}{path}", target.url.trim_end_matches('/'));
     let unreachable = |reason: String| CliError::Unreachable { url: url.clone(), reason };
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| unreachable(e.to_string()))?;
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| unreachable(e.to_string()))?;
     runtime.block_on(async {
         // An admin listener that accepts but never answers must not hang the operator's shell.
         let mut http = reqwest::Client::builder().timeout(std::time::Duration::from_secs(10));

@@ -327,9 +327,7 @@ pub struct ClientCertificate {
 
 /// The TCP stream under a connection, plain or TLS.
 pub fn tcp_stream(connection: &dyn Any) -> Option<&TcpStream> {
-    connection
-        .downcast_ref::<TcpStream>()
-        .or_else(|| connection.downcast_ref::<TlsStream>().map(|tls| tls.get_ref().0))
+    connection.downcast_ref::<TcpStream>().or_else(|| connection.downcast_ref::<TlsStream>().map(|tls| tls.get_ref().0))
 }
 
 /// Note a TLS connection's client certificate (already verified by the handshake) on it.
@@ -368,7 +366,8 @@ mod tests {
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
         std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
         std::fs::write(&key, "SECRET-KEY-MATERIAL").unwrap();
-        let files = TlsConfig { certificate: cert, key: key.clone(), client_ca: None, reload_interval: Duration::from_secs(1) };
+        let files =
+            TlsConfig { certificate: cert, key: key.clone(), client_ca: None, reload_interval: Duration::from_secs(1) };
         let e = load(&files, &provider()).err().unwrap().to_string();
         assert!(e.contains("key.pem"), "{e}");
         assert!(!e.contains("SECRET"), "{e}");
