@@ -52,6 +52,7 @@ pub fn check_config(config: &Config) -> (Vec<ConfigProblem>, HashMap<String, CaM
     check_profiles(config, &cas, &mut p);
     check_identities(config, &mut p);
     check_clients(config, &mut p);
+    check_certificate_names_are_unobtainable(config, &mut p);
     check_admin(config, &mut p);
     check_tls(config, &mut p);
     check_database(config, &mut p);
@@ -391,7 +392,7 @@ fn check_tls(config: &Config, p: &mut Problems) {
                     p.add(format!("{at}.tls"), e.to_string());
                 }
                 if production && readable_by_others(&files.key) {
-                    p.warn(format!("{at}.tls.key"), "the key file is readable by other users (chmod 600)");
+                    p.warn(format!("{at}.tls.key"), "the key file is readable by its group or other users (chmod 600)");
                 }
             }
             None if production && !is_loopback(listen) => {
@@ -410,7 +411,7 @@ fn check_tls(config: &Config, p: &mut Problems) {
     }
 }
 
-/// Whether a file's permissions let users other than its owner read it.
+/// Whether a file's permissions let anyone but its owner read it (group included).
 fn readable_by_others(path: &std::path::Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o077 != 0)
@@ -470,6 +471,43 @@ fn check_clients(config: &Config, p: &mut Problems) {
         for (j, s) in client.names.dns_suffixes.iter().enumerate() {
             if !crate::pki::csr::is_valid_dns_name(s.trim_start_matches('.')) {
                 p.add(format!("{at}.names.dns_suffixes[{j}]"), format!("{s:?} is not a DNS name"));
+            }
+        }
+    }
+}
+
+/// A name that authenticates one client by its TLS client certificate must not be one another
+/// client can have castellum certify for client authentication: it could then act as that
+/// client. Judged over every profile with the clientAuth usage, whatever its CA (whether that CA
+/// chains to `http.tls.client_ca` is not looked at: stricter, and simpler to reason about).
+fn check_certificate_names_are_unobtainable(config: &Config, p: &mut Problems) {
+    use crate::pki::names::{normalize_suffix, within_suffixes};
+    let client_auth: Vec<_> = config
+        .profiles
+        .iter()
+        .filter(|profile| profile.extended_key_usage.contains(&ExtendedKeyUsageName::ClientAuth) && profile.names.dns)
+        .collect();
+    for (i, owner) in config.clients.iter().enumerate() {
+        for (j, name) in owner.certificate_names.iter().enumerate() {
+            let name = name.to_ascii_lowercase();
+            for other in config.clients.iter().filter(|c| c.name != owner.name) {
+                let theirs: Vec<String> = other.names.dns_suffixes.iter().map(|s| normalize_suffix(s)).collect();
+                let reachable = client_auth.iter().find(|profile| {
+                    let suffixes: Vec<String> =
+                        profile.names.dns_suffixes.iter().map(|s| normalize_suffix(s)).collect();
+                    other.profiles.contains(&profile.id)
+                        && (suffixes.is_empty() || within_suffixes(&name, &suffixes))
+                        && (theirs.is_empty() || within_suffixes(&name, &theirs))
+                });
+                if let Some(profile) = reachable {
+                    p.add(
+                        format!("clients[{i}].certificate_names[{j}]"),
+                        format!(
+                            "client {:?} may obtain a client certificate for {name:?} (profile {:?}) and would act as {:?}: restrict its names ([clients.names] dns_suffixes)",
+                            other.name, profile.id, owner.name
+                        ),
+                    );
+                }
             }
         }
     }

@@ -432,12 +432,14 @@ fn tls_files_and_client_certificates_are_checked() {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(keys.join("one.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
     let production = good.replace("mode = \"dev\"", "mode = \"production\"");
-    assert_flags(&production, "warning: http.tls.key", "readable by other users");
+    assert_flags(&production, "warning: http.tls.key", "readable by its group or other users");
     let cert_only = dev_config_text().replace(
         "[[clients]]\nname = \"other\"",
         "[[clients]]\nname = \"robot\"\ncertificate_names = [\"robot.example.test\"]\nprofiles = []\n\n[[clients]]\nname = \"other\"",
     );
     assert_flags(&cert_only, "clients[1].certificate_names[0]", "set http.tls.client_ca");
+    // demo may request any example.test name from the client profile: it could act as robot.
+    assert_flags(&cert_only, "clients[1].certificate_names[0]", "client \"demo\" may obtain a client certificate");
     let admin_ca = dev_config_text().replacen(
         "[database]",
         &format!(

@@ -28,6 +28,15 @@ use crate::pki::{csr, CaMaterial, CheckedCsr, Profile};
 use crate::states::CaState;
 use crate::types::Client;
 
+/// A certificate name as compared: DNS names and common names without regard to case, URIs as
+/// they are (their paths are case-sensitive).
+fn certificate_name(name: &str) -> String {
+    match name.contains("://") {
+        true => name.to_string(),
+        false => name.to_ascii_lowercase(),
+    }
+}
+
 /// Everything fixed at start-up: profiles, clients, CA material.
 pub struct Catalog {
     pub profiles: HashMap<String, Arc<Profile>>,
@@ -55,7 +64,7 @@ impl Catalog {
                 clients_by_key.insert(key, client.clone());
             }
             for name in &c.certificate_names {
-                clients_by_certificate_name.insert(name.to_ascii_lowercase(), client.clone());
+                clients_by_certificate_name.insert(certificate_name(name), client.clone());
             }
             clients_by_name.insert(c.name.clone(), client);
         }
@@ -254,14 +263,18 @@ impl Intake {
         self.catalog.clients_by_key.get(&digest).cloned().ok_or(EngineError::Unauthorized)
     }
 
-    /// The client a verified TLS client certificate with these names authenticates: the first
-    /// name configured for a client (names are unique across clients: `check-config`).
+    /// The client a verified TLS client certificate with these names authenticates. Names are
+    /// unique across clients (`check-config`); a certificate whose names reach two clients
+    /// authenticates neither (the order of its names is the requester's choice).
     pub fn authenticate_certificate(&self, names: &[String]) -> Result<Arc<Client>, EngineError> {
-        names
-            .iter()
-            .find_map(|n| self.catalog.clients_by_certificate_name.get(&n.to_ascii_lowercase()))
-            .cloned()
-            .ok_or(EngineError::Unauthorized)
+        let mut found: Option<&Arc<Client>> = None;
+        for client in names.iter().filter_map(|n| self.catalog.clients_by_certificate_name.get(&certificate_name(n))) {
+            match found {
+                Some(f) if !Arc::ptr_eq(f, client) => return Err(EngineError::Unauthorized),
+                _ => found = Some(client),
+            }
+        }
+        found.cloned().ok_or(EngineError::Unauthorized)
     }
 
     /// Which profile, may this client use it, are it and its CA taking this kind of work.

@@ -47,7 +47,8 @@ fn authenticate(req: &HttpRequest) -> Result<Authenticated, EngineError> {
 /// The bearer token of a request's `Authorization` header.
 pub fn bearer(req: &HttpRequest) -> Option<&str> {
     let value = req.headers().get(actix_web::http::header::AUTHORIZATION)?.to_str().ok()?;
-    value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).map(str::trim)
+    let key = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).map(str::trim)?;
+    (!key.is_empty()).then_some(key)
 }
 
 /// A refused request's body up to this size is read and thrown away before the refusal is

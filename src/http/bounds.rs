@@ -182,7 +182,7 @@ fn has_body(headers: &actix_web::http::header::HeaderMap) -> bool {
     declared.is_some_and(|n| n > 0) || headers.contains_key(TRANSFER_ENCODING)
 }
 
-/// The peer address of a plain TCP connection (the only kind the listeners accept today).
+/// The peer address of a connection, plain TCP or TLS (counted once its handshake is done).
 fn peer_ip(connection: &dyn Any) -> Option<IpAddr> {
     let tcp = super::tls::tcp_stream(connection)?;
     tcp.peer_addr().ok().map(|a| a.ip())

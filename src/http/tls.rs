@@ -57,8 +57,33 @@ struct Loaded {
     certified: Arc<CertifiedKey>,
     /// Absent: client certificates are not asked for.
     clients: Option<Arc<dyn ClientCertVerifier>>,
-    /// SHA-256 of the files' bytes, to see a change.
-    digest: [u8; 32],
+}
+
+/// The bytes of a listener's files, read once: what is hashed is what is parsed.
+struct FileBytes {
+    certificate: Vec<u8>,
+    key: Vec<u8>,
+    client_ca: Option<Vec<u8>>,
+}
+
+impl FileBytes {
+    fn read(files: &TlsConfig) -> Result<FileBytes, TlsError> {
+        Ok(FileBytes {
+            certificate: read(&files.certificate)?,
+            key: read(&files.key)?,
+            client_ca: files.client_ca.as_deref().map(read).transpose()?,
+        })
+    }
+
+    /// A digest of each file's digest, to see a change (of any one of them).
+    fn digest(&self) -> [u8; 32] {
+        let mut each = crate::pki::sha256(&self.certificate).to_vec();
+        each.extend(crate::pki::sha256(&self.key));
+        if let Some(ca) = &self.client_ca {
+            each.extend(crate::pki::sha256(ca));
+        }
+        crate::pki::sha256(&each)
+    }
 }
 
 /// One listener's TLS material, shared by the handshakes and the watcher.
@@ -67,6 +92,9 @@ pub struct ListenerTls {
     files: TlsConfig,
     provider: Arc<CryptoProvider>,
     loaded: ArcSwap<Loaded>,
+    /// The digest of the files as the watcher last read them (loaded or refused): a content is
+    /// tried, and a refusal logged, once.
+    last_seen: std::sync::Mutex<[u8; 32]>,
     reloads: Counter,
     refused: Counter,
     not_after: Gauge,
@@ -91,13 +119,15 @@ impl ListenerTls {
         };
         let (reloads, refused) = (outcome("loaded"), outcome("refused"));
         let not_after = metrics.tls_certificate_not_after.get_or_create(&labels).clone();
-        let first = load(files, &provider)?;
+        let bytes = FileBytes::read(files)?;
+        let first = load(files, &bytes, &provider)?;
         not_after.set(certificate_not_after(&first.certified));
         let tls = Arc::new(ListenerTls {
             listener,
             files: files.clone(),
             provider: provider.clone(),
             loaded: ArcSwap::from_pointee(first),
+            last_seen: std::sync::Mutex::new(bytes.digest()),
             reloads,
             refused,
             not_after,
@@ -111,42 +141,45 @@ impl ListenerTls {
         };
         let mut config = builder.with_cert_resolver(Arc::new(CertificateResolver(tls.clone())));
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        if tls.files.client_ca.is_some() {
+            // A resumed session carries its client certificate without checking it again: an
+            // expired certificate, or one of a CA since removed, would go on authenticating.
+            config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            config.send_tls13_tickets = 0;
+        }
         watch(Arc::downgrade(&tls));
         Ok(config)
     }
 
-    /// Load the files again if their bytes changed; keep what is loaded if they do not load.
+    /// Load the files again if their bytes changed; keep what is loaded if they do not load
+    /// (logged and counted once per content: a later change is tried again).
     fn reload_if_changed(&self) {
-        let current = self.loaded.load();
-        match digest(&self.files) {
-            Ok(d) if d == current.digest => {}
-            Ok(_) => match load(&self.files, &self.provider) {
-                Ok(next) => {
-                    self.not_after.set(certificate_not_after(&next.certified));
-                    self.loaded.store(Arc::new(next));
-                    self.reloads.inc();
-                    tracing::info!(listener = self.listener, "TLS certificate and key reloaded");
-                }
-                Err(e) => self.refuse(current, e),
-            },
-            Err(e) => self.refuse(current, e),
+        let bytes = FileBytes::read(&self.files);
+        // An unreadable file is a content too: its error is logged once, not every interval.
+        let digest = match &bytes {
+            Ok(bytes) => bytes.digest(),
+            Err(e) => crate::pki::sha256(e.to_string().as_bytes()),
+        };
+        {
+            let mut last_seen = self.last_seen.lock().unwrap_or_else(|e| e.into_inner());
+            if digest == *last_seen {
+                return;
+            }
+            *last_seen = digest;
         }
-    }
-
-    /// A change that does not load: logged once per distinct content, the old material kept.
-    fn refuse(&self, current: arc_swap::Guard<Arc<Loaded>>, error: TlsError) {
-        let seen = digest(&self.files).unwrap_or_default();
-        if seen == current.digest {
-            return;
+        let outcome = bytes.and_then(|bytes| load(&self.files, &bytes, &self.provider));
+        match outcome {
+            Ok(next) => {
+                self.not_after.set(certificate_not_after(&next.certified));
+                self.loaded.store(Arc::new(next));
+                self.reloads.inc();
+                tracing::info!(listener = self.listener, "TLS certificate and key reloaded");
+            }
+            Err(error) => {
+                self.refused.inc();
+                tracing::error!(listener = self.listener, error = %error, "TLS files changed but do not load; serving the previous certificate");
+            }
         }
-        self.refused.inc();
-        tracing::error!(listener = self.listener, error = %error, "TLS files changed but do not load; serving the previous certificate");
-        // Remember this content as seen, so that it is not retried (and logged) every interval.
-        self.loaded.store(Arc::new(Loaded {
-            certified: current.certified.clone(),
-            clients: current.clients.clone(),
-            digest: seen,
-        }));
     }
 }
 
@@ -161,7 +194,7 @@ fn provider() -> Arc<CryptoProvider> {
 
 /// Whether a listener's files load (for `check-config`), without starting anything.
 pub fn check_files(files: &TlsConfig) -> Result<(), TlsError> {
-    load(files, &provider()).map(|_| ())
+    load(files, &FileBytes::read(files)?, &provider()).map(|_| ())
 }
 
 fn watch(tls: Weak<ListenerTls>) {
@@ -184,28 +217,18 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|source| TlsError::Read { path: path.display().to_string(), source })
 }
 
-fn digest(files: &TlsConfig) -> Result<[u8; 32], TlsError> {
-    let mut all = read(&files.certificate)?;
-    all.extend(read(&files.key)?);
-    if let Some(ca) = &files.client_ca {
-        all.extend(read(ca)?);
-    }
-    Ok(crate::pki::sha256(&all))
-}
-
-/// Read and check a listener's files: the chain, a key that matches it, the client CAs.
-fn load(files: &TlsConfig, provider: &Arc<CryptoProvider>) -> Result<Loaded, TlsError> {
-    let digest = digest(files)?;
+/// Check a listener's files (as read): the chain, a key that matches it, the client CAs.
+fn load(files: &TlsConfig, bytes: &FileBytes, provider: &Arc<CryptoProvider>) -> Result<Loaded, TlsError> {
     let cert_path = files.certificate.display().to_string();
     let key_path = files.key.display().to_string();
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(&files.certificate)?)
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&bytes.certificate)
         .collect::<Result<_, _>>()
         .map_err(|_| TlsError::NoCertificate { path: cert_path.clone() })?;
     if chain.is_empty() {
         return Err(TlsError::NoCertificate { path: cert_path });
     }
     // The parse error names a PEM problem, never the key's bytes.
-    let key = PrivateKeyDer::from_pem_slice(&read(&files.key)?)
+    let key = PrivateKeyDer::from_pem_slice(&bytes.key)
         .map_err(|e| TlsError::NoKey { path: key_path.clone(), reason: e.to_string() })?;
     let signing = provider
         .key_provider
@@ -217,18 +240,22 @@ fn load(files: &TlsConfig, provider: &Arc<CryptoProvider>) -> Result<Loaded, Tls
         certificate: cert_path,
         reason: e.to_string(),
     })?;
-    let clients = match &files.client_ca {
-        None => None,
-        Some(path) => Some(client_verifier(path, provider)?),
+    let clients = match (&files.client_ca, &bytes.client_ca) {
+        (Some(path), Some(pem)) => Some(client_verifier(path, pem, provider)?),
+        _ => None,
     };
-    Ok(Loaded { certified: Arc::new(certified), clients, digest })
+    Ok(Loaded { certified: Arc::new(certified), clients })
 }
 
-fn client_verifier(path: &Path, provider: &Arc<CryptoProvider>) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
+fn client_verifier(
+    path: &Path,
+    pem: &[u8],
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     let at = path.display().to_string();
     let fail = |reason: String| TlsError::ClientCa { path: at.clone(), reason };
     let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&read(path)?) {
+    for cert in CertificateDer::pem_slice_iter(pem) {
         roots.add(cert.map_err(|e| fail(e.to_string()))?).map_err(|e| fail(e.to_string()))?;
     }
     if roots.is_empty() {
@@ -257,7 +284,7 @@ struct CertificateResolver(Arc<ListenerTls>);
 
 impl ResolvesServerCert for CertificateResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.loaded.load().certified.clone())
+        Some(self.0.loaded.load_full().certified.clone())
     }
 }
 
@@ -267,7 +294,7 @@ struct ClientVerifier(Arc<ListenerTls>);
 
 impl ClientVerifier {
     fn current(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
-        self.0.loaded.load().clients.clone().ok_or_else(|| rustls::Error::General("no client CA loaded".into()))
+        self.0.loaded.load_full().clients.clone().ok_or_else(|| rustls::Error::General("no client CA loaded".into()))
     }
 }
 
@@ -365,10 +392,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
         std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
-        std::fs::write(&key, "SECRET-KEY-MATERIAL").unwrap();
+        // A key block whose body does not decode: its text must not reach the error.
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nSECRETSECRET*\n-----END PRIVATE KEY-----\n").unwrap();
         let files =
             TlsConfig { certificate: cert, key: key.clone(), client_ca: None, reload_interval: Duration::from_secs(1) };
-        let e = load(&files, &provider()).err().unwrap().to_string();
+        let e = check_files(&files).err().unwrap().to_string();
         assert!(e.contains("key.pem"), "{e}");
         assert!(!e.contains("SECRET"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
