@@ -323,9 +323,9 @@ async fn client_certificates_authenticate_a_configured_client() {
         .replace("[clients.names]\nip_ranges", "[clients.names]\ndns_suffixes = [\"demo.example.test\"]\nip_ranges")
         .replace("[[clients]]\nname = \"other\"", &format!("{robot}[[clients]]\nname = \"other\""));
     let mut config = config_from(&text, &db);
+    config.http.tls = Some(pki.tls(Some(pki.path("client-ca.pem"))));
     let (problems, _) = castellum::check::check_config(&config);
     assert!(problems.iter().all(|p| !p.to_string().contains("certificate_names")), "{problems:?}");
-    config.http.tls = Some(pki.tls(Some(pki.path("client-ca.pem"))));
     let server = TestServer::start_with(config, pki.client()).await;
 
     // castellum issues the robot's client certificate (Ed25519, client profile) to the robot.
