@@ -462,7 +462,7 @@ fn check_clients(config: &Config, p: &mut Problems) {
             let at = format!("{at}.certificate_names[{j}]");
             if name.trim().is_empty() {
                 p.add(at, "must not be empty");
-            } else if !certificate_names.insert(name.to_ascii_lowercase()) {
+            } else if !certificate_names.insert(crate::pki::names::certificate_name(name)) {
                 p.add(at, format!("{name:?} authenticates two clients"));
             } else if mtls.is_none() {
                 p.add(at, "no client certificate is asked for: set http.tls.client_ca");
@@ -490,6 +490,9 @@ fn check_certificate_names_are_unobtainable(config: &Config, p: &mut Problems) {
     for (i, owner) in config.clients.iter().enumerate() {
         for (j, name) in owner.certificate_names.iter().enumerate() {
             let name = name.to_ascii_lowercase();
+            if name.contains("://") {
+                continue; // castellum certifies no URI names
+            }
             for other in config.clients.iter().filter(|c| c.name != owner.name) {
                 let theirs: Vec<String> = other.names.dns_suffixes.iter().map(|s| normalize_suffix(s)).collect();
                 let reachable = client_auth.iter().find(|profile| {

@@ -21,21 +21,13 @@ use super::retry_budget::RetryBudget;
 use crate::config::{Config, LanesConfig, Sabotage, Sabotages};
 use crate::error::EngineError;
 use crate::pki::identity::{self, IdentitySubject};
+use crate::pki::names::certificate_name;
 use crate::pki::names::ClientNames;
 use crate::pki::profile::ApprovedNames;
 use crate::pki::Lane;
 use crate::pki::{csr, CaMaterial, CheckedCsr, Profile};
 use crate::states::CaState;
 use crate::types::Client;
-
-/// A certificate name as compared: DNS names and common names without regard to case, URIs as
-/// they are (their paths are case-sensitive).
-fn certificate_name(name: &str) -> String {
-    match name.contains("://") {
-        true => name.to_string(),
-        false => name.to_ascii_lowercase(),
-    }
-}
 
 /// Everything fixed at start-up: profiles, clients, CA material.
 pub struct Catalog {

@@ -8,6 +8,15 @@ use super::csr::SanName;
 use crate::config::ClientNamePolicy;
 use crate::error::EngineError;
 
+/// A TLS client certificate's name as compared with `clients[].certificate_names`: DNS names and
+/// common names without regard to case, URIs as they are (their paths are case-sensitive).
+pub fn certificate_name(name: &str) -> String {
+    match name.contains("://") {
+        true => name.to_string(),
+        false => name.to_ascii_lowercase(),
+    }
+}
+
 /// Whether `name` (lower case) is one of `suffixes` or ends with `.` + one of them.
 pub fn within_suffixes(name: &str, suffixes: &[String]) -> bool {
     suffixes.iter().any(|s| {
