@@ -71,6 +71,9 @@ pub enum EngineError {
     StoreOverloaded,
     #[error("engine is shutting down")]
     ShuttingDown,
+    /// The path exists with other methods (`allowed`, as the `Allow` header says them).
+    #[error("method not allowed here; allowed: {allowed}")]
+    MethodNotAllowed { allowed: String },
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -78,7 +81,7 @@ pub enum EngineError {
 impl EngineError {
     /// Every slug [`EngineError::slug`] can return, in declaration order: counters indexed by
     /// reason (refusal tallies, outcome metrics) are sized from it.
-    pub const SLUGS: [&'static str; 32] = [
+    pub const SLUGS: [&'static str; 33] = [
         "malformed-request",
         "payload-too-large",
         "malformed-csr",
@@ -110,6 +113,7 @@ impl EngineError {
         "database-unavailable",
         "store-overloaded",
         "shutting-down",
+        "method-not-allowed",
         "internal",
     ];
 
@@ -154,6 +158,7 @@ impl EngineError {
             DatabaseUnavailable => "database-unavailable",
             StoreOverloaded => "store-overloaded",
             ShuttingDown => "shutting-down",
+            MethodNotAllowed { .. } => "method-not-allowed",
             Internal(_) => "internal",
         }
     }
@@ -169,6 +174,7 @@ impl EngineError {
             Unauthorized => 401,
             ForbiddenProfile(_) | Forbidden(_) => 403,
             UnknownProfile(_) | NotFound => 404,
+            MethodNotAllowed { .. } => 405,
             ProfileDisabled(_) | CaDisabled(_) | Conflict(_) => 409,
             BodyTimeout(_) => 408,
             Gone(_) => 410,

@@ -81,6 +81,9 @@ enum Command {
     },
     /// Run pending database migrations.
     Migrate,
+    /// Print the HTTP API's OpenAPI 3.1 description (as served at `/openapi.json`; kept in
+    /// docs/openapi.json).
+    Openapi,
     /// Generate a fresh development PKI (root + one issuing CA per key type).
     DevPki {
         #[arg(long, default_value = "keys-dev")]
@@ -253,6 +256,10 @@ fn main() -> ExitCode {
             },
         ),
         Command::Migrate => load(config).map_or_else(|code| code, |c| migrate(&c)),
+        Command::Openapi => {
+            print!("{}", castellum::http::openapi::document());
+            ExitCode::SUCCESS
+        }
         Command::DevPki { out } => dev_pki(&out),
         Command::Drill {
             name,
@@ -625,7 +632,15 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         StartError::Config(_) => format!("refusing to start: {e}"),
         other => other.to_string(),
     })?;
-    let (server, addrs) = castellum::http::server(engine.clone(), &listen)?;
+    // A listener that cannot bind stops the engine before the error is returned: its actors are
+    // stopped inside the runtime, not dropped with it (a panic in their cleanup, as was seen).
+    let (server, addrs) = match castellum::http::server(engine.clone(), &listen) {
+        Ok(bound) => bound,
+        Err(e) => {
+            engine.shutdown().await;
+            return Err(format!("API listener {listen}: {e}").into());
+        }
+    };
     let scheme = |tls: bool| if tls { "https" } else { "http" };
     for addr in &addrs {
         println!("castellum listening on {}://{addr}", scheme(engine.config().http.tls.is_some()));
@@ -634,7 +649,13 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     let admin = if admin_listen.is_empty() {
         None
     } else {
-        let (admin, admin_addrs) = castellum::admin::server(engine.clone(), &admin_listen)?;
+        let (admin, admin_addrs) = match castellum::admin::server(engine.clone(), &admin_listen) {
+            Ok(bound) => bound,
+            Err(e) => {
+                engine.shutdown().await;
+                return Err(format!("admin listener {admin_listen}: {e}").into());
+            }
+        };
         for addr in &admin_addrs {
             println!("admin console on {}://{addr}/admin", scheme(engine.config().admin.tls.is_some()));
         }

@@ -13,7 +13,7 @@ use diesel::serialize::{self, Output, ToSql};
 use diesel::sql_types::Text;
 
 /// Declares a state enum stored as text: its variants and their stored names, `as_str`,
-/// `FromStr`, `Display`, serde as the same text, and diesel's `ToSql`/`FromSql`.
+/// `FromStr`, `Display`, serde and OpenAPI as the same text, and diesel's `ToSql`/`FromSql`.
 macro_rules! stored_state {
     ($(#[$doc:meta])* $name:ident { $($(#[$vdoc:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$doc])*
@@ -62,6 +62,18 @@ macro_rules! stored_state {
                 text.parse().map_err(serde::de::Error::custom)
             }
         }
+
+        // In the API's OpenAPI description: a string, one of the stored names.
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::schema::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .enum_values(Some([$($text),+]))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
 
         impl<DB: Backend> ToSql<Text, DB> for $name
         where

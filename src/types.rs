@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use crate::error::EngineError;
 use crate::states::{CertState, IdentityState, RequestState};
@@ -28,7 +29,7 @@ pub struct IssueRequest {
     pub idempotency_key: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
 pub struct IssuedCertificate {
     /// Lower-case hex of the serial number (40 digits).
     pub serial: String,
@@ -46,14 +47,14 @@ pub struct IssuedCertificate {
 }
 
 /// An asynchronous request was stored; poll it at `/v1/requests/{id}`.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
 pub struct Accepted {
     pub request_id: String,
     /// The Idempotency-Key matched an earlier request: this is that request.
     pub replayed: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct RequestStatus {
     pub id: String,
     pub state: RequestState,
@@ -68,7 +69,7 @@ pub struct RequestStatus {
     pub error: Option<RecordedError>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct RecordedError {
     #[serde(rename = "type")]
     pub problem_type: String,
@@ -81,7 +82,7 @@ impl From<&EngineError> for RecordedError {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CertificateRecord {
     pub serial: String,
     pub ca: String,
@@ -98,14 +99,14 @@ pub struct CertificateRecord {
 }
 
 /// When and why a certificate was revoked (the first revocation stands).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 pub struct RevocationInfo {
     pub revoked_at: i64,
     pub reason: crate::pki::RevocationReason,
 }
 
 /// The answer to a revocation: the certificate's revocation, and whether this call made it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct RevocationOutcome {
     pub serial: String,
     #[serde(flatten)]
@@ -114,7 +115,7 @@ pub struct RevocationOutcome {
     pub newly_revoked: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct CaInfo {
     pub id: String,
     pub state: String,
@@ -123,7 +124,7 @@ pub struct CaInfo {
     pub chain: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Readiness {
     pub ready: bool,
     pub database: String,
@@ -137,7 +138,7 @@ pub struct Readiness {
     pub pools: Vec<PoolReadiness>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct PoolReadiness {
     pub name: &'static str,
     pub in_use: u32,
@@ -158,7 +159,7 @@ pub struct CreateIdentity {
 }
 
 /// A disposable identity as its client sees it. The private key never leaves the engine.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
 pub struct Identity {
     pub id: String,
     pub profile: String,
@@ -194,11 +195,12 @@ impl std::fmt::Debug for SignDigestRequest {
     }
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, ToSchema)]
 pub struct IdentitySignature {
     pub identity: String,
     /// The signature (DER ECDSA-Sig-Value for ECDSA; raw for RSA and Ed25519), base64.
     #[serde(serialize_with = "base64_bytes")]
+    #[schema(value_type = String, content_encoding = "base64")]
     pub signature: Vec<u8>,
     /// `ecdsa-sha256`, `rsa-pkcs1-sha256`, `rsa-pss-sha256`, `ed25519`, …
     pub signature_algorithm: String,

@@ -5,20 +5,29 @@ use std::time::Duration;
 use actix_web::http::header;
 use actix_web::{get, post, web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::auth::{Authenticated, AuthenticatedJson};
+use super::openapi::{ReadRefusals, WriteRefusals};
 use super::problem::Problem;
 use crate::engine::Engine;
 use crate::error::EngineError;
-use crate::types::IssueRequest;
+use crate::types::{CaInfo, CertificateRecord, IssueRequest, IssuedCertificate, RequestStatus};
 
-#[derive(Deserialize)]
+/// A certificate request: the CSR, and the profile to issue it on.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(example = json!({ "profile": "tls-server-p256", "csr": EXAMPLE_CSR }))]
 pub struct IssueBody {
+    /// A profile the client may use (`clients[].profiles`).
     pub profile: String,
-    /// PEM `CERTIFICATE REQUEST`.
+    /// Exactly one PEM `CERTIFICATE REQUEST` block.
     pub csr: String,
 }
+
+/// The description's example: a P-256 key's CSR for `www.example.test` (`keys-dev/castellum.toml`
+/// lets the demo client have it on `tls-server-p256`).
+const EXAMPLE_CSR: &str = "-----BEGIN CERTIFICATE REQUEST-----\nMIIBBTCBqwIBADAbMRkwFwYDVQQDDBB3d3cuZXhhbXBsZS50ZXN0MFkwEwYHKoZI\nzj0CAQYIKoZIzj0DAQcDQgAEkRUDrYxa100kGuC8TeRkbNgczaDrc2JqnixaBFHs\ndW1Hgrn6QOHYRmgNni6yVYXcq2AX0tp6PwJW0AExz5vhfqAuMCwGCSqGSIb3DQEJ\nDjEfMB0wGwYDVR0RBBQwEoIQd3d3LmV4YW1wbGUudGVzdDAKBggqhkjOPQQDAgNJ\nADBGAiEAz5IQyIcDuf3kowDBpDgrrjdya34RdIikRWhh4FvHia0CIQDFi5/yt3G7\n7mxmU+NW7xehvHHSM/IadELIizeQ3+gVFA==\n-----END CERTIFICATE REQUEST-----\n";
 
 /// RFC 7240 preferences this API honours.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -56,12 +65,32 @@ pub fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, Problem> {
     }
 }
 
-#[derive(Serialize)]
-struct AcceptedBody {
+/// A request stored durably, to be polled.
+#[derive(Serialize, ToSchema)]
+pub struct AcceptedBody {
     request_id: String,
+    /// `/v1/requests/{request_id}`.
     status_url: String,
 }
 
+/// Issue a certificate for a CSR: `201` with it, or (`Prefer: respond-async`) `202` with the
+/// request stored durably, to be polled at its `Location`.
+#[utoipa::path(
+    tag = "certificates",
+    request_body = IssueBody,
+    params(
+        ("Prefer" = Option<String>, Header, description = "RFC 7240: `respond-async`, `wait=N` (seconds; only shortens the deadline)"),
+        ("Idempotency-Key" = Option<String>, Header, description = "A retry with the same key never issues twice"),
+    ),
+    responses(
+        (status = 201, description = "Issued", body = IssuedCertificate,
+            headers(("Location" = String, description = "`/v1/certificates/{serial}`"))),
+        (status = 202, description = "Accepted and stored; poll its `Location`", body = AcceptedBody,
+            headers(("Location" = String, description = "`/v1/requests/{id}`"), ("Preference-Applied" = String))),
+        WriteRefusals,
+    ),
+    security(("api_key" = []), ("client_certificate" = [])),
+)]
 #[post("/v1/certificates")]
 pub async fn issue(
     request: AuthenticatedJson<IssueBody>,
@@ -90,6 +119,20 @@ pub async fn issue(
         .json(issued))
 }
 
+/// One of the client's certificates, with its state and revocation; as a PEM chain with
+/// `Accept: application/pem-certificate-chain`.
+#[utoipa::path(
+    tag = "certificates",
+    params(("serial" = String, Path, description = "Lower-case hex serial number")),
+    responses(
+        (status = 200, description = "The certificate", content(
+            (CertificateRecord = "application/json"),
+            (String = "application/pem-certificate-chain"),
+        )),
+        ReadRefusals,
+    ),
+    security(("api_key" = []), ("client_certificate" = [])),
+)]
 #[get("/v1/certificates/{serial}")]
 pub async fn certificate(
     client: Authenticated,
@@ -111,6 +154,13 @@ pub async fn certificate(
     Ok(HttpResponse::Ok().json(record))
 }
 
+/// An asynchronous request: its state, then its certificate or its error.
+#[utoipa::path(
+    tag = "certificates",
+    params(("id" = String, Path, description = "The `request_id` of a `202`")),
+    responses((status = 200, description = "The request", body = RequestStatus), ReadRefusals),
+    security(("api_key" = []), ("client_certificate" = [])),
+)]
 #[get("/v1/requests/{id}")]
 pub async fn request_status(
     client: Authenticated,
@@ -120,7 +170,18 @@ pub async fn request_status(
     Ok(HttpResponse::Ok().json(engine.request_status(&client.0, &id).await?))
 }
 
+/// The CAs, their state and chains.
+#[utoipa::path(
+    tag = "certificates",
+    responses((status = 200, description = "The CAs", body = CaList), ReadRefusals),
+    security(("api_key" = []), ("client_certificate" = [])),
+)]
 #[get("/v1/cas")]
 pub async fn cas(_client: Authenticated, engine: web::Data<Engine>) -> HttpResponse {
-    HttpResponse::Ok().json(serde_json::json!({ "cas": engine.cas() }))
+    HttpResponse::Ok().json(CaList { cas: engine.cas() })
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct CaList {
+    cas: Vec<CaInfo>,
 }

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod bounds;
 pub mod certificates;
 pub mod identities;
+pub mod openapi;
 pub mod ops;
 pub mod problem;
 pub mod revocation;
@@ -76,7 +77,20 @@ pub fn routes(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
         .service(identities::sign)
         .service(ops::healthz)
         .service(ops::readyz)
-        .service(ops::metrics);
+        .service(ops::metrics)
+        .service(openapi::openapi_json);
+}
+
+/// No route took the request: `405` with `Allow` when the API's description has its path with
+/// other methods, else `404`.
+pub async fn unrouted(req: actix_web::HttpRequest) -> Result<actix_web::HttpResponse, Problem> {
+    match openapi::allowed_methods(req.path()) {
+        Some(methods) if !methods.contains(req.method()) => {
+            let allowed = methods.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ");
+            Err(Problem(EngineError::MethodNotAllowed { allowed }))
+        }
+        _ => Err(Problem(EngineError::NotFound)),
+    }
 }
 
 /// The error for a body cut off by its listener's `body_timeout`.
@@ -124,7 +138,7 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
             )
             .wrap(tracing_actix_web::TracingLogger::<problem::RequestSpan>::new())
             .configure(|cfg| routes(cfg, max_body))
-            .default_service(web::to(|| async { Err::<actix_web::HttpResponse, _>(Problem(EngineError::NotFound)) }))
+            .default_service(web::to(unrouted))
     })
     .on_connect(move |connection, extensions| {
         counted.on_connect(connection, extensions);

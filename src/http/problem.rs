@@ -24,12 +24,16 @@ impl std::fmt::Display for Problem {
     }
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
+/// An error answer (RFC 9457), `application/problem+json`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ProblemDetails<'a> {
+    /// A stable URI naming the problem (`urn:castellum:problem:<slug>`): what a client branches on.
     #[serde(rename = "type")]
     problem_type: String,
+    /// The HTTP status's reason phrase.
     title: &'a str,
     status: u16,
+    /// What went wrong with this request, for a person.
     detail: String,
 }
 
@@ -52,6 +56,11 @@ impl ResponseError for Problem {
         if matches!(self.0, EngineError::BodyTimeout(_) | EngineError::TooManyConnections { .. }) {
             resp.force_close();
         }
+        if let EngineError::MethodNotAllowed { allowed } = &self.0 {
+            if let Ok(allowed) = HeaderValue::from_str(allowed) {
+                resp.insert_header((header::ALLOW, allowed));
+            }
+        }
         if matches!(self.0, EngineError::Unauthorized) {
             resp.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
         }
@@ -63,7 +72,7 @@ impl ResponseError for Problem {
         if let EngineError::Internal(msg) = &self.0 {
             tracing::error!(error = %msg, "internal error");
         }
-        resp.json(Body {
+        resp.json(ProblemDetails {
             problem_type: self.0.problem_type(),
             title: status.canonical_reason().unwrap_or("Error"),
             status: status.as_u16(),

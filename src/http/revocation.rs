@@ -6,14 +6,17 @@ use std::time::Duration;
 use actix_web::http::header;
 use actix_web::{get, post, web, HttpRequest, HttpResponse};
 use serde::Deserialize;
+use utoipa::ToSchema;
 
 use super::auth::AuthenticatedJson;
+use super::openapi::{Der, OcspRefusals, PublicRefusals, WriteRefusals};
 use super::problem::Problem;
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::pki::{now_ms, RevocationReason};
 
-#[derive(Deserialize)]
+/// Why a certificate is revoked.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeBody {
     /// RFC 5280's name of the reason; `unspecified` when absent.
@@ -27,6 +30,13 @@ fn unspecified() -> RevocationReason {
 
 /// Revoke one of the client's certificates: `200` with its revocation, whether made now or
 /// earlier (the first time and reason stand; `newly_revoked` says which).
+#[utoipa::path(
+    tag = "revocation",
+    params(("serial" = String, Path, description = "Lower-case hex serial number")),
+    request_body = RevokeBody,
+    responses((status = 200, description = "Revoked, now or earlier", body = crate::types::RevocationOutcome), WriteRefusals),
+    security(("api_key" = []), ("client_certificate" = [])),
+)]
 #[post("/v1/certificates/{serial}/revoke")]
 pub async fn revoke(
     request: AuthenticatedJson<RevokeBody>,
@@ -39,6 +49,20 @@ pub async fn revoke(
 }
 
 /// `GET /crl/{ca}/{shard}.crl`: the shard's latest CRL (DER), cacheable until its nextUpdate.
+#[utoipa::path(
+    tag = "revocation",
+    params(
+        ("ca" = String, Path, description = "The CA's id"),
+        ("file" = String, Path, description = "`{shard}.crl`"),
+        ("If-None-Match" = Option<String>, Header),
+    ),
+    responses(
+        (status = 200, description = "The CRL (DER)", content_type = "application/pkix-crl", body = Der,
+            headers(("ETag" = String), ("Cache-Control" = String))),
+        (status = 304, description = "Not modified since the `ETag` given", headers(("ETag" = String))),
+        PublicRefusals,
+    ),
+)]
 #[get("/crl/{ca}/{file}")]
 pub async fn crl(
     engine: web::Data<Engine>,
@@ -70,6 +94,14 @@ pub async fn crl(
 }
 
 /// `GET /ca/{ca}.der`: the CA's certificate (the caIssuers URL of what it issues).
+#[utoipa::path(
+    tag = "revocation",
+    params(("file" = String, Path, description = "`{ca}.der`")),
+    responses(
+        (status = 200, description = "The CA's certificate (DER)", content_type = "application/pkix-cert", body = Der),
+        PublicRefusals,
+    ),
+)]
 #[get("/ca/{file}")]
 pub async fn ca_certificate(engine: web::Data<Engine>, file: web::Path<String>) -> Result<HttpResponse, Problem> {
     let ca = file.strip_suffix(".der").ok_or(Problem(EngineError::NotFound))?;
@@ -99,6 +131,14 @@ fn ocsp_response(answer: crate::engine::OcspAnswer, cacheable: bool) -> HttpResp
 
 /// `POST /ocsp` (RFC 6960 appendix A): the DER request is the body. Every answer is `200` with
 /// an OCSPResponse: OCSP clients read its status, not HTTP's.
+#[utoipa::path(
+    tag = "revocation",
+    request_body(content = Der, content_type = "application/ocsp-request", description = "A DER OCSPRequest"),
+    responses(
+        (status = 200, description = "An OCSPResponse (DER), also for a malformed request", content_type = "application/ocsp-response", body = Der),
+        OcspRefusals,
+    ),
+)]
 #[post("/ocsp")]
 pub async fn ocsp_post(engine: web::Data<Engine>, req: HttpRequest, mut payload: web::Payload) -> HttpResponse {
     use futures_util::StreamExt as _;
@@ -122,6 +162,14 @@ pub async fn ocsp_post(engine: web::Data<Engine>, req: HttpRequest, mut payload:
 }
 
 /// `GET /ocsp/{base64 of the DER request}` (RFC 5019: URL-encoded; standard base64 may hold `/`).
+#[utoipa::path(
+    tag = "revocation",
+    params(("request" = String, Path, description = "The DER OCSPRequest, base64, URL-encoded")),
+    responses(
+        (status = 200, description = "An OCSPResponse (DER), also for a malformed request", content_type = "application/ocsp-response", body = Der),
+        super::openapi::Throttled,
+    ),
+)]
 #[get("/ocsp/{request:.*}")]
 pub async fn ocsp_get(engine: web::Data<Engine>, req: HttpRequest) -> HttpResponse {
     use base64::Engine as _;

@@ -16,7 +16,7 @@ use crate::config::IdentityPolicy;
 use crate::error::EngineError;
 
 /// What a client asks an identity's certificate to say about it.
-#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IdentitySubject {
     pub common_name: String,

@@ -85,7 +85,7 @@ pub enum RsaSignatureScheme {
 /// Why a certificate was revoked: RFC 5280 5.3.1's CRLReason, named as the RFC names it (the
 /// API's `reason`). `removeFromCRL` (delta CRLs only) and `certificateHold` (forbidden by the
 /// Baseline Requirements) are not offered.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub enum RevocationReason {
     Unspecified,
