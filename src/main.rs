@@ -374,7 +374,7 @@ fn main() -> ExitCode {
         }
         Command::Serve => load(config).map_or_else(
             |code| code,
-            |c| match actix_web::rt::System::new().block_on(serve(c)) {
+            |c| match actix_web::rt::System::new().block_on(serve(c, cli.log_json)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("{e}");
@@ -625,7 +625,15 @@ fn admin(target: &castellum::admin::cli::AdminTarget, action: &AdminAction) -> E
     }
 }
 
-async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
+async fn serve(config: Config, log_json: bool) -> Result<(), Box<dyn std::error::Error>> {
+    // With --log-json stdout carries JSON only: where it listens becomes a log event.
+    let announce = |what: &str, url: String| {
+        if log_json {
+            tracing::info!(url = %url, "{what}");
+        } else {
+            println!("{what} {url}");
+        }
+    };
     let listen = config.http.listen.clone();
     let dev = config.mode == castellum::config::Mode::Dev;
     let engine = Engine::start(config).await.map_err(|e| match e {
@@ -643,7 +651,7 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     };
     let scheme = |tls: bool| if tls { "https" } else { "http" };
     for addr in &addrs {
-        println!("castellum listening on {}://{addr}", scheme(engine.config().http.tls.is_some()));
+        announce("castellum listening on", format!("{}://{addr}", scheme(engine.config().http.tls.is_some())));
     }
     let admin_listen = engine.config().admin.listen.clone();
     let admin = if admin_listen.is_empty() {
@@ -657,13 +665,13 @@ async fn serve(config: Config) -> Result<(), Box<dyn std::error::Error>> {
             }
         };
         for addr in &admin_addrs {
-            println!("admin console on {}://{addr}/admin", scheme(engine.config().admin.tls.is_some()));
+            announce("admin console on", format!("{}://{addr}/admin", scheme(engine.config().admin.tls.is_some())));
         }
         let handle = admin.handle();
         actix_web::rt::spawn(admin);
         Some(handle)
     };
-    if dev && engine.config().http.tls.is_none() {
+    if dev && !log_json && engine.config().http.tls.is_none() {
         if let Some(addr) = addrs.first() {
             print_sample(addr);
         }

@@ -17,6 +17,11 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
 }
 
+/// 0.25 ms … ~9 min: a synchronous answer of the background lane may wait minutes.
+fn wide_latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_25, 2.0, 22))
+}
+
 fn batch_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1.0, 2.0, 10))
 }
@@ -82,6 +87,12 @@ pub struct Metrics {
     pub async_resumed: Counter,
     /// Identity keys handed out, by kind and source (`pool`: pre-generated, `on-demand`).
     pub identity_keys: Family<Labels, Counter>,
+    /// Answers by listener, route (the API description's path template) and status: every
+    /// request, refusals by the listener's bounds and actix's own 4xx to malformed JSON included.
+    pub http_requests: Family<Labels, Counter>,
+    /// Time to answer, by listener, route and status; buckets up to ~9 minutes (the background
+    /// lane's deadlines).
+    pub http_request_seconds: Family<Labels, Histogram>,
     /// Failed authentications, by listener (`api`, `admin`).
     pub auth_failures: Family<Labels, Counter>,
     /// Requests refused for their source address, by listener and reason (`connections`,
@@ -117,7 +128,9 @@ impl Metrics {
             refusals: Family::default(),
             audit_dropped: Counter::default(),
             audit_rows: Family::default(),
-            issue_seconds: Family::new_with_constructor(latency_histogram),
+            issue_seconds: Family::new_with_constructor(wide_latency_histogram),
+            http_requests: Family::default(),
+            http_request_seconds: Family::new_with_constructor(wide_latency_histogram),
             queue_depth: Family::default(),
             in_flight: Family::default(),
             queue_wait_seconds: Family::new_with_constructor(latency_histogram),
@@ -181,8 +194,18 @@ impl Metrics {
             );
             r.register(
                 "issue_duration_seconds",
-                "Time to issue a certificate inside the engine",
+                "Time to issue a certificate inside the engine, by CA and profile",
                 m.issue_seconds.clone(),
+            );
+            r.register(
+                "http_requests",
+                "Answers by listener, route and status (refusals included)",
+                m.http_requests.clone(),
+            );
+            r.register(
+                "http_request_duration_seconds",
+                "Time to answer, by listener, route and status",
+                m.http_request_seconds.clone(),
             );
             r.register("queue_depth", "Jobs waiting in a CA's queue, per lane", m.queue_depth.clone());
             r.register("in_flight", "Jobs of a CA between dequeue and reply", m.in_flight.clone());

@@ -8,6 +8,13 @@ use utoipa::ToSchema;
 use crate::error::EngineError;
 use crate::states::{CertState, IdentityState, RequestState};
 
+/// A time in milliseconds since the Unix epoch as RFC 3339 text (UTC, milliseconds): every time
+/// in an answer is given both ways, a number for programs and a date for people.
+pub fn rfc3339(ms: i64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    humantime::format_rfc3339_millis(at).to_string()
+}
+
 /// A client of the engine (an API key holder), as configured.
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -39,9 +46,11 @@ pub struct IssuedCertificate {
     pub certificate: String,
     /// PEM of the issuing CA's certificate and the certificates above it, nearest first.
     pub chain: Vec<String>,
-    /// Milliseconds since the Unix epoch.
+    /// Milliseconds since the Unix epoch (and the same as RFC 3339 text, UTC, in `*_rfc3339`).
     pub not_before: i64,
+    pub not_before_rfc3339: String,
     pub not_after: i64,
+    pub not_after_rfc3339: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
 }
@@ -61,8 +70,11 @@ pub struct RequestStatus {
     pub profile: String,
     pub ca: String,
     pub created_at: i64,
+    pub created_at_rfc3339: String,
     pub updated_at: i64,
+    pub updated_at_rfc3339: String,
     pub expires_at: i64,
+    pub expires_at_rfc3339: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub certificate: Option<IssuedCertificate>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -91,17 +103,21 @@ pub struct CertificateRecord {
     pub certificate: String,
     pub chain: Vec<String>,
     pub not_before: i64,
+    pub not_before_rfc3339: String,
     pub not_after: i64,
+    pub not_after_rfc3339: String,
     pub issued_at: Option<i64>,
+    pub issued_at_rfc3339: Option<String>,
     /// Set once the certificate is revoked.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revocation: Option<RevocationInfo>,
 }
 
 /// When and why a certificate was revoked (the first revocation stands).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct RevocationInfo {
     pub revoked_at: i64,
+    pub revoked_at_rfc3339: String,
     pub reason: crate::pki::RevocationReason,
 }
 
@@ -121,6 +137,7 @@ pub struct CaInfo {
     pub state: String,
     pub key_type: String,
     pub not_after: i64,
+    pub not_after_rfc3339: String,
     pub chain: Vec<String>,
 }
 
@@ -172,9 +189,11 @@ pub struct Identity {
     pub certificate: String,
     /// PEM of the issuing CA's certificate and the certificates above it, nearest first.
     pub chain: Vec<String>,
-    /// Milliseconds since the Unix epoch.
+    /// Milliseconds since the Unix epoch (and as RFC 3339 text, UTC).
     pub created_at: i64,
+    pub created_at_rfc3339: String,
     pub expires_at: i64,
+    pub expires_at_rfc3339: String,
     pub max_uses: i64,
     pub remaining_uses: i64,
 }

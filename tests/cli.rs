@@ -476,3 +476,56 @@ fn bench_ocsp_answers_from_the_cache_closed_and_paced() {
         walk(out.path()).into_iter().filter(|p| p.to_string_lossy().contains("bench.db")).collect();
     assert!(left.is_empty(), "the bench's database is removed: {left:?}");
 }
+
+/// `--log-json` (issue 16): stdout carries JSON lines only, the listening address among them as
+/// an event, no ANSI escape; each answer served has an access line (route, status, duration)
+/// and a refusal has none by default (it is counted in `castellum_http_requests_total`).
+#[actix_rt::test]
+async fn json_logs_are_json_alone_with_an_access_line_per_answer_served() {
+    let db = TestDb::sqlite();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = castellum()
+        .args(["--log-json", "serve", "--config"])
+        .arg(dev_keys().join("castellum.toml"))
+        .env("CASTELLUM_DATABASE__URL", &db.url)
+        .env("CASTELLUM_HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env("CASTELLUM_ADMIN__LISTEN", "")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (lines_tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line);
+        }
+    });
+    let mut seen: Vec<serde_json::Value> = Vec::new();
+    let next_event = |seen: &mut Vec<serde_json::Value>| {
+        let line = lines.recv_timeout(Duration::from_secs(20)).expect("a log line");
+        assert!(!line.contains('\u{1b}'), "an ANSI escape in {line:?}");
+        let event: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        seen.push(event.clone());
+        event
+    };
+    let base = format!("http://127.0.0.1:{port}");
+    while next_event(&mut seen)["url"] != base {}
+    let http = reqwest::Client::new();
+    assert_eq!(http.get(format!("{base}/v1/cas")).bearer_auth(DEMO_KEY).send().await.unwrap().status(), 200);
+    assert_eq!(http.get(format!("{base}/v1/cas")).bearer_auth("wrong").send().await.unwrap().status(), 401);
+    assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
+    while next_event(&mut seen)["route"] != "/healthz" {}
+    let access: Vec<_> = seen.iter().filter(|e| e["message"] == "request").collect();
+    assert_eq!(access.len(), 2, "one line per answer served, none for the 401: {access:?}");
+    assert_eq!((&access[0]["route"], &access[0]["status"]), (&"/v1/cas".into(), &200.into()), "{access:?}");
+    assert!(access[0]["duration_ms"].as_f64().is_some(), "{access:?}");
+    let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(
+        metrics.contains(r#"castellum_http_requests_total{listener="api",route="/v1/cas",status="401"} 1"#),
+        "the refusal is counted: {}",
+        metrics.lines().filter(|l| l.contains("http_requests_total")).collect::<Vec<_>>().join("\n")
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -161,7 +161,8 @@ async fn a_cell_that_crashes_a_sixth_time_within_a_minute_is_left_down() {
         slowest = slowest.max(crashed_at.elapsed());
     }
     eprintln!("five crashes, each replaced within {slowest:?}");
-    let ready: serde_json::Value = server.http.get(server.url("/readyz")).send().await.unwrap().json().await.unwrap();
+    let ready: serde_json::Value =
+        server.http.get(server.url("/readyz")).bearer_auth(DEMO_KEY).send().await.unwrap().json().await.unwrap();
     assert_eq!(ready["cas_serving"], 4, "{ready}");
 
     server.engine.crash_cell("ica-p256").unwrap();
@@ -180,7 +181,8 @@ async fn a_cell_that_crashes_a_sixth_time_within_a_minute_is_left_down() {
     let cell = cell_in(&status, "ica-p256").expect("the dead cell is still listed");
     assert_eq!(cell["state"], "down", "{cell}");
     assert_eq!(cell["restarts"], 5, "{cell}");
-    let ready: serde_json::Value = server.http.get(server.url("/readyz")).send().await.unwrap().json().await.unwrap();
+    let ready: serde_json::Value =
+        server.http.get(server.url("/readyz")).bearer_auth(DEMO_KEY).send().await.unwrap().json().await.unwrap();
     assert_eq!(ready["cas_serving"], 3, "the dead cell's CA is not serving: {ready}");
     let other = answer_of(server.issue(DEMO_KEY, "tls-server-p384", &csr(Key::P384, &["p384.example.test"]))).await;
     assert_eq!(other.status, 201, "{other:?}");

@@ -117,7 +117,7 @@ async fn postgres_the_database_going_away_mid_load_never_hangs_a_request() {
     proxy.cut();
     let cut_at = started.elapsed();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let ready = server.http.get(server.url("/readyz")).send().await.unwrap();
+    let ready = server.http.get(server.url("/readyz")).bearer_auth(DEMO_KEY).send().await.unwrap();
     assert_eq!(ready.status(), 503);
     let why: serde_json::Value = ready.json().await.unwrap();
     assert_eq!(why["database"], "unavailable", "{why}");

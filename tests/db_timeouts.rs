@@ -108,7 +108,7 @@ async fn postgres_a_frozen_database_connection_never_holds_a_caller_past_its_bou
     };
     // The read takes the idle (now frozen) status connection and waits on it.
     let read = answer_of(get()).await;
-    let ready = answer_of(server.http.get(server.url("/readyz"))).await;
+    let ready = answer_of(server.http.get(server.url("/readyz")).bearer_auth(DEMO_KEY)).await;
     let issue = issue.await.unwrap();
     eprintln!("frozen: read {:?}, issue {:?}, readyz {:?}", read.took, issue.took, ready.took);
     let margin = Duration::from_secs(1);

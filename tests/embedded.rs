@@ -80,10 +80,17 @@ async fn health_and_readiness_over_http() {
     let db = TestDb::sqlite();
     let server = TestServer::start(dev_config(&db)).await;
     assert_eq!(server.http.get(server.url("/healthz")).send().await.unwrap().status(), 200);
+    // A load balancer (no credentials) learns only whether; a client also why, and the pools.
     let ready = server.http.get(server.url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status(), 200);
     let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body, serde_json::json!({ "ready": true }));
+    let ready = server.http.get(server.url("/readyz")).bearer_auth(DEMO_KEY).send().await.unwrap();
+    let body: serde_json::Value = ready.json().await.unwrap();
     assert_eq!(body["database"], "ok");
+    assert!(body["pools"].is_array(), "{body}");
+    let wrong = server.http.get(server.url("/readyz")).bearer_auth("not-a-key").send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
     let metrics = server.http.get(server.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("castellum_registry_version"));
     server.stop().await;

@@ -711,3 +711,40 @@ async fn the_admin_status_shows_the_key_stock_and_the_vault() {
     assert_eq!(status["identities"]["vault_waiting"], 0);
     server.stop().await;
 }
+
+/// An identity lives exactly its configured lifetime from its creation (10 minutes in the dev
+/// configuration), and its certificate, backdated 60 s for clock skew, outlives it: judged with
+/// the `openssl` command line's reading of the certificate. Times are given twice, in
+/// milliseconds and as RFC 3339 text, and the two agree.
+#[actix_rt::test]
+async fn an_identity_lives_exactly_its_lifetime() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(dev_config(&db)).await;
+    let identity = create_ok(&server, DEMO_KEY, "signing-identity", "Lifetime robot").await;
+    let (created, expires) = (identity["created_at"].as_i64().unwrap(), identity["expires_at"].as_i64().unwrap());
+    assert_eq!(expires - created, 10 * 60 * 1000, "{identity}");
+    for field in ["created_at", "expires_at"] {
+        let text = identity[format!("{field}_rfc3339")].as_str().unwrap();
+        let parsed = humantime::parse_rfc3339(text).unwrap();
+        let ms = parsed.duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        assert_eq!(ms, identity[field].as_i64().unwrap(), "{field}: {text}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("identity.pem");
+    std::fs::write(&pem, identity["certificate"].as_str().unwrap()).unwrap();
+    let dates = Command::new("openssl")
+        .args(["x509", "-noout", "-dateopt", "iso_8601", "-startdate", "-enddate", "-in"])
+        .arg(&pem)
+        .output()
+        .unwrap();
+    let dates = String::from_utf8(dates.stdout).unwrap();
+    let date_of = |key: &str| {
+        let line = dates.lines().find_map(|l| l.strip_prefix(key)).unwrap_or_else(|| panic!("{dates}"));
+        let at = humantime::parse_rfc3339_weak(line.trim().trim_end_matches('Z')).unwrap();
+        at.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64 * 1000
+    };
+    let (not_before, not_after) = (date_of("notBefore="), date_of("notAfter="));
+    assert!(not_after >= expires - 999, "the certificate ends ({not_after}) before the identity ({expires})");
+    assert!(not_before <= created - 59_000, "the certificate is not backdated: {not_before} vs {created}");
+    server.stop().await;
+}

@@ -309,7 +309,8 @@ async fn a_ca_whose_key_is_missing_at_start_up_starts_failed_and_recovers() {
     assert!(problems.iter().any(|p| p.path == "cas[2].key_file" && p.key_unavailable), "{problems:?}");
     // … but the engine starts, with that CA failed and the others serving.
     let server = TestServer::start(config).await;
-    let ready: serde_json::Value = server.http.get(server.url("/readyz")).send().await.unwrap().json().await.unwrap();
+    let ready: serde_json::Value =
+        server.http.get(server.url("/readyz")).bearer_auth(DEMO_KEY).send().await.unwrap().json().await.unwrap();
     assert_eq!(ready["cas_serving"], 3, "{ready}");
     let rsa_csr = csr(Key::Rsa(2048), &["rsa.example.test"]);
     let refused = server.issue(DEMO_KEY, "tls-server-rsa", &rsa_csr).send().await.unwrap();
@@ -323,7 +324,8 @@ async fn a_ca_whose_key_is_missing_at_start_up_starts_failed_and_recovers() {
         assert!(started.elapsed() < Duration::from_secs(10), "the CA did not recover");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let ready: serde_json::Value = server.http.get(server.url("/readyz")).send().await.unwrap().json().await.unwrap();
+    let ready: serde_json::Value =
+        server.http.get(server.url("/readyz")).bearer_auth(DEMO_KEY).send().await.unwrap().json().await.unwrap();
     assert_eq!(ready["cas_serving"], 4);
     server.stop().await;
 }

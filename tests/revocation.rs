@@ -401,7 +401,8 @@ async fn postgres_a_revocation_through_one_instance_is_on_the_others_crl() {
 async fn wait_for_responder(server: &TestServer) {
     let started = Instant::now();
     loop {
-        let readiness: Value = server.http.get(server.url("/readyz")).send().await.unwrap().json().await.unwrap();
+        let readiness: Value =
+            server.http.get(server.url("/readyz")).bearer_auth(DEMO_KEY).send().await.unwrap().json().await.unwrap();
         let warnings = readiness["warnings"].as_array().cloned().unwrap_or_default();
         if !warnings.iter().any(|w| w.as_str().unwrap_or("").contains("OCSP responder")) {
             return;
@@ -620,7 +621,8 @@ async fn a_failing_responder_renewal_keeps_answering_and_says_so_until_the_respo
 
     // The renewal point (12 s) passes and the next look (every 15 s) fails to renew.
     let warning = loop {
-        let readiness: Value = server.http.get(server.url("/readyz")).send().await.unwrap().json().await.unwrap();
+        let readiness: Value =
+            server.http.get(server.url("/readyz")).bearer_auth(DEMO_KEY).send().await.unwrap().json().await.unwrap();
         let warnings = readiness["warnings"].as_array().cloned().unwrap_or_default();
         let found = warnings.iter().filter_map(|w| w.as_str()).find_map(|w| {
             (w.contains("CA ica-p256: OCSP responder certificate expires in") && w.contains("renewal failing"))

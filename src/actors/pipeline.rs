@@ -143,7 +143,9 @@ impl Pipeline {
             certificate: cert_pem(&cert_der),
             chain: p.ca.chain_pem.clone(),
             not_before: prepared.not_before_ms,
+            not_before_rfc3339: crate::types::rfc3339(prepared.not_before_ms),
             not_after: prepared.not_after_ms,
+            not_after_rfc3339: crate::types::rfc3339(prepared.not_after_ms),
             request_id: job.caller.request_id().map(String::from),
         })
     }

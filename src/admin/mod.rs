@@ -243,7 +243,11 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(revoke_ca)
         .service(leak)
         .service(console_page)
-        .service(console_script);
+        .service(console_script)
+        // Behind the admin token: the detailed readiness and the metrics (the only place for
+        // them with `http.metrics = false`).
+        .service(crate::http::ops::metrics)
+        .route("/readyz", web::get().to(crate::http::ops::detailed_readyz));
 }
 
 /// Bind the admin listener.

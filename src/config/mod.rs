@@ -181,9 +181,26 @@ pub struct HttpConfig {
     /// Failed authentications one source address may make (a burst, refilled at a rate) before
     /// its failures are answered `429` with `Retry-After`; a valid key is never held back.
     pub auth_failures: RateConfig,
+    /// An access log line per answer (target `castellum::access`): `served` (2xx and 3xx; the
+    /// default), `all` (refusals too: one line per request of a storm), or `off`. Every answer
+    /// is counted in `castellum_http_requests_total` whatever this says.
+    pub access_log: AccessLog,
+    /// Serve `/metrics` on the API listener too (it is always on the admin listener, behind its
+    /// token). `false` keeps CA ids, pool figures and the identity key stock off the API port.
+    pub metrics: bool,
     /// TLS on the API listener; absent: plain HTTP (for loopback, or behind a terminating
     /// balancer on a private network).
     pub tls: Option<TlsConfig>,
+}
+
+/// Which answers get an access log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    Off,
+    /// 2xx and 3xx: what was served. Refusals are counted, not logged.
+    Served,
+    All,
 }
 
 /// A listener's TLS: its certificate and key files, reloaded when they change.
@@ -218,6 +235,8 @@ impl Default for HttpConfig {
             body_timeout: Duration::from_secs(10),
             connections_per_source: 1024,
             auth_failures: RateConfig { per_second: 2, burst: 20 },
+            access_log: AccessLog::Served,
+            metrics: true,
             tls: None,
         }
     }

@@ -76,16 +76,29 @@ pub struct Held {
     conn: DbConn,
     id: u64,
     holds: Arc<Holds>,
+    exempt: std::sync::atomic::AtomicBool,
+}
+
+thread_local! {
+    /// Set while an exempt connection goes back to its pool: r2d2 reports the check-in on the
+    /// thread that drops it, right after [`Held`]'s own drop, and its long hold is no leak.
+    static EXEMPT_CHECKIN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the connection being checked in on this thread was exempt (and forget it).
+pub(super) fn checkin_is_exempt() -> bool {
+    EXEMPT_CHECKIN.with(|flag| flag.replace(false))
 }
 
 impl Held {
     pub(super) fn new(conn: DbConn, holds: &Arc<Holds>) -> Held {
-        Held { conn, id: holds.register(), holds: holds.clone() }
+        Held { conn, id: holds.register(), holds: holds.clone(), exempt: Default::default() }
     }
 
     /// A connection held for good on purpose (the registry's listener): never reported.
     pub fn exempt_from_leak_reports(&self) {
         self.holds.lock().remove(&self.id);
+        self.exempt.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -105,5 +118,7 @@ impl DerefMut for Held {
 impl Drop for Held {
     fn drop(&mut self) {
         self.holds.lock().remove(&self.id);
+        // The connection itself is dropped (checked in) just after this, on this thread.
+        EXEMPT_CHECKIN.with(|flag| flag.set(*self.exempt.get_mut()));
     }
 }

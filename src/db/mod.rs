@@ -192,6 +192,11 @@ impl HandleEvent for PoolEvents {
         self.metrics.pool_timeouts.get_or_create(&metrics::pool(self.pool)).inc();
     }
     fn handle_checkin(&self, event: r2d2::event::CheckinEvent) {
+        // The registry's LISTEN connection, held for the engine's life, comes back at shutdown:
+        // neither a hold to measure nor a leak.
+        if holds::checkin_is_exempt() {
+            return;
+        }
         let held = event.duration();
         self.metrics.pool_hold_seconds.get_or_create(&metrics::pool(self.pool)).observe(held.as_secs_f64());
         if held > self.slow_hold {

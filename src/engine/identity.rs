@@ -102,8 +102,10 @@ impl Engine {
                 certificate: issued.certificate,
                 chain: issued.chain,
                 created_at,
+                created_at_rfc3339: rfc3339(created_at),
                 // As stored: the key never outlives its certificate.
                 expires_at: draft.expires_at.min(issued.not_after),
+                expires_at_rfc3339: rfc3339(draft.expires_at.min(issued.not_after)),
                 max_uses: i64::from(policy.max_uses),
                 remaining_uses: i64::from(policy.max_uses),
             }),
@@ -152,7 +154,9 @@ impl Engine {
             serial: row.serial,
             certificate,
             created_at: row.created_at,
+            created_at_rfc3339: rfc3339(row.created_at),
             expires_at: row.expires_at,
+            expires_at_rfc3339: rfc3339(row.expires_at),
             max_uses: row.max_uses,
         }
     }

@@ -388,10 +388,15 @@ impl Engine {
             state: row.state,
             certificate: crate::pki::cert_pem(&der),
             not_before: row.not_before,
+            not_before_rfc3339: rfc3339(row.not_before),
             not_after: row.not_after,
+            not_after_rfc3339: rfc3339(row.not_after),
             issued_at: row.issued_at,
+            issued_at_rfc3339: row.issued_at.map(rfc3339),
             revocation: match (row.revoked_at, row.revocation_reason.and_then(RevocationReason::from_code)) {
-                (Some(revoked_at), Some(reason)) => Some(RevocationInfo { revoked_at, reason }),
+                (Some(revoked_at), Some(reason)) => {
+                    Some(RevocationInfo { revoked_at, revoked_at_rfc3339: rfc3339(revoked_at), reason })
+                }
                 _ => None,
             },
         })
@@ -414,6 +419,7 @@ impl Engine {
                 state: snapshot.ca_state(&m.id).map_or("unknown", CaState::as_str).to_string(),
                 key_type: format!("{:?}", m.key_type),
                 not_after: crate::pki::unix_ms(m.not_after),
+                not_after_rfc3339: rfc3339(crate::pki::unix_ms(m.not_after)),
                 chain: m.chain_pem.clone(),
             })
             .collect();

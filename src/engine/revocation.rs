@@ -27,7 +27,9 @@ fn outcome(serial: String, stored: RevokeOutcome) -> Result<RevocationOutcome, E
     };
     let reason = RevocationReason::from_code(revocation.reason)
         .ok_or_else(|| EngineError::Internal(format!("stored revocation reason {} is unknown", revocation.reason)))?;
-    Ok(RevocationOutcome { serial, revocation: RevocationInfo { revoked_at: revocation.at, reason }, newly_revoked })
+    let revocation =
+        RevocationInfo { revoked_at: revocation.at, revoked_at_rfc3339: crate::types::rfc3339(revocation.at), reason };
+    Ok(RevocationOutcome { serial, revocation, newly_revoked })
 }
 
 impl Engine {

@@ -31,7 +31,7 @@ impl FromRequest for Authenticated {
 /// The client whose bearer key the request carries or, without one, whose name its connection's
 /// client certificate carries. A failure counts against the request's source address (`429`
 /// once it fails too often; a valid key is never held back).
-fn authenticate(req: &HttpRequest) -> Result<Authenticated, EngineError> {
+pub(super) fn authenticate(req: &HttpRequest) -> Result<Authenticated, EngineError> {
     let engine = req.app_data::<web::Data<Engine>>().ok_or(EngineError::Internal("no engine".into()))?;
     let found = match (bearer(req), req.conn_data::<ClientCertificate>()) {
         (Some(key), _) => engine.authenticate(key),
@@ -42,6 +42,11 @@ fn authenticate(req: &HttpRequest) -> Result<Authenticated, EngineError> {
         (EngineError::Unauthorized, Some(bounds)) => bounds.auth_failed(req.peer_addr().map(|a| a.ip())),
         (e, _) => e,
     })
+}
+
+/// Whether a request carries credentials at all: a bearer key, or a client certificate.
+pub(super) fn has_credentials(req: &HttpRequest) -> bool {
+    req.headers().contains_key(actix_web::http::header::AUTHORIZATION) || req.conn_data::<ClientCertificate>().is_some()
 }
 
 /// The bearer token of a request's `Authorization` header.

@@ -36,36 +36,49 @@ pub struct Prefer {
     pub wait: Option<Duration>,
 }
 
-pub fn parse_prefer(req: &HttpRequest) -> Prefer {
-    let mut prefer = Prefer::default();
-    for value in req.headers().get_all("prefer") {
-        let Ok(text) = value.to_str() else { continue };
-        for token in text.split(',').map(str::trim) {
-            let (name, arg) = match token.split_once('=') {
-                Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
-                None => (token, None),
-            };
-            match (name.to_ascii_lowercase().as_str(), arg) {
-                ("respond-async", _) => prefer.respond_async = true,
-                ("wait", Some(secs)) => prefer.wait = secs.parse::<u64>().ok().map(Duration::from_secs),
-                _ => {}
+impl Prefer {
+    /// The preferences in the values of a request's `Prefer` headers (RFC 7240: a
+    /// comma-separated list of `token[=value]`); what is not understood is ignored, as the RFC
+    /// asks, and so is a value that is not text.
+    pub fn parse<'a>(values: impl IntoIterator<Item = &'a [u8]>) -> Prefer {
+        let mut prefer = Prefer::default();
+        for value in values {
+            let Ok(text) = std::str::from_utf8(value) else { continue };
+            for token in text.split(',').map(str::trim) {
+                let (name, arg) = match token.split_once('=') {
+                    Some((n, v)) => (n.trim(), Some(v.trim().trim_matches('"'))),
+                    None => (token, None),
+                };
+                match (name.to_ascii_lowercase().as_str(), arg) {
+                    ("respond-async", _) => prefer.respond_async = true,
+                    ("wait", Some(secs)) => prefer.wait = secs.parse::<u64>().ok().map(Duration::from_secs),
+                    _ => {}
+                }
             }
         }
+        prefer
     }
-    prefer
+}
+
+pub fn parse_prefer(req: &HttpRequest) -> Prefer {
+    Prefer::parse(req.headers().get_all("prefer").map(|v| v.as_bytes()))
+}
+
+/// The `Idempotency-Key` header's value, unquoted; refused unless it is visible ASCII (the
+/// engine then checks its length and characters).
+pub fn idempotency_key_of(value: Option<&[u8]>) -> Result<Option<String>, EngineError> {
+    let Some(value) = value else { return Ok(None) };
+    let text = std::str::from_utf8(value)
+        .ok()
+        .filter(|t| t.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b)))
+        .ok_or_else(|| EngineError::MalformedRequest("Idempotency-Key is not ASCII".into()))?;
+    Ok(Some(text.trim().trim_matches('"').to_string()))
 }
 
 pub fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, Problem> {
-    match req.headers().get("idempotency-key") {
-        None => Ok(None),
-        Some(v) => v
-            .to_str()
-            .map(|s| Some(s.trim().trim_matches('"').to_string()))
-            .map_err(|_| Problem(EngineError::MalformedRequest("Idempotency-Key is not ASCII".into()))),
-    }
+    idempotency_key_of(req.headers().get("idempotency-key").map(|v| v.as_bytes())).map_err(Problem)
 }
 
-/// A request stored durably, to be polled.
 #[derive(Serialize, ToSchema)]
 pub struct AcceptedBody {
     request_id: String,

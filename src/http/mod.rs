@@ -5,6 +5,7 @@ pub mod auth;
 pub mod bounds;
 pub mod certificates;
 pub mod identities;
+pub mod observe;
 pub mod openapi;
 pub mod ops;
 pub mod problem;
@@ -45,8 +46,8 @@ where
 }
 
 /// Register the API's routes (an embedding application can mount them in its own App).
-pub fn routes(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
-    let json = web::JsonConfig::default().limit(max_body_bytes).error_handler(|err, req| {
+pub fn routes(cfg: &mut web::ServiceConfig, http: &crate::config::HttpConfig) {
+    let json = web::JsonConfig::default().limit(http.max_body_bytes).error_handler(|err, req| {
         let e = match err {
             JsonPayloadError::Overflow { .. } | JsonPayloadError::OverflowKnownLength { .. } => {
                 EngineError::PayloadTooLarge
@@ -77,8 +78,10 @@ pub fn routes(cfg: &mut web::ServiceConfig, max_body_bytes: usize) {
         .service(identities::sign)
         .service(ops::healthz)
         .service(ops::readyz)
-        .service(ops::metrics)
         .service(openapi::openapi_json);
+    if http.metrics {
+        cfg.service(ops::metrics);
+    }
 }
 
 /// No route took the request: `405` with `Allow` when the API's description has its path with
@@ -113,7 +116,7 @@ pub fn listener_tls(
 /// Bind the API on `listen`; returns the server (to run or stop) and the bound addresses.
 pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<SocketAddr>)> {
     let tls = listener_tls("api", engine.config().http.tls.as_ref(), &engine)?;
-    let max_body = engine.config().http.max_body_bytes;
+    let http_config = engine.config().http.clone();
     let workers = engine.config().http.workers;
     let keep_alive = engine.config().http.keep_alive;
     // A graceful stop lets every request in flight reach its answer, which none waits for past
@@ -122,13 +125,18 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
     let in_flight_limit = lanes.interactive.max_deadline.max(lanes.background.max_deadline).as_secs() + 1;
     let bounds = SourceBounds::new("api", &engine.config().http, engine.shared_metrics());
     let counted = bounds.clone();
+    let observed =
+        web::Data::new(observe::Observed::new("api", engine.config().http.access_log, engine.shared_metrics()));
     let data = web::Data::new(engine);
     let mut http = HttpServer::new(move || {
         let bounds = web::Data::from(bounds.clone());
         App::new()
             .app_data(data.clone())
             .app_data(bounds.clone())
+            .app_data(observed.clone())
             .wrap_fn(move |req, service| bounded(&bounds, req, service))
+            // Outside the bounds: their refusals are counted too.
+            .wrap(actix_web::middleware::from_fn(observe::observe))
             // Answers carry keys' certificates and clients' requests: never stored by a cache
             // unless a route says otherwise (CRLs, OCSP, CA certificates), never sniffed.
             .wrap(
@@ -137,7 +145,7 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
                     .add((actix_web::http::header::X_CONTENT_TYPE_OPTIONS, "nosniff")),
             )
             .wrap(tracing_actix_web::TracingLogger::<problem::RequestSpan>::new())
-            .configure(|cfg| routes(cfg, max_body))
+            .configure(|cfg| routes(cfg, &http_config))
             .default_service(web::to(unrouted))
     })
     .on_connect(move |connection, extensions| {

@@ -102,28 +102,53 @@ pub async fn openapi_json() -> HttpResponse {
     HttpResponse::Ok().content_type("application/json").body(document())
 }
 
+/// The described routes: each path template, its matcher and the methods it allows.
+struct Routes {
+    templates: Vec<String>,
+    matchers: Vec<ResourceDef>,
+    methods: Vec<Vec<Method>>,
+}
+
+fn routes() -> &'static Routes {
+    static ROUTES: OnceLock<Routes> = OnceLock::new();
+    ROUTES.get_or_init(|| {
+        let doc = ApiDoc::openapi();
+        let mut routes = Routes { templates: Vec::new(), matchers: Vec::new(), methods: Vec::new() };
+        for (template, item) in doc.paths.paths {
+            let methods = [
+                (Method::GET, item.get.is_some()),
+                (Method::POST, item.post.is_some()),
+                (Method::PUT, item.put.is_some()),
+                (Method::DELETE, item.delete.is_some()),
+                (Method::PATCH, item.patch.is_some()),
+            ];
+            routes.methods.push(methods.into_iter().filter_map(|(m, present)| present.then_some(m)).collect());
+            routes.matchers.push(ResourceDef::new(template.as_str()));
+            routes.templates.push(template);
+        }
+        routes
+    })
+}
+
+/// How many routes the description has.
+pub fn route_count() -> usize {
+    routes().templates.len()
+}
+
+/// The path template of a route found by [`route_index`] (`/v1/certificates/{serial}`, …), or
+/// `(other)` for a path the description does not have.
+pub fn route_template(route: Option<usize>) -> &'static str {
+    route.and_then(|i| routes().templates.get(i)).map_or("(other)", String::as_str)
+}
+
+/// Which described route `path` is: its place among the description's, in a fixed order.
+pub fn route_index(path: &str) -> Option<usize> {
+    routes().matchers.iter().position(|route| route.is_match(path))
+}
+
 /// The methods the contract allows on `path`, when it describes the path at all.
 pub fn allowed_methods(path: &str) -> Option<&'static [Method]> {
-    static ROUTES: OnceLock<Vec<(ResourceDef, Vec<Method>)>> = OnceLock::new();
-    let routes = ROUTES.get_or_init(|| {
-        ApiDoc::openapi()
-            .paths
-            .paths
-            .iter()
-            .map(|(template, item)| {
-                let methods = [
-                    (Method::GET, item.get.is_some()),
-                    (Method::POST, item.post.is_some()),
-                    (Method::PUT, item.put.is_some()),
-                    (Method::DELETE, item.delete.is_some()),
-                    (Method::PATCH, item.patch.is_some()),
-                ];
-                let methods = methods.into_iter().filter_map(|(m, present)| present.then_some(m)).collect();
-                (ResourceDef::new(template.as_str()), methods)
-            })
-            .collect()
-    });
-    routes.iter().find(|(route, _)| route.is_match(path)).map(|(_, methods)| methods.as_slice())
+    route_index(path).map(|i| routes().methods[i].as_slice())
 }
 
 /// A DER body (a CRL, a certificate, an OCSP request or response): bytes, not JSON.

@@ -172,9 +172,13 @@ pub async fn ocsp_post(engine: web::Data<Engine>, req: HttpRequest, mut payload:
 )]
 #[get("/ocsp/{request:.*}")]
 pub async fn ocsp_get(engine: web::Data<Engine>, req: HttpRequest) -> HttpResponse {
-    use base64::Engine as _;
-    let raw = req.match_info().get("request").unwrap_or_default();
-    let decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
-    let der = base64::engine::general_purpose::STANDARD.decode(decoded.trim()).unwrap_or_default();
+    let der = ocsp_get_request(req.match_info().get("request").unwrap_or_default());
     ocsp_response(engine.ocsp(&der).await, true)
+}
+
+/// The DER request of a GET's path (URL-encoded base64); empty, hence malformed, when it is not.
+pub fn ocsp_get_request(path: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy();
+    base64::engine::general_purpose::STANDARD.decode(decoded.trim()).unwrap_or_default()
 }

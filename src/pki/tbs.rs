@@ -172,7 +172,13 @@ pub fn prepare(
     let serial = new_serial();
     let crl_shard = crl_shard_of(&serial, ca.crl_shards);
     let not_before = now - profile.backdate;
-    let not_after = not_before + profile.validity;
+    // A CSR's certificate spans exactly `validity` (the Baseline Requirements count from
+    // notBefore). An identity's counts it from now: the backdate for clock skew comes on top,
+    // or an identity of lifetime 10m would die with its certificate after 9.
+    let not_after = match profile.identity {
+        Some(_) => now + profile.validity,
+        None => not_before + profile.validity,
+    };
     let spki = SubjectPublicKeyInfoOwned::from_der(&csr.spki_der).map_err(internal("public key"))?;
     let subject = if profile.omit_common_name {
         subject_name(&ApprovedNames { common_name: None, ..names.clone() })?
