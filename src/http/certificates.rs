@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::{Authenticated, AuthenticatedJson};
-use super::openapi::{ReadRefusals, WriteRefusals};
 use super::problem::Problem;
+use super::responses::{ReadRefusals, WriteRefusals};
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::types::{CaInfo, CertificateRecord, IssueRequest, IssuedCertificate, RequestStatus};

@@ -7,8 +7,8 @@ use utoipa::ToSchema;
 
 use super::auth::{Authenticated, AuthenticatedJson};
 use super::certificates::{idempotency_key, parse_prefer};
-use super::openapi::{ReadRefusals, WriteRefusals};
 use super::problem::Problem;
+use super::responses::{ReadRefusals, WriteRefusals};
 use crate::engine::Engine;
 use crate::pki::identity::IdentitySubject;
 use crate::types::{CreateIdentity, Identity, IdentitySignature, SignDigestRequest};

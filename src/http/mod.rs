@@ -9,6 +9,7 @@ pub mod observe;
 pub mod openapi;
 pub mod ops;
 pub mod problem;
+pub mod responses;
 pub mod revocation;
 pub mod tls;
 

@@ -5,8 +5,8 @@ use actix_web::{get, web, HttpRequest, HttpResponse};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::openapi::{ReadRefusals, Throttled};
 use super::problem::Problem;
+use super::responses::{ReadRefusals, Throttled};
 use crate::engine::Engine;
 use crate::types::Readiness;
 

@@ -9,8 +9,8 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::auth::AuthenticatedJson;
-use super::openapi::{Der, OcspRefusals, PublicRefusals, WriteRefusals};
 use super::problem::Problem;
+use super::responses::{Der, OcspRefusals, PublicRefusals, WriteRefusals};
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::pki::{now_ms, RevocationReason};
@@ -167,7 +167,7 @@ pub async fn ocsp_post(engine: web::Data<Engine>, req: HttpRequest, mut payload:
     params(("request" = String, Path, description = "The DER OCSPRequest, base64, URL-encoded")),
     responses(
         (status = 200, description = "An OCSPResponse (DER), also for a malformed request", content_type = "application/ocsp-response", body = Der),
-        super::openapi::Throttled,
+        super::responses::Throttled,
     ),
 )]
 #[get("/ocsp/{request:.*}")]
