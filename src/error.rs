@@ -73,7 +73,7 @@ pub enum EngineError {
     ShuttingDown,
     /// The path exists with other methods (`allowed`, as the `Allow` header says them).
     #[error("method not allowed here; allowed: {allowed}")]
-    MethodNotAllowed { allowed: String },
+    MethodNotAllowed { allowed: &'static str },
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -644,10 +644,7 @@ async fn serve(config: Config, log_json: bool) -> Result<(), Box<dyn std::error:
     // stopped inside the runtime, not dropped with it (a panic in their cleanup, as was seen).
     let (server, addrs) = match castellum::http::server(engine.clone(), &listen) {
         Ok(bound) => bound,
-        Err(e) => {
-            engine.shutdown().await;
-            return Err(format!("API listener {listen}: {e}").into());
-        }
+        Err(e) => return Err(stop_for(&engine, format!("API listener {listen}: {e}")).await),
     };
     let scheme = |tls: bool| if tls { "https" } else { "http" };
     for addr in &addrs {
@@ -659,10 +656,7 @@ async fn serve(config: Config, log_json: bool) -> Result<(), Box<dyn std::error:
     } else {
         let (admin, admin_addrs) = match castellum::admin::server(engine.clone(), &admin_listen) {
             Ok(bound) => bound,
-            Err(e) => {
-                engine.shutdown().await;
-                return Err(format!("admin listener {admin_listen}: {e}").into());
-            }
+            Err(e) => return Err(stop_for(&engine, format!("admin listener {admin_listen}: {e}")).await),
         };
         for addr in &admin_addrs {
             announce("admin console on", format!("{}://{addr}/admin", scheme(engine.config().admin.tls.is_some())));
@@ -711,6 +705,13 @@ async fn serve(config: Config, log_json: bool) -> Result<(), Box<dyn std::error:
     server.await?;
     engine.shutdown().await;
     Ok(())
+}
+
+/// Stop the engine (inside the runtime, so its actors' cleanup has one) and give `why` as the
+/// error `serve` returns.
+async fn stop_for(engine: &Engine, why: String) -> Box<dyn std::error::Error> {
+    engine.shutdown().await;
+    why.into()
 }
 
 /// SIGTERM (what service managers and orchestrators send) and SIGINT (Ctrl-C), as one stream.

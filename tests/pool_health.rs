@@ -3,28 +3,13 @@
 
 mod common;
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 #[actix_rt::test]
 async fn a_leaking_component_is_named_before_the_pool_runs_out() {
-    let logs = Captured::default();
+    let logs = CapturedLog::default();
     let writer = logs.clone();
     // Global, as in the binary: the leaking thread's spans must exist too (nextest runs each
     // test in its own process).

@@ -178,21 +178,6 @@ async fn postgres_parked_work_is_all_issued_after_resubmit() {
     parked_work_is_all_issued_after_resubmit(TestDb::postgres()).await;
 }
 
-/// The log lines of this test process (a subscriber of its own: nextest runs each test alone in
-/// its process).
-#[derive(Clone, Default)]
-struct CapturedLog(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-
-impl std::io::Write for CapturedLog {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// The registry's LISTEN connection is held for the engine's whole life on purpose: when it
 /// goes back to its pool at a clean stop, that is no long hold to warn about (it was reported as
 /// "database connection held longer than the threshold").
@@ -209,7 +194,7 @@ async fn a_clean_stop_reports_no_long_hold_for_the_listen_connection() {
     server.stop().await;
     // The listener thread notices the stop within its 20 ms poll and returns its connection.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    let text = log.text();
     assert!(text.contains("engine stopped"), "{text}");
     assert!(!text.contains("held longer than the threshold"), "{text}");
 }

@@ -88,12 +88,9 @@ pub fn routes(cfg: &mut web::ServiceConfig, http: &crate::config::HttpConfig) {
 /// No route took the request: `405` with `Allow` when the API's description has its path with
 /// other methods, else `404`.
 pub async fn unrouted(req: actix_web::HttpRequest) -> Result<actix_web::HttpResponse, Problem> {
-    match openapi::allowed_methods(req.path()) {
-        Some(methods) if !methods.contains(req.method()) => {
-            let allowed = methods.iter().map(|m| m.as_str()).collect::<Vec<_>>().join(", ");
-            Err(Problem(EngineError::MethodNotAllowed { allowed }))
-        }
-        _ => Err(Problem(EngineError::NotFound)),
+    match openapi::allow_header(req.path(), req.method()) {
+        Some(allowed) => Err(Problem(EngineError::MethodNotAllowed { allowed })),
+        None => Err(Problem(EngineError::NotFound)),
     }
 }
 

@@ -103,13 +103,15 @@ struct Routes {
     templates: Vec<String>,
     matchers: Vec<ResourceDef>,
     methods: Vec<Vec<Method>>,
+    /// The `Allow` header of each route.
+    allow: Vec<String>,
 }
 
 fn routes() -> &'static Routes {
     static ROUTES: OnceLock<Routes> = OnceLock::new();
     ROUTES.get_or_init(|| {
         let doc = ApiDoc::openapi();
-        let mut routes = Routes { templates: Vec::new(), matchers: Vec::new(), methods: Vec::new() };
+        let mut routes = Routes { templates: Vec::new(), matchers: Vec::new(), methods: Vec::new(), allow: Vec::new() };
         for (template, item) in doc.paths.paths {
             let methods = [
                 (Method::GET, item.get.is_some()),
@@ -118,7 +120,9 @@ fn routes() -> &'static Routes {
                 (Method::DELETE, item.delete.is_some()),
                 (Method::PATCH, item.patch.is_some()),
             ];
-            routes.methods.push(methods.into_iter().filter_map(|(m, present)| present.then_some(m)).collect());
+            let methods: Vec<Method> = methods.into_iter().filter_map(|(m, present)| present.then_some(m)).collect();
+            routes.allow.push(methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", "));
+            routes.methods.push(methods);
             routes.matchers.push(ResourceDef::new(template.as_str()));
             routes.templates.push(template);
         }
@@ -142,9 +146,11 @@ pub fn route_index(path: &str) -> Option<usize> {
     routes().matchers.iter().position(|route| route.is_match(path))
 }
 
-/// The methods the contract allows on `path`, when it describes the path at all.
-pub fn allowed_methods(path: &str) -> Option<&'static [Method]> {
-    route_index(path).map(|i| routes().methods[i].as_slice())
+/// The `Allow` header for a method `path` does not take, when the contract describes the path
+/// with other methods.
+pub fn allow_header(path: &str, method: &Method) -> Option<&'static str> {
+    let i = route_index(path)?;
+    (!routes().methods[i].contains(method)).then(|| routes().allow[i].as_str())
 }
 
 #[cfg(test)]
@@ -163,8 +169,9 @@ mod tests {
 
     #[test]
     fn allowed_methods_follow_the_description() {
-        assert_eq!(allowed_methods("/v1/certificates"), Some(&[Method::POST][..]));
-        assert_eq!(allowed_methods("/v1/certificates/00ff"), Some(&[Method::GET][..]));
-        assert_eq!(allowed_methods("/nowhere"), None);
+        assert_eq!(allow_header("/v1/certificates", &Method::GET), Some("POST"));
+        assert_eq!(allow_header("/v1/certificates", &Method::POST), None);
+        assert_eq!(allow_header("/v1/certificates/00ff", &Method::PUT), Some("GET"));
+        assert_eq!(allow_header("/nowhere", &Method::GET), None);
     }
 }

@@ -57,9 +57,7 @@ impl ResponseError for Problem {
             resp.force_close();
         }
         if let EngineError::MethodNotAllowed { allowed } = &self.0 {
-            if let Ok(allowed) = HeaderValue::from_str(allowed) {
-                resp.insert_header((header::ALLOW, allowed));
-            }
+            resp.insert_header((header::ALLOW, HeaderValue::from_static(allowed)));
         }
         if matches!(self.0, EngineError::Unauthorized) {
             resp.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));

@@ -1057,3 +1057,24 @@ pub async fn submit_async(server: &TestServer, profile: &str, name: &str) -> Str
     assert_eq!(resp.status(), 202);
     resp.json::<serde_json::Value>().await.unwrap()["request_id"].as_str().unwrap().to_string()
 }
+
+/// Log lines written into memory, for a test's own `tracing` subscriber (nextest runs each test
+/// alone in its process, so a global one is the test's).
+#[derive(Clone, Default)]
+pub struct CapturedLog(pub std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLog {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
