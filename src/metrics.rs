@@ -87,8 +87,9 @@ pub struct Metrics {
     pub async_resumed: Counter,
     /// Identity keys handed out, by kind and source (`pool`: pre-generated, `on-demand`).
     pub identity_keys: Family<Labels, Counter>,
-    /// Answers by listener, route (the API description's path template) and status: every
-    /// request, refusals by the listener's bounds and actix's own 4xx to malformed JSON included.
+    /// Answers by listener, route (its path template: the API description's, or the admin
+    /// listener's table) and status: every request, refusals by the listener's bounds and the
+    /// admin token check and actix's own 4xx to malformed JSON included.
     pub http_requests: Family<Labels, Counter>,
     /// Time to answer, by listener, route and status; buckets up to ~9 minutes (the background
     /// lane's deadlines).

@@ -60,6 +60,67 @@ async fn the_admin_api_refuses_strangers_and_cross_site_requests() {
 }
 
 #[actix_rt::test]
+async fn the_admin_listeners_answers_are_counted_by_route_and_status() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(dev_config(&db)).await;
+    // Each admin route once by GET (those that take POST answer 404 to it: the route still
+    // names the answer), one stranger, and a path the listener does not have.
+    let paths = [
+        ("/admin", "/admin"),
+        ("/admin/console.js", "/admin/console.js"),
+        ("/admin/v1/status", "/admin/v1/status"),
+        ("/admin/v1/cas/ica-p256/state", "/admin/v1/cas/{ca}/state"),
+        ("/admin/v1/cas/ica-p256/resubmit", "/admin/v1/cas/{ca}/resubmit"),
+        ("/admin/v1/cas/ica-p256/breaker/reset", "/admin/v1/cas/{ca}/breaker/reset"),
+        ("/admin/v1/cas/ica-p256/revoke-all", "/admin/v1/cas/{ca}/revoke-all"),
+        ("/admin/v1/certificates/01ab/revoke", "/admin/v1/certificates/{serial}/revoke"),
+        ("/admin/v1/profiles/tls-server-p256/state", "/admin/v1/profiles/{profile}/state"),
+        ("/admin/v1/faults/leak", "/admin/v1/faults/leak"),
+        ("/readyz", "/readyz"),
+    ];
+    for (path, _) in paths {
+        server.http.get(format!("{}{path}", server.admin_base)).bearer_auth(ADMIN_TOKEN).send().await.unwrap();
+    }
+    let stranger = server.http.get(format!("{}/admin/v1/status", server.admin_base)).send().await.unwrap();
+    assert_eq!(stranger.status(), 401);
+    let nowhere = server.http.get(format!("{}/nowhere", server.admin_base)).bearer_auth(ADMIN_TOKEN).send().await;
+    assert_eq!(nowhere.unwrap().status(), 404);
+    let metrics = server
+        .http
+        .get(format!("{}/metrics", server.admin_base))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let counted = |route: &str, status: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("castellum_http_requests_total{")
+                && l.contains(r#"listener="admin""#)
+                && l.contains(&format!(r#"route="{route}""#))
+                && l.contains(&format!(r#"status="{status}""#))
+        })
+    };
+    for (path, template) in paths {
+        let served = metrics.lines().any(|l| {
+            l.starts_with("castellum_http_requests_total{")
+                && l.contains(r#"listener="admin""#)
+                && l.contains(&format!(r#"route="{template}""#))
+        });
+        assert!(served, "{path} is not counted under {template}:\n{metrics}");
+    }
+    assert!(counted("/admin/v1/status", "200") && counted("/admin/v1/status", "401"), "{metrics}");
+    assert!(counted("(other)", "404"), "{metrics}");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("castellum_http_request_duration_seconds_count{") && l.contains(r#"listener="admin""#)),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
+#[actix_rt::test]
 async fn every_lever_changes_state_and_is_audited() {
     let db = TestDb::sqlite();
     let mut config = dev_config(&db);

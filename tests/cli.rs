@@ -529,3 +529,42 @@ async fn json_logs_are_json_alone_with_an_access_line_per_answer_served() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// `serve` on a port another process holds: it exits 1 naming the address, having stopped the
+/// engine cleanly (before, it panicked in the actors' cleanup), for either listener.
+#[test]
+fn serve_exits_naming_the_address_when_a_listeners_port_is_taken() {
+    let db = TestDb::sqlite();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_addr = taken.local_addr().unwrap().to_string();
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    for (api, admin, listener) in [(&taken_addr, "", "API listener"), (&free, taken_addr.as_str(), "admin listener")] {
+        let mut child = castellum()
+            .args(["serve", "--config"])
+            .arg(dev_keys().join("castellum.toml"))
+            .env("CASTELLUM_DATABASE__URL", &db.url)
+            .env("CASTELLUM_HTTP__LISTEN", api)
+            .env("CASTELLUM_ADMIN__LISTEN", admin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("serve kept running with {listener} {taken_addr} taken");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(1), "{listener}: {stderr}");
+        assert!(stderr.contains(&format!("{listener} {taken_addr}")), "{listener}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{listener}: {stderr}");
+    }
+    drop(taken);
+}

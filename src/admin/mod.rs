@@ -7,7 +7,7 @@ pub mod cli;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use actix_web::dev::Server;
 use actix_web::http::header;
@@ -17,6 +17,7 @@ use serde::Deserialize;
 use crate::engine::Engine;
 use crate::error::EngineError;
 use crate::http::bounds::SourceBounds;
+use crate::http::observe::{self, Observed, RouteTable};
 use crate::http::problem::Problem;
 
 /// Admin token hashes → admin names.
@@ -225,6 +226,28 @@ async fn leak(req: HttpRequest, engine: web::Data<Engine>, body: web::Json<LeakB
     Ok(HttpResponse::Accepted().json(serde_json::json!({ "leaking": body.pool })))
 }
 
+/// The admin listener's routes, as [`routes`] registers them: its answers' labels in the
+/// metrics (`tests/admin_api.rs` checks that each is served under its own label).
+pub const ROUTE_TEMPLATES: [&str; 12] = [
+    "/admin",
+    "/admin/console.js",
+    "/admin/v1/status",
+    "/admin/v1/cas/{ca}/state",
+    "/admin/v1/cas/{ca}/resubmit",
+    "/admin/v1/cas/{ca}/breaker/reset",
+    "/admin/v1/cas/{ca}/revoke-all",
+    "/admin/v1/certificates/{serial}/revoke",
+    "/admin/v1/profiles/{profile}/state",
+    "/admin/v1/faults/leak",
+    "/metrics",
+    "/readyz",
+];
+
+fn route_table() -> &'static RouteTable {
+    static TABLE: OnceLock<RouteTable> = OnceLock::new();
+    TABLE.get_or_init(|| RouteTable::new(ROUTE_TEMPLATES.map(String::from)))
+}
+
 /// Register the admin routes.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     let json = web::JsonConfig::default().limit(16 * 1024).error_handler(|err, req| match err {
@@ -267,6 +290,8 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
     let tls = crate::http::listener_tls("admin", engine.config().admin.tls.as_ref(), &engine)?;
     let bounds = SourceBounds::new("admin", &engine.config().http, engine.shared_metrics());
     let counted = bounds.clone();
+    let observed =
+        web::Data::new(Observed::new("admin", route_table(), engine.config().http.access_log, engine.shared_metrics()));
     let data = web::Data::new(engine);
     let http = HttpServer::new(move || {
         let bounds = web::Data::from(bounds.clone());
@@ -274,9 +299,12 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
             .app_data(data.clone())
             .app_data(tokens.clone())
             .app_data(bounds.clone())
+            .app_data(observed.clone())
             .configure(routes)
             .wrap(actix_web::middleware::from_fn(guard))
             .wrap_fn(move |req, service| crate::http::bounded(&bounds, req, service))
+            // Outside the bounds and the token check: their refusals are counted too.
+            .wrap(actix_web::middleware::from_fn(observe::observe))
             .wrap(tracing_actix_web::TracingLogger::<crate::http::problem::RequestSpan>::new())
             .default_service(web::to(|| async { Err::<HttpResponse, _>(Problem(EngineError::NotFound)) }))
     })

@@ -123,8 +123,12 @@ pub fn server(engine: Engine, listen: &str) -> std::io::Result<(Server, Vec<Sock
     let in_flight_limit = lanes.interactive.max_deadline.max(lanes.background.max_deadline).as_secs() + 1;
     let bounds = SourceBounds::new("api", &engine.config().http, engine.shared_metrics());
     let counted = bounds.clone();
-    let observed =
-        web::Data::new(observe::Observed::new("api", engine.config().http.access_log, engine.shared_metrics()));
+    let observed = web::Data::new(observe::Observed::new(
+        "api",
+        openapi::route_table(),
+        engine.config().http.access_log,
+        engine.shared_metrics(),
+    ));
     let data = web::Data::new(engine);
     let mut http = HttpServer::new(move || {
         let bounds = web::Data::from(bounds.clone());

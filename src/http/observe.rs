@@ -6,12 +6,11 @@ use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use actix_web::body::MessageBody;
-use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::dev::{ResourceDef, ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
-use super::openapi;
 use crate::config::AccessLog;
 use crate::metrics::Metrics;
 
@@ -19,9 +18,43 @@ use crate::metrics::Metrics;
 const STATUSES: [u16; 18] = [200, 201, 202, 304, 400, 401, 403, 404, 405, 408, 409, 410, 413, 415, 422, 429, 500, 503];
 const SLOTS: usize = STATUSES.len() + 1;
 
-/// One listener's counters and timers, per described route (plus one for every other path).
+/// A listener's routes by path template: what its answers are labelled with. A path no template
+/// matches is `(other)`, so a scan of random paths cannot grow the metrics.
+pub struct RouteTable {
+    templates: Vec<String>,
+    matchers: Vec<ResourceDef>,
+}
+
+impl RouteTable {
+    pub fn new(templates: impl IntoIterator<Item = String>) -> RouteTable {
+        let templates: Vec<String> = templates.into_iter().collect();
+        let matchers = templates.iter().map(|t| ResourceDef::new(t.as_str())).collect();
+        RouteTable { templates, matchers }
+    }
+
+    pub fn len(&self) -> usize {
+        self.templates.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.templates.is_empty()
+    }
+
+    /// Which route `path` is: its place in the table.
+    pub fn find(&self, path: &str) -> Option<usize> {
+        self.matchers.iter().position(|route| route.is_match(path))
+    }
+
+    /// The template of a route [`RouteTable::find`] found, or `(other)`.
+    pub fn template(&self, route: Option<usize>) -> &str {
+        route.and_then(|i| self.templates.get(i)).map_or("(other)", String::as_str)
+    }
+}
+
+/// One listener's counters and timers, per route of its table (plus one for every other path).
 pub struct Observed {
     listener: &'static str,
+    routes: &'static RouteTable,
     access_log: AccessLog,
     metrics: Arc<Metrics>,
     requests: Vec<[OnceLock<Counter>; SLOTS]>,
@@ -29,19 +62,25 @@ pub struct Observed {
 }
 
 impl Observed {
-    pub fn new(listener: &'static str, access_log: AccessLog, metrics: Arc<Metrics>) -> Observed {
-        let routes = openapi::route_count() + 1;
+    pub fn new(
+        listener: &'static str,
+        routes: &'static RouteTable,
+        access_log: AccessLog,
+        metrics: Arc<Metrics>,
+    ) -> Observed {
+        let rows = routes.len() + 1;
         Observed {
             listener,
+            routes,
             access_log,
             metrics,
-            requests: (0..routes).map(|_| std::array::from_fn(|_| OnceLock::new())).collect(),
-            durations: (0..routes).map(|_| std::array::from_fn(|_| OnceLock::new())).collect(),
+            requests: (0..rows).map(|_| std::array::from_fn(|_| OnceLock::new())).collect(),
+            durations: (0..rows).map(|_| std::array::from_fn(|_| OnceLock::new())).collect(),
         }
     }
 
     fn record(&self, route: Option<usize>, status: u16, seconds: f64) {
-        let (row, template) = (route.unwrap_or(openapi::route_count()), openapi::route_template(route));
+        let (row, template) = (route.unwrap_or(self.routes.len()), self.routes.template(route));
         let slot = STATUSES.iter().position(|s| *s == status).unwrap_or(STATUSES.len());
         let labels = || {
             let status = STATUSES.get(slot).map_or_else(|| "other".to_string(), u16::to_string);
@@ -61,7 +100,7 @@ pub async fn observe(
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let started = Instant::now();
     let observed = req.app_data::<actix_web::web::Data<Observed>>().cloned();
-    let route = openapi::route_index(req.path());
+    let route = observed.as_ref().and_then(|o| o.routes.find(req.path()));
     let response = next.call(req).await?;
     if let Some(observed) = observed {
         let took = started.elapsed();
@@ -78,7 +117,7 @@ pub async fn observe(
                 target: "castellum::access",
                 listener = observed.listener,
                 method = %request.method(),
-                route = openapi::route_template(route),
+                route = observed.routes.template(route),
                 status = status.as_u16(),
                 duration_ms = took.as_secs_f64() * 1000.0,
                 peer = %request.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default(),

@@ -5,12 +5,12 @@
 
 use std::sync::OnceLock;
 
-use actix_web::dev::ResourceDef;
 use actix_web::http::Method;
 use actix_web::{get, HttpResponse};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
+use super::observe::RouteTable;
 use super::responses::Throttled;
 use super::{certificates, identities, ops, problem, revocation};
 
@@ -100,8 +100,7 @@ pub async fn openapi_json() -> HttpResponse {
 
 /// The described routes: each path template, its matcher and the methods it allows.
 struct Routes {
-    templates: Vec<String>,
-    matchers: Vec<ResourceDef>,
+    table: RouteTable,
     methods: Vec<Vec<Method>>,
     /// The `Allow` header of each route.
     allow: Vec<String>,
@@ -111,7 +110,8 @@ fn routes() -> &'static Routes {
     static ROUTES: OnceLock<Routes> = OnceLock::new();
     ROUTES.get_or_init(|| {
         let doc = ApiDoc::openapi();
-        let mut routes = Routes { templates: Vec::new(), matchers: Vec::new(), methods: Vec::new(), allow: Vec::new() };
+        let mut templates = Vec::new();
+        let (mut methods_of, mut allow) = (Vec::new(), Vec::new());
         for (template, item) in doc.paths.paths {
             let methods = [
                 (Method::GET, item.get.is_some()),
@@ -121,35 +121,23 @@ fn routes() -> &'static Routes {
                 (Method::PATCH, item.patch.is_some()),
             ];
             let methods: Vec<Method> = methods.into_iter().filter_map(|(m, present)| present.then_some(m)).collect();
-            routes.allow.push(methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", "));
-            routes.methods.push(methods);
-            routes.matchers.push(ResourceDef::new(template.as_str()));
-            routes.templates.push(template);
+            allow.push(methods.iter().map(Method::as_str).collect::<Vec<_>>().join(", "));
+            methods_of.push(methods);
+            templates.push(template);
         }
-        routes
+        Routes { table: RouteTable::new(templates), methods: methods_of, allow }
     })
 }
 
-/// How many routes the description has.
-pub fn route_count() -> usize {
-    routes().templates.len()
-}
-
-/// The path template of a route found by [`route_index`] (`/v1/certificates/{serial}`, …), or
-/// `(other)` for a path the description does not have.
-pub fn route_template(route: Option<usize>) -> &'static str {
-    route.and_then(|i| routes().templates.get(i)).map_or("(other)", String::as_str)
-}
-
-/// Which described route `path` is: its place among the description's, in a fixed order.
-pub fn route_index(path: &str) -> Option<usize> {
-    routes().matchers.iter().position(|route| route.is_match(path))
+/// The described routes, by template: the API listener's labels in the metrics.
+pub fn route_table() -> &'static RouteTable {
+    &routes().table
 }
 
 /// The `Allow` header for a method `path` does not take, when the contract describes the path
 /// with other methods.
 pub fn allow_header(path: &str, method: &Method) -> Option<&'static str> {
-    let i = route_index(path)?;
+    let i = routes().table.find(path)?;
     (!routes().methods[i].contains(method)).then(|| routes().allow[i].as_str())
 }
 

@@ -3,6 +3,8 @@
 
 use std::net::IpAddr;
 
+use openssl::ec::EcKey;
+use openssl::ecdsa::EcdsaSig;
 use openssl::hash::MessageDigest;
 use openssl::pkey::{Id, PKey, Public};
 use openssl::sign::Verifier;
@@ -222,22 +224,63 @@ pub fn public_key(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<
 /// parameters live in the algorithm identifier, takes openssl's path.
 fn signature_verifies(der: &[u8], algorithm: &str, info: &[u8], signature: &[u8], key: &PKey<Public>) -> bool {
     let digest = match algorithm {
-        "1.2.840.113549.1.1.11" | "1.2.840.10045.4.3.2" => Some(MessageDigest::sha256()),
-        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => Some(MessageDigest::sha384()),
-        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => Some(MessageDigest::sha512()),
+        "1.2.840.113549.1.1.11" | "1.2.840.10045.4.3.2" => Some(Sha2::Sha256),
+        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => Some(Sha2::Sha384),
+        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => Some(Sha2::Sha512),
         "1.3.101.112" => None,
         _ => {
             return X509Req::from_der(der).ok().and_then(|req| req.verify(key).ok()).unwrap_or(false);
         }
     };
+    if let (Some(digest), Ok(ec)) = (digest, key.ec_key()) {
+        return ecdsa_verifies(digest, info, signature, &ec);
+    }
     let verified = match digest {
-        Some(md) => Verifier::new(md, key).and_then(|mut v| {
+        Some(digest) => Verifier::new(digest.md(), key).and_then(|mut v| {
             v.update(info)?;
             v.verify(signature)
         }),
         None => Verifier::new_without_digest(key).and_then(|mut v| v.verify_oneshot(signature, info)),
     };
     verified.unwrap_or(false)
+}
+
+/// The digests a CSR's signature may use.
+#[derive(Clone, Copy)]
+enum Sha2 {
+    Sha256,
+    Sha384,
+    Sha512,
+}
+
+impl Sha2 {
+    fn md(self) -> MessageDigest {
+        match self {
+            Sha2::Sha256 => MessageDigest::sha256(),
+            Sha2::Sha384 => MessageDigest::sha384(),
+            Sha2::Sha512 => MessageDigest::sha512(),
+        }
+    }
+
+    fn digest(self, data: &[u8]) -> Vec<u8> {
+        match self {
+            Sha2::Sha256 => openssl::sha::sha256(data).to_vec(),
+            Sha2::Sha384 => openssl::sha::sha384(data).to_vec(),
+            Sha2::Sha512 => openssl::sha::sha512(data).to_vec(),
+        }
+    }
+}
+
+/// ECDSA straight on the curve key. Through `EVP_DigestVerifyInit`, OpenSSL 3 first copies a
+/// key it has not seen into its provider (every CSR's key is new): that copy cost half as much
+/// as the verification itself (perf, c=64). The DER must be the signature's one encoding, as
+/// `ECDSA_verify` requires.
+fn ecdsa_verifies(digest: Sha2, info: &[u8], signature: &[u8], key: &EcKey<Public>) -> bool {
+    let Ok(sig) = EcdsaSig::from_der(signature) else { return false };
+    if sig.to_der().ok().as_deref() != Some(signature) {
+        return false;
+    }
+    sig.verify(&digest.digest(info), key).unwrap_or(false)
 }
 
 fn classify_key(key: &openssl::pkey::PKey<openssl::pkey::Public>) -> Result<(KeyType, u32), EngineError> {
@@ -438,6 +481,58 @@ pub(crate) mod tests {
             let last = der.len() - 1;
             der[last] ^= 0x01; // inside the signature
             assert_eq!(check_csr_der(der).unwrap_err(), EngineError::BadCsrSignature, "{:?}", key.id());
+        }
+    }
+
+    /// A DER TLV (definite length, minimal unless `long_length`).
+    fn tlv(tag: u8, content: &[u8], long_length: bool) -> Vec<u8> {
+        let mut out = vec![tag];
+        match content.len() {
+            n if n < 0x80 && !long_length => out.push(n as u8),
+            n if n < 0x100 => out.extend([0x81, n as u8]),
+            n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    /// The same CSR with another signature value.
+    fn resigned(der: &[u8], signature: &[u8]) -> Vec<u8> {
+        let (_, csr) = X509CertificationRequest::from_der(der).unwrap();
+        let info = csr.certification_request_info.raw;
+        let algorithm = tlv(0x30, &tlv(0x06, csr.signature_algorithm.algorithm.as_bytes(), false), false);
+        let bits = [&[0u8][..], signature].concat();
+        tlv(0x30, &[info, &algorithm, &tlv(0x03, &bits, false)].concat(), false)
+    }
+
+    #[test]
+    fn an_ecdsa_signature_verifies_only_in_its_one_der_encoding() {
+        let der = request(&ec(Nid::X9_62_PRIME256V1), &[], &["d.test"], MessageDigest::sha256());
+        let (_, csr) = X509CertificationRequest::from_der(&der).unwrap();
+        let signature = csr.signature_value.data.to_vec();
+        let sig = EcdsaSig::from_der(&signature).unwrap();
+        let integer = |n: &openssl::bn::BigNumRef, pad: usize| {
+            let mut bytes = vec![0u8; pad];
+            if n.to_vec()[0] & 0x80 != 0 {
+                bytes.push(0);
+            }
+            bytes.extend(n.to_vec());
+            tlv(0x02, &bytes, false)
+        };
+        let (r, s) = (integer(sig.r(), 0), integer(sig.s(), 0));
+        // Re-encoded minimally, it is the same signature and verifies (the helper is right).
+        assert!(check_csr_der(resigned(&der, &tlv(0x30, &[r.clone(), s.clone()].concat(), false))).is_ok());
+        let long_length = tlv(0x30, &[r.clone(), s.clone()].concat(), true);
+        let padded_r = tlv(0x30, &[integer(sig.r(), 1), s].concat(), false);
+        for (what, encoding) in [("a long-form length", long_length), ("an integer with a leading zero", padded_r)] {
+            // OpenSSL's own check of the whole request agrees: these are not signatures.
+            let req = X509Req::from_der(&resigned(&der, &encoding)).unwrap();
+            assert!(!req.verify(&req.public_key().unwrap()).unwrap_or(false), "{what}: openssl accepts it");
+            assert_eq!(
+                check_csr_der(resigned(&der, &encoding)).unwrap_err(),
+                EngineError::BadCsrSignature,
+                "{what}"
+            );
         }
     }
 
