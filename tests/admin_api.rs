@@ -114,7 +114,10 @@ async fn the_admin_listeners_answers_are_counted_by_route_and_status() {
     assert!(counted("/admin/v1/status", "200") && counted("/admin/v1/status", "401"), "{metrics}");
     assert!(counted("(other)", "404"), "{metrics}");
     assert!(
-        metrics.lines().any(|l| l.starts_with("castellum_http_request_duration_seconds_count{") && l.contains(r#"listener="admin""#)),
+        metrics
+            .lines()
+            .any(|l| l.starts_with("castellum_http_request_duration_seconds_count{")
+                && l.contains(r#"listener="admin""#)),
         "{metrics}"
     );
     server.stop().await;

@@ -528,11 +528,7 @@ pub(crate) mod tests {
             // OpenSSL's own check of the whole request agrees: these are not signatures.
             let req = X509Req::from_der(&resigned(&der, &encoding)).unwrap();
             assert!(!req.verify(&req.public_key().unwrap()).unwrap_or(false), "{what}: openssl accepts it");
-            assert_eq!(
-                check_csr_der(resigned(&der, &encoding)).unwrap_err(),
-                EngineError::BadCsrSignature,
-                "{what}"
-            );
+            assert_eq!(check_csr_der(resigned(&der, &encoding)).unwrap_err(), EngineError::BadCsrSignature, "{what}");
         }
     }
 
