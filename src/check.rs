@@ -388,6 +388,12 @@ fn check_tls(config: &Config, p: &mut Problems) {
                         "admins authenticate by token; client certificates are for API clients",
                     );
                 }
+                if files.client_crl.is_some() && files.client_ca.is_none() {
+                    p.add(
+                        format!("{at}.tls.client_crl"),
+                        "CRLs check client certificates, and none is asked for without client_ca",
+                    );
+                }
                 if let Err(e) = crate::http::tls::check_files(files) {
                     p.add(format!("{at}.tls"), e.to_string());
                 }

@@ -104,6 +104,9 @@ pub struct Metrics {
     pub tls_reloads: Family<Labels, Counter>,
     /// When each listener's TLS certificate expires (Unix seconds), to alert before it does.
     pub tls_certificate_not_after: Family<Labels, Gauge>,
+    /// The earliest nextUpdate of each listener's client CRLs (Unix seconds; 0 without them):
+    /// after it, client certificates are refused until the file is renewed.
+    pub tls_client_crl_next_update: Family<Labels, Gauge>,
     /// Pre-generated identity keys in stock, by kind.
     pub identity_key_pool: Family<Labels, Gauge>,
     /// Identities destroyed, by reason (`used`, `expired`).
@@ -169,6 +172,7 @@ impl Metrics {
             source_refusals: Family::default(),
             tls_reloads: Family::default(),
             tls_certificate_not_after: Family::default(),
+            tls_client_crl_next_update: Family::default(),
             identity_key_pool: Family::default(),
             identities_destroyed: Family::default(),
             identity_sweeps: Counter::default(),
@@ -296,6 +300,11 @@ impl Metrics {
                 "tls_certificate_not_after",
                 "When each listener's TLS certificate expires (Unix seconds)",
                 m.tls_certificate_not_after.clone(),
+            );
+            r.register(
+                "tls_client_crl_next_update",
+                "When the first of each listener's client CRLs goes stale (Unix seconds; 0 without them)",
+                m.tls_client_crl_next_update.clone(),
             );
             r.register("identity_key_pool", "Pre-generated identity keys in stock", m.identity_key_pool.clone());
             r.register("identities_destroyed", "Identities destroyed, by reason", m.identities_destroyed.clone());

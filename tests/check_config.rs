@@ -451,4 +451,17 @@ fn tls_files_and_client_certificates_are_checked() {
         1,
     );
     assert_flags(&admin_ca, "admin.tls.client_ca", "admins authenticate by token");
+    // Client CRLs: only beside a client CA, and the file must hold CRLs.
+    let crl_alone = tls("one.crt", "one.key", &format!("client_crl = \"{}\"", keys.join("one.crt").display()));
+    assert_flags(&crl_alone, "http.tls.client_crl", "none is asked for without client_ca");
+    let not_a_crl = tls(
+        "one.crt",
+        "one.key",
+        &format!(
+            "client_ca = \"{}\"\nclient_crl = \"{}\"",
+            dev_keys().join("root.crt").display(),
+            keys.join("one.crt").display()
+        ),
+    );
+    assert_flags(&not_a_crl, "http.tls", "holds no PEM X509 CRL");
 }

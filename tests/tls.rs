@@ -126,6 +126,7 @@ impl Pki {
             certificate: self.path("cert.pem"),
             key: self.path("key.pem"),
             client_ca,
+            client_crl: None,
             reload_interval: Duration::from_millis(100),
         }
     }
@@ -309,36 +310,9 @@ async fn a_certificate_rotates_under_load_without_a_restart() {
 async fn client_certificates_authenticate_a_configured_client() {
     let pki = Pki::new();
     pki.server("castellum api");
-    // The client CAs: castellum's dev root (for the certificate castellum issues) and the test CA.
-    let mut bundle = std::fs::read(dev_keys().join("root.crt")).unwrap();
-    bundle.extend(pki.ca.cert.to_pem().unwrap());
-    pki.write("client-ca.pem", &bundle);
     let db = TestDb::sqlite();
-    let robot = format!(
-        "[[clients]]\nname = \"robot\"\napi_key_sha256 = \"{}\"\ncertificate_names = [\"robot.example.test\"]\n\
-         profiles = [\"client-ed25519\", \"tls-server-p256\"]\n[clients.names]\ndns_suffixes = [\"robot.example.test\"]\n\n",
-        hex::encode(openssl::sha::sha256(ROBOT_BOOTSTRAP_KEY.as_bytes()))
-    );
-    let text = dev_config_text()
-        .replace("[clients.names]\nip_ranges", "[clients.names]\ndns_suffixes = [\"demo.example.test\"]\nip_ranges")
-        .replace("[[clients]]\nname = \"other\"", &format!("{robot}[[clients]]\nname = \"other\""));
-    let mut config = config_from(&text, &db);
-    config.http.tls = Some(pki.tls(Some(pki.path("client-ca.pem"))));
-    let (problems, _) = castellum::check::check_config(&config);
-    assert!(problems.iter().all(|p| !p.to_string().contains("certificate_names")), "{problems:?}");
-    let server = TestServer::start_with(config, pki.client()).await;
-
-    // castellum issues the robot's client certificate (Ed25519, client profile) to the robot.
-    let (csr, key) = csr_and_key(Key::Ed25519, &["robot.example.test"]);
-    let issued = server.issue(ROBOT_BOOTSTRAP_KEY, "client-ed25519", &csr).send().await.unwrap();
-    assert_eq!(issued.status(), 201);
-    let issued: serde_json::Value = issued.json().await.unwrap();
-    let mut chain = issued["certificate"].as_str().unwrap().to_string();
-    for c in issued["chain"].as_array().unwrap() {
-        chain.push_str(c.as_str().unwrap());
-    }
-    pki.write("robot.pem", chain.as_bytes());
-    pki.write("robot.key", &key.private_key_to_pem_pkcs8().unwrap());
+    let server = TestServer::start_with(robot_config(&pki, &db, None), pki.client()).await;
+    issue_robot_certificate(&server, &pki, "robot").await;
 
     let ca = pki.path("ca.pem").display().to_string();
     let body = serde_json::json!({ "profile": "tls-server-p256", "csr": csr_of(Key::P256, "robot.example.test") });
@@ -431,7 +405,183 @@ async fn client_certificates_authenticate_a_configured_client() {
     server.stop().await;
 }
 
+/// Client certificates checked against CRLs (`http.tls.client_crl`), judged by curl: while the
+/// file holds only another CA's CRL, castellum's client certificate is refused (no CRL covers
+/// it); once it holds every shard of the issuing CA's CRL (fetched from castellum, converted by
+/// the openssl library), it authenticates; after one of two such certificates is revoked and
+/// the file renewed, that one is refused in the handshake and the other still authenticates.
+#[actix_rt::test]
+async fn a_revoked_client_certificate_is_refused_once_the_crl_file_lists_it() {
+    let pki = Pki::new();
+    pki.server("castellum api");
+    pki.write("client-crl.pem", &test_ca_crl(&pki));
+    let db = TestDb::sqlite();
+    let mut config = robot_config(&pki, &db, Some(pki.path("client-crl.pem")));
+    config.crl.delay = Duration::from_secs(1);
+    let shards = config.cas.iter().find(|c| c.id == "ica-ed25519").map(|c| c.crl_shards).unwrap();
+    let server = TestServer::start_with(config, pki.client()).await;
+    let revoked = issue_robot_certificate(&server, &pki, "revoked").await;
+    let kept = issue_robot_certificate(&server, &pki, "kept").await;
+    let ca = pki.path("ca.pem").display().to_string();
+    // GET the certificate's own record with it: (curl succeeded, HTTP status).
+    let with_cert = |file: &str, serial: &str| {
+        let args: Vec<String> = [
+            "--cacert".to_string(),
+            ca.clone(),
+            "--cert".into(),
+            pki.path(&format!("{file}.pem")).display().to_string(),
+            "--key".into(),
+            pki.path(&format!("{file}.key")).display().to_string(),
+            "-o".into(),
+            "/dev/null".into(),
+            "-w".into(),
+            "%{http_code}".into(),
+            server.url(&format!("/v1/certificates/{serial}")),
+        ]
+        .into();
+        async move { curl(&args.iter().map(String::as_str).collect::<Vec<_>>()).await }
+    };
+    // Until the verdict is `want` (the file is read every 100 ms), or 5 s.
+    let settles = |file: &'static str, serial: String, want: bool| {
+        let with_cert = &with_cert;
+        async move {
+            let started = Instant::now();
+            loop {
+                let (ok, out) = with_cert(file, &serial).await;
+                let accepted = ok && out == "200";
+                if accepted == want || started.elapsed() > Duration::from_secs(5) {
+                    return (accepted, out);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    let (accepted, out) = with_cert("kept", &kept).await;
+    assert!(!(accepted && out == "200"), "accepted with no CRL covering its CA: {out}");
+
+    let crls = |listed: Option<String>| {
+        let server = &server;
+        let pki = &pki;
+        async move {
+            let started = Instant::now();
+            loop {
+                let mut file = test_ca_crl(pki);
+                let mut lists_it = listed.is_none();
+                for shard in 0..shards {
+                    let response = server.http.get(server.url(&format!("/crl/ica-ed25519/{shard}.crl"))).send().await;
+                    let der = response.unwrap().bytes().await.unwrap();
+                    let Ok(crl) = openssl::x509::X509Crl::from_der(&der) else { continue };
+                    file.extend(crl.to_pem().unwrap());
+                    let serials = crl.get_revoked().into_iter().flatten();
+                    let serials: Vec<String> =
+                        serials.map(|r| r.serial_number().to_bn().unwrap().to_hex_str().unwrap().to_string()).collect();
+                    lists_it |= listed.as_ref().is_some_and(|s| serials.iter().any(|h| h.eq_ignore_ascii_case(s)));
+                }
+                if lists_it && file.windows(8).filter(|w| w == b"BEGIN X5").count() == shards as usize + 1 {
+                    return file;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(5),
+                    "ica-ed25519's CRLs not ready (listing {listed:?})"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    pki.write("client-crl.pem", &crls(None).await);
+    for (file, serial) in [("revoked", &revoked), ("kept", &kept)] {
+        let (accepted, out) = settles(file, serial.clone(), true).await;
+        assert!(accepted, "{file}: refused with its CA's CRLs loaded: {out}");
+    }
+
+    let revoke = server
+        .http
+        .post(server.url(&format!("/v1/certificates/{revoked}/revoke")))
+        .bearer_auth(ROBOT_BOOTSTRAP_KEY)
+        .json(&serde_json::json!({ "reason": "keyCompromise" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoke.status(), 200);
+    pki.write("client-crl.pem", &crls(Some(revoked.clone())).await);
+    let (accepted, out) = settles("revoked", revoked.clone(), false).await;
+    assert!(!accepted, "a revoked client certificate still authenticates: {out}");
+    let (accepted, out) = with_cert("kept", &kept).await;
+    assert!(accepted && out == "200", "the certificate not revoked is refused: {out}");
+    // The file's first nextUpdate is the test CA's (1 day) or a shard's (7 days): alertable.
+    let next_update = metric(&server, "castellum_tls_client_crl_next_update", r#"listener="api""#).await as i64;
+    assert!(next_update > now() && next_update <= now() + 86_400 + 60, "{next_update}");
+    server.stop().await;
+}
+
+/// An empty CRL of the test CA, made by `openssl ca -gencrl`, as PEM.
+fn test_ca_crl(pki: &Pki) -> Vec<u8> {
+    pki.write("ca.key", &pki.ca.key.private_key_to_pem_pkcs8().unwrap());
+    pki.write("index.txt", b"");
+    // A CRL number makes it a v2 CRL, the only version rustls reads.
+    pki.write("crlnumber", b"01\n");
+    let conf = format!(
+        "[ca]\ndefault_ca = test\n[test]\ndatabase = {}\ncrlnumber = {}\ndefault_md = sha256\ndefault_crl_days = 1\n",
+        pki.path("index.txt").display(),
+        pki.path("crlnumber").display()
+    );
+    pki.write("ca.cnf", conf.as_bytes());
+    let out = std::process::Command::new("openssl")
+        .args(["ca", "-gencrl", "-batch", "-config"])
+        .arg(pki.path("ca.cnf"))
+        .arg("-keyfile")
+        .arg(pki.path("ca.key"))
+        .arg("-cert")
+        .arg(pki.path("ca.pem"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
 const ROBOT_BOOTSTRAP_KEY: &str = "robot-bootstrap-key";
+
+/// The dev configuration with a client `robot` authenticated by the name `robot.example.test`
+/// in a client certificate (or by its bootstrap key), TLS on the API with the dev root and the
+/// test CA as client CAs, and `client_crl` if given.
+fn robot_config(pki: &Pki, db: &TestDb, client_crl: Option<PathBuf>) -> castellum::config::Config {
+    let mut bundle = std::fs::read(dev_keys().join("root.crt")).unwrap();
+    bundle.extend(pki.ca.cert.to_pem().unwrap());
+    pki.write("client-ca.pem", &bundle);
+    let robot = format!(
+        "[[clients]]\nname = \"robot\"\napi_key_sha256 = \"{}\"\ncertificate_names = [\"robot.example.test\"]\n\
+         profiles = [\"client-ed25519\", \"tls-server-p256\"]\n[clients.names]\ndns_suffixes = [\"robot.example.test\"]\n\n",
+        hex::encode(openssl::sha::sha256(ROBOT_BOOTSTRAP_KEY.as_bytes()))
+    );
+    let text = dev_config_text()
+        .replace("[clients.names]\nip_ranges", "[clients.names]\ndns_suffixes = [\"demo.example.test\"]\nip_ranges")
+        .replace("[[clients]]\nname = \"other\"", &format!("{robot}[[clients]]\nname = \"other\""));
+    let mut config = config_from(&text, db);
+    let mut tls = pki.tls(Some(pki.path("client-ca.pem")));
+    tls.client_crl = client_crl;
+    config.http.tls = Some(tls);
+    let (problems, _) = castellum::check::check_config(&config);
+    assert!(problems.iter().all(|p| !p.to_string().contains("certificate_names")), "{problems:?}");
+    config
+}
+
+/// castellum issues a client certificate for `robot.example.test` (Ed25519, client profile) to
+/// the robot, by its bootstrap key; written as `{file}.pem` (with its chain) and `{file}.key`.
+/// Returns its serial.
+async fn issue_robot_certificate(server: &TestServer, pki: &Pki, file: &str) -> String {
+    let (csr, key) = csr_and_key(Key::Ed25519, &["robot.example.test"]);
+    let issued = server.issue(ROBOT_BOOTSTRAP_KEY, "client-ed25519", &csr).send().await.unwrap();
+    assert_eq!(issued.status(), 201);
+    let issued: serde_json::Value = issued.json().await.unwrap();
+    let mut chain = issued["certificate"].as_str().unwrap().to_string();
+    for c in issued["chain"].as_array().unwrap() {
+        chain.push_str(c.as_str().unwrap());
+    }
+    pki.write(&format!("{file}.pem"), chain.as_bytes());
+    pki.write(&format!("{file}.key"), &key.private_key_to_pem_pkcs8().unwrap());
+    issued["serial"].as_str().unwrap().to_string()
+}
 
 fn csr_of(kind: Key, name: &str) -> String {
     csr(kind, &[name])

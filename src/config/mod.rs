@@ -215,6 +215,13 @@ pub struct TlsConfig {
     /// `clients[].certificate_names`). Absent: no client certificate is asked for.
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// PEM: CRLs (one or more `X509 CRL` blocks, every shard of each client CA) against which
+    /// a client certificate is checked, reloaded like the other files. With it, a client
+    /// certificate is refused in the handshake when it is listed, when no CRL in the file
+    /// covers it, or when that CRL is past its nextUpdate (fail closed: keep the file current;
+    /// `castellum_tls_client_crl_next_update` tells when it must be). Needs `client_ca`.
+    #[serde(default)]
+    pub client_crl: Option<PathBuf>,
     /// How often the files are read for a change (a rotation needs no restart).
     #[serde(default = "default_tls_reload_interval", with = "humantime_serde")]
     pub reload_interval: Duration,

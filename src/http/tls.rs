@@ -27,7 +27,7 @@ use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, UnixTime};
 
 use crate::config::TlsConfig;
 use crate::metrics::Metrics;
@@ -48,6 +48,8 @@ pub enum TlsError {
     KeyMismatch { key: String, certificate: String, reason: String },
     #[error("client_ca {path}: {reason}")]
     ClientCa { path: String, reason: String },
+    #[error("client_crl {path}: {reason}")]
+    ClientCrl { path: String, reason: String },
     #[error("TLS settings: {0}")]
     Settings(String),
 }
@@ -57,6 +59,8 @@ struct Loaded {
     certified: Arc<CertifiedKey>,
     /// Absent: client certificates are not asked for.
     clients: Option<Arc<dyn ClientCertVerifier>>,
+    /// The earliest nextUpdate of the client CRLs (Unix seconds), if there are any.
+    crls_next_update: Option<i64>,
 }
 
 /// The bytes of a listener's files, read once: what is hashed is what is parsed.
@@ -64,6 +68,7 @@ struct FileBytes {
     certificate: Vec<u8>,
     key: Vec<u8>,
     client_ca: Option<Vec<u8>>,
+    client_crl: Option<Vec<u8>>,
 }
 
 impl FileBytes {
@@ -72,6 +77,7 @@ impl FileBytes {
             certificate: read(&files.certificate)?,
             key: read(&files.key)?,
             client_ca: files.client_ca.as_deref().map(read).transpose()?,
+            client_crl: files.client_crl.as_deref().map(read).transpose()?,
         })
     }
 
@@ -79,8 +85,8 @@ impl FileBytes {
     fn digest(&self) -> [u8; 32] {
         let mut each = crate::pki::sha256(&self.certificate).to_vec();
         each.extend(crate::pki::sha256(&self.key));
-        if let Some(ca) = &self.client_ca {
-            each.extend(crate::pki::sha256(ca));
+        for file in [&self.client_ca, &self.client_crl].into_iter().flatten() {
+            each.extend(crate::pki::sha256(file));
         }
         crate::pki::sha256(&each)
     }
@@ -98,6 +104,7 @@ pub struct ListenerTls {
     reloads: Counter,
     refused: Counter,
     not_after: Gauge,
+    crls_next_update: Gauge,
 }
 
 impl std::fmt::Debug for ListenerTls {
@@ -119,9 +126,11 @@ impl ListenerTls {
         };
         let (reloads, refused) = (outcome("loaded"), outcome("refused"));
         let not_after = metrics.tls_certificate_not_after.get_or_create(&labels).clone();
+        let crls_next_update = metrics.tls_client_crl_next_update.get_or_create(&labels).clone();
         let bytes = FileBytes::read(files)?;
         let first = load(files, &bytes, &provider)?;
         not_after.set(certificate_not_after(&first.certified));
+        crls_next_update.set(first.crls_next_update.unwrap_or_default());
         let tls = Arc::new(ListenerTls {
             listener,
             files: files.clone(),
@@ -131,6 +140,7 @@ impl ListenerTls {
             reloads,
             refused,
             not_after,
+            crls_next_update,
         });
         let builder = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -171,6 +181,7 @@ impl ListenerTls {
         match outcome {
             Ok(next) => {
                 self.not_after.set(certificate_not_after(&next.certified));
+                self.crls_next_update.set(next.crls_next_update.unwrap_or_default());
                 self.loaded.store(Arc::new(next));
                 self.reloads.inc();
                 tracing::info!(listener = self.listener, "TLS certificate and key reloaded");
@@ -240,16 +251,50 @@ fn load(files: &TlsConfig, bytes: &FileBytes, provider: &Arc<CryptoProvider>) ->
         certificate: cert_path,
         reason: e.to_string(),
     })?;
-    let clients = match (&files.client_ca, &bytes.client_ca) {
-        (Some(path), Some(pem)) => Some(client_verifier(path, pem, provider)?),
+    let crls = match (&files.client_crl, &bytes.client_crl) {
+        (Some(path), Some(pem)) => Some(client_crls(path, pem)?),
         _ => None,
     };
-    Ok(Loaded { certified: Arc::new(certified), clients })
+    let crls_next_update = crls.as_ref().and_then(|c| c.next_update);
+    let clients = match (&files.client_ca, &bytes.client_ca) {
+        (Some(path), Some(pem)) => Some(client_verifier(path, pem, crls, provider)?),
+        (None, _) if files.client_crl.is_some() => {
+            return Err(TlsError::Settings("client_crl needs client_ca".into()));
+        }
+        _ => None,
+    };
+    Ok(Loaded { certified: Arc::new(certified), clients, crls_next_update })
+}
+
+/// The CRLs of a `client_crl` file, and the earliest time one of them goes stale.
+struct ClientCrls {
+    path: String,
+    ders: Vec<CertificateRevocationListDer<'static>>,
+    next_update: Option<i64>,
+}
+
+fn client_crls(path: &Path, pem: &[u8]) -> Result<ClientCrls, TlsError> {
+    let path = path.display().to_string();
+    let fail = |reason: String| TlsError::ClientCrl { path: path.clone(), reason };
+    let ders: Vec<CertificateRevocationListDer<'static>> =
+        CertificateRevocationListDer::pem_slice_iter(pem).collect::<Result<_, _>>().map_err(|e| fail(e.to_string()))?;
+    if ders.is_empty() {
+        return Err(fail("holds no PEM X509 CRL".into()));
+    }
+    let mut next_update: Option<i64> = None;
+    for der in &ders {
+        let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| fail(e.to_string()))?;
+        if let Some(next) = crl.next_update() {
+            next_update = Some(next_update.map_or(next.timestamp(), |n| n.min(next.timestamp())));
+        }
+    }
+    Ok(ClientCrls { path, ders, next_update })
 }
 
 fn client_verifier(
     path: &Path,
     pem: &[u8],
+    crls: Option<ClientCrls>,
     provider: &Arc<CryptoProvider>,
 ) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     let at = path.display().to_string();
@@ -263,10 +308,20 @@ fn client_verifier(
     }
     // A client without a certificate may still present a bearer key; one with a certificate
     // that does not verify is refused during the handshake.
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .allow_unauthenticated()
+    let builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone()).allow_unauthenticated();
+    let Some(crls) = crls else {
+        return builder.build().map_err(|e| fail(e.to_string()));
+    };
+    // The client's own certificate is checked (an intermediate's revocation is its root's
+    // business, and `client_ca` is where an operator removes a CA); a certificate no CRL
+    // covers, or covered by a stale one, is refused rather than trusted.
+    builder
+        .with_crls(crls.ders)
+        .only_check_end_entity_revocation()
+        .enforce_revocation_expiration()
         .build()
-        .map_err(|e| fail(e.to_string()))
+        .map_err(|e| TlsError::ClientCrl { path: crls.path, reason: e.to_string() })
 }
 
 fn certificate_not_after(certified: &CertifiedKey) -> i64 {
@@ -394,8 +449,13 @@ mod tests {
         std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
         // A key block whose body does not decode: its text must not reach the error.
         std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nSECRETSECRET*\n-----END PRIVATE KEY-----\n").unwrap();
-        let files =
-            TlsConfig { certificate: cert, key: key.clone(), client_ca: None, reload_interval: Duration::from_secs(1) };
+        let files = TlsConfig {
+            certificate: cert,
+            key: key.clone(),
+            client_ca: None,
+            client_crl: None,
+            reload_interval: Duration::from_secs(1),
+        };
         let e = check_files(&files).err().unwrap().to_string();
         assert!(e.contains("key.pem"), "{e}");
         assert!(!e.contains("SECRET"), "{e}");
