@@ -467,18 +467,19 @@ async fn a_revoked_client_certificate_is_refused_once_the_crl_file_lists_it() {
             let started = Instant::now();
             loop {
                 let mut file = test_ca_crl(pki);
-                let mut lists_it = listed.is_none();
+                let (mut lists_it, mut fetched) = (listed.is_none(), 0);
                 for shard in 0..shards {
                     let response = server.http.get(server.url(&format!("/crl/ica-ed25519/{shard}.crl"))).send().await;
                     let der = response.unwrap().bytes().await.unwrap();
                     let Ok(crl) = openssl::x509::X509Crl::from_der(&der) else { continue };
                     file.extend(crl.to_pem().unwrap());
+                    fetched += 1;
                     let serials = crl.get_revoked().into_iter().flatten();
                     let serials: Vec<String> =
                         serials.map(|r| r.serial_number().to_bn().unwrap().to_hex_str().unwrap().to_string()).collect();
                     lists_it |= listed.as_ref().is_some_and(|s| serials.iter().any(|h| h.eq_ignore_ascii_case(s)));
                 }
-                if lists_it && file.windows(8).filter(|w| w == b"BEGIN X5").count() == shards as usize + 1 {
+                if lists_it && fetched == shards {
                     return file;
                 }
                 assert!(

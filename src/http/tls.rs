@@ -257,10 +257,8 @@ fn load(files: &TlsConfig, bytes: &FileBytes, provider: &Arc<CryptoProvider>) ->
     };
     let crls_next_update = crls.as_ref().and_then(|c| c.next_update);
     let clients = match (&files.client_ca, &bytes.client_ca) {
+        // CRLs without a client CA are refused by check-config (`client_crl`), before this.
         (Some(path), Some(pem)) => Some(client_verifier(path, pem, crls, provider)?),
-        (None, _) if files.client_crl.is_some() => {
-            return Err(TlsError::Settings("client_crl needs client_ca".into()));
-        }
         _ => None,
     };
     Ok(Loaded { certified: Arc::new(certified), clients, crls_next_update })
@@ -281,14 +279,12 @@ fn client_crls(path: &Path, pem: &[u8]) -> Result<ClientCrls, TlsError> {
     if ders.is_empty() {
         return Err(fail("holds no PEM X509 CRL".into()));
     }
-    let mut next_update: Option<i64> = None;
-    for der in &ders {
-        let (_, crl) = x509_parser::parse_x509_crl(der).map_err(|e| fail(e.to_string()))?;
-        if let Some(next) = crl.next_update() {
-            next_update = Some(next_update.map_or(next.timestamp(), |n| n.min(next.timestamp())));
-        }
-    }
-    Ok(ClientCrls { path, ders, next_update })
+    let next_updates = ders
+        .iter()
+        .map(|der| x509_parser::parse_x509_crl(der).map(|(_, crl)| crl.next_update().map(|t| t.timestamp())))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| fail(e.to_string()))?;
+    Ok(ClientCrls { path, ders, next_update: next_updates.into_iter().flatten().min() })
 }
 
 fn client_verifier(
