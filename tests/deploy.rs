@@ -15,13 +15,19 @@ fn shipped() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/haproxy.cfg")
 }
 
+fn shipped_errors() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/errors")
+}
+
 /// A copy of the shipped configuration (and its error pages) with `edit` applied.
 fn copy_with(edit: impl FnOnce(String) -> String) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(shipped()).unwrap();
     std::fs::create_dir(dir.path().join("errors")).unwrap();
-    let errors = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/errors/503.http");
-    std::fs::copy(errors, dir.path().join("errors/503.http")).unwrap();
+    for page in std::fs::read_dir(shipped_errors()).unwrap() {
+        let page = page.unwrap().path();
+        std::fs::copy(&page, dir.path().join("errors").join(page.file_name().unwrap())).unwrap();
+    }
     let path = dir.path().join("haproxy.cfg");
     std::fs::write(&path, edit(text)).unwrap();
     (dir, path)
@@ -86,8 +92,81 @@ fn the_shipped_numbers_agree_with_castellums_configuration() {
     assert_eq!(setting(&text, "option httpchk"), "GET");
     assert_eq!(setting(&text, "http-check expect"), "status");
     assert_eq!(setting(&text, "http-check expect status"), "200");
-    let page = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/errors/503.http")).unwrap();
+    let page = std::fs::read_to_string(shipped_errors().join("503.http")).unwrap();
     assert!(page.starts_with("HTTP/1.1 503") && page.contains("\r\nRetry-After: 1\r\n"), "{page}");
+}
+
+/// Every answer HAProxy writes itself (`errorfile`) is a problem document for its own status,
+/// with the headers castellum's answers carry, and each page in deploy/errors is used.
+#[test]
+fn every_page_haproxy_answers_with_is_a_problem_document() {
+    let text = std::fs::read_to_string(shipped()).unwrap();
+    let mut used: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.split('#').next()?.trim().strip_prefix("errorfile "))
+        .map(|rest| {
+            let (status, page) = rest.split_once(' ').unwrap();
+            let answer =
+                std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy").join(page.trim()))
+                    .unwrap_or_else(|e| panic!("{page}: {e}"));
+            let (head, body) =
+                answer.split_once("\r\n\r\n").unwrap_or_else(|| panic!("{page}: no CRLF before the body"));
+            assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{page}: {head}");
+            for header in [
+                "Content-Type: application/problem+json",
+                "Cache-Control: no-store",
+                "X-Content-Type-Options: nosniff",
+                "Connection: close",
+            ] {
+                assert!(head.split("\r\n").any(|h| h == header), "{page} lacks {header}");
+            }
+            let problem: serde_json::Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{page}: {e}"));
+            assert_eq!(problem["status"].to_string(), status, "{page}");
+            assert!(problem["type"].as_str().unwrap().starts_with("urn:castellum:problem:"), "{page}");
+            page.trim().trim_start_matches("errors/").to_string()
+        })
+        .collect();
+    used.sort();
+    let mut shipped: Vec<String> =
+        std::fs::read_dir(shipped_errors()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+    shipped.sort();
+    assert_eq!(used, shipped, "every page in deploy/errors is an errorfile");
+    assert!(used.contains(&"400.http".to_string()), "HAProxy's own 400 is a problem document");
+}
+
+/// An instance that takes a request and closes without answering (as one killed mid-request
+/// does): HAProxy answers `502` with deploy/errors/502.http, a problem document that tells the
+/// client to repeat the request with its Idempotency-Key.
+#[actix_rt::test]
+async fn an_instance_that_dies_mid_request_gets_a_problem_document_from_haproxy() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Healthy for HAProxy's checks; every other request is read and its connection closed.
+    let dying = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let instance = dying.local_addr().unwrap().to_string();
+    actix_rt::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = dying.accept().await else { return };
+            actix_rt::spawn(async move {
+                let mut request = vec![0; 4096];
+                let n = stream.read(&mut request).await.unwrap_or(0);
+                if request[..n].starts_with(b"GET /readyz") {
+                    let _ =
+                        stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                }
+            });
+        }
+    });
+    let nobody = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let lb = Haproxy::start(&shipped(), &[&instance, &nobody, &nobody], log.path()).await.expect("haproxy starts");
+    lb.wait_for(0, |s| s.is_up(), Duration::from_secs(10)).await.expect("HAProxy has the instance up");
+    let answer = reqwest::Client::new().get(format!("{}/v1/cas", lb.base)).bearer_auth(DEMO_KEY).send().await.unwrap();
+    assert_eq!(answer.status(), 502);
+    assert_eq!(answer.headers()["content-type"], "application/problem+json");
+    assert_eq!(answer.headers()["cache-control"], "no-store");
+    let problem: serde_json::Value = answer.json().await.unwrap();
+    assert_eq!(problem["type"], "urn:castellum:problem:bad-gateway", "{problem}");
+    assert!(problem["detail"].as_str().unwrap().contains("Idempotency-Key"), "{problem}");
 }
 
 /// Through HAProxy running the shipped file: castellum's own refusal (a parked CA) arrives with
