@@ -479,7 +479,8 @@ fn bench_ocsp_answers_from_the_cache_closed_and_paced() {
 
 /// `--log-json` (issue 16): stdout carries JSON lines only, the listening address among them as
 /// an event, no ANSI escape; each answer served has an access line (route, status, duration)
-/// and a refusal has none by default (it is counted in `castellum_http_requests_total`).
+/// and a refusal has none by default (it is counted in `castellum_http_requests_total`); on
+/// SIGTERM the engine's last line is written before the process exits.
 #[actix_rt::test]
 async fn json_logs_are_json_alone_with_an_access_line_per_answer_served() {
     let db = TestDb::sqlite();
@@ -526,8 +527,11 @@ async fn json_logs_are_json_alone_with_an_access_line_per_answer_served() {
         "the refusal is counted: {}",
         metrics.lines().filter(|l| l.contains("http_requests_total")).collect::<Vec<_>>().join("\n")
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    // A clean stop: the engine's last line reaches stdout and the process exits 0.
+    assert_eq!(unsafe { libc::kill(libc::pid_t::try_from(child.id()).unwrap(), libc::SIGTERM) }, 0);
+    let stopped = (0..1000).any(|_| next_event(&mut seen)["message"] == "engine stopped");
+    assert!(stopped, "the engine's last line: {:?}", seen.last());
+    assert!(child.wait().unwrap().success());
 }
 
 /// `serve` on a port another process holds: it exits 1 naming the address, having stopped the
