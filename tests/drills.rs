@@ -98,7 +98,10 @@ fn lb_kill_9_catches_a_slow_take_out_and_connections_outside_the_budget() {
     let text = std::fs::read_to_string(deploy.join("haproxy.cfg")).unwrap();
     assert!(text.contains(" fall 2 "), "the shipped file's fall");
     std::fs::create_dir(dir.path().join("errors")).unwrap();
-    std::fs::copy(deploy.join("errors/503.http"), dir.path().join("errors/503.http")).unwrap();
+    for page in std::fs::read_dir(deploy.join("errors")).unwrap() {
+        let page = page.unwrap();
+        std::fs::copy(page.path(), dir.path().join("errors").join(page.file_name())).unwrap();
+    }
     let slow = dir.path().join("haproxy.cfg");
     let broken = text.replace(" fall 2 ", " fall 10 ").replace("    retries 2\n", "    retries 0\n");
     let broken: String =
