@@ -9,6 +9,9 @@ use castellum::check::check_config;
 use castellum::config::Config;
 use castellum::{Engine, StartError};
 
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "castellum", version, about = "Certificate-issuance engine for certificate authorities")]
 struct Cli {

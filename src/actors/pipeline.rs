@@ -1,16 +1,14 @@
 //! The write-ahead issuance pipeline for one job, run by its CA's cell:
 //! prepare (build and lint the TBS, on the cell's thread) → record the serial and TBS (store) →
-//! sign (signer; deadline re-checked) → record the certificate, its request and the audit event
-//! (the signer hands it to the store) → reply. No certificate can exist that the database does
-//! not know.
+//! sign (the store's worker hands the job to the signer once the record is committed; deadline
+//! re-checked) → record the certificate, its request and the audit event (the signer hands it to
+//! the store) → reply. No certificate can exist that the database does not know.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use actix::prelude::*;
-
 use super::job::{Caller, Job};
-use super::signer::{NotIssued, Sign, Signer};
+use super::signer::{NotIssued, Sign, SignerHandle};
 use super::store::StoreHandle;
 use crate::config::{Sabotage, Sabotages};
 use crate::db::models::{CertificateRow, IdentityRow, NewAuditEvent};
@@ -27,7 +25,7 @@ use crate::types::IssuedCertificate;
 #[derive(Clone)]
 pub struct Pipeline {
     pub ca: Arc<CaMaterial>,
-    pub signer: Addr<Signer>,
+    pub signer: SignerHandle,
     pub store: StoreHandle,
     pub metrics: Arc<Metrics>,
     pub instance: Arc<str>,
@@ -55,30 +53,24 @@ impl Pipeline {
         })
         .unwrap_or_else(|panic| Err(EngineError::Internal(format!("certificate preparation panicked: {panic}"))))?;
         let serial = prepared.serial_hex.clone();
-        tracing::debug!(serial = %serial, "recording the certificate before signing");
-        p.store
-            .write(WriteOp::WriteAhead(Box::new(CertificateRow {
-                serial: serial.clone(),
-                ca_id: p.ca.id.clone(),
-                profile: job.profile.id.clone(),
-                client: job.client.clone(),
-                request_id: job.caller.request_id().map(String::from),
-                state: CertState::Signing,
-                tbs_der: prepared.tbs.der().to_vec(),
-                cert_der: None,
-                not_before: prepared.not_before_ms,
-                not_after: prepared.not_after_ms,
-                created_at: now_ms(),
-                issued_at: None,
-                revoked_at: None,
-                revocation_reason: None,
-                crl_shard: Some(prepared.crl_shard as i32),
-            })))
-            .await?;
+        let write_ahead = WriteOp::WriteAhead(Box::new(CertificateRow {
+            serial: serial.clone(),
+            ca_id: p.ca.id.clone(),
+            profile: job.profile.id.clone(),
+            client: job.client.clone(),
+            request_id: job.caller.request_id().map(String::from),
+            state: CertState::Signing,
+            tbs_der: prepared.tbs.der().to_vec(),
+            cert_der: None,
+            not_before: prepared.not_before_ms,
+            not_after: prepared.not_after_ms,
+            created_at: now_ms(),
+            issued_at: None,
+            revoked_at: None,
+            revocation_reason: None,
+            crl_shard: Some(prepared.crl_shard as i32),
+        }));
 
-        if p.sabotage.has(Sabotage::SlowInteractiveSigning) && job.profile.lane == Lane::Interactive {
-            actix_rt::time::sleep(Duration::from_secs(7)).await;
-        }
         // Without deadlines (a defect on purpose) the signer's last check never refuses.
         let deadline = match p.sabotage.has(Sabotage::IgnoreDeadlines) {
             true => job.deadline + Duration::from_secs(3600),
@@ -104,13 +96,34 @@ impl Pipeline {
         });
         let (reply, signed) = tokio::sync::oneshot::channel();
         let (started, key_operation) = tokio::sync::oneshot::channel();
-        // The signer's queue holds at most the cell's in-flight jobs (it never sends more).
-        p.signer.do_send(Sign { tbs: prepared.tbs, deadline, store: p.store.clone(), record, started, reply });
-        // Waiting for a signer thread is the queue's business (deadlines bound it); the time
-        // the key itself takes is counted from when the operation starts.
+        let sign = Sign { tbs: prepared.tbs, deadline, store: p.store.clone(), record, started, reply };
+        tracing::debug!(serial = %serial, "recording the certificate before signing");
+        if p.sabotage.has(Sabotage::SlowInteractiveSigning) && job.profile.lane == Lane::Interactive {
+            p.store.write(write_ahead).await?;
+            actix_rt::time::sleep(Duration::from_secs(7)).await;
+            p.signer.send(sign);
+        } else {
+            // The Store's worker hands the job to the signer the moment its record is committed:
+            // the cell's thread is not woken in between.
+            let (signer, abandoned) = (p.signer.clone(), serial.clone());
+            p.store.write_then(write_ahead, move |committed| match committed {
+                // Its caller gave up while the record was committing (see below).
+                Ok(_) if sign.reply.is_closed() => {
+                    sign.store.write_detached(WriteOp::CertificateAbandoned { serial: abandoned })
+                }
+                Ok(_) => signer.send(sign),
+                Err(e) => {
+                    let _ = sign.reply.send(Err(NotIssued::Unwritten(e)));
+                }
+            });
+        }
+        // Waiting for the record's commit and for a signer thread is the queues' business
+        // (deadlines bound it); the time the key itself takes is counted from when the operation
+        // starts.
         if tokio::time::timeout_at(deadline.into(), key_operation).await.is_err() {
-            // No signer thread free before the deadline (they may all be hung on the token).
-            // Nobody waits for the reply now, so the signer will not sign it.
+            // Not recorded, or no signer thread free, before the deadline (they may all be hung
+            // on the token). Nobody waits for the reply now, so the signer will not sign it (and a
+            // record committed after this is abandoned again once it is).
             p.store.write_detached(WriteOp::CertificateAbandoned { serial });
             return Err(super::job::deadline_exceeded());
         }
@@ -134,7 +147,7 @@ impl Pipeline {
                 p.store.write_detached(WriteOp::CertificateAbandoned { serial });
                 return Err(e);
             }
-            Err(NotIssued::Unrecorded(e)) => return Err(e),
+            Err(NotIssued::Unwritten(e) | NotIssued::Unrecorded(e)) => return Err(e),
         };
         Ok(IssuedCertificate {
             serial,
@@ -259,7 +272,7 @@ mod tests {
     use super::*;
     use crate::actors::gauges::CellGauges;
     use crate::actors::job::deadline_exceeded;
-    use crate::actors::signer::Faults;
+    use crate::actors::signer::{Faults, Signer};
     use crate::actors::store::tests::{certificates, store, text, write_ahead};
     use crate::config::{Config, ProfileConfig};
     use crate::db::models::RequestRow;
@@ -277,12 +290,11 @@ mod tests {
         let ca = Arc::new(CaMaterial::load(&config.cas[0]).expect("ica-p256"));
         let metrics = Arc::new(Metrics::new());
         let (signer_ca, signer_metrics) = (ca.clone(), metrics.clone());
-        let signer = SyncArbiter::start(1, move || Signer {
-            ca: signer_ca.clone(),
-            metrics: signer_metrics.clone(),
-            faults: faults.clone(),
-            gauges: Arc::new(CellGauges::default()),
-        });
+        let signer = SignerHandle::start(
+            Signer { ca: signer_ca, metrics: signer_metrics, faults, gauges: Arc::new(CellGauges::default()) },
+            1,
+            8,
+        );
         let dir = tempfile::tempdir().unwrap();
         let (store, path, _) = store(&dir, 1, 8, 1000);
         let sabotage = Config { mode: crate::config::Mode::Dev, sabotage: sabotage.to_vec(), ..Config::default() };

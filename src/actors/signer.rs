@@ -2,13 +2,17 @@
 //! It signs linted TBS bytes the Store has recorded, and hands the certificate straight to the
 //! Store; whoever waits hears from the Store's worker once the certificate is committed. A panic
 //! is caught and answered as a signer failure; the thread lives on.
+//!
+//! Its threads take [`Sign`]s from one bounded channel that anyone holding a [`SignerHandle`]
+//! puts into: the Store's worker does, the moment a write-ahead record is committed. (An actix
+//! `SyncArbiter` would route every message through an actor on the arbiter that started it:
+//! one more thread to wake per signature, and that thread shared by every CA.)
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::prelude::*;
-
+use crossbeam_channel::TrySendError;
 use tokio::sync::oneshot;
 
 use super::gauges::CellGauges;
@@ -38,14 +42,44 @@ pub struct Faults {
     pub failure_rate: f64,
 }
 
-impl Actor for Signer {
-    type Context = SyncContext<Self>;
+/// Where a CA's signatures are asked for; its threads stop once every handle is gone.
+#[derive(Clone)]
+pub struct SignerHandle {
+    queue: crossbeam_channel::Sender<Sign>,
+    ca: Arc<str>,
+}
+
+impl SignerHandle {
+    /// Start `threads` threads signing with `signer`'s key. `capacity` bounds the queue: the
+    /// cell never has more jobs in flight, so a full queue is a defect, answered as one.
+    pub fn start(signer: Signer, threads: usize, capacity: usize) -> SignerHandle {
+        let (queue, taken) = crossbeam_channel::bounded::<Sign>(capacity.max(1));
+        let ca: Arc<str> = signer.ca.id.as_str().into();
+        let signer = Arc::new(signer);
+        for i in 0..threads.max(1) {
+            let (signer, taken) = (signer.clone(), taken.clone());
+            std::thread::Builder::new()
+                .name(format!("castellum-sign-{i}"))
+                .spawn(move || taken.iter().for_each(|sign| signer.handle(sign)))
+                .expect("start-up: a signer thread");
+        }
+        SignerHandle { queue, ca }
+    }
+
+    /// Ask for a signature; a refusal is answered on the job's reply at once.
+    pub fn send(&self, sign: Sign) {
+        let (sign, reason) = match self.queue.try_send(sign) {
+            Ok(()) => return,
+            Err(TrySendError::Full(sign)) => (sign, "the signer's queue is full"),
+            Err(TrySendError::Disconnected(sign)) => (sign, "the signer's threads are gone"),
+        };
+        let failure = EngineError::SignerFailure { ca: self.ca.to_string(), reason: reason.into() };
+        let _ = sign.reply.send(Err(NotIssued::Unsigned(failure)));
+    }
 }
 
 /// Sign recorded, linted TBS bytes, unless the deadline has passed; then record the certificate
 /// (`record` makes the write from its DER) and answer `reply` with the DER once it is committed.
-#[derive(Message)]
-#[rtype(result = "()")]
 pub struct Sign {
     pub tbs: LintedTbs,
     pub deadline: Instant,
@@ -62,6 +96,8 @@ pub type Record = Box<dyn FnOnce(&[u8]) -> WriteOp + Send>;
 /// Why a [`Sign`] ended without a recorded certificate.
 #[derive(Debug)]
 pub enum NotIssued {
+    /// The write-ahead record was not committed: there is nothing to sign, nor to abandon.
+    Unwritten(EngineError),
     /// Nothing was signed (the deadline passed, or the key failed): the write-ahead record
     /// can be abandoned.
     Unsigned(EngineError),
@@ -69,10 +105,8 @@ pub enum NotIssued {
     Unrecorded(EngineError),
 }
 
-impl Handler<Sign> for Signer {
-    type Result = ();
-
-    fn handle(&mut self, msg: Sign, _: &mut Self::Context) {
+impl Signer {
+    fn handle(&self, msg: Sign) {
         if let Some(latency) = self.faults.sign_latency {
             std::thread::sleep(latency);
         }
@@ -90,7 +124,7 @@ impl Handler<Sign> for Signer {
             Ok(der) => {
                 let reply = msg.reply;
                 let write = (msg.record)(&der);
-                msg.store.write_then(write, move |committed| {
+                msg.store.hand_over(write, move |committed| {
                     let _ = reply.send(committed.map(|_| der).map_err(NotIssued::Unrecorded));
                 });
             }
@@ -99,9 +133,7 @@ impl Handler<Sign> for Signer {
             }
         }
     }
-}
 
-impl Signer {
     fn sign(&self, tbs: &LintedTbs, deadline: Instant) -> Result<Vec<u8>, EngineError> {
         // The last check before the key is used: a caller that has given up gets nothing signed.
         if Instant::now() + FINISH_MARGIN >= deadline {

@@ -25,10 +25,21 @@ use crate::metrics::Metrics;
 pub enum Ack {
     /// A caller awaiting the commit.
     Reply(oneshot::Sender<Result<WriteOutcome, EngineError>>),
-    /// Work to do on the worker's thread once the write is committed or refused (the signer
-    /// hands the certificate over this way, so its result goes straight from the commit to
-    /// whoever waits for it).
+    /// Work to do on the worker's thread once the write is committed or refused (the pipeline
+    /// hands a recorded job to its signer this way, and the signer its certificate to whoever
+    /// waits for it: straight from the commit, without waking another thread in between).
     Then(Box<dyn FnOnce(Result<WriteOutcome, EngineError>) + Send>),
+}
+
+/// Whether a write may be refused because the queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// New work: refused when `max_pending` writes wait.
+    New,
+    /// The second write of work the store already admitted (the signer's certificate): refused
+    /// for a full queue, its signature would be thrown away. Hand-overs are few (at most the
+    /// signers' jobs in flight), so the queue stays bounded without counting them.
+    HandOver,
 }
 
 impl Ack {
@@ -103,13 +114,9 @@ impl Shared {
 
     /// Queue a write, or refuse it at once: the queue is full, or the database was just found
     /// unavailable (fail fast rather than queue behind a probe).
-    fn push(&self, op: WriteOp, ack: Option<Ack>) {
+    fn push(&self, op: WriteOp, ack: Option<Ack>, admission: Admission) {
         let mut q = self.lock();
-        // A hand-over (`Ack::Then`) finishes work the store already admitted: refused for a full
-        // queue, its signature would be thrown away. Hand-overs are few (at most the signers'
-        // jobs in flight), so the queue stays bounded without counting them.
-        let admitting_new_work = !matches!(ack, Some(Ack::Then(_)));
-        let refusal = if admitting_new_work && q.pending.len() >= self.max_pending {
+        let refusal = if admission == Admission::New && q.pending.len() >= self.max_pending {
             Some(EngineError::StoreOverloaded)
         } else if q.closed {
             Some(EngineError::ShuttingDown)
@@ -235,14 +242,19 @@ impl StoreHandle {
     /// Write and wait for the commit.
     pub async fn write(&self, op: WriteOp) -> Result<WriteOutcome, EngineError> {
         let (tx, rx) = oneshot::channel();
-        self.shared.push(op, Some(Ack::Reply(tx)));
+        self.shared.push(op, Some(Ack::Reply(tx)), Admission::New);
         rx.await.unwrap_or(Err(EngineError::ShuttingDown))
     }
 
-    /// Write, and run `then` on the worker's thread with the outcome (or the refusal). For the
-    /// second write of admitted work (the signer's certificate): never refused for a full queue.
+    /// Write, and run `then` on the worker's thread with the outcome (or the refusal).
     pub fn write_then(&self, op: WriteOp, then: impl FnOnce(Result<WriteOutcome, EngineError>) + Send + 'static) {
-        self.shared.push(op, Some(Ack::Then(Box::new(then))));
+        self.shared.push(op, Some(Ack::Then(Box::new(then))), Admission::New);
+    }
+
+    /// The same, for the second write of admitted work (the signer's certificate): never
+    /// refused for a full queue.
+    pub fn hand_over(&self, op: WriteOp, then: impl FnOnce(Result<WriteOutcome, EngineError>) + Send + 'static) {
+        self.shared.push(op, Some(Ack::Then(Box::new(then))), Admission::HandOver);
     }
 
     /// Fault injection (dev mode only; the engine checks): the next batch a worker takes panics
@@ -265,7 +277,7 @@ impl StoreHandle {
     /// event). Dropped and counted (`castellum_store_dropped_writes_total`) when the store
     /// refuses it: a flood of failures must not crowd out issuance, nor the log.
     pub fn write_detached(&self, op: WriteOp) {
-        self.shared.push(op, None);
+        self.shared.push(op, None, Admission::New);
     }
 }
 
@@ -445,9 +457,15 @@ pub(crate) mod tests {
         let (store, path, _) = store(&dir, 1, 8, 0);
         assert_eq!(store.write(write_ahead(&"a".repeat(40))).await.unwrap_err(), EngineError::StoreOverloaded);
         assert_eq!(certificates(&path), 0);
+        // A write-ahead record handed to its signer from the commit is new work: refused too.
+        let (tx, rx) = oneshot::channel();
+        store.write_then(write_ahead(&"w".repeat(40)), move |outcome| {
+            let _ = tx.send(outcome);
+        });
+        assert_eq!(rx.await.unwrap().unwrap_err(), EngineError::StoreOverloaded);
         // The hand-over of work already admitted (a signed certificate) is not new work: taken.
         let (tx, rx) = oneshot::channel();
-        store.write_then(write_ahead(&"h".repeat(40)), move |outcome| {
+        store.hand_over(write_ahead(&"h".repeat(40)), move |outcome| {
             let _ = tx.send(outcome);
         });
         assert!(matches!(rx.await.unwrap(), Ok(WriteOutcome::Done)));

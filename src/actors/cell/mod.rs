@@ -24,8 +24,7 @@ use super::job::{deadline_exceeded, Caller, Job, FINISH_MARGIN};
 use super::lanes::Lanes;
 use super::pipeline::Pipeline;
 use super::registry::RegistryChanged;
-use super::signer::Faults;
-use super::signer::Signer;
+use super::signer::{Faults, Signer, SignerHandle};
 use super::store::StoreHandle;
 use crate::config::{CaConfig, Sabotage, Sabotages};
 use crate::error::EngineError;
@@ -119,14 +118,8 @@ impl CaCell {
     /// Start the cell on its own arbiter with its signer threads.
     pub fn start(cfg: &CaConfig, parts: CellParts) -> (Addr<CaCell>, Arbiter) {
         let CellParts { ca, store, metrics, instance, faults, initial_state, gauges, sabotage } = parts;
-        let (signer_ca, signer_metrics) = (ca.clone(), metrics.clone());
-        let signer_gauges = gauges.clone();
-        let signer = SyncArbiter::start(cfg.signer_threads.max(1), move || Signer {
-            ca: signer_ca.clone(),
-            metrics: signer_metrics.clone(),
-            faults: faults.clone(),
-            gauges: signer_gauges.clone(),
-        });
+        let signer = Signer { ca: ca.clone(), metrics: metrics.clone(), faults, gauges: gauges.clone() };
+        let signer = SignerHandle::start(signer, cfg.signer_threads, cfg.queue.in_flight);
         let spacing = Duration::from_secs_f64(1.0 / cfg.expected_sign_rate.max(1.0));
         gauges.completion_spacing_us.store(spacing.as_micros() as u64, Ordering::Relaxed);
         let pipeline = Pipeline { ca, signer, store, metrics, instance, sabotage, sign_timeout: cfg.sign_timeout };
