@@ -81,12 +81,12 @@ pub async fn run(opts: &DrillOptions, dir: &Path, fault: Fault) -> Result<Outcom
         set(c, &["registry", "poll_interval"], "250ms".into());
         set(c, &["registry", "stale_after"], "2s".into());
         set(c, &["sabotage"], toml::Value::Array(sabotage));
-        // The keyed clients' CA spends a few milliseconds between an attempt's write-ahead record
-        // and its signature, so that a kill lands on keyed attempts already recorded (what
-        // `sticky-keyed-failures` mishandles): without it, one run in several killed none.
+        // The keyed clients' CA spends some milliseconds between an attempt's write-ahead record
+        // and its signature, so that the kill (made when the drill sees such an attempt on
+        // castellum-2) lands before the signature.
         let p384 = ca_entry(c, "ica-p384");
         set(p384, &["signer_threads"], 4.into());
-        set(p384, &["fault", "sign_latency"], "3ms".into());
+        set(p384, &["fault", "sign_latency"], "10ms".into());
     })
     .await?;
     let db = first.db.take().ok_or(DrillError::Setup("the first instance owns the database".into()))?;
@@ -287,7 +287,16 @@ async fn kill_9(
     dead_for: Duration,
 ) -> Result<Vec<Cycle>, DrillError> {
     let index = 1;
-    session.mark("SIGKILL castellum-2");
+    // Killed while it holds a keyed attempt already recorded and not yet signed (the case
+    // `sticky-keyed-failures` mishandles): left to chance, one run in several killed none.
+    let caught = Evidence::read(session.target.db.as_ref(), |e| {
+        e.wait_for_keyed_attempt_recorded("castellum-2", Duration::from_secs(3))
+    })
+    .await?;
+    session.mark(match caught {
+        true => "SIGKILL castellum-2 (a keyed attempt recorded, not yet signed)",
+        false => "SIGKILL castellum-2 (no keyed attempt caught recorded within 3 s)",
+    });
     let (down_after, exited_after, exit) = stop_watched(lb, index, &mut instances[index], true).await;
     tokio::time::sleep(dead_for.saturating_sub(exited_after)).await;
     session.mark("starting castellum-2 again");
