@@ -144,6 +144,14 @@ async fn retirement_is_final_across_instances() {
     late.registry.listen = false;
     late.registry.poll_interval = Duration::from_secs(60);
     let second = TestServer::start(late).await;
+    // The second's registry reads the database once as it starts, on a thread of its own; a
+    // retirement committed before that read would be "heard". Its heartbeat row is written by
+    // that same read, just before it: once both rows exist, the read is done or under way.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sql::count(&db, "SELECT count(*) AS n FROM instances") < 2 {
+        assert!(Instant::now() < deadline, "the second instance never wrote its heartbeat");
+        actix_rt::time::sleep(Duration::from_millis(10)).await;
+    }
 
     assert_eq!(set_ca_state(&first, "ica-p384", "retired").await.0, 200);
     assert_eq!(cell(&admin_status(&second).await, "ica-p384")["state"], "enabled", "the second has not heard yet");

@@ -61,7 +61,9 @@ impl SignerHandle {
             std::thread::Builder::new()
                 .name(format!("castellum-sign-{i}"))
                 .spawn(move || taken.iter().for_each(|sign| signer.handle(sign)))
-                .expect("start-up: a signer thread");
+                // Started with its cell, at start-up or when the supervisor replaces the cell; a
+                // system that cannot start a thread fails there as `Arbiter::new` does.
+                .expect("a signer thread");
         }
         SignerHandle { queue, ca }
     }
