@@ -4,9 +4,11 @@
 //!    registry's snapshot, refuse what can never succeed, hand the rest to the CA's cell.
 //! 2. [`cell`] (one per CA, on its own arbiter): bounded [`lanes`], deadlines, a [`coalescer`]
 //!    for identical background work, the issuance pipeline.
-//! 3. [`signer`] (SyncArbiter threads per CA): build the TBS, lint it, sign it.
-//! 4. [`store`] (a front actor + SyncArbiter workers, one per issuance connection): the only
-//!    writer on the issuance path, group-committing batches.
+//! 3. [`store`] (worker threads, one per issuance connection): the only writer on the issuance
+//!    path, group-committing batches. The worker that commits a job's write-ahead record hands
+//!    the job to its CA's signer.
+//! 4. [`signer`] (threads of the CA's own, [`workers`]): sign the recorded TBS (the cell built and
+//!    linted it) and hand the certificate back to the store, whose worker answers the cell.
 //! 5. [`registry`]: live CA/profile state and its version, pushed to intake and cells.
 //! 6. [`resumer`]: takes up pending asynchronous requests nobody owns (after a restart or crash).
 //!
@@ -33,6 +35,7 @@ pub mod store;
 pub mod supervisor;
 pub mod sweeper;
 pub mod vault;
+pub mod workers;
 
 /// Run `f`, turning a panic into an error so a worker thread survives and its caller is answered.
 pub(crate) fn catch_panic<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {

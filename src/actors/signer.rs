@@ -3,21 +3,20 @@
 //! Store; whoever waits hears from the Store's worker once the certificate is committed. A panic
 //! is caught and answered as a signer failure; the thread lives on.
 //!
-//! Its threads take [`Sign`]s from one bounded channel that anyone holding a [`SignerHandle`]
-//! puts into: the Store's worker does, the moment a write-ahead record is committed. (An actix
-//! `SyncArbiter` would route every message through an actor on the arbiter that started it:
-//! one more thread to wake per signature, and that thread shared by every CA.)
+//! Its threads ([`Workers`]) take [`Sign`]s from one bounded queue that anyone holding a
+//! [`SignerHandle`] puts into: the Store's worker does, the moment a write-ahead record is
+//! committed.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::TrySendError;
 use tokio::sync::oneshot;
 
 use super::gauges::CellGauges;
 use super::job::FINISH_MARGIN;
 use super::store::StoreHandle;
+use super::workers::{Refused, Workers};
 use crate::db::writes::WriteOp;
 use crate::error::EngineError;
 use crate::metrics::{self, Metrics};
@@ -45,7 +44,7 @@ pub struct Faults {
 /// Where a CA's signatures are asked for; its threads stop once every handle is gone.
 #[derive(Clone)]
 pub struct SignerHandle {
-    queue: crossbeam_channel::Sender<Sign>,
+    queue: Workers<Sign>,
     ca: Arc<str>,
 }
 
@@ -53,18 +52,8 @@ impl SignerHandle {
     /// Start `threads` threads signing with `signer`'s key. `capacity` bounds the queue: the
     /// cell never has more jobs in flight, so a full queue is a defect, answered as one.
     pub fn start(signer: Signer, threads: usize, capacity: usize) -> SignerHandle {
-        let (queue, taken) = crossbeam_channel::bounded::<Sign>(capacity.max(1));
         let ca: Arc<str> = signer.ca.id.as_str().into();
-        let signer = Arc::new(signer);
-        for i in 0..threads.max(1) {
-            let (signer, taken) = (signer.clone(), taken.clone());
-            std::thread::Builder::new()
-                .name(format!("castellum-sign-{i}"))
-                .spawn(move || taken.iter().for_each(|sign| signer.handle(sign)))
-                // Started with its cell, at start-up or when the supervisor replaces the cell; a
-                // system that cannot start a thread fails there as `Arbiter::new` does.
-                .expect("a signer thread");
-        }
+        let queue = Workers::start("castellum-sign", threads, capacity, move |sign| signer.handle(sign));
         SignerHandle { queue, ca }
     }
 
@@ -72,8 +61,8 @@ impl SignerHandle {
     pub fn send(&self, sign: Sign) {
         let (sign, reason) = match self.queue.try_send(sign) {
             Ok(()) => return,
-            Err(TrySendError::Full(sign)) => (sign, "the signer's queue is full"),
-            Err(TrySendError::Disconnected(sign)) => (sign, "the signer's threads are gone"),
+            Err(Refused::Full(sign)) => (sign, "the signer's queue is full"),
+            Err(Refused::Gone(sign)) => (sign, "the signer's threads are gone"),
         };
         let failure = EngineError::SignerFailure { ca: self.ca.to_string(), reason: reason.into() };
         let _ = sign.reply.send(Err(NotIssued::Unsigned(failure)));

@@ -1,18 +1,22 @@
 //! The identity vault: the only place an identity's private key is ever in the clear. On threads
-//! of its own (a SyncArbiter, never a CA's signer threads), it opens a sealed key under the KEK,
+//! of its own ([`Workers`], never a CA's signer threads), it opens a sealed key under the KEK,
 //! signs one digest, and drops the key; the opened bytes are wiped and OpenSSL cleanses the key
-//! it parsed. Its queue is bounded by the engine (a semaphore), since a SyncArbiter's is not.
+//! it parsed. At most [`MAX_WAITING`] signatures wait for a thread; more are refused at once.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix::prelude::*;
+use tokio::sync::oneshot;
 
+use super::workers::{Refused, Workers};
 use crate::error::EngineError;
 use crate::metrics::Metrics;
 use crate::pki::identity::{sign_digest, DigestAlgorithm};
 use crate::pki::kek::Kek;
 use crate::pki::KeyType;
+
+/// Signatures waiting for a vault thread; beyond this, refused at once.
+pub const MAX_WAITING: usize = 256;
 
 pub struct IdentityVault {
     pub kek: Arc<Kek>,
@@ -21,13 +25,7 @@ pub struct IdentityVault {
     pub sign_latency: Option<Duration>,
 }
 
-impl Actor for IdentityVault {
-    type Context = SyncContext<Self>;
-}
-
 /// Sign `digest` with the identity `id`'s sealed key.
-#[derive(Message)]
-#[rtype(result = "Result<Vec<u8>, EngineError>")]
 pub struct SignDigest {
     pub id: String,
     pub sealed: Vec<u8>,
@@ -41,10 +39,44 @@ pub struct SignDigest {
     pub deadline: Instant,
 }
 
-impl Handler<SignDigest> for IdentityVault {
-    type Result = Result<Vec<u8>, EngineError>;
+/// A signature asked for, and where its answer goes.
+type VaultJob = (SignDigest, oneshot::Sender<Result<Vec<u8>, EngineError>>);
 
-    fn handle(&mut self, msg: SignDigest, _: &mut Self::Context) -> Self::Result {
+/// Where the engine asks the vault for signatures.
+#[derive(Clone)]
+pub struct VaultHandle {
+    queue: Workers<VaultJob>,
+}
+
+impl VaultHandle {
+    pub fn start(vault: IdentityVault, threads: usize) -> VaultHandle {
+        let queue = Workers::start("castellum-vault", threads, MAX_WAITING, move |(msg, reply)| {
+            // Its caller gave up (the deadline, or the engine stopping): the key stays sealed.
+            if !oneshot::Sender::is_closed(&reply) {
+                let _ = reply.send(vault.sign(msg));
+            }
+        });
+        VaultHandle { queue }
+    }
+
+    /// The signature, or why there is none: refused at once when [`MAX_WAITING`] signatures wait.
+    pub async fn sign(&self, msg: SignDigest) -> Result<Vec<u8>, EngineError> {
+        let (reply, signed) = oneshot::channel();
+        match self.queue.try_send((msg, reply)) {
+            Ok(()) => signed.await.unwrap_or(Err(EngineError::ShuttingDown)),
+            Err(Refused::Full(_)) => Err(EngineError::IdentitySignerBusy),
+            Err(Refused::Gone(_)) => Err(EngineError::ShuttingDown),
+        }
+    }
+
+    /// Signatures waiting for a vault thread.
+    pub fn waiting(&self) -> usize {
+        self.queue.waiting()
+    }
+}
+
+impl IdentityVault {
+    fn sign(&self, msg: SignDigest) -> Result<Vec<u8>, EngineError> {
         if Instant::now() >= msg.deadline {
             return Err(EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) });
         }
@@ -70,5 +102,76 @@ impl Handler<SignDigest> for IdentityVault {
         });
         self.metrics.identity_sign_seconds.observe(started.elapsed().as_secs_f64());
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki::identity::generate_sealed;
+
+    fn vault(sign_latency: Option<Duration>) -> (VaultHandle, Arc<Kek>, Arc<Metrics>) {
+        let kek = Arc::new(Kek::from_bytes(&[7u8; 32]));
+        let metrics = Arc::new(Metrics::new());
+        let vault = IdentityVault { kek: kek.clone(), metrics: metrics.clone(), sign_latency };
+        (VaultHandle::start(vault, 1), kek, metrics)
+    }
+
+    fn request(kek: &Kek, digest: &[u8; 32], deadline: Instant) -> (SignDigest, Vec<u8>) {
+        let key = generate_sealed(KeyType::EcdsaP256, 0, kek).expect("a sealed key");
+        let msg = SignDigest {
+            id: key.id.clone(),
+            sealed: key.sealed,
+            kek_id: key.kek_id,
+            key_type: KeyType::EcdsaP256,
+            scheme: "ecdsa".into(),
+            algorithm: DigestAlgorithm::Sha256,
+            digest: digest.to_vec(),
+            deadline,
+        };
+        (msg, key.spki_der)
+    }
+
+    #[actix_rt::test]
+    async fn the_vault_signs_with_the_sealed_key() {
+        let (vault, kek, _) = vault(None);
+        let digest = openssl::sha::sha256(b"to be signed");
+        let (msg, spki) = request(&kek, &digest, Instant::now() + Duration::from_secs(5));
+        let signature = vault.sign(msg).await.expect("a signature");
+        // Judged by OpenSSL on the identity's public key, not by the vault's own code.
+        let public = openssl::pkey::PKey::public_key_from_der(&spki).unwrap();
+        let sig = openssl::ecdsa::EcdsaSig::from_der(&signature).unwrap();
+        assert!(sig.verify(&digest, &public.ec_key().unwrap()).unwrap());
+    }
+
+    #[actix_rt::test]
+    async fn a_full_vault_refuses_at_once_and_a_caller_that_gave_up_gets_nothing_signed() {
+        // One thread, each signature 200 ms: the first holds the thread, MAX_WAITING wait.
+        let (vault, kek, metrics) = vault(Some(Duration::from_millis(200)));
+        let digest = openssl::sha::sha256(b"x");
+        let later = Instant::now() + Duration::from_secs(60);
+        let first = tokio::spawn({
+            let (vault, msg) = (vault.clone(), request(&kek, &digest, later).0);
+            async move { vault.sign(msg).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for _ in 0..MAX_WAITING {
+            // Callers that have given up already: their replies are closed.
+            let (reply, _) = oneshot::channel();
+            assert!(vault.queue.try_send((request(&kek, &digest, later).0, reply)).is_ok());
+        }
+        assert_eq!(vault.waiting(), MAX_WAITING);
+        let started = Instant::now();
+        let refused = vault.sign(request(&kek, &digest, later).0).await;
+        assert!(matches!(refused, Err(EngineError::IdentitySignerBusy)), "{refused:?}");
+        assert!(started.elapsed() < Duration::from_millis(100), "refused at once: {:?}", started.elapsed());
+        assert!(first.await.unwrap().is_ok());
+        // The abandoned ones are skipped without opening their keys (each would take 200 ms and
+        // be timed): only the first signature was made.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(vault.waiting(), 0);
+        let rendered = metrics.render();
+        let count = rendered.lines().find(|l| l.starts_with("castellum_identity_sign_duration_seconds_count"));
+        assert_eq!(count.and_then(|l| l.split(' ').next_back()), Some("1"), "{rendered}");
     }
 }

@@ -257,7 +257,7 @@ impl Engine {
     }
 
     /// Open the sealed key and sign in the vault, within the deadline; at most
-    /// [`MAX_PENDING_SIGNATURES`] wait for it.
+    /// [`MAX_WAITING`](crate::actors::vault::MAX_WAITING) signatures wait for a vault thread.
     async fn vault_sign(
         &self,
         services: &IdentityServices,
@@ -269,8 +269,7 @@ impl Engine {
     ) -> Result<Vec<u8>, EngineError> {
         let key_type = KeyType::parse(&row.key_type)
             .ok_or_else(|| EngineError::Internal(format!("unknown stored key type {:?}", row.key_type)))?;
-        let _permit = services.vault_permits.try_acquire().map_err(|_| EngineError::IdentitySignerBusy)?;
-        let sign = services.vault.send(SignDigest {
+        let sign = services.vault.sign(SignDigest {
             id: row.id.clone(),
             key_type,
             sealed,
@@ -281,8 +280,7 @@ impl Engine {
             deadline,
         });
         match tokio::time::timeout_at(deadline.into(), sign).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(EngineError::ShuttingDown),
+            Ok(result) => result,
             Err(_) => Err(EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) }),
         }
     }

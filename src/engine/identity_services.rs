@@ -4,25 +4,20 @@
 use std::sync::Arc;
 
 use actix::prelude::*;
-use tokio::sync::Semaphore;
 
 use crate::actors::keypool::{KeyPool, KeySpec};
 use crate::actors::sweeper::{IdentitySweeper, StopSweeping};
-use crate::actors::vault::IdentityVault;
+use crate::actors::vault::{IdentityVault, VaultHandle};
 use crate::config::Config;
 use crate::db::DbPool;
 use crate::metrics::Metrics;
 use crate::pki::kek::Kek;
 use crate::pki::KeyType;
 
-/// Signatures waiting for (or in) the vault; beyond this, refused at once.
-const MAX_PENDING_SIGNATURES: usize = 256;
-
 /// What the engine runs for identities (present when a KEK is configured).
 pub(super) struct IdentityServices {
     pub(super) keys: KeyPool,
-    pub(super) vault: Addr<IdentityVault>,
-    pub(super) vault_permits: Semaphore,
+    pub(super) vault: VaultHandle,
     sweeper: Addr<IdentitySweeper>,
 }
 
@@ -47,13 +42,12 @@ impl IdentityServices {
         }
         let keys = KeyPool::start(kek.clone(), wanted, metrics.clone());
         let (vault_kek, vault_metrics, sign_latency) = (kek, metrics.clone(), cfg.fault.sign_latency);
-        let vault = SyncArbiter::start(cfg.signer_threads.max(1), move || IdentityVault {
-            kek: vault_kek.clone(),
-            metrics: vault_metrics.clone(),
-            sign_latency,
-        });
+        let vault = VaultHandle::start(
+            IdentityVault { kek: vault_kek, metrics: vault_metrics, sign_latency },
+            cfg.signer_threads,
+        );
         let sweeper = IdentitySweeper { control, instance, interval: cfg.sweep_interval, metrics, busy: false }.start();
-        IdentityServices { keys, vault, vault_permits: Semaphore::new(MAX_PENDING_SIGNATURES), sweeper }
+        IdentityServices { keys, vault, sweeper }
     }
 
     /// For the admin console: the key stock per kind of key and the vault's queue.
@@ -65,7 +59,7 @@ impl IdentityServices {
                 .into_iter()
                 .map(|(key, stocked, target)| KeyStock { key, stocked, target })
                 .collect(),
-            vault_waiting: MAX_PENDING_SIGNATURES - self.vault_permits.available_permits(),
+            vault_waiting: self.vault.waiting(),
         }
     }
 
@@ -78,7 +72,7 @@ impl IdentityServices {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct IdentitiesStatus {
     pub key_stock: Vec<KeyStock>,
-    /// Signatures waiting for or in the vault.
+    /// Signatures waiting for a vault thread.
     pub vault_waiting: usize,
 }
 
