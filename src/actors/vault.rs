@@ -50,20 +50,25 @@ pub struct VaultHandle {
 
 impl VaultHandle {
     pub fn start(vault: IdentityVault, threads: usize) -> VaultHandle {
-        let queue = Workers::start("castellum-vault", threads, MAX_WAITING, move |(msg, reply)| {
+        let queue = Workers::start("castellum-vault", threads, MAX_WAITING, move |(msg, reply): VaultJob| {
             // Its caller gave up (the deadline, or the engine stopping): the key stays sealed.
-            if !oneshot::Sender::is_closed(&reply) {
+            if !reply.is_closed() {
                 let _ = reply.send(vault.sign(msg));
             }
         });
         VaultHandle { queue }
     }
 
-    /// The signature, or why there is none: refused at once when [`MAX_WAITING`] signatures wait.
+    /// The signature, or why there is none, by the request's deadline: refused at once when
+    /// [`MAX_WAITING`] signatures wait.
     pub async fn sign(&self, msg: SignDigest) -> Result<Vec<u8>, EngineError> {
+        let deadline = msg.deadline;
         let (reply, signed) = oneshot::channel();
         match self.queue.try_send((msg, reply)) {
-            Ok(()) => signed.await.unwrap_or(Err(EngineError::ShuttingDown)),
+            Ok(()) => match tokio::time::timeout_at(deadline.into(), signed).await {
+                Ok(answer) => answer.unwrap_or(Err(EngineError::ShuttingDown)),
+                Err(_) => Err(EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) }),
+            },
             Err(Refused::Full(_)) => Err(EngineError::IdentitySignerBusy),
             Err(Refused::Gone(_)) => Err(EngineError::ShuttingDown),
         }
@@ -150,11 +155,14 @@ mod tests {
         let (vault, kek, metrics) = vault(Some(Duration::from_millis(200)));
         let digest = openssl::sha::sha256(b"x");
         let later = Instant::now() + Duration::from_secs(60);
-        let first = tokio::spawn({
-            let (vault, msg) = (vault.clone(), request(&kek, &digest, later).0);
-            async move { vault.sign(msg).await }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (reply, first) = oneshot::channel();
+        assert!(vault.queue.try_send((request(&kek, &digest, later).0, reply)).is_ok());
+        // The thread has taken the first once nothing waits.
+        let started = Instant::now();
+        while vault.waiting() > 0 {
+            assert!(started.elapsed() < Duration::from_secs(5), "the vault's thread never took the first");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         for _ in 0..MAX_WAITING {
             // Callers that have given up already: their replies are closed.
             let (reply, _) = oneshot::channel();
@@ -165,7 +173,7 @@ mod tests {
         let refused = vault.sign(request(&kek, &digest, later).0).await;
         assert!(matches!(refused, Err(EngineError::IdentitySignerBusy)), "{refused:?}");
         assert!(started.elapsed() < Duration::from_millis(100), "refused at once: {:?}", started.elapsed());
-        assert!(first.await.unwrap().is_ok());
+        assert!(first.await.expect("answered").is_ok());
         // The abandoned ones are skipped without opening their keys (each would take 200 ms and
         // be timed): only the first signature was made.
         tokio::time::sleep(Duration::from_millis(300)).await;

@@ -68,17 +68,19 @@ mod tests {
     #[test]
     fn jobs_run_on_the_named_threads_and_a_full_queue_refuses() {
         let (done, finished) = mpsc::channel::<String>();
+        let (taken, holding) = mpsc::channel::<()>();
         let (release, gate) = crossbeam_channel::bounded::<()>(0);
         let workers = Workers::start("castellum-test-worker", 1, 2, move |job: u32| {
             if job == 0 {
                 // Hold the only thread until the test lets go.
+                let _ = taken.send(());
                 let _ = gate.recv();
             }
             let _ = done.send(format!("{job} on {}", std::thread::current().name().unwrap_or("?")));
         });
         assert!(workers.try_send(0).is_ok());
         // Once the thread holds job 0, two may wait and the third is refused.
-        std::thread::sleep(Duration::from_millis(100));
+        holding.recv_timeout(Duration::from_secs(5)).expect("the thread takes job 0");
         assert!(workers.try_send(1).is_ok() && workers.try_send(2).is_ok());
         assert_eq!(workers.waiting(), 2);
         assert!(matches!(workers.try_send(3), Err(Refused::Full(3))));

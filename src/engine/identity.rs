@@ -3,7 +3,7 @@
 //! keeps sealed; used to sign digests by the client that created it, a bounded number of times.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::identity_services::{key_spec, IdentityServices};
 pub use super::identity_services::{IdentitiesStatus, KeyStock};
@@ -269,20 +269,19 @@ impl Engine {
     ) -> Result<Vec<u8>, EngineError> {
         let key_type = KeyType::parse(&row.key_type)
             .ok_or_else(|| EngineError::Internal(format!("unknown stored key type {:?}", row.key_type)))?;
-        let sign = services.vault.sign(SignDigest {
-            id: row.id.clone(),
-            key_type,
-            sealed,
-            kek_id: row.kek_id.clone(),
-            scheme: row.signature_scheme.clone(),
-            algorithm,
-            digest,
-            deadline,
-        });
-        match tokio::time::timeout_at(deadline.into(), sign).await {
-            Ok(result) => result,
-            Err(_) => Err(EngineError::DeadlineExceeded { retry_after: Duration::from_secs(1) }),
-        }
+        services
+            .vault
+            .sign(SignDigest {
+                id: row.id.clone(),
+                key_type,
+                sealed,
+                kek_id: row.kek_id.clone(),
+                scheme: row.signature_scheme.clone(),
+                algorithm,
+                digest,
+                deadline,
+            })
+            .await
     }
 
     fn count_identity(&self, operation: &'static str, outcome: Result<&str, &EngineError>) {

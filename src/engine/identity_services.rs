@@ -41,9 +41,8 @@ impl IdentityServices {
             }
         }
         let keys = KeyPool::start(kek.clone(), wanted, metrics.clone());
-        let (vault_kek, vault_metrics, sign_latency) = (kek, metrics.clone(), cfg.fault.sign_latency);
         let vault = VaultHandle::start(
-            IdentityVault { kek: vault_kek, metrics: vault_metrics, sign_latency },
+            IdentityVault { kek, metrics: metrics.clone(), sign_latency: cfg.fault.sign_latency },
             cfg.signer_threads,
         );
         let sweeper = IdentitySweeper { control, instance, interval: cfg.sweep_interval, metrics, busy: false }.start();

@@ -66,10 +66,11 @@ pub(crate) fn internal(what: &str) -> impl Fn(der::Error) -> EngineError + '_ {
 /// A new serial, 20 octets: `0x01` (a positive INTEGER of exactly 20 octets, never needing a
 /// sign-padding byte), the time in milliseconds (6 octets, big-endian), then 13 octets from the
 /// thread's CSPRNG, seeded from the OS (104 bits; the Baseline Requirements ask for at least 64,
-/// and for serials that are not sequential, which the random tail makes them). Serials grow with time, so a new
-/// certificate's row goes to the end of the certificates table's primary key rather than to a
-/// random page of it: with fully random serials an issuance read and dirtied a random index page,
-/// and at 10 million stored certificates SQLite issued a quarter as fast as on an empty database.
+/// and for serials that are not sequential, which the random tail makes them). Serials grow with
+/// time, so a new certificate's row goes to the end of the certificates table's primary key rather
+/// than to a random page of it: with fully random serials an issuance read and dirtied a random
+/// index page, and at 10 million stored certificates SQLite issued a quarter as fast as on an
+/// empty database.
 pub fn new_serial() -> [u8; 20] {
     let mut serial = [0u8; 20];
     // ThreadRng: ChaCha12 seeded and periodically reseeded from the OS, a CSPRNG in user space.
