@@ -136,6 +136,69 @@ async fn a_cell_panic_answers_its_callers_at_once_and_the_cell_is_replaced() {
     Arc::try_unwrap(server).ok().expect("no other owner").stop().await;
 }
 
+/// A caller that is gone by the time its write-ahead record commits (here its cell crashed while a
+/// held SQLite write lock kept the commit waiting) gets nothing signed, and the record is marked
+/// abandoned as soon as it is committed — by the Store's worker, not seconds later by the
+/// resumer's sweep of orphaned records (which takes only records older than the longest deadline
+/// plus 5 s). Judged with raw SQL.
+#[actix_rt::test]
+async fn a_record_committed_after_its_caller_is_gone_is_abandoned_at_once() {
+    let db = TestDb::sqlite();
+    let config = dev_config(&db);
+    assert_eq!(config.database.pools.issuance.max_size, 1, "one store worker");
+    // What the resumer's sweep waits for before it abandons an orphaned record.
+    let sweep_horizon =
+        config.lanes.interactive.max_deadline.max(config.lanes.background.max_deadline) + Duration::from_secs(5);
+    assert!(sweep_horizon > Duration::from_secs(10), "the sweep cannot be what abandons it below");
+    let server = Arc::new(TestServer::start(config).await);
+    let warm = answer_of(server.issue(DEMO_KEY, "tls-server-p256", &csr(Key::P256, &["warm.example.test"]))).await;
+    assert_eq!(warm.status, 201, "{warm:?}");
+
+    let mut lock = sql::RawConn::open(&db);
+    lock.execute("BEGIN IMMEDIATE;");
+    let call = {
+        let (server, csr) = (server.clone(), csr(Key::P256, &["gone.example.test"]));
+        actix_rt::spawn(async move { answer_of(server.issue(DEMO_KEY, "tls-server-p256", &csr)).await })
+    };
+    // The worker holds the record's batch, waiting for the lock.
+    let started = Instant::now();
+    loop {
+        let status = server.engine.admin_status().await.expect("admin status");
+        if status.store.is_some_and(|s| s.batches_in_flight == 1) {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(1), "the worker never took the record");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    server.engine.crash_cell("ica-p256").unwrap();
+    let gone = call.await.unwrap();
+    assert!(gone.is_503("ca-unavailable"), "{gone:?}");
+    assert!(
+        sql::certificates(&db).iter().all(|r| !r.names("gone.example.test")),
+        "the record is not committed while the lock is held"
+    );
+
+    lock.execute("COMMIT;");
+    let released = Instant::now();
+    let states = |db: &TestDb| -> Vec<String> {
+        sql::certificates(db).into_iter().filter(|r| r.names("gone.example.test")).map(|r| r.state).collect()
+    };
+    let abandoned_after = loop {
+        let now = states(&db);
+        if now == ["abandoned"] {
+            break released.elapsed();
+        }
+        assert!(now.is_empty() || now == ["signing"], "never signed, never issued: {now:?}");
+        assert!(released.elapsed() < Duration::from_secs(2), "still {now:?} 2 s after the commit");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    eprintln!("abandoned {abandoned_after:?} after the lock was released (the sweep: {sweep_horizon:?})");
+    // Nothing signs it later either.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(states(&db), ["abandoned"]);
+    Arc::try_unwrap(server).ok().expect("no other owner").stop().await;
+}
+
 /// Five restarts a minute, then no more: the sixth crash leaves the CA's cell down — the
 /// client gets `503 ca-unavailable` for as long as four times the slowest replacement seen,
 /// the admin status shows the cell down with 5 restarts, `/readyz` counts one CA fewer, and the
