@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::db::schema::audit_log;
 use crate::db::DbConn;
 use crate::error::DbError;
-use crate::with_conn;
+use crate::{with_conn, write_transaction};
 
 /// The `prev_hash` of a chain's first row.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -114,10 +114,7 @@ pub fn seal_backlog(conn: &mut DbConn, instance: &str) -> Result<Option<Head>, D
 /// Seal up to [`SEAL_BATCH`] of this instance's unsealed rows (oldest id first) onto its chain,
 /// in one transaction: how many, and the chain's head after it (`None` if still empty).
 pub fn seal(conn: &mut DbConn, instance: &str) -> Result<(i64, Option<Head>), DbError> {
-    with_conn!(conn, |c| c.transaction(|c| {
-        // Write first: on SQLite this takes the write lock (waiting out busy_timeout) before the
-        // transaction reads, so a Store commit in between cannot make the seal fail at once.
-        diesel::update(audit_log::table.filter(audit_log::id.eq(-1))).set(audit_log::seq.eq(None::<i64>)).execute(c)?;
+    write_transaction!(conn, |c| {
         let last: Option<(Option<i64>, Option<String>)> = audit_log::table
             .filter(audit_log::instance.eq(instance).and(audit_log::seq.is_not_null()))
             .order(audit_log::seq.desc())
@@ -158,7 +155,7 @@ pub fn seal(conn: &mut DbConn, instance: &str) -> Result<(i64, Option<Head>), Db
             .execute(c)?;
         }
         Ok::<_, DbError>((seq - first_seq, (seq > 0).then(|| Head { instance: instance.to_string(), seq, hash: prev })))
-    }))
+    })
 }
 
 /// Append a head to the checkpoint file (JSON lines, one per seal that moved the head; the last

@@ -22,7 +22,7 @@ use crate::db::DbPool;
 use crate::error::{DbError, EngineError};
 use crate::metrics::Metrics;
 use crate::pki::now_ms;
-use crate::with_conn;
+use crate::write_transaction;
 
 /// After a single event arrives, wait this long for others before writing (admin actions come
 /// in bursts; their rows should still appear within a moment).
@@ -361,12 +361,12 @@ fn aggregate_row(instance: &str, r: RefusalCount) -> NewAuditRow {
 }
 
 fn insert(conn: &mut crate::db::DbConn, rows: &[NewAuditRow]) -> Result<(), DbError> {
-    with_conn!(conn, |c| c.transaction(|c| {
+    write_transaction!(conn, |c| {
         for chunk in rows.chunks(500) {
             diesel::insert_into(audit_log::table).values(chunk).execute(c)?;
         }
         Ok::<_, DbError>(())
-    }))
+    })
 }
 
 impl Actor for AuditWriter {

@@ -5,6 +5,7 @@
 //! Pools are bulkheads (issuance, control, status, admin, audit): each has its own budget, timeouts and
 //! metrics, so a saturated issuance path cannot starve health checks or the admin console.
 
+pub mod gate;
 pub mod holds;
 pub mod identities;
 pub mod migrate;
@@ -83,7 +84,8 @@ impl StrayConnection {
 }
 
 pub enum DbConn {
-    Sqlite(PooledConnection<ConnectionManager<SqliteConnection>>),
+    /// With the turn its write transactions take at the file's write lock ([`gate`]).
+    Sqlite(PooledConnection<ConnectionManager<SqliteConnection>>, gate::WriteTurn),
     Postgres(PooledConnection<ConnectionManager<PgConnection>>),
 }
 
@@ -92,7 +94,7 @@ pub enum DbConn {
 macro_rules! with_conn {
     ($conn:expr, |$c:ident| $body:expr) => {
         match $conn {
-            $crate::db::DbConn::Sqlite(pooled) => {
+            $crate::db::DbConn::Sqlite(pooled, _) => {
                 let $c: &mut diesel::SqliteConnection = &mut *pooled;
                 $body
             }
@@ -104,9 +106,32 @@ macro_rules! with_conn {
     };
 }
 
+/// A write transaction, the same code on either backend: `write_transaction!(conn, |c| ...)`,
+/// the body returning `Result<T, E>` with `E: From<diesel::result::Error>`. On SQLite it first
+/// takes the process's turn at the file's write lock ([`gate`]), then `BEGIN IMMEDIATE` (the
+/// lock from the start: a transaction that read first and then upgraded could fail at once).
+#[macro_export]
+macro_rules! write_transaction {
+    ($conn:expr, |$c:ident| $body:expr) => {
+        match $conn {
+            $crate::db::DbConn::Sqlite(pooled, turn) => match turn.take() {
+                Ok(_turn) => {
+                    let conn: &mut diesel::SqliteConnection = &mut *pooled;
+                    conn.immediate_transaction(|$c| $body)
+                }
+                Err(busy) => Err(From::from(busy)),
+            },
+            $crate::db::DbConn::Postgres(pooled) => {
+                let conn: &mut diesel::PgConnection = &mut *pooled;
+                diesel::Connection::transaction(conn, |$c| $body)
+            }
+        }
+    };
+}
+
 #[derive(Clone)]
 enum PoolInner {
-    Sqlite(Pool<ConnectionManager<SqliteConnection>>),
+    Sqlite(Pool<ConnectionManager<SqliteConnection>>, gate::WriteTurn),
     Postgres(Pool<ConnectionManager<PgConnection>>),
 }
 
@@ -245,6 +270,7 @@ impl DbPool {
                 builder!()
                     .connection_customizer(Box::new(customizer))
                     .build_unchecked(ConnectionManager::new(sqlite_path(&db.url))),
+                gate::WriteTurn::new(sqlite_path(&db.url), db.busy_timeout),
             ),
             Backend::Postgres => PoolInner::Postgres(
                 builder!()
@@ -257,7 +283,7 @@ impl DbPool {
 
     pub fn backend(&self) -> Backend {
         match self.inner {
-            PoolInner::Sqlite(_) => Backend::Sqlite,
+            PoolInner::Sqlite(..) => Backend::Sqlite,
             PoolInner::Postgres(_) => Backend::Postgres,
         }
     }
@@ -266,7 +292,7 @@ impl DbPool {
     /// The hold is registered with the current span, so a long one names its holder.
     pub fn get(&self) -> Result<holds::Held, DbError> {
         let conn = match &self.inner {
-            PoolInner::Sqlite(p) => p.get().map(DbConn::Sqlite),
+            PoolInner::Sqlite(p, turn) => p.get().map(|c| DbConn::Sqlite(c, turn.clone())),
             PoolInner::Postgres(p) => p.get().map(DbConn::Postgres),
         }
         .map_err(|e| DbError::Pool(e.to_string()))?;
@@ -275,7 +301,7 @@ impl DbPool {
 
     pub fn state(&self) -> r2d2::State {
         match &self.inner {
-            PoolInner::Sqlite(p) => p.state(),
+            PoolInner::Sqlite(p, _) => p.state(),
             PoolInner::Postgres(p) => p.state(),
         }
     }

@@ -9,11 +9,11 @@ use super::writes::{WriteOp, WriteOutcome};
 use super::DbConn;
 use crate::error::DbError;
 use crate::states::{CaState, CertState, ProfileState, RequestMode, RequestState};
-use crate::with_conn;
+use crate::{with_conn, write_transaction};
 
 /// Apply a batch in one transaction (one commit, one fsync on SQLite).
 pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcome>, DbError> {
-    with_conn!(conn, |c| c.transaction(|c| {
+    write_transaction!(conn, |c| {
         let mut outcomes = vec![WriteOutcome::Done; ops.len()];
         let mut ahead = Vec::new();
         let mut audit = Vec::new();
@@ -111,7 +111,7 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
         }
         c.insert_rows(&audit)?;
         Ok(outcomes)
-    }))
+    })
 }
 
 /// Insert a batch's rows of one table. SQLite: a statement per row, prepared once and kept by
@@ -326,7 +326,7 @@ pub fn claim_requests(
     if rows.is_empty() {
         return Ok(rows);
     }
-    Ok(with_conn!(conn, |c| c.transaction(|c| {
+    Ok(write_transaction!(conn, |c| {
         let mut won = Vec::new();
         for row in rows {
             let n = diesel::update(
@@ -346,7 +346,7 @@ pub fn claim_requests(
             }
         }
         diesel::QueryResult::Ok(won)
-    }))?)
+    })?)
 }
 
 /// Pending asynchronous requests whose claim has lapsed (oldest first).
@@ -400,7 +400,7 @@ pub fn ensure_registry_rows(
     profile_rows: &[(String, String, ProfileState)],
     now: i64,
 ) -> Result<(), DbError> {
-    with_conn!(conn, |c| c.transaction(|c| {
+    write_transaction!(conn, |c| {
         let mut added = 0;
         for (id, state) in ca_rows {
             added += diesel::insert_into(cas::table)
@@ -427,7 +427,7 @@ pub fn ensure_registry_rows(
                 .execute(c)?;
         }
         diesel::QueryResult::Ok(())
-    }))?;
+    })?;
     Ok(())
 }
 
@@ -566,7 +566,7 @@ macro_rules! set_state_fn {
         pub fn $name(conn: &mut DbConn, id: &str, state: $state, change: &StateChange) -> Result<Option<i64>, DbError> {
             let state = state.as_str();
             let audit = change.audit(concat!($kind, ".state"), id, state);
-            let outcome = with_conn!(conn, |c| c.transaction(|c| {
+            let outcome = write_transaction!(conn, |c| {
                 // Conditional in the database itself, so no instance (one that has not heard of the
                 // change yet, or a concurrent call) can take a row out of its final state.
                 let changed = diesel::update(
@@ -585,7 +585,7 @@ macro_rules! set_state_fn {
                 diesel::insert_into(audit_log::table).values(&audit).execute(c)?;
                 c.notify_registry(version)?;
                 diesel::QueryResult::Ok(Ok(Some(version)))
-            }))?;
+            })?;
             outcome.map_err(|()| DbError::FinalState(format!("{} {id:?} is {FINAL_STATE}: that state is final", $kind)))
         }
     };

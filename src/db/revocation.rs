@@ -11,7 +11,7 @@ use super::schema::{audit_log, certificates, crl_shards};
 use super::DbConn;
 use crate::error::DbError;
 use crate::states::CertState;
-use crate::with_conn;
+use crate::{with_conn, write_transaction};
 
 /// A certificate's revocation as stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,7 +75,7 @@ pub fn revoke(
         (Some(owner), Revoker::Owner(asker)) if owner != asker => return Ok(None),
         _ => {}
     }
-    Ok(with_conn!(conn, |c| c.transaction(|c| {
+    Ok(write_transaction!(conn, |c| {
         // The change first, conditional on `issued` (and the owner): of two concurrent
         // revocations exactly one changes the row, and the other reads the first one's.
         let target = certificates::table.find(serial).filter(certificates::state.eq(CertState::Issued));
@@ -116,7 +116,7 @@ pub fn revoke(
                 reason: reason.unwrap_or_default(),
             })),
         })
-    }))?)
+    })?)
 }
 
 /// Revoke up to `limit` issued certificates of `ca` in one transaction (a CA's whole population
@@ -132,7 +132,7 @@ pub fn revoke_chunk_of_ca(
     limit: i64,
     audit: impl Fn(usize) -> NewAuditEvent,
 ) -> Result<usize, DbError> {
-    Ok(with_conn!(conn, |c| c.transaction(|c| {
+    Ok(write_transaction!(conn, |c| {
         let issued = diesel::alias!(certificates as issued);
         let chunk = issued
             .filter(issued.field(certificates::ca_id).eq(ca))
@@ -154,7 +154,7 @@ pub fn revoke_chunk_of_ca(
         }
         diesel::insert_into(audit_log::table).values(&audit(changed)).execute(c)?;
         Ok(changed)
-    }))?)
+    })?)
 }
 
 /// Make sure every shard of `ca` below `shards` has a row (so the generator makes its CRL,
@@ -239,7 +239,7 @@ pub struct NewCrl<'a> {
 
 /// Store a CRL and release the lease. False if it was not stored (lease lost, or a later CRL).
 pub fn store_crl(conn: &mut DbConn, crl: &NewCrl<'_>) -> Result<bool, DbError> {
-    let stored = with_conn!(conn, |c| c.transaction(|c| {
+    let stored = write_transaction!(conn, |c| {
         let stored = diesel::update(
             crl_shards::table
                 .find((crl.ca, crl.shard))
@@ -261,7 +261,7 @@ pub fn store_crl(conn: &mut DbConn, crl: &NewCrl<'_>) -> Result<bool, DbError> {
                 .execute(c)?;
         }
         diesel::result::QueryResult::Ok(stored == 1)
-    }))?;
+    })?;
     Ok(stored)
 }
 
