@@ -9,11 +9,13 @@
 //! a waiter is woken the moment the turn is free, and the lock's eventual fairness hands the turn
 //! to a waiter rather than back to the thread that just released it.
 //!
-//! Writers in other processes (`castellum` subcommands, an operator's `sqlite3`) and the
-//! single-statement writes outside a transaction still meet SQLite's busy handler.
+//! Every write of the engine goes through `write_transaction!`, single statements included: one
+//! left outside would wait in the busy handler while the gated writers hand the lock to each
+//! other. Writers in other processes (`castellum` subcommands, an operator's `sqlite3`) still
+//! meet SQLite's busy handler.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, LazyLock, Weak};
 use std::time::Duration;
 
@@ -31,7 +33,7 @@ static GATES: LazyLock<std::sync::Mutex<HashMap<PathBuf, Weak<WriteGate>>>> = La
 impl WriteGate {
     /// The gate of the SQLite file at `path`.
     pub fn of_file(path: &str) -> Arc<WriteGate> {
-        let key = std::fs::canonicalize(path).unwrap_or_else(|_| PathBuf::from(path));
+        let key = file_key(Path::new(path));
         let mut gates = GATES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         gates.retain(|_, gate| gate.strong_count() > 0);
         if let Some(gate) = gates.get(&key).and_then(Weak::upgrade) {
@@ -52,6 +54,19 @@ impl WriteGate {
                 Box::new(format!("database is locked: no turn at the write lock within {} ms", wait.as_millis())),
             )
         })
+    }
+}
+
+/// The same key for every spelling of one file's path (relative, absolute, through `..`), before
+/// and after the file exists: its directory made absolute, and its name.
+fn file_key(path: &Path) -> PathBuf {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    match (std::fs::canonicalize(dir), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => path.to_path_buf(),
     }
 }
 
@@ -106,9 +121,9 @@ mod tests {
         let path = dir.path().join("gate.db").display().to_string();
         let url = format!("sqlite://{path}");
         crate::db::migrate::run(&url).expect("migrated");
-        let (busy, other) = (pool(&url, Duration::from_secs(2)), pool(&url, Duration::from_millis(300)));
         let mut raw = <diesel::SqliteConnection as diesel::Connection>::establish(&path).unwrap();
-        raw.batch_execute("CREATE TABLE t (x INTEGER)").unwrap();
+        raw.batch_execute("PRAGMA busy_timeout = 5000; CREATE TABLE t (x INTEGER)").unwrap();
+        let (busy, other) = (pool(&url, Duration::from_secs(2)), pool(&url, Duration::from_millis(300)));
 
         let stop = Arc::new(AtomicBool::new(false));
         let hammer = {
@@ -146,6 +161,11 @@ mod tests {
         let path = dir.path().join("gate.db").display().to_string();
         let gate = WriteGate::of_file(&path);
         assert!(Arc::ptr_eq(&gate, &WriteGate::of_file(&path)), "one gate per file");
+        let roundabout = dir.path().join("sub").join("..").join("gate.db");
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        assert!(Arc::ptr_eq(&gate, &WriteGate::of_file(&roundabout.display().to_string())), "whatever the spelling");
+        let other = WriteGate::of_file(&dir.path().join("other.db").display().to_string());
+        assert!(!Arc::ptr_eq(&gate, &other), "another file, another gate");
         let _held = gate.enter(Duration::from_secs(1)).unwrap();
         let refused = gate.enter(Duration::from_millis(20)).map(|_| ()).unwrap_err();
         assert!(matches!(EngineError::from(DbError::from(refused)), EngineError::DatabaseUnavailable));

@@ -10,7 +10,7 @@ use super::writes::{IdentityUse, WriteOutcome};
 use super::DbConn;
 use crate::error::DbError;
 use crate::states::IdentityState;
-use crate::with_conn;
+use crate::{with_conn, write_transaction};
 
 /// Why an identity was destroyed, as stored and audited.
 pub mod destroy_reason {
@@ -55,15 +55,13 @@ pub(super) trait IdentityOps {
     /// Destroy one active identity; 1 if this call destroyed it, 0 if it was not active.
     fn destroy_identity(&mut self, id: &str, at: i64, reason: &str) -> QueryResult<usize>;
 
-    /// The sweep, in one write transaction: destroy up to `limit` expired identities, in id
-    /// order, auditing each one this call destroyed.
+    /// The sweep, inside the caller's write transaction: destroy up to `limit` expired
+    /// identities, in id order, auditing each one this call destroyed.
     fn destroy_expired(&mut self, now: i64, instance: &str, limit: i64) -> QueryResult<usize>;
 }
 
 macro_rules! identity_ops {
-    // `$write_transaction`: SQLite's must take the write lock up front (a read transaction
-    // upgraded to a write fails at once when another connection wrote in between).
-    ($conn:ty, $write_transaction:ident) => {
+    ($conn:ty) => {
         impl IdentityOps for $conn {
             fn use_identity(
                 &mut self,
@@ -163,41 +161,40 @@ macro_rules! identity_ops {
             }
 
             fn destroy_expired(&mut self, now: i64, instance: &str, limit: i64) -> QueryResult<usize> {
-                self.$write_transaction(|c| {
-                    let expired: Vec<(String, String)> = identities::table
-                        .filter(identities::state.eq(IdentityState::Active))
-                        .filter(identities::expires_at.le(now))
-                        .order(identities::id.asc())
-                        .limit(limit)
-                        .select((identities::id, identities::client))
-                        .load(c)?;
-                    let mut events = Vec::new();
-                    for (id, client) in &expired {
-                        // Another instance's sweep, or a last use, may have got there first.
-                        if c.destroy_identity(id, now, destroy_reason::EXPIRED)? == 1 {
-                            events.push(audit_event(
-                                now,
-                                instance,
-                                "castellum",
-                                "identity.destroy",
-                                id,
-                                destroy_reason::EXPIRED,
-                                format!("client={client}"),
-                            ));
-                        }
+                let c = self;
+                let expired: Vec<(String, String)> = identities::table
+                    .filter(identities::state.eq(IdentityState::Active))
+                    .filter(identities::expires_at.le(now))
+                    .order(identities::id.asc())
+                    .limit(limit)
+                    .select((identities::id, identities::client))
+                    .load(c)?;
+                let mut events = Vec::new();
+                for (id, client) in &expired {
+                    // Another instance's sweep, or a last use, may have got there first.
+                    if c.destroy_identity(id, now, destroy_reason::EXPIRED)? == 1 {
+                        events.push(audit_event(
+                            now,
+                            instance,
+                            "castellum",
+                            "identity.destroy",
+                            id,
+                            destroy_reason::EXPIRED,
+                            format!("client={client}"),
+                        ));
                     }
-                    if !events.is_empty() {
-                        diesel::insert_into(audit_log::table).values(&events).execute(c)?;
-                    }
-                    Ok(events.len())
-                })
+                }
+                if !events.is_empty() {
+                    diesel::insert_into(audit_log::table).values(&events).execute(c)?;
+                }
+                Ok(events.len())
             }
         }
     };
 }
 
-identity_ops!(diesel::SqliteConnection, immediate_transaction);
-identity_ops!(diesel::PgConnection, transaction);
+identity_ops!(diesel::SqliteConnection);
+identity_ops!(diesel::PgConnection);
 
 pub fn load_identity(conn: &mut DbConn, id: &str) -> Result<Option<IdentityRow>, DbError> {
     Ok(with_conn!(conn, |c| identities::table.find(id).select(IdentityRow::as_select()).first(c).optional())?)
@@ -214,5 +211,5 @@ pub fn load_identity_by_serial(conn: &mut DbConn, serial: &str) -> Result<Option
 /// The sweep: destroy up to `limit` identities past their expiry, each audited, in one
 /// transaction. Returns how many this call destroyed.
 pub fn destroy_expired(conn: &mut DbConn, now: i64, instance: &str, limit: i64) -> Result<usize, DbError> {
-    Ok(with_conn!(conn, |c| c.destroy_expired(now, instance, limit))?)
+    Ok(write_transaction!(conn, |c| c.destroy_expired(now, instance, limit))?)
 }

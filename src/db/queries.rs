@@ -267,7 +267,7 @@ pub fn claim_request(
     from_states: &[RequestState],
 ) -> Result<bool, DbError> {
     let states: Vec<String> = from_states.iter().map(|s| s.to_string()).collect();
-    let n = with_conn!(conn, |c| diesel::update(
+    let n = write_transaction!(conn, |c| diesel::update(
         requests::table
             .filter(requests::id.eq(id))
             .filter(requests::state.eq_any(&states))
@@ -299,7 +299,7 @@ pub fn retake_request(
     let over = requests::state.eq(RequestState::Retryable).or(requests::state
         .eq_any([RequestState::Pending, RequestState::Expired])
         .and(requests::expires_at.lt(expired_before)));
-    let n = with_conn!(conn, |c| diesel::update(
+    let n = write_transaction!(conn, |c| diesel::update(
         requests::table.filter(requests::id.eq(id)).filter(requests::mode.eq(RequestMode::Sync)).filter(over)
     )
     .set((
@@ -363,7 +363,7 @@ pub fn claimable_requests(conn: &mut DbConn, now: i64, limit: i64) -> Result<Vec
 
 /// Mark pending requests past their expiry as expired; they are never signed.
 pub fn expire_requests(conn: &mut DbConn, now: i64) -> Result<usize, DbError> {
-    Ok(with_conn!(conn, |c| diesel::update(
+    Ok(write_transaction!(conn, |c| diesel::update(
         requests::table
             .filter(requests::state.eq_any([RequestState::Pending, RequestState::Parked]))
             .filter(requests::expires_at.lt(now))
@@ -375,7 +375,7 @@ pub fn expire_requests(conn: &mut DbConn, now: i64) -> Result<usize, DbError> {
 /// Write-ahead records a crash left in `signing` that can no longer be signed (older than the
 /// longest deadline: the signer refuses anything past its deadline) are marked abandoned.
 pub fn abandon_stale_signing(conn: &mut DbConn, created_before: i64) -> Result<usize, DbError> {
-    Ok(with_conn!(conn, |c| diesel::update(
+    Ok(write_transaction!(conn, |c| diesel::update(
         certificates::table
             .filter(certificates::state.eq(CertState::Signing))
             .filter(certificates::created_at.lt(created_before))
@@ -386,7 +386,7 @@ pub fn abandon_stale_signing(conn: &mut DbConn, created_before: i64) -> Result<u
 
 /// On a clean shutdown: give back the claims this instance holds so others need not wait.
 pub fn release_claims(conn: &mut DbConn, instance: &str) -> Result<usize, DbError> {
-    Ok(with_conn!(conn, |c| diesel::update(
+    Ok(write_transaction!(conn, |c| diesel::update(
         requests::table.filter(requests::claimed_by.eq(instance)).filter(requests::state.eq(RequestState::Pending))
     )
     .set((requests::claimed_by.eq(None::<String>), requests::claimed_until.eq(None::<i64>)))
@@ -460,7 +460,7 @@ pub fn heartbeat(
     version: i64,
     now: i64,
 ) -> Result<(), DbError> {
-    with_conn!(conn, |c| diesel::insert_into(instances::table)
+    write_transaction!(conn, |c| diesel::insert_into(instances::table)
         .values((
             instances::id.eq(instance),
             instances::started_at.eq(started_at),
@@ -477,7 +477,9 @@ pub fn heartbeat(
 
 /// Publish this instance's actor tree for every console of the cluster.
 pub fn publish_tree(conn: &mut DbConn, instance: &str, tree: &str) -> Result<(), DbError> {
-    with_conn!(conn, |c| diesel::update(instances::table.find(instance)).set(instances::tree.eq(tree)).execute(c))?;
+    write_transaction!(conn, |c| diesel::update(instances::table.find(instance))
+        .set(instances::tree.eq(tree))
+        .execute(c))?;
     Ok(())
 }
 

@@ -162,7 +162,10 @@ pub fn revoke_chunk_of_ca(
 pub fn ensure_shards(conn: &mut DbConn, ca: &str, shards: u32) -> Result<(), DbError> {
     let rows: Vec<_> =
         (0..shards as i32).map(|shard| (crl_shards::ca_id.eq(ca), crl_shards::shard.eq(shard))).collect();
-    with_conn!(conn, |c| diesel::insert_into(crl_shards::table).values(&rows).on_conflict_do_nothing().execute(c))?;
+    write_transaction!(conn, |c| diesel::insert_into(crl_shards::table)
+        .values(&rows)
+        .on_conflict_do_nothing()
+        .execute(c))?;
     Ok(())
 }
 
@@ -183,7 +186,7 @@ pub fn revoked_counts(conn: &mut DbConn, now: i64) -> Result<Vec<(String, i64)>,
 
 /// Take the lease to generate a shard's CRL: free, expired, or already ours. True if taken.
 pub fn take_lease(conn: &mut DbConn, ca: &str, shard: i32, me: &str, now: i64, until: i64) -> Result<bool, DbError> {
-    let taken = with_conn!(conn, |c| diesel::update(crl_shards::table.find((ca, shard)).filter(
+    let taken = write_transaction!(conn, |c| diesel::update(crl_shards::table.find((ca, shard)).filter(
         crl_shards::lease_owner.is_null().or(crl_shards::lease_owner.eq(me)).or(crl_shards::lease_until.lt(now))
     ))
     .set((crl_shards::lease_owner.eq(me), crl_shards::lease_until.eq(until)))
