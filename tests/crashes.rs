@@ -161,15 +161,7 @@ async fn a_record_committed_after_its_caller_is_gone_is_abandoned_at_once() {
         actix_rt::spawn(async move { answer_of(server.issue(DEMO_KEY, "tls-server-p256", &csr)).await })
     };
     // The worker holds the record's batch, waiting for the lock.
-    let started = Instant::now();
-    loop {
-        let status = server.engine.admin_status().await.expect("admin status");
-        if status.store.is_some_and(|s| s.batches_in_flight == 1) {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(1), "the worker never took the record");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_the_store_commits_a_batch(&server).await;
     server.engine.crash_cell("ica-p256").unwrap();
     let gone = call.await.unwrap();
     assert!(gone.is_503("ca-unavailable"), "{gone:?}");

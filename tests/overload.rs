@@ -98,15 +98,7 @@ async fn a_full_store_answers_store_overloaded_and_stores_nothing() {
     // The first caller's write-ahead record goes alone, and the others only once the worker holds
     // it: sent together, two could be waiting before the worker takes the first.
     let mut calls = vec![call(&names[0])];
-    let first_sent = Instant::now();
-    loop {
-        let status = server.engine.admin_status().await.expect("admin status");
-        if status.store.is_some_and(|s| s.batches_in_flight == 1) {
-            break;
-        }
-        assert!(first_sent.elapsed() < Duration::from_secs(1), "the worker never took the first write");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    until_the_store_commits_a_batch(&server).await;
     calls.extend(names[1..].iter().map(call));
     // Hold the lock until the refusals are in (or 1.5 s, below the engine's 2 s busy_timeout).
     let locked_at = Instant::now();

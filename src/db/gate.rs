@@ -22,39 +22,21 @@ use std::time::Duration;
 use diesel::result::{DatabaseErrorKind, Error};
 use parking_lot::{Mutex, MutexGuard};
 
-/// The turn at one SQLite file's write lock, shared by every pool of the process on that file.
-pub struct WriteGate {
-    turn: Mutex<()>,
-}
+/// One lock per SQLite file, shared by every pool of the process on that file: engines in one
+/// process on different files (tests) do not wait for each other.
+static GATES: LazyLock<std::sync::Mutex<HashMap<PathBuf, Weak<Mutex<()>>>>> = LazyLock::new(Default::default);
 
-/// Gates by file: engines in one process on different files (tests) do not wait for each other.
-static GATES: LazyLock<std::sync::Mutex<HashMap<PathBuf, Weak<WriteGate>>>> = LazyLock::new(Default::default);
-
-impl WriteGate {
-    /// The gate of the SQLite file at `path`.
-    pub fn of_file(path: &str) -> Arc<WriteGate> {
-        let key = file_key(Path::new(path));
-        let mut gates = GATES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        gates.retain(|_, gate| gate.strong_count() > 0);
-        if let Some(gate) = gates.get(&key).and_then(Weak::upgrade) {
-            return gate;
-        }
-        let gate = Arc::new(WriteGate { turn: Mutex::new(()) });
-        gates.insert(key, Arc::downgrade(&gate));
-        gate
+/// The lock of the SQLite file at `path`.
+fn gate_of_file(path: &str) -> Arc<Mutex<()>> {
+    let key = file_key(Path::new(path));
+    let mut gates = GATES.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    gates.retain(|_, gate| gate.strong_count() > 0);
+    if let Some(gate) = gates.get(&key).and_then(Weak::upgrade) {
+        return gate;
     }
-
-    /// Wait at most `wait` (the database's `busy_timeout`) for the turn. Not having it in time
-    /// is the error SQLite itself gives a writer whose `busy_timeout` ran out, so callers treat
-    /// it as they always did: the database is unavailable for now.
-    pub fn enter(&self, wait: Duration) -> Result<MutexGuard<'_, ()>, Error> {
-        self.turn.try_lock_for(wait).ok_or_else(|| {
-            Error::DatabaseError(
-                DatabaseErrorKind::Unknown,
-                Box::new(format!("database is locked: no turn at the write lock within {} ms", wait.as_millis())),
-            )
-        })
-    }
+    let gate = Arc::new(Mutex::new(()));
+    gates.insert(key, Arc::downgrade(&gate));
+    gate
 }
 
 /// The same key for every spelling of one file's path (relative, absolute, through `..`), before
@@ -70,20 +52,29 @@ fn file_key(path: &Path) -> PathBuf {
     }
 }
 
-/// A connection's way to its file's gate: the gate, and how long to wait for a turn.
+/// A connection's way to its file's write lock: the file's gate, and how long to wait for a turn
+/// (the database's `busy_timeout`).
 #[derive(Clone)]
 pub struct WriteTurn {
-    gate: Arc<WriteGate>,
+    gate: Arc<Mutex<()>>,
     wait: Duration,
 }
 
 impl WriteTurn {
     pub fn new(path: &str, wait: Duration) -> WriteTurn {
-        WriteTurn { gate: WriteGate::of_file(path), wait }
+        WriteTurn { gate: gate_of_file(path), wait }
     }
 
+    /// The turn, held until the guard is dropped. Not having it in time is the error SQLite
+    /// itself gives a writer whose `busy_timeout` ran out, so callers treat it as they always
+    /// did: the database is unavailable for now.
     pub fn take(&self) -> Result<MutexGuard<'_, ()>, Error> {
-        self.gate.enter(self.wait)
+        self.gate.try_lock_for(self.wait).ok_or_else(|| {
+            Error::DatabaseError(
+                DatabaseErrorKind::Unknown,
+                Box::new(format!("database is locked: no turn at the write lock within {} ms", self.wait.as_millis())),
+            )
+        })
     }
 }
 
@@ -159,15 +150,17 @@ mod tests {
     fn no_turn_in_time_is_database_unavailable() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gate.db").display().to_string();
-        let gate = WriteGate::of_file(&path);
-        assert!(Arc::ptr_eq(&gate, &WriteGate::of_file(&path)), "one gate per file");
+        let (holder, waiter) =
+            (WriteTurn::new(&path, Duration::from_secs(1)), WriteTurn::new(&path, Duration::from_millis(20)));
+        assert!(Arc::ptr_eq(&holder.gate, &waiter.gate), "one gate per file");
         let roundabout = dir.path().join("sub").join("..").join("gate.db");
         std::fs::create_dir(dir.path().join("sub")).unwrap();
-        assert!(Arc::ptr_eq(&gate, &WriteGate::of_file(&roundabout.display().to_string())), "whatever the spelling");
-        let other = WriteGate::of_file(&dir.path().join("other.db").display().to_string());
-        assert!(!Arc::ptr_eq(&gate, &other), "another file, another gate");
-        let _held = gate.enter(Duration::from_secs(1)).unwrap();
-        let refused = gate.enter(Duration::from_millis(20)).map(|_| ()).unwrap_err();
+        let roundabout = WriteTurn::new(&roundabout.display().to_string(), Duration::ZERO);
+        assert!(Arc::ptr_eq(&holder.gate, &roundabout.gate), "whatever the spelling");
+        let other = WriteTurn::new(&dir.path().join("other.db").display().to_string(), Duration::ZERO);
+        assert!(!Arc::ptr_eq(&holder.gate, &other.gate), "another file, another gate");
+        let _held = holder.take().unwrap();
+        let refused = waiter.take().map(|_| ()).unwrap_err();
         assert!(matches!(EngineError::from(DbError::from(refused)), EngineError::DatabaseUnavailable));
     }
 }

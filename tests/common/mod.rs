@@ -542,6 +542,20 @@ pub async fn admin_status(server: &TestServer) -> serde_json::Value {
         .unwrap()
 }
 
+/// Wait (at most 1 s) until the Store's worker has taken a batch and is committing it: with a
+/// test holding the database's write lock, what was written before stays in that batch.
+pub async fn until_the_store_commits_a_batch(server: &TestServer) {
+    let started = std::time::Instant::now();
+    loop {
+        let status = server.engine.admin_status().await.expect("admin status");
+        if status.store.is_some_and(|s| s.batches_in_flight == 1) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(1), "the Store's worker never took the write");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 pub mod sql;
 
 impl TestDb {
