@@ -37,4 +37,4 @@ pub mod types;
 pub use config::Config;
 pub use engine::{Engine, StartError};
 pub use error::EngineError;
-pub use types::{Accepted, CertificateRecord, Client, IssueRequest, IssuedCertificate, RequestStatus};
+pub use types::{Accepted, CertificateRecord, Chain, Client, IssueRequest, IssuedCertificate, RequestStatus};

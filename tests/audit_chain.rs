@@ -228,3 +228,51 @@ async fn a_running_engine_sees_its_chain_tampered_with() {
     }
     server.stop().await;
 }
+
+/// Sealing on PostgreSQL (one `UPDATE … FROM unnest(…)` per batch; SQLite writes a prepared
+/// statement per row): a backlog of two batches and more is sealed in one round, each row
+/// linked to the one before in SQL's own reading (seq 1 … n in id order, every `prev_hash` the
+/// previous row's `hash`, the first the genesis), the chain verifies, and a row changed through
+/// SQL afterwards is named.
+#[test]
+fn a_backlog_is_sealed_on_postgresql_row_after_row() {
+    let db = TestDb::postgres();
+    castellum::db::migrate::run(&db.url).expect("migrated");
+    let rows = 2 * 250 + 7;
+    sql::execute(
+        &db,
+        &format!(
+            "INSERT INTO audit_log (at, instance, actor, action, target, outcome, detail) \
+             SELECT n, 'me', 'a', 'ca.state', 't' || n, 'ok', '' FROM generate_series(1, {rows}) AS n"
+        ),
+    );
+    let config = castellum::config::DatabaseConfig { url: db.url.clone(), ..Default::default() };
+    let metrics = std::sync::Arc::new(castellum::metrics::Metrics::new());
+    let pool = castellum::db::DbPool::build(&config, &Default::default(), "audit", metrics).unwrap();
+    let mut conn = pool.get().unwrap();
+    let head = chain::seal_backlog(&mut conn, "me").unwrap().expect("a head");
+    assert_eq!(head.seq, rows);
+
+    let out_of_order = sql::count(
+        &db,
+        "SELECT count(*) AS n FROM (SELECT seq, row_number() OVER (ORDER BY id) AS expected FROM audit_log) r \
+         WHERE seq IS DISTINCT FROM expected",
+    );
+    assert_eq!(out_of_order, 0, "seq counts 1 … n in the order the rows were written");
+    let unlinked = sql::count(
+        &db,
+        "SELECT count(*) AS n FROM audit_log a LEFT JOIN audit_log p ON p.seq = a.seq - 1 \
+         WHERE a.prev_hash IS DISTINCT FROM COALESCE(p.hash, repeat('0', 64)) OR length(a.hash) <> 64",
+    );
+    assert_eq!(unlinked, 0, "every row's prev_hash is the hash of the row before it");
+    let reports = chain::verify(&mut conn, &Default::default()).unwrap();
+    assert_eq!((reports[0].verified, reports[0].unsealed, reports[0].fault.clone()), (rows, 0, None));
+
+    sql::execute(&db, "UPDATE audit_log SET detail = 'rewritten' WHERE seq = 300");
+    let reports = chain::verify(&mut conn, &Default::default()).unwrap();
+    assert!(
+        matches!(reports[0].fault, Some(ChainFault::Changed { seq: 300, .. })),
+        "the changed row is named: {:?}",
+        reports[0].fault
+    );
+}

@@ -402,7 +402,7 @@ impl Engine {
         })
     }
 
-    fn chain_of(&self, ca: &str) -> Vec<String> {
+    fn chain_of(&self, ca: &str) -> crate::types::Chain {
         self.inner.catalog.cas.get(ca).map(|m| m.chain_pem.clone()).unwrap_or_default()
     }
 

@@ -119,11 +119,24 @@ pub async fn observe(
                 method = %request.method(),
                 route = observed.routes.template(route),
                 status = status.as_u16(),
-                duration_ms = took.as_secs_f64() * 1000.0,
-                peer = %request.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default(),
+                duration_ms = took.as_micros() as f64 / 1000.0,
+                peer = %Peer(request.peer_addr()),
                 "request"
             );
         }
     }
     Ok(response)
+}
+
+/// A peer's IP address for the access line, formatted into the line itself (no `String` per
+/// request); empty when the connection has none (a Unix socket).
+struct Peer(Option<std::net::SocketAddr>);
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => addr.ip().fmt(f),
+            None => Ok(()),
+        }
+    }
 }

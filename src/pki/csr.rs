@@ -264,9 +264,9 @@ impl Sha2 {
 
     fn digest(self, data: &[u8]) -> Vec<u8> {
         match self {
-            Sha2::Sha256 => openssl::sha::sha256(data).to_vec(),
-            Sha2::Sha384 => openssl::sha::sha384(data).to_vec(),
-            Sha2::Sha512 => openssl::sha::sha512(data).to_vec(),
+            Sha2::Sha256 => super::sha256(data).to_vec(),
+            Sha2::Sha384 => super::sha384(data).to_vec(),
+            Sha2::Sha512 => super::sha512(data).to_vec(),
         }
     }
 }

@@ -267,9 +267,9 @@ fn software_signature(
     // ECDSA straight on the curve key: `EVP_DigestSignInit` looks its algorithms up again (a
     // locked fetch) for every signature (2% of the engine's CPU at c=64 in a profile).
     let digest = match algorithm {
-        SignatureAlgorithm::EcdsaSha256 => Some(openssl::sha::sha256(data).to_vec()),
-        SignatureAlgorithm::EcdsaSha384 => Some(openssl::sha::sha384(data).to_vec()),
-        SignatureAlgorithm::EcdsaSha512 => Some(openssl::sha::sha512(data).to_vec()),
+        SignatureAlgorithm::EcdsaSha256 => Some(super::sha256(data).to_vec()),
+        SignatureAlgorithm::EcdsaSha384 => Some(super::sha384(data).to_vec()),
+        SignatureAlgorithm::EcdsaSha512 => Some(super::sha512(data).to_vec()),
         SignatureAlgorithm::RsaSha256 | SignatureAlgorithm::RsaPssSha256 | SignatureAlgorithm::Ed25519 => None,
     };
     if let Some(digest) = digest {

@@ -192,7 +192,7 @@ pub fn prepare(
     let signature = AlgorithmIdentifierOwned::from_der(ca.signature_algorithm.algorithm_identifier_der())
         .map_err(internal("signature algorithm"))?;
 
-    let ski = openssl::sha::sha1(spki.subject_public_key.raw_bytes());
+    let ski = super::sha1(spki.subject_public_key.raw_bytes());
     let sans = names.sans.iter().map(general_name).collect::<Result<Vec<_>, _>>()?;
     let mut extensions = vec![
         extension(&BasicConstraints { ca: false, path_len_constraint: None }, true)?,
