@@ -9,10 +9,11 @@
 #   benches/instructions.sh ./target/release/castellum 16 15s
 #
 # The engine runs ~50 times slower under callgrind; the load is the bench's, against 127.0.0.1,
-# for DURATION after a 1 s warm-up, and stops by itself. Counting starts 5 s after the engine
-# answers: start-up, migrations, key loading and the identity key pool's first fill are not
-# counted. An issuance is a call to `castellum::pki::tbs::prepare` (one per certificate built).
-# Needs valgrind (apt-get install valgrind) and python3. The bench driver is
+# for DURATION (whole seconds, at least `10s`) after a 1 s warm-up, and stops by itself. The
+# window counted starts 5 s after the engine's first access line for `/v1/certificates` (so
+# start-up, migrations, key loading, the identity key pool's first fill and the first CRLs are
+# not counted) and is dumped 1 s before the level ends. An issuance is a call to `castellum::pki::tbs::prepare` (one per
+# certificate built). Needs valgrind (apt-get install valgrind) and python3. The bench driver is
 # ./target/release/castellum unless BENCH is set.
 set -euo pipefail
 ENGINE=$(realpath "$1"); CONCURRENCY=${2:-16}; DURATION=${3:-15s}
@@ -27,18 +28,28 @@ chmod +x "$DIR/engine.sh"
 "$BENCH" bench --engine "$DIR/engine.sh" --out "$DIR" --duration "$DURATION" --concurrency "$CONCURRENCY" \
   --idle-connections 0 > "$DIR/bench.txt" 2>&1 &
 bench=$!
+log() { cat "$DIR"/bench-*/engine/engine.log 2>/dev/null || true; }
+fail() { echo "$1; see $DIR" >&2; kill "$bench" 2>/dev/null || true; exit 1; }
 engine=""
 for _ in $(seq 1 600); do
+  kill -0 "$bench" 2>/dev/null || fail "the bench stopped before its load began"
   engine=$(pgrep -f "valgrind.*$DIR/callgrind.out" | head -1 || true)
-  [ -n "$engine" ] && grep -qs '/readyz' "$DIR"/bench-*/engine/engine.log && break
+  [ -n "$engine" ] && log | grep -q '/v1/certificates' && break
   sleep 0.5
 done
-[ -n "$engine" ] || { echo "the engine did not start; see $DIR" >&2; kill "$bench" 2>/dev/null; exit 1; }
-# The first seconds after start-up still fill the identity key pool, slowly under valgrind.
+[ -n "$engine" ] || fail "the engine did not start"
+# Counting starts 5 s into the load (what start-up left running, under valgrind's slowness:
+# the identity key pool's fill, the first CRLs, must not be counted) and stops 1 s before the
+# level ends.
+[ "${DURATION%s}" -ge 10 ] || fail "DURATION must be at least 10s"
 sleep 5
-callgrind_control --instr=on "$engine" > /dev/null
+callgrind_control --instr=on "$engine" > /dev/null || fail "callgrind_control could not reach the engine"
+sleep $(( ${DURATION%s} - 5 ))
+callgrind_control --dump=window "$engine" > /dev/null || fail "callgrind_control could not dump the window"
 wait "$bench" || { cat "$DIR/bench.txt" >&2; exit 1; }
-python3 - "$DIR"/callgrind.out.* <<'PY'
+window=$(ls "$DIR"/callgrind.out.*.1 2>/dev/null | head -1)
+[ -n "$window" ] || fail "no dump of the counted window"
+python3 - "$window" <<'PY'
 import re, sys
 names, total, issued, into_prepare = {}, 0, 0, False
 for line in open(sys.argv[1], errors="replace"):
@@ -48,7 +59,7 @@ for line in open(sys.argv[1], errors="replace"):
     if called:
         if called.group(2):
             names[called.group(1)] = called.group(2)
-        into_prepare = "castellum::pki::tbs::prepare" in names.get(called.group(1), "")
+        into_prepare = names.get(called.group(1), "").split("'")[0] == "castellum::pki::tbs::prepare"
         continue
     named = re.match(r"fn=\((\d+)\) (.*)", line)
     if named:

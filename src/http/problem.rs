@@ -84,18 +84,11 @@ impl ResponseError for Problem {
 /// and formats every error twice into it (and, as a feature turned off in Cargo.toml, logs an
 /// event for each). Here a request's span holds its method and route, then its status and problem
 /// slug (a `&'static str`): a storm of refusals costs a small span each and logs nothing.
-///
-/// The span is at DEBUG: at the default level nothing would show it but the access line, which
-/// carries its method and route itself, and the fields it records at the end are written after
-/// that line. An enabled span is formatted when it opens and again at each `record`, entered and
-/// left at every poll of the request: at INFO that was ~5% of an issuance's CPU at c=64
-/// (docs/PERFORMANCE.md). An event inside the handler still has the `issue` span's client,
-/// profile and CA around it.
 pub struct RequestSpan;
 
 impl tracing_actix_web::RootSpanBuilder for RequestSpan {
     fn on_request_start(request: &actix_web::dev::ServiceRequest) -> tracing::Span {
-        tracing::debug_span!(
+        tracing::info_span!(
             "request",
             method = %request.method(),
             route = request.match_pattern().as_deref().unwrap_or("(no route)"),

@@ -27,7 +27,7 @@ use x509_cert::serial_number::SerialNumber;
 use x509_cert::spki::{AlgorithmIdentifierOwned, SubjectPublicKeyInfoOwned};
 use x509_cert::time::{Time, Validity};
 
-use super::ca::CaMaterial;
+use super::ca::{CaMaterial, CaTbsParts};
 use super::csr::{CheckedCsr, SanName};
 use super::profile::{ApprovedNames, Profile};
 use super::vocabulary::{ExtendedKeyUsageName, KeyType, KeyUsageName};
@@ -188,16 +188,12 @@ pub fn prepare(
     } else {
         subject_name(names)?
     };
-    let issuer = Name::from_der(&ca.subject_der).map_err(internal("issuer"))?;
-    let signature = AlgorithmIdentifierOwned::from_der(ca.signature_algorithm.algorithm_identifier_der())
-        .map_err(internal("signature algorithm"))?;
+    let parts = ca_parts(ca)?;
 
     let ski = super::sha1(spki.subject_public_key.raw_bytes());
     let sans = names.sans.iter().map(general_name).collect::<Result<Vec<_>, _>>()?;
-    let mut extensions = vec![
-        extension(&BasicConstraints { ca: false, path_len_constraint: None }, true)?,
-        extension(&key_usage_flags(profile, csr.key_type), true)?,
-    ];
+    let mut extensions =
+        vec![end_entity_basic_constraints()?, extension(&key_usage_flags(profile, csr.key_type), true)?];
     if !profile.extended_key_usage.is_empty() {
         let ekus = profile.extended_key_usage.iter().map(|e| eku_oid(*e)).collect();
         extensions.push(extension(&ExtendedKeyUsage(ekus), false)?);
@@ -206,27 +202,12 @@ pub fn prepare(
         extensions
             .push(extension(&SubjectKeyIdentifier(OctetString::new(ski.to_vec()).map_err(internal("SKI"))?), false)?);
     }
-    extensions.push(extension(
-        &AuthorityKeyIdentifier {
-            key_identifier: Some(OctetString::new(ca.subject_key_id.clone()).map_err(internal("AKI"))?),
-            authority_cert_issuer: None,
-            authority_cert_serial_number: None,
-        },
-        false,
-    )?);
-    if let (Some(crl), Some(ca_issuers)) = (ca.crl_url(crl_shard), ca.ca_issuers_url()) {
-        let point = DistributionPoint {
-            distribution_point: Some(DistributionPointName::FullName(vec![uri(&crl)?])),
-            reasons: None,
-            crl_issuer: None,
-        };
-        extensions.push(extension(&CrlDistributionPoints(vec![point]), false)?);
-        let mut access = Vec::new();
-        if let Some(ocsp) = ca.ocsp_url() {
-            access.push(AccessDescription { access_method: oids::ID_AD_OCSP, access_location: uri(&ocsp)? });
-        }
-        access.push(AccessDescription { access_method: oids::ID_AD_CA_ISSUERS, access_location: uri(&ca_issuers)? });
-        extensions.push(extension(&AuthorityInfoAccessSyntax(access), false)?);
+    extensions.push(parts.authority_key_id.clone());
+    if let (Some(crl), Some(access)) =
+        (parts.crl_distribution_points.get(crl_shard as usize), &parts.authority_info_access)
+    {
+        extensions.push(crl.clone());
+        extensions.push(access.clone());
     }
     if profile.ocsp_no_check {
         let no_check = Extension {
@@ -254,8 +235,8 @@ pub fn prepare(
     let tbs = TbsCertificate {
         version: Version::V3,
         serial_number: SerialNumber::new(&serial).map_err(internal("serial"))?,
-        signature,
-        issuer,
+        signature: parts.signature.clone(),
+        issuer: parts.issuer.clone(),
         validity: Validity { not_before: rfc5280_time(not_before)?, not_after: rfc5280_time(not_after)? },
         subject,
         subject_public_key_info: spki,
@@ -271,6 +252,59 @@ pub fn prepare(
         not_before_ms: super::unix_ms(not_before),
         not_after_ms: super::unix_ms(not_after),
     })
+}
+
+/// BasicConstraints of every certificate castellum issues: not a CA.
+fn end_entity_basic_constraints() -> Result<Extension, EngineError> {
+    static ENCODED: std::sync::OnceLock<Extension> = std::sync::OnceLock::new();
+    if let Some(done) = ENCODED.get() {
+        return Ok(done.clone());
+    }
+    let made = extension(&BasicConstraints { ca: false, path_len_constraint: None }, true)?;
+    Ok(ENCODED.get_or_init(|| made).clone())
+}
+
+/// The CA's share of every TBS it builds, made at its first certificate and kept on it.
+fn ca_parts(ca: &CaMaterial) -> Result<&CaTbsParts, EngineError> {
+    if let Some(parts) = ca.tbs_parts.get() {
+        return Ok(parts);
+    }
+    let authority_key_id = extension(
+        &AuthorityKeyIdentifier {
+            key_identifier: Some(OctetString::new(ca.subject_key_id.clone()).map_err(internal("AKI"))?),
+            authority_cert_issuer: None,
+            authority_cert_serial_number: None,
+        },
+        false,
+    )?;
+    let (mut crl_distribution_points, mut authority_info_access) = (Vec::new(), None);
+    if let Some(ca_issuers) = ca.ca_issuers_url() {
+        for shard in 0..ca.crl_shards {
+            let Some(crl) = ca.crl_url(shard) else { break };
+            let point = DistributionPoint {
+                distribution_point: Some(DistributionPointName::FullName(vec![uri(&crl)?])),
+                reasons: None,
+                crl_issuer: None,
+            };
+            crl_distribution_points.push(extension(&CrlDistributionPoints(vec![point]), false)?);
+        }
+        let mut access = Vec::new();
+        if let Some(ocsp) = ca.ocsp_url() {
+            access.push(AccessDescription { access_method: oids::ID_AD_OCSP, access_location: uri(&ocsp)? });
+        }
+        access.push(AccessDescription { access_method: oids::ID_AD_CA_ISSUERS, access_location: uri(&ca_issuers)? });
+        authority_info_access = Some(extension(&AuthorityInfoAccessSyntax(access), false)?);
+    }
+    let parts = CaTbsParts {
+        issuer: Name::from_der(&ca.subject_der).map_err(internal("issuer"))?,
+        signature: AlgorithmIdentifierOwned::from_der(ca.signature_algorithm.algorithm_identifier_der())
+            .map_err(internal("signature algorithm"))?,
+        authority_key_id,
+        crl_distribution_points,
+        authority_info_access,
+    };
+    // Two threads may both make them the first time; either's are the same.
+    Ok(ca.tbs_parts.get_or_init(|| parts))
 }
 
 /// The last look before the key is used: properties every certificate castellum issues must
