@@ -38,7 +38,7 @@ pub struct CaMaterial {
     /// The chain ends in the development root.
     pub is_dev: bool,
     /// PEM of this CA's certificate followed by the chain (what clients get as `chain`).
-    pub chain_pem: crate::types::Chain,
+    pub chain_pem: super::chain::Chain,
     /// Where relying parties reach this CA's CRLs and certificate (`CaConfig::base_url`).
     pub base_url: Option<String>,
     pub crl_shards: u32,
@@ -173,7 +173,7 @@ impl CaMaterial {
             subject_key_id,
             not_after,
             is_dev,
-            chain_pem: crate::types::Chain::new(chain_pem),
+            chain_pem: super::chain::Chain::new(chain_pem),
             base_url: cfg.base_url.clone(),
             crl_shards: cfg.crl_shards.max(1),
             ocsp: cfg.ocsp.is_some(),

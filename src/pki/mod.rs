@@ -2,6 +2,7 @@
 //! to-be-signed certificate, linting it, and signing it (Boulder's lint-then-sign).
 
 pub mod ca;
+pub mod chain;
 pub mod crl;
 pub mod csr;
 pub mod devpki;
