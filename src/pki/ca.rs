@@ -52,6 +52,8 @@ pub struct CaMaterial {
 /// The parts of a TBS that depend on the CA alone: parsed and encoded once instead of for every
 /// certificate (~19,000 instructions an issuance, docs/PERFORMANCE.md).
 pub struct CaTbsParts {
+    /// Not a CA: the same in every certificate castellum issues.
+    pub basic_constraints: x509_cert::ext::Extension,
     pub issuer: x509_cert::name::Name,
     pub signature: x509_cert::spki::AlgorithmIdentifierOwned,
     pub authority_key_id: x509_cert::ext::Extension,

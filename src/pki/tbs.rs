@@ -193,7 +193,7 @@ pub fn prepare(
     let ski = super::sha1(spki.subject_public_key.raw_bytes());
     let sans = names.sans.iter().map(general_name).collect::<Result<Vec<_>, _>>()?;
     let mut extensions =
-        vec![end_entity_basic_constraints()?, extension(&key_usage_flags(profile, csr.key_type), true)?];
+        vec![parts.basic_constraints.clone(), extension(&key_usage_flags(profile, csr.key_type), true)?];
     if !profile.extended_key_usage.is_empty() {
         let ekus = profile.extended_key_usage.iter().map(|e| eku_oid(*e)).collect();
         extensions.push(extension(&ExtendedKeyUsage(ekus), false)?);
@@ -254,16 +254,6 @@ pub fn prepare(
     })
 }
 
-/// BasicConstraints of every certificate castellum issues: not a CA.
-fn end_entity_basic_constraints() -> Result<Extension, EngineError> {
-    static ENCODED: std::sync::OnceLock<Extension> = std::sync::OnceLock::new();
-    if let Some(done) = ENCODED.get() {
-        return Ok(done.clone());
-    }
-    let made = extension(&BasicConstraints { ca: false, path_len_constraint: None }, true)?;
-    Ok(ENCODED.get_or_init(|| made).clone())
-}
-
 /// The CA's share of every TBS it builds, made at its first certificate and kept on it.
 fn ca_parts(ca: &CaMaterial) -> Result<&CaTbsParts, EngineError> {
     if let Some(parts) = ca.tbs_parts.get() {
@@ -279,8 +269,7 @@ fn ca_parts(ca: &CaMaterial) -> Result<&CaTbsParts, EngineError> {
     )?;
     let (mut crl_distribution_points, mut authority_info_access) = (Vec::new(), None);
     if let Some(ca_issuers) = ca.ca_issuers_url() {
-        for shard in 0..ca.crl_shards {
-            let Some(crl) = ca.crl_url(shard) else { break };
+        for crl in (0..ca.crl_shards).filter_map(|shard| ca.crl_url(shard)) {
             let point = DistributionPoint {
                 distribution_point: Some(DistributionPointName::FullName(vec![uri(&crl)?])),
                 reasons: None,
@@ -296,6 +285,7 @@ fn ca_parts(ca: &CaMaterial) -> Result<&CaTbsParts, EngineError> {
         authority_info_access = Some(extension(&AuthorityInfoAccessSyntax(access), false)?);
     }
     let parts = CaTbsParts {
+        basic_constraints: extension(&BasicConstraints { ca: false, path_len_constraint: None }, true)?,
         issuer: Name::from_der(&ca.subject_der).map_err(internal("issuer"))?,
         signature: AlgorithmIdentifierOwned::from_der(ca.signature_algorithm.algorithm_identifier_der())
             .map_err(internal("signature algorithm"))?,
