@@ -10,6 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use castellum::audit::chain::{self, ChainFault, ChainReport};
+use castellum::db::audit::AuditEntry;
 use common::*;
 
 /// An engine's audit log with a sealed chain of at least 8 rows (levers, issuances, refusals),
@@ -110,7 +111,7 @@ async fn every_tampering_is_named_at_its_row() {
         prev_hash: Some(prev.clone()),
         hash: None,
     };
-    let hash = chain::link_hash(&prev, 3, &forged);
+    let hash = chain::link_hash(&prev, 3, &forged.fields());
     let insert = format!(
         "INSERT INTO audit_log (at, instance, actor, action, target, outcome, detail, count, seq, prev_hash, hash) \
          VALUES (1, '{}', 'mallory', 'ca.state', 'ica-p256', 'ok', 'enabled', 1, 3, '{prev}', '{hash}')",
@@ -275,4 +276,98 @@ fn a_backlog_is_sealed_on_postgresql_row_after_row() {
         "the changed row is named: {:?}",
         reports[0].fault
     );
+}
+
+/// Every writer appends audit rows with `db::audit::AppendAudit`, inside its own write
+/// transaction. On SQLite they are sealed as they are inserted (the transaction holds the one
+/// write lock, so the head cannot move under it): each instance's rows are linked at once, across
+/// transactions, beside an older row left unsealed (a database from before), which the writer's
+/// seal then puts after them; SQL's own reading of the links and the verification agree, and a
+/// row changed afterwards is named. On PostgreSQL the same rows are inserted unsealed, in one
+/// statement, and the writer's seal links them.
+fn appended_rows_are_chained(db: &TestDb, sealed_at_insert: bool) {
+    use castellum::db::audit::{AppendAudit, GENESIS};
+    use castellum::db::models::NewAuditRow;
+    castellum::db::migrate::run(&db.url).expect("migrated");
+    sql::execute(
+        db,
+        "INSERT INTO audit_log (at, instance, actor, action, target, outcome, detail) \
+         VALUES (1, 'me', 'castellum', 'ca.state', 'old', 'ok', 'written before rows were sealed at insert')",
+    );
+    let row = |instance: &str, target: &str, count: i64| NewAuditRow {
+        at: 2,
+        instance: instance.into(),
+        actor: "demo".into(),
+        action: "certificate.issue".into(),
+        target: target.into(),
+        outcome: "ok".into(),
+        detail: format!("{target} of {instance}"),
+        count,
+        first_at: (count > 1).then_some(1),
+    };
+    let config = castellum::config::DatabaseConfig { url: db.url.clone(), ..Default::default() };
+    let metrics = std::sync::Arc::new(castellum::metrics::Metrics::new());
+    let pool = castellum::db::DbPool::build(&config, &Default::default(), "audit", metrics).unwrap();
+    let mut conn = pool.get().unwrap();
+    let first = [row("me", "a", 1), row("other", "x", 1), row("me", "b", 7), row("me", "c", 1)];
+    let second = [row("me", "d", 1), row("me", "e", 1)];
+    for rows in [&first[..], &second[..]] {
+        castellum::write_transaction!(&mut *conn, |c| c.append_audit(rows).map_err(castellum::error::DbError::from))
+            .expect("appended");
+    }
+
+    let sealed = |instance: &str| {
+        sql::count(
+            db,
+            &format!("SELECT count(*) AS n FROM audit_log WHERE instance = '{instance}' AND seq IS NOT NULL"),
+        )
+    };
+    if sealed_at_insert {
+        assert_eq!((sealed("me"), sealed("other")), (5, 1), "sealed as they were inserted");
+        let order = sql::count(
+            db,
+            "SELECT count(*) AS n FROM audit_log WHERE instance = 'me' AND target IN ('a', 'b', 'c', 'd', 'e') \
+             AND seq = (SELECT count(*) FROM audit_log o WHERE o.instance = 'me' AND o.id <= audit_log.id \
+                        AND o.target <> 'old')",
+        );
+        assert_eq!(order, 5, "seq counts 1 … 5 in the order the rows were written");
+    } else {
+        assert_eq!((sealed("me"), sealed("other")), (0, 0), "left for the writer's seal");
+    }
+    let head = chain::seal_backlog(&mut conn, "me").unwrap().expect("a head");
+    assert_eq!(head.seq, 6);
+    chain::seal_backlog(&mut conn, "other").unwrap().expect("a head");
+    if sealed_at_insert {
+        let old = sql::count(db, "SELECT seq AS n FROM audit_log WHERE target = 'old'");
+        assert_eq!(old, 6, "the older unsealed row goes after the rows sealed at insert");
+    }
+    let unlinked = sql::count(
+        db,
+        &format!(
+            "SELECT count(*) AS n FROM audit_log a LEFT JOIN audit_log p ON p.instance = a.instance AND p.seq = a.seq - 1 \
+             WHERE a.seq IS NULL OR a.prev_hash IS DISTINCT FROM COALESCE(p.hash, '{GENESIS}') OR length(a.hash) <> 64"
+        ),
+    );
+    assert_eq!(unlinked, 0, "every row's prev_hash is the hash of the row before it on its instance's chain");
+    let reports = chain::verify(&mut conn, &Default::default()).unwrap();
+    let summary: Vec<_> =
+        reports.iter().map(|r| (r.instance.as_str(), r.verified, r.unsealed, r.fault.clone())).collect();
+    assert_eq!(summary, [("me", 6, 0, None), ("other", 1, 0, None)]);
+
+    // Sealed at insert, `b` is the second link; sealed by the writer, in id order, the third.
+    let b = sql::count(db, "SELECT seq AS n FROM audit_log WHERE target = 'b'");
+    assert_eq!(b, if sealed_at_insert { 2 } else { 3 });
+    sql::execute(db, "UPDATE audit_log SET detail = 'rewritten' WHERE target = 'b'");
+    let reports = chain::verify(&mut conn, &Default::default()).unwrap();
+    assert!(matches!(reports[0].fault, Some(ChainFault::Changed { seq, .. }) if seq == b), "{:?}", reports[0].fault);
+}
+
+#[test]
+fn audit_rows_are_sealed_as_they_are_inserted_on_sqlite() {
+    appended_rows_are_chained(&TestDb::sqlite(), true);
+}
+
+#[test]
+fn audit_rows_are_inserted_unsealed_on_postgresql_and_sealed_by_the_writer() {
+    appended_rows_are_chained(&TestDb::postgres(), false);
 }

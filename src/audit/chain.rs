@@ -1,10 +1,11 @@
-//! The audit log's hash chain. Each instance's rows are sealed, in the order its audit writer
-//! finds them committed, into a chain: `seq` counts from 1, `prev_hash` is the previous row's
-//! `hash`, and `hash` = SHA-256 over `prev_hash` and the row's canonical encoding. A row changed,
-//! deleted, inserted or reordered after sealing breaks the chain where it happened; a tail
-//! deleted (or the whole chain rewritten) is caught against the heads checkpointed outside the
-//! database. Rows are sealed at most one writer interval after they are committed; until then
-//! they are only as safe as the database.
+//! The audit log's hash chain. Each instance's rows form a chain: `seq` counts from 1,
+//! `prev_hash` is the previous row's `hash`, and `hash` = SHA-256 over `prev_hash` and the row's
+//! canonical encoding (`db::audit::link_hash`). A row changed, deleted, inserted or reordered
+//! after sealing breaks the chain where it happened; a tail deleted (or the whole chain
+//! rewritten) is caught against the heads checkpointed outside the database. On SQLite rows are
+//! sealed as they are inserted (`db::audit`); on PostgreSQL, and for any row left unsealed, the
+//! audit writer seals them here, in id order, at most a second after they are committed; until
+//! then they are only as safe as the database.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -13,13 +14,12 @@ use std::path::Path;
 use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::db::audit::{is_link_hash, AuditEntry, AuditFields};
+pub use crate::db::audit::{link_hash, GENESIS};
 use crate::db::schema::audit_log;
 use crate::db::DbConn;
 use crate::error::DbError;
 use crate::{with_conn, write_transaction};
-
-/// The `prev_hash` of a chain's first row.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
 /// Rows sealed per transaction, and transactions per round (100,000 rows a round: a writer
 /// interval of 10 s keeps up with 10,000 audit rows a second). Small transactions, with a pause
@@ -51,31 +51,20 @@ pub struct ChainRow {
     pub hash: Option<String>,
 }
 
-/// The hash of the row at `seq` after `prev_hash`: every field length-prefixed, so no two
-/// different rows encode alike. The row's database `id` is not covered (it is not the chain's
-/// order, and a restore may renumber it).
-pub fn link_hash(prev_hash: &str, seq: i64, row: &ChainRow) -> String {
-    let mut h = openssl::sha::Sha256::new();
-    let first_at = row.first_at.map(|t| t.to_string()).unwrap_or_default();
-    let (seq, at, counted) = (seq.to_string(), row.at.to_string(), format!("{}|{first_at}", row.count));
-    let fields: [&[u8]; 11] = [
-        b"castellum-audit-v1",
-        prev_hash.as_bytes(),
-        seq.as_bytes(),
-        row.instance.as_bytes(),
-        at.as_bytes(),
-        row.actor.as_bytes(),
-        row.action.as_bytes(),
-        row.target.as_bytes(),
-        row.outcome.as_bytes(),
-        row.detail.as_bytes(),
-        counted.as_bytes(),
-    ];
-    for field in fields {
-        h.update(&(field.len() as u64).to_be_bytes());
-        h.update(field);
+impl AuditEntry for ChainRow {
+    fn fields(&self) -> AuditFields<'_> {
+        AuditFields {
+            at: self.at,
+            instance: &self.instance,
+            actor: &self.actor,
+            action: &self.action,
+            target: &self.target,
+            outcome: &self.outcome,
+            detail: &self.detail,
+            count: self.count,
+            first_at: self.first_at,
+        }
     }
-    hex::encode(h.finish())
 }
 
 /// The newest sealed row of an instance's chain.
@@ -126,7 +115,7 @@ pub fn seal(conn: &mut DbConn, instance: &str) -> Result<(i64, Option<Head>), Db
             _ => (0, GENESIS.to_string()),
         };
         // The head's hash is the next row's `prev_hash`: it must be what a seal writes.
-        if prev.len() != 64 || !prev.bytes().all(|b| b.is_ascii_hexdigit()) {
+        if !is_link_hash(&prev) {
             return Err(DbError::Pool(format!("the audit chain's head (seq {seq}) has no valid hash: not sealing")));
         }
         let first_seq = seq;
@@ -139,7 +128,7 @@ pub fn seal(conn: &mut DbConn, instance: &str) -> Result<(i64, Option<Head>), Db
         let mut links = Vec::with_capacity(rows.len());
         for row in &rows {
             seq += 1;
-            let hash = link_hash(&prev, seq, row);
+            let hash = link_hash(&prev, seq, &row.fields());
             links.push(Link { id: row.id, seq, prev_hash: std::mem::replace(&mut prev, hash.clone()), hash });
         }
         c.write_links(&links)?;
@@ -248,7 +237,7 @@ pub fn verify_instance(
                 report.fault = Some(ChainFault::NotLinked { id: row.id, seq, prev_seq: seq - 1 });
                 break 'pages;
             }
-            let hash = link_hash(&prev, seq, &row);
+            let hash = link_hash(&prev, seq, &row.fields());
             if row.hash.as_deref() != Some(hash.as_str()) {
                 report.fault = Some(ChainFault::Changed { id: row.id, seq });
                 break 'pages;

@@ -10,14 +10,13 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use arc_swap::ArcSwapOption;
-use diesel::prelude::*;
 
 use super::chain::{self, Head, Verification};
 use super::ledger::{Action, RefusalCount, RefusalLedger};
 use super::recent::{ca_of, CaRefusals, RecentRefusals, SAMPLE_EVERY};
 use crate::config::AuditConfig;
+use crate::db::audit::AppendAudit;
 use crate::db::models::{NewAuditEvent, NewAuditRow};
-use crate::db::schema::audit_log;
 use crate::db::DbPool;
 use crate::error::{DbError, EngineError};
 use crate::metrics::Metrics;
@@ -362,9 +361,7 @@ fn aggregate_row(instance: &str, r: RefusalCount) -> NewAuditRow {
 
 fn insert(conn: &mut crate::db::DbConn, rows: &[NewAuditRow]) -> Result<(), DbError> {
     write_transaction!(conn, |c| {
-        for chunk in rows.chunks(500) {
-            diesel::insert_into(audit_log::table).values(chunk).execute(c)?;
-        }
+        c.append_audit(rows)?;
         Ok::<_, DbError>(())
     })
 }
@@ -449,6 +446,8 @@ impl Handler<Flush> for AuditWriter {
 mod tests {
     use super::*;
     use crate::config::{DatabaseConfig, PoolConfig};
+    use crate::db::schema::audit_log;
+    use diesel::prelude::*;
 
     /// A writer on a fresh SQLite file; the file's URL for reading back.
     fn writer(dir: &tempfile::TempDir, interval: Duration, max_pending: usize) -> (AuditLog, String, Arc<Metrics>) {

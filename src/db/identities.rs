@@ -4,8 +4,9 @@
 
 use diesel::prelude::*;
 
+use super::audit::AppendAudit;
 use super::models::{IdentityRow, NewAuditEvent};
-use super::schema::{audit_log, identities};
+use super::schema::identities;
 use super::writes::{IdentityUse, WriteOutcome};
 use super::DbConn;
 use crate::error::DbError;
@@ -185,7 +186,7 @@ macro_rules! identity_ops {
                     }
                 }
                 if !events.is_empty() {
-                    diesel::insert_into(audit_log::table).values(&events).execute(c)?;
+                    c.append_audit(&events)?;
                 }
                 Ok(events.len())
             }

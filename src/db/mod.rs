@@ -5,6 +5,7 @@
 //! Pools are bulkheads (issuance, control, status, admin, audit): each has its own budget, timeouts and
 //! metrics, so a saturated issuance path cannot starve health checks or the admin console.
 
+pub mod audit;
 pub mod gate;
 pub mod holds;
 pub mod identities;

@@ -2,6 +2,7 @@
 
 use diesel::prelude::*;
 
+use super::audit::AppendAudit;
 use super::identities::IdentityOps;
 use super::models::{AuditEvent, CertificateRow, NewAuditEvent, RequestRow};
 use super::schema::{audit_log, cas, certificates, identities, instances, profiles, registry, requests};
@@ -109,7 +110,7 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                 ))
                 .execute(c)?;
         }
-        c.insert_rows(&audit)?;
+        c.append_audit(&audit)?;
         Ok(outcomes)
     })
 }
@@ -145,7 +146,6 @@ macro_rules! insert_rows {
 }
 
 insert_rows!(CertificateRow, certificates::table);
-insert_rows!(NewAuditEvent, audit_log::table);
 
 /// A certificate signed: its record leaves `signing`.
 struct Issued<'a> {
@@ -584,7 +584,7 @@ macro_rules! set_state_fn {
                     .set(registry::version.eq(registry::version + 1i64))
                     .execute(c)?;
                 let version = registry::table.select(registry::version).first::<i64>(c)?;
-                diesel::insert_into(audit_log::table).values(&audit).execute(c)?;
+                c.append_audit(std::slice::from_ref(&audit))?;
                 c.notify_registry(version)?;
                 diesel::QueryResult::Ok(Ok(Some(version)))
             })?;

@@ -6,8 +6,9 @@
 
 use diesel::prelude::*;
 
+use super::audit::AppendAudit;
 use super::models::{CrlShardRow, NewAuditEvent};
-use super::schema::{audit_log, certificates, crl_shards};
+use super::schema::{certificates, crl_shards};
 use super::DbConn;
 use crate::error::DbError;
 use crate::states::CertState;
@@ -106,7 +107,7 @@ pub fn revoke(
         }
         if changed == 1 {
             mark_stale!(c, &ca, shard.unwrap_or(0), revocation.at);
-            diesel::insert_into(audit_log::table).values(audit).execute(c)?;
+            c.append_audit(std::slice::from_ref(audit))?;
             return Ok(Some(RevokeOutcome::Revoked(revocation)));
         }
         diesel::result::QueryResult::Ok(match state {
@@ -152,7 +153,7 @@ pub fn revoke_chunk_of_ca(
         for shard in 0..shards as i32 {
             mark_stale!(c, ca, shard, revocation.at);
         }
-        diesel::insert_into(audit_log::table).values(&audit(changed)).execute(c)?;
+        c.append_audit(&[audit(changed)])?;
         Ok(changed)
     })?)
 }

@@ -1,0 +1,236 @@
+//! Audit rows as every writer inserts them, and the link that seals one onto its instance's hash
+//! chain (`audit::chain` verifies the chain and seals what is left unsealed).
+//!
+//! On SQLite a row is sealed as it is inserted: every write transaction holds the database's one
+//! write lock (`BEGIN IMMEDIATE`), so the chain's head cannot move between reading it and
+//! writing the next link. Sealing later instead cost a second write of every row — read back,
+//! hashed, updated, in a transaction of its own that held the write lock while issuance waited.
+//! On PostgreSQL the Store's workers and the registry of several instances commit concurrently,
+//! and sealing in their transactions would make them queue on the head: rows are inserted
+//! unsealed, in one statement, and the audit writer seals them a moment later.
+
+use diesel::prelude::*;
+
+use super::models::{NewAuditEvent, NewAuditRow};
+use super::schema::audit_log;
+
+/// The `prev_hash` of a chain's first row.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// What the chain covers of a row (its database `id` is not covered: it is not the chain's
+/// order, and a restore may renumber it).
+#[derive(Debug, Clone, Copy)]
+pub struct AuditFields<'a> {
+    pub at: i64,
+    pub instance: &'a str,
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub target: &'a str,
+    pub outcome: &'a str,
+    pub detail: &'a str,
+    pub count: i64,
+    pub first_at: Option<i64>,
+}
+
+/// A row the chain can cover, as written or as read back.
+pub trait AuditEntry {
+    fn fields(&self) -> AuditFields<'_>;
+}
+
+impl AuditEntry for NewAuditEvent {
+    fn fields(&self) -> AuditFields<'_> {
+        AuditFields {
+            at: self.at,
+            instance: &self.instance,
+            actor: &self.actor,
+            action: &self.action,
+            target: &self.target,
+            outcome: &self.outcome,
+            detail: &self.detail,
+            // The columns' defaults: a single event.
+            count: 1,
+            first_at: None,
+        }
+    }
+}
+
+impl AuditEntry for NewAuditRow {
+    fn fields(&self) -> AuditFields<'_> {
+        AuditFields {
+            at: self.at,
+            instance: &self.instance,
+            actor: &self.actor,
+            action: &self.action,
+            target: &self.target,
+            outcome: &self.outcome,
+            detail: &self.detail,
+            count: self.count,
+            first_at: self.first_at,
+        }
+    }
+}
+
+/// The hash of the row at `seq` after `prev_hash`: every field length-prefixed, so no two
+/// different rows encode alike.
+pub fn link_hash(prev_hash: &str, seq: i64, row: &AuditFields<'_>) -> String {
+    let mut h = openssl::sha::Sha256::new();
+    let first_at = row.first_at.map(|t| t.to_string()).unwrap_or_default();
+    let (seq, at, counted) = (seq.to_string(), row.at.to_string(), format!("{}|{first_at}", row.count));
+    let fields: [&[u8]; 11] = [
+        b"castellum-audit-v1",
+        prev_hash.as_bytes(),
+        seq.as_bytes(),
+        row.instance.as_bytes(),
+        at.as_bytes(),
+        row.actor.as_bytes(),
+        row.action.as_bytes(),
+        row.target.as_bytes(),
+        row.outcome.as_bytes(),
+        row.detail.as_bytes(),
+        counted.as_bytes(),
+    ];
+    for field in fields {
+        h.update(&(field.len() as u64).to_be_bytes());
+        h.update(field);
+    }
+    hex::encode(h.finish())
+}
+
+/// Whether a head's hash can be extended: a link must carry what a seal writes (64 hex digits).
+pub fn is_link_hash(hash: &str) -> bool {
+    hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// A row's place on the chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Link {
+    seq: i64,
+    prev_hash: String,
+    hash: String,
+}
+
+/// One row as inserted: sealed (`link`) or not.
+#[derive(Insertable)]
+#[diesel(table_name = audit_log)]
+#[diesel(treat_none_as_default_value = false)]
+struct AuditInsert<'a> {
+    at: i64,
+    instance: &'a str,
+    actor: &'a str,
+    action: &'a str,
+    target: &'a str,
+    outcome: &'a str,
+    detail: &'a str,
+    count: i64,
+    first_at: Option<i64>,
+    seq: Option<i64>,
+    prev_hash: Option<String>,
+    hash: Option<String>,
+}
+
+impl<'a> AuditInsert<'a> {
+    fn new(row: AuditFields<'a>, link: Option<Link>) -> AuditInsert<'a> {
+        let (seq, prev_hash, hash) = match link {
+            Some(Link { seq, prev_hash, hash }) => (Some(seq), Some(prev_hash), Some(hash)),
+            None => (None, None, None),
+        };
+        AuditInsert {
+            at: row.at,
+            instance: row.instance,
+            actor: row.actor,
+            action: row.action,
+            target: row.target,
+            outcome: row.outcome,
+            detail: row.detail,
+            count: row.count,
+            first_at: row.first_at,
+            seq,
+            prev_hash,
+            hash,
+        }
+    }
+}
+
+/// Inserting audit rows, inside the caller's write transaction: sealed onto the chain on
+/// SQLite, unsealed on PostgreSQL (see the module's comment).
+pub trait AppendAudit {
+    fn append_audit<R: AuditEntry>(&mut self, rows: &[R]) -> QueryResult<()>;
+}
+
+impl AppendAudit for diesel::SqliteConnection {
+    fn append_audit<R: AuditEntry>(&mut self, rows: &[R]) -> QueryResult<()> {
+        // The head of the instance the last row belonged to (a transaction's rows are nearly
+        // always one instance's); `None` inside: a head that cannot be extended.
+        let mut head: Option<(&str, Option<(i64, String)>)> = None;
+        for row in rows {
+            let fields = row.fields();
+            if head.as_ref().map(|(instance, _)| *instance) != Some(fields.instance) {
+                head = Some((fields.instance, extendable_head(self, fields.instance)?));
+            }
+            let chain = head.as_mut().and_then(|(_, chain)| chain.as_mut());
+            // A head without a valid hash is not extended: the rows stay unsealed, and the audit
+            // writer's seal (which refuses the same head) and the verification report it.
+            let link = chain.map(|(seq, prev)| {
+                *seq += 1;
+                let hash = link_hash(prev, *seq, &fields);
+                Link { seq: *seq, prev_hash: std::mem::replace(prev, hash.clone()), hash }
+            });
+            // One statement per row, prepared once and kept by diesel.
+            diesel::insert_into(audit_log::table).values(AuditInsert::new(fields, link)).execute(self)?;
+        }
+        Ok(())
+    }
+}
+
+impl AppendAudit for diesel::PgConnection {
+    fn append_audit<R: AuditEntry>(&mut self, rows: &[R]) -> QueryResult<()> {
+        // One statement (one round trip) for all of them; a statement has at most 65,535 binds.
+        let rows: Vec<AuditInsert<'_>> = rows.iter().map(|r| AuditInsert::new(r.fields(), None)).collect();
+        for chunk in rows.chunks(1000) {
+            diesel::insert_into(audit_log::table).values(chunk).execute(self)?;
+        }
+        Ok(())
+    }
+}
+
+/// The newest link of `instance`'s chain — `(0, GENESIS)` for an empty chain — or `None` if its
+/// hash is not one a seal writes.
+fn extendable_head(conn: &mut diesel::SqliteConnection, instance: &str) -> QueryResult<Option<(i64, String)>> {
+    let last: Option<(Option<i64>, Option<String>)> = HeadOf(instance).get_result(conn).optional()?;
+    Ok(match last {
+        None => Some((0, GENESIS.to_string())),
+        Some((Some(seq), Some(hash))) if is_link_hash(&hash) => Some((seq, hash)),
+        Some(_) => None,
+    })
+}
+
+/// `SELECT seq, hash … ORDER BY seq DESC LIMIT 1` with the limit written in the SQL, as a query
+/// diesel keeps prepared (its type is its cache key). diesel binds `.first()`'s limit, and
+/// SQLite (3.53) plans a `LIMIT ?` with the bound value, so a statement whose limit is bound is
+/// prepared again every time it runs: 74k instructions for this one-row read, against ~10k
+/// kept prepared.
+struct HeadOf<'a>(&'a str);
+
+impl diesel::query_builder::QueryId for HeadOf<'_> {
+    type QueryId = HeadOf<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::Query for HeadOf<'_> {
+    type SqlType =
+        (diesel::sql_types::Nullable<diesel::sql_types::BigInt>, diesel::sql_types::Nullable<diesel::sql_types::Text>);
+}
+
+impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for HeadOf<'_> {
+    fn walk_ast<'q>(
+        &'q self,
+        mut out: diesel::query_builder::AstPass<'_, 'q, diesel::sqlite::Sqlite>,
+    ) -> QueryResult<()> {
+        out.push_sql("SELECT seq, hash FROM audit_log WHERE instance = ");
+        out.push_bind_param::<diesel::sql_types::Text, str>(self.0)?;
+        out.push_sql(" AND seq IS NOT NULL ORDER BY seq DESC LIMIT 1");
+        Ok(())
+    }
+}
+
+impl<Conn> RunQueryDsl<Conn> for HeadOf<'_> {}
