@@ -196,7 +196,12 @@ impl AppendAudit for diesel::PgConnection {
 /// The newest link of `instance`'s chain — `(0, GENESIS)` for an empty chain — or `None` if its
 /// hash is not one a seal writes.
 fn extendable_head(conn: &mut diesel::SqliteConnection, instance: &str) -> QueryResult<Option<(i64, String)>> {
-    let last: Option<(Option<i64>, Option<String>)> = HeadOf(instance).get_result(conn).optional()?;
+    let last: Option<(Option<i64>, Option<String>)> = audit_log::table
+        .filter(audit_log::instance.eq(instance).and(audit_log::seq.is_not_null()))
+        .order(audit_log::seq.desc())
+        .select((audit_log::seq, audit_log::hash))
+        .first(conn)
+        .optional()?;
     Ok(match last {
         None => Some((0, GENESIS.to_string())),
         Some((Some(seq), Some(hash))) if is_link_hash(&hash) => Some((seq, hash)),
@@ -204,33 +209,27 @@ fn extendable_head(conn: &mut diesel::SqliteConnection, instance: &str) -> Query
     })
 }
 
-/// `SELECT seq, hash … ORDER BY seq DESC LIMIT 1` with the limit written in the SQL, as a query
-/// diesel keeps prepared (its type is its cache key). diesel binds `.first()`'s limit, and
-/// SQLite (3.53) plans a `LIMIT ?` with the bound value, so a statement whose limit is bound is
-/// prepared again every time it runs: 74k instructions for this one-row read, against ~10k
-/// kept prepared.
-struct HeadOf<'a>(&'a str);
+#[cfg(test)]
+mod tests {
+    use diesel::prelude::*;
+    use diesel::sql_types::BigInt;
 
-impl diesel::query_builder::QueryId for HeadOf<'_> {
-    type QueryId = HeadOf<'static>;
-    const HAS_STATIC_QUERY_ID: bool = true;
-}
+    #[derive(QueryableByName)]
+    struct Count {
+        #[diesel(sql_type = BigInt)]
+        n: i64,
+    }
 
-impl diesel::query_builder::Query for HeadOf<'_> {
-    type SqlType =
-        (diesel::sql_types::Nullable<diesel::sql_types::BigInt>, diesel::sql_types::Nullable<diesel::sql_types::Text>);
-}
-
-impl diesel::query_builder::QueryFragment<diesel::sqlite::Sqlite> for HeadOf<'_> {
-    fn walk_ast<'q>(
-        &'q self,
-        mut out: diesel::query_builder::AstPass<'_, 'q, diesel::sqlite::Sqlite>,
-    ) -> QueryResult<()> {
-        out.push_sql("SELECT seq, hash FROM audit_log WHERE instance = ");
-        out.push_bind_param::<diesel::sql_types::Text, str>(self.0)?;
-        out.push_sql(" AND seq IS NOT NULL ORDER BY seq DESC LIMIT 1");
-        Ok(())
+    /// The chain's head is read with `.first()` on every append; the bundled SQLite must be built
+    /// with its query planner stability guarantee (`.cargo/config.toml`), or a bound `LIMIT` has
+    /// the statement prepared again on every run.
+    #[test]
+    fn the_bundled_sqlite_keeps_its_plans_whatever_is_bound() {
+        let mut conn = diesel::SqliteConnection::establish(":memory:").unwrap();
+        let found: Vec<Count> =
+            diesel::sql_query("SELECT count(*) AS n FROM pragma_compile_options WHERE compile_options = 'ENABLE_QPSG'")
+                .load(&mut conn)
+                .unwrap();
+        assert_eq!(found[0].n, 1, "built without SQLITE_ENABLE_QPSG");
     }
 }
-
-impl<Conn> RunQueryDsl<Conn> for HeadOf<'_> {}
