@@ -349,23 +349,15 @@ impl WriteLinks for diesel::SqliteConnection {
 
 impl WriteLinks for diesel::PgConnection {
     fn write_links(&mut self, links: &[Link]) -> QueryResult<()> {
-        use diesel::sql_types::{Array, BigInt, Text};
         if links.is_empty() {
             return Ok(());
         }
-        let ids: Vec<i64> = links.iter().map(|l| l.id).collect();
-        let seqs: Vec<i64> = links.iter().map(|l| l.seq).collect();
-        let prevs: Vec<&str> = links.iter().map(|l| l.prev_hash.as_str()).collect();
-        let hashes: Vec<&str> = links.iter().map(|l| l.hash.as_str()).collect();
-        diesel::sql_query(
-            "UPDATE audit_log SET seq = v.seq, prev_hash = v.prev, hash = v.hash \
-             FROM unnest($1::int8[], $2::int8[], $3::text[], $4::text[]) AS v(id, seq, prev, hash) \
-             WHERE audit_log.id = v.id",
-        )
-        .bind::<Array<BigInt>, _>(ids)
-        .bind::<Array<BigInt>, _>(seqs)
-        .bind::<Array<Text>, _>(prevs)
-        .bind::<Array<Text>, _>(hashes)
+        crate::db::unnest::SealLinks {
+            id: links.iter().map(|l| l.id).collect(),
+            seq: links.iter().map(|l| l.seq).collect(),
+            prev_hash: links.iter().map(|l| l.prev_hash.as_str()).collect(),
+            hash: links.iter().map(|l| l.hash.as_str()).collect(),
+        }
         .execute(self)
         .map(|_| ())
     }

@@ -184,10 +184,9 @@ impl AppendAudit for diesel::SqliteConnection {
 
 impl AppendAudit for diesel::PgConnection {
     fn append_audit<R: AuditEntry>(&mut self, rows: &[R]) -> QueryResult<()> {
-        // One statement (one round trip) for all of them; a statement has at most 65,535 binds.
-        let rows: Vec<AuditInsert<'_>> = rows.iter().map(|r| AuditInsert::new(r.fields(), None)).collect();
-        for chunk in rows.chunks(1000) {
-            diesel::insert_into(audit_log::table).values(chunk).execute(self)?;
+        // One statement (one round trip), its rows bound as arrays and kept prepared.
+        if !rows.is_empty() {
+            super::unnest::InsertAudit::new(rows.iter().map(AuditEntry::fields)).execute(self)?;
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ pub mod queries;
 pub mod revocation;
 pub mod schema;
 pub mod server_limits;
+pub mod unnest;
 pub mod writes;
 
 use std::sync::Arc;

@@ -45,7 +45,7 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                 | WriteOp::UseIdentity { .. } => {}
             }
         }
-        c.insert_rows(&ahead)?;
+        c.insert_write_ahead(&ahead)?;
         if !new_identities.is_empty() {
             diesel::insert_into(identities::table).values(&new_identities).execute(c)?;
         }
@@ -115,37 +115,31 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
     })
 }
 
-/// Insert a batch's rows of one table. SQLite: a statement per row, prepared once and kept by
-/// diesel (a many-row statement has a different text for every batch size, so it is parsed
-/// again each time: 3% of the engine's CPU at c=64). PostgreSQL: one many-row statement, one
-/// round trip.
-trait InsertRows<T> {
-    fn insert_rows(&mut self, rows: &[T]) -> QueryResult<()>;
+/// Insert a batch's write-ahead records. SQLite: a statement per row, prepared once and kept by
+/// diesel (a many-row statement has a different text for every batch size, so it is parsed again
+/// each time: 3% of the engine's CPU at c=64). PostgreSQL: one statement, one round trip, its
+/// rows bound as arrays (`unnest.rs`), prepared once.
+trait InsertWriteAhead {
+    fn insert_write_ahead(&mut self, rows: &[CertificateRow]) -> QueryResult<()>;
 }
 
-macro_rules! insert_rows {
-    ($row:ty, $table:path) => {
-        impl InsertRows<$row> for diesel::SqliteConnection {
-            fn insert_rows(&mut self, rows: &[$row]) -> QueryResult<()> {
-                for row in rows {
-                    diesel::insert_into($table).values(row).execute(self)?;
-                }
-                Ok(())
-            }
+impl InsertWriteAhead for diesel::SqliteConnection {
+    fn insert_write_ahead(&mut self, rows: &[CertificateRow]) -> QueryResult<()> {
+        for row in rows {
+            diesel::insert_into(certificates::table).values(row).execute(self)?;
         }
-
-        impl InsertRows<$row> for diesel::PgConnection {
-            fn insert_rows(&mut self, rows: &[$row]) -> QueryResult<()> {
-                if !rows.is_empty() {
-                    diesel::insert_into($table).values(rows).execute(self)?;
-                }
-                Ok(())
-            }
-        }
-    };
+        Ok(())
+    }
 }
 
-insert_rows!(CertificateRow, certificates::table);
+impl InsertWriteAhead for diesel::PgConnection {
+    fn insert_write_ahead(&mut self, rows: &[CertificateRow]) -> QueryResult<()> {
+        if !rows.is_empty() {
+            super::unnest::InsertCertificates::new(rows).execute(self)?;
+        }
+        Ok(())
+    }
+}
 
 /// A certificate signed: its record leaves `signing`.
 struct Issued<'a> {
@@ -157,9 +151,9 @@ struct Issued<'a> {
 /// Record a batch's signed certificates. SQLite runs in-process: a statement per certificate,
 /// prepared once, costs no round trip. On PostgreSQL a statement per certificate is a round
 /// trip and an executor start each (a third of the server's CPU per issuance at c=64): from
-/// [`JOIN_FROM`] certificates on, one statement joins the batch's arrays instead. That
-/// statement is planned at every execution (diesel keeps no `sql_query` prepared), so a batch
-/// of one or two keeps the prepared single-row statement.
+/// [`JOIN_FROM`] certificates on, one statement joins the batch's arrays instead
+/// (`unnest::MarkIssued`, kept prepared); a batch of one or two keeps the single-row statement,
+/// whose plan is an index lookup whatever the server estimates of an array.
 trait MarkIssued {
     fn mark_issued(&mut self, issued: &[Issued<'_>]) -> QueryResult<()>;
 }
@@ -219,22 +213,14 @@ impl MarkIssued for diesel::SqliteConnection {
 
 impl MarkIssued for diesel::PgConnection {
     fn mark_issued(&mut self, issued: &[Issued<'_>]) -> QueryResult<()> {
-        use diesel::sql_types::{Array, BigInt, Binary, Text};
         if issued.len() < JOIN_FROM {
             return mark_each_issued!(self, issued);
         }
-        let serials: Vec<&str> = issued.iter().map(|c| c.serial).collect();
-        let ders: Vec<&[u8]> = issued.iter().map(|c| c.cert_der).collect();
-        let ats: Vec<i64> = issued.iter().map(|c| c.at).collect();
-        diesel::sql_query(
-            "UPDATE certificates SET state = $1, cert_der = u.cert_der, issued_at = u.issued_at \
-             FROM unnest($2::text[], $3::bytea[], $4::int8[]) AS u(serial, cert_der, issued_at) \
-             WHERE certificates.serial = u.serial",
-        )
-        .bind::<Text, _>(CertState::Issued.as_str())
-        .bind::<Array<Text>, _>(serials)
-        .bind::<Array<Binary>, _>(ders)
-        .bind::<Array<BigInt>, _>(ats)
+        super::unnest::MarkIssued {
+            serial: issued.iter().map(|c| c.serial).collect(),
+            cert_der: issued.iter().map(|c| c.cert_der).collect(),
+            issued_at: issued.iter().map(|c| c.at).collect(),
+        }
         .execute(self)
         .map(|_| ())
     }
