@@ -371,3 +371,41 @@ fn audit_rows_are_sealed_as_they_are_inserted_on_sqlite() {
 fn audit_rows_are_inserted_unsealed_on_postgresql_and_sealed_by_the_writer() {
     appended_rows_are_chained(&TestDb::postgres(), false);
 }
+
+/// A chain whose head has no valid hash (here seq 5 with its hash erased, the rows before it
+/// gone) is extended by neither path: rows appended stay unsealed, and the writer's seal refuses
+/// instead of starting the chain again at seq 1 beside it.
+#[test]
+fn a_head_without_a_valid_hash_is_extended_by_neither_the_append_nor_the_seal() {
+    use castellum::db::audit::AppendAudit;
+    use castellum::db::models::NewAuditRow;
+    let db = TestDb::sqlite();
+    castellum::db::migrate::run(&db.url).expect("migrated");
+    sql::execute(
+        &db,
+        "INSERT INTO audit_log (at, instance, actor, action, target, outcome, detail, seq, prev_hash) \
+         VALUES (1, 'me', 'a', 'ca.state', 'head', 'ok', '', 5, NULL)",
+    );
+    let config = castellum::config::DatabaseConfig { url: db.url.clone(), ..Default::default() };
+    let metrics = std::sync::Arc::new(castellum::metrics::Metrics::new());
+    let pool = castellum::db::DbPool::build(&config, &Default::default(), "audit", metrics).unwrap();
+    let mut conn = pool.get().unwrap();
+    let row = NewAuditRow {
+        at: 2,
+        instance: "me".into(),
+        actor: "demo".into(),
+        action: "certificate.issue".into(),
+        target: "new".into(),
+        outcome: "ok".into(),
+        detail: String::new(),
+        count: 1,
+        first_at: None,
+    };
+    castellum::write_transaction!(&mut *conn, |c| c
+        .append_audit(std::slice::from_ref(&row))
+        .map_err(castellum::error::DbError::from))
+    .expect("appended");
+    assert!(chain::seal(&mut conn, "me").is_err(), "the seal refuses the head");
+    let unsealed = sql::count(&db, "SELECT count(*) AS n FROM audit_log WHERE target = 'new' AND seq IS NULL");
+    assert_eq!(unsealed, 1, "the new row stays unsealed behind the broken head");
+}

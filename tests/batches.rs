@@ -6,7 +6,8 @@
 
 mod common;
 
-use castellum::db::models::{CertificateRow, NewAuditEvent};
+use castellum::db::audit::AppendAudit;
+use castellum::db::models::{CertificateRow, NewAuditEvent, NewAuditRow};
 use castellum::db::queries::apply_batch;
 use castellum::db::writes::{WriteOp, WriteOutcome};
 use castellum::states::CertState;
@@ -40,22 +41,40 @@ struct Stored {
     created_at: i64,
     #[diesel(sql_type = Nullable<BigInt>)]
     issued_at: Option<i64>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    revoked_at: Option<i64>,
+    #[diesel(sql_type = Nullable<Integer>)]
+    revocation_reason: Option<i32>,
     #[diesel(sql_type = Nullable<Integer>)]
     crl_shard: Option<i32>,
 }
 
 #[derive(Debug, PartialEq, QueryableByName)]
 struct AuditRead {
+    #[diesel(sql_type = BigInt)]
+    at: i64,
+    #[diesel(sql_type = Text)]
+    instance: String,
+    #[diesel(sql_type = Text)]
+    actor: String,
+    #[diesel(sql_type = Text)]
+    action: String,
     #[diesel(sql_type = Text)]
     target: String,
     #[diesel(sql_type = Text)]
+    outcome: String,
+    #[diesel(sql_type = Text)]
     detail: String,
     #[diesel(sql_type = BigInt)]
-    at: i64,
+    count: i64,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    first_at: Option<i64>,
 }
 
-/// Six write-ahead records in one batch (with and without a request, shards 0–2), then four of
-/// them issued (the joined statement on PostgreSQL) and one abandoned in the next.
+/// Six write-ahead records in one batch (with and without a request, shards 0–2, every nullable
+/// column both NULL and not), then four of them issued (the joined statement on PostgreSQL) with
+/// their audit rows and one abandoned in the next, then refusal tallies appended as the audit
+/// writer appends them (a count and a first time).
 fn a_batch_reads_back_as_written(db: &TestDb) {
     castellum::db::migrate::run(&db.url).expect("migrated");
     let config = castellum::config::DatabaseConfig { url: db.url.clone(), ..Default::default() };
@@ -76,10 +95,10 @@ fn a_batch_reads_back_as_written(db: &TestDb) {
             not_before: 1_000 + i,
             not_after: 2_000 + i,
             created_at: 3_000 + i,
-            issued_at: None,
-            revoked_at: None,
-            revocation_reason: None,
-            crl_shard: Some((i % 3) as i32),
+            issued_at: (i == 5).then_some(4_500),
+            revoked_at: (i % 2 == 1).then_some(5_000 + i),
+            revocation_reason: (i % 2 == 1).then_some(i as i32),
+            crl_shard: (i != 5).then_some((i % 3) as i32),
         })
         .collect();
     let ops: Vec<WriteOp> = ahead.iter().cloned().map(|row| WriteOp::WriteAhead(Box::new(row))).collect();
@@ -106,10 +125,26 @@ fn a_batch_reads_back_as_written(db: &TestDb) {
     ops.push(WriteOp::CertificateAbandoned { serial: "0104".into() });
     apply_batch(&mut conn, &ops).unwrap();
 
+    let tallies: Vec<NewAuditRow> = (0..2i64)
+        .map(|i| NewAuditRow {
+            at: 6_000 + i,
+            instance: "me".into(),
+            actor: format!("client-{i}"),
+            action: "certificate.issue".into(),
+            target: format!("profile-{i}"),
+            outcome: "breaker-open".into(),
+            detail: String::new(),
+            count: 7 + i,
+            first_at: Some(5_500 + i),
+        })
+        .collect();
+    castellum::write_transaction!(&mut *conn, |c| c.append_audit(&tallies).map_err(castellum::error::DbError::from))
+        .expect("appended");
+
     let stored: Vec<Stored> = sql::rows(
         db,
         "SELECT serial, ca_id, profile, client, request_id, state, tbs_der, cert_der, not_before, not_after, \
-         created_at, issued_at, crl_shard FROM certificates ORDER BY serial",
+         created_at, issued_at, revoked_at, revocation_reason, crl_shard FROM certificates ORDER BY serial",
     );
     let expected: Vec<Stored> = ahead
         .iter()
@@ -131,17 +166,42 @@ fn a_batch_reads_back_as_written(db: &TestDb) {
             not_before: row.not_before,
             not_after: row.not_after,
             created_at: row.created_at,
-            issued_at: (i < 4).then_some(4_000 + i as i64),
+            issued_at: if i < 4 { Some(4_000 + i as i64) } else { row.issued_at },
+            revoked_at: row.revoked_at,
+            revocation_reason: row.revocation_reason,
             crl_shard: row.crl_shard,
         })
         .collect();
     assert_eq!(stored, expected);
 
-    let audit: Vec<AuditRead> = sql::rows(db, "SELECT target, detail, at FROM audit_log ORDER BY id");
-    let expected: Vec<AuditRead> = (0..4i64)
-        .map(|i| AuditRead { target: format!("01{i:02}"), detail: format!("profile-{i}"), at: 4_000 + i })
-        .collect();
-    assert_eq!(audit, expected, "one audit row per certificate, in the batch's order");
+    let audit: Vec<AuditRead> = sql::rows(
+        db,
+        "SELECT at, instance, actor, action, target, outcome, detail, count, first_at FROM audit_log ORDER BY id",
+    );
+    let issued = (0..4i64).map(|i| AuditRead {
+        at: 4_000 + i,
+        instance: "me".into(),
+        actor: format!("client-{i}"),
+        action: "certificate.issue".into(),
+        target: format!("01{i:02}"),
+        outcome: "ok".into(),
+        detail: format!("profile-{i}"),
+        count: 1,
+        first_at: None,
+    });
+    let tallied = tallies.iter().map(|t| AuditRead {
+        at: t.at,
+        instance: t.instance.clone(),
+        actor: t.actor.clone(),
+        action: t.action.clone(),
+        target: t.target.clone(),
+        outcome: t.outcome.clone(),
+        detail: t.detail.clone(),
+        count: t.count,
+        first_at: t.first_at,
+    });
+    let expected: Vec<AuditRead> = issued.chain(tallied).collect();
+    assert_eq!(audit, expected, "every audit row as written, in the order written");
 }
 
 #[test]

@@ -110,14 +110,18 @@ pub fn seal(conn: &mut DbConn, instance: &str) -> Result<(i64, Option<Head>), Db
             .select((audit_log::seq, audit_log::hash))
             .first(c)
             .optional()?;
+        // The head's hash is the next row's `prev_hash`: it must be what a seal writes (the same
+        // rule as `db::audit`'s append, which leaves rows unsealed behind such a head).
         let (mut seq, mut prev) = match last {
-            Some((Some(seq), Some(hash))) => (seq, hash),
-            _ => (0, GENESIS.to_string()),
+            None => (0, GENESIS.to_string()),
+            Some((Some(seq), Some(hash))) if is_link_hash(&hash) => (seq, hash),
+            Some((seq, _)) => {
+                let seq = seq.unwrap_or_default();
+                return Err(DbError::Pool(format!(
+                    "the audit chain's head (seq {seq}) has no valid hash: not sealing"
+                )));
+            }
         };
-        // The head's hash is the next row's `prev_hash`: it must be what a seal writes.
-        if !is_link_hash(&prev) {
-            return Err(DbError::Pool(format!("the audit chain's head (seq {seq}) has no valid hash: not sealing")));
-        }
         let first_seq = seq;
         let rows: Vec<ChainRow> = audit_log::table
             .filter(audit_log::instance.eq(instance).and(audit_log::seq.is_null()))

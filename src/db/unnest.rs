@@ -42,7 +42,7 @@ macro_rules! kept_prepared {
     };
 }
 
-/// Write-ahead records: `INSERT INTO certificates (…) SELECT * FROM unnest(…)`.
+/// Write-ahead records: `INSERT INTO certificates (…) SELECT … FROM unnest(…)`, in the batch's order.
 pub struct InsertCertificates<'a> {
     serial: Vec<&'a str>,
     ca_id: Vec<&'a str>,
@@ -91,7 +91,8 @@ impl QueryFragment<Pg> for InsertCertificates<'_> {
             out,
             "INSERT INTO certificates (serial, ca_id, profile, client, request_id, state, tbs_der, cert_der, \
              not_before, not_after, created_at, issued_at, revoked_at, revocation_reason, crl_shard) \
-             SELECT * FROM unnest(",
+             SELECT serial, ca_id, profile, client, request_id, state, tbs_der, cert_der, not_before, not_after, \
+             created_at, issued_at, revoked_at, revocation_reason, crl_shard FROM unnest(",
             [
                 (&self.serial, Text, "::text[]"),
                 (&self.ca_id, Text, "::text[]"),
@@ -109,7 +110,8 @@ impl QueryFragment<Pg> for InsertCertificates<'_> {
                 (&self.revocation_reason, Nullable<Integer>, "::int4[]"),
                 (&self.crl_shard, Nullable<Integer>, "::int4[]"),
             ],
-            ")"
+            ") WITH ORDINALITY AS u(serial, ca_id, profile, client, request_id, state, tbs_der, cert_der, not_before, \
+             not_after, created_at, issued_at, revoked_at, revocation_reason, crl_shard, ord) ORDER BY ord"
         )
     }
 }
@@ -162,7 +164,7 @@ impl QueryFragment<Pg> for InsertAudit<'_> {
         walk_arrays!(
             out,
             "INSERT INTO audit_log (at, instance, actor, action, target, outcome, detail, count, first_at) \
-             SELECT * FROM unnest(",
+             SELECT at, instance, actor, action, target, outcome, detail, count, first_at FROM unnest(",
             [
                 (&self.at, BigInt, "::int8[]"),
                 (&self.instance, Text, "::text[]"),
@@ -174,7 +176,10 @@ impl QueryFragment<Pg> for InsertAudit<'_> {
                 (&self.count, BigInt, "::int8[]"),
                 (&self.first_at, Nullable<BigInt>, "::int8[]"),
             ],
-            ")"
+            // Ids (the order the audit writer seals in) follow the batch's order: SQL promises
+            // the order of an ORDER BY, not of a bare unnest.
+            ") WITH ORDINALITY AS u(at, instance, actor, action, target, outcome, detail, count, first_at, ord) \
+             ORDER BY ord"
         )
     }
 }
