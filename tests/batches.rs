@@ -213,3 +213,75 @@ fn a_batch_reads_back_as_written_on_sqlite() {
 fn a_batch_reads_back_as_written_on_postgresql() {
     a_batch_reads_back_as_written(&TestDb::postgres());
 }
+
+/// On PostgreSQL the batch's inserts are kept prepared, and its joins against a table are planned
+/// on every run: a join kept prepared gets a generic plan made from the table's size when the
+/// connection first ran it, and one made while the table was small (a hash join over a
+/// sequential scan) stayed as the table grew (PostgreSQL's CPU per issuance rose sevenfold
+/// within a benchmark). Judged by the server's own list of the connection's prepared statements.
+#[test]
+fn postgresql_keeps_the_inserts_prepared_and_plans_the_joins_on_every_run() {
+    let db = TestDb::postgres();
+    castellum::db::migrate::run(&db.url).expect("migrated");
+    let config = castellum::config::DatabaseConfig { url: db.url.clone(), ..Default::default() };
+    let metrics = std::sync::Arc::new(castellum::metrics::Metrics::new());
+    let one = castellum::config::PoolConfig { max_size: 1, ..Default::default() };
+    let pool = castellum::db::DbPool::build(&config, &one, "issuance", metrics).unwrap();
+    let mut conn = pool.get().unwrap();
+    for round in 0..8i64 {
+        let serials: Vec<String> = (0..3).map(|i| format!("01{round:02}{i:02}")).collect();
+        let ahead: Vec<WriteOp> = serials
+            .iter()
+            .map(|serial| {
+                WriteOp::WriteAhead(Box::new(CertificateRow {
+                    serial: serial.clone(),
+                    ca_id: "ca".into(),
+                    profile: "profile".into(),
+                    client: "client".into(),
+                    request_id: None,
+                    state: CertState::Signing,
+                    tbs_der: vec![0x30],
+                    cert_der: None,
+                    not_before: 1,
+                    not_after: 2,
+                    created_at: 3,
+                    issued_at: None,
+                    revoked_at: None,
+                    revocation_reason: None,
+                    crl_shard: Some(0),
+                }))
+            })
+            .collect();
+        apply_batch(&mut conn, &ahead).unwrap();
+        let issued: Vec<WriteOp> = serials
+            .iter()
+            .map(|serial| WriteOp::CertificateIssued {
+                serial: serial.clone(),
+                cert_der: vec![0x30, 0x82],
+                at: 4,
+                request_id: None,
+                audit: Box::new(NewAuditEvent {
+                    at: 4,
+                    instance: "me".into(),
+                    actor: "client".into(),
+                    action: "certificate.issue".into(),
+                    target: serial.clone(),
+                    outcome: "ok".into(),
+                    detail: String::new(),
+                }),
+                identity: None,
+            })
+            .collect();
+        apply_batch(&mut conn, &issued).unwrap();
+    }
+    let mut prepared = |pattern: &str| -> i64 {
+        let sql = format!("(SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '{pattern}')");
+        castellum::with_conn!(&mut *conn, |c| diesel::select(diesel::dsl::sql::<BigInt>(&sql)).get_result::<i64>(c))
+            .unwrap()
+    };
+    assert_eq!(prepared("INSERT INTO certificates %unnest%"), 1, "the write-ahead insert is kept prepared");
+    assert_eq!(prepared("INSERT INTO audit_log %unnest%"), 1, "the audit insert is kept prepared");
+    assert_eq!(prepared("UPDATE certificates %unnest%"), 0, "the mark-issued join is planned on every run");
+    let issued = sql::count(&db, "SELECT count(*) AS n FROM certificates WHERE state = 'issued'");
+    assert_eq!(issued, 24);
+}

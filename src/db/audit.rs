@@ -9,10 +9,14 @@
 //! and sealing in their transactions would make them queue on the head: rows are inserted
 //! unsealed, in one statement, and the audit writer seals them a moment later.
 
+use diesel::pg::Pg;
 use diesel::prelude::*;
+use diesel::query_builder::{AstPass, QueryFragment};
+use diesel::sql_types::{BigInt, Nullable, Text};
 
 use super::models::{NewAuditEvent, NewAuditRow};
 use super::schema::audit_log;
+use super::unnest::{kept_prepared, walk_arrays};
 
 /// The `prev_hash` of a chain's first row.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -186,9 +190,77 @@ impl AppendAudit for diesel::PgConnection {
     fn append_audit<R: AuditEntry>(&mut self, rows: &[R]) -> QueryResult<()> {
         // One statement (one round trip), its rows bound as arrays and kept prepared.
         if !rows.is_empty() {
-            super::unnest::InsertAudit::new(rows.iter().map(AuditEntry::fields)).execute(self)?;
+            InsertAudit::new(rows.iter().map(AuditEntry::fields)).execute(self)?;
         }
         Ok(())
+    }
+}
+
+/// Audit rows, unsealed (the audit writer seals them on PostgreSQL).
+pub struct InsertAudit<'a> {
+    at: Vec<i64>,
+    instance: Vec<&'a str>,
+    actor: Vec<&'a str>,
+    action: Vec<&'a str>,
+    target: Vec<&'a str>,
+    outcome: Vec<&'a str>,
+    detail: Vec<&'a str>,
+    count: Vec<i64>,
+    first_at: Vec<Option<i64>>,
+}
+
+impl<'a> InsertAudit<'a> {
+    pub fn new(rows: impl Iterator<Item = AuditFields<'a>>) -> InsertAudit<'a> {
+        let mut batch = InsertAudit {
+            at: Vec::new(),
+            instance: Vec::new(),
+            actor: Vec::new(),
+            action: Vec::new(),
+            target: Vec::new(),
+            outcome: Vec::new(),
+            detail: Vec::new(),
+            count: Vec::new(),
+            first_at: Vec::new(),
+        };
+        for row in rows {
+            batch.at.push(row.at);
+            batch.instance.push(row.instance);
+            batch.actor.push(row.actor);
+            batch.action.push(row.action);
+            batch.target.push(row.target);
+            batch.outcome.push(row.outcome);
+            batch.detail.push(row.detail);
+            batch.count.push(row.count);
+            batch.first_at.push(row.first_at);
+        }
+        batch
+    }
+}
+
+kept_prepared!(InsertAudit);
+
+impl QueryFragment<Pg> for InsertAudit<'_> {
+    fn walk_ast<'q>(&'q self, mut out: AstPass<'_, 'q, Pg>) -> QueryResult<()> {
+        walk_arrays!(
+            out,
+            "INSERT INTO audit_log (at, instance, actor, action, target, outcome, detail, count, first_at) \
+             SELECT at, instance, actor, action, target, outcome, detail, count, first_at FROM unnest(",
+            [
+                (&self.at, BigInt, "::int8[]"),
+                (&self.instance, Text, "::text[]"),
+                (&self.actor, Text, "::text[]"),
+                (&self.action, Text, "::text[]"),
+                (&self.target, Text, "::text[]"),
+                (&self.outcome, Text, "::text[]"),
+                (&self.detail, Text, "::text[]"),
+                (&self.count, BigInt, "::int8[]"),
+                (&self.first_at, Nullable<BigInt>, "::int8[]"),
+            ],
+            // Ids (the order the audit writer seals in) follow the batch's order: SQL promises
+            // the order of an ORDER BY, not of a bare unnest.
+            ") WITH ORDINALITY AS u(at, instance, actor, action, target, outcome, detail, count, first_at, ord) \
+             ORDER BY ord"
+        )
     }
 }
 

@@ -152,7 +152,7 @@ struct Issued<'a> {
 /// prepared once, costs no round trip. On PostgreSQL a statement per certificate is a round
 /// trip and an executor start each (a third of the server's CPU per issuance at c=64): from
 /// [`JOIN_FROM`] certificates on, one statement joins the batch's arrays instead
-/// (`unnest::MarkIssued`, kept prepared); a batch of one or two keeps the single-row statement,
+/// (`unnest::MarkIssued`, planned on every run); a batch of one or two keeps the single-row statement,
 /// whose plan is an index lookup whatever the server estimates of an array.
 trait MarkIssued {
     fn mark_issued(&mut self, issued: &[Issued<'_>]) -> QueryResult<()>;
