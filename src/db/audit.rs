@@ -14,65 +14,12 @@ use diesel::prelude::*;
 use diesel::query_builder::{AstPass, QueryFragment};
 use diesel::sql_types::{BigInt, Nullable, Text};
 
-use super::models::{NewAuditEvent, NewAuditRow};
+pub use super::models::{AuditEntry, AuditFields};
 use super::schema::audit_log;
 use super::unnest::{kept_prepared, walk_arrays};
 
 /// The `prev_hash` of a chain's first row.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
-
-/// What the chain covers of a row (its database `id` is not covered: it is not the chain's
-/// order, and a restore may renumber it).
-#[derive(Debug, Clone, Copy)]
-pub struct AuditFields<'a> {
-    pub at: i64,
-    pub instance: &'a str,
-    pub actor: &'a str,
-    pub action: &'a str,
-    pub target: &'a str,
-    pub outcome: &'a str,
-    pub detail: &'a str,
-    pub count: i64,
-    pub first_at: Option<i64>,
-}
-
-/// A row the chain can cover, as written or as read back.
-pub trait AuditEntry {
-    fn fields(&self) -> AuditFields<'_>;
-}
-
-impl AuditEntry for NewAuditEvent {
-    fn fields(&self) -> AuditFields<'_> {
-        AuditFields {
-            at: self.at,
-            instance: &self.instance,
-            actor: &self.actor,
-            action: &self.action,
-            target: &self.target,
-            outcome: &self.outcome,
-            detail: &self.detail,
-            // The columns' defaults: a single event.
-            count: 1,
-            first_at: None,
-        }
-    }
-}
-
-impl AuditEntry for NewAuditRow {
-    fn fields(&self) -> AuditFields<'_> {
-        AuditFields {
-            at: self.at,
-            instance: &self.instance,
-            actor: &self.actor,
-            action: &self.action,
-            target: &self.target,
-            outcome: &self.outcome,
-            detail: &self.detail,
-            count: self.count,
-            first_at: self.first_at,
-        }
-    }
-}
 
 /// The hash of the row at `seq` after `prev_hash`: every field length-prefixed, so no two
 /// different rows encode alike.
