@@ -181,35 +181,32 @@ pub trait AuditEntry {
     fn fields(&self) -> AuditFields<'_>;
 }
 
+/// A row's fields as the chain covers them, with its count and first time.
+macro_rules! audit_fields {
+    ($row:expr, $count:expr, $first_at:expr) => {
+        AuditFields {
+            at: $row.at,
+            instance: &$row.instance,
+            actor: &$row.actor,
+            action: &$row.action,
+            target: &$row.target,
+            outcome: &$row.outcome,
+            detail: &$row.detail,
+            count: $count,
+            first_at: $first_at,
+        }
+    };
+}
+
 impl AuditEntry for NewAuditEvent {
     fn fields(&self) -> AuditFields<'_> {
-        AuditFields {
-            at: self.at,
-            instance: &self.instance,
-            actor: &self.actor,
-            action: &self.action,
-            target: &self.target,
-            outcome: &self.outcome,
-            detail: &self.detail,
-            // The columns' defaults: a single event.
-            count: 1,
-            first_at: None,
-        }
+        // The columns' defaults: a single event.
+        audit_fields!(self, 1, None)
     }
 }
 
 impl AuditEntry for NewAuditRow {
     fn fields(&self) -> AuditFields<'_> {
-        AuditFields {
-            at: self.at,
-            instance: &self.instance,
-            actor: &self.actor,
-            action: &self.action,
-            target: &self.target,
-            outcome: &self.outcome,
-            detail: &self.detail,
-            count: self.count,
-            first_at: self.first_at,
-        }
+        audit_fields!(self, self.count, self.first_at)
     }
 }
