@@ -14,8 +14,8 @@ use std::path::Path;
 use diesel::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::db::audit::{is_link_hash, AuditEntry, AuditFields};
 pub use crate::db::audit::{link_hash, GENESIS};
+use crate::db::audit::{AuditEntry, AuditFields, ChainHead};
 use crate::db::schema::audit_log;
 use crate::db::DbConn;
 use crate::error::DbError;
@@ -104,19 +104,10 @@ pub fn seal_backlog(conn: &mut DbConn, instance: &str) -> Result<Option<Head>, D
 /// in one transaction: how many, and the chain's head after it (`None` if still empty).
 pub fn seal(conn: &mut DbConn, instance: &str) -> Result<(i64, Option<Head>), DbError> {
     write_transaction!(conn, |c| {
-        let last: Option<(Option<i64>, Option<String>)> = audit_log::table
-            .filter(audit_log::instance.eq(instance).and(audit_log::seq.is_not_null()))
-            .order(audit_log::seq.desc())
-            .select((audit_log::seq, audit_log::hash))
-            .first(c)
-            .optional()?;
-        // The head's hash is the next row's `prev_hash`: it must be what a seal writes (the same
-        // rule as `db::audit`'s append, which leaves rows unsealed behind such a head).
-        let (mut seq, mut prev) = match last {
-            None => (0, GENESIS.to_string()),
-            Some((Some(seq), Some(hash))) if is_link_hash(&hash) => (seq, hash),
-            Some((seq, _)) => {
-                let seq = seq.unwrap_or_default();
+        // The head's hash is the next row's `prev_hash`: the append's rule (`db::audit`).
+        let (mut seq, mut prev) = match c.extendable_head(instance)? {
+            Ok(head) => head,
+            Err(seq) => {
                 return Err(DbError::Pool(format!(
                     "the audit chain's head (seq {seq}) has no valid hash: not sealing"
                 )));

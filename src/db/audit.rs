@@ -48,7 +48,7 @@ pub fn link_hash(prev_hash: &str, seq: i64, row: &AuditFields<'_>) -> String {
 }
 
 /// Whether a head's hash can be extended: a link must carry what a seal writes (64 hex digits).
-pub fn is_link_hash(hash: &str) -> bool {
+fn is_link_hash(hash: &str) -> bool {
     hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
@@ -116,7 +116,7 @@ impl AppendAudit for diesel::SqliteConnection {
         for row in rows {
             let fields = row.fields();
             if head.as_ref().map(|(instance, _)| *instance) != Some(fields.instance) {
-                head = Some((fields.instance, extendable_head(self, fields.instance)?));
+                head = Some((fields.instance, self.extendable_head(fields.instance)?.ok()));
             }
             let chain = head.as_mut().and_then(|(_, chain)| chain.as_mut());
             // A head without a valid hash is not extended: the rows stay unsealed, and the audit
@@ -211,21 +211,35 @@ impl QueryFragment<Pg> for InsertAudit<'_> {
     }
 }
 
-/// The newest link of `instance`'s chain — `(0, GENESIS)` for an empty chain — or `None` if its
-/// hash is not one a seal writes.
-fn extendable_head(conn: &mut diesel::SqliteConnection, instance: &str) -> QueryResult<Option<(i64, String)>> {
-    let last: Option<(Option<i64>, Option<String>)> = audit_log::table
-        .filter(audit_log::instance.eq(instance).and(audit_log::seq.is_not_null()))
-        .order(audit_log::seq.desc())
-        .select((audit_log::seq, audit_log::hash))
-        .first(conn)
-        .optional()?;
-    Ok(match last {
-        None => Some((0, GENESIS.to_string())),
-        Some((Some(seq), Some(hash))) if is_link_hash(&hash) => Some((seq, hash)),
-        Some(_) => None,
-    })
+/// The newest link of an instance's chain — `(0, GENESIS)` for an empty chain — or, as `Err`,
+/// the seq of a head whose hash is not one a seal writes: neither the append nor the writer's
+/// seal extends such a head.
+pub trait ChainHead {
+    fn extendable_head(&mut self, instance: &str) -> QueryResult<Result<(i64, String), i64>>;
 }
+
+macro_rules! chain_head {
+    ($conn:ty) => {
+        impl ChainHead for $conn {
+            fn extendable_head(&mut self, instance: &str) -> QueryResult<Result<(i64, String), i64>> {
+                let last: Option<(Option<i64>, Option<String>)> = audit_log::table
+                    .filter(audit_log::instance.eq(instance).and(audit_log::seq.is_not_null()))
+                    .order(audit_log::seq.desc())
+                    .select((audit_log::seq, audit_log::hash))
+                    .first(self)
+                    .optional()?;
+                Ok(match last {
+                    None => Ok((0, GENESIS.to_string())),
+                    Some((Some(seq), Some(hash))) if is_link_hash(&hash) => Ok((seq, hash)),
+                    Some((seq, _)) => Err(seq.unwrap_or_default()),
+                })
+            }
+        }
+    };
+}
+
+chain_head!(diesel::SqliteConnection);
+chain_head!(diesel::PgConnection);
 
 #[cfg(test)]
 mod tests {
