@@ -273,6 +273,26 @@ fn postgresql_keeps_the_inserts_prepared_and_plans_the_joins_on_every_run() {
             })
             .collect();
         apply_batch(&mut conn, &issued).unwrap();
+        // A certificate alone: its record and its audit row in one statement.
+        let alone = format!("02{round:02}");
+        apply_batch(&mut conn, &[write_ahead(&alone)]).unwrap();
+        apply_batch(&mut conn, &[self::issued(&alone, 4)]).unwrap();
+        // An audit writer's tally, appended in a transaction of its own.
+        let tally = NewAuditRow {
+            at: 5,
+            instance: "me".into(),
+            actor: "client".into(),
+            action: "certificate.issue".into(),
+            target: "profile".into(),
+            outcome: "breaker-open".into(),
+            detail: String::new(),
+            count: 2,
+            first_at: Some(4),
+        };
+        castellum::write_transaction!(&mut *conn, |c| c
+            .append_audit(std::slice::from_ref(&tally))
+            .map_err(castellum::error::DbError::from))
+        .expect("appended");
     }
     let mut prepared = |pattern: &str| -> i64 {
         let sql = format!("(SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE '{pattern}')");
@@ -282,6 +302,124 @@ fn postgresql_keeps_the_inserts_prepared_and_plans_the_joins_on_every_run() {
     assert_eq!(prepared("INSERT INTO certificates %unnest%"), 1, "the write-ahead insert is kept prepared");
     assert_eq!(prepared("INSERT INTO audit_log %unnest%"), 1, "the audit insert is kept prepared");
     assert_eq!(prepared("UPDATE certificates %unnest%"), 0, "the mark-issued join is planned on every run");
+    assert_eq!(
+        prepared("WITH issued AS (UPDATE certificates % WHERE serial = $4) INSERT INTO audit_log %"),
+        1,
+        "a certificate alone, updated by its serial, is kept prepared with its audit row's insert"
+    );
     let issued = sql::count(&db, "SELECT count(*) AS n FROM certificates WHERE state = 'issued'");
-    assert_eq!(issued, 24);
+    assert_eq!(issued, 32);
+}
+
+fn write_ahead(serial: &str) -> WriteOp {
+    WriteOp::WriteAhead(Box::new(CertificateRow {
+        serial: serial.into(),
+        ca_id: "ca".into(),
+        profile: "profile".into(),
+        client: "client".into(),
+        request_id: None,
+        state: CertState::Signing,
+        tbs_der: vec![0x30, serial.len() as u8],
+        cert_der: None,
+        not_before: 1,
+        not_after: 2,
+        created_at: 3,
+        issued_at: None,
+        revoked_at: None,
+        revocation_reason: None,
+        crl_shard: Some(1),
+    }))
+}
+
+fn event(target: &str, at: i64) -> NewAuditEvent {
+    NewAuditEvent {
+        at,
+        instance: "me".into(),
+        actor: "client".into(),
+        action: "certificate.issue".into(),
+        target: target.into(),
+        outcome: "ok".into(),
+        detail: "profile".into(),
+    }
+}
+
+fn issued(serial: &str, at: i64) -> WriteOp {
+    WriteOp::CertificateIssued {
+        serial: serial.into(),
+        cert_der: vec![0x30, 0x82, at as u8],
+        at,
+        request_id: None,
+        audit: Box::new(event(serial, at)),
+        identity: None,
+    }
+}
+
+/// What the Store writes in one statement on PostgreSQL (write-ahead records alone; one signed
+/// certificate with its audit row) and in a transaction (anything else) is written whole or not
+/// at all: a batch with a write-ahead record whose serial is stored already writes none of its
+/// rows; then one certificate, then a batch mixing every kind, are written row for row.
+fn batches_are_written_whole_or_not_at_all(db: &TestDb) {
+    castellum::db::migrate::run(&db.url).expect("migrated");
+    let config = castellum::config::DatabaseConfig { url: db.url.clone(), ..Default::default() };
+    let metrics = std::sync::Arc::new(castellum::metrics::Metrics::new());
+    let pool = castellum::db::DbPool::build(&config, &Default::default(), "issuance", metrics).unwrap();
+    let mut conn = pool.get().unwrap();
+    apply_batch(&mut conn, &[write_ahead("0101"), write_ahead("0102")]).unwrap();
+    let certificates = |db: &TestDb| {
+        sql::rows::<Stored>(
+            db,
+            "SELECT serial, ca_id, profile, client, request_id, state, tbs_der, cert_der, not_before, not_after, \
+             created_at, issued_at, revoked_at, revocation_reason, crl_shard FROM certificates ORDER BY serial",
+        )
+        .into_iter()
+        .map(|row| (row.serial, row.state, row.cert_der, row.issued_at))
+        .collect::<Vec<_>>()
+    };
+    let signing = |serial: &str| (serial.to_string(), "signing".to_string(), None, None);
+    let issued_as =
+        |serial: &str, at: i64| (serial.to_string(), "issued".to_string(), Some(vec![0x30, 0x82, at as u8]), Some(at));
+    let audit = |db: &TestDb| -> Vec<(String, i64)> {
+        sql::rows::<AuditRead>(
+            db,
+            "SELECT at, instance, actor, action, target, outcome, detail, count, first_at FROM audit_log ORDER BY id",
+        )
+        .into_iter()
+        .map(|row| (row.target, row.at))
+        .collect()
+    };
+
+    for clashing in [
+        vec![write_ahead("0103"), write_ahead("0102")],
+        vec![write_ahead("0103"), issued("0101", 10), WriteOp::Audit(event("lever", 11)), write_ahead("0102")],
+    ] {
+        assert!(apply_batch(&mut conn, &clashing).is_err(), "0102 is stored already");
+        assert_eq!(certificates(db), [signing("0101"), signing("0102")], "nothing of the failed batch is written");
+        assert!(audit(db).is_empty(), "nor its audit rows");
+    }
+
+    let outcomes = apply_batch(&mut conn, &[issued("0101", 20)]).unwrap();
+    assert!(matches!(outcomes[..], [WriteOutcome::Done]));
+    assert_eq!(certificates(db), [issued_as("0101", 20), signing("0102")]);
+    assert_eq!(audit(db), [("0101".to_string(), 20)]);
+
+    let batch = [write_ahead("0103"), WriteOp::Audit(event("lever", 21)), issued("0102", 22), write_ahead("0104")];
+    let outcomes = apply_batch(&mut conn, &batch).unwrap();
+    assert_eq!(outcomes.len(), 4);
+    assert!(outcomes.iter().all(|o| matches!(o, WriteOutcome::Done)));
+    assert_eq!(certificates(db), [issued_as("0101", 20), issued_as("0102", 22), signing("0103"), signing("0104")]);
+    assert_eq!(
+        audit(db),
+        [("0101".to_string(), 20), ("lever".into(), 21), ("0102".into(), 22)],
+        "in the order written"
+    );
+}
+
+#[test]
+fn batches_are_written_whole_or_not_at_all_on_sqlite() {
+    batches_are_written_whole_or_not_at_all(&TestDb::sqlite());
+}
+
+#[test]
+fn batches_are_written_whole_or_not_at_all_on_postgresql() {
+    batches_are_written_whole_or_not_at_all(&TestDb::postgres());
 }

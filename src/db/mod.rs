@@ -11,6 +11,7 @@ pub mod holds;
 pub mod identities;
 pub mod migrate;
 pub mod models;
+pub mod one_statement;
 pub mod queries;
 pub mod revocation;
 pub mod schema;

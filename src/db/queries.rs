@@ -5,6 +5,7 @@ use diesel::prelude::*;
 use super::audit::AppendAudit;
 use super::identities::IdentityOps;
 use super::models::{AuditEvent, CertificateRow, NewAuditEvent, RequestRow};
+use super::one_statement::OneStatement;
 use super::schema::{audit_log, cas, certificates, identities, instances, profiles, registry, requests};
 use super::writes::{WriteOp, WriteOutcome};
 use super::DbConn;
@@ -12,8 +13,17 @@ use crate::error::DbError;
 use crate::states::{CaState, CertState, ProfileState, RequestMode, RequestState};
 use crate::{with_conn, write_transaction};
 
-/// Apply a batch in one transaction (one commit, one fsync on SQLite).
+/// Apply a batch in one transaction (one commit, one fsync on SQLite). On PostgreSQL a batch of
+/// write-ahead records, signed certificates and audit rows is one statement instead, without
+/// `BEGIN` and `COMMIT` around it (`one_statement.rs`).
 pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcome>, DbError> {
+    if let DbConn::Postgres(pg) = conn {
+        let mut ahead = Vec::new();
+        if let Some(statement) = OneStatement::of(ops, &mut ahead) {
+            statement.execute(pg)?;
+            return Ok(vec![WriteOutcome::Done; ops.len()]);
+        }
+    }
     write_transaction!(conn, |c| {
         let mut outcomes = vec![WriteOutcome::Done; ops.len()];
         let mut ahead = Vec::new();

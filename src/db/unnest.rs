@@ -81,23 +81,24 @@ pub struct InsertCertificates<'a> {
 }
 
 impl<'a> InsertCertificates<'a> {
-    pub fn new(rows: &'a [CertificateRow]) -> InsertCertificates<'a> {
+    pub fn new<R: std::borrow::Borrow<CertificateRow>>(rows: &'a [R]) -> InsertCertificates<'a> {
+        let rows = || rows.iter().map(|r| r.borrow());
         InsertCertificates {
-            serial: rows.iter().map(|r| r.serial.as_str()).collect(),
-            ca_id: rows.iter().map(|r| r.ca_id.as_str()).collect(),
-            profile: rows.iter().map(|r| r.profile.as_str()).collect(),
-            client: rows.iter().map(|r| r.client.as_str()).collect(),
-            request_id: rows.iter().map(|r| r.request_id.as_deref()).collect(),
-            state: rows.iter().map(|r| r.state.as_str()).collect(),
-            tbs_der: rows.iter().map(|r| r.tbs_der.as_slice()).collect(),
-            cert_der: rows.iter().map(|r| r.cert_der.as_deref()).collect(),
-            not_before: rows.iter().map(|r| r.not_before).collect(),
-            not_after: rows.iter().map(|r| r.not_after).collect(),
-            created_at: rows.iter().map(|r| r.created_at).collect(),
-            issued_at: rows.iter().map(|r| r.issued_at).collect(),
-            revoked_at: rows.iter().map(|r| r.revoked_at).collect(),
-            revocation_reason: rows.iter().map(|r| r.revocation_reason).collect(),
-            crl_shard: rows.iter().map(|r| r.crl_shard).collect(),
+            serial: rows().map(|r| r.serial.as_str()).collect(),
+            ca_id: rows().map(|r| r.ca_id.as_str()).collect(),
+            profile: rows().map(|r| r.profile.as_str()).collect(),
+            client: rows().map(|r| r.client.as_str()).collect(),
+            request_id: rows().map(|r| r.request_id.as_deref()).collect(),
+            state: rows().map(|r| r.state.as_str()).collect(),
+            tbs_der: rows().map(|r| r.tbs_der.as_slice()).collect(),
+            cert_der: rows().map(|r| r.cert_der.as_deref()).collect(),
+            not_before: rows().map(|r| r.not_before).collect(),
+            not_after: rows().map(|r| r.not_after).collect(),
+            created_at: rows().map(|r| r.created_at).collect(),
+            issued_at: rows().map(|r| r.issued_at).collect(),
+            revoked_at: rows().map(|r| r.revoked_at).collect(),
+            revocation_reason: rows().map(|r| r.revocation_reason).collect(),
+            crl_shard: rows().map(|r| r.crl_shard).collect(),
         }
     }
 }
