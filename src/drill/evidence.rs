@@ -29,8 +29,11 @@ impl Evidence {
         let conn = match url.strip_prefix("sqlite://") {
             Some(path) => SqliteConnection::establish(path).map(Conn::Sqlite),
             // Named, so the drill's connection counts leave it out.
-            None => PgConnection::establish(&format!("{url}?connect_timeout=5&application_name={EVIDENCE_APP}"))
-                .map(Conn::Postgres),
+            None => PgConnection::establish(&format!(
+                "{url}{}connect_timeout=5&application_name={EVIDENCE_APP}",
+                if url.contains('?') { '&' } else { '?' }
+            ))
+            .map(Conn::Postgres),
         };
         let mut evidence = conn.map(|conn| Evidence { conn }).map_err(|e| DrillError::Evidence(e.to_string()))?;
         if let Conn::Sqlite(c) = &mut evidence.conn {

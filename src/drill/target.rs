@@ -14,6 +14,15 @@ use super::DrillError;
 /// the connection counts leave out.
 pub const EVIDENCE_APP: &str = "castellum-drill-evidence";
 
+/// The URL of database `name` on the server of `server_url` (which names no database), its
+/// parameters (`?sslmode=disable`) kept after the path.
+fn on_database(server_url: &str, name: &str) -> String {
+    match server_url.split_once('?') {
+        Some((server, parameters)) => format!("{}/{name}?{parameters}", server.trim_end_matches('/')),
+        None => format!("{}/{name}", server_url.trim_end_matches('/')),
+    }
+}
+
 /// A database made for one drill and removed after it.
 pub enum DrillDb {
     Sqlite(PathBuf),
@@ -29,7 +38,7 @@ impl DrillDb {
                     Some(role) => admin_url.replacen("postgres://postgres@", &format!("postgres://{role}@"), 1),
                     None => admin_url.clone(),
                 };
-                format!("{base}/{name}")
+                on_database(&base, name)
             }
         }
     }
@@ -38,13 +47,13 @@ impl DrillDb {
     pub fn admin_side_url(&self) -> String {
         match self {
             DrillDb::Sqlite(path) => format!("sqlite://{}", path.display()),
-            DrillDb::Postgres { admin_url, name, .. } => format!("{admin_url}/{name}"),
+            DrillDb::Postgres { admin_url, name, .. } => on_database(admin_url, name),
         }
     }
 
     /// A fresh PostgreSQL database; with `connection_limit`, owned by a new role limited to it.
     pub fn postgres(admin_url: &str, connection_limit: Option<u32>) -> Result<DrillDb, DrillError> {
-        let mut admin = PgConnection::establish(&format!("{admin_url}/postgres"))
+        let mut admin = PgConnection::establish(&on_database(admin_url, "postgres"))
             .map_err(|e| DrillError::Setup(format!("PostgreSQL at {admin_url}: {e}")))?;
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let name = format!("castellum_drill_{suffix}");
@@ -102,8 +111,12 @@ impl PgProbe {
         }
         if admin.is_none() {
             *admin = Some(
-                PgConnection::establish(&format!("{}/postgres?connect_timeout=5", self.admin_url))
-                    .map_err(|e| e.to_string())?,
+                PgConnection::establish(&format!(
+                    "{}{}connect_timeout=5",
+                    on_database(&self.admin_url, "postgres"),
+                    if self.admin_url.contains('?') { '&' } else { '?' }
+                ))
+                .map_err(|e| e.to_string())?,
             );
         }
         let Some(conn) = admin.as_mut() else { return Err("no connection".into()) };
@@ -128,7 +141,7 @@ impl PgProbe {
 impl Drop for DrillDb {
     fn drop(&mut self) {
         if let DrillDb::Postgres { admin_url, name, role } = self {
-            if let Ok(mut admin) = PgConnection::establish(&format!("{admin_url}/postgres")) {
+            if let Ok(mut admin) = PgConnection::establish(&on_database(admin_url, "postgres")) {
                 let _ = diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut admin);
                 if let Some(role) = role {
                     let _ = diesel::sql_query(format!("DROP ROLE IF EXISTS {role}")).execute(&mut admin);
@@ -510,4 +523,20 @@ pub fn ca_entry<'a>(config: &'a mut toml::Table, ca: &str) -> &'a mut toml::Tabl
         .filter_map(|v| v.as_table_mut())
         .find(|t| t.get("id").and_then(|v| v.as_str()) == Some(ca))
         .expect("CA in the dev configuration")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_database_is_named_before_the_servers_parameters() {
+        assert_eq!(
+            super::on_database("postgres://postgres@127.0.0.1:5432", "d"),
+            "postgres://postgres@127.0.0.1:5432/d"
+        );
+        assert_eq!(super::on_database("postgres://u@h:1/", "d"), "postgres://u@h:1/d");
+        assert_eq!(
+            super::on_database("postgres://u@h:1?sslmode=disable&application_name=x", "d"),
+            "postgres://u@h:1/d?sslmode=disable&application_name=x"
+        );
+    }
 }
