@@ -71,15 +71,36 @@ struct AuditRead {
     first_at: Option<i64>,
 }
 
+/// An issuance pool of `connections` on `db`, migrated.
+fn issuance_pool(db: &TestDb, connections: u32) -> castellum::db::DbPool {
+    castellum::db::migrate::run(&db.url).expect("migrated");
+    let config = castellum::config::DatabaseConfig { url: db.url.clone(), ..Default::default() };
+    let metrics = std::sync::Arc::new(castellum::metrics::Metrics::new());
+    let pool = castellum::config::PoolConfig { max_size: connections, ..Default::default() };
+    castellum::db::DbPool::build(&config, &pool, "issuance", metrics).unwrap()
+}
+
+/// `$check` run as two tests, one per backend.
+macro_rules! on_both_backends {
+    ($check:ident: $on_sqlite:ident, $on_postgresql:ident) => {
+        #[test]
+        fn $on_sqlite() {
+            $check(&TestDb::sqlite());
+        }
+
+        #[test]
+        fn $on_postgresql() {
+            $check(&TestDb::postgres());
+        }
+    };
+}
+
 /// Six write-ahead records in one batch (with and without a request, shards 0–2, every nullable
 /// column both NULL and not), then four of them issued (the joined statement on PostgreSQL) with
 /// their audit rows and one abandoned in the next, then refusal tallies appended as the audit
 /// writer appends them (a count and a first time).
 fn a_batch_reads_back_as_written(db: &TestDb) {
-    castellum::db::migrate::run(&db.url).expect("migrated");
-    let config = castellum::config::DatabaseConfig { url: db.url.clone(), ..Default::default() };
-    let metrics = std::sync::Arc::new(castellum::metrics::Metrics::new());
-    let pool = castellum::db::DbPool::build(&config, &Default::default(), "issuance", metrics).unwrap();
+    let pool = issuance_pool(db, 10);
     let mut conn = pool.get().unwrap();
 
     let ahead: Vec<CertificateRow> = (0..6i64)
@@ -204,15 +225,7 @@ fn a_batch_reads_back_as_written(db: &TestDb) {
     assert_eq!(audit, expected, "every audit row as written, in the order written");
 }
 
-#[test]
-fn a_batch_reads_back_as_written_on_sqlite() {
-    a_batch_reads_back_as_written(&TestDb::sqlite());
-}
-
-#[test]
-fn a_batch_reads_back_as_written_on_postgresql() {
-    a_batch_reads_back_as_written(&TestDb::postgres());
-}
+on_both_backends!(a_batch_reads_back_as_written: a_batch_reads_back_as_written_on_sqlite, a_batch_reads_back_as_written_on_postgresql);
 
 /// On PostgreSQL the batch's inserts are kept prepared, and its joins against a table are planned
 /// on every run: a join kept prepared gets a generic plan made from the table's size when the
@@ -222,61 +235,18 @@ fn a_batch_reads_back_as_written_on_postgresql() {
 #[test]
 fn postgresql_keeps_the_inserts_prepared_and_plans_the_joins_on_every_run() {
     let db = TestDb::postgres();
-    castellum::db::migrate::run(&db.url).expect("migrated");
-    let config = castellum::config::DatabaseConfig { url: db.url.clone(), ..Default::default() };
-    let metrics = std::sync::Arc::new(castellum::metrics::Metrics::new());
-    let one = castellum::config::PoolConfig { max_size: 1, ..Default::default() };
-    let pool = castellum::db::DbPool::build(&config, &one, "issuance", metrics).unwrap();
+    let pool = issuance_pool(&db, 1);
     let mut conn = pool.get().unwrap();
     for round in 0..8i64 {
         let serials: Vec<String> = (0..3).map(|i| format!("01{round:02}{i:02}")).collect();
-        let ahead: Vec<WriteOp> = serials
-            .iter()
-            .map(|serial| {
-                WriteOp::WriteAhead(Box::new(CertificateRow {
-                    serial: serial.clone(),
-                    ca_id: "ca".into(),
-                    profile: "profile".into(),
-                    client: "client".into(),
-                    request_id: None,
-                    state: CertState::Signing,
-                    tbs_der: vec![0x30],
-                    cert_der: None,
-                    not_before: 1,
-                    not_after: 2,
-                    created_at: 3,
-                    issued_at: None,
-                    revoked_at: None,
-                    revocation_reason: None,
-                    crl_shard: Some(0),
-                }))
-            })
-            .collect();
+        let ahead: Vec<WriteOp> = serials.iter().map(|serial| write_ahead(serial)).collect();
         apply_batch(&mut conn, &ahead).unwrap();
-        let issued: Vec<WriteOp> = serials
-            .iter()
-            .map(|serial| WriteOp::CertificateIssued {
-                serial: serial.clone(),
-                cert_der: vec![0x30, 0x82],
-                at: 4,
-                request_id: None,
-                audit: Box::new(NewAuditEvent {
-                    at: 4,
-                    instance: "me".into(),
-                    actor: "client".into(),
-                    action: "certificate.issue".into(),
-                    target: serial.clone(),
-                    outcome: "ok".into(),
-                    detail: String::new(),
-                }),
-                identity: None,
-            })
-            .collect();
-        apply_batch(&mut conn, &issued).unwrap();
+        let signed: Vec<WriteOp> = serials.iter().map(|serial| issued(serial, 4)).collect();
+        apply_batch(&mut conn, &signed).unwrap();
         // A certificate alone: its record and its audit row in one statement.
         let alone = format!("02{round:02}");
         apply_batch(&mut conn, &[write_ahead(&alone)]).unwrap();
-        apply_batch(&mut conn, &[self::issued(&alone, 4)]).unwrap();
+        apply_batch(&mut conn, &[issued(&alone, 4)]).unwrap();
         // An audit writer's tally, appended in a transaction of its own.
         let tally = NewAuditRow {
             at: 5,
@@ -359,10 +329,7 @@ fn issued(serial: &str, at: i64) -> WriteOp {
 /// at all: a batch with a write-ahead record whose serial is stored already writes none of its
 /// rows; then one certificate, then a batch mixing every kind, are written row for row.
 fn batches_are_written_whole_or_not_at_all(db: &TestDb) {
-    castellum::db::migrate::run(&db.url).expect("migrated");
-    let config = castellum::config::DatabaseConfig { url: db.url.clone(), ..Default::default() };
-    let metrics = std::sync::Arc::new(castellum::metrics::Metrics::new());
-    let pool = castellum::db::DbPool::build(&config, &Default::default(), "issuance", metrics).unwrap();
+    let pool = issuance_pool(db, 10);
     let mut conn = pool.get().unwrap();
     apply_batch(&mut conn, &[write_ahead("0101"), write_ahead("0102")]).unwrap();
     let certificates = |db: &TestDb| {
@@ -414,12 +381,8 @@ fn batches_are_written_whole_or_not_at_all(db: &TestDb) {
     );
 }
 
-#[test]
-fn batches_are_written_whole_or_not_at_all_on_sqlite() {
-    batches_are_written_whole_or_not_at_all(&TestDb::sqlite());
-}
-
-#[test]
-fn batches_are_written_whole_or_not_at_all_on_postgresql() {
-    batches_are_written_whole_or_not_at_all(&TestDb::postgres());
-}
+on_both_backends!(
+    batches_are_written_whole_or_not_at_all:
+        batches_are_written_whole_or_not_at_all_on_sqlite,
+        batches_are_written_whole_or_not_at_all_on_postgresql
+);
