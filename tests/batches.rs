@@ -364,6 +364,21 @@ fn batches_are_written_whole_or_not_at_all(db: &TestDb) {
         assert!(audit(db).is_empty(), "nor its audit rows");
     }
 
+    // One certificate whose audit row the database refuses: its record stays as it was (on
+    // PostgreSQL the update and the insert are one statement).
+    let refuse = match db.postgres {
+        true => "ALTER TABLE audit_log ADD CONSTRAINT refuse_boom CHECK (target <> 'boom')",
+        false => {
+            "CREATE TRIGGER refuse_boom BEFORE INSERT ON audit_log WHEN NEW.target = 'boom' \
+                  BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        }
+    };
+    sql::execute(db, refuse);
+    apply_batch(&mut conn, &[write_ahead("boom")]).unwrap();
+    assert!(apply_batch(&mut conn, &[issued("boom", 15)]).is_err(), "its audit row is refused");
+    assert_eq!(certificates(db)[2], signing("boom"), "so its record is not marked issued");
+    sql::execute(db, "DELETE FROM certificates WHERE serial = 'boom'");
+
     let outcomes = apply_batch(&mut conn, &[issued("0101", 20)]).unwrap();
     assert!(matches!(outcomes[..], [WriteOutcome::Done]));
     assert_eq!(certificates(db), [issued_as("0101", 20), signing("0102")]);

@@ -14,8 +14,8 @@ use crate::states::{CaState, CertState, ProfileState, RequestMode, RequestState}
 use crate::{with_conn, write_transaction};
 
 /// Apply a batch in one transaction (one commit, one fsync on SQLite). On PostgreSQL a batch of
-/// write-ahead records, signed certificates and audit rows is one statement instead, without
-/// `BEGIN` and `COMMIT` around it (`one_statement.rs`).
+/// write-ahead records alone, or of one signed certificate with no stored request or identity,
+/// is one statement instead, without `BEGIN` and `COMMIT` around it (`one_statement.rs`).
 pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcome>, DbError> {
     if let DbConn::Postgres(pg) = conn {
         let mut ahead = Vec::new();

@@ -29,9 +29,9 @@ impl Evidence {
         let conn = match url.strip_prefix("sqlite://") {
             Some(path) => SqliteConnection::establish(path).map(Conn::Sqlite),
             // Named, so the drill's connection counts leave it out.
-            None => PgConnection::establish(&format!(
-                "{url}{}connect_timeout=5&application_name={EVIDENCE_APP}",
-                if url.contains('?') { '&' } else { '?' }
+            None => PgConnection::establish(&super::target::with_parameter(
+                url,
+                &format!("connect_timeout=5&application_name={EVIDENCE_APP}"),
             ))
             .map(Conn::Postgres),
         };

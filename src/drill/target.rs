@@ -15,11 +15,29 @@ use super::DrillError;
 pub const EVIDENCE_APP: &str = "castellum-drill-evidence";
 
 /// The URL of database `name` on the server of `server_url` (which names no database), its
-/// parameters (`?sslmode=disable`) kept after the path.
+/// parameters (`?sslmode=disable`) kept after the path. One trailing slash of a host goes; a
+/// URL without a host (`postgres://?host=/run/postgresql`) keeps its `//`.
 fn on_database(server_url: &str, name: &str) -> String {
-    match server_url.split_once('?') {
-        Some((server, parameters)) => format!("{}/{name}?{parameters}", server.trim_end_matches('/')),
-        None => format!("{}/{name}", server_url.trim_end_matches('/')),
+    let (server, parameters) = match server_url.split_once('?') {
+        Some((server, parameters)) => (server, parameters),
+        None => (server_url, ""),
+    };
+    let server = match server.strip_suffix('/') {
+        Some(trimmed) if !trimmed.ends_with('/') => trimmed,
+        _ => server,
+    };
+    match parameters {
+        "" => format!("{server}/{name}"),
+        _ => format!("{server}/{name}?{parameters}"),
+    }
+}
+
+/// `url` with one more parameter (`key=value`), whether it has parameters already or not.
+pub(crate) fn with_parameter(url: &str, parameter: &str) -> String {
+    match url.split_once('?') {
+        Some((_, "")) => format!("{url}{parameter}"),
+        Some(_) => format!("{url}&{parameter}"),
+        None => format!("{url}?{parameter}"),
     }
 }
 
@@ -111,10 +129,9 @@ impl PgProbe {
         }
         if admin.is_none() {
             *admin = Some(
-                PgConnection::establish(&format!(
-                    "{}{}connect_timeout=5",
-                    on_database(&self.admin_url, "postgres"),
-                    if self.admin_url.contains('?') { '&' } else { '?' }
+                PgConnection::establish(&with_parameter(
+                    &on_database(&self.admin_url, "postgres"),
+                    "connect_timeout=5",
                 ))
                 .map_err(|e| e.to_string())?,
             );
@@ -538,5 +555,10 @@ mod tests {
             super::on_database("postgres://u@h:1?sslmode=disable&application_name=x", "d"),
             "postgres://u@h:1/d?sslmode=disable&application_name=x"
         );
+        assert_eq!(super::on_database("postgres://", "d"), "postgres:///d");
+        assert_eq!(super::on_database("postgres://?host=/run/postgresql", "d"), "postgres:///d?host=/run/postgresql");
+        assert_eq!(super::with_parameter("postgres://h/d", "a=1"), "postgres://h/d?a=1");
+        assert_eq!(super::with_parameter("postgres://h/d?", "a=1"), "postgres://h/d?a=1");
+        assert_eq!(super::with_parameter("postgres://h/d?b=2", "a=1"), "postgres://h/d?b=2&a=1");
     }
 }
