@@ -133,7 +133,7 @@ fn check_config_with(text: &str, args: &[&str]) -> (Option<i32>, String) {
 /// A setting as the server reports it, read with `psql` (not castellum's own query).
 fn server_setting(name: &str) -> u32 {
     let out = std::process::Command::new("psql")
-        .args([&format!("{}/postgres", postgres_admin_url()), "-qtAc", &format!("SHOW {name}")])
+        .args([&on_database(&postgres_admin_url(), "postgres"), "-qtAc", &format!("SHOW {name}")])
         .output()
         .expect("psql runs");
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or_else(|_| panic!("SHOW {name}: {out:?}"))
@@ -176,7 +176,7 @@ fn instances_are_checked_against_the_servers_own_limits() {
 fn a_roles_connection_limit_bounds_the_instances() {
     let db = TestDb::postgres();
     let role = format!("castellum_check_{}", uuid::Uuid::new_v4().simple());
-    let admin = format!("{}/postgres", postgres_admin_url());
+    let admin = on_database(&postgres_admin_url(), "postgres");
     let psql = |sql: &str| {
         let out = std::process::Command::new("psql").args([&admin, "-qtAc", sql]).output().unwrap();
         assert!(out.status.success(), "{sql}: {out:?}");

@@ -37,8 +37,17 @@ pub fn postgres_admin_url() -> String {
     std::env::var("CASTELLUM_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
+/// The URL of `database` on the server of `server_url`, its parameters (`?sslmode=disable`) kept
+/// after the path.
+pub fn on_database(server_url: &str, database: &str) -> String {
+    match server_url.split_once('?') {
+        Some((server, parameters)) => format!("{server}/{database}?{parameters}"),
+        None => format!("{server_url}/{database}"),
+    }
+}
+
 fn postgres_admin() -> PgConnection {
-    let url = format!("{}/postgres", postgres_admin_url());
+    let url = on_database(&postgres_admin_url(), "postgres");
     PgConnection::establish(&url).unwrap_or_else(|e| {
         panic!("PostgreSQL is required for this test and is not reachable at {url}: {e}. `.ci/run` starts it.")
     })
@@ -56,7 +65,7 @@ impl TestDb {
         diesel::sql_query(format!("CREATE DATABASE {name}"))
             .execute(&mut postgres_admin())
             .expect("create test database");
-        TestDb { url: format!("{}/{name}", postgres_admin_url()), name, postgres: true, _dir: None }
+        TestDb { url: on_database(&postgres_admin_url(), &name), name, postgres: true, _dir: None }
     }
 
     pub fn admin(&self) -> PgConnection {
@@ -322,7 +331,7 @@ impl LimitedDb {
         diesel::sql_query(format!("CREATE ROLE {role} LOGIN CONNECTION LIMIT {limit}")).execute(&mut admin).unwrap();
         diesel::sql_query(format!("CREATE DATABASE {name} OWNER {role}")).execute(&mut admin).unwrap();
         let base = postgres_admin_url().replacen("postgres://postgres@", &format!("postgres://{role}@"), 1);
-        let db = TestDb { url: format!("{base}/{name}"), name, postgres: true, _dir: None };
+        let db = TestDb { url: on_database(&base, &name), name, postgres: true, _dir: None };
         LimitedDb { db, role }
     }
 }

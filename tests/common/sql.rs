@@ -14,7 +14,7 @@ pub enum RawConn {
 
 pub fn connect(db: &TestDb) -> RawConn {
     if db.postgres || db.url.starts_with("postgres") {
-        let url = format!("{}/{}", postgres_admin_url(), db.name);
+        let url = super::on_database(&postgres_admin_url(), &db.name);
         RawConn::Postgres(PgConnection::establish(&url).unwrap_or_else(|e| panic!("raw connection to {url}: {e}")))
     } else {
         let path = db.url.strip_prefix("sqlite://").unwrap_or_else(|| panic!("not a sqlite:// URL: {}", db.url));
