@@ -59,11 +59,34 @@ fn postgres_url_with_timeout(url: &str) -> String {
     let mut url = url.to_string();
     for (param, value) in [("connect_timeout", "2"), ("tcp_user_timeout", "5000"), ("keepalives_idle", "5")] {
         if !url.contains(&format!("{param}=")) {
-            url.push(if url.contains('?') { '&' } else { '?' });
-            url.push_str(&format!("{param}={value}"));
+            url = with_parameter(&url, &format!("{param}={value}"));
         }
     }
     url
+}
+
+/// `url` with one more parameter (`key=value`), whether it has parameters already or not.
+pub fn with_parameter(url: &str, parameter: &str) -> String {
+    match url.split_once('?') {
+        Some((_, "")) => format!("{url}{parameter}"),
+        Some(_) => format!("{url}&{parameter}"),
+        None => format!("{url}?{parameter}"),
+    }
+}
+
+/// The URL of database `name` on the PostgreSQL server of `server_url` (which names no
+/// database), its parameters (`?sslmode=disable`) kept after the path. One trailing slash of a
+/// host goes; a URL without a host (`postgres://?host=/run/postgresql`) keeps its `//`.
+pub fn on_database(server_url: &str, name: &str) -> String {
+    let (server, parameters) = server_url.split_once('?').unwrap_or((server_url, ""));
+    let server = match server.strip_suffix('/') {
+        Some(trimmed) if !trimmed.ends_with('/') => trimmed,
+        _ => server,
+    };
+    match parameters {
+        "" => format!("{server}/{name}"),
+        _ => format!("{server}/{name}?{parameters}"),
+    }
 }
 
 /// A connection of its own, outside every pool: only [`crate::config::Sabotage::ConnectionPerRequest`]
@@ -364,5 +387,26 @@ impl Pools {
                 .get_or_create(&metrics::pool(pool.name))
                 .set(i64::from(state.connections - state.idle_connections));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_database_is_named_before_the_servers_parameters() {
+        assert_eq!(
+            super::on_database("postgres://postgres@127.0.0.1:5432", "d"),
+            "postgres://postgres@127.0.0.1:5432/d"
+        );
+        assert_eq!(super::on_database("postgres://u@h:1/", "d"), "postgres://u@h:1/d");
+        assert_eq!(
+            super::on_database("postgres://u@h:1?sslmode=disable&application_name=x", "d"),
+            "postgres://u@h:1/d?sslmode=disable&application_name=x"
+        );
+        assert_eq!(super::on_database("postgres://", "d"), "postgres:///d");
+        assert_eq!(super::on_database("postgres://?host=/run/postgresql", "d"), "postgres:///d?host=/run/postgresql");
+        assert_eq!(super::with_parameter("postgres://h/d", "a=1"), "postgres://h/d?a=1");
+        assert_eq!(super::with_parameter("postgres://h/d?", "a=1"), "postgres://h/d?a=1");
+        assert_eq!(super::with_parameter("postgres://h/d?b=2", "a=1"), "postgres://h/d?b=2&a=1");
     }
 }

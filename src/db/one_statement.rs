@@ -23,7 +23,6 @@ use diesel::query_builder::{AstPass, QueryFragment};
 use diesel::sql_types::{BigInt, Binary, Text};
 
 use super::audit::{AuditEntry, InsertAudit};
-use super::models::CertificateRow;
 use super::unnest::{kept_prepared, InsertCertificates};
 use super::writes::WriteOp;
 use crate::states::CertState;
@@ -35,9 +34,8 @@ pub enum OneStatement<'a> {
 }
 
 impl<'a> OneStatement<'a> {
-    /// The statement for `ops`, or `None` if they need a transaction. `ahead` holds the
-    /// write-ahead records for the statement to borrow.
-    pub fn of(ops: &'a [WriteOp], ahead: &'a mut Vec<&'a CertificateRow>) -> Option<OneStatement<'a>> {
+    /// The statement for `ops`, or `None` if they need a transaction.
+    pub fn of(ops: &'a [WriteOp]) -> Option<OneStatement<'a>> {
         match ops {
             [WriteOp::CertificateIssued { serial, cert_der, at, request_id: None, audit, identity: None }] => {
                 Some(OneStatement::Issued(IssuedWithAudit {
@@ -48,16 +46,14 @@ impl<'a> OneStatement<'a> {
                 }))
             }
             [] => None,
-            _ => {
-                for op in ops {
-                    match op {
-                        WriteOp::WriteAhead(row) => ahead.push(row),
-                        _ => return None,
-                    }
-                }
-                let ahead: &'a [&'a CertificateRow] = ahead;
-                Some(OneStatement::WriteAhead(InsertCertificates::new(ahead)))
+            _ if ops.iter().all(|op| matches!(op, WriteOp::WriteAhead(_))) => {
+                let rows = ops.iter().filter_map(|op| match op {
+                    WriteOp::WriteAhead(row) => Some(row.as_ref()),
+                    _ => None,
+                });
+                Some(OneStatement::WriteAhead(InsertCertificates::new(rows)))
             }
+            _ => None,
         }
     }
 

@@ -18,8 +18,7 @@ use crate::{with_conn, write_transaction};
 /// is one statement instead, without `BEGIN` and `COMMIT` around it (`one_statement.rs`).
 pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcome>, DbError> {
     if let DbConn::Postgres(pg) = conn {
-        let mut ahead = Vec::new();
-        if let Some(statement) = OneStatement::of(ops, &mut ahead) {
+        if let Some(statement) = OneStatement::of(ops) {
             statement.execute(pg)?;
             return Ok(vec![WriteOutcome::Done; ops.len()]);
         }
@@ -40,7 +39,7 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
                         outcomes[i] = WriteOutcome::Conflict;
                     }
                 }
-                WriteOp::WriteAhead(row) => ahead.push(row.as_ref().clone()),
+                WriteOp::WriteAhead(row) => ahead.push(row.as_ref()),
                 WriteOp::Audit(event) => audit.push(event.clone()),
                 WriteOp::CertificateIssued { audit: event, identity, .. } => {
                     audit.push(event.as_ref().clone());
@@ -130,12 +129,12 @@ pub fn apply_batch(conn: &mut DbConn, ops: &[WriteOp]) -> Result<Vec<WriteOutcom
 /// each time: 3% of the engine's CPU at c=64). PostgreSQL: one statement, one round trip, its
 /// rows bound as arrays (`unnest.rs`), prepared once.
 trait InsertWriteAhead {
-    fn insert_write_ahead(&mut self, rows: &[CertificateRow]) -> QueryResult<()>;
+    fn insert_write_ahead(&mut self, rows: &[&CertificateRow]) -> QueryResult<()>;
 }
 
 impl InsertWriteAhead for diesel::SqliteConnection {
-    fn insert_write_ahead(&mut self, rows: &[CertificateRow]) -> QueryResult<()> {
-        for row in rows {
+    fn insert_write_ahead(&mut self, rows: &[&CertificateRow]) -> QueryResult<()> {
+        for &row in rows {
             diesel::insert_into(certificates::table).values(row).execute(self)?;
         }
         Ok(())
@@ -143,9 +142,9 @@ impl InsertWriteAhead for diesel::SqliteConnection {
 }
 
 impl InsertWriteAhead for diesel::PgConnection {
-    fn insert_write_ahead(&mut self, rows: &[CertificateRow]) -> QueryResult<()> {
+    fn insert_write_ahead(&mut self, rows: &[&CertificateRow]) -> QueryResult<()> {
         if !rows.is_empty() {
-            super::unnest::InsertCertificates::new(rows).execute(self)?;
+            super::unnest::InsertCertificates::new(rows.iter().copied()).execute(self)?;
         }
         Ok(())
     }

@@ -81,8 +81,8 @@ pub struct InsertCertificates<'a> {
 }
 
 impl<'a> InsertCertificates<'a> {
-    pub fn new<R: std::borrow::Borrow<CertificateRow>>(rows: &'a [R]) -> InsertCertificates<'a> {
-        let rows = || rows.iter().map(|r| r.borrow());
+    pub fn new(rows: impl Iterator<Item = &'a CertificateRow> + Clone) -> InsertCertificates<'a> {
+        let rows = || rows.clone();
         InsertCertificates {
             serial: rows().map(|r| r.serial.as_str()).collect(),
             ca_id: rows().map(|r| r.ca_id.as_str()).collect(),

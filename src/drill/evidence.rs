@@ -29,7 +29,7 @@ impl Evidence {
         let conn = match url.strip_prefix("sqlite://") {
             Some(path) => SqliteConnection::establish(path).map(Conn::Sqlite),
             // Named, so the drill's connection counts leave it out.
-            None => PgConnection::establish(&super::target::with_parameter(
+            None => PgConnection::establish(&crate::db::with_parameter(
                 url,
                 &format!("connect_timeout=5&application_name={EVIDENCE_APP}"),
             ))

@@ -9,37 +9,11 @@ use std::time::{Duration, Instant};
 use diesel::{Connection, PgConnection, RunQueryDsl};
 
 use super::DrillError;
+use crate::db::{on_database, with_parameter};
 
 /// The `application_name` of the drill's own PostgreSQL connections (its evidence reads), which
 /// the connection counts leave out.
 pub const EVIDENCE_APP: &str = "castellum-drill-evidence";
-
-/// The URL of database `name` on the server of `server_url` (which names no database), its
-/// parameters (`?sslmode=disable`) kept after the path. One trailing slash of a host goes; a
-/// URL without a host (`postgres://?host=/run/postgresql`) keeps its `//`.
-fn on_database(server_url: &str, name: &str) -> String {
-    let (server, parameters) = match server_url.split_once('?') {
-        Some((server, parameters)) => (server, parameters),
-        None => (server_url, ""),
-    };
-    let server = match server.strip_suffix('/') {
-        Some(trimmed) if !trimmed.ends_with('/') => trimmed,
-        _ => server,
-    };
-    match parameters {
-        "" => format!("{server}/{name}"),
-        _ => format!("{server}/{name}?{parameters}"),
-    }
-}
-
-/// `url` with one more parameter (`key=value`), whether it has parameters already or not.
-pub(crate) fn with_parameter(url: &str, parameter: &str) -> String {
-    match url.split_once('?') {
-        Some((_, "")) => format!("{url}{parameter}"),
-        Some(_) => format!("{url}&{parameter}"),
-        None => format!("{url}?{parameter}"),
-    }
-}
 
 /// A database made for one drill and removed after it.
 pub enum DrillDb {
@@ -540,25 +514,4 @@ pub fn ca_entry<'a>(config: &'a mut toml::Table, ca: &str) -> &'a mut toml::Tabl
         .filter_map(|v| v.as_table_mut())
         .find(|t| t.get("id").and_then(|v| v.as_str()) == Some(ca))
         .expect("CA in the dev configuration")
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_database_is_named_before_the_servers_parameters() {
-        assert_eq!(
-            super::on_database("postgres://postgres@127.0.0.1:5432", "d"),
-            "postgres://postgres@127.0.0.1:5432/d"
-        );
-        assert_eq!(super::on_database("postgres://u@h:1/", "d"), "postgres://u@h:1/d");
-        assert_eq!(
-            super::on_database("postgres://u@h:1?sslmode=disable&application_name=x", "d"),
-            "postgres://u@h:1/d?sslmode=disable&application_name=x"
-        );
-        assert_eq!(super::on_database("postgres://", "d"), "postgres:///d");
-        assert_eq!(super::on_database("postgres://?host=/run/postgresql", "d"), "postgres:///d?host=/run/postgresql");
-        assert_eq!(super::with_parameter("postgres://h/d", "a=1"), "postgres://h/d?a=1");
-        assert_eq!(super::with_parameter("postgres://h/d?", "a=1"), "postgres://h/d?a=1");
-        assert_eq!(super::with_parameter("postgres://h/d?b=2", "a=1"), "postgres://h/d?b=2&a=1");
-    }
 }

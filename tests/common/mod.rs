@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use castellum::config::Config;
 use castellum::Engine;
+
+pub use castellum::db::on_database;
 use diesel::prelude::*;
 use openssl::hash::MessageDigest;
 use openssl::pkey::{PKey, Private};
@@ -35,15 +37,6 @@ pub struct TestDb {
 
 pub fn postgres_admin_url() -> String {
     std::env::var("CASTELLUM_TEST_PG").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
-}
-
-/// The URL of `database` on the server of `server_url`, its parameters (`?sslmode=disable`) kept
-/// after the path.
-pub fn on_database(server_url: &str, database: &str) -> String {
-    match server_url.split_once('?') {
-        Some((server, parameters)) => format!("{server}/{database}?{parameters}"),
-        None => format!("{server_url}/{database}"),
-    }
 }
 
 fn postgres_admin() -> PgConnection {
