@@ -4,8 +4,10 @@
 //! re-checked) → record the certificate, its request and the audit event (the signer hands it to
 //! the store) → reply. No certificate can exist that the database does not know.
 
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::oneshot;
 
 use super::job::{Caller, Job};
 use super::signer::{NotIssued, Sign, SignerHandle};
@@ -94,9 +96,10 @@ impl Pipeline {
                 identity,
             }
         });
-        let (reply, signed) = tokio::sync::oneshot::channel();
-        let (started, key_operation) = tokio::sync::oneshot::channel();
-        let sign = Sign { tbs: prepared.tbs, deadline, store: p.store.clone(), record, started, reply };
+        let (reply, signed) = oneshot::channel();
+        let started = Arc::new(OnceLock::new());
+        let sign =
+            Sign { tbs: prepared.tbs, deadline, store: p.store.clone(), record, started: started.clone(), reply };
         tracing::debug!(serial = %serial, "recording the certificate before signing");
         if p.sabotage.has(Sabotage::SlowInteractiveSigning) && job.profile.lane == Lane::Interactive {
             p.store.write(write_ahead).await?;
@@ -117,23 +120,19 @@ impl Pipeline {
                 }
             });
         }
-        // Waiting for the record's commit and for a signer thread is the queues' business
-        // (deadlines bound it); the time the key itself takes is counted from when the operation
-        // starts.
-        if tokio::time::timeout_at(deadline.into(), key_operation).await.is_err() {
-            // Not recorded, or no signer thread free, before the deadline (they may all be hung
-            // on the token). Nobody waits for the reply now, so the signer will not sign it (and a
-            // record committed after this is abandoned again once it is).
-            p.store.write_detached(WriteOp::CertificateAbandoned { serial });
-            return Err(super::job::deadline_exceeded());
-        }
-        // A key operation that does not end (a hung token) fails this signature, so that the
-        // CA's breaker sees it; its thread is one of this CA's own, and whatever it signs later
-        // is dropped unrecorded (nobody waits for it any more). The timeout also covers the
-        // commit that follows the signature, which the Store bounds far below it.
-        let answered = match tokio::time::timeout(p.sign_timeout, signed).await {
+        let answered = match wait_for_signature(signed, &started, deadline, p.sign_timeout).await {
             Ok(answered) => answered,
-            Err(_) => {
+            Err(Unanswered::NotStarted) => {
+                // Not recorded, or no signer thread free, before the deadline (they may all be
+                // hung on the token). Nobody waits for the reply now, so the signer will not sign
+                // it (and a record committed after this is abandoned again once it is).
+                p.store.write_detached(WriteOp::CertificateAbandoned { serial });
+                return Err(super::job::deadline_exceeded());
+            }
+            Err(Unanswered::Hung) => {
+                // A key operation that does not end (a hung token) fails this signature, so that
+                // the CA's breaker sees it; its thread is one of this CA's own, and whatever it
+                // signs later is dropped unrecorded (nobody waits for it any more).
                 p.store.write_detached(WriteOp::CertificateAbandoned { serial });
                 return Err(EngineError::SignerFailure {
                     ca: p.ca.id.clone(),
@@ -189,6 +188,45 @@ impl Pipeline {
             at: now_ms(),
             claimed_until: None,
         });
+    }
+}
+
+/// Why waiting for a signature ended without an answer.
+enum Unanswered {
+    /// The key operation had not started by the deadline: the record's commit or a free signer
+    /// thread took too long.
+    NotStarted,
+    /// The key operation started and did not end within `sign_timeout` (a hung token).
+    Hung,
+}
+
+/// The signer's answer, waited for until the deadline while the job waits for its record's
+/// commit and a signer thread (the queues' business, which deadlines bound), and then for
+/// `sign_timeout` from the moment the key operation started. The timeout also covers the commit
+/// that follows the signature, which the Store bounds far below it.
+///
+/// The signer marks that moment in `started` without waking this thread (a message would wake
+/// the cell once more per issuance); the timer reads it. While the operation has not started the
+/// timer fires at least every half `sign_timeout`, so a hung operation is judged
+/// `sign_timeout` after it started, as if it had been told.
+async fn wait_for_signature(
+    mut signed: oneshot::Receiver<Result<Vec<u8>, NotIssued>>,
+    started: &OnceLock<Instant>,
+    deadline: Instant,
+    sign_timeout: Duration,
+) -> Result<Result<Result<Vec<u8>, NotIssued>, oneshot::error::RecvError>, Unanswered> {
+    let recheck = (sign_timeout / 2).max(Duration::from_millis(10));
+    loop {
+        let now = Instant::now();
+        let until = match started.get() {
+            Some(&at) if now >= at + sign_timeout => return Err(Unanswered::Hung),
+            Some(&at) => at + sign_timeout,
+            None if now >= deadline => return Err(Unanswered::NotStarted),
+            None => deadline.min(now + recheck),
+        };
+        if let Ok(answered) = tokio::time::timeout_at(until.into(), &mut signed).await {
+            return Ok(answered);
+        }
     }
 }
 
@@ -438,6 +476,31 @@ mod tests {
         );
         let soon = Instant::now() + Duration::from_millis(200);
         assert!(f.pipeline.run(&job("interactive", soon, None)).await.is_ok(), "signed late, as the defect says");
+    }
+
+    /// A key operation that does not end fails `sign_timeout` after it started: the time the job
+    /// waited for a signer thread is not held against the key, and the failure does not wait for
+    /// the operation (or the deadline) to end.
+    #[actix_rt::test]
+    async fn a_hung_key_operation_fails_sign_timeout_after_it_started() {
+        let faults = Faults {
+            sign_latency: Some(Duration::from_millis(300)),
+            key_stall: Some(Duration::from_secs(3)),
+            ..Faults::default()
+        };
+        let mut f = fixture(faults, &[]);
+        f.pipeline.sign_timeout = Duration::from_millis(200);
+        let started = Instant::now();
+        match f.pipeline.run(&job("interactive", in_secs(6), None)).await {
+            Err(EngineError::SignerFailure { reason, .. }) => {
+                assert!(reason.contains("no signature within 200 ms"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let took = started.elapsed();
+        // 300 ms before the operation starts, then 200 ms of it.
+        assert!(took >= Duration::from_millis(490), "counted from before the operation started: {took:?}");
+        assert!(took < Duration::from_millis(1500), "judged late: {took:?}");
     }
 
     #[actix_rt::test]

@@ -8,7 +8,7 @@
 //! committed.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -76,8 +76,10 @@ pub struct Sign {
     pub deadline: Instant,
     pub store: StoreHandle,
     pub record: Record,
-    /// Told when the key operation starts (the time it may take is counted from there).
-    pub started: oneshot::Sender<()>,
+    /// When the key operation started (the time it may take is counted from there): set, not
+    /// sent, so the cell's thread is not woken for it (whoever waits reads it when its timer
+    /// fires).
+    pub started: Arc<OnceLock<Instant>>,
     pub reply: oneshot::Sender<Result<Vec<u8>, NotIssued>>,
 }
 
@@ -106,7 +108,7 @@ impl Signer {
         if msg.reply.is_closed() {
             return;
         }
-        let _ = msg.started.send(());
+        let _ = msg.started.set(Instant::now());
         match self.sign(&msg.tbs, msg.deadline) {
             // Looked at again: the cell may have crashed while the key worked. The signature is
             // dropped unrecorded; its write-ahead record stays `signing` until the resumer's

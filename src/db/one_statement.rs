@@ -92,3 +92,94 @@ impl QueryFragment<Pg> for IssuedWithAudit<'_> {
         self.audit.walk_ast(out.reborrow())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::models::{CertificateRow, IdentityRow, NewAuditEvent};
+    use crate::states::IdentityState;
+
+    fn ahead(serial: &str) -> WriteOp {
+        WriteOp::WriteAhead(Box::new(CertificateRow {
+            serial: serial.into(),
+            ca_id: "ica-p256".into(),
+            profile: "p".into(),
+            client: "c".into(),
+            request_id: None,
+            state: CertState::Signing,
+            tbs_der: vec![0x30, 0x00],
+            cert_der: None,
+            not_before: 0,
+            not_after: 1,
+            created_at: 0,
+            issued_at: None,
+            revoked_at: None,
+            revocation_reason: None,
+            crl_shard: None,
+        }))
+    }
+
+    fn issued(serial: &str, request_id: Option<&str>, identity: bool) -> WriteOp {
+        let identity = identity.then(|| {
+            Box::new(IdentityRow {
+                id: "i".into(),
+                client: "c".into(),
+                profile: "p".into(),
+                ca_id: "ica-p256".into(),
+                serial: serial.into(),
+                key_type: "ecdsa-p256".into(),
+                signature_scheme: "ecdsa-sha256".into(),
+                state: IdentityState::Active,
+                sealed_key: None,
+                kek_id: "k".into(),
+                uses: 0,
+                max_uses: 1,
+                created_at: 0,
+                expires_at: 1,
+                destroyed_at: None,
+                destroy_reason: None,
+            })
+        });
+        WriteOp::CertificateIssued {
+            serial: serial.into(),
+            cert_der: vec![0x30, 0x00],
+            at: 1,
+            request_id: request_id.map(String::from),
+            audit: Box::new(NewAuditEvent {
+                at: 1,
+                instance: "i".into(),
+                actor: "c".into(),
+                action: "certificate.issue".into(),
+                target: serial.into(),
+                outcome: "issued".into(),
+                detail: String::new(),
+            }),
+            identity,
+        }
+    }
+
+    /// Which statement a batch gets, by name (`None`: a transaction).
+    fn statement(ops: &[WriteOp]) -> Option<&'static str> {
+        OneStatement::of(ops).map(|s| match s {
+            OneStatement::WriteAhead(_) => "write-ahead",
+            OneStatement::Issued(_) => "issued",
+        })
+    }
+
+    /// The batches written without a transaction are exactly the two named: anything else a
+    /// batch holds (a stored request to update, an identity to insert, a second certificate)
+    /// needs several statements, and so a transaction.
+    #[test]
+    fn only_the_two_common_batches_skip_the_transaction() {
+        assert_eq!(statement(&[ahead("a")]), Some("write-ahead"));
+        assert_eq!(statement(&[ahead("a"), ahead("b"), ahead("c")]), Some("write-ahead"));
+        assert_eq!(statement(&[issued("a", None, false)]), Some("issued"));
+
+        assert_eq!(statement(&[]), None);
+        assert_eq!(statement(&[issued("a", Some("r"), false)]), None, "its request is updated too");
+        assert_eq!(statement(&[issued("a", None, true)]), None, "its identity is inserted too");
+        assert_eq!(statement(&[issued("a", None, false), issued("b", None, false)]), None);
+        assert_eq!(statement(&[ahead("a"), issued("b", None, false)]), None);
+        assert_eq!(statement(&[ahead("a"), WriteOp::CertificateAbandoned { serial: "b".into() }]), None);
+    }
+}
