@@ -143,20 +143,26 @@ impl Evidence {
         instance: &str,
         within: std::time::Duration,
     ) -> Result<bool, DrillError> {
+        let until = std::time::Instant::now() + within;
+        while std::time::Instant::now() < until {
+            if self.keyed_attempt_recorded(instance)? {
+                return Ok(true);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        Ok(false)
+    }
+
+    /// Whether `instance` holds a synchronous keyed attempt whose write-ahead record is
+    /// committed and not yet signed, now.
+    pub fn keyed_attempt_recorded(&mut self, instance: &str) -> Result<bool, DrillError> {
         let sql = format!(
             "SELECT count(*) AS n FROM requests r JOIN certificates c ON c.request_id = r.id \
              WHERE r.claimed_by = {} AND r.mode = 'sync' AND r.state = 'pending' \
              AND r.idempotency_key IS NOT NULL AND c.state = 'signing'",
             quoted([instance])?
         );
-        let until = std::time::Instant::now() + within;
-        while std::time::Instant::now() < until {
-            if self.count(&sql)? > 0 {
-                return Ok(true);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-        Ok(false)
+        Ok(self.count(&sql)? > 0)
     }
 
     /// Of these requests: how many are issued, and how many issued certificates name them.

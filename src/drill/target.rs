@@ -300,6 +300,16 @@ impl Target {
         (None, started.elapsed())
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`): every thread of the process stops where it is, or
+    /// goes on. A stopped process is killed as it stands.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(child) = &self.child {
+            let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+            // SAFETY: sending a signal to our own child process.
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+    }
+
     /// SIGKILL: the process dies at once, with whatever it had in flight.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
