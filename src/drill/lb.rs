@@ -304,8 +304,8 @@ async fn kill_9(
             break;
         }
         instances[index].freeze(true);
-        // A commit the instance sent before it stopped lands meanwhile.
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // A statement the instance sent before it stopped is committed meanwhile.
+        tokio::time::sleep(Duration::from_millis(50)).await;
         caught = Evidence::read(session.target.db.as_ref(), |e| e.keyed_attempt_recorded("castellum-2")).await?;
         if !caught {
             instances[index].freeze(false);
