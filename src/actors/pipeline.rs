@@ -139,8 +139,9 @@ impl Pipeline {
                     reason: format!("no signature within {} ms", p.sign_timeout.as_millis()),
                 });
             }
+            Err(Unanswered::SignerGone) => return Err(EngineError::ShuttingDown),
         };
-        let cert_der = match answered.map_err(|_| EngineError::ShuttingDown)? {
+        let cert_der = match answered {
             Ok(der) => der,
             Err(NotIssued::Unsigned(e)) => {
                 p.store.write_detached(WriteOp::CertificateAbandoned { serial });
@@ -198,6 +199,8 @@ enum Unanswered {
     NotStarted,
     /// The key operation started and did not end within `sign_timeout` (a hung token).
     Hung,
+    /// The job was dropped unanswered: the engine is stopping (its signer or Store threads are gone).
+    SignerGone,
 }
 
 /// The signer's answer, waited for until the deadline while the job waits for its record's
@@ -214,7 +217,7 @@ async fn wait_for_signature(
     started: &OnceLock<Instant>,
     deadline: Instant,
     sign_timeout: Duration,
-) -> Result<Result<Result<Vec<u8>, NotIssued>, oneshot::error::RecvError>, Unanswered> {
+) -> Result<Result<Vec<u8>, NotIssued>, Unanswered> {
     let recheck = (sign_timeout / 2).max(Duration::from_millis(10));
     loop {
         let now = Instant::now();
@@ -225,7 +228,7 @@ async fn wait_for_signature(
             None => deadline.min(now + recheck),
         };
         if let Ok(answered) = tokio::time::timeout_at(until.into(), &mut signed).await {
-            return Ok(answered);
+            return answered.map_err(|_| Unanswered::SignerGone);
         }
     }
 }
