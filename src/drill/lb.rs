@@ -294,26 +294,30 @@ async fn kill_9(
     // the attempt is still unsigned once its threads stand still; otherwise it goes on and the
     // next attempt is watched for.
     let mut caught = false;
-    let watching = Instant::now();
-    while !caught && watching.elapsed() < Duration::from_secs(6) {
-        let recorded = Evidence::read(session.target.db.as_ref(), |e| {
-            e.wait_for_keyed_attempt_recorded("castellum-2", Duration::from_secs(3))
-        })
-        .await?;
+    let watch_until = Instant::now() + Duration::from_secs(6);
+    while !caught && Instant::now() < watch_until {
+        let left = watch_until.saturating_duration_since(Instant::now());
+        let recorded =
+            Evidence::read(session.target.db.as_ref(), move |e| e.wait_for_keyed_attempt_recorded("castellum-2", left))
+                .await?;
         if !recorded {
             break;
         }
         instances[index].freeze(true);
         // A statement the instance sent before it stopped is committed meanwhile.
         tokio::time::sleep(Duration::from_millis(50)).await;
-        caught = Evidence::read(session.target.db.as_ref(), |e| e.keyed_attempt_recorded("castellum-2")).await?;
+        let still_unsigned =
+            Evidence::read(session.target.db.as_ref(), |e| e.keyed_attempt_recorded("castellum-2")).await;
+        caught = matches!(still_unsigned, Ok(true));
         if !caught {
+            // Going on, or failing the drill with an instance that can still be stopped.
             instances[index].freeze(false);
         }
+        still_unsigned?;
     }
     session.mark(match caught {
         true => "SIGKILL castellum-2 (a keyed attempt recorded, not yet signed)",
-        false => "SIGKILL castellum-2 (no keyed attempt caught recorded within 3 s)",
+        false => "SIGKILL castellum-2 (no keyed attempt caught recorded and unsigned within 6 s)",
     });
     let (down_after, exited_after, exit) = stop_watched(lb, index, &mut instances[index], true).await;
     tokio::time::sleep(dead_for.saturating_sub(exited_after)).await;
