@@ -290,8 +290,7 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::config::{DatabaseConfig, PoolConfig};
-    use crate::db::models::CertificateRow;
-    use crate::states::CertState;
+    pub(crate) use crate::db::writes::test_writes::write_ahead;
 
     /// A store on a fresh SQLite file, with `workers` connections; the file's path for SQL.
     pub(crate) fn store(
@@ -319,26 +318,6 @@ pub(crate) mod tests {
         let pool_cfg = PoolConfig { max_size: workers, ..PoolConfig::default() };
         let pool = DbPool::build(&db, &pool_cfg, "issuance", metrics.clone()).expect("pool");
         (StoreHandle::start(pool, max_batch, max_pending, metrics.clone()), path, metrics)
-    }
-
-    pub(crate) fn write_ahead(serial: &str) -> WriteOp {
-        WriteOp::WriteAhead(Box::new(CertificateRow {
-            serial: serial.into(),
-            ca_id: "ica-p256".into(),
-            profile: "p".into(),
-            client: "c".into(),
-            request_id: None,
-            state: CertState::Signing,
-            tbs_der: vec![0x30, 0x00],
-            cert_der: None,
-            not_before: 0,
-            not_after: 1,
-            created_at: 0,
-            issued_at: None,
-            revoked_at: None,
-            revocation_reason: None,
-            crl_shard: None,
-        }))
     }
 
     /// Rows in `certificates`, read with plain SQL on a connection of the test's own.

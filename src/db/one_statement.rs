@@ -96,28 +96,9 @@ impl QueryFragment<Pg> for IssuedWithAudit<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::db::models::{CertificateRow, IdentityRow, NewAuditEvent};
+    use crate::db::models::{IdentityRow, NewAuditEvent};
+    use crate::db::writes::test_writes::write_ahead as ahead;
     use crate::states::IdentityState;
-
-    fn ahead(serial: &str) -> WriteOp {
-        WriteOp::WriteAhead(Box::new(CertificateRow {
-            serial: serial.into(),
-            ca_id: "ica-p256".into(),
-            profile: "p".into(),
-            client: "c".into(),
-            request_id: None,
-            state: CertState::Signing,
-            tbs_der: vec![0x30, 0x00],
-            cert_der: None,
-            not_before: 0,
-            not_after: 1,
-            created_at: 0,
-            issued_at: None,
-            revoked_at: None,
-            revocation_reason: None,
-            crl_shard: None,
-        }))
-    }
 
     fn issued(serial: &str, request_id: Option<&str>, identity: bool) -> WriteOp {
         let identity = identity.then(|| {

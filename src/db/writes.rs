@@ -74,3 +74,31 @@ pub struct IdentityUse {
     pub row: IdentityRow,
     pub destroyed: bool,
 }
+
+/// Writes for unit tests to build batches from.
+#[cfg(test)]
+pub(crate) mod test_writes {
+    use super::*;
+    use crate::states::CertState;
+
+    /// A write-ahead record of `serial` (CA `ica-p256`, profile `p`, client `c`).
+    pub(crate) fn write_ahead(serial: &str) -> WriteOp {
+        WriteOp::WriteAhead(Box::new(CertificateRow {
+            serial: serial.into(),
+            ca_id: "ica-p256".into(),
+            profile: "p".into(),
+            client: "c".into(),
+            request_id: None,
+            state: CertState::Signing,
+            tbs_der: vec![0x30, 0x00],
+            cert_der: None,
+            not_before: 0,
+            not_after: 1,
+            created_at: 0,
+            issued_at: None,
+            revoked_at: None,
+            revocation_reason: None,
+            crl_shard: None,
+        }))
+    }
+}
