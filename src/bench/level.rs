@@ -4,9 +4,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST};
+use hyper::Request;
+
+use super::drive::{drive, loopback_address, Accepts, Pace, Requests};
 use super::support::{process_usage, rows};
 use crate::drill::load::percentile;
 use crate::drill::target::Target;
+use crate::drill::DrillError;
 
 #[derive(Debug, Clone)]
 pub struct Level {
@@ -51,7 +58,8 @@ fn postgres_cpu() -> Option<Duration> {
 /// The profile the issuance bench asks for (ica-p256's).
 pub(super) const P256_PROFILE: &str = "tls-server-p256";
 
-/// One concurrency level: `concurrency` clients asking `profile` for certificates for `length`.
+/// One concurrency level: `concurrency` clients asking `profile` for certificates for `length`,
+/// after a second of warm-up.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn level(
     target: &Target,
@@ -62,62 +70,39 @@ pub(super) async fn level(
     length: Duration,
     expected: &'static [u16],
     postgres: bool,
-) -> Level {
+) -> Result<Level, DrillError> {
+    let addr = loopback_address(target)?;
+    // Every request's bytes made once: the load generator's CPU is taken from the engine's cores.
+    let bodies: Vec<Bytes> = csrs
+        .iter()
+        .map(|csr| Bytes::from(serde_json::json!({"profile": profile, "csr": csr.as_str()}).to_string()))
+        .collect();
+    let authorization = HeaderValue::try_from(format!("Bearer {}", target.api_key))
+        .map_err(|e| DrillError::Setup(format!("the API key is not a header value: {e}")))?;
+    let request: Requests = Arc::new(move |i| {
+        let mut request = Request::post("/v1/certificates")
+            .header(HOST, "127.0.0.1")
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(bodies[i % bodies.len()].clone()))
+            .expect("a valid request");
+        request.headers_mut().insert(AUTHORIZATION, authorization.clone());
+        request
+    });
+    let accepts: Accepts = Arc::new(|status, _| expected.contains(&status));
     let rows_before = rows(target).await;
-    let run = |length: Duration| {
-        let until = Instant::now() + length;
-        let workers: Vec<_> = (0..concurrency)
-            .map(|w| {
-                let (http, base, key) = (target.http.clone(), target.base.clone(), target.api_key.clone());
-                let csrs: Vec<Arc<String>> = csrs.to_vec();
-                tokio::spawn(async move {
-                    let (mut latencies, mut errors, mut i) = (Vec::new(), 0u64, w);
-                    while Instant::now() < until {
-                        let csr = &csrs[i % csrs.len()];
-                        i += concurrency;
-                        let sent = Instant::now();
-                        let resp = http
-                            .post(format!("{base}/v1/certificates"))
-                            .bearer_auth(&key)
-                            .json(&serde_json::json!({"profile": profile, "csr": csr.as_str()}))
-                            .send()
-                            .await;
-                        match resp {
-                            Ok(r) if expected.contains(&r.status().as_u16()) => {
-                                let _ = r.bytes().await;
-                                latencies.push(sent.elapsed());
-                            }
-                            _ => errors += 1,
-                        }
-                    }
-                    (latencies, errors)
-                })
-            })
-            .collect();
-        async move {
-            let mut all = Vec::new();
-            let mut errors = 0;
-            for w in workers {
-                if let Ok((l, e)) = w.await {
-                    all.extend(l);
-                    errors += e;
-                }
-            }
-            (all, errors)
-        }
-    };
-    let _ = run(Duration::from_secs(1)).await; // warm-up
+    let _ = drive(addr, concurrency, Duration::from_secs(1), Pace::Closed, request.clone(), accepts.clone()).await?;
     let before = process_usage(pid).map(|u| u.0).unwrap_or_default();
     let client_before = process_usage(std::process::id()).map(|u| u.0).unwrap_or_default();
     let postgres_before = postgres.then(postgres_cpu).flatten();
     let started = Instant::now();
-    let (mut latencies, errors) = run(length).await;
+    let (samples, errors) = drive(addr, concurrency, length, Pace::Closed, request, accepts).await?;
     let elapsed = started.elapsed();
     let cpu = process_usage(pid).map(|u| u.0).unwrap_or_default().saturating_sub(before);
     let client_cpu = process_usage(std::process::id()).map(|u| u.0).unwrap_or_default().saturating_sub(client_before);
     let postgres_cpu = postgres_before.zip(postgres_cpu()).map(|(before, after)| after.saturating_sub(before));
+    let mut latencies: Vec<Duration> = samples.iter().map(|s| s.service).collect();
     let issued = latencies.len() as u64;
-    Level {
+    Ok(Level {
         concurrency,
         issued,
         errors,
@@ -129,5 +114,5 @@ pub(super) async fn level(
         client_cpu_per_issuance: client_cpu / issued.max(1) as u32,
         postgres_cpu_per_issuance: postgres_cpu.map(|cpu| cpu / issued.max(1) as u32),
         rows_written: rows(target).await.zip(rows_before).map(|(after, before)| after - before),
-    }
+    })
 }

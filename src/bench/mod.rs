@@ -13,6 +13,7 @@ use crate::drill::target::{ca_entry, set, DrillDb, Target};
 use crate::drill::DrillError;
 use crate::pki::{csr, tbs};
 
+mod drive;
 mod level;
 mod ocsp;
 mod prefill;
@@ -166,7 +167,7 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, DrillError> {
         let csrs = p256_csrs(64)?;
         let mut levels = Vec::new();
         for &concurrency in &opts.concurrency {
-            levels.push(level(&target, pid, &csrs, P256_PROFILE, concurrency, opts.duration, expected, postgres).await);
+            levels.push(level(&target, pid, &csrs, P256_PROFILE, concurrency, opts.duration, expected, postgres).await?);
             let l = levels.last().expect("just pushed");
             eprintln!(
                 "  {backend} c={concurrency}: {:.0}/s, p50 {:.2} ms, p99 {:.2} ms, {:.0} µs CPU per {what}, {} database rows written",
@@ -272,14 +273,7 @@ async fn beside_idle_connections(
     expected: &'static [u16],
     postgres: bool,
 ) -> Result<IdleLevel, DrillError> {
-    let addr: std::net::SocketAddr = target
-        .base
-        .trim_start_matches("http://")
-        .parse()
-        .map_err(|e| DrillError::Setup(format!("the engine's address {}: {e}", target.base)))?;
-    if !addr.ip().is_loopback() {
-        return Err(DrillError::Setup("idle connections only to loopback".into()));
-    }
+    let addr = drive::loopback_address(target)?;
     eprintln!("  opening {n} idle keep-alive connections…");
     let opened = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<std::net::TcpStream>> {
         let mut conns = Vec::with_capacity(n);
@@ -295,7 +289,7 @@ async fn beside_idle_connections(
     .await
     .map_err(|e| DrillError::Setup(e.to_string()))??;
     let count = opened.len();
-    let level = level(target, pid, csrs, P256_PROFILE, 64, length, expected, postgres).await;
+    let level = level(target, pid, csrs, P256_PROFILE, 64, length, expected, postgres).await?;
     let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse::<u64>().ok())

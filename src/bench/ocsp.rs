@@ -11,11 +11,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::Request;
-use hyper_util::rt::TokioIo;
 
+use super::drive::{drive, loopback_address, Accepts, Pace, Requests};
 use super::support::{p256_csrs, process_usage, rows, sample};
 use crate::drill::load::percentile;
 use crate::drill::target::Target;
@@ -95,14 +95,7 @@ pub(super) async fn run(
     loads: Loads<'_>,
 ) -> Result<OcspReport, DrillError> {
     let Loads { concurrency, rate, length, wrk } = loads;
-    let addr: SocketAddr = target
-        .base
-        .trim_start_matches("http://")
-        .parse()
-        .map_err(|e| DrillError::Setup(format!("the engine's address {}: {e}", target.base)))?;
-    if !addr.ip().is_loopback() {
-        return Err(DrillError::Setup("the OCSP benchmark only loads loopback".into()));
-    }
+    let addr = loopback_address(target)?;
     wait_for_responder(target).await?;
     eprintln!("issuing {CERTIFICATES} certificates and revoking a tenth of them…");
     let serials = issue(target, CERTIFICATES).await?;
@@ -170,21 +163,21 @@ pub(super) async fn run(
     let loads: Vec<(usize, Pace)> = paces.flat_map(|pace| concurrency.iter().map(move |&c| (c, pace))).collect();
     let mut levels = Vec::new();
     for (c, pace) in loads {
-        let healthz: Arc<dyn Fn(usize) -> Request<Full<Bytes>> + Send + Sync> = Arc::new(|_| {
+        let healthz: Requests = Arc::new(|_| {
             Request::get("/healthz").header("host", "127.0.0.1").body(Full::new(Bytes::new())).expect("a valid request")
         });
-        let control = measure(addr, pid, c, length, pace, healthz, |status, _| status == 200).await?;
+        let control = measure(addr, pid, c, length, pace, healthz, Arc::new(|status, _| status == 200)).await?;
         let signatures_before = signatures(target).await?;
         let rows_before = rows(target).await;
         let bodies = requests.clone();
-        let ocsp: Arc<dyn Fn(usize) -> Request<Full<Bytes>> + Send + Sync> = Arc::new(move |i| {
+        let ocsp: Requests = Arc::new(move |i| {
             Request::post("/ocsp")
                 .header("host", "127.0.0.1")
                 .header("content-type", "application/ocsp-request")
                 .body(Full::new(bodies[i % bodies.len()].clone()))
                 .expect("a valid request")
         });
-        let answered = |status: u16, body: &[u8]| status == 200 && successful(body);
+        let answered: Accepts = Arc::new(|status, body| status == 200 && successful(body));
         let ocsp = measure(addr, pid, c, length, pace, ocsp, answered).await?;
         let signatures = signatures(target).await?.saturating_sub(signatures_before);
         let rows_written = rows(target).await.zip(rows_before).map(|(after, before)| after - before);
@@ -366,10 +359,10 @@ async fn measure(
     concurrency: usize,
     length: Duration,
     pace: Pace,
-    request: Arc<dyn Fn(usize) -> Request<Full<Bytes>> + Send + Sync>,
-    ok: fn(u16, &[u8]) -> bool,
+    request: Requests,
+    ok: Accepts,
 ) -> Result<Load, DrillError> {
-    let _ = drive(addr, concurrency, Duration::from_secs(1), pace, request.clone(), ok).await?;
+    let _ = drive(addr, concurrency, Duration::from_secs(1), pace, request.clone(), ok.clone()).await?;
     let engine_before = process_usage(pid).map(|u| u.0).unwrap_or_default();
     let client_before = process_usage(std::process::id()).map(|u| u.0).unwrap_or_default();
     let started = Instant::now();
@@ -390,104 +383,6 @@ async fn measure(
         engine_cpu_per_answer: engine / answered.max(1) as u32,
         client_cpu_per_answer: client / answered.max(1) as u32,
     })
-}
-
-/// How the load's connections send: each as soon as its last answer came (a closed loop, the
-/// most the machine can do), or each on a schedule that adds up to a total rate (an open loop:
-/// latency at a given load, not at saturation).
-#[derive(Debug, Clone, Copy)]
-pub enum Pace {
-    Closed,
-    Rate(u32),
-}
-
-impl Pace {
-    fn describe(self) -> String {
-        match self {
-            Pace::Closed => "closed loop".into(),
-            Pace::Rate(rate) => format!("{rate}/s"),
-        }
-    }
-}
-
-/// One accepted answer: from its send to its answer, and from when the schedule said to send it
-/// (a connection that fell behind sends late, and that wait is the server's doing: counting it
-/// avoids coordinated omission). Equal in a closed loop.
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    service: Duration,
-    from_schedule: Duration,
-}
-
-/// The load itself: a sample per accepted answer, and the count of the rest.
-async fn drive(
-    addr: SocketAddr,
-    concurrency: usize,
-    length: Duration,
-    pace: Pace,
-    request: Arc<dyn Fn(usize) -> Request<Full<Bytes>> + Send + Sync>,
-    ok: fn(u16, &[u8]) -> bool,
-) -> Result<(Vec<Sample>, u64), DrillError> {
-    let start = Instant::now();
-    let until = start + length;
-    // Connection `w` sends its k-th request at start + (k·c + w)/rate: the connections' schedules
-    // interleave evenly.
-    let slot = match pace {
-        Pace::Closed => None,
-        Pace::Rate(rate) => Some(Duration::from_secs_f64(1.0 / f64::from(rate.max(1)))),
-    };
-    let workers: Vec<_> = (0..concurrency)
-        .map(|w| {
-            let request = request.clone();
-            tokio::spawn(async move {
-                let stream = tokio::net::TcpStream::connect(addr).await?;
-                stream.set_nodelay(true)?;
-                let (mut sender, connection) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
-                tokio::spawn(connection);
-                let (mut samples, mut errors, mut i) = (Vec::new(), 0u64, w);
-                loop {
-                    let scheduled = match slot {
-                        Some(slot) => start + slot * i as u32,
-                        None => Instant::now(),
-                    };
-                    if scheduled >= until {
-                        break;
-                    }
-                    if slot.is_some() {
-                        tokio::time::sleep_until(scheduled.into()).await;
-                    }
-                    let sent = Instant::now();
-                    let answer = async {
-                        sender.ready().await?;
-                        let response = sender.send_request(request(i)).await?;
-                        let status = response.status().as_u16();
-                        let body = response.into_body().collect().await?.to_bytes();
-                        Ok::<_, hyper::Error>((status, body))
-                    };
-                    match answer.await {
-                        Ok((status, body)) if ok(status, &body) => {
-                            samples.push(Sample { service: sent.elapsed(), from_schedule: scheduled.elapsed() })
-                        }
-                        Ok(_) => errors += 1,
-                        Err(_) => {
-                            errors += 1;
-                            break; // the connection is gone
-                        }
-                    }
-                    i += concurrency;
-                }
-                Ok::<_, std::io::Error>((samples, errors))
-            })
-        })
-        .collect();
-    let (mut all, mut errors) = (Vec::new(), 0);
-    for worker in workers {
-        let (samples, e) = worker.await.map_err(|e| DrillError::Setup(e.to_string()))??;
-        all.extend(samples);
-        errors += e;
-    }
-    Ok((all, errors))
 }
 
 impl OcspReport {

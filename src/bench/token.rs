@@ -120,7 +120,7 @@ pub fn run(
             for (ca, key, profile) in KEYS {
                 let row = rows.iter_mut().find(|r| r.key == key && r.store == store).expect("a row per key and store");
                 for &concurrency in concurrency {
-                    let l = level(&target, pid, &csrs, profile, concurrency, length, &[201], false).await;
+                    let l = level(&target, pid, &csrs, profile, concurrency, length, &[201], false).await?;
                     eprintln!(
                         "  issuance, {key} ({ca}) {} c={concurrency}: {:.0}/s, p99 {:.2} ms, {} errors",
                         store.name(),
