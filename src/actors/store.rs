@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
+use crate::config::StoreConfig;
 use crate::db::queries;
 use crate::db::writes::{WriteOp, WriteOutcome};
 use crate::db::DbPool;
@@ -71,11 +72,13 @@ pub struct StoreHandle {
 
 struct Shared {
     queue: Mutex<Queue>,
-    /// Signalled when writes arrive (only if a worker is idle) or the store closes.
+    /// Signalled when a write arrives that an idle worker may start a batch for, or the store
+    /// closes.
     work: Condvar,
     worker_count: usize,
     max_batch: usize,
     max_pending: usize,
+    overlap_at: usize,
     metrics: Arc<Metrics>,
     /// Fault injection (dev mode only): this many of the next batches panic in their worker.
     injected_panics: AtomicU32,
@@ -107,6 +110,15 @@ impl Drop for Open {
 const DATABASE_DOWN_BACKOFF: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl Shared {
+    /// Whether a waiting worker starts a batch now: at once when no batch is being committed;
+    /// beside one only once `overlap_at` writes wait. Each batch costs the database its round
+    /// trips and a commit whatever its size, and a second worker that took every write arriving
+    /// during the first one's commit made batches of a few writes (PostgreSQL at c=64: 8.8
+    /// writes a batch with two workers, 21 with one; docs/PERFORMANCE.md).
+    fn may_start_batch(&self, q: &Queue) -> bool {
+        !q.pending.is_empty() && (q.busy == 0 || q.pending.len() >= self.overlap_at)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Queue> {
         // A worker never panics while holding the lock (batches run outside it).
         self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -138,7 +150,7 @@ impl Shared {
         }
         q.pending.push_back((op, ack));
         self.metrics.store_pending.set(q.pending.len() as i64);
-        let wake = q.idle > 0;
+        let wake = q.idle > 0 && self.may_start_batch(&q);
         drop(q);
         if wake {
             self.work.notify_one();
@@ -149,7 +161,7 @@ impl Shared {
     fn work(&self, pool: &DbPool) {
         let mut q = self.lock();
         loop {
-            while q.pending.is_empty() && !q.closed {
+            while !(q.closed || self.may_start_batch(&q)) {
                 q.idle += 1;
                 q = self.work.wait(q).unwrap_or_else(|poisoned| poisoned.into_inner());
                 q.idle -= 1;
@@ -212,7 +224,7 @@ impl Shared {
 
 impl StoreHandle {
     /// Start `pool.max_size` workers, each on a thread of its own.
-    pub fn start(pool: DbPool, max_batch: usize, max_pending: usize, metrics: Arc<Metrics>) -> StoreHandle {
+    pub fn start(pool: DbPool, config: &StoreConfig, metrics: Arc<Metrics>) -> StoreHandle {
         let worker_count = pool.max_size as usize;
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
@@ -224,8 +236,9 @@ impl StoreHandle {
             }),
             work: Condvar::new(),
             worker_count,
-            max_batch: max_batch.max(1),
-            max_pending,
+            max_batch: config.max_batch.max(1),
+            max_pending: config.max_pending,
+            overlap_at: config.overlap_at.max(1),
             metrics,
             injected_panics: AtomicU32::new(0),
         });
@@ -299,15 +312,20 @@ pub(crate) mod tests {
         max_batch: usize,
         max_pending: usize,
     ) -> (StoreHandle, String, Arc<Metrics>) {
-        store_waiting(dir, workers, max_batch, max_pending, Duration::from_millis(200))
+        store_waiting(dir, workers, limits(max_batch, max_pending), Duration::from_millis(200))
     }
 
-    /// The same, with SQLite's busy timeout (how long a commit waits for a lock) set to `busy`.
+    /// The store's limits, and its default `overlap_at`.
+    fn limits(max_batch: usize, max_pending: usize) -> StoreConfig {
+        StoreConfig { max_batch, max_pending, ..StoreConfig::default() }
+    }
+
+    /// A store as [`store`] makes, with the whole `config` and SQLite's busy timeout (how long a
+    /// commit waits for a lock) set to `busy`.
     fn store_waiting(
         dir: &tempfile::TempDir,
         workers: u32,
-        max_batch: usize,
-        max_pending: usize,
+        config: StoreConfig,
         busy: Duration,
     ) -> (StoreHandle, String, Arc<Metrics>) {
         let path = dir.path().join("store.db").display().to_string();
@@ -317,7 +335,7 @@ pub(crate) mod tests {
         let metrics = Arc::new(Metrics::new());
         let pool_cfg = PoolConfig { max_size: workers, ..PoolConfig::default() };
         let pool = DbPool::build(&db, &pool_cfg, "issuance", metrics.clone()).expect("pool");
-        (StoreHandle::start(pool, max_batch, max_pending, metrics.clone()), path, metrics)
+        (StoreHandle::start(pool, &config, metrics.clone()), path, metrics)
     }
 
     /// Rows in `certificates`, read with plain SQL on a connection of the test's own.
@@ -384,7 +402,7 @@ pub(crate) mod tests {
     #[actix_rt::test]
     async fn never_more_batches_out_than_workers_and_detached_writes_are_committed_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, path, _) = store_waiting(&dir, 1, 1, 1000, Duration::from_secs(30));
+        let (store, path, _) = store_waiting(&dir, 1, limits(1, 1000), Duration::from_secs(30));
         // The one worker is held up by a lock on the file while the status is read.
         let mut blocker = lock(&path);
         let writes: Vec<_> = (0..5)
@@ -408,12 +426,46 @@ pub(crate) mod tests {
         assert_eq!(certificates(&path), 7);
     }
 
+    /// Beside a batch being committed, a second worker starts another only once `overlap_at`
+    /// writes wait: fewer, larger batches under load.
+    #[actix_rt::test]
+    async fn a_second_batch_starts_beside_the_first_only_once_enough_writes_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StoreConfig { max_batch: 1, max_pending: 1000, overlap_at: 3 };
+        let (store, path, _) = store_waiting(&dir, 2, config, Duration::from_secs(30));
+        // The first batch is held up by a lock on the file.
+        let mut blocker = lock(&path);
+        let mut writes = Vec::new();
+        let mut write = |i: usize| {
+            writes.push(actix_rt::spawn({
+                let store = store.clone();
+                async move { store.write(write_ahead(&format!("{i:040x}"))).await }
+            }))
+        };
+        let out = |store: StoreHandle| async move {
+            actix_rt::time::sleep(Duration::from_millis(50)).await;
+            let status = store.status().await.unwrap();
+            (status.batches_in_flight, status.pending_writes)
+        };
+        write(0);
+        write(1);
+        write(2);
+        assert_eq!(out(store.clone()).await, (1, 2), "two writes waiting: no second batch yet");
+        write(3);
+        assert_eq!(out(store.clone()).await, (2, 2), "three waiting: the second worker took one");
+        blocker.batch_execute("ROLLBACK").unwrap();
+        for w in writes {
+            assert!(matches!(w.await.unwrap(), Ok(WriteOutcome::Done)));
+        }
+        assert_eq!(certificates(&path), 4);
+    }
+
     /// Once the back-off has passed, one batch probes the database; writes that come while it is
     /// out are refused at once rather than queued behind it.
     #[actix_rt::test]
     async fn while_a_probe_is_out_writes_are_refused_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, path, _) = store_waiting(&dir, 1, 8, 1000, Duration::from_secs(1));
+        let (store, path, _) = store_waiting(&dir, 1, limits(8, 1000), Duration::from_secs(1));
         let mut blocker = lock(&path);
         assert_eq!(store.write(write_ahead(&"1".repeat(40))).await.unwrap_err(), EngineError::DatabaseUnavailable);
         actix_rt::time::sleep(DATABASE_DOWN_BACKOFF + Duration::from_millis(50)).await;

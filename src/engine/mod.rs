@@ -153,12 +153,7 @@ impl Engine {
         let instance: Arc<str> = config.instance_id().into();
         let shared = Arc::new(ArcSwap::from_pointee(snapshot));
 
-        let store = StoreHandle::start(
-            pools.issuance.clone(),
-            config.store.max_batch,
-            config.store.max_pending,
-            metrics.clone(),
-        );
+        let store = StoreHandle::start(pools.issuance.clone(), &config.store, metrics.clone());
         let catalog = Arc::new(Catalog::build(&config, materials));
         let audit = start_audit(&config, &pools, &instance, &metrics);
         let factory = CellFactory {
