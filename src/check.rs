@@ -702,6 +702,12 @@ fn check_lanes(config: &Config, p: &mut Problems) {
     if config.http.auth_failures.per_second == 0 || config.http.auth_failures.burst == 0 {
         p.add("http.auth_failures", "per_second and burst must be at least 1");
     }
+    if config.store.max_batch == 0 {
+        p.add("store.max_batch", "must be at least 1");
+    }
+    if config.store.overlap_at == 0 {
+        p.add("store.overlap_at", "must be at least 1 (1: a second batch as soon as a write waits)");
+    }
 }
 
 fn check_crl(config: &Config, p: &mut Problems) {

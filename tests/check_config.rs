@@ -242,6 +242,14 @@ fn names_and_key_types_a_ca_must_not_allow() {
 }
 
 #[test]
+fn a_store_that_would_never_batch_is_refused() {
+    for (setting, path) in [("max_batch = 0", "store.max_batch"), ("overlap_at = 0", "store.overlap_at")] {
+        let text = format!("{}\n[store]\n{setting}\n", dev_config_text());
+        assert_flags(&text, path, "must be at least 1");
+    }
+}
+
+#[test]
 fn an_unknown_key_is_named() {
     let text = dev_config_text().replacen("[http]", "[http]\nlisten_port = 1", 1);
     let (code, out) = check_config_binary(&text);

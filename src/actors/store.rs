@@ -2,7 +2,8 @@
 //!
 //! Writers put their writes in one shared queue; each worker thread takes everything waiting
 //! (up to `max_batch`) as one transaction — a group commit — and answers every write of the
-//! batch itself, from its own thread, once it is committed. There are exactly as many workers
+//! batch itself, from its own thread, once it is committed. Beside a batch being committed,
+//! another worker starts one only once `overlap_at` writes wait (1 by default: at once). There are exactly as many workers
 //! as the issuance pool has connections, so database concurrency on this path can never exceed
 //! the pool, whatever the load. No actor sits between a writer and a worker: a write crosses one
 //! thread to be committed and one back to its writer (an actor in between cost two more
@@ -88,7 +89,7 @@ struct Queue {
     pending: VecDeque<(WriteOp, Option<Ack>)>,
     /// Batches being committed (≤ workers).
     busy: usize,
-    /// Workers waiting for work.
+    /// Workers waiting: for a write, or (beside a batch being committed) for `overlap_at`.
     idle: usize,
     /// After a commit failed for want of the database, writes are refused at once until then
     /// (one batch at a time probes whether it is back).

@@ -61,7 +61,26 @@ pub(super) struct Sample {
     pub(super) from_schedule: Duration,
 }
 
-/// The load itself: a sample per accepted answer, and the count of the rest.
+/// How long one answer may take before it counts as an error (and its connection is dropped):
+/// a wedged engine must end a level, not hang it. The drills' client waits as long.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A keep-alive connection to the engine, ready to send.
+type Connection = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn connect(addr: SocketAddr) -> std::io::Result<Connection> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+/// The load itself: a sample per accepted answer, and the count of the rest. A connection that
+/// fails (or cannot be opened) counts one error and is opened again, as the clients' own would
+/// be; a refused connection is retried after a pause, so a level against a closed port counts
+/// errors instead of spinning.
 pub(super) async fn drive(
     addr: SocketAddr,
     concurrency: usize,
@@ -82,12 +101,8 @@ pub(super) async fn drive(
         .map(|w| {
             let (request, ok) = (request.clone(), ok.clone());
             tokio::spawn(async move {
-                let stream = tokio::net::TcpStream::connect(addr).await?;
-                stream.set_nodelay(true)?;
-                let (mut sender, connection) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(std::io::Error::other)?;
-                tokio::spawn(connection);
                 let (mut samples, mut errors, mut i) = (Vec::new(), 0u64, w);
+                let mut sender: Option<Connection> = None;
                 loop {
                     let scheduled = match slot {
                         Some(slot) => start + slot * i as u32,
@@ -99,35 +114,98 @@ pub(super) async fn drive(
                     if slot.is_some() {
                         tokio::time::sleep_until(scheduled.into()).await;
                     }
+                    let conn = match &mut sender {
+                        Some(conn) => conn,
+                        None => match connect(addr).await {
+                            Ok(conn) => sender.insert(conn),
+                            Err(_) => {
+                                errors += 1;
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                                continue;
+                            }
+                        },
+                    };
                     let sent = Instant::now();
                     let answer = async {
-                        sender.ready().await?;
-                        let response = sender.send_request(request(i)).await?;
+                        conn.ready().await?;
+                        let response = conn.send_request(request(i)).await?;
                         let status = response.status().as_u16();
                         let body = response.into_body().collect().await?.to_bytes();
                         Ok::<_, hyper::Error>((status, body))
                     };
-                    match answer.await {
-                        Ok((status, body)) if ok(status, &body) => {
+                    match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
+                        Ok(Ok((status, body))) if ok(status, &body) => {
                             samples.push(Sample { service: sent.elapsed(), from_schedule: scheduled.elapsed() })
                         }
-                        Ok(_) => errors += 1,
-                        Err(_) => {
+                        Ok(Ok(_)) => errors += 1,
+                        // The connection is gone, or in an unknown state: a new one next time.
+                        Ok(Err(_)) | Err(_) => {
                             errors += 1;
-                            break; // the connection is gone
+                            sender = None;
                         }
                     }
                     i += concurrency;
                 }
-                Ok::<_, std::io::Error>((samples, errors))
+                (samples, errors)
             })
         })
         .collect();
     let (mut all, mut errors) = (Vec::new(), 0);
     for worker in workers {
-        let (samples, e) = worker.await.map_err(|e| DrillError::Setup(e.to_string()))??;
+        let (samples, e) = worker.await.map_err(|e| DrillError::Setup(e.to_string()))?;
         all.extend(samples);
         errors += e;
     }
     Ok((all, errors))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server on loopback that hangs up on its first connection without answering and answers
+    /// `200` to every request on the others.
+    async fn hanging_up_once() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Ok((mut stream, _)) = listener.accept().await {
+                if std::mem::take(&mut first) {
+                    drop(stream);
+                    continue;
+                }
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut seen = Vec::new();
+                    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                        seen.extend_from_slice(&buf[..n]);
+                        // Requests without a body: one answer per header block.
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                            if stream.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_fails_counts_one_error_and_is_opened_again() {
+        let addr = hanging_up_once().await;
+        let request: Requests = Arc::new(|_| {
+            Request::get("/").header("host", "127.0.0.1").body(Full::new(Bytes::new())).expect("a valid request")
+        });
+        let accepts: Accepts = Arc::new(|status, _| status == 200);
+        let (samples, errors) =
+            drive(addr, 1, Duration::from_millis(300), Pace::Closed, request, accepts).await.unwrap();
+        assert_eq!(errors, 1, "the hung-up connection is one error");
+        assert!(samples.len() > 10, "the load went on over a new connection: {} answers", samples.len());
+    }
 }

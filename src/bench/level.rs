@@ -81,11 +81,12 @@ pub(super) async fn level(
         .map_err(|e| DrillError::Setup(format!("the API key is not a header value: {e}")))?;
     let request: Requests = Arc::new(move |i| {
         let mut request = Request::post("/v1/certificates")
-            .header(HOST, "127.0.0.1")
-            .header(CONTENT_TYPE, "application/json")
             .body(Full::new(bodies[i % bodies.len()].clone()))
             .expect("a valid request");
-        request.headers_mut().insert(AUTHORIZATION, authorization.clone());
+        let headers = request.headers_mut();
+        headers.insert(HOST, HeaderValue::from_static("127.0.0.1"));
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(AUTHORIZATION, authorization.clone());
         request
     });
     let accepts: Accepts = Arc::new(|status, _| expected.contains(&status));

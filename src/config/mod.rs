@@ -545,9 +545,10 @@ pub struct StoreConfig {
     /// Writes that must be waiting before a second batch is started beside one being
     /// committed (1, the default: whenever any write waits). Every batch costs the database its
     /// round trips and a commit whatever its size; a higher value makes fewer, larger batches
-    /// under load, at the price of a write waiting for the commit under way when few clients
-    /// write. On PostgreSQL with two issuance connections, 8 cut the server's CPU per issuance
-    /// by 7–25% and cost c=16 6–13% of its throughput (docs/PERFORMANCE.md).
+    /// under load, at the price of up to `overlap_at - 1` writes waiting as long as the commit
+    /// under way takes. On PostgreSQL with two issuance connections, 8 cut the server's CPU per
+    /// issuance by 7–16% at c=64 in pairs (not in a whole run) and cost c=16 6–13% of its
+    /// throughput (docs/PERFORMANCE.md).
     pub overlap_at: usize,
 }
 
