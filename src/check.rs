@@ -57,6 +57,7 @@ pub fn check_config(config: &Config) -> (Vec<ConfigProblem>, HashMap<String, CaM
     check_tls(config, &mut p);
     check_database(config, &mut p);
     check_lanes(config, &mut p);
+    check_store(config, &mut p);
     check_audit(config, &mut p);
     check_crl(config, &mut p);
     if config.cas.is_empty() {
@@ -702,6 +703,9 @@ fn check_lanes(config: &Config, p: &mut Problems) {
     if config.http.auth_failures.per_second == 0 || config.http.auth_failures.burst == 0 {
         p.add("http.auth_failures", "per_second and burst must be at least 1");
     }
+}
+
+fn check_store(config: &Config, p: &mut Problems) {
     if config.store.max_batch == 0 {
         p.add("store.max_batch", "must be at least 1");
     }

@@ -3,9 +3,9 @@
 //! Writers put their writes in one shared queue; each worker thread takes everything waiting
 //! (up to `max_batch`) as one transaction — a group commit — and answers every write of the
 //! batch itself, from its own thread, once it is committed. Beside a batch being committed,
-//! another worker starts one only once `overlap_at` writes wait (1 by default: at once). There are exactly as many workers
-//! as the issuance pool has connections, so database concurrency on this path can never exceed
-//! the pool, whatever the load. No actor sits between a writer and a worker: a write crosses one
+//! another worker starts one only once `overlap_at` writes wait (1 by default: at once). There
+//! are exactly as many workers as the issuance pool has connections, so database concurrency on
+//! this path can never exceed the pool, whatever the load. No actor sits between a writer and a worker: a write crosses one
 //! thread to be committed and one back to its writer (an actor in between cost two more
 //! wake-ups per write, four per issuance).
 

@@ -61,7 +61,7 @@ pub(super) struct Sample {
     pub(super) from_schedule: Duration,
 }
 
-/// How long one answer may take before it counts as an error (and its connection is dropped):
+/// How long one answer (or one connection's opening) may take before it counts as an error:
 /// a wedged engine must end a level, not hang it. The drills' client waits as long.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -90,65 +90,19 @@ pub(super) async fn drive(
     ok: Accepts,
 ) -> Result<(Vec<Sample>, u64), DrillError> {
     let start = Instant::now();
-    let until = start + length;
-    // Connection `w` sends its k-th request at start + (k·c + w)/rate: the connections' schedules
-    // interleave evenly.
-    let slot = match pace {
-        Pace::Closed => None,
-        Pace::Rate(rate) => Some(Duration::from_secs_f64(1.0 / f64::from(rate.max(1)))),
+    let schedule = Schedule {
+        start,
+        until: start + length,
+        stride: concurrency,
+        // Connection `w` sends its k-th request at start + (k·c + w)/rate: the connections'
+        // schedules interleave evenly.
+        slot: match pace {
+            Pace::Closed => None,
+            Pace::Rate(rate) => Some(Duration::from_secs_f64(1.0 / f64::from(rate.max(1)))),
+        },
     };
     let workers: Vec<_> = (0..concurrency)
-        .map(|w| {
-            let (request, ok) = (request.clone(), ok.clone());
-            tokio::spawn(async move {
-                let (mut samples, mut errors, mut i) = (Vec::new(), 0u64, w);
-                let mut sender: Option<Connection> = None;
-                loop {
-                    let scheduled = match slot {
-                        Some(slot) => start + slot * i as u32,
-                        None => Instant::now(),
-                    };
-                    if scheduled >= until {
-                        break;
-                    }
-                    if slot.is_some() {
-                        tokio::time::sleep_until(scheduled.into()).await;
-                    }
-                    let conn = match &mut sender {
-                        Some(conn) => conn,
-                        None => match connect(addr).await {
-                            Ok(conn) => sender.insert(conn),
-                            Err(_) => {
-                                errors += 1;
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                                continue;
-                            }
-                        },
-                    };
-                    let sent = Instant::now();
-                    let answer = async {
-                        conn.ready().await?;
-                        let response = conn.send_request(request(i)).await?;
-                        let status = response.status().as_u16();
-                        let body = response.into_body().collect().await?.to_bytes();
-                        Ok::<_, hyper::Error>((status, body))
-                    };
-                    match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
-                        Ok(Ok((status, body))) if ok(status, &body) => {
-                            samples.push(Sample { service: sent.elapsed(), from_schedule: scheduled.elapsed() })
-                        }
-                        Ok(Ok(_)) => errors += 1,
-                        // The connection is gone, or in an unknown state: a new one next time.
-                        Ok(Err(_)) | Err(_) => {
-                            errors += 1;
-                            sender = None;
-                        }
-                    }
-                    i += concurrency;
-                }
-                (samples, errors)
-            })
-        })
+        .map(|w| tokio::spawn(one_connection(addr, w, schedule, request.clone(), ok.clone())))
         .collect();
     let (mut all, mut errors) = (Vec::new(), 0);
     for worker in workers {
@@ -157,6 +111,71 @@ pub(super) async fn drive(
         errors += e;
     }
     Ok((all, errors))
+}
+
+/// When the connections send: `stride` connections share `start..until`, each every `slot` ×
+/// `stride` (at a fixed rate) or as soon as its last answer came (`slot` is `None`).
+#[derive(Clone, Copy)]
+struct Schedule {
+    start: Instant,
+    until: Instant,
+    stride: usize,
+    slot: Option<Duration>,
+}
+
+/// Connection `w`'s share of the load: requests `w`, `w + stride`, … until the schedule ends.
+async fn one_connection(
+    addr: SocketAddr,
+    w: usize,
+    schedule: Schedule,
+    request: Requests,
+    ok: Accepts,
+) -> (Vec<Sample>, u64) {
+    let (mut samples, mut errors, mut i) = (Vec::new(), 0u64, w);
+    let mut sender: Option<Connection> = None;
+    loop {
+        let scheduled = match schedule.slot {
+            Some(slot) => schedule.start + slot * i as u32,
+            None => Instant::now(),
+        };
+        if scheduled >= schedule.until {
+            return (samples, errors);
+        }
+        if schedule.slot.is_some() {
+            tokio::time::sleep_until(scheduled.into()).await;
+        }
+        let conn = match &mut sender {
+            Some(conn) => conn,
+            None => match tokio::time::timeout(ANSWER_TIMEOUT, connect(addr)).await {
+                Ok(Ok(conn)) => sender.insert(conn),
+                Ok(Err(_)) | Err(_) => {
+                    errors += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+        };
+        let sent = Instant::now();
+        let answer = async {
+            conn.ready().await?;
+            let response = conn.send_request(request(i)).await?;
+            let status = response.status().as_u16();
+            let body = response.into_body().collect().await?.to_bytes();
+            Ok::<_, hyper::Error>((status, body))
+        };
+        match tokio::time::timeout(ANSWER_TIMEOUT, answer).await {
+            Ok(Ok((status, body))) if ok(status, &body) => {
+                samples.push(Sample { service: sent.elapsed(), from_schedule: scheduled.elapsed() })
+            }
+            Ok(Ok(_)) => errors += 1,
+            // The connection is gone, or in an unknown state: a new one next time.
+            Ok(Err(_)) | Err(_) => {
+                errors += 1;
+                sender = None;
+            }
+        }
+        i += schedule.stride;
+    }
 }
 
 #[cfg(test)]

@@ -308,12 +308,11 @@ async fn kill_9(
         tokio::time::sleep(Duration::from_millis(50)).await;
         let still_unsigned =
             Evidence::read(session.target.db.as_ref(), |e| e.keyed_attempt_recorded("castellum-2")).await;
-        caught = matches!(still_unsigned, Ok(true));
-        if !caught {
+        if !matches!(still_unsigned, Ok(true)) {
             // Going on, or failing the drill with an instance that can still be stopped.
             instances[index].freeze(false);
         }
-        still_unsigned?;
+        caught = still_unsigned?;
     }
     session.mark(match caught {
         true => "SIGKILL castellum-2 (a keyed attempt recorded, not yet signed)",
