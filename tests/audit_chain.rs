@@ -279,13 +279,12 @@ fn a_backlog_is_sealed_on_postgresql_row_after_row() {
 }
 
 /// Every writer appends audit rows with `db::audit::AppendAudit`, inside its own write
-/// transaction. On SQLite they are sealed as they are inserted (the transaction holds the one
-/// write lock, so the head cannot move under it): each instance's rows are linked at once, across
-/// transactions, beside an older row left unsealed (a database from before), which the writer's
-/// seal then puts after them; SQL's own reading of the links and the verification agree, and a
-/// row changed afterwards is named. On PostgreSQL the same rows are inserted unsealed, in one
-/// statement, and the writer's seal links them.
-fn appended_rows_are_chained(db: &TestDb, sealed_at_insert: bool) {
+/// transaction, and they are sealed as they are inserted (the head is read under the chain's
+/// lock, held to the commit): each instance's rows are linked at once, across transactions,
+/// beside an older row left unsealed (a database from before, or PostgreSQL's single-certificate
+/// statement), which the writer's seal then puts after them; SQL's own reading of the links and
+/// the verification agree, and a row changed afterwards is named.
+fn appended_rows_are_chained(db: &TestDb) {
     use castellum::db::audit::{AppendAudit, GENESIS};
     use castellum::db::models::NewAuditRow;
     castellum::db::migrate::run(&db.url).expect("migrated");
@@ -322,25 +321,19 @@ fn appended_rows_are_chained(db: &TestDb, sealed_at_insert: bool) {
             &format!("SELECT count(*) AS n FROM audit_log WHERE instance = '{instance}' AND seq IS NOT NULL"),
         )
     };
-    if sealed_at_insert {
-        assert_eq!((sealed("me"), sealed("other")), (5, 1), "sealed as they were inserted");
-        let order = sql::count(
-            db,
-            "SELECT count(*) AS n FROM audit_log WHERE instance = 'me' AND target IN ('a', 'b', 'c', 'd', 'e') \
-             AND seq = (SELECT count(*) FROM audit_log o WHERE o.instance = 'me' AND o.id <= audit_log.id \
-                        AND o.target <> 'old')",
-        );
-        assert_eq!(order, 5, "seq counts 1 … 5 in the order the rows were written");
-    } else {
-        assert_eq!((sealed("me"), sealed("other")), (0, 0), "left for the writer's seal");
-    }
+    assert_eq!((sealed("me"), sealed("other")), (5, 1), "sealed as they were inserted");
+    let order = sql::count(
+        db,
+        "SELECT count(*) AS n FROM audit_log WHERE instance = 'me' AND target IN ('a', 'b', 'c', 'd', 'e') \
+         AND seq = (SELECT count(*) FROM audit_log o WHERE o.instance = 'me' AND o.id <= audit_log.id \
+                    AND o.target <> 'old')",
+    );
+    assert_eq!(order, 5, "seq counts 1 … 5 in the order the rows were written");
     let head = chain::seal_backlog(&mut conn, "me").unwrap().expect("a head");
     assert_eq!(head.seq, 6);
     chain::seal_backlog(&mut conn, "other").unwrap().expect("a head");
-    if sealed_at_insert {
-        let old = sql::count(db, "SELECT seq AS n FROM audit_log WHERE target = 'old'");
-        assert_eq!(old, 6, "the older unsealed row goes after the rows sealed at insert");
-    }
+    let old = sql::count(db, "SELECT seq AS n FROM audit_log WHERE target = 'old'");
+    assert_eq!(old, 6, "the older unsealed row goes after the rows sealed at insert");
     let unlinked = sql::count(
         db,
         &format!(
@@ -354,9 +347,10 @@ fn appended_rows_are_chained(db: &TestDb, sealed_at_insert: bool) {
         reports.iter().map(|r| (r.instance.as_str(), r.verified, r.unsealed, r.fault.clone())).collect();
     assert_eq!(summary, [("me", 6, 0, None), ("other", 1, 0, None)]);
 
-    // Sealed at insert, `b` is the second link; sealed by the writer, in id order, the third.
+    // Sealed at insert, `b` is the second link (the writer, sealing in id order, would make it
+    // the third).
     let b = sql::count(db, "SELECT seq AS n FROM audit_log WHERE target = 'b'");
-    assert_eq!(b, if sealed_at_insert { 2 } else { 3 });
+    assert_eq!(b, 2);
     sql::execute(db, "UPDATE audit_log SET detail = 'rewritten' WHERE target = 'b'");
     let reports = chain::verify(&mut conn, &Default::default()).unwrap();
     assert!(matches!(reports[0].fault, Some(ChainFault::Changed { seq, .. }) if seq == b), "{:?}", reports[0].fault);
@@ -364,22 +358,120 @@ fn appended_rows_are_chained(db: &TestDb, sealed_at_insert: bool) {
 
 #[test]
 fn audit_rows_are_sealed_as_they_are_inserted_on_sqlite() {
-    appended_rows_are_chained(&TestDb::sqlite(), true);
+    appended_rows_are_chained(&TestDb::sqlite());
 }
 
 #[test]
-fn audit_rows_are_inserted_unsealed_on_postgresql_and_sealed_by_the_writer() {
-    appended_rows_are_chained(&TestDb::postgres(), false);
+fn audit_rows_are_sealed_as_they_are_inserted_on_postgresql() {
+    appended_rows_are_chained(&TestDb::postgres());
+}
+
+/// A row for the tests below, of instance `me`.
+fn audit_row(target: &str) -> castellum::db::models::NewAuditRow {
+    castellum::db::models::NewAuditRow {
+        at: 2,
+        instance: "me".into(),
+        actor: "demo".into(),
+        action: "certificate.issue".into(),
+        target: target.into(),
+        outcome: "ok".into(),
+        detail: String::new(),
+        count: 1,
+        first_at: None,
+    }
+}
+
+/// On PostgreSQL a transaction that appended to a chain holds the chain's lock until it commits;
+/// run `during` on another connection of `pool` while the first holds it open for 300 ms, and
+/// return what `during` returned and how long it took.
+fn while_a_transaction_holds_the_chain<T>(
+    pool: &castellum::db::DbPool,
+    during: impl FnOnce(&mut castellum::db::DbConn) -> T,
+) -> (T, std::time::Duration) {
+    use castellum::db::audit::AppendAudit;
+    let (appended_tx, appended) = std::sync::mpsc::channel();
+    let first = {
+        let pool = pool.clone();
+        let rows = [audit_row("first-1"), audit_row("first-2")];
+        std::thread::spawn(move || {
+            let mut conn = pool.get().unwrap();
+            castellum::write_transaction!(&mut *conn, |c| {
+                c.append_audit(&rows)?;
+                appended_tx.send(()).unwrap();
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                Ok::<_, castellum::error::DbError>(())
+            })
+        })
+    };
+    appended.recv().unwrap();
+    let mut conn = pool.get().unwrap();
+    let started = std::time::Instant::now();
+    let result = during(&mut conn);
+    let took = started.elapsed();
+    first.join().unwrap().expect("the first append commits");
+    (result, took)
+}
+
+fn pg_pool(db: &TestDb) -> castellum::db::DbPool {
+    castellum::db::migrate::run(&db.url).expect("migrated");
+    let config = castellum::config::DatabaseConfig { url: db.url.clone(), ..Default::default() };
+    let metrics = std::sync::Arc::new(castellum::metrics::Metrics::new());
+    castellum::db::DbPool::build(&config, &Default::default(), "issuance", metrics).unwrap()
+}
+
+/// On PostgreSQL two transactions append to one chain concurrently (the Store's workers, the
+/// registry, the audit writer): while a first holds the chain's lock (until it commits), a
+/// second must wait, then read the head after the first's commit and link after its rows
+/// instead of taking their seq (which the unique `(instance, seq)` index would refuse, failing
+/// its whole batch).
+#[test]
+fn concurrent_appends_on_postgresql_link_one_after_the_other() {
+    use castellum::db::audit::AppendAudit;
+    let db = TestDb::postgres();
+    let pool = pg_pool(&db);
+    let (second, took) = while_a_transaction_holds_the_chain(&pool, |conn| {
+        let rows = [audit_row("second")];
+        castellum::write_transaction!(conn, |c| c.append_audit(&rows).map_err(castellum::error::DbError::from))
+    });
+    second.expect("the second append waits for the first and links after it");
+    assert!(took >= std::time::Duration::from_millis(150), "the second append did not wait: {took:?}");
+    let second_seq = sql::count(&db, "SELECT seq AS n FROM audit_log WHERE target = 'second'");
+    assert_eq!(second_seq, 3, "after the first transaction's two rows");
+    let mut conn = pool.get().unwrap();
+    let reports = chain::verify(&mut conn, &Default::default()).unwrap();
+    assert_eq!((reports[0].verified, reports[0].unsealed, reports[0].fault.clone()), (3, 0, None));
+}
+
+/// The writer's seal waits for the chain: while a first transaction holds it, the seal of an
+/// older unsealed row waits for that commit, then reads the head in a statement of its own
+/// (one that started before the commit would not see the first's rows) and links the row after
+/// them, instead of taking their seq.
+#[test]
+fn the_writers_seal_on_postgresql_waits_for_the_chain_and_links_after_its_holder() {
+    let db = TestDb::postgres();
+    let pool = pg_pool(&db);
+    sql::execute(
+        &db,
+        "INSERT INTO audit_log (at, instance, actor, action, target, outcome, detail) \
+         VALUES (1, 'me', 'castellum', 'ca.state', 'older', 'ok', '')",
+    );
+    let (sealed, took) = while_a_transaction_holds_the_chain(&pool, |conn| chain::seal(conn, "me"));
+    let (count, head) = sealed.expect("the seal commits");
+    assert!(took >= std::time::Duration::from_millis(150), "the seal did not wait: {took:?}");
+    assert_eq!((count, head.map(|h| h.seq)), (1, Some(3)));
+    let older_seq = sql::count(&db, "SELECT seq AS n FROM audit_log WHERE target = 'older'");
+    assert_eq!(older_seq, 3, "after the first transaction's two rows");
+    let mut conn = pool.get().unwrap();
+    let reports = chain::verify(&mut conn, &Default::default()).unwrap();
+    assert_eq!((reports[0].verified, reports[0].unsealed, reports[0].fault.clone()), (3, 0, None));
 }
 
 /// A chain whose head has no valid hash (here seq 5 with its hash erased, the rows before it
 /// gone) is extended by neither path: rows appended stay unsealed, and the writer's seal refuses
 /// instead of starting the chain again at seq 1 beside it.
-#[test]
-fn a_head_without_a_valid_hash_is_extended_by_neither_the_append_nor_the_seal() {
+fn a_head_without_a_valid_hash_is_not_extended(db: TestDb) {
     use castellum::db::audit::AppendAudit;
     use castellum::db::models::NewAuditRow;
-    let db = TestDb::sqlite();
     castellum::db::migrate::run(&db.url).expect("migrated");
     sql::execute(
         &db,
@@ -408,4 +500,14 @@ fn a_head_without_a_valid_hash_is_extended_by_neither_the_append_nor_the_seal() 
     assert!(chain::seal(&mut conn, "me").is_err(), "the seal refuses the head");
     let unsealed = sql::count(&db, "SELECT count(*) AS n FROM audit_log WHERE target = 'new' AND seq IS NULL");
     assert_eq!(unsealed, 1, "the new row stays unsealed behind the broken head");
+}
+
+#[test]
+fn a_head_without_a_valid_hash_is_extended_by_neither_the_append_nor_the_seal_on_sqlite() {
+    a_head_without_a_valid_hash_is_not_extended(TestDb::sqlite());
+}
+
+#[test]
+fn a_head_without_a_valid_hash_is_extended_by_neither_the_append_nor_the_seal_on_postgresql() {
+    a_head_without_a_valid_hash_is_not_extended(TestDb::postgres());
 }

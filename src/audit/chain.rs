@@ -2,10 +2,10 @@
 //! `prev_hash` is the previous row's `hash`, and `hash` = SHA-256 over `prev_hash` and the row's
 //! canonical encoding (`db::audit::link_hash`). A row changed, deleted, inserted or reordered
 //! after sealing breaks the chain where it happened; a tail deleted (or the whole chain
-//! rewritten) is caught against the heads checkpointed outside the database. On SQLite rows are
-//! sealed as they are inserted (`db::audit`); on PostgreSQL, and for any row left unsealed, the
-//! audit writer seals them here, in id order, at most a second after they are committed; until
-//! then they are only as safe as the database.
+//! rewritten) is caught against the heads checkpointed outside the database. Rows are sealed as
+//! they are inserted (`db::audit`); any row left unsealed (PostgreSQL's single-certificate
+//! statement, or a head that could not be extended) the audit writer seals here, in id order, at
+//! most a second after it is committed; until then it is only as safe as the database.
 
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -105,7 +105,7 @@ pub fn seal_backlog(conn: &mut DbConn, instance: &str) -> Result<Option<Head>, D
 pub fn seal(conn: &mut DbConn, instance: &str) -> Result<(i64, Option<Head>), DbError> {
     write_transaction!(conn, |c| {
         // The head's hash is the next row's `prev_hash`: the append's rule (`db::audit`).
-        let (mut seq, mut prev) = match c.extendable_head(instance)? {
+        let (mut seq, mut prev) = match c.locked_head(instance)? {
             Ok(head) => head,
             Err(seq) => {
                 return Err(DbError::Pool(format!(

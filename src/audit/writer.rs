@@ -27,11 +27,10 @@ use crate::write_transaction;
 /// in bursts; their rows should still appear within a moment).
 const EVENT_DELAY: Duration = Duration::from_millis(50);
 
-/// How often new rows are sealed onto the chain, between the interval writes (which seal too).
-/// On PostgreSQL rows are inserted unsealed, and a second's rows at a time keep each seal small
-/// (a whole interval's, 10 s of issuance, was a burst); the chain's head trails the log by about
-/// a second. On SQLite rows are sealed as they are inserted (`db::audit`) and this finds only
-/// rows left unsealed, usually none.
+/// How often rows left unsealed are sealed onto the chain, between the interval writes (which
+/// seal too). Rows are sealed as they are inserted (`db::audit`); on PostgreSQL the single
+/// certificate's statement inserts its row unsealed (a second's rows at a time keep each seal
+/// small), and the chain's head trails those by about a second.
 const SEAL_EVERY: Duration = Duration::from_secs(1);
 
 /// What the rest of the engine holds: record a refusal (in memory), send an event (never waits).

@@ -1,13 +1,19 @@
 //! Audit rows as every writer inserts them, and the link that seals one onto its instance's hash
 //! chain (`audit::chain` verifies the chain and seals what is left unsealed).
 //!
-//! On SQLite a row is sealed as it is inserted: every write transaction holds the database's one
-//! write lock (`BEGIN IMMEDIATE`), so the chain's head cannot move between reading it and
-//! writing the next link. Sealing later instead cost a second write of every row — read back,
-//! hashed, updated, in a transaction of its own that held the write lock while issuance waited.
-//! On PostgreSQL the Store's workers and the registry of several instances commit concurrently,
-//! and sealing in their transactions would make them queue on the head: rows are inserted
-//! unsealed, in one statement, and the audit writer seals them a moment later.
+//! A row is sealed as it is inserted, in the writer's own transaction: the chain's head is read
+//! under the chain's lock, held until that transaction ends, so the head cannot move between
+//! reading it and committing the next links. On SQLite the lock is the database's one write lock
+//! (`BEGIN IMMEDIATE`); on PostgreSQL, where the Store's workers and the registry commit
+//! concurrently, an advisory lock per instance taken just before the head is read. Every writer
+//! appends its audit rows last, so only the append and the commit wait on each other. Sealing
+//! later instead cost a second write of every row — read back, hashed, updated — on SQLite while
+//! issuance waited for the write lock, on PostgreSQL ~12% of the server's CPU at c=64. (An
+//! append that found the lock taken could leave its rows for the writer instead of waiting:
+//! measured, a third of the rows at c=64 were left so, and the server's CPU fell no lower than
+//! without sealing at insert.) Only the single certificate's statement (`one_statement.rs`: no
+//! transaction to hold a lock in) inserts its row unsealed, and the audit writer seals it a
+//! moment later.
 
 use diesel::pg::Pg;
 use diesel::prelude::*;
@@ -102,32 +108,43 @@ impl<'a> AuditInsert<'a> {
     }
 }
 
-/// Inserting audit rows, inside the caller's write transaction: sealed onto the chain on
-/// SQLite, unsealed on PostgreSQL (see the module's comment).
+/// Inserting audit rows, inside the caller's write transaction, sealed onto their instances'
+/// chains (see the module's comment).
 pub trait AppendAudit {
     fn append_audit<R: AuditEntry>(&mut self, rows: &[R]) -> QueryResult<()>;
 }
 
+/// The links of `rows` onto their instances' chains as they stand, each instance's head read
+/// (and on PostgreSQL locked) once, in name order: `None` for a row whose instance's head cannot
+/// be extended. Its rows then stay unsealed, and the audit writer's seal (which refuses the same
+/// head) and the verification report it.
+fn links_of<'a, C: ChainHead>(conn: &mut C, rows: &[AuditFields<'a>]) -> QueryResult<Vec<Option<Link>>> {
+    let mut instances: Vec<&str> = rows.iter().map(|row| row.instance).collect();
+    instances.sort_unstable();
+    instances.dedup();
+    let mut heads = Vec::with_capacity(instances.len());
+    for instance in instances {
+        heads.push((instance, conn.locked_head(instance)?.ok()));
+    }
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let (_, head) = heads.iter_mut().find(|(instance, _)| *instance == row.instance)?;
+            let (seq, prev) = head.as_mut()?;
+            *seq += 1;
+            let hash = link_hash(prev, *seq, row);
+            Some(Link { seq: *seq, prev_hash: std::mem::replace(prev, hash.clone()), hash })
+        })
+        .collect())
+}
+
 impl AppendAudit for diesel::SqliteConnection {
     fn append_audit<R: AuditEntry>(&mut self, rows: &[R]) -> QueryResult<()> {
-        // The head of the instance the last row belonged to (a transaction's rows are nearly
-        // always one instance's); `None` inside: a head that cannot be extended.
-        let mut head: Option<(&str, Option<(i64, String)>)> = None;
-        for row in rows {
-            let fields = row.fields();
-            if head.as_ref().map(|(instance, _)| *instance) != Some(fields.instance) {
-                head = Some((fields.instance, self.extendable_head(fields.instance)?.ok()));
-            }
-            let chain = head.as_mut().and_then(|(_, chain)| chain.as_mut());
-            // A head without a valid hash is not extended: the rows stay unsealed, and the audit
-            // writer's seal (which refuses the same head) and the verification report it.
-            let link = chain.map(|(seq, prev)| {
-                *seq += 1;
-                let hash = link_hash(prev, *seq, &fields);
-                Link { seq: *seq, prev_hash: std::mem::replace(prev, hash.clone()), hash }
-            });
+        let fields: Vec<AuditFields<'_>> = rows.iter().map(AuditEntry::fields).collect();
+        let links = links_of(self, &fields)?;
+        for (row, link) in fields.into_iter().zip(links) {
             // One statement per row, prepared once and kept by diesel.
-            diesel::insert_into(audit_log::table).values(AuditInsert::new(fields, link)).execute(self)?;
+            diesel::insert_into(audit_log::table).values(AuditInsert::new(row, link)).execute(self)?;
         }
         Ok(())
     }
@@ -135,15 +152,19 @@ impl AppendAudit for diesel::SqliteConnection {
 
 impl AppendAudit for diesel::PgConnection {
     fn append_audit<R: AuditEntry>(&mut self, rows: &[R]) -> QueryResult<()> {
-        // One statement (one round trip), its rows bound as arrays and kept prepared.
-        if !rows.is_empty() {
-            InsertAudit::new(rows.iter().map(AuditEntry::fields)).execute(self)?;
+        if rows.is_empty() {
+            return Ok(());
         }
+        let fields: Vec<AuditFields<'_>> = rows.iter().map(AuditEntry::fields).collect();
+        let links = links_of(self, &fields)?;
+        // One statement (one round trip), its rows bound as arrays and kept prepared.
+        InsertAudit::sealed(fields.into_iter().zip(links)).execute(self)?;
         Ok(())
     }
 }
 
-/// Audit rows, unsealed (the audit writer seals them on PostgreSQL).
+/// Audit rows in one statement: sealed (`append_audit`), or unsealed for the audit writer to seal
+/// (the single certificate's statement, `one_statement.rs`, which takes no chain lock).
 pub struct InsertAudit<'a> {
     at: Vec<i64>,
     instance: Vec<&'a str>,
@@ -154,10 +175,19 @@ pub struct InsertAudit<'a> {
     detail: Vec<&'a str>,
     count: Vec<i64>,
     first_at: Vec<Option<i64>>,
+    seq: Vec<Option<i64>>,
+    prev_hash: Vec<Option<String>>,
+    hash: Vec<Option<String>>,
 }
 
 impl<'a> InsertAudit<'a> {
+    /// Rows left unsealed.
     pub fn new(rows: impl Iterator<Item = AuditFields<'a>>) -> InsertAudit<'a> {
+        InsertAudit::sealed(rows.map(|row| (row, None)))
+    }
+
+    /// Rows with their links (`None`: left unsealed).
+    fn sealed(rows: impl Iterator<Item = (AuditFields<'a>, Option<Link>)>) -> InsertAudit<'a> {
         let mut batch = InsertAudit {
             at: Vec::new(),
             instance: Vec::new(),
@@ -168,8 +198,11 @@ impl<'a> InsertAudit<'a> {
             detail: Vec::new(),
             count: Vec::new(),
             first_at: Vec::new(),
+            seq: Vec::new(),
+            prev_hash: Vec::new(),
+            hash: Vec::new(),
         };
-        for row in rows {
+        for (row, link) in rows {
             batch.at.push(row.at);
             batch.instance.push(row.instance);
             batch.actor.push(row.actor);
@@ -179,6 +212,13 @@ impl<'a> InsertAudit<'a> {
             batch.detail.push(row.detail);
             batch.count.push(row.count);
             batch.first_at.push(row.first_at);
+            let (seq, prev_hash, hash) = match link {
+                Some(Link { seq, prev_hash, hash }) => (Some(seq), Some(prev_hash), Some(hash)),
+                None => (None, None, None),
+            };
+            batch.seq.push(seq);
+            batch.prev_hash.push(prev_hash);
+            batch.hash.push(hash);
         }
         batch
     }
@@ -190,8 +230,10 @@ impl QueryFragment<Pg> for InsertAudit<'_> {
     fn walk_ast<'q>(&'q self, mut out: AstPass<'_, 'q, Pg>) -> QueryResult<()> {
         walk_arrays!(
             out,
-            "INSERT INTO audit_log (at, instance, actor, action, target, outcome, detail, count, first_at) \
-             SELECT at, instance, actor, action, target, outcome, detail, count, first_at FROM unnest(",
+            "INSERT INTO audit_log (at, instance, actor, action, target, outcome, detail, count, first_at, \
+             seq, prev_hash, hash) \
+             SELECT at, instance, actor, action, target, outcome, detail, count, first_at, seq, prev_hash, hash \
+             FROM unnest(",
             [
                 (&self.at, BigInt, "::int8[]"),
                 (&self.instance, Text, "::text[]"),
@@ -202,44 +244,82 @@ impl QueryFragment<Pg> for InsertAudit<'_> {
                 (&self.detail, Text, "::text[]"),
                 (&self.count, BigInt, "::int8[]"),
                 (&self.first_at, Nullable<BigInt>, "::int8[]"),
+                (&self.seq, Nullable<BigInt>, "::int8[]"),
+                (&self.prev_hash, Nullable<Text>, "::text[]"),
+                (&self.hash, Nullable<Text>, "::text[]"),
             ],
-            // Ids (the order the audit writer seals in) follow the batch's order: SQL promises
-            // the order of an ORDER BY, not of a bare unnest.
-            ") WITH ORDINALITY AS u(at, instance, actor, action, target, outcome, detail, count, first_at, ord) \
-             ORDER BY ord"
+            // Ids (the order the audit writer seals unsealed rows in) follow the batch's order:
+            // SQL promises the order of an ORDER BY, not of a bare unnest.
+            ") WITH ORDINALITY AS u(at, instance, actor, action, target, outcome, detail, count, first_at, \
+             seq, prev_hash, hash, ord) ORDER BY ord"
         )
     }
 }
 
 /// The newest link of an instance's chain — `(0, GENESIS)` for an empty chain — or, as `Err`,
 /// the seq of a head whose hash is not one a seal writes: neither the append nor the writer's
-/// seal extends such a head.
+/// seal extends such a head. Read under the chain's lock, held to the end of the caller's write
+/// transaction, so no other writer can extend the chain between this read and the commit: on
+/// SQLite the database's one write lock (`BEGIN IMMEDIATE`) is that lock; on PostgreSQL a
+/// transaction-scoped advisory lock per instance, taken here.
 pub trait ChainHead {
-    fn extendable_head(&mut self, instance: &str) -> QueryResult<Result<(i64, String), i64>>;
+    fn locked_head(&mut self, instance: &str) -> QueryResult<Result<(i64, String), i64>>;
 }
 
-macro_rules! chain_head {
-    ($conn:ty) => {
-        impl ChainHead for $conn {
-            fn extendable_head(&mut self, instance: &str) -> QueryResult<Result<(i64, String), i64>> {
-                let last: Option<(Option<i64>, Option<String>)> = audit_log::table
-                    .filter(audit_log::instance.eq(instance).and(audit_log::seq.is_not_null()))
-                    .order(audit_log::seq.desc())
-                    .select((audit_log::seq, audit_log::hash))
-                    .first(self)
-                    .optional()?;
-                Ok(match last {
-                    None => Ok((0, GENESIS.to_string())),
-                    Some((Some(seq), Some(hash))) if is_link_hash(&hash) => Ok((seq, hash)),
-                    Some((seq, _)) => Err(seq.unwrap_or_default()),
-                })
-            }
-        }
-    };
+/// The head as the table holds it (the query is the same on both backends).
+macro_rules! head_row {
+    ($conn:expr, $instance:expr) => {{
+        let last: Option<(Option<i64>, Option<String>)> = audit_log::table
+            .filter(audit_log::instance.eq($instance).and(audit_log::seq.is_not_null()))
+            .order(audit_log::seq.desc())
+            .select((audit_log::seq, audit_log::hash))
+            .first($conn)
+            .optional()?;
+        Ok(match last {
+            None => Ok((0, GENESIS.to_string())),
+            Some((Some(seq), Some(hash))) if is_link_hash(&hash) => Ok((seq, hash)),
+            Some((seq, _)) => Err(seq.unwrap_or_default()),
+        })
+    }};
 }
 
-chain_head!(diesel::SqliteConnection);
-chain_head!(diesel::PgConnection);
+impl ChainHead for diesel::SqliteConnection {
+    fn locked_head(&mut self, instance: &str) -> QueryResult<Result<(i64, String), i64>> {
+        head_row!(self, instance)
+    }
+}
+
+impl ChainHead for diesel::PgConnection {
+    fn locked_head(&mut self, instance: &str) -> QueryResult<Result<(i64, String), i64>> {
+        LockChain(instance).execute(self)?;
+        // A statement of its own: a statement reads what was committed when it started, and
+        // only now has the last holder of the lock committed.
+        head_row!(self, instance)
+    }
+}
+
+/// `SELECT pg_advisory_xact_lock(CHAIN_LOCKS, hashtext(instance))`, kept prepared. Every writer
+/// of audit rows appends them last in its transaction, so a holder of the lock waits on nothing
+/// but its own commit, and no cycle of waits can form. Two instances whose names hash alike only
+/// share a lock.
+struct LockChain<'a>(&'a str);
+
+/// The first key of the chain locks ("CAST"), so they meet no other user's advisory locks by
+/// chance.
+const CHAIN_LOCKS: i32 = 0x4341_5354;
+
+kept_prepared!(LockChain);
+
+impl QueryFragment<Pg> for LockChain<'_> {
+    fn walk_ast<'q>(&'q self, mut out: AstPass<'_, 'q, Pg>) -> QueryResult<()> {
+        out.push_sql("SELECT pg_advisory_xact_lock(");
+        out.push_bind_param::<diesel::sql_types::Integer, i32>(&CHAIN_LOCKS)?;
+        out.push_sql(", hashtext(");
+        out.push_bind_param::<Text, str>(self.0)?;
+        out.push_sql("))");
+        Ok(())
+    }
+}
 
 #[cfg(test)]
 mod tests {
