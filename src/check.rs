@@ -740,7 +740,7 @@ fn check_audit(config: &Config, p: &mut Problems) {
         }
     }
     if config.database.pools.audit.max_size != 1 {
-        // One writer per instance seals its chain: two connections could seal at once.
+        // The writer's rounds run one at a time, on one connection; a second would sit idle.
         p.add("database.pools.audit.max_size", "must be 1: the audit writer seals its chain on one connection");
     }
     if audit.max_pending == 0 {

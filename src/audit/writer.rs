@@ -193,7 +193,7 @@ impl AuditWriter {
         self.pending = rows;
     }
 
-    /// One round of the writer: what it writes, whether it seals this instance's new rows — its
+    /// One round of the writer: what it writes, whether it seals this instance's rows left unsealed — its
     /// own, the Store's and the registry's — onto the chain, and whether it checkpoints the head.
     fn write(&mut self, ctx: &mut Context<Self>, round: Round) {
         if self.writing {
@@ -316,7 +316,7 @@ impl AuditWriter {
 enum Round {
     /// Single events, a moment after they came: written, not sealed.
     Events,
-    /// Every second: the new rows sealed onto the chain, nothing written.
+    /// Every second: rows left unsealed sealed onto the chain, nothing written.
     Seal,
     /// Every `audit.refusal_interval`: events and refusal tallies written, the chain sealed and
     /// its head checkpointed (logged, and appended to the checkpoint file).
@@ -330,7 +330,7 @@ struct Written {
     sealed: Result<Option<Head>, DbError>,
 }
 
-/// Insert `rows` (one transaction), then — if `seal` — seal this instance's new rows, the
+/// Insert `rows` (one transaction), then — if `seal` — seal this instance's rows left unsealed, the
 /// whole backlog, in transactions of their own. Runs on a blocking thread.
 fn write_and_seal(pool: &DbPool, instance: &str, rows: Vec<NewAuditRow>, seal: bool) -> Written {
     let mut conn = match pool.get() {

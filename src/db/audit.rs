@@ -5,8 +5,11 @@
 //! under the chain's lock, held until that transaction ends, so the head cannot move between
 //! reading it and committing the next links. On SQLite the lock is the database's one write lock
 //! (`BEGIN IMMEDIATE`); on PostgreSQL, where the Store's workers and the registry commit
-//! concurrently, an advisory lock per instance taken just before the head is read. Every writer
-//! appends its audit rows last, so only the append and the commit wait on each other. Sealing
+//! concurrently, an advisory lock per instance taken just before the head is read. No writer
+//! does anything that waits on a lock after its append (the rows go last; at most a `NOTIFY`
+//! follows), so only the append and the commit wait on each other. A connection stuck between
+//! its append and its commit holds the instance's chain, and so its other write batches, until
+//! `statement_timeout` or the server ends it. Sealing
 //! later instead cost a second write of every row — read back, hashed, updated — on SQLite while
 //! issuance waited for the write lock, on PostgreSQL ~12% of the server's CPU at c=64. (An
 //! append that found the lock taken could leave its rows for the writer instead of waiting:
@@ -158,7 +161,7 @@ impl AppendAudit for diesel::PgConnection {
         let fields: Vec<AuditFields<'_>> = rows.iter().map(AuditEntry::fields).collect();
         let links = links_of(self, &fields)?;
         // One statement (one round trip), its rows bound as arrays and kept prepared.
-        InsertAudit::sealed(fields.into_iter().zip(links)).execute(self)?;
+        InsertAudit::with_links(fields.into_iter().zip(links)).execute(self)?;
         Ok(())
     }
 }
@@ -183,11 +186,11 @@ pub struct InsertAudit<'a> {
 impl<'a> InsertAudit<'a> {
     /// Rows left unsealed.
     pub fn new(rows: impl Iterator<Item = AuditFields<'a>>) -> InsertAudit<'a> {
-        InsertAudit::sealed(rows.map(|row| (row, None)))
+        InsertAudit::with_links(rows.map(|row| (row, None)))
     }
 
     /// Rows with their links (`None`: left unsealed).
-    fn sealed(rows: impl Iterator<Item = (AuditFields<'a>, Option<Link>)>) -> InsertAudit<'a> {
+    fn with_links(rows: impl Iterator<Item = (AuditFields<'a>, Option<Link>)>) -> InsertAudit<'a> {
         let mut batch = InsertAudit {
             at: Vec::new(),
             instance: Vec::new(),
@@ -259,7 +262,8 @@ impl QueryFragment<Pg> for InsertAudit<'_> {
 /// The newest link of an instance's chain — `(0, GENESIS)` for an empty chain — or, as `Err`,
 /// the seq of a head whose hash is not one a seal writes: neither the append nor the writer's
 /// seal extends such a head. Read under the chain's lock, held to the end of the caller's write
-/// transaction, so no other writer can extend the chain between this read and the commit: on
+/// transaction, so no other writer can extend the chain between this read and the commit (call
+/// it inside a write transaction: outside one, the lock ends with the statement): on
 /// SQLite the database's one write lock (`BEGIN IMMEDIATE`) is that lock; on PostgreSQL a
 /// transaction-scoped advisory lock per instance, taken here.
 pub trait ChainHead {
@@ -298,10 +302,11 @@ impl ChainHead for diesel::PgConnection {
     }
 }
 
-/// `SELECT pg_advisory_xact_lock(CHAIN_LOCKS, hashtext(instance))`, kept prepared. Every writer
-/// of audit rows appends them last in its transaction, so a holder of the lock waits on nothing
-/// but its own commit, and no cycle of waits can form. Two instances whose names hash alike only
-/// share a lock.
+/// `SELECT pg_advisory_xact_lock(CHAIN_LOCKS, hashtext(instance))`, kept prepared. No writer of
+/// audit rows waits on a lock after its append, so a holder of the lock waits on nothing but its
+/// own commit. Two instances whose names hash alike share a lock: slower, never wrong (a
+/// transaction appending rows of both could meet another in the opposite order, and the server
+/// would end one as a deadlock; no writer appends rows of two instances).
 struct LockChain<'a>(&'a str);
 
 /// The first key of the chain locks ("CAST"), so they meet no other user's advisory locks by

@@ -188,8 +188,12 @@ impl<C: SimpleConnection + Send + 'static> CustomizeConnection<C, diesel::r2d2::
                 "PRAGMA busy_timeout = {}; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA secure_delete = ON;",
                 self.busy_timeout.as_millis()
             ),
+            // READ COMMITTED whatever the server's default: the audit chain's head is read in a
+            // statement after its lock is granted, and must see the last holder's commit
+            // (`db::audit`); a transaction-wide snapshot would not.
             Backend::Postgres => format!(
-                "SET statement_timeout = {}; SET application_name = 'castellum:{}';",
+                "SET statement_timeout = {}; SET application_name = 'castellum:{}'; \
+                 SET default_transaction_isolation = 'read committed';",
                 self.statement_timeout.as_millis(),
                 self.pool
             ),
