@@ -193,8 +193,9 @@ impl AuditWriter {
         self.pending = rows;
     }
 
-    /// One round of the writer: what it writes, whether it seals this instance's rows left unsealed — its
-    /// own, the Store's and the registry's — onto the chain, and whether it checkpoints the head.
+    /// One round of the writer: what it writes, whether it seals this instance's rows left
+    /// unsealed — its own, the Store's and the registry's — onto the chain, and whether it
+    /// checkpoints the head.
     fn write(&mut self, ctx: &mut Context<Self>, round: Round) {
         if self.writing {
             // Single events must not wait for the next interval because a seal was under way.
@@ -330,8 +331,8 @@ struct Written {
     sealed: Result<Option<Head>, DbError>,
 }
 
-/// Insert `rows` (one transaction), then — if `seal` — seal this instance's rows left unsealed, the
-/// whole backlog, in transactions of their own. Runs on a blocking thread.
+/// Insert `rows` (one transaction), then — if `seal` — seal this instance's rows left unsealed,
+/// the whole backlog, in transactions of their own. Runs on a blocking thread.
 fn write_and_seal(pool: &DbPool, instance: &str, rows: Vec<NewAuditRow>, seal: bool) -> Written {
     let mut conn = match pool.get() {
         Ok(conn) => conn,

@@ -5,18 +5,21 @@
 //! under the chain's lock, held until that transaction ends, so the head cannot move between
 //! reading it and committing the next links. On SQLite the lock is the database's one write lock
 //! (`BEGIN IMMEDIATE`); on PostgreSQL, where the Store's workers and the registry commit
-//! concurrently, an advisory lock per instance taken just before the head is read. No writer
-//! does anything that waits on a lock after its append (the rows go last; at most a `NOTIFY`
-//! follows), so only the append and the commit wait on each other. A connection stuck between
-//! its append and its commit holds the instance's chain, and so its other write batches, until
-//! `statement_timeout` or the server ends it. Sealing
-//! later instead cost a second write of every row — read back, hashed, updated — on SQLite while
-//! issuance waited for the write lock, on PostgreSQL ~12% of the server's CPU at c=64. (An
-//! append that found the lock taken could leave its rows for the writer instead of waiting:
-//! measured, a third of the rows at c=64 were left so, and the server's CPU fell no lower than
-//! without sealing at insert.) Only the single certificate's statement (`one_statement.rs`: no
-//! transaction to hold a lock in) inserts its row unsealed, and the audit writer seals it a
-//! moment later.
+//! concurrently, an advisory lock per instance taken just before the head is read (waiting for
+//! it counts against `statement_timeout`, like any statement).
+//!
+//! No writer does anything that waits on a lock after its append (the rows go last; at most a
+//! `NOTIFY` follows), so only the append and the commit wait on each other. A connection stuck
+//! between its append and its commit holds the instance's chain, and so its other write batches,
+//! until `statement_timeout` or the server ends it.
+//!
+//! Sealing later instead cost a second write of every row — read back, hashed, updated — on
+//! SQLite while issuance waited for the write lock, on PostgreSQL ~12% of the server's CPU at
+//! c=64. (An append that found the lock taken could leave its rows for the writer instead of
+//! waiting: measured, a third of the rows at c=64 were left so, and the server's CPU fell no
+//! lower than without sealing at insert.) Only the single certificate's statement
+//! (`one_statement.rs`: no transaction to hold a lock in) inserts its row unsealed, and the audit
+//! writer seals it a moment later.
 
 use diesel::pg::Pg;
 use diesel::prelude::*;
@@ -69,6 +72,16 @@ struct Link {
     hash: String,
 }
 
+impl Link {
+    /// The `seq`, `prev_hash` and `hash` columns of a row with this link, all null without one.
+    fn columns(link: Option<Link>) -> (Option<i64>, Option<String>, Option<String>) {
+        match link {
+            Some(Link { seq, prev_hash, hash }) => (Some(seq), Some(prev_hash), Some(hash)),
+            None => (None, None, None),
+        }
+    }
+}
+
 /// One row as inserted: sealed (`link`) or not.
 #[derive(Insertable)]
 #[diesel(table_name = audit_log)]
@@ -90,10 +103,7 @@ struct AuditInsert<'a> {
 
 impl<'a> AuditInsert<'a> {
     fn new(row: AuditFields<'a>, link: Option<Link>) -> AuditInsert<'a> {
-        let (seq, prev_hash, hash) = match link {
-            Some(Link { seq, prev_hash, hash }) => (Some(seq), Some(prev_hash), Some(hash)),
-            None => (None, None, None),
-        };
+        let (seq, prev_hash, hash) = Link::columns(link);
         AuditInsert {
             at: row.at,
             instance: row.instance,
@@ -215,10 +225,7 @@ impl<'a> InsertAudit<'a> {
             batch.detail.push(row.detail);
             batch.count.push(row.count);
             batch.first_at.push(row.first_at);
-            let (seq, prev_hash, hash) = match link {
-                Some(Link { seq, prev_hash, hash }) => (Some(seq), Some(prev_hash), Some(hash)),
-                None => (None, None, None),
-            };
+            let (seq, prev_hash, hash) = Link::columns(link);
             batch.seq.push(seq);
             batch.prev_hash.push(prev_hash);
             batch.hash.push(hash);
@@ -263,9 +270,9 @@ impl QueryFragment<Pg> for InsertAudit<'_> {
 /// the seq of a head whose hash is not one a seal writes: neither the append nor the writer's
 /// seal extends such a head. Read under the chain's lock, held to the end of the caller's write
 /// transaction, so no other writer can extend the chain between this read and the commit (call
-/// it inside a write transaction: outside one, the lock ends with the statement): on
-/// SQLite the database's one write lock (`BEGIN IMMEDIATE`) is that lock; on PostgreSQL a
-/// transaction-scoped advisory lock per instance, taken here.
+/// it inside a write transaction: outside one, the lock ends with the statement). On SQLite the
+/// lock is the database's one write lock (`BEGIN IMMEDIATE`); on PostgreSQL a transaction-scoped
+/// advisory lock per instance, taken here.
 pub trait ChainHead {
     fn locked_head(&mut self, instance: &str) -> QueryResult<Result<(i64, String), i64>>;
 }
