@@ -381,6 +381,8 @@ fn bench_prefills_measures_and_cleans_up(postgres: bool) {
     let row = stdout.lines().find(|l| l.starts_with(backend)).unwrap_or_else(|| panic!("{stdout}"));
     assert!(row.trim_end().ends_with("| 0 |"), "no errors: {row}");
     assert!(stderr.contains("prefilled 3000 of 3000 certificates"), "progress is shown: {stderr}");
+    // Measured right after a bulk insert, the levels would share the disk with its writeback.
+    assert!(stderr.contains("prefill flushed to disk"), "the prefill is flushed before the levels: {stderr}");
     // A generated row is as large as an issued one (certificate, TBS, audit row, indexes):
     // about 1.6 KB on either backend; a prefill of empty rows would be far below.
     let per_row: f64 = stdout
