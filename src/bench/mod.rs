@@ -47,11 +47,10 @@ pub struct BenchOptions {
     pub rate: Option<u32>,
 }
 
-/// A certificate as the engine issues it: its TBS bytes and its DER.
-fn sample_certificate(keys_dev: &Path) -> Result<(Vec<u8>, Vec<u8>), DrillError> {
+/// A certificate as the engine issues it, DER.
+fn sample_certificate(keys_dev: &Path) -> Result<Vec<u8>, DrillError> {
     let (ca, tbs, _) = sample(keys_dev)?;
-    let cert = tbs::sign(&ca, &tbs).map_err(|e| DrillError::Setup(e.to_string()))?;
-    Ok((tbs.der().to_vec(), cert))
+    tbs::sign(&ca, &tbs).map_err(|e| DrillError::Setup(e.to_string()))
 }
 
 /// Issuances per second the machine's cores can do if all they did was the crypto.
@@ -147,8 +146,8 @@ pub fn run(opts: BenchOptions) -> Result<BenchReport, DrillError> {
             (0, _) | (_, None) => None,
             (n, Some(db)) => {
                 eprintln!("prefilling {n} issued certificates…");
-                let (tbs, cert) = sample_certificate(&opts.keys_dev)?;
-                Some(tokio::task::block_in_place(|| prefill::prefill(db, n as i64, &tbs, &cert))?)
+                let cert = sample_certificate(&opts.keys_dev)?;
+                Some(tokio::task::block_in_place(|| prefill::prefill(db, n as i64, &cert))?)
             }
         };
         // Refusals: the CA is disabled, so every request is answered 409 (or, past the client's

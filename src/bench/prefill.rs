@@ -3,11 +3,12 @@
 //! generated series, in transactions of [`CHUNK`] rows — rather than issued one by one, so the
 //! bench can measure whether issuance slows down as a CA's history grows.
 //!
-//! Every generated row has the size of a real one: the TBS and certificate bytes are those of a
-//! certificate the engine issued, and each serial has the engine's form (`0x01`, the issuance
-//! time in milliseconds, random octets: `tbs::new_serial`), with times in the day before now, so
-//! the primary key holds what a CA's history would. The audit rows belong to an instance of their own (`prefill`), whose chain the
-//! engine neither seals nor verifies.
+//! Every generated row has the size of a real one: the certificate's bytes are those of a
+//! certificate the engine issued, with no TBS beside it (as on an issued record:
+//! `TBS_ONCE_ISSUED`), and each serial has the engine's form (`0x01`, the issuance time in
+//! milliseconds, random octets: `tbs::new_serial`), with times in the day before now, so the
+//! primary key holds what a CA's history would. The audit rows belong to an instance of their own
+//! (`prefill`), whose chain the engine neither seals nor verifies.
 //!
 //! The prefill ends by flushing what it wrote to disk (SQLite's `wal_checkpoint`, PostgreSQL's
 //! `CHECKPOINT`), so that the levels measure issuance beside a stored history, not beside the
@@ -19,6 +20,7 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Binary, Text};
 
+use crate::db::models::TBS_ONCE_ISSUED;
 use crate::drill::target::DrillDb;
 use crate::drill::DrillError;
 
@@ -34,9 +36,10 @@ pub struct Prefilled {
     pub bytes: u64,
 }
 
-/// Insert `n` issued certificates and one audit row each, with `tbs` and `cert` as every row's
-/// bytes; progress on stderr.
-pub fn prefill(db: &DrillDb, n: i64, tbs: &[u8], cert: &[u8]) -> Result<Prefilled, DrillError> {
+/// Insert `n` issued certificates and one audit row each, with `cert` as every row's certificate;
+/// progress on stderr.
+pub fn prefill(db: &DrillDb, n: i64, cert: &[u8]) -> Result<Prefilled, DrillError> {
+    let tbs = TBS_ONCE_ISSUED;
     let started = Instant::now();
     let salt = uuid::Uuid::new_v4().simple().to_string();
     let now = crate::pki::now_ms();

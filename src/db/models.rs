@@ -28,6 +28,12 @@ pub struct RequestRow {
     pub claimed_until: Option<i64>,
 }
 
+/// What a record's `tbs_der` holds once its certificate is stored: nothing. The certificate
+/// contains its TBS byte for byte, so keeping both stored every certificate's ~560 B twice (28%
+/// of a stored certificate); the write-ahead record needs its TBS only while it is `signing`.
+/// Rows stored before this rule keep theirs.
+pub const TBS_ONCE_ISSUED: &[u8] = &[];
+
 #[derive(Debug, Clone, Queryable, Selectable, Insertable)]
 #[diesel(treat_none_as_default_value = false)]
 #[diesel(table_name = certificates)]
@@ -38,6 +44,8 @@ pub struct CertificateRow {
     pub client: String,
     pub request_id: Option<String>,
     pub state: CertState,
+    /// The write-ahead record's to-be-signed certificate, until the certificate is stored; then
+    /// empty ([`TBS_ONCE_ISSUED`]), since the certificate holds the same bytes.
     pub tbs_der: Vec<u8>,
     pub cert_der: Option<Vec<u8>>,
     pub not_before: i64,

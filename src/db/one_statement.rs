@@ -23,6 +23,7 @@ use diesel::query_builder::{AstPass, QueryFragment};
 use diesel::sql_types::{BigInt, Binary, Text};
 
 use super::audit::{AuditEntry, InsertAudit};
+use super::models::TBS_ONCE_ISSUED;
 use super::unnest::{kept_prepared, InsertCertificates};
 use super::writes::WriteOp;
 use crate::states::CertState;
@@ -65,7 +66,7 @@ impl<'a> OneStatement<'a> {
     }
 }
 
-/// `WITH issued AS (UPDATE certificates SET … WHERE serial = $4) INSERT INTO audit_log …`: a
+/// `WITH issued AS (UPDATE certificates SET … WHERE serial = $5) INSERT INTO audit_log …`: a
 /// certificate's record and its audit row. The update is found by its primary key, so the one
 /// plan the server keeps for it fits a table of any size.
 pub struct IssuedWithAudit<'a> {
@@ -84,6 +85,8 @@ impl QueryFragment<Pg> for IssuedWithAudit<'_> {
         out.push_bind_param::<Text, str>(CertState::Issued.as_str())?;
         out.push_sql(", cert_der = ");
         out.push_bind_param::<Binary, [u8]>(self.cert_der)?;
+        out.push_sql(", tbs_der = ");
+        out.push_bind_param::<Binary, [u8]>(TBS_ONCE_ISSUED)?;
         out.push_sql(", issued_at = ");
         out.push_bind_param::<BigInt, i64>(&self.at)?;
         out.push_sql(" WHERE serial = ");

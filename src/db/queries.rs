@@ -4,7 +4,7 @@ use diesel::prelude::*;
 
 use super::audit::AppendAudit;
 use super::identities::IdentityOps;
-use super::models::{AuditEvent, CertificateRow, NewAuditEvent, RequestRow};
+use super::models::{AuditEvent, CertificateRow, NewAuditEvent, RequestRow, TBS_ONCE_ISSUED};
 use super::one_statement::OneStatement;
 use super::schema::{audit_log, cas, certificates, identities, instances, profiles, registry, requests};
 use super::writes::{WriteOp, WriteOutcome};
@@ -180,7 +180,7 @@ macro_rules! mark_each_issued {
     }};
 }
 
-/// `UPDATE certificates SET state = 'issued', cert_der = ?, issued_at = ? WHERE serial = ?`, as a
+/// `UPDATE certificates SET state = 'issued', cert_der = ?, tbs_der = ?, issued_at = ? WHERE serial = ?`, as a
 /// query diesel keeps prepared (its type is its cache key). diesel never caches its own
 /// `update(…).set(…)` (a changeset may leave columns out, so the text can differ), and SQLite
 /// parsed that statement again for every certificate: 1.9% of the engine's CPU at c=64.
@@ -204,6 +204,8 @@ where
         out.push_bind_param::<Text, str>(CertState::Issued.as_str())?;
         out.push_sql(", cert_der = ");
         out.push_bind_param::<Binary, [u8]>(self.0.cert_der)?;
+        out.push_sql(", tbs_der = ");
+        out.push_bind_param::<Binary, [u8]>(TBS_ONCE_ISSUED)?;
         out.push_sql(", issued_at = ");
         out.push_bind_param::<BigInt, i64>(&self.0.at)?;
         out.push_sql(" WHERE serial = ");

@@ -10,7 +10,7 @@ use diesel::prelude::*;
 use diesel::query_builder::{AstPass, QueryFragment};
 use diesel::sql_types::{BigInt, Binary, Integer, Nullable, Text};
 
-use super::models::CertificateRow;
+use super::models::{CertificateRow, TBS_ONCE_ISSUED};
 use crate::states::CertState;
 
 /// Write `prefix`, then each array as `$n::type[]` separated by commas, then `suffix`.
@@ -151,6 +151,8 @@ impl QueryFragment<Pg> for MarkIssued<'_> {
         out.unsafe_to_cache_prepared();
         out.push_sql("UPDATE certificates SET state = ");
         out.push_bind_param::<Text, str>(CertState::Issued.as_str())?;
+        out.push_sql(", tbs_der = ");
+        out.push_bind_param::<Binary, [u8]>(TBS_ONCE_ISSUED)?;
         walk_arrays!(
             out,
             ", cert_der = u.cert_der, issued_at = u.issued_at FROM unnest(",

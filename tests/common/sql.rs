@@ -142,17 +142,21 @@ pub struct Certificate {
     pub request_id: Option<String>,
     #[diesel(sql_type = Binary)]
     pub tbs_der: Vec<u8>,
+    #[diesel(sql_type = Nullable<Binary>)]
+    pub cert_der: Option<Vec<u8>>,
 }
 
 impl Certificate {
-    /// Whether the to-be-signed certificate carries `name` (a DNS name is stored as its ASCII
-    /// bytes in the DER, so a unique name per request identifies the request's record).
+    /// Whether the record carries `name` (a DNS name is stored as its ASCII bytes in the DER, so
+    /// a unique name per request identifies the request's record): in its TBS while it is
+    /// signing, in its certificate once issued (the TBS is then cleared).
     pub fn names(&self, name: &str) -> bool {
-        self.tbs_der.windows(name.len()).any(|w| w == name.as_bytes())
+        let holds = |der: &[u8]| der.windows(name.len()).any(|w| w == name.as_bytes());
+        holds(&self.tbs_der) || self.cert_der.as_deref().is_some_and(holds)
     }
 }
 
-const CERTIFICATE_COLUMNS: &str = "serial, ca_id, state, request_id, tbs_der";
+const CERTIFICATE_COLUMNS: &str = "serial, ca_id, state, request_id, tbs_der, cert_der";
 
 /// Every certificate row, by serial.
 pub fn certificates(db: &TestDb) -> Vec<Certificate> {
