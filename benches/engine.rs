@@ -82,7 +82,7 @@ fn insert_issued(engine: &Engine, ca: &str, from: i64, n: i64, revoked: bool) {
         "WITH RECURSIVE n(i) AS (SELECT {from} UNION ALL SELECT i + 1 FROM n WHERE i < {last}) \
          INSERT INTO certificates (serial, ca_id, profile, client, state, tbs_der, cert_der, not_before, not_after, \
          created_at, issued_at, revoked_at, revocation_reason, crl_shard) \
-         SELECT printf('02%038x', i), '{ca}', 'tls-server-p256', 'demo', '{state}', x'30', x'30', 0, 4102444800000, \
+         SELECT printf('02%038x', i), '{ca}', 'tls-server-p256', 'demo', '{state}', x'', x'30', 0, 4102444800000, \
          0, 0, {revoked_at}, {reason}, 0 FROM n",
         last = from + n - 1
     );

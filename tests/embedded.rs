@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use castellum::{EngineError, IssueRequest};
 use common::*;
 
@@ -74,6 +76,39 @@ async fn an_application_embeds_the_engine() {
         .await;
     assert_eq!(after, Err(EngineError::ShuttingDown));
     assert!(!engine.readiness().await.ready);
+}
+
+/// Write-ahead: the record made durable before the signature holds exactly the TBS the CA key then
+/// signs (read while the signature is held back, compared with the certificate answered).
+#[actix_rt::test]
+async fn the_write_ahead_record_holds_the_tbs_that_is_then_signed() {
+    let db = TestDb::sqlite();
+    let mut config = dev_config(&db);
+    ca_of(&mut config, "ica-p256").fault.sign_latency = Some(Duration::from_millis(500));
+    let engine = castellum::Engine::start(config).await.expect("engine starts");
+    let client = engine.client("demo").expect("sample client");
+    let request = IssueRequest {
+        profile: "tls-server-p256".into(),
+        csr_pem: csr(Key::P256, &["write-ahead.example.test"]),
+        ..Default::default()
+    };
+    let issuing = actix_rt::spawn(async move { engine.issue(&client, request).await });
+
+    let started = Instant::now();
+    let recorded = loop {
+        let rows = sql::certificates(&db);
+        if let Some(row) = rows.into_iter().find(|r| r.names("write-ahead.example.test")) {
+            assert_eq!(row.state, "signing", "the record is read while the signature is held back");
+            break row;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no write-ahead record appeared");
+        actix_rt::time::sleep(Duration::from_millis(10)).await;
+    };
+    let issued = issuing.await.unwrap().expect("issued");
+    let (_, pem) = x509_parser::pem::parse_x509_pem(issued.certificate.as_bytes()).unwrap();
+    let cert = pem.parse_x509().unwrap();
+    assert_eq!(recorded.serial, issued.serial);
+    assert_eq!(recorded.tbs_der, cert.tbs_certificate.as_ref(), "recorded TBS = signed TBS");
 }
 
 #[actix_rt::test]
